@@ -1,0 +1,41 @@
+"""compstore: a content-addressed local store for diffusion pipeline weights.
+
+    >>> import compstore
+    >>> store = compstore.Store()                  # $COMPSTORE_HOME or ~/.cache/compstore
+    >>> store.ingest("./my-pipeline", name="mine")
+    >>> pipe = compstore.DiffusionPipeline.from_pretrained("mine")   # needs torch + diffusers
+
+The loader names (`DiffusionPipeline`, `load_component`, ...) import torch on first
+use only, so `import compstore` stays fast for store-only work.
+"""
+
+from .store import (
+    CompstoreError,
+    ComponentNotFoundError,
+    CorruptStoreError,
+    ExportError,
+    InvalidInputError,
+    PickleRefusedError,
+    RefNotFoundError,
+    Store,
+    StoreBusyError,
+)
+
+__version__ = "0.1.0"
+
+_LOADER_NAMES = {"DiffusionPipeline", "ModularPipeline", "load_component", "load_components"}
+
+
+def __getattr__(name: str):
+    if name in _LOADER_NAMES:
+        from . import loader
+
+        return getattr(loader, name)
+    raise AttributeError(f"module 'compstore' has no attribute {name!r}")
+
+
+__all__ = [
+    "Store", "CompstoreError", "ComponentNotFoundError", "CorruptStoreError", "ExportError",
+    "InvalidInputError", "PickleRefusedError", "RefNotFoundError", "StoreBusyError",
+    *sorted(_LOADER_NAMES),
+]

@@ -1,0 +1,3 @@
+from compstore.cli import main
+
+main()

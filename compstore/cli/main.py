@@ -1,0 +1,197 @@
+"""The `compstore` command: a thin click layer over `Store` (and the loader).
+
+Each command calls the library method of the same name, prints a short human
+summary, or one JSON document with `--json`. Errors are one line on stderr and a
+non-zero exit; the store is left as it was.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+from tabulate import tabulate
+
+from ..store import CompstoreError, Store
+from ..store.progress import want_progress
+
+
+def human(n: int | float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def emit(as_json: bool, doc, text: str) -> None:
+    if as_json:
+        click.echo(json.dumps(doc, indent=2, default=str))
+    else:
+        click.echo(text)
+
+
+json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+
+
+class Group(click.Group):
+    """Turns every `CompstoreError` into one line on stderr and its exit code."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except CompstoreError as e:
+            click.echo(f"Error: {e}", err=True)
+            sys.exit(e.exit_code)
+
+
+@click.group(cls=Group)
+@click.option("--store", "store_dir", type=click.Path(file_okay=False), envvar="COMPSTORE_HOME",
+              help="Store folder [default: $COMPSTORE_HOME or ~/.cache/compstore].")
+@click.version_option(package_name="compstore")
+@click.pass_context
+def cli(ctx: click.Context, store_dir: str | None) -> None:
+    """compstore: a content-addressed store for diffusion pipeline weights."""
+    ctx.obj = store_dir
+
+
+def open_store(ctx: click.Context) -> Store:
+    store = Store(ctx.obj)
+    ctx.call_on_close(store.close)
+    return store
+
+
+@cli.command()
+@click.argument("path", type=click.Path(exists=True, file_okay=False))
+@click.option("--name", help="Ref to record it under [default: the folder's name].")
+@click.option("--allow-pickle", is_flag=True,
+              help="Store pickle checkpoints (.bin/.ckpt/.pt) as opaque bytes; never loaded.")
+@click.option("--exclude", multiple=True, metavar="GLOB", help="Leave out matching files.")
+@json_option
+@click.pass_context
+def ingest(ctx, path, name, allow_pickle, exclude, as_json):
+    """Ingest a pipeline folder or a single component folder."""
+    r = open_store(ctx).ingest(path, name, allow_pickle=allow_pickle, exclude=list(exclude),
+                               progress=want_progress(as_json))
+    if r.status == "unchanged":
+        text = f"{r.ref}: unchanged, the store already holds this exact content (nothing written)"
+    else:
+        text = (f"{r.ref}: {r.status} ({r.kind}), {r.files} files, {r.tensors} tensors, "
+                f"{r.components} components, {human(r.logical_bytes)}; wrote "
+                f"{human(r.written_bytes)} new, reused {human(r.reused_bytes)} in {r.seconds:.2f} s")
+    emit(as_json, r.to_dict(), text)
+
+
+@cli.command("ls")
+@json_option
+@click.pass_context
+def ls_cmd(ctx, as_json):
+    """List refs."""
+    refs = open_store(ctx).ls()
+    rows = [[r["name"], r["kind"], r["files"], human(r["logical_bytes"]), r["snapshot_id"][:12],
+             r["updated"]] for r in refs]
+    emit(as_json, refs, tabulate(rows, ["ref", "kind", "files", "size", "snapshot", "updated"])
+         if rows else "(no refs)")
+
+
+@cli.command()
+@click.argument("ref")
+@json_option
+@click.pass_context
+def show(ctx, ref, as_json):
+    """Show a ref's components, their ids and sizes, and where each is shared."""
+    info = open_store(ctx).show(ref)
+    rows = [[c["slot"] or ".", c["variant"] or "-", c["class_name"], c["id"][:12], c["n_tensors"],
+             human(c["tensor_bytes"]), ", ".join(c["shared_with"]) or "-"] for c in info["components"]]
+    text = (f"{info['name']} -> snapshot {info['snapshot_id'][:12]} ({info['kind']}, "
+            f"{info['files']} files, {human(info['logical_bytes'])}) from {info['source']}\n"
+            + tabulate(rows, ["slot", "variant", "class", "component", "tensors", "bytes",
+                              "shared with"]))
+    emit(as_json, info, text)
+
+
+@cli.command()
+@json_option
+@click.pass_context
+def du(ctx, as_json):
+    """Disk usage: logical vs physical bytes, dedup ratio, bytes only each ref holds."""
+    r = open_store(ctx).du()
+    rows = [[x["name"], human(x["logical_bytes"]), human(x["unique_bytes"])] for x in r.refs]
+    text = (tabulate(rows, ["ref", "logical", "unique"]) + "\n\n"
+            f"logical  {human(r.logical_bytes)}\nphysical {human(r.physical_bytes)} "
+            f"(+ catalog {human(r.catalog_bytes)})\ndedup    {r.dedup_ratio:.2f}x")
+    emit(as_json, r.to_dict(), text)
+
+
+@cli.command()
+@click.argument("a")
+@click.argument("b")
+@json_option
+@click.pass_context
+def diff(ctx, a, b, as_json):
+    """What B shares with A, per component; delta = tensor bytes of B that A lacks."""
+    r = open_store(ctx).diff(a, b)
+    rows = [[c["slot"] or ".", c["variant"] or "-", c["status"], human(c["shared_bytes"]),
+             human(c["delta_bytes"])] for c in r.components]
+    text = (tabulate(rows, ["slot", "variant", "status", "shared", "delta"]) +
+            f"\n\nshared {human(r.shared_bytes)}, delta {human(r.delta_bytes)} ({a} -> {b})")
+    emit(as_json, r.to_dict(), text)
+
+
+@cli.command()
+@click.argument("ref")
+@click.argument("dest", type=click.Path(file_okay=False))
+@json_option
+@click.pass_context
+def export(ctx, ref, dest, as_json):
+    """Rebuild REF's original files in DEST, byte-for-byte."""
+    r = open_store(ctx).export(ref, dest, progress=want_progress(as_json))
+    emit(as_json, r.to_dict(), f"exported {r.ref}: {r.files} files, {human(r.bytes)} to {r.dest}")
+
+
+@cli.command()
+@json_option
+@click.pass_context
+def verify(ctx, as_json):
+    """Re-hash every stored payload; exit 1 and name the refs on any problem."""
+    r = open_store(ctx).verify(progress=want_progress(as_json))
+    lines = [f"checked {r.blobs_checked} blobs, {human(r.bytes_checked)} in {r.seconds:.2f} s: "
+             + ("ok" if r.ok else f"{len(r.problems)} problem(s)")]
+    for p in r.problems:
+        lines.append(f"  blob {p['blob']} in pack {p['pack']}: {p['problem']}; refs: "
+                     f"{', '.join(p['refs']) or '-'}; files: {', '.join(p['files']) or '-'}")
+    emit(as_json, r.to_dict(), "\n".join(lines))
+    if not r.ok:
+        if not as_json:
+            click.echo("Error: the store has corrupt or missing payloads (refs listed above)",
+                       err=True)
+        sys.exit(1)
+
+
+@cli.command()
+@click.argument("ref")
+@json_option
+@click.pass_context
+def rm(ctx, ref, as_json):
+    """Drop a ref (its bytes come back with `compstore gc`)."""
+    r = open_store(ctx).rm(ref)
+    emit(as_json, r, f"removed ref {r['removed']} (snapshot {r['snapshot'][:12]})")
+
+
+@cli.command()
+@click.option("--workdir", type=click.Path(file_okay=False), default="demo-out", show_default=True,
+              help="Where the demo builds its pipelines and its store.")
+@json_option
+def demo(workdir, as_json):
+    """Build a tiny family of pipelines, ingest it, show dedup, switch, report."""
+    from .demo import run_demo
+
+    report = run_demo(Path(workdir), echo=None if as_json else click.echo)
+    if as_json:
+        click.echo(json.dumps(report, indent=2, default=str))
+
+
+def main() -> None:
+    cli(prog_name="compstore")

@@ -1,0 +1,1 @@
+"""From the store to live torch modules and diffusers pipelines."""

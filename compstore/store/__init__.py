@@ -1,0 +1,23 @@
+"""The store layer: bytes and catalog. Never imports torch.
+
+Where a byte enters: `ingest.Ingestor.put_blob`. Where it lives: `objects` (packs)
+and `catalog` (the SQLite index). `Store` is the public API.
+"""
+
+from .errors import (
+    CompstoreError,
+    ComponentNotFoundError,
+    CorruptStoreError,
+    ExportError,
+    InvalidInputError,
+    PickleRefusedError,
+    RefNotFoundError,
+    StoreBusyError,
+)
+from .store import IngestResult, Store, default_home
+
+__all__ = [
+    "Store", "IngestResult", "default_home", "CompstoreError", "ComponentNotFoundError",
+    "CorruptStoreError", "ExportError", "InvalidInputError", "PickleRefusedError",
+    "RefNotFoundError", "StoreBusyError",
+]

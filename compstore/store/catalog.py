@@ -1,0 +1,135 @@
+"""The catalog: the SQLite index (through sqlite-utils) of everything the store holds.
+
+    packs(name, size)                                  payload files under objects/packs/
+    blobs(id, xxh3, size, pack, offset)                raw bytes: a tensor's payload, a
+                                                       safetensors header, a small file
+    tensors(id, name, dtype, shape, blob_id)           same bytes, other dtype/shape: new row
+    files(id, sha256, size, kind, header_blob, raw_blob, xet_hash)
+    file_tensors(file_id, pos, tensor_id)              a safetensors file = header + these
+    components(id, library, class_name, config_blob, n_tensors, tensor_bytes)
+    component_tensors(component_id, pos, tensor_id)
+    snapshots(id, source, revision, kind, created)
+    snapshot_files(snapshot_id, path, file_id)         the exact file set, for export
+    snapshot_components(snapshot_id, slot, variant, component_id)
+    refs(name, snapshot_id, created, updated)          the GC roots
+    meta(key, value)                                   schema version
+
+Only `Store` writes here, under the store's write lock and in one transaction per
+operation.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import sqlite_utils
+
+SCHEMA_VERSION = 1
+
+
+def open_catalog(path: Path, timeout_s: float = 60.0) -> sqlite_utils.Database:
+    conn = sqlite3.connect(str(path), timeout=timeout_s, isolation_level=None)
+    conn.execute("PRAGMA foreign_keys = ON")
+    db = sqlite_utils.Database(conn)
+    if db.journal_mode != "wal":
+        db.enable_wal()
+    conn.execute("PRAGMA synchronous = FULL")
+    return db
+
+
+def ensure_schema(db: sqlite_utils.Database) -> None:
+    """Create the tables if this is a new store; refuse a newer schema."""
+    if "meta" in db.table_names():
+        version = int(db["meta"].get("schema_version")["value"])
+        if version != SCHEMA_VERSION:
+            from .errors import CompstoreError
+
+            raise CompstoreError(
+                f"catalog schema version {version} is not supported by this compstore "
+                f"(expects {SCHEMA_VERSION}); upgrade compstore"
+            )
+        return
+    with db.conn:
+        db["packs"].create({"name": str, "size": int}, pk="name")
+        db["blobs"].create(
+            {"id": int, "xxh3": str, "size": int, "pack": str, "offset": int},
+            pk="id", foreign_keys=[("pack", "packs", "name")],
+        )
+        db["blobs"].create_index(["xxh3", "size"])
+        db["blobs"].create_index(["pack"])
+        db["tensors"].create(
+            {"id": int, "name": str, "dtype": str, "shape": str, "blob_id": int},
+            pk="id", foreign_keys=[("blob_id", "blobs", "id")],
+        )
+        db["tensors"].create_index(["name", "dtype", "shape", "blob_id"], unique=True)
+        db["tensors"].create_index(["blob_id"])
+        db["files"].create(
+            {"id": int, "sha256": str, "size": int, "kind": str,
+             "header_blob": int, "raw_blob": int, "xet_hash": str},
+            pk="id", foreign_keys=[("header_blob", "blobs", "id"), ("raw_blob", "blobs", "id")],
+        )
+        db["files"].create_index(["sha256", "size"], unique=True)
+        db["file_tensors"].create(
+            {"file_id": int, "pos": int, "tensor_id": int},
+            pk=("file_id", "pos"),
+            foreign_keys=[("file_id", "files", "id"), ("tensor_id", "tensors", "id")],
+        )
+        db["file_tensors"].create_index(["tensor_id"])
+        db["components"].create(
+            {"id": str, "library": str, "class_name": str, "config_blob": int,
+             "n_tensors": int, "tensor_bytes": int},
+            pk="id", foreign_keys=[("config_blob", "blobs", "id")],
+        )
+        db["component_tensors"].create(
+            {"component_id": str, "pos": int, "tensor_id": int},
+            pk=("component_id", "pos"),
+            foreign_keys=[("component_id", "components", "id"), ("tensor_id", "tensors", "id")],
+        )
+        db["snapshots"].create(
+            {"id": str, "source": str, "revision": str, "kind": str, "created": str}, pk="id"
+        )
+        db["snapshot_files"].create(
+            {"snapshot_id": str, "path": str, "file_id": int},
+            pk=("snapshot_id", "path"),
+            foreign_keys=[("snapshot_id", "snapshots", "id"), ("file_id", "files", "id")],
+        )
+        db["snapshot_files"].create_index(["file_id"])
+        db["snapshot_components"].create(
+            {"snapshot_id": str, "slot": str, "variant": str, "component_id": str,
+             "library": str, "class_name": str},
+            pk=("snapshot_id", "slot", "variant"),
+            foreign_keys=[("snapshot_id", "snapshots", "id"), ("component_id", "components", "id")],
+        )
+        db["refs"].create(
+            {"name": str, "snapshot_id": str, "created": str, "updated": str},
+            pk="name", foreign_keys=[("snapshot_id", "snapshots", "id")],
+        )
+        db["meta"].create({"key": str, "value": str}, pk="key")
+        db["meta"].insert({"key": "schema_version", "value": str(SCHEMA_VERSION)})
+
+
+def blobs_of_snapshot(db: sqlite_utils.Database, snapshot_id: str) -> dict[int, int]:
+    """Every blob a snapshot reaches (headers, tensors, small files): blob id -> size."""
+    sql = """
+    WITH f AS (SELECT file_id FROM snapshot_files WHERE snapshot_id = :s)
+    SELECT b.id, b.size FROM blobs b WHERE b.id IN (
+        SELECT header_blob FROM files WHERE id IN f AND header_blob IS NOT NULL
+        UNION SELECT raw_blob FROM files WHERE id IN f AND raw_blob IS NOT NULL
+        UNION SELECT t.blob_id FROM file_tensors ft JOIN tensors t ON t.id = ft.tensor_id
+              WHERE ft.file_id IN f
+        UNION SELECT c.config_blob FROM snapshot_components sc
+              JOIN components c ON c.id = sc.component_id
+              WHERE sc.snapshot_id = :s AND c.config_blob IS NOT NULL
+    )"""
+    return {row[0]: row[1] for row in db.execute(sql, {"s": snapshot_id})}
+
+
+def tensor_blobs_of_snapshot(db: sqlite_utils.Database, snapshot_id: str) -> dict[int, int]:
+    """The tensor-payload blobs of a snapshot (no headers, no small files): id -> size."""
+    sql = """
+    SELECT DISTINCT t.blob_id, b.size FROM snapshot_files sf
+    JOIN file_tensors ft ON ft.file_id = sf.file_id
+    JOIN tensors t ON t.id = ft.tensor_id JOIN blobs b ON b.id = t.blob_id
+    WHERE sf.snapshot_id = ?"""
+    return {row[0]: row[1] for row in db.execute(sql, [snapshot_id])}

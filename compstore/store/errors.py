@@ -1,0 +1,53 @@
+"""Exception classes of compstore.
+
+Every error compstore raises on purpose is a `CompstoreError`; its message is one
+line that names the file or ref and says what to do next. The CLI prints that line
+and exits non-zero; anything else reaching the user is a bug.
+"""
+
+from __future__ import annotations
+
+
+class CompstoreError(Exception):
+    """Base class of every error compstore raises on purpose."""
+
+    exit_code = 1
+
+
+class InvalidInputError(CompstoreError):
+    """The input folder or a file in it is malformed or unsafe; nothing was stored."""
+
+    exit_code = 2
+
+    def __init__(self, path: str, problem: str):
+        self.path = path
+        self.problem = problem
+        super().__init__(f"{path}: {problem}")
+
+
+class PickleRefusedError(InvalidInputError):
+    """A pickle checkpoint (.bin/.ckpt/.pt/...) was found and pickles are not allowed."""
+
+
+class RefNotFoundError(CompstoreError):
+    """No ref of that name exists in the store."""
+
+    def __init__(self, ref: str, store: str):
+        self.ref = ref
+        super().__init__(f"no ref named {ref!r} in store {store} (see `compstore ls`)")
+
+
+class ComponentNotFoundError(CompstoreError):
+    """The ref has no component in that slot (or not in that variant)."""
+
+
+class StoreBusyError(CompstoreError):
+    """Another process holds the store's write lock for longer than the timeout."""
+
+
+class CorruptStoreError(CompstoreError):
+    """Stored bytes are missing or do not match their recorded hash."""
+
+
+class ExportError(CompstoreError):
+    """An export could not be written (target exists, bytes mismatch, ...)."""

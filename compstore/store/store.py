@@ -1,0 +1,246 @@
+"""`Store`: the public API of the store layer. Each CLI command calls one method here.
+
+    >>> from compstore import Store
+    >>> store = Store()                       # $COMPSTORE_HOME or ~/.cache/compstore
+    >>> store.ingest("./sdxl-base", name="sdxl-base")
+    >>> store.du().dedup_ratio
+
+Writers (ingest, rm) take the store's write lock; readers (ls, show, du, diff,
+export, verify, and the loader) never wait for it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from . import reports
+from .catalog import ensure_schema, open_catalog
+from .errors import InvalidInputError, RefNotFoundError
+from .export import ExportResult
+from .export import export as export_ref
+from .ingest import Ingestor, component_rows, now, snapshot_id
+from .lock import write_lock
+from .objects import PackFiles, PackWriter, fsync_dir
+from .progress import progress_bar
+from .scan import scan_folder
+from .verify import VerifyReport
+from .verify import verify as verify_store
+
+_REF_RE = re.compile(r"^[^\s\x00-\x1f]{1,256}$")
+
+
+def default_home() -> Path:
+    """`$COMPSTORE_HOME`, else `~/.cache/compstore`."""
+    env = os.environ.get("COMPSTORE_HOME")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "compstore"
+
+
+def check_ref_name(name: str) -> str:
+    if not isinstance(name, str) or not _REF_RE.match(name):
+        raise InvalidInputError(
+            repr(name), "invalid ref name: use 1-256 characters without spaces or control characters"
+        )
+    return name
+
+
+@dataclass
+class IngestResult:
+    ref: str
+    snapshot: str
+    status: str  # "new" | "updated" (ref moved to new content) | "unchanged" (no-op)
+    kind: str
+    files: int
+    tensors: int
+    components: int
+    logical_bytes: int
+    written_bytes: int
+    reused_bytes: int
+    seconds: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class Store:
+    """A content-addressed store of pipeline weights in one folder.
+
+    Args:
+        home: the store folder; defaults to `$COMPSTORE_HOME` or `~/.cache/compstore`.
+            Created on first use.
+    """
+
+    def __init__(self, home: str | os.PathLike | None = None):
+        self.home = Path(home).expanduser() if home is not None else default_home()
+        (self.home / "objects" / "packs").mkdir(parents=True, exist_ok=True)
+        (self.home / "tmp").mkdir(exist_ok=True)
+        self.db = open_catalog(self.home / "catalog.db")
+        ensure_schema(self.db)
+        self.packs = PackFiles(self.home / "objects" / "packs")
+
+    def __repr__(self) -> str:
+        return f"Store({str(self.home)!r})"
+
+    def close(self) -> None:
+        self.packs.close()
+        self.db.conn.close()
+
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- refs --------------------------------------------------------------------
+    def resolve(self, ref: str) -> str:
+        """The snapshot id a ref points at; `RefNotFoundError` if there is no such ref."""
+        row = self.db.execute("SELECT snapshot_id FROM refs WHERE name = ?", [ref]).fetchone()
+        if row is None:
+            raise RefNotFoundError(ref, str(self.home))
+        return row[0]
+
+    def has_ref(self, ref: str) -> bool:
+        return self.db.execute("SELECT 1 FROM refs WHERE name = ?", [ref]).fetchone() is not None
+
+    def rm(self, ref: str) -> dict:
+        """Drop a ref. Its bytes stay until `gc` finds nothing else reaches them.
+
+        >>> Store().rm("sdxl-base")  # doctest: +SKIP
+        {'removed': 'sdxl-base', 'snapshot': '9c1e...'}
+        """
+        with write_lock(self.home):
+            snap = self.resolve(ref)
+            with self.db.conn:
+                self.db.execute("DELETE FROM refs WHERE name = ?", [ref])
+        return {"removed": ref, "snapshot": snap}
+
+    # -- writing -----------------------------------------------------------------
+    def _clean_leftovers(self) -> None:
+        """Remove what a crashed writer left: tmp files, packs the catalog never named.
+
+        Called under the write lock, so no other writer can be mid-way.
+        """
+        for p in (self.home / "tmp").iterdir():
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+        known = {r[0] for r in self.db.execute("SELECT name FROM packs")}
+        for p in (self.home / "objects" / "packs").glob("*.pack"):
+            if p.stem not in known:
+                p.unlink(missing_ok=True)
+
+    def ingest(
+        self,
+        path: str | os.PathLike,
+        name: str | None = None,
+        *,
+        allow_pickle: bool = False,
+        exclude: list[str] | None = None,
+        source: str | None = None,
+        revision: str | None = None,
+        progress: bool = False,
+    ) -> IngestResult:
+        """Ingest a pipeline folder or a single component folder under ref `name`.
+
+        Every tensor, safetensors header and small file is stored once, whatever
+        file, shard layout or repo it arrives in. Re-ingesting identical content is
+        a no-op (`status == "unchanged"`). Bad input raises `InvalidInputError` and
+        leaves the store as it was.
+
+        >>> Store().ingest("./tiny-sd", name="tiny-sd").status  # doctest: +SKIP
+        'new'
+        """
+        t0 = time.perf_counter()
+        scan = scan_folder(path, allow_pickle=allow_pickle, exclude=exclude)
+        ref = check_ref_name(name or Path(scan.root).name)
+        with write_lock(self.home):
+            self._clean_leftovers()
+            writer = PackWriter(self.home)
+            ing = None
+            try:
+                with progress_bar(scan.total_bytes, f"ingest {ref}", progress) as bar, \
+                        ThreadPoolExecutor(1) as sha_pool:
+                    ing = Ingestor(self.db, self.packs, writer, bar.update)
+                    for f in sorted(scan.files.values(), key=lambda f: f.path):
+                        ing.ingest_file(f, sha_pool)
+                components, comp_tensors, slots = component_rows(scan, ing)
+                snap = snapshot_id(scan, ing)
+                old = self.db.execute("SELECT snapshot_id FROM refs WHERE name = ?", [ref]).fetchone()
+                status = "new" if old is None else ("unchanged" if old[0] == snap else "updated")
+                pack = writer.commit()
+                if status != "unchanged" or pack is not None:
+                    self._commit(ing, pack, writer.size, components, comp_tensors, slots,
+                                 scan, snap, ref, source, revision)
+            except BaseException:
+                writer.abort()
+                raise
+            finally:
+                if ing is not None:
+                    ing.close()
+        s = ing.stats
+        return IngestResult(ref, snap, status, scan.kind, s.files, s.tensors, len(slots),
+                            s.logical_bytes, s.written_bytes, s.reused_bytes,
+                            round(time.perf_counter() - t0, 3))
+
+    def _commit(self, ing: Ingestor, pack, pack_size, components, comp_tensors, slots,
+                scan, snap, ref, source, revision) -> None:
+        db = self.db
+        with db.conn:  # one transaction: all of it or none of it
+            if pack is not None:
+                db["packs"].insert({"name": pack, "size": pack_size})
+                db["blobs"].insert_all(
+                    ({"id": b.id, "xxh3": b.xxh3, "size": b.size, "pack": pack, "offset": b.offset}
+                     for b in ing.new_blobs), batch_size=1000)
+            db["tensors"].insert_all(ing.new_tensors, batch_size=1000)
+            new_files = {r.id: r for r in ing.files.values() if r.is_new}
+            db["files"].insert_all(
+                ({"id": r.id, "sha256": r.sha256, "size": r.size, "kind": r.kind,
+                  "header_blob": r.header_blob, "raw_blob": r.raw_blob, "xet_hash": None}
+                 for r in new_files.values()), batch_size=1000)
+            db["file_tensors"].insert_all(
+                ({"file_id": r.id, "pos": i, "tensor_id": t}
+                 for r in new_files.values() for i, t in enumerate(r.tensor_ids)), batch_size=1000)
+            db["components"].insert_all(components, ignore=True)
+            db["component_tensors"].insert_all(comp_tensors, ignore=True, batch_size=1000)
+            db["snapshots"].insert(
+                {"id": snap, "source": source or scan.root, "revision": revision,
+                 "kind": scan.kind, "created": now()}, ignore=True)
+            db["snapshot_files"].insert_all(
+                ({"snapshot_id": snap, "path": p, "file_id": r.id} for p, r in ing.files.items()),
+                ignore=True, batch_size=1000)
+            db["snapshot_components"].insert_all(
+                ({"snapshot_id": snap, **s} for s in slots), ignore=True)
+            db["refs"].upsert({"name": ref, "snapshot_id": snap, "updated": now()}, pk="name")
+            db.execute("UPDATE refs SET created = coalesce(created, updated) WHERE name = ?", [ref])
+        fsync_dir(self.home)
+
+    # -- reading: each report lives in its own module --------------------------
+    def ls(self) -> list[dict]:
+        """Every ref with its snapshot, kind, source, file count and logical bytes."""
+        return reports.ls(self)
+
+    def show(self, ref: str) -> dict:
+        """One ref: files, components (ids, sizes) and which other refs share each."""
+        return reports.show(self, ref)
+
+    def du(self) -> reports.DuReport:
+        """Logical vs physical bytes, dedup ratio, and per ref the bytes only it holds."""
+        return reports.du(self)
+
+    def diff(self, a: str, b: str) -> reports.DiffReport:
+        """Per component, what B shares with A; `delta_bytes` is what A -> B must move."""
+        return reports.diff(self, a, b)
+
+    def export(self, ref: str, dest: str | os.PathLike, *, progress: bool = False) -> ExportResult:
+        """Rebuild the files of `ref` in `dest`, byte-for-byte (same sha256)."""
+        return export_ref(self, ref, dest, progress=progress)
+
+    def verify(self, *, progress: bool = False) -> VerifyReport:
+        """Re-hash every payload; `ok` is False and the refs are named on any problem."""
+        return verify_store(self, progress=progress)
