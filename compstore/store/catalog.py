@@ -70,6 +70,8 @@ def ensure_schema(db: sqlite_utils.Database) -> None:
             pk="id", foreign_keys=[("header_blob", "blobs", "id"), ("raw_blob", "blobs", "id")],
         )
         db["files"].create_index(["sha256", "size"], unique=True)
+        db["files"].create_index(["header_blob"])
+        db["files"].create_index(["raw_blob"])
         db["file_tensors"].create(
             {"file_id": int, "pos": int, "tensor_id": int},
             pk=("file_id", "pos"),

@@ -53,6 +53,7 @@ class _NewBlob:
     id: int
     xxh3: str
     size: int
+    pack: str
     offset: int
 
 
@@ -81,14 +82,19 @@ class Ingestor:
         self.new_tensors: list[dict] = []
         self._tensor_ids: dict[tuple[str, str, str, int], int] = {}
         self.files: dict[str, _FileRecord] = {}  # by path in the folder
+        self._new_file_ids: dict[tuple[str, int], int] = {}
         self._next_blob = (db.execute("SELECT max(id) FROM blobs").fetchone()[0] or 0) + 1
         self._next_tensor = (db.execute("SELECT max(id) FROM tensors").fetchone()[0] or 0) + 1
         self._next_file = (db.execute("SELECT max(id) FROM files").fetchone()[0] or 0) + 1
         self.blob_sizes: dict[int, int] = {}
 
     # -- blobs -------------------------------------------------------------------
-    def put_blob(self, data) -> int:
-        """Return the id of a blob holding exactly `data`, appending it if new."""
+    def put_blob(self, data, src_fd: int | None = None, src_offset: int = 0) -> int:
+        """Return the id of a blob holding exactly `data`, appending it if new.
+
+        `src_fd`/`src_offset`, when given, locate the same bytes in the input file so
+        that new bytes are copied by the kernel.
+        """
         size = len(data)
         key = (blob_hash(data), size)
         for bid, pack, offset in self.db.execute(
@@ -98,12 +104,12 @@ class Ingestor:
                 self.stats.reused_bytes += size
                 return bid
         for blob in self._pending_blobs.get(key, []):
-            if same_bytes(os.pread(self.writer_fd_reader(), size, blob.offset), data):
+            if same_bytes(self.writer.read(blob.pack, blob.offset, size), data):
                 self.stats.reused_bytes += size
                 return blob.id
         # New content (or a hash collision, which is stored as its own blob).
-        offset = self.writer.append(data)
-        blob = _NewBlob(self._next_blob, key[0], size, offset)
+        pack, offset = self.writer.append(data, src_fd, src_offset)
+        blob = _NewBlob(self._next_blob, key[0], size, pack, offset)
         self._next_blob += 1
         self.new_blobs.append(blob)
         self._pending_blobs.setdefault(key, []).append(blob)
@@ -117,18 +123,6 @@ class Ingestor:
             size = self.db.execute("SELECT size FROM blobs WHERE id = ?", [blob_id]).fetchone()[0]
             self.blob_sizes[blob_id] = size
         return size
-
-    _reader_fd: int = -1
-
-    def writer_fd_reader(self) -> int:
-        if self._reader_fd < 0:
-            self._reader_fd = os.open(self.writer.tmp_path, os.O_RDONLY)
-        return self._reader_fd
-
-    def close(self) -> None:
-        if self._reader_fd >= 0:
-            os.close(self._reader_fd)
-            self._reader_fd = -1
 
     # -- tensors -----------------------------------------------------------------
     def tensor_id(self, name: str, dtype: str, shape: str, blob_id: int) -> int:
@@ -150,51 +144,105 @@ class Ingestor:
         return tid
 
     # -- files -------------------------------------------------------------------
-    def ingest_file(self, f: ScannedFile, sha_pool: ThreadPoolExecutor) -> None:
+    def ingest_file(self, f: ScannedFile) -> None:
+        """Store the blobs of one file; its sha256 is settled later by `finish()`."""
         with open(f.source, "rb") as fh:
             mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) if f.size else None
-        try:
+            if mm is not None and hasattr(mmap, "MADV_SEQUENTIAL"):
+                mm.madvise(mmap.MADV_SEQUENTIAL)
             data = memoryview(mm) if mm is not None else memoryview(b"")
             if len(data) != f.size:
                 raise InvalidInputError(f.path, "file changed size while being ingested")
-            sha = sha_pool.submit(lambda d=data: hashlib.sha256(d).hexdigest())
+            written_before = self.stats.written_bytes
             header_blob = raw_blob = None
             keys: list[tuple[str, str, str, int]] = []
+            fd = fh.fileno()
             if f.header is not None:
                 header_blob = self.put_blob(data[: f.header.data_start])
                 start = f.header.data_start
                 for t in f.header.tensors:
-                    blob = self.put_blob(data[start + t.begin : start + t.end])
+                    a, b = start + t.begin, start + t.end
+                    blob = self.put_blob(data[a:b], fd, a)
                     keys.append((t.name, t.dtype, json.dumps(list(t.shape)), blob))
                     self.on_bytes(t.nbytes)
                 self.on_bytes(start)
             else:
-                raw_blob = self.put_blob(data)
+                raw_blob = self.put_blob(data, fd, 0)
                 self.on_bytes(f.size)
-            sha256 = sha.result()
-            del data
-        finally:
-            if mm is not None:
-                mm.close()
-
-        row = self.db.execute(
-            "SELECT id FROM files WHERE sha256 = ? AND size = ?", [sha256, f.size]
-        ).fetchone()
-        same = next((r for r in self.files.values() if (r.sha256, r.size) == (sha256, f.size)), None)
-        if row or same:
-            rec = _FileRecord(row[0] if row else same.id, sha256, f.size,
-                              "safetensors" if f.header else "raw", header_blob, raw_blob,
-                              is_new=False)
-        else:
-            rec = _FileRecord(self._next_file, sha256, f.size,
-                              "safetensors" if f.header else "raw", header_blob, raw_blob)
-            self._next_file += 1
+        kind = "safetensors" if f.header is not None else "raw"
+        rec = _FileRecord(0, "", f.size, kind, header_blob, raw_blob)
         rec.tensor_keys = keys
         rec.tensor_ids = [self.tensor_id(*k) for k in keys]
         self.files[f.path] = rec
         self.stats.files += 1
         self.stats.tensors += len(keys)
         self.stats.logical_bytes += f.size
+
+        # Every byte of this file was just confirmed equal to stored blobs; if a stored
+        # file has exactly this composition, its recorded sha256 is this file's sha256.
+        known = self.stats.written_bytes == written_before and self._known_file(rec)
+        if known:
+            rec.id, rec.sha256, rec.is_new = known
+            del data
+            if mm is not None:
+                mm.close()
+        else:
+            self._pending_sha.append((rec, mm, self._sha_pool.submit(_sha256, data)))
+            while len(self._pending_sha) > 4:  # bound the mapped files held open
+                self._settle(self._pending_sha.pop(0))
+
+    def _known_file(self, rec: _FileRecord) -> tuple[int, str, bool] | None:
+        for fid, sha in self.db.execute(
+            "SELECT id, sha256 FROM files WHERE size = ? AND kind = ? AND header_blob IS ? "
+            "AND raw_blob IS ?", [rec.size, rec.kind, rec.header_blob, rec.raw_blob]
+        ).fetchall():
+            ids = [r[0] for r in self.db.execute(
+                "SELECT tensor_id FROM file_tensors WHERE file_id = ? ORDER BY pos", [fid])]
+            if ids == rec.tensor_ids:
+                return fid, sha, False
+        return None
+
+    def _settle(self, pending) -> None:
+        rec, mm, future = pending
+        rec.sha256 = future.result()
+        if mm is not None:
+            mm.close()
+        row = self.db.execute(
+            "SELECT id FROM files WHERE sha256 = ? AND size = ?", [rec.sha256, rec.size]
+        ).fetchone()
+        key = (rec.sha256, rec.size)
+        if row or key in self._new_file_ids:  # the same bytes under two paths: one file
+            rec.id, rec.is_new = (row[0] if row else self._new_file_ids[key]), False
+        else:
+            rec.id = self._next_file
+            self._next_file += 1
+            self._new_file_ids[key] = rec.id
+
+    def finish(self) -> None:
+        """Wait for the sha256 of every new file and give each file its id."""
+        while self._pending_sha:
+            self._settle(self._pending_sha.pop(0))
+
+    def __enter__(self) -> "Ingestor":
+        self._sha_pool = ThreadPoolExecutor(2, thread_name_prefix="compstore-sha256")
+        self._pending_sha = []
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for rec, mm, future in self._pending_sha:
+            future.cancel()
+        self._sha_pool.shutdown(wait=True)
+        for rec, mm, future in self._pending_sha:
+            if mm is not None:
+                try:
+                    mm.close()
+                except BufferError:
+                    pass
+        self._pending_sha = []
+
+
+def _sha256(data) -> str:
+    return hashlib.sha256(data).hexdigest()  # hashlib releases the GIL on large buffers
 
 
 def component_rows(scan: FolderScan, ing: Ingestor) -> tuple[list[dict], list[dict], list[dict]]:

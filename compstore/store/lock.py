@@ -15,12 +15,14 @@ from typing import Iterator
 
 from .errors import StoreBusyError
 
-DEFAULT_TIMEOUT_S = float(os.environ.get("COMPSTORE_LOCK_TIMEOUT", "600"))
+DEFAULT_TIMEOUT_S = 600.0
 
 
 @contextmanager
 def write_lock(home: Path, timeout_s: float | None = None) -> Iterator[None]:
-    timeout = DEFAULT_TIMEOUT_S if timeout_s is None else timeout_s
+    if timeout_s is None:
+        timeout_s = float(os.environ.get("COMPSTORE_LOCK_TIMEOUT", DEFAULT_TIMEOUT_S))
+    timeout = timeout_s
     path = home / "lock"
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:

@@ -175,6 +175,23 @@ def _check_indexes(files: dict[str, ScannedFile]) -> dict[str, str]:
     return shard_variant
 
 
+def _split_colliding(
+    by_variant: dict[str, list[str]], files: dict[str, ScannedFile], indexed: dict[str, str]
+) -> dict[str, list[str]]:
+    """Unindexed files of one variant whose tensor names collide are separate checkpoints
+    (e.g. two single-file models side by side): each becomes its own variant, named
+    after its file."""
+    out: dict[str, list[str]] = {}
+    for variant, paths in by_variant.items():
+        names = [t.name for p in paths for t in files[p].header.tensors]
+        if len(names) == len(set(names)) or all(p in indexed for p in paths):
+            out[variant] = paths
+        else:
+            for p in paths:
+                out[PurePosixPath(p).name] = [p]
+    return out
+
+
 def _read_json(files: dict[str, ScannedFile], path: str) -> dict | None:
     f = files.get(path)
     if f is None:
@@ -253,6 +270,7 @@ def scan_folder(
         for p in slot_files:
             if files[p].is_safetensors and "/" not in p[len(prefix):]:
                 by_variant.setdefault(_variant_of(p, shard_variant), []).append(p)
+        by_variant = _split_colliding(by_variant, files, shard_variant)
         if not by_variant:
             by_variant[""] = []
         for variant, weights in sorted(by_variant.items()):

@@ -15,7 +15,6 @@ import os
 import re
 import shutil
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -158,45 +157,40 @@ class Store:
         """
         t0 = time.perf_counter()
         scan = scan_folder(path, allow_pickle=allow_pickle, exclude=exclude)
-        ref = check_ref_name(name or Path(scan.root).name)
+        ref = check_ref_name(Path(scan.root).name if name is None else name)
         with write_lock(self.home):
             self._clean_leftovers()
             writer = PackWriter(self.home)
-            ing = None
             try:
                 with progress_bar(scan.total_bytes, f"ingest {ref}", progress) as bar, \
-                        ThreadPoolExecutor(1) as sha_pool:
-                    ing = Ingestor(self.db, self.packs, writer, bar.update)
+                        Ingestor(self.db, self.packs, writer, bar.update) as ing:
                     for f in sorted(scan.files.values(), key=lambda f: f.path):
-                        ing.ingest_file(f, sha_pool)
+                        ing.ingest_file(f)
+                    ing.finish()
                 components, comp_tensors, slots = component_rows(scan, ing)
                 snap = snapshot_id(scan, ing)
                 old = self.db.execute("SELECT snapshot_id FROM refs WHERE name = ?", [ref]).fetchone()
                 status = "new" if old is None else ("unchanged" if old[0] == snap else "updated")
-                pack = writer.commit()
-                if status != "unchanged" or pack is not None:
-                    self._commit(ing, pack, writer.size, components, comp_tensors, slots,
+                packs = writer.commit()
+                if status != "unchanged" or packs:
+                    self._commit(ing, packs, components, comp_tensors, slots,
                                  scan, snap, ref, source, revision)
             except BaseException:
                 writer.abort()
                 raise
-            finally:
-                if ing is not None:
-                    ing.close()
         s = ing.stats
         return IngestResult(ref, snap, status, scan.kind, s.files, s.tensors, len(slots),
                             s.logical_bytes, s.written_bytes, s.reused_bytes,
                             round(time.perf_counter() - t0, 3))
 
-    def _commit(self, ing: Ingestor, pack, pack_size, components, comp_tensors, slots,
+    def _commit(self, ing: Ingestor, packs, components, comp_tensors, slots,
                 scan, snap, ref, source, revision) -> None:
         db = self.db
         with db.conn:  # one transaction: all of it or none of it
-            if pack is not None:
-                db["packs"].insert({"name": pack, "size": pack_size})
-                db["blobs"].insert_all(
-                    ({"id": b.id, "xxh3": b.xxh3, "size": b.size, "pack": pack, "offset": b.offset}
-                     for b in ing.new_blobs), batch_size=1000)
+            db["packs"].insert_all({"name": name, "size": size} for name, size in packs)
+            db["blobs"].insert_all(
+                ({"id": b.id, "xxh3": b.xxh3, "size": b.size, "pack": b.pack, "offset": b.offset}
+                 for b in ing.new_blobs), batch_size=1000)
             db["tensors"].insert_all(ing.new_tensors, batch_size=1000)
             new_files = {r.id: r for r in ing.files.values() if r.is_new}
             db["files"].insert_all(

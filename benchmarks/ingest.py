@@ -1,0 +1,123 @@
+"""Ingest throughput beside a plain `cp -r` of the same folder to the same disk.
+
+    python benchmarks/ingest.py --size-mb 1024 --repeat 3
+
+Writes a folder of random fp16 tensors in safetensors shards (a UNet-sized
+component: ~1,700 tensors per GB), then in one run times, median of --repeat:
+  cp -r                    folder -> a new folder on the same disk
+  ingest (new content)     folder -> an empty store (hash, byte-confirm, write, fsync)
+  ingest (already held)    the same folder again under a new ref (hash + byte-confirm only)
+and prints MB/s and the ratio ingest / cp (goal: >= 0.5 for both). Ingest fsyncs
+its pack before the catalog commits; plain `cp -r` leaves its bytes in the page
+cache, so `cp -r && sync` is timed too, as the like-for-like durable copy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from safetensors.numpy import save_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from compstore import Store  # noqa: E402
+
+
+def make_folder(folder: Path, size_mb: int, shard_mb: int = 256) -> int:
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    total, shard, tensors, i = 0, 0, {}, 0
+    # Tensor sizes spread like a UNet's: many small ones, some large.
+    sizes = [640 * 640, 1280 * 1280, 320 * 320, 1280, 640, 2560 * 1280]
+    while total < size_mb << 20:
+        n = sizes[i % len(sizes)]
+        tensors[f"block.{i}.weight"] = rng.standard_normal(n, dtype=np.float32).astype(np.float16)
+        total += 2 * n
+        i += 1
+        if sum(t.nbytes for t in tensors.values()) >= shard_mb << 20:
+            save_file(tensors, str(folder / f"model-{shard:05d}.safetensors"))
+            tensors, shard = {}, shard + 1
+    if tensors:
+        save_file(tensors, str(folder / f"model-{shard:05d}.safetensors"))
+    (folder / "config.json").write_text('{"_class_name": "Synthetic"}')
+    return sum(p.stat().st_size for p in folder.iterdir())
+
+
+def timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size-mb", type=int, default=1024)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--workdir", default=None, help="on the disk to measure [default: a temp dir]")
+    ap.add_argument("--json", dest="json_out", default=None, help="also write the figures here")
+    args = ap.parse_args()
+
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="compstore-bench-"))
+    src = work / "src"
+    if src.exists():
+        shutil.rmtree(src)
+    nbytes = make_folder(src, args.size_mb)
+    subprocess.run(["cat", *map(str, src.iterdir())], stdout=subprocess.DEVNULL, check=True)  # warm
+
+    def cp_r(dst: Path, sync: bool) -> None:
+        subprocess.run(["cp", "-r", str(src), str(dst)], check=True)
+        if sync:  # the same durability as ingest, which fsyncs its pack
+            subprocess.run(["sync"], check=True)
+
+    cp, cp_sync, new, held = [], [], [], []
+    for r in range(args.repeat):
+        dst, home = work / f"cp-{r}", work / f"store-{r}"
+        for p in (dst, home):
+            shutil.rmtree(p, ignore_errors=True)
+        subprocess.run(["sync"], check=True)
+        cp.append(timed(lambda: cp_r(dst, sync=False)))
+        subprocess.run(["sync"], check=True)
+        shutil.rmtree(dst)
+        cp_sync.append(timed(lambda: cp_r(dst, sync=True)))
+        with Store(home) as store:
+            new.append(timed(lambda: store.ingest(src, "first")))
+            held.append(timed(lambda: store.ingest(src, "second")))
+        shutil.rmtree(dst)
+        shutil.rmtree(home)
+
+    mb = nbytes / 1e6
+    figures = {
+        "bytes": nbytes,
+        "cp_r_mb_s": round(mb / statistics.median(cp), 1),
+        "cp_r_sync_mb_s": round(mb / statistics.median(cp_sync), 1),
+        "ingest_new_mb_s": round(mb / statistics.median(new), 1),
+        "ingest_held_mb_s": round(mb / statistics.median(held), 1),
+    }
+    figures["ratio_new"] = round(figures["ingest_new_mb_s"] / figures["cp_r_mb_s"], 2)
+    figures["ratio_held"] = round(figures["ingest_held_mb_s"] / figures["cp_r_mb_s"], 2)
+    figures["ratio_new_vs_cp_sync"] = round(figures["ingest_new_mb_s"] / figures["cp_r_sync_mb_s"], 2)
+    print(f"folder: {nbytes / 2**20:.0f} MiB in {len(list(src.iterdir()))} files, page-cache warm; "
+          f"median of {args.repeat}; ratios are ingest / cp -r")
+    print(f"  cp -r                   {figures['cp_r_mb_s']:8.1f} MB/s   (page cache, not durable)")
+    print(f"  cp -r && sync           {figures['cp_r_sync_mb_s']:8.1f} MB/s   (durable, like ingest)")
+    print(f"  ingest, new content     {figures['ingest_new_mb_s']:8.1f} MB/s   "
+          f"ratio {figures['ratio_new']:.2f} (vs cp -r && sync: "
+          f"{figures['ratio_new_vs_cp_sync']:.2f})")
+    print(f"  ingest, already held    {figures['ingest_held_mb_s']:8.1f} MB/s   "
+          f"ratio {figures['ratio_held']:.2f}")
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(figures, indent=2))
+    if not args.workdir:
+        shutil.rmtree(work)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,57 @@
+import hashlib
+import os
+import shutil
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from compstore import Store
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
+
+
+@pytest.fixture(scope="session")
+def family(tmp_path_factory) -> dict[str, Path]:
+    """The A/B/C/D tiny family (see compstore.loader.synthetic), built once."""
+    from compstore.loader.synthetic import build_family
+
+    return build_family(tmp_path_factory.mktemp("family"))
+
+
+@pytest.fixture
+def store(tmp_path) -> Store:
+    s = Store(tmp_path / "store")
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def pipeline_copy(family, tmp_path):
+    """A private copy of family member A, safe to damage."""
+    def make(name: str = "A") -> Path:
+        dest = tmp_path / f"copy-{name}"
+        shutil.copytree(family[name], dest)
+        return dest
+    return make
+
+
+def tree_sha256(folder: Path) -> dict[str, str]:
+    return {
+        p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*")) if p.is_file()
+    }
+
+
+def store_state(home: Path) -> tuple:
+    """Everything observable about a store: catalog rows and payload files."""
+    con = sqlite3.connect(home / "catalog.db")
+    tables = [r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table' ORDER BY name")]
+    rows = {t: sorted(map(repr, con.execute(f"SELECT * FROM [{t}]"))) for t in tables}
+    con.close()
+    files = {
+        p.relative_to(home).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted((home / "objects").rglob("*")) if p.is_file()
+    }
+    tmp = sorted(p.name for p in (home / "tmp").iterdir())
+    return rows, files, tmp

@@ -1,0 +1,214 @@
+"""Every bad input gets a clear error naming the file, and leaves the store as it was."""
+
+import json
+import os
+import pickle
+import struct
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from compstore import InvalidInputError, PickleRefusedError
+from compstore.cli import cli
+from conftest import store_state
+
+UNET = "unet/diffusion_pytorch_model.safetensors"
+
+
+def rewrite_header(path: Path, mutate) -> None:
+    """Load a safetensors header, let `mutate(header_dict)` change it, write it back."""
+    data = path.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + n])
+    mutate(header)
+    raw = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n :])
+
+
+def first_tensor(header: dict) -> dict:
+    return min((v for k, v in header.items() if k != "__metadata__"), key=lambda v: v["data_offsets"][0])
+
+
+def _truncate(folder):
+    p = folder / UNET
+    p.write_bytes(p.read_bytes()[:-1000])
+
+
+def _tiny_file(folder):
+    (folder / UNET).write_bytes(b"\x01\x02\x03")
+
+
+def _header_past_eof(folder):
+    p = folder / UNET
+    data = p.read_bytes()
+    p.write_bytes(struct.pack("<Q", len(data) * 2) + data[8:])
+
+
+def _non_json_header(folder):
+    p = folder / UNET
+    data = p.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    p.write_bytes(data[:8] + b"{not json" + b" " * (n - 9) + data[8 + n :])
+
+
+def _overlap(folder):
+    def m(h):
+        tensors = sorted((v for k, v in h.items() if k != "__metadata__"), key=lambda v: v["data_offsets"][0])
+        a, b = tensors[0], tensors[1]
+        # Point b at a's bytes; both keep a valid size for their shape.
+        b.update(dtype=a["dtype"], shape=a["shape"], data_offsets=a["data_offsets"])
+    rewrite_header(folder / UNET, m)
+
+
+def _out_of_range(folder):
+    def m(h):
+        t = first_tensor(h)
+        t["data_offsets"] = [t["data_offsets"][0] + 10**9, t["data_offsets"][1] + 10**9]
+    rewrite_header(folder / UNET, m)
+
+
+def _unknown_dtype(folder):
+    rewrite_header(folder / UNET, lambda h: first_tensor(h).update(dtype="F13"))
+
+
+def _shape_mismatch(folder):
+    rewrite_header(folder / UNET, lambda h: first_tensor(h).update(shape=first_tensor(h)["shape"] + [3]))
+
+
+def _index_dotdot(folder):
+    idx = folder / "unet/diffusion_pytorch_model.safetensors.index.json"
+    idx.write_text(json.dumps({"metadata": {}, "weight_map": {"w": "../vae/diffusion_pytorch_model.safetensors"}}))
+
+
+def _index_absolute(folder):
+    idx = folder / "unet/diffusion_pytorch_model.safetensors.index.json"
+    idx.write_text(json.dumps({"metadata": {}, "weight_map": {"w": "/etc/passwd"}}))
+
+
+def _index_missing_shard(folder):
+    idx = folder / "unet/diffusion_pytorch_model.safetensors.index.json"
+    idx.write_text(json.dumps({"metadata": {}, "weight_map": {"w": "diffusion_pytorch_model-00001-of-00002.safetensors"}}))
+
+
+def _index_not_json(folder):
+    (folder / "unet/diffusion_pytorch_model.safetensors.index.json").write_text("{oops")
+
+
+def _symlink_out(folder):
+    (folder / "unet" / "notes.txt").symlink_to("/etc/hostname")
+
+
+def _model_index_not_json(folder):
+    (folder / "model_index.json").write_text("[1, 2")
+
+
+CASES = {
+    "truncated": (_truncate, r"out of range \(data section is"),
+    "shorter than 8 bytes": (_tiny_file, "shorter than the 8-byte header length"),
+    "header length past end of file": (_header_past_eof, "runs past the end of the file"),
+    "non-JSON header": (_non_json_header, "header is not valid JSON"),
+    "overlapping offsets": (_overlap, "overlap"),
+    "out-of-range offsets": (_out_of_range, "out of range"),
+    "unknown dtype": (_unknown_dtype, "unknown dtype 'F13'"),
+    "shape x dtype != byte length": (_shape_mismatch, "but data_offsets span"),
+    "'..' in index": (_index_dotdot, r"leaves the folder \('..' is not allowed\)"),
+    "absolute path in index": (_index_absolute, "absolute or non-posix path"),
+    "missing shard": (_index_missing_shard, "which is missing"),
+    "index not JSON": (_index_not_json, "index is not valid JSON"),
+    "symlink leaving the folder": (_symlink_out, "symlink points outside the input folder"),
+    "model_index.json not JSON": (_model_index_not_json, "not valid JSON"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_is_refused_and_store_unchanged(case, store, family, pipeline_copy):
+    damage, message = CASES[case]
+    store.ingest(family["B"], "B")  # a store with content in it
+    before = store_state(store.home)
+    folder = pipeline_copy("A")
+    damage(folder)
+    with pytest.raises(InvalidInputError, match=message) as e:
+        store.ingest(folder, "A")
+    assert str(e.value).count("\n") == 0
+    assert store_state(store.home) == before
+
+
+@pytest.mark.parametrize("case", ["truncated", "unknown dtype", "symlink leaving the folder"])
+def test_cli_bad_input_is_one_line_and_nonzero(case, family, pipeline_copy, tmp_path):
+    damage, message = CASES[case]
+    folder = pipeline_copy("A")
+    damage(folder)
+    r = CliRunner().invoke(cli, ["--store", str(tmp_path / "s"), "ingest", str(folder)])
+    assert r.exit_code == 2
+    assert r.stdout == ""
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: ") and "Traceback" not in r.stderr
+
+
+class Boom:
+    """A pickle that would create a file if it were ever unpickled."""
+    marker: Path
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+@pytest.mark.parametrize("suffix", [".bin", ".ckpt", ".pt"])
+def test_pickle_checkpoints_are_refused_and_never_loaded(suffix, store, pipeline_copy, tmp_path):
+    folder = pipeline_copy("A")
+    marker = tmp_path / "pickle-was-loaded"
+    Boom.marker = marker
+    (folder / "unet" / f"diffusion_pytorch_model{suffix}").write_bytes(pickle.dumps(Boom()))
+    before = store_state(store.home)
+    with pytest.raises(PickleRefusedError, match="pickle checkpoint refused.*--allow-pickle"):
+        store.ingest(folder, "A")
+    assert store_state(store.home) == before
+    # Explicitly allowed: stored as opaque bytes, exported identically, never unpickled.
+    store.ingest(folder, "A", allow_pickle=True)
+    store.export("A", tmp_path / "out")
+    assert (tmp_path / "out" / "unet" / f"diffusion_pytorch_model{suffix}").read_bytes() == \
+        (folder / "unet" / f"diffusion_pytorch_model{suffix}").read_bytes()
+    assert not marker.exists()
+
+
+def test_exclude_leaves_files_out(store, pipeline_copy):
+    folder = pipeline_copy("A")
+    (folder / "unet" / "diffusion_pytorch_model.bin").write_bytes(b"\x80\x04N.")
+    r = store.ingest(folder, "A", exclude=["*.bin"])
+    assert "unet/diffusion_pytorch_model.bin" not in {f["path"] for f in store.show("A")["files_list"]}
+    assert r.files == 10
+
+
+@pytest.mark.parametrize("name", ["", "has space", "tab\tname", "x" * 300])
+def test_bad_ref_names(name, store, family):
+    before = store_state(store.home)
+    with pytest.raises(InvalidInputError, match="invalid ref name"):
+        store.ingest(family["A"], name)
+    assert store_state(store.home) == before
+
+
+def test_not_a_folder_and_empty_folder(store, tmp_path):
+    with pytest.raises(InvalidInputError, match="not a directory"):
+        store.ingest(tmp_path / "missing", "x")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InvalidInputError, match="holds no files"):
+        store.ingest(tmp_path / "empty", "x")
+
+
+def test_export_refuses_a_non_empty_target(store, family, tmp_path):
+    from compstore import ExportError
+
+    store.ingest(family["A"], "A")
+    (tmp_path / "t").mkdir()
+    (tmp_path / "t" / "keep.txt").write_text("mine")
+    with pytest.raises(ExportError, match="not an empty folder"):
+        store.export("A", tmp_path / "t")
+    assert [p.name for p in (tmp_path / "t").iterdir()] == ["keep.txt"]
+
+
+def test_unknown_ref_is_a_clear_cli_error(tmp_path):
+    r = CliRunner().invoke(cli, ["--store", str(tmp_path / "s"), "show", "nope"])
+    assert r.exit_code == 1 and "no ref named 'nope'" in r.stderr
+    r = CliRunner().invoke(cli, ["--store", str(tmp_path / "s"), "diff", "a", "b", "--json"])
+    assert r.exit_code == 1 and r.stdout == ""

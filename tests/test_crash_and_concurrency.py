@@ -1,0 +1,92 @@
+"""Crash safety (SIGKILL at random moments) and two writers at once."""
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+from compstore import Store, StoreBusyError
+from compstore.store.lock import write_lock
+from conftest import tree_sha256
+
+
+@pytest.fixture(scope="module")
+def big_component(tmp_path_factory) -> Path:
+    """A component folder of ~96 MB in 3 files: slow enough to be killed mid-way."""
+    folder = tmp_path_factory.mktemp("big")
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        tensors = {f"block{i}.layer{j}.weight": rng.standard_normal((1024, 1024), dtype=np.float32)
+                   for j in range(8)}
+        save_file(tensors, str(folder / f"model-{i}.safetensors"))
+    (folder / "config.json").write_text('{"_class_name": "Big"}')
+    return folder
+
+
+def ingest_cmd(home: Path, folder: Path, name: str) -> list[str]:
+    return [sys.executable, "-m", "compstore", "--store", str(home), "ingest", str(folder),
+            "--name", name, "--json"]
+
+
+def test_sigkill_at_random_moments_leaves_a_valid_store(big_component, tmp_path):
+    home = tmp_path / "store"
+    Store(home).close()
+    t0 = time.perf_counter()
+    subprocess.run(ingest_cmd(tmp_path / "probe", big_component, "x"), check=True,
+                   capture_output=True)
+    full = time.perf_counter() - t0
+    rng = random.Random(1)
+    kills = 0
+    for i in range(8):
+        p = subprocess.Popen(ingest_cmd(home, big_component, f"r{i}"),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(0.1, full))
+        if p.poll() is None:
+            p.send_signal(signal.SIGKILL)
+            kills += 1
+        p.wait()
+        with Store(home) as s:
+            report = s.verify()
+            assert report.ok, report.problems
+            for ref in s.ls():  # whatever a ref names is complete and exports
+                out = tmp_path / f"out-{i}-{ref['name']}"
+                s.export(ref["name"], out)
+                assert tree_sha256(out) == tree_sha256(big_component)
+    assert kills >= 3, "the test did not manage to kill ingests mid-way"
+    with Store(home) as s:
+        r = s.ingest(big_component, "final")
+        assert r.status in ("new", "unchanged")
+        assert list((home / "tmp").iterdir()) == []
+        packs = {p.stem for p in (home / "objects" / "packs").glob("*.pack")}
+        assert packs == {row[0] for row in s.db.execute("SELECT name FROM packs")}
+        assert s.verify().ok
+
+
+def test_two_processes_ingesting_the_same_folder_store_one_copy(big_component, tmp_path):
+    home = tmp_path / "store"
+    Store(home).close()
+    procs = [subprocess.Popen(ingest_cmd(home, big_component, f"p{i}"), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE) for i in range(2)]
+    for p in procs:
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err
+    with Store(home) as s:
+        payload = sum(f.stat().st_size for f in big_component.glob("*.safetensors"))
+        du = s.du()
+        assert du.physical_bytes < 1.01 * payload
+        assert {r["name"] for r in du.refs} == {"p0", "p1"}
+
+
+def test_busy_store_waits_then_fails_clearly(family, tmp_path, monkeypatch):
+    monkeypatch.setenv("COMPSTORE_LOCK_TIMEOUT", "0.3")
+    with Store(tmp_path / "s") as s, write_lock(s.home):
+        with pytest.raises(StoreBusyError, match="another compstore process is writing"):
+            s.ingest(family["A"], "A")
+        assert s.ls() == []

@@ -1,0 +1,229 @@
+"""The store on the A/B/C/D family: dedup, export, verify, reports."""
+
+import hashlib
+import json
+import os
+import random
+from pathlib import Path
+
+import pytest
+from safetensors import safe_open
+
+from compstore import RefNotFoundError, Store
+from compstore.store import objects
+from conftest import store_state, tree_sha256
+
+
+def distinct_content_bytes(folders) -> int:
+    """Distinct tensor payloads + distinct non-safetensors files, computed without compstore."""
+    seen: dict[str, int] = {}
+    for folder in folders:
+        for p in Path(folder).rglob("*"):
+            if not p.is_file():
+                continue
+            if p.suffix == ".safetensors":
+                with safe_open(p, "pt") as f:
+                    for k in f.keys():
+                        b = f.get_tensor(k).contiguous().view(-1).view(dtype=__import__("torch").uint8)
+                        data = b.numpy().tobytes()
+                        seen[hashlib.sha256(data).hexdigest()] = len(data)
+            else:
+                data = p.read_bytes()
+                seen[hashlib.sha256(data).hexdigest()] = len(data)
+    return sum(seen.values())
+
+
+@pytest.fixture
+def family_store(store, family):
+    for name in "ABCD":
+        store.ingest(family[name], name)
+    return store
+
+
+def test_physical_bytes_within_3_percent_of_unique_content(family_store, family):
+    du = family_store.du()
+    unique = distinct_content_bytes(family.values())
+    assert du.logical_bytes == sum(
+        p.stat().st_size for f in family.values() for p in Path(f).rglob("*") if p.is_file())
+    assert unique <= du.physical_bytes <= 1.03 * unique, (du.physical_bytes, unique)
+    assert du.dedup_ratio > 1.7
+
+
+def test_export_of_every_ref_is_byte_identical(family_store, family, tmp_path):
+    for name in "ABCD":
+        r = family_store.export(name, tmp_path / f"out-{name}")
+        assert tree_sha256(tmp_path / f"out-{name}") == tree_sha256(family[name])
+        assert r.files == len(tree_sha256(family[name]))
+
+
+def test_dedup_is_tensor_level_across_files_shards_and_variants(family_store):
+    show = {n: {(c["slot"], c["variant"]): c for c in family_store.show(n)["components"]} for n in "ABCD"}
+    # B is a fine-tune: VAE and text encoder are the very same components as A's.
+    for slot in ("vae", "text_encoder", "tokenizer", "scheduler"):
+        assert show["A"][(slot, "")]["id"] == show["B"][(slot, "")]["id"]
+    assert show["A"][("unet", "")]["id"] != show["B"][("unet", "")]["id"]
+    # C stores its VAE in shards: a different file layout, the same component.
+    assert show["C"][("vae", "")]["id"] == show["A"][("vae", "")]["id"]
+    # D has fp16 variants beside the default weights.
+    assert {v for (s, v) in show["D"] if s == "unet"} == {"", "fp16"}
+    assert "B" in show["A"][("vae", "")]["shared_with"]
+
+
+def test_diff_counts_shared_and_delta_tensor_bytes(family_store):
+    d = family_store.diff("A", "C").to_dict()
+    assert {"shared_bytes", "delta_bytes", "components"} <= set(d)
+    unet = next(c for c in d["components"] if c["slot"] == "unet")
+    # perturb_fraction(1/3) changed every third parameter of C's UNet.
+    assert 0 < unet["shared_tensors"] < unet["tensors"]
+    assert unet["status"] == f"{unet['shared_tensors']} of {unet['tensors']} tensors shared"
+    vae = next(c for c in d["components"] if c["slot"] == "vae")
+    assert vae["status"] == "identical" and vae["delta_bytes"] == 0
+    assert d["delta_bytes"] == unet["delta_bytes"]
+    same = family_store.diff("A", "A")
+    assert same.delta_bytes == 0 and same.shared_bytes > 0
+
+
+def test_reingest_is_a_noop(store, family):
+    first = store.ingest(family["A"], "A")
+    before = store_state(store.home)
+    again = store.ingest(family["A"], "A")
+    assert (first.status, again.status) == ("new", "unchanged")
+    assert again.written_bytes == 0
+    assert store_state(store.home) == before
+
+
+def test_same_content_under_two_refs_costs_nothing(store, family):
+    store.ingest(family["A"], "A")
+    physical = store.du().physical_bytes
+    r = store.ingest(family["A"], "A-again")
+    assert r.status == "new" and r.written_bytes == 0
+    assert store.du().physical_bytes == physical
+    assert {x["name"] for x in store.ls()} == {"A", "A-again"}
+
+
+def test_du_unique_bytes_and_json_keys(family_store):
+    du = family_store.du().to_dict()
+    assert {"logical_bytes", "physical_bytes", "refs"} <= set(du)
+    refs = {r["name"]: r for r in du["refs"]}
+    assert set(refs["A"]) >= {"name", "logical_bytes", "unique_bytes"}
+    assert refs["A"]["unique_bytes"] == 0  # D holds all of A (A + fp16 files)
+    assert refs["B"]["unique_bytes"] > 0
+
+
+def test_flipping_any_byte_makes_verify_fail_naming_refs(family_store):
+    assert family_store.verify().ok
+    blobs = family_store.db.execute("SELECT id, pack, offset, size FROM blobs WHERE size > 0").fetchall()
+    rng = random.Random(0)
+    for bid, pack, offset, size in rng.sample(blobs, 25):
+        path = family_store.home / "objects" / "packs" / f"{pack}.pack"
+        pos = offset + rng.randrange(size)
+        with open(path, "r+b") as f:
+            f.seek(pos)
+            old = f.read(1)
+            f.seek(pos)
+            f.write(bytes([old[0] ^ 0x01]))
+        report = family_store.verify()
+        assert not report.ok
+        [problem] = report.problems
+        assert problem["blob"] == bid and problem["refs"], problem
+        with open(path, "r+b") as f:
+            f.seek(pos)
+            f.write(old)
+    assert family_store.verify().ok
+
+
+def test_verify_reports_missing_and_truncated_packs(family_store):
+    pack = next((family_store.home / "objects" / "packs").glob("*.pack"))
+    data = pack.read_bytes()
+    pack.write_bytes(data[: len(data) // 2])
+    r = family_store.verify()
+    assert not r.ok and any("truncated" in p["problem"] for p in r.problems)
+    pack.unlink()
+    r = family_store.verify()
+    assert any(p["problem"] == "pack file missing" for p in r.problems)
+
+
+def test_hash_collision_is_caught_by_byte_comparison(store, family, tmp_path, monkeypatch):
+    # Every blob gets the same "hash": only the byte-for-byte check keeps them apart.
+    monkeypatch.setattr("compstore.store.ingest.blob_hash", lambda data: "0" * 32)
+    store.ingest(family["A"], "A")
+    store.ingest(family["B"], "B")
+    for name in "AB":
+        store.export(name, tmp_path / name)
+        assert tree_sha256(tmp_path / name) == tree_sha256(family[name])
+
+
+def test_rm_drops_only_the_ref(family_store):
+    physical = family_store.du().physical_bytes
+    family_store.rm("B")
+    assert "B" not in {r["name"] for r in family_store.ls()}
+    assert family_store.du().physical_bytes == physical
+    with pytest.raises(RefNotFoundError, match="no ref named 'B'"):
+        family_store.show("B")
+
+
+def test_ref_update_moves_the_ref(store, family):
+    store.ingest(family["A"], "x")
+    r = store.ingest(family["B"], "x")
+    assert r.status == "updated"
+    assert store.resolve("x") == store.ingest(family["B"], "B").snapshot
+
+
+def test_single_component_folder(store, family):
+    r = store.ingest(family["A"] / "unet", "unet-only")
+    assert r.kind == "component"
+    [c] = store.show("unet-only")["components"]
+    assert c["class_name"] == "UNet2DConditionModel" and c["library"] == "diffusers"
+    store.ingest(family["A"], "A")
+    full = {x["slot"]: x for x in store.show("A")["components"]}
+    assert c["id"] == full["unet"]["id"]  # the same component, ingested either way
+    assert r.written_bytes > 0
+
+
+def test_hf_cache_snapshot_symlinks_into_blobs_are_followed(store, family, tmp_path):
+    repo = tmp_path / "hub" / "models--org--tiny"
+    snap = repo / "snapshots" / "0123abcd"
+    for src in Path(family["A"]).rglob("*"):
+        if src.is_file():
+            data = src.read_bytes()
+            blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
+            blob.parent.mkdir(parents=True, exist_ok=True)
+            blob.write_bytes(data)
+            link = snap / src.relative_to(family["A"])
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to(os.path.relpath(blob, link.parent))
+    r = store.ingest(snap, "cached")
+    assert r.files == len(tree_sha256(family["A"]))
+    store.export("cached", tmp_path / "out")
+    assert tree_sha256(tmp_path / "out") == tree_sha256(family["A"])
+
+
+def test_json_documents_are_plain_json(family_store):
+    for doc in (family_store.du().to_dict(), family_store.diff("A", "B").to_dict(),
+                family_store.verify().to_dict(), family_store.show("A"), family_store.ls()):
+        json.loads(json.dumps(doc))
+
+
+def test_same_bytes_helper():
+    a = bytes(range(256)) * 1001
+    assert objects.same_bytes(memoryview(a), bytearray(a))
+    b = bytearray(a)
+    b[-1] ^= 1
+    assert not objects.same_bytes(a, b)
+    b = bytearray(a)
+    b[5] ^= 1
+    assert not objects.same_bytes(a, b)
+    assert not objects.same_bytes(a, a[:-1])
+
+
+def test_side_by_side_checkpoints_become_separate_variants(store, family, tmp_path):
+    import shutil
+    folder = tmp_path / "two-checkpoints"
+    folder.mkdir()
+    shutil.copy(family["A"] / "vae" / "config.json", folder / "config.json")
+    shutil.copy(family["A"] / "vae" / "diffusion_pytorch_model.safetensors", folder / "vae-a.safetensors")
+    shutil.copy(family["B"] / "unet" / "diffusion_pytorch_model.safetensors", folder / "other.safetensors")
+    shutil.copy(family["A"] / "vae" / "diffusion_pytorch_model.safetensors", folder / "vae-b.safetensors")
+    store.ingest(folder, "two")
+    variants = {c["variant"] for c in store.show("two")["components"]}
+    assert variants == {"vae-a.safetensors", "vae-b.safetensors", "other.safetensors"}
