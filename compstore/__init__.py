@@ -23,7 +23,7 @@ from .store import (
 
 __version__ = "0.1.0"
 
-_LOADER_NAMES = {"DiffusionPipeline", "ModularPipeline", "load_component", "load_components"}
+_LOADER_NAMES = {"DiffusionPipeline", "load_component"}
 
 
 def __getattr__(name: str):

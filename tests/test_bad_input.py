@@ -180,7 +180,7 @@ def test_exclude_leaves_files_out(store, pipeline_copy):
     assert r.files == 10
 
 
-@pytest.mark.parametrize("name", ["", "has space", "tab\tname", "x" * 300])
+@pytest.mark.parametrize("name", ["", " leading", "trailing ", "tab\tname", "new\nline", "x" * 1025])
 def test_bad_ref_names(name, store, family):
     before = store_state(store.home)
     with pytest.raises(InvalidInputError, match="invalid ref name"):

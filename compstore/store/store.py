@@ -11,17 +11,20 @@ export, verify, and the loader) never wait for it.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
 import time
+import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable, NamedTuple
 
 from . import reports
 from .catalog import ensure_schema, open_catalog
-from .errors import InvalidInputError, RefNotFoundError
-from .export import ExportResult
+from .errors import CompstoreError, InvalidInputError, RefNotFoundError
+from .export import ExportResult, file_pieces, snapshot_files, write_file
 from .export import export as export_ref
 from .ingest import Ingestor, component_rows, now, snapshot_id
 from .lock import write_lock
@@ -31,7 +34,7 @@ from .scan import scan_folder
 from .verify import VerifyReport
 from .verify import verify as verify_store
 
-_REF_RE = re.compile(r"^[^\s\x00-\x1f]{1,256}$")
+_REF_RE = re.compile(r"^(?!\s)[^\x00-\x1f\x7f]{1,1024}(?<!\s)$")
 
 
 def default_home() -> Path:
@@ -43,9 +46,19 @@ def default_home() -> Path:
 def check_ref_name(name: str) -> str:
     if not isinstance(name, str) or not _REF_RE.match(name):
         raise InvalidInputError(
-            repr(name), "invalid ref name: use 1-256 characters without spaces or control characters"
+            repr(name), "invalid ref name: use 1-1024 characters, no control characters, "
+            "no leading or trailing spaces"
         )
     return name
+
+
+class TensorLocation(NamedTuple):
+    name: str
+    dtype: str  # safetensors dtype name, e.g. "F16"
+    shape: tuple[int, ...]
+    pack: str
+    offset: int
+    size: int
 
 
 @dataclass
@@ -213,6 +226,70 @@ class Store:
             db["refs"].upsert({"name": ref, "snapshot_id": snap, "updated": now()}, pk="name")
             db.execute("UPDATE refs SET created = coalesce(created, updated) WHERE name = ?", [ref])
         fsync_dir(self.home)
+
+    # -- reading for the loader ---------------------------------------------------
+    def snapshot(self, snapshot_id: str) -> dict:
+        """A snapshot's row: id, source, revision, kind, created."""
+        row = self.db.execute("SELECT * FROM snapshots WHERE id = ?", [snapshot_id]).fetchone()
+        if row is None:
+            raise CompstoreError(f"snapshot {snapshot_id} is not in store {self.home}")
+        return dict(zip([c[0] for c in self.db.execute("SELECT * FROM snapshots LIMIT 0").description], row))
+
+    def snapshot_files(self, snapshot_id: str) -> list[tuple[str, int, str, int]]:
+        """(path, file id, sha256, size) of every file of a snapshot, sorted by path."""
+        return snapshot_files(self, snapshot_id)
+
+    def read_file(self, snapshot_id: str, path: str) -> bytes | None:
+        """The bytes of one (small) file of a snapshot, or None if it has no such file."""
+        row = self.db.execute(
+            "SELECT file_id FROM snapshot_files WHERE snapshot_id = ? AND path = ?",
+            [snapshot_id, path]).fetchone()
+        return None if row is None else b"".join(bytes(p) for p in file_pieces(self, row[0]))
+
+    def components_of(self, snapshot_id: str) -> list[dict]:
+        """slot, variant, component id, library, class_name of each component of a snapshot."""
+        return [dict(r) for r in self.db.query(
+            """SELECT slot, variant, component_id, library, class_name FROM snapshot_components
+               WHERE snapshot_id = ? ORDER BY slot, variant""", [snapshot_id])]
+
+    def component_config(self, component_id: str) -> dict | None:
+        """The stored config.json of a component, parsed (None for config-less ones)."""
+        row = self.db.execute(
+            """SELECT b.pack, b.offset, b.size FROM components c JOIN blobs b
+               ON b.id = c.config_blob WHERE c.id = ?""", [component_id]).fetchone()
+        return None if row is None else json.loads(bytes(self.packs.view(*row)))
+
+    def tensor_locations(self, component_id: str) -> list[TensorLocation]:
+        """Where each tensor of a component lives: name, dtype, shape, pack, offset, size."""
+        return [TensorLocation(name, dtype, tuple(json.loads(shape)), pack, offset, size)
+                for name, dtype, shape, pack, offset, size in self.db.execute(
+                    """SELECT t.name, t.dtype, t.shape, b.pack, b.offset, b.size
+                       FROM component_tensors ct JOIN tensors t ON t.id = ct.tensor_id
+                       JOIN blobs b ON b.id = t.blob_id WHERE ct.component_id = ?
+                       ORDER BY ct.pos""", [component_id])]
+
+    def materialize(self, snapshot_id: str, keep: Callable[[str], bool]) -> Path:
+        """A folder holding the snapshot's files for which `keep(path)` is true.
+
+        Built once per snapshot under `<store>/skeletons/` (tmp + rename, so a
+        half-written one is never seen) and reused: snapshots are immutable.
+        """
+        dest = self.home / "skeletons" / snapshot_id
+        if dest.exists():
+            return dest
+        # Built beside its final place, not in tmp/: readers hold no lock, and a
+        # writer clears tmp/ at start. A crash leaves a .building-* folder for gc.
+        tmp = self.home / "skeletons" / f".building-{snapshot_id}-{uuid.uuid4().hex[:8]}"
+        for path, file_id, sha256, size in self.snapshot_files(snapshot_id):
+            if keep(path):
+                write_file(self, file_id, sha256, tmp / path)
+        tmp.mkdir(parents=True, exist_ok=True)
+        dest.parent.mkdir(exist_ok=True)
+        try:
+            os.rename(tmp, dest)
+        except OSError:  # another process built it first
+            shutil.rmtree(tmp, ignore_errors=True)
+        return dest
 
     # -- reading: each report lives in its own module --------------------------
     def ls(self) -> list[dict]:

@@ -1,0 +1,178 @@
+"""Build one weight-bearing component (a diffusers or transformers model) from the store.
+
+The module is built from its config with empty (meta) weights, then bound to the
+store's tensors with `load_state_dict(..., assign=True)`: no weight is initialised,
+read or copied before it is used. Everything diffusers and transformers do on top
+of that — dtype rules, fp32 modules, tied weights, eval mode, `_name_or_path`,
+missing and unexpected keys — is done here the way they do it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from typing import Any
+
+import torch
+
+from ..store import ComponentNotFoundError, Store
+from ..store.objects import PackFiles
+from .tensors import TORCH_DTYPES, private_packs, state_dict
+
+logger = logging.getLogger("compstore")
+
+
+def resolve_class(library: str | None, class_name: str | None):
+    """The Python class a model_index entry names, e.g. ("diffusers", "AutoencoderKL")."""
+    if not library or not class_name:
+        return None
+    if library.startswith("diffusers.pipelines"):
+        library = "diffusers"
+    try:
+        module = importlib.import_module(library)
+    except ImportError:
+        return None
+    return getattr(module, class_name, None)
+
+
+def is_model_class(cls) -> bool:
+    if cls is None or not isinstance(cls, type) or not issubclass(cls, torch.nn.Module):
+        return False
+    from diffusers import ModelMixin
+    from transformers import PreTrainedModel
+
+    return issubclass(cls, (ModelMixin, PreTrainedModel))
+
+
+def pick_component(components: list[dict], slot: str, variant: str | None) -> dict:
+    """The (slot, variant) component, falling back to the default weights like diffusers."""
+    in_slot = {c["variant"]: c for c in components if c["slot"] == slot}
+    if not in_slot:
+        raise ComponentNotFoundError(f"no component in slot {slot!r} (slots: "
+                                     f"{sorted({c['slot'] for c in components})})")
+    if variant and variant in in_slot:
+        return in_slot[variant]
+    if "" in in_slot:
+        if variant:
+            logger.warning("%s: no %r variant stored, loading the default weights", slot, variant)
+        return in_slot[""]
+    if variant is None and len(in_slot) == 1:
+        return next(iter(in_slot.values()))
+    raise ComponentNotFoundError(
+        f"slot {slot!r} has no default weights; pass variant= one of {sorted(in_slot)}")
+
+
+def _auto_dtype(config: dict, locations) -> torch.dtype:
+    """transformers' dtype="auto": the config's dtype, else the checkpoint's first float."""
+    name = config.get("dtype") or config.get("torch_dtype")
+    if isinstance(name, str) and hasattr(torch, name):
+        return getattr(torch, name)
+    for loc in locations:
+        dt = TORCH_DTYPES[loc.dtype]
+        if dt.is_floating_point:
+            return dt
+    return torch.get_default_dtype()
+
+
+def build_model(
+    store: Store,
+    component: dict,
+    *,
+    dtype: torch.dtype | None = None,
+    name_or_path: str = "",
+    packs: PackFiles | None = None,
+) -> torch.nn.Module:
+    """A diffusers or transformers model bound to the stored tensors of `component`.
+
+    `component` is a row of `Store.components_of` (component_id, library, class_name);
+    `packs` are the private mappings of this load (made here if not given).
+    """
+    from accelerate import init_empty_weights
+    from diffusers import ModelMixin
+
+    cls = resolve_class(component["library"], component["class_name"])
+    if not is_model_class(cls):
+        raise ComponentNotFoundError(
+            f"{component['library']}.{component['class_name']} is not a diffusers or "
+            "transformers model class")
+    cid = component["component_id"]
+    config = store.component_config(cid)
+    if config is None:
+        raise ComponentNotFoundError(f"component {cid[:12]} has no config.json")
+    locations = store.tensor_locations(cid)
+    packs = packs or private_packs(store)
+
+    if issubclass(cls, ModelMixin):
+        # diffusers: weights cast to `dtype`, else to the default dtype (fp32).
+        target = dtype or torch.get_default_dtype()
+        keep = cls._keep_in_fp32_modules if target == torch.float16 else None
+        with init_empty_weights():
+            model = cls.from_config(config)
+        sd = state_dict(packs, locations, target, keep)
+        _bind(model, sd, cls, name_or_path, library="diffusers")
+        model.register_to_config(_name_or_path=name_or_path)
+    else:
+        # transformers: dtype=None means "auto", the checkpoint's own dtype.
+        target = dtype or _auto_dtype(config, locations)
+        config_obj = cls.config_class.from_dict(config)
+        config_obj.dtype = target
+        config_obj._name_or_path = name_or_path
+        keep = list(getattr(cls, "_keep_in_fp32_modules", None) or []) if target == torch.float16 else []
+        keep += list(getattr(cls, "_keep_in_fp32_modules_strict", None) or []) if target in (
+            torch.float16, torch.bfloat16) else []
+        with init_empty_weights():
+            model = cls(config_obj)
+        sd = state_dict(packs, locations, target, keep)
+        _bind(model, sd, cls, name_or_path, library="transformers")
+        model.name_or_path = name_or_path
+    model.eval()
+    return model
+
+
+def _bind(model: torch.nn.Module, sd: dict[str, torch.Tensor], cls, name_or_path: str,
+          library: str) -> None:
+    expected = model.state_dict().keys()
+    unexpected = [k for k in sd if k not in expected]
+    ignore = getattr(cls, "_keys_to_ignore_on_load_unexpected", None) or []
+    import re
+
+    reported = [k for k in unexpected if not any(re.search(p, k) for p in ignore)]
+    if reported:
+        logger.warning("Some weights of the checkpoint at %s were not used when initializing "
+                       "%s: %s", name_or_path, cls.__name__, reported)
+    for k in unexpected:
+        sd.pop(k)
+    model.load_state_dict(sd, strict=False, assign=True)
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    missing = [n for n, p in list(model.named_parameters()) + list(model.named_buffers())
+               if p.device.type == "meta"]
+    if missing:
+        raise ComponentNotFoundError(
+            f"Cannot load {cls.__name__} from {name_or_path} because the following keys are "
+            f"missing: {', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''}. Load it "
+            f"with {library}'s own from_pretrained to have them initialised.")
+
+
+def load_component(
+    name_or_path: str,
+    slot: str = "",
+    *,
+    dtype: torch.dtype | None = None,
+    torch_dtype: torch.dtype | None = None,
+    variant: str | None = None,
+    store: Store | str | None = None,
+    **kwargs: Any,
+) -> torch.nn.Module:
+    """Load one model from a ref (or a folder, ingested on the way) without the pipeline.
+
+    >>> unet = compstore.load_component("sdxl-base", "unet", dtype=torch.float16)  # doctest: +SKIP
+    >>> vae = compstore.load_component("my-vae")          # a single-component ref  # doctest: +SKIP
+    """
+    from .pipeline import resolve_snapshot, open_store
+
+    store = open_store(store)
+    snapshot_id, label = resolve_snapshot(store, name_or_path, **kwargs)
+    comp = pick_component(store.components_of(snapshot_id), slot, variant)
+    name = f"{label}/{slot}" if slot else label
+    return build_model(store, comp, dtype=dtype or torch_dtype, name_or_path=name)

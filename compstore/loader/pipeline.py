@@ -1,0 +1,155 @@
+"""`compstore.DiffusionPipeline.from_pretrained`: a drop-in for diffusers', from the store.
+
+    >>> import compstore, torch
+    >>> pipe = compstore.DiffusionPipeline.from_pretrained("sdxl-base", dtype=torch.float16)
+
+How a pipeline is put together:
+1. `name_or_path` becomes a snapshot: a ref of the store, or a local folder that is
+   ingested on the way (under a ref named by its absolute path).
+2. Every weight-bearing slot of model_index.json is built by `build_model` from
+   deduplicated store tensors (zero-copy views on CPU).
+3. The small files (model_index.json, scheduler/, tokenizer*/ ...) are written once
+   per snapshot to a skeleton folder, and diffusers' own pipeline class loads the
+   rest from there with the built models passed in: the returned object is the
+   ordinary diffusers pipeline.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..store import CompstoreError, RefNotFoundError, Store
+from .component import build_model, is_model_class, pick_component, resolve_class
+from .tensors import private_packs
+
+logger = logging.getLogger("compstore")
+
+_WEIGHT_FILE = re.compile(r"(\.safetensors|\.safetensors\.index(\.[^.]+)?\.json|\.bin|\.ckpt|\.pt|\.pth|\.pkl|\.pickle)$")
+_REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+
+class HubNotAvailableError(CompstoreError):
+    """Pulling from the Hugging Face Hub is not available in this version of compstore."""
+
+
+def open_store(store: Store | str | os.PathLike | None) -> Store:
+    return store if isinstance(store, Store) else Store(store)
+
+
+def resolve_snapshot(
+    store: Store,
+    name_or_path: str | os.PathLike,
+    *,
+    revision: str | None = None,
+    local_files_only: bool | None = None,
+    **_: Any,
+) -> tuple[str, str]:
+    """(snapshot id, label) for a local folder (ingested on the way) or a store ref."""
+    label = os.fspath(name_or_path)
+    path = Path(label).expanduser()
+    if path.is_dir():
+        ref = str(path.resolve())
+        result = store.ingest(path, ref)
+        return result.snapshot, label
+    candidates = [f"{label}@{revision}", label] if revision else [label]
+    for ref in candidates:
+        if store.has_ref(ref):
+            return store.resolve(ref), label
+    if _REPO_ID.match(label) and not local_files_only:
+        raise HubNotAvailableError(
+            f"{label!r} is neither a ref in store {store.home} nor a local folder, and pulling "
+            "from the Hub is not available in this compstore version; download it with "
+            "`hf download` and `compstore ingest` the folder")
+    raise RefNotFoundError(label, str(store.home))
+
+
+def _dtype_for(dtype, slot: str) -> torch.dtype | None:
+    if isinstance(dtype, dict):  # diffusers accepts {"unet": torch.float16, "default": ...}
+        return dtype.get(slot, dtype.get("default"))
+    return dtype
+
+
+def _skeleton_file(path: str) -> bool:
+    return not _WEIGHT_FILE.search(path)
+
+
+class DiffusionPipeline:
+    """Loads diffusers pipelines from a compstore store; see `from_pretrained`."""
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike,
+        *,
+        store: Store | str | os.PathLike | None = None,
+        **kwargs: Any,
+    ):
+        """Drop-in for `diffusers.DiffusionPipeline.from_pretrained`, from deduplicated weights.
+
+        Args:
+            pretrained_model_name_or_path: a store ref, or a local pipeline folder
+                (ingested into the store on the way).
+            store: a `Store` or its folder (default: `$COMPSTORE_HOME`).
+            **kwargs: as diffusers: `dtype`/`torch_dtype` (a dtype or a per-slot dict),
+                `variant`, `revision`, `use_safetensors`, `low_cpu_mem_usage`,
+                `device_map`, `local_files_only`, components by slot name (`None` skips
+                one), and pipeline config overrides.
+
+        Returns:
+            The diffusers pipeline class named in model_index.json, e.g.
+            `StableDiffusionPipeline`.
+
+        >>> pipe = compstore.DiffusionPipeline.from_pretrained("tiny-sd", dtype=torch.float16)  # doctest: +SKIP
+        """
+        import diffusers
+
+        store = open_store(store)
+        dtype = kwargs.pop("dtype", None) or kwargs.pop("torch_dtype", None)
+        kwargs.pop("torch_dtype", None)
+        variant = kwargs.pop("variant", None)
+        device_map = kwargs.pop("device_map", None)
+        if kwargs.pop("use_safetensors", None) is False:
+            raise CompstoreError("use_safetensors=False: compstore stores and loads safetensors "
+                                 "only (pickle checkpoints are never loaded)")
+        kwargs.pop("low_cpu_mem_usage", None)  # binding store tensors is always low-memory
+        snapshot_id, label = resolve_snapshot(
+            store, pretrained_model_name_or_path,
+            revision=kwargs.pop("revision", None), local_files_only=kwargs.pop("local_files_only", None))
+
+        raw_index = store.read_file(snapshot_id, "model_index.json")
+        if raw_index is None:
+            hint = (" (it is a modular pipeline: use compstore.ModularPipeline)"
+                    if store.read_file(snapshot_id, "modular_model_index.json") else "")
+            raise CompstoreError(f"{label} has no model_index.json{hint}")
+        index = json.loads(raw_index)
+        pipeline_cls = getattr(diffusers, index["_class_name"])
+
+        rows = store.components_of(snapshot_id)
+        packs = private_packs(store)  # one set of copy-on-write mappings for this pipeline
+        built: dict[str, Any] = {}
+        for slot, entry in index.items():
+            if slot.startswith("_") or slot in kwargs or not isinstance(entry, list):
+                continue
+            if entry[0] is None or not is_model_class(resolve_class(*entry[:2])):
+                continue  # tokenizers, schedulers, empty slots: diffusers loads them below
+            built[slot] = build_model(store, pick_component(rows, slot, variant),
+                                      dtype=_dtype_for(dtype, slot), name_or_path=f"{label}/{slot}",
+                                      packs=packs)
+
+        skeleton = store.materialize(snapshot_id, _skeleton_file)
+        pipe = pipeline_cls.from_pretrained(skeleton, **built, **kwargs)
+        pipe.register_to_config(_name_or_path=label)
+        if device_map not in (None, "cpu", torch.device("cpu")):
+            if isinstance(device_map, (str, torch.device)) and device_map not in ("balanced", "auto"):
+                pipe.to(device_map)
+            else:
+                raise CompstoreError(f"device_map={device_map!r} is not supported yet; pass a "
+                                     "device such as 'cuda'")
+        return pipe

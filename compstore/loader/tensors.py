@@ -1,0 +1,73 @@
+"""Store tensors as torch tensors: views of privately mapped pack bytes.
+
+On CPU with the stored dtype a tensor is a zero-copy view of the pack file, mapped
+copy-on-write (MAP_PRIVATE): an in-place edit copies the touched page into the
+process and never reaches the store. A dtype change happens tensor by tensor, so
+a pipeline is never held twice.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from ..store import Store
+from ..store.store import TensorLocation
+from ..store.objects import PackFiles
+
+TORCH_DTYPES: dict[str, torch.dtype] = {
+    "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16,
+    "U16": torch.uint16, "F16": torch.float16, "BF16": torch.bfloat16, "I32": torch.int32,
+    "U32": torch.uint32, "F32": torch.float32, "I64": torch.int64, "U64": torch.uint64,
+    "F64": torch.float64, "C64": torch.complex64,
+    "F8_E5M2": torch.float8_e5m2, "F8_E4M3": torch.float8_e4m3fn,
+}
+if hasattr(torch, "float8_e8m0fnu"):
+    TORCH_DTYPES["F8_E8M0"] = torch.float8_e8m0fnu
+
+def private_packs(store: Store) -> PackFiles:
+    """Fresh copy-on-write mappings of the store's packs, for one load.
+
+    Each load maps anew: an in-place edit in one pipeline (fuse_lora, say) must
+    not show in a pipeline loaded later. Unwritten pages stay shared with the page
+    cache, so two loads of the same tensor still use its RAM once.
+    """
+    return PackFiles(store.home / "objects" / "packs", private=True)
+
+
+def stored_tensor(packs: PackFiles, loc: TensorLocation) -> torch.Tensor:
+    """A zero-copy, copy-on-write view of one stored tensor (it keeps its mapping alive)."""
+    dtype = TORCH_DTYPES[loc.dtype]
+    if loc.size == 0:
+        return torch.empty(loc.shape, dtype=dtype)
+    view = packs.view(loc.pack, loc.offset, loc.size)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a private mapping is writable; no warning due
+        return torch.frombuffer(view, dtype=dtype).view(loc.shape)
+
+
+def keeps_fp32(name: str, keep_in_fp32: list[str] | None) -> bool:
+    """diffusers/transformers rule: a tensor under a `_keep_in_fp32_modules` entry stays fp32."""
+    if not keep_in_fp32:
+        return False
+    parts = name.split(".")
+    return any(m in parts or name.startswith(m + ".") for m in keep_in_fp32)
+
+
+def state_dict(
+    packs: PackFiles,
+    locations: list[TensorLocation],
+    dtype: torch.dtype | None = None,
+    keep_in_fp32: list[str] | None = None,
+) -> dict[str, torch.Tensor]:
+    """The component's tensors; floating ones cast to `dtype` (one tensor at a time)."""
+    out: dict[str, torch.Tensor] = {}
+    for loc in locations:
+        t = stored_tensor(packs, loc)
+        if t.is_floating_point():
+            target = torch.float32 if keeps_fp32(loc.name, keep_in_fp32) and dtype is not None else dtype
+            if target is not None and t.dtype != target:
+                t = t.to(target)
+        out[loc.name] = t
+    return out

@@ -1,0 +1,150 @@
+"""compstore.DiffusionPipeline.from_pretrained is equivalent to diffusers' on the same folders."""
+
+import diffusers
+import numpy as np
+import pytest
+import torch
+
+import compstore
+from compstore import CompstoreError, RefNotFoundError
+
+
+@pytest.fixture
+def loaded_store(store, family):
+    for name in "ABCD":
+        store.ingest(family[name], name)
+    return store
+
+
+def config_of(module) -> dict:
+    c = module.config.to_dict() if hasattr(module.config, "to_dict") else dict(module.config)
+    c.pop("_name_or_path", None)
+    return c
+
+
+def assert_same_pipeline(ours, theirs, slots=("unet", "vae", "text_encoder")):
+    assert type(ours) is type(theirs)
+    for slot in slots:
+        a, b = getattr(ours, slot), getattr(theirs, slot)
+        sa, sb = a.state_dict(), b.state_dict()
+        assert sa.keys() == sb.keys(), slot
+        for k in sa:
+            assert sa[k].dtype == sb[k].dtype, (slot, k)
+            assert torch.equal(sa[k], sb[k]), (slot, k)
+        assert config_of(a) == config_of(b), slot
+        assert a.training is b.training is False
+    assert type(ours.scheduler) is type(theirs.scheduler)
+    assert dict(ours.scheduler.config) == dict(theirs.scheduler.config)
+    assert ours.tokenizer("a cat").input_ids == theirs.tokenizer("a cat").input_ids
+
+
+def image(pipe) -> np.ndarray:
+    return pipe("a cat", num_inference_steps=2, generator=torch.Generator().manual_seed(0),
+                output_type="np", height=32, width=32).images
+
+
+CASES = {
+    "fp32": ("A", {}),
+    "dtype=fp16": ("A", {"dtype": torch.float16}),
+    "torch_dtype=fp16": ("A", {"torch_dtype": torch.float16}),
+    "variant=fp16": ("D", {"variant": "fp16"}),
+    "variant=fp16,dtype=fp32": ("D", {"variant": "fp16", "dtype": torch.float32}),
+    "sharded": ("C", {}),
+    "per-slot dtype": ("A", {"dtype": {"unet": torch.float16, "default": torch.float32}}),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_same_weights_config_and_image_as_diffusers(case, loaded_store, family):
+    name, kwargs = CASES[case]
+    ours = compstore.DiffusionPipeline.from_pretrained(name, store=loaded_store, **kwargs)
+    theirs = diffusers.DiffusionPipeline.from_pretrained(family[name], **kwargs)
+    assert_same_pipeline(ours, theirs)
+    assert ours.config._name_or_path == name
+    dtypes = {ours.unet.dtype, ours.text_encoder.dtype, ours.vae.dtype}
+    if dtypes == {torch.float32}:  # mixed-dtype pipelines fail in diffusers as well
+        np.testing.assert_array_equal(image(ours), image(theirs))
+
+
+def test_fp16_pipeline_runs_the_same_on_cpu(loaded_store, family):
+    ours = compstore.DiffusionPipeline.from_pretrained("A", store=loaded_store, dtype=torch.float16)
+    theirs = diffusers.DiffusionPipeline.from_pretrained(family["A"], dtype=torch.float16)
+    np.testing.assert_array_equal(image(ours), image(theirs))
+
+
+def test_component_passed_as_kwarg_and_none_to_skip(loaded_store, family):
+    vae_b = compstore.load_component("B", "vae", store=loaded_store)
+    unet_b = compstore.load_component("B", "unet", store=loaded_store)
+    ours = compstore.DiffusionPipeline.from_pretrained("A", store=loaded_store, unet=unet_b, vae=vae_b)
+    assert ours.unet is unet_b and ours.vae is vae_b
+    theirs = diffusers.DiffusionPipeline.from_pretrained(family["B"])
+    assert_same_pipeline(ours, theirs, slots=("unet", "vae", "text_encoder"))
+    np.testing.assert_array_equal(image(ours), image(theirs))
+    no_vae = compstore.DiffusionPipeline.from_pretrained("A", store=loaded_store, vae=None)
+    assert no_vae.vae is None
+
+
+def mapped_pack_ranges(store) -> list[tuple[int, int]]:
+    """Address ranges where this process maps the store's pack files (/proc/self/maps)."""
+    packs_dir = str(store.home / "objects" / "packs")
+    ranges = []
+    for line in open("/proc/self/maps"):
+        fields = line.split()
+        if len(fields) >= 6 and fields[5].startswith(packs_dir):
+            lo, hi = (int(x, 16) for x in fields[0].split("-"))
+            ranges.append((lo, hi))
+    return ranges
+
+
+def test_weights_are_zero_copy_views_of_the_store(loaded_store):
+    pipe = compstore.DiffusionPipeline.from_pretrained("A", store=loaded_store)
+    ranges = mapped_pack_ranges(loaded_store)
+    params = list(pipe.unet.parameters()) + list(pipe.text_encoder.parameters())
+    inside = [any(lo <= p.data_ptr() < hi for lo, hi in ranges) for p in params]
+    assert all(inside)
+
+
+def test_in_place_edits_never_reach_the_store(loaded_store):
+    pipe = compstore.DiffusionPipeline.from_pretrained("A", store=loaded_store)
+    w = pipe.unet.conv_in.weight
+    before = w.detach().clone()
+    with torch.no_grad():
+        w.add_(1.0)  # like fuse_lora: an in-place change of a loaded weight
+    assert loaded_store.verify().ok
+    again = compstore.load_component("A", "unet", store=loaded_store)
+    assert torch.equal(again.conv_in.weight, before)
+    assert torch.equal(pipe.unet.conv_in.weight, before + 1.0)
+
+
+def test_load_component_matches_diffusers_and_transformers(loaded_store, family):
+    from transformers import CLIPTextModel
+
+    unet = compstore.load_component("C", "unet", store=loaded_store, dtype=torch.float16)
+    ref = diffusers.UNet2DConditionModel.from_pretrained(family["C"] / "unet", torch_dtype=torch.float16)
+    assert all(torch.equal(a, b) for a, b in zip(unet.state_dict().values(), ref.state_dict().values()))
+    te = compstore.load_component("D", "text_encoder", store=loaded_store, variant="fp16")
+    ref_te = CLIPTextModel.from_pretrained(family["D"] / "text_encoder", variant="fp16")
+    assert te.dtype == ref_te.dtype == torch.float16
+    assert all(torch.equal(a, b) for a, b in zip(te.state_dict().values(), ref_te.state_dict().values()))
+
+
+def test_single_component_ref_and_local_folder(store, family):
+    vae = compstore.load_component(str(family["A"] / "vae"), store=store)
+    assert type(vae).__name__ == "AutoencoderKL"
+    pipe = compstore.DiffusionPipeline.from_pretrained(str(family["B"]), store=store)
+    assert pipe.config._name_or_path == str(family["B"])
+    assert str(family["B"]) in {r["name"] for r in store.ls()}
+
+
+def test_unknown_names_give_clear_errors(store):
+    with pytest.raises(RefNotFoundError, match="no ref named 'nope'"):
+        compstore.DiffusionPipeline.from_pretrained("nope", store=store)
+    with pytest.raises(CompstoreError, match="pulling from the Hub is not available"):
+        compstore.DiffusionPipeline.from_pretrained("org/model", store=store)
+
+
+def test_use_safetensors_false_and_missing_slot(loaded_store):
+    with pytest.raises(CompstoreError, match="pickle checkpoints are never loaded"):
+        compstore.DiffusionPipeline.from_pretrained("A", store=loaded_store, use_safetensors=False)
+    with pytest.raises(compstore.ComponentNotFoundError, match="no component in slot 'transformer'"):
+        compstore.load_component("A", "transformer", store=loaded_store)
