@@ -11,6 +11,7 @@ use only, so `import compstore` stays fast for store-only work.
 
 from .store import (
     CompstoreError,
+    PinChangedError,
     ComponentNotFoundError,
     CorruptStoreError,
     ExportError,
@@ -23,7 +24,7 @@ from .store import (
 
 __version__ = "0.1.0"
 
-_LOADER_NAMES = {"DiffusionPipeline", "load_component"}
+_LOADER_NAMES = {"DiffusionPipeline", "ModularPipeline", "load_component"}
 
 
 def __getattr__(name: str):
@@ -36,6 +37,6 @@ def __getattr__(name: str):
 
 __all__ = [
     "Store", "CompstoreError", "ComponentNotFoundError", "CorruptStoreError", "ExportError",
-    "InvalidInputError", "PickleRefusedError", "RefNotFoundError", "StoreBusyError",
+    "InvalidInputError", "PickleRefusedError", "PinChangedError", "RefNotFoundError", "StoreBusyError",
     *sorted(_LOADER_NAMES),
 ]

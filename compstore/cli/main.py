@@ -69,12 +69,14 @@ def open_store(ctx: click.Context) -> Store:
 @click.option("--allow-pickle", is_flag=True,
               help="Store pickle checkpoints (.bin/.ckpt/.pt) as opaque bytes; never loaded.")
 @click.option("--exclude", multiple=True, metavar="GLOB", help="Leave out matching files.")
+@click.option("--repin", is_flag=True,
+              help="Modular pipelines: accept new content at sources pinned earlier.")
 @json_option
 @click.pass_context
-def ingest(ctx, path, name, allow_pickle, exclude, as_json):
+def ingest(ctx, path, name, allow_pickle, exclude, repin, as_json):
     """Ingest a pipeline folder or a single component folder."""
     r = open_store(ctx).ingest(path, name, allow_pickle=allow_pickle, exclude=list(exclude),
-                               progress=want_progress(as_json))
+                               repin=repin, progress=want_progress(as_json))
     if r.status == "unchanged":
         text = f"{r.ref}: unchanged, the store already holds this exact content (nothing written)"
     else:
@@ -109,6 +111,12 @@ def show(ctx, ref, as_json):
             f"{info['files']} files, {human(info['logical_bytes'])}) from {info['source']}\n"
             + tabulate(rows, ["slot", "variant", "class", "component", "tensors", "bytes",
                               "shared with"]))
+    if info["pins"]:
+        pins = [[p["slot"], p["source"] + (f"/{p['subfolder']}" if p["subfolder"] else ""),
+                 p["revision"] or "-", p["variant"] or "-", p["component_id"][:12]]
+                for p in info["pins"]]
+        text += "\n\npinned (modular entries resolved at ingest)\n" + tabulate(
+            pins, ["slot", "source", "revision", "variant", "component"])
     emit(as_json, info, text)
 
 
@@ -143,11 +151,13 @@ def diff(ctx, a, b, as_json):
 @cli.command()
 @click.argument("ref")
 @click.argument("dest", type=click.Path(file_okay=False))
+@click.option("--flatten", is_flag=True,
+              help="Modular pipelines: copy pinned components in, index pointing at DEST.")
 @json_option
 @click.pass_context
-def export(ctx, ref, dest, as_json):
+def export(ctx, ref, dest, flatten, as_json):
     """Rebuild REF's original files in DEST, byte-for-byte."""
-    r = open_store(ctx).export(ref, dest, progress=want_progress(as_json))
+    r = open_store(ctx).export(ref, dest, flatten=flatten, progress=want_progress(as_json))
     emit(as_json, r.to_dict(), f"exported {r.ref}: {r.files} files, {human(r.bytes)} to {r.dest}")
 
 

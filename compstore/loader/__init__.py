@@ -6,6 +6,7 @@ become a pipeline: `pipeline.DiffusionPipeline.from_pretrained`.
 """
 
 from .component import load_component
+from .modular import ModularPipeline
 from .pipeline import DiffusionPipeline
 
-__all__ = ["DiffusionPipeline", "load_component"]
+__all__ = ["DiffusionPipeline", "ModularPipeline", "load_component"]

@@ -110,3 +110,41 @@ def build_family(root: str | os.PathLike, names: tuple[str, ...] = ("A", "B", "C
         fp16 = tiny_sd_pipeline(seed=0).to(torch.float16)
         fp16.save_pretrained(out["D"], variant="fp16")
     return out
+
+
+TINY_SDXL_UNET = dict(
+    block_out_channels=(32, 64), layers_per_block=2, sample_size=32, in_channels=4,
+    out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4),
+    use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
+    transformer_layers_per_block=(1, 2), projection_class_embeddings_input_dim=80,
+    cross_attention_dim=64, norm_num_groups=32,
+)
+
+
+def tiny_sdxl_pipeline(seed: int = 0):
+    """A StableDiffusionXLPipeline of a few MB with random weights (two CLIP encoders)."""
+    import tempfile
+
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**TINY_SDXL_UNET)
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKL(**TINY_VAE)
+    clip = CLIPTextConfig(**TINY_CLIP, hidden_act="gelu", projection_dim=32)
+    torch.manual_seed(seed + 2)
+    text_encoder = CLIPTextModel(clip)
+    torch.manual_seed(seed + 3)
+    text_encoder_2 = CLIPTextModelWithProjection(clip)
+    with tempfile.TemporaryDirectory() as d:
+        write_tiny_clip_tokenizer(d)
+        tokenizer = CLIPTokenizer.from_pretrained(d)
+        tokenizer_2 = CLIPTokenizer.from_pretrained(d)
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       timestep_spacing="leading", steps_offset=1)
+    return StableDiffusionXLPipeline(
+        unet=unet, vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer, tokenizer_2=tokenizer_2, scheduler=scheduler,
+    )

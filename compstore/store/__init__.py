@@ -14,10 +14,11 @@ from .errors import (
     RefNotFoundError,
     StoreBusyError,
 )
+from .modular import PinChangedError
 from .store import IngestResult, Store, default_home
 
 __all__ = [
     "Store", "IngestResult", "default_home", "CompstoreError", "ComponentNotFoundError",
     "CorruptStoreError", "ExportError", "InvalidInputError", "PickleRefusedError",
-    "RefNotFoundError", "StoreBusyError",
+    "RefNotFoundError", "StoreBusyError", "PinChangedError",
 ]

@@ -11,7 +11,9 @@
     snapshots(id, source, revision, kind, created)
     snapshot_files(snapshot_id, path, file_id)         the exact file set, for export
     snapshot_components(snapshot_id, slot, variant, component_id)
-    refs(name, snapshot_id, created, updated)          the GC roots
+    pins(snapshot_id, slot, source, ..., target_snapshot, component_id)
+                                                       modular entries resolved at ingest
+    refs(name, snapshot_id, created, updated)          the GC roots (pins keep their targets)
     meta(key, value)                                   schema version
 
 Only `Store` writes here, under the store's write lock and in one transaction per
@@ -103,6 +105,14 @@ def ensure_schema(db: sqlite_utils.Database) -> None:
             pk=("snapshot_id", "slot", "variant"),
             foreign_keys=[("snapshot_id", "snapshots", "id"), ("component_id", "components", "id")],
         )
+        db["pins"].create(
+            {"snapshot_id": str, "slot": str, "source": str, "subfolder": str, "revision": str,
+             "variant": str, "target_snapshot": str, "component_id": str, "library": str,
+             "class_name": str},
+            pk=("snapshot_id", "slot"),
+            foreign_keys=[("snapshot_id", "snapshots", "id"), ("target_snapshot", "snapshots", "id"),
+                          ("component_id", "components", "id")],
+        )
         db["refs"].create(
             {"name": str, "snapshot_id": str, "created": str, "updated": str},
             pk="name", foreign_keys=[("snapshot_id", "snapshots", "id")],
@@ -123,6 +133,10 @@ def blobs_of_snapshot(db: sqlite_utils.Database, snapshot_id: str) -> dict[int, 
         UNION SELECT c.config_blob FROM snapshot_components sc
               JOIN components c ON c.id = sc.component_id
               WHERE sc.snapshot_id = :s AND c.config_blob IS NOT NULL
+        UNION SELECT t.blob_id FROM pins p JOIN component_tensors ct ON ct.component_id = p.component_id
+              JOIN tensors t ON t.id = ct.tensor_id WHERE p.snapshot_id = :s
+        UNION SELECT c.config_blob FROM pins p JOIN components c ON c.id = p.component_id
+              WHERE p.snapshot_id = :s AND c.config_blob IS NOT NULL
     )"""
     return {row[0]: row[1] for row in db.execute(sql, {"s": snapshot_id})}
 

@@ -8,12 +8,14 @@ name, checked against the sha256 recorded at ingest, and only then renamed.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
 from .errors import CorruptStoreError, ExportError
+from .modular import INDEX, pins_of
 from .progress import progress_bar
 
 if TYPE_CHECKING:
@@ -80,8 +82,46 @@ def write_file(store: "Store", file_id: int, sha256: str, target: Path) -> int:
     return written
 
 
-def export(store: "Store", ref: str, dest: str | os.PathLike, *, progress: bool = False) -> ExportResult:
+def flattened_files(store: "Store", snapshot_id: str) -> list[tuple[str, int, str, int]]:
+    """The files of a self-contained copy: for a modular snapshot its own files but its
+    index (which `flattened_index` rewrites) and, under each pinned slot, the files of
+    the pinned source's subfolder. The same as `snapshot_files` for other snapshots."""
+    files = snapshot_files(store, snapshot_id)
+    if not any(f[0] == INDEX for f in files):
+        return files
+    out = [f for f in files if f[0] != INDEX]
+    for pin in pins_of(store, snapshot_id):
+        prefix = f"{pin['subfolder']}/" if pin["subfolder"] else ""
+        out += [(f"{pin['slot']}/{path[len(prefix):]}", *rest)
+                for path, *rest in snapshot_files(store, pin["target_snapshot"])
+                if path.startswith(prefix)]
+    return sorted(out)
+
+
+def flattened_index(store: "Store", snapshot_id: str, root: Path) -> bytes | None:
+    """The modular index rewritten so that every component is loaded from `root`."""
+    raw = store.read_file(snapshot_id, INDEX)
+    if raw is None:
+        return None
+    index = json.loads(raw)
+    pinned = {p["slot"]: p for p in pins_of(store, snapshot_id)}
+    local = {c["slot"] for c in store.components_of(snapshot_id)}
+    for slot, entry in index.items():
+        if slot in local or slot in pinned:
+            spec = entry[2]
+            spec.update(pretrained_model_name_or_path=str(root.resolve()), subfolder=slot,
+                        revision=None)
+            if slot in pinned:
+                spec["variant"] = pinned[slot]["variant"] or None
+    return (json.dumps(index, indent=2, sort_keys=True) + "\n").encode()
+
+
+def export(store: "Store", ref: str, dest: str | os.PathLike, *, flatten: bool = False,
+           progress: bool = False) -> ExportResult:
     """Write the files of `ref` into `dest` (which must not exist, or be empty).
+
+    With `flatten=True` a modular pipeline becomes self-contained: each pinned
+    component's files are written under its slot and the index points at `dest`.
 
     >>> Store().export("tiny-sd", "/tmp/tiny-sd")  # doctest: +SKIP
     ExportResult(ref='tiny-sd', dest='/tmp/tiny-sd', files=17, bytes=5242880)
@@ -91,10 +131,15 @@ def export(store: "Store", ref: str, dest: str | os.PathLike, *, progress: bool 
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
         raise ExportError(f"{dest}: export target exists and is not an empty folder; "
                           "choose a new path")
-    files = snapshot_files(store, snap)
+    files = flattened_files(store, snap) if flatten else snapshot_files(store, snap)
+    index = flattened_index(store, snap, dest) if flatten else None
     total = 0
     with progress_bar(sum(f[3] for f in files), f"export {ref}", progress) as bar:
         for path, file_id, sha256, size in files:
             total += write_file(store, file_id, sha256, dest / path)
             bar.update(size)
+    if index is not None:
+        dest.mkdir(parents=True, exist_ok=True)
+        (dest / INDEX).write_bytes(index)
+        return ExportResult(ref, str(dest), len(files) + 1, total + len(index))
     return ExportResult(ref, str(dest), len(files), total)

@@ -303,8 +303,9 @@ def _blob_hashes(ing: Ingestor, ids: set[int]) -> dict[int, str]:
     return out
 
 
-def snapshot_id(scan: FolderScan, ing: Ingestor) -> str:
-    return canonical_sha256({
-        "kind": scan.kind,
-        "files": sorted([p, r.sha256, r.size] for p, r in ing.files.items()),
-    })
+def snapshot_id(scan: FolderScan, ing: Ingestor, pins=()) -> str:
+    """Content identity of a folder: its files, and for a modular one what it pins."""
+    identity = {"kind": scan.kind, "files": sorted([p, r.sha256, r.size] for p, r in ing.files.items())}
+    if pins:
+        identity["pins"] = sorted([p.slot, p.source, p.component_id] for p in pins)
+    return canonical_sha256(identity)

@@ -51,6 +51,9 @@ def show(store: "Store", ref: str) -> dict:
                ON r.snapshot_id = sc.snapshot_id WHERE sc.component_id = ? AND r.name != ?
                ORDER BY r.name""", [c["id"], ref])]
     info["components"] = components
+    info["pins"] = [dict(r) for r in store.db.query(
+        "SELECT slot, source, subfolder, revision, variant, target_snapshot, component_id "
+        "FROM pins WHERE snapshot_id = ? ORDER BY slot", [snap])]
     info["files_list"] = [dict(r) for r in store.db.query(
         """SELECT sf.path, f.size, f.sha256, f.kind FROM snapshot_files sf
            JOIN files f ON f.id = sf.file_id WHERE sf.snapshot_id = ? ORDER BY sf.path""", [snap])]

@@ -24,10 +24,12 @@ from typing import Callable, NamedTuple
 from . import reports
 from .catalog import ensure_schema, open_catalog
 from .errors import CompstoreError, InvalidInputError, RefNotFoundError
-from .export import ExportResult, file_pieces, snapshot_files, write_file
+from .export import (ExportResult, file_pieces, flattened_files, flattened_index, snapshot_files,
+                     write_file)
 from .export import export as export_ref
 from .ingest import Ingestor, component_rows, now, snapshot_id
 from .lock import write_lock
+from .modular import check_pins, resolve_pointers
 from .objects import PackFiles, PackWriter, fsync_dir
 from .progress import progress_bar
 from .scan import scan_folder
@@ -156,6 +158,7 @@ class Store:
         exclude: list[str] | None = None,
         source: str | None = None,
         revision: str | None = None,
+        repin: bool = False,
         progress: bool = False,
     ) -> IngestResult:
         """Ingest a pipeline folder or a single component folder under ref `name`.
@@ -163,7 +166,9 @@ class Store:
         Every tensor, safetensors header and small file is stored once, whatever
         file, shard layout or repo it arrives in. Re-ingesting identical content is
         a no-op (`status == "unchanged"`). Bad input raises `InvalidInputError` and
-        leaves the store as it was.
+        leaves the store as it was. A modular pipeline's entries that point at other
+        folders or refs are pinned (see `modular.py`); if a pinned source changed
+        since, `PinChangedError` is raised unless `repin=True`.
 
         >>> Store().ingest("./tiny-sd", name="tiny-sd").status  # doctest: +SKIP
         'new'
@@ -171,6 +176,7 @@ class Store:
         t0 = time.perf_counter()
         scan = scan_folder(path, allow_pickle=allow_pickle, exclude=exclude)
         ref = check_ref_name(Path(scan.root).name if name is None else name)
+        pins = resolve_pointers(self, scan)
         with write_lock(self.home):
             self._clean_leftovers()
             writer = PackWriter(self.home)
@@ -181,12 +187,13 @@ class Store:
                         ing.ingest_file(f)
                     ing.finish()
                 components, comp_tensors, slots = component_rows(scan, ing)
-                snap = snapshot_id(scan, ing)
+                snap = snapshot_id(scan, ing, pins)
+                check_pins(self, ref, pins, scan.root, repin)
                 old = self.db.execute("SELECT snapshot_id FROM refs WHERE name = ?", [ref]).fetchone()
                 status = "new" if old is None else ("unchanged" if old[0] == snap else "updated")
                 packs = writer.commit()
                 if status != "unchanged" or packs:
-                    self._commit(ing, packs, components, comp_tensors, slots,
+                    self._commit(ing, packs, components, comp_tensors, slots, pins,
                                  scan, snap, ref, source, revision)
             except BaseException:
                 writer.abort()
@@ -196,7 +203,7 @@ class Store:
                             s.logical_bytes, s.written_bytes, s.reused_bytes,
                             round(time.perf_counter() - t0, 3))
 
-    def _commit(self, ing: Ingestor, packs, components, comp_tensors, slots,
+    def _commit(self, ing: Ingestor, packs, components, comp_tensors, slots, pins,
                 scan, snap, ref, source, revision) -> None:
         db = self.db
         with db.conn:  # one transaction: all of it or none of it
@@ -223,6 +230,7 @@ class Store:
                 ignore=True, batch_size=1000)
             db["snapshot_components"].insert_all(
                 ({"snapshot_id": snap, **s} for s in slots), ignore=True)
+            db["pins"].insert_all(({"snapshot_id": snap, **p.to_dict()} for p in pins), ignore=True)
             db["refs"].upsert({"name": ref, "snapshot_id": snap, "updated": now()}, pk="name")
             db.execute("UPDATE refs SET created = coalesce(created, updated) WHERE name = ?", [ref])
         fsync_dir(self.home)
@@ -271,7 +279,8 @@ class Store:
     def materialize(self, snapshot_id: str, keep: Callable[[str], bool]) -> Path:
         """A folder holding the snapshot's files for which `keep(path)` is true.
 
-        Built once per snapshot under `<store>/skeletons/` (tmp + rename, so a
+        A modular snapshot is flattened: pinned components' files under their slots,
+        the index rewritten to point at this folder. Built once per snapshot under `<store>/skeletons/` (tmp + rename, so a
         half-written one is never seen) and reused: snapshots are immutable.
         """
         dest = self.home / "skeletons" / snapshot_id
@@ -280,10 +289,13 @@ class Store:
         # Built beside its final place, not in tmp/: readers hold no lock, and a
         # writer clears tmp/ at start. A crash leaves a .building-* folder for gc.
         tmp = self.home / "skeletons" / f".building-{snapshot_id}-{uuid.uuid4().hex[:8]}"
-        for path, file_id, sha256, size in self.snapshot_files(snapshot_id):
+        for path, file_id, sha256, size in flattened_files(self, snapshot_id):
             if keep(path):
                 write_file(self, file_id, sha256, tmp / path)
         tmp.mkdir(parents=True, exist_ok=True)
+        index = flattened_index(self, snapshot_id, dest)  # modular: every slot from here
+        if index is not None:
+            (tmp / "modular_model_index.json").write_bytes(index)
         dest.parent.mkdir(exist_ok=True)
         try:
             os.rename(tmp, dest)
@@ -308,9 +320,11 @@ class Store:
         """Per component, what B shares with A; `delta_bytes` is what A -> B must move."""
         return reports.diff(self, a, b)
 
-    def export(self, ref: str, dest: str | os.PathLike, *, progress: bool = False) -> ExportResult:
-        """Rebuild the files of `ref` in `dest`, byte-for-byte (same sha256)."""
-        return export_ref(self, ref, dest, progress=progress)
+    def export(self, ref: str, dest: str | os.PathLike, *, flatten: bool = False,
+               progress: bool = False) -> ExportResult:
+        """Rebuild the files of `ref` in `dest`, byte-for-byte (same sha256); `flatten`
+        makes a modular pipeline self-contained (pinned components copied in)."""
+        return export_ref(self, ref, dest, flatten=flatten, progress=progress)
 
     def verify(self, *, progress: bool = False) -> VerifyReport:
         """Re-hash every payload; `ok` is False and the refs are named on any problem."""

@@ -1,0 +1,115 @@
+"""`compstore.ModularPipeline.from_pretrained`: diffusers modular pipelines from the store.
+
+    >>> pipe = compstore.ModularPipeline.from_pretrained("my-modular-sdxl")
+    >>> pipe.load_components(torch_dtype=torch.float16)
+
+The pipeline is diffusers' own (e.g. `StableDiffusionXLModularPipeline`), built
+from a skeleton folder whose index points every slot at the skeleton itself. Its
+`load_components` is replaced, on this instance only, by one that builds models
+from the store: a slot's own weights, or the component pinned for it when the
+repo pointed elsewhere. Tokenizers and schedulers load from the skeleton.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from types import MethodType
+from typing import Any
+
+from ..store import ComponentNotFoundError, Store
+from ..store.modular import choose_component, pins_of
+from .component import build_model, is_model_class
+from .pipeline import _skeleton_file, open_store, resolve_snapshot
+from .tensors import private_packs
+
+logger = logging.getLogger("compstore")
+
+
+def slot_component(store: Store, snapshot_id: str, slot: str, variant: str | None) -> dict:
+    """The store component for a slot: the snapshot's own, else the one pinned for it."""
+    comp = choose_component(store, snapshot_id, slot, variant)
+    if comp is not None:
+        return comp
+    for pin in pins_of(store, snapshot_id):
+        if pin["slot"] == slot:
+            return pin
+    raise ComponentNotFoundError(f"no component for slot {slot!r} in this pipeline")
+
+
+def _per_name(value, name: str):
+    if isinstance(value, dict):  # {"unet": torch.float16, "default": torch.float32}
+        return value.get(name, value.get("default"))
+    return value
+
+
+class ModularPipeline:
+    """Loads diffusers modular pipelines from a compstore store; see `from_pretrained`."""
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike,
+        *,
+        store: Store | str | os.PathLike | None = None,
+        **kwargs: Any,
+    ):
+        """Drop-in for `diffusers.ModularPipeline.from_pretrained`, from the store.
+
+        `pretrained_model_name_or_path` is a ref or a local folder (ingested, its
+        pointers pinned). Returns diffusers' modular pipeline class; call
+        `load_components(...)` on it as usual (dtype, variant per name or "default").
+
+        >>> pipe = compstore.ModularPipeline.from_pretrained("tiny-sdxl-modular")  # doctest: +SKIP
+        >>> pipe.load_components(torch_dtype=torch.float32)  # doctest: +SKIP
+        """
+        import diffusers
+
+        store = open_store(store)
+        snapshot_id, label = resolve_snapshot(
+            store, pretrained_model_name_or_path, revision=kwargs.pop("revision", None),
+            local_files_only=kwargs.pop("local_files_only", None))
+        skeleton = store.materialize(snapshot_id, _skeleton_file)
+        pipe = diffusers.ModularPipeline.from_pretrained(str(skeleton), **kwargs)
+        pipe.load_components = MethodType(_store_load_components(store, snapshot_id, label), pipe)
+        return pipe
+
+
+def _store_load_components(store: Store, snapshot_id: str, label: str):
+    def load_components(self, names: list[str] | str | None = None, workflow: str | None = None,
+                        **kwargs: Any) -> None:
+        """Load components as diffusers' `load_components` does, models from the store."""
+        if workflow is not None and names is not None:
+            raise ValueError("Pass either `names` or `workflow`, not both.")
+        specs = self._component_specs
+        if names is None:
+            names = [n for n, spec in specs.items()
+                     if spec.default_creation_method == "from_pretrained"
+                     and spec.pretrained_model_name_or_path is not None
+                     and getattr(self, n, None) is None]
+        elif isinstance(names, str):
+            names = [names]
+        if workflow is not None:
+            wanted = {s.name for s in self.blocks.get_workflow(workflow).expected_components}
+            names = [n for n in names if n in wanted]
+        dtype = kwargs.pop("dtype", None) or kwargs.pop("torch_dtype", None)
+        kwargs.pop("torch_dtype", None)
+        variant = kwargs.pop("variant", None)
+        packs = private_packs(store)
+        loaded = {}
+        for name in names:
+            spec = specs.get(name)
+            if spec is None:
+                continue
+            if is_model_class(spec.type_hint):
+                comp = slot_component(store, snapshot_id, name, _per_name(variant, name))
+                loaded[name] = build_model(store, comp, dtype=_per_name(dtype, name),
+                                           name_or_path=f"{label}/{name}", packs=packs)
+            elif spec.pretrained_model_name_or_path:
+                try:  # tokenizers, schedulers: from the skeleton, as diffusers would
+                    loaded[name] = spec.load(**{k: _per_name(v, name) for k, v in kwargs.items()})
+                except Exception as e:  # diffusers, too, only warns and goes on
+                    logger.warning("Failed to create component %s: %s", name, e)
+        self.register_components(**loaded)
+
+    return load_components

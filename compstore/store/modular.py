@@ -1,0 +1,149 @@
+"""Modular pipelines: components that live in other repos, pinned when they enter the store.
+
+diffusers 0.42 writes each `modular_model_index.json` component as
+`[library, class, {"pretrained_model_name_or_path", "subfolder", "revision",
+"variant", "type_hint"}]`. An entry whose slot has no folder in the repo points
+elsewhere. compstore resolves each such pointer once, at ingest, to a snapshot in
+the store and the content-hashed component in it: a **pin**. Loads use the pin
+ever after, so a pointed-to repo that changes is never loaded silently; the next
+ingest of the modular repo refuses until the user re-pins (`--repin`).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .errors import CompstoreError, InvalidInputError
+from .scan import FolderScan
+
+if TYPE_CHECKING:
+    from .store import Store
+
+INDEX = "modular_model_index.json"
+
+
+class PinChangedError(CompstoreError):
+    """A pinned component's source now holds different content; nothing was changed."""
+
+
+@dataclass(frozen=True)
+class Pointer:
+    slot: str
+    library: str
+    class_name: str
+    source: str  # pretrained_model_name_or_path as written
+    subfolder: str
+    revision: str | None
+    variant: str | None
+
+
+@dataclass
+class Pin:
+    slot: str
+    source: str  # the folder (absolute) or ref it resolved to
+    subfolder: str
+    revision: str | None
+    variant: str  # the variant picked ("" = default weights)
+    target_snapshot: str
+    component_id: str
+    library: str
+    class_name: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def read_index(scan: FolderScan) -> dict:
+    with open(scan.files[INDEX].source, "rb") as f:
+        return json.loads(f.read())
+
+
+def external_pointers(scan: FolderScan) -> list[Pointer]:
+    """Entries of a modular index that name a class and point outside the folder."""
+    if scan.kind != "modular":
+        return []
+    local_slots = {c.slot for c in scan.components}
+    out = []
+    for slot, entry in sorted(read_index(scan).items()):
+        if slot.startswith("_") or not isinstance(entry, list) or len(entry) < 3:
+            continue
+        library, cls, spec = entry[0], entry[1], entry[2]
+        if library is None or cls is None or not isinstance(spec, dict):
+            continue
+        source = spec.get("pretrained_model_name_or_path")
+        if not source or slot in local_slots:
+            continue
+        if not isinstance(source, str):
+            raise InvalidInputError(INDEX, f"entry {slot!r}: pretrained_model_name_or_path must be a string")
+        out.append(Pointer(slot, library, cls, source, spec.get("subfolder") or "",
+                           spec.get("revision"), spec.get("variant")))
+    return out
+
+
+def choose_component(store: "Store", snapshot_id: str, slot: str, variant: str | None) -> dict | None:
+    """The (slot, variant) component of a snapshot, default weights when that variant is absent."""
+    rows = {c["variant"]: c for c in store.components_of(snapshot_id) if c["slot"] == slot}
+    if variant and variant in rows:
+        return rows[variant]
+    return rows.get("") or (next(iter(rows.values())) if len(rows) == 1 else None)
+
+
+def resolve_pointers(store: "Store", scan: FolderScan) -> list[Pin]:
+    """Pin every external pointer: a local folder is ingested (ref = its absolute path),
+    anything else must already be a ref of the store (`name@revision` or `name`).
+
+    Runs before the caller takes the write lock (a folder pointed at is ingested
+    under its own lock).
+    """
+    pins = []
+    for p in external_pointers(scan):
+        folder = Path(p.source).expanduser()
+        if folder.is_dir():
+            target = folder.resolve()
+            if str(target) == scan.root:
+                raise InvalidInputError(INDEX, f"entry {p.slot!r} points at this folder, which has "
+                                               f"no {p.subfolder or p.slot!r} folder")
+            snap = store.ingest(target, str(target)).snapshot
+            source, revision = str(target), None
+        else:
+            refs = [f"{p.source}@{p.revision}", p.source] if p.revision else [p.source]
+            ref = next((r for r in refs if store.has_ref(r)), None)
+            if ref is None:
+                raise InvalidInputError(
+                    INDEX, f"entry {p.slot!r} points at {p.source!r}"
+                    f"{f' (revision {p.revision})' if p.revision else ''}, which is neither a local "
+                    f"folder nor a ref of this store; ingest it first: compstore ingest FOLDER "
+                    f"--name {refs[0]}")
+            snap = store.resolve(ref)
+            source, revision = ref, p.revision or store.snapshot(snap)["revision"]
+        comp = choose_component(store, snap, p.subfolder, p.variant)
+        if comp is None:
+            raise InvalidInputError(INDEX, f"entry {p.slot!r}: {p.source} has no component in "
+                                           f"subfolder {p.subfolder!r}")
+        pins.append(Pin(p.slot, source, p.subfolder, revision, comp["variant"], snap,
+                        comp["component_id"], p.library, p.class_name))
+    return pins
+
+
+def check_pins(store: "Store", ref: str, pins: list[Pin], folder: str, repin: bool) -> None:
+    """Refuse a re-ingest whose pointed-to content changed, unless re-pinning."""
+    if repin or not pins or not store.has_ref(ref):
+        return
+    old = {p["slot"]: p for p in pins_of(store, store.resolve(ref))}
+    for pin in pins:
+        before = old.get(pin.slot)
+        if before and before["source"] == pin.source and before["component_id"] != pin.component_id:
+            raise PinChangedError(
+                f"modular component {pin.slot!r} of {ref}: {pin.source}"
+                f"{'/' + pin.subfolder if pin.subfolder else ''} changed since it was pinned "
+                f"(pinned {before['component_id'][:12]}, now {pin.component_id[:12]}); nothing was "
+                f"loaded or changed. To use the new content, re-pin: compstore ingest {folder} "
+                f"--name {ref} --repin")
+
+
+def pins_of(store: "Store", snapshot_id: str) -> list[dict]:
+    return [dict(r) for r in store.db.query(
+        "SELECT * FROM pins WHERE snapshot_id = ? ORDER BY slot", [snapshot_id])]

@@ -1,0 +1,138 @@
+"""Modular pipelines: pinned cross-repo components, loads equal to diffusers', export --flatten."""
+
+import json
+import shutil
+from pathlib import Path
+
+import diffusers
+import numpy as np
+import pytest
+import torch
+
+import compstore
+from compstore import PinChangedError
+from compstore.loader.synthetic import tiny_sdxl_pipeline
+
+MODELS = ("unet", "vae", "text_encoder", "text_encoder_2")
+
+
+def save_modular(pipe, folder: Path) -> None:
+    """Save a classic pipeline, then re-save it as diffusers' modular pipeline."""
+    classic = folder.with_name(folder.name + "-classic")
+    pipe.save_pretrained(classic)
+    modular = diffusers.ModularPipeline.from_pretrained(str(classic))
+    modular.load_components(torch_dtype=torch.float32)
+    modular.save_pretrained(str(folder), overwrite_modular_index=True)
+
+
+@pytest.fixture(scope="module")
+def repos(tmp_path_factory):
+    """base: a self-contained modular SDXL repo. remix: its own UNet, every other
+    component pointing at base (a "modular" repo re-publishing another's parts)."""
+    root = tmp_path_factory.mktemp("modular")
+    save_modular(tiny_sdxl_pipeline(seed=0), root / "base")
+    save_modular(tiny_sdxl_pipeline(seed=50), root / "remix")
+    index = json.loads((root / "remix" / "modular_model_index.json").read_text())
+    for slot, entry in index.items():
+        if slot.startswith("_") or not isinstance(entry, list) or entry[0] is None or slot == "unet":
+            continue
+        entry[2].update(pretrained_model_name_or_path=str(root / "base"), subfolder=slot)
+        shutil.rmtree(root / "remix" / slot)
+    (root / "remix" / "modular_model_index.json").write_text(json.dumps(index, indent=2))
+    return root
+
+
+def load_theirs(folder) -> object:
+    pipe = diffusers.ModularPipeline.from_pretrained(str(folder))
+    pipe.load_components(torch_dtype=torch.float32)
+    return pipe
+
+
+def image(pipe) -> np.ndarray:
+    return pipe(prompt="a cat", num_inference_steps=2, generator=torch.Generator().manual_seed(0),
+                height=32, width=32, output="images", output_type="np")
+
+
+def assert_same(ours, theirs):
+    assert type(ours) is type(theirs)
+    assert type(ours).__name__ == "StableDiffusionXLModularPipeline"
+    for slot in MODELS:
+        a, b = getattr(ours, slot).state_dict(), getattr(theirs, slot).state_dict()
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) and a[k].dtype == b[k].dtype for k in a), slot
+    # diffusers' modular loader leaves weights as views of the safetensors mmap at
+    # whatever offset the file has; SIMD kernels then sum in another order (~1e-6).
+    np.testing.assert_allclose(image(ours), image(theirs), atol=1e-5)
+    for slot in MODELS:  # with its weights in aligned memory the image is bitwise equal
+        for p in getattr(theirs, slot).parameters():
+            p.data = p.data.clone()
+    np.testing.assert_array_equal(image(ours), image(theirs))
+
+
+def test_modular_repo_pins_and_loads_like_diffusers(repos, store):
+    r = store.ingest(repos / "remix", "remix")
+    assert r.kind == "modular"
+    pins = {p["slot"]: p for p in store.show("remix")["pins"]}
+    assert set(pins) >= {"vae", "text_encoder", "text_encoder_2", "tokenizer", "scheduler"}
+    assert "unet" not in pins and pins["vae"]["source"] == str((repos / "base").resolve())
+
+    ours = compstore.ModularPipeline.from_pretrained("remix", store=store)
+    ours.load_components(torch_dtype=torch.float32)
+    assert_same(ours, load_theirs(repos / "remix"))
+
+
+def test_changed_source_is_never_loaded_silently(repos, store, tmp_path):
+    base = tmp_path / "base"
+    shutil.copytree(repos / "base", base)
+    remix = tmp_path / "remix"
+    shutil.copytree(repos / "remix", remix)
+    index_path = remix / "modular_model_index.json"
+    index = json.loads(index_path.read_text())
+    for slot, entry in index.items():
+        if isinstance(entry, list) and entry[0] is not None and slot != "unet":
+            entry[2]["pretrained_model_name_or_path"] = str(base)
+    index_path.write_text(json.dumps(index))
+    store.ingest(remix, "remix")
+    pinned_vae = compstore.load_component(str(base.resolve()), "vae", store=store).state_dict()
+
+    # The pointed-to repo changes its VAE.
+    other = tiny_sdxl_pipeline(seed=99)
+    other.vae.save_pretrained(base / "vae")
+    with pytest.raises(PinChangedError) as e:
+        store.ingest(remix, "remix")
+    msg = str(e.value)
+    assert "'vae'" in msg and "--repin" in msg and "now" in msg and "pinned" in msg
+
+    ours = compstore.ModularPipeline.from_pretrained("remix", store=store)
+    ours.load_components(torch_dtype=torch.float32)
+    assert all(torch.equal(v, ours.vae.state_dict()[k]) for k, v in pinned_vae.items())
+
+    store.ingest(remix, "remix", repin=True)
+    again = compstore.ModularPipeline.from_pretrained("remix", store=store)
+    again.load_components(torch_dtype=torch.float32)
+    assert all(torch.equal(v, again.vae.state_dict()[k]) for k, v in other.vae.state_dict().items())
+
+
+def test_pointer_to_unknown_repo_is_a_clear_error(repos, store, tmp_path):
+    from compstore import InvalidInputError
+
+    remix = tmp_path / "remix"
+    shutil.copytree(repos / "remix", remix)
+    index = json.loads((remix / "modular_model_index.json").read_text())
+    index["vae"][2]["pretrained_model_name_or_path"] = "some-org/not-here"
+    (remix / "modular_model_index.json").write_text(json.dumps(index))
+    with pytest.raises(InvalidInputError, match="neither a local folder nor a ref"):
+        store.ingest(remix, "remix")
+
+
+def test_export_flatten_is_self_contained_for_plain_diffusers(repos, store, tmp_path):
+    store.ingest(repos / "remix", "remix")
+    flat = tmp_path / "flat"
+    store.export("remix", flat, flatten=True)
+    assert (flat / "vae" / "diffusion_pytorch_model.safetensors").exists()
+    index = json.loads((flat / "modular_model_index.json").read_text())
+    assert {e[2]["pretrained_model_name_or_path"] for k, e in index.items()
+            if isinstance(e, list) and e[0] is not None} == {str(flat.resolve())}
+    ours = compstore.ModularPipeline.from_pretrained("remix", store=store)
+    ours.load_components(torch_dtype=torch.float32)
+    assert_same(ours, load_theirs(flat))
