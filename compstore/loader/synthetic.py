@@ -148,3 +148,38 @@ def tiny_sdxl_pipeline(seed: int = 0):
         unet=unet, vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
         tokenizer=tokenizer, tokenizer_2=tokenizer_2, scheduler=scheduler,
     )
+
+
+SD15_UNET = dict(sample_size=64, cross_attention_dim=768)  # other fields: diffusers' defaults = SD 1.5
+SD15_VAE = dict(
+    block_out_channels=[128, 256, 512, 512], in_channels=3, out_channels=3, latent_channels=4,
+    down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
+    layers_per_block=2, sample_size=512,
+)
+SD15_CLIP = dict(
+    hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
+    vocab_size=49408, max_position_embeddings=77, projection_dim=768, hidden_act="quick_gelu",
+)
+
+
+def sd15_pipeline(seed: int = 0, dtype: torch.dtype = torch.float16):
+    """A StableDiffusionPipeline with Stable Diffusion 1.5's shapes and random weights
+    (UNet 860M parameters): for benchmarks, where tiny models measure only imports."""
+    import tempfile
+
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**SD15_UNET).to(dtype)
+    vae = AutoencoderKL(**SD15_VAE).to(dtype)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**SD15_CLIP)).to(dtype)
+    with tempfile.TemporaryDirectory() as d:
+        write_tiny_clip_tokenizer(d)
+        tokenizer = CLIPTokenizer.from_pretrained(d)
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    return StableDiffusionPipeline(
+        unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )

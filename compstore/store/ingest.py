@@ -89,12 +89,8 @@ class Ingestor:
         self.blob_sizes: dict[int, int] = {}
 
     # -- blobs -------------------------------------------------------------------
-    def put_blob(self, data, src_fd: int | None = None, src_offset: int = 0) -> int:
-        """Return the id of a blob holding exactly `data`, appending it if new.
-
-        `src_fd`/`src_offset`, when given, locate the same bytes in the input file so
-        that new bytes are copied by the kernel.
-        """
+    def put_blob(self, data) -> int:
+        """Return the id of a blob holding exactly `data`, appending it if new."""
         size = len(data)
         key = (blob_hash(data), size)
         for bid, pack, offset in self.db.execute(
@@ -108,7 +104,7 @@ class Ingestor:
                 self.stats.reused_bytes += size
                 return blob.id
         # New content (or a hash collision, which is stored as its own blob).
-        pack, offset = self.writer.append(data, src_fd, src_offset)
+        pack, offset = self.writer.append(data)
         blob = _NewBlob(self._next_blob, key[0], size, pack, offset)
         self._next_blob += 1
         self.new_blobs.append(blob)
@@ -156,18 +152,17 @@ class Ingestor:
             written_before = self.stats.written_bytes
             header_blob = raw_blob = None
             keys: list[tuple[str, str, str, int]] = []
-            fd = fh.fileno()
             if f.header is not None:
                 header_blob = self.put_blob(data[: f.header.data_start])
                 start = f.header.data_start
                 for t in f.header.tensors:
                     a, b = start + t.begin, start + t.end
-                    blob = self.put_blob(data[a:b], fd, a)
+                    blob = self.put_blob(data[a:b])
                     keys.append((t.name, t.dtype, json.dumps(list(t.shape)), blob))
                     self.on_bytes(t.nbytes)
                 self.on_bytes(start)
             else:
-                raw_blob = self.put_blob(data, fd, 0)
+                raw_blob = self.put_blob(data)
                 self.on_bytes(f.size)
         kind = "safetensors" if f.header is not None else "raw"
         rec = _FileRecord(0, "", f.size, kind, header_blob, raw_blob)

@@ -75,24 +75,6 @@ class _Pack:
             view = view[n:]
             self.size += n
 
-    def copy_range(self, src_fd: int, src_offset: int, n: int) -> bool:
-        """Let the kernel copy n bytes of src_fd (copy_file_range); False if it can't."""
-        done = 0
-        try:
-            while done < n:
-                k = os.copy_file_range(src_fd, self.fd, n - done, src_offset + done)
-                if k == 0:
-                    break
-                done += k
-        except OSError:
-            pass
-        if done == n:
-            self.size += n
-            return True
-        os.ftruncate(self.fd, self.size)  # undo a partial copy; the caller writes it all
-        os.lseek(self.fd, self.size, os.SEEK_SET)
-        return False
-
     def close(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)
@@ -117,11 +99,12 @@ class PackWriter:
     def size(self) -> int:
         return sum(p.size for p in self.packs)
 
-    def append(self, data, src_fd: int | None = None, src_offset: int = 0) -> tuple[str, int]:
+    def append(self, data) -> tuple[str, int]:
         """Write `data` at an aligned offset; return (pack name, offset).
 
-        With `src_fd`, `data` is the same bytes as `src_fd` at `src_offset` and the
-        kernel copies them (no trip through user space).
+        Plain large writes, not copy_file_range: the kernel's copy fills the page cache
+        with 4 KiB folios, and every later load then takes one page fault per 4 KiB
+        (measured: 576k faults to read an SD-1.5 UNet, 36k after plain writes).
         """
         if not self.packs or self.packs[-1].size >= self.target:
             if self.packs:  # a full pack: its fsync overlaps the writing of the next
@@ -132,8 +115,7 @@ class PackWriter:
         if pad:
             pack.write(_ZEROS[:pad])
         offset = pack.size
-        if src_fd is None or not pack.copy_range(src_fd, src_offset, len(data)):
-            pack.write(data)
+        pack.write(data)
         return pack.name, offset
 
     def read(self, pack: str, offset: int, size: int) -> bytes:

@@ -1,0 +1,125 @@
+"""CPU time and peak RSS of `from_pretrained`: compstore from its store vs diffusers from
+the same files on disk, measured in one run, each load in a fresh process.
+
+    python benchmarks/load.py                 # SD-1.5-sized pipeline, fp16 files, dtype=float16
+    python benchmarks/load.py --dtype none    # no dtype: diffusers upcasts to fp32 (a copy)
+    python benchmarks/load.py --size tiny     # the test suite's tiny pipeline
+
+For each system and repeat a child process imports torch/diffusers, then times
+  load:        from_pretrained(...) alone
+  load+touch:  from_pretrained(...) and a read of every weight (what a first
+               inference step does): compstore's weights are mapped lazily, so
+               `load` alone flatters it; `load+touch` is the fair comparison.
+CPU time is the process's user+sys time over the call; peak RSS is VmHWM over the
+call (reset just before it), so imports are not counted. Medians are printed with
+the ratio compstore / diffusers (goal: <= 1.0 for time and for RSS).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+CHILD = r"""
+import json, os, sys, time, warnings
+warnings.filterwarnings("ignore")
+import torch, diffusers, compstore
+diffusers.utils.logging.set_verbosity_error(); diffusers.utils.logging.disable_progress_bar()
+import transformers; transformers.utils.logging.set_verbosity_error(); transformers.utils.logging.disable_progress_bar()
+system, where, store, touch = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4] == "1"
+kw = {} if sys.argv[5] == "none" else {"dtype": getattr(torch, sys.argv[5])}
+def hwm():
+    return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM"))
+def rss():
+    return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmRSS"))
+if system == "compstore":
+    st = compstore.Store(store)
+    load = lambda: compstore.DiffusionPipeline.from_pretrained(where, store=st, **kw)
+else:
+    load = lambda: diffusers.DiffusionPipeline.from_pretrained(where, **kw)
+base = rss()
+open("/proc/self/clear_refs", "w").write("5")  # reset VmHWM to the current RSS
+c0, t0 = time.process_time(), time.perf_counter()
+pipe = load()
+if touch:
+    total = 0.0
+    for name in ("unet", "vae", "text_encoder"):
+        for p in getattr(pipe, name).parameters():
+            total += float(p.detach().float().sum())
+wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+print(json.dumps({"wall_s": wall, "cpu_s": cpu, "peak_rss_bytes": hwm() - base}))
+"""
+
+
+def run_child(system: str, where: str, store: str, touch: bool, dtype: str) -> dict:
+    out = subprocess.run([sys.executable, "-c", CHILD, system, where, store, "1" if touch else "0", dtype],
+                         check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", choices=["sd15", "tiny"], default="sd15")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--dtype", choices=["float16", "float32", "none"], default="float16",
+                    help="dtype= passed to both; 'none' passes nothing (diffusers then upcasts "
+                         "its models to fp32, transformers keeps the checkpoint's dtype)")
+    ap.add_argument("--workdir", default=None, help="reused between runs when given")
+    ap.add_argument("--json", dest="json_out", default=None)
+    args = ap.parse_args()
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from compstore import Store
+    from compstore.loader import synthetic
+
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="compstore-load-"))
+    folder, store_dir = work / f"pipeline-{args.size}", work / f"store-{args.size}"
+    if not (folder / "model_index.json").exists():
+        t0 = time.perf_counter()
+        pipe = synthetic.sd15_pipeline() if args.size == "sd15" else synthetic.tiny_sd_pipeline()
+        pipe.save_pretrained(folder)
+        del pipe
+        print(f"built {folder} in {time.perf_counter() - t0:.0f} s")
+    with Store(store_dir) as store:
+        r = store.ingest(folder, "bench")
+    nbytes = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+    subprocess.run(["cat", *map(str, folder.rglob("*.safetensors"))], stdout=subprocess.DEVNULL)
+    subprocess.run(["cat", *map(str, (store_dir / "objects" / "packs").glob("*"))], stdout=subprocess.DEVNULL)
+
+    results: dict[str, dict[str, list[dict]]] = {}
+    for touch in (False, True):
+        mode = "load+touch" if touch else "load"
+        results[mode] = {"compstore": [], "diffusers": []}
+        for _ in range(args.repeat):
+            for system in ("diffusers", "compstore"):
+                where = "bench" if system == "compstore" else str(folder)
+                results[mode][system].append(run_child(system, where, str(store_dir), touch, args.dtype))
+
+    figures = {"size": args.size, "dtype": args.dtype, "pipeline_bytes": nbytes, "repeat": args.repeat}
+    print(f"pipeline: {args.size} (fp16 files), dtype={args.dtype}, {nbytes / 2**30:.2f} GiB on disk (ingested: {r.status}); "
+          f"median of {args.repeat}, each load in a fresh process, page cache warm")
+    print(f"{'':12s} {'':10s} {'wall s':>8s} {'CPU s':>8s} {'peak RSS MiB':>13s}")
+    for mode, by_system in results.items():
+        med = {s: {k: statistics.median(x[k] for x in runs) for k in runs[0]} for s, runs in by_system.items()}
+        for system in ("diffusers", "compstore"):
+            m = med[system]
+            print(f"{mode:12s} {system:10s} {m['wall_s']:8.3f} {m['cpu_s']:8.3f} "
+                  f"{m['peak_rss_bytes'] / 2**20:13.0f}")
+        ratio = {k: round(med["compstore"][k] / med["diffusers"][k], 3) if med["diffusers"][k] else None
+                 for k in med["compstore"]}
+        print(f"{mode:12s} {'ratio':10s} {ratio['wall_s']:8.3f} {ratio['cpu_s']:8.3f} "
+              f"{ratio['peak_rss_bytes']:13.3f}   (compstore / diffusers)")
+        figures[mode] = {"median": med, "ratio": ratio}
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(figures, indent=2))
+
+
+if __name__ == "__main__":
+    main()
