@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import importlib
 import logging
+import re
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -87,7 +89,6 @@ def build_model(
     `component` is a row of `Store.components_of` (component_id, library, class_name);
     `packs` are the private mappings of this load (made here if not given).
     """
-    from accelerate import init_empty_weights
     from diffusers import ModelMixin
 
     cls = resolve_class(component["library"], component["class_name"])
@@ -106,10 +107,9 @@ def build_model(
         # diffusers: weights cast to `dtype`, else to the default dtype (fp32).
         target = dtype or torch.get_default_dtype()
         keep = cls._keep_in_fp32_modules if target == torch.float16 else None
-        with init_empty_weights():
-            model = cls.from_config(config)
         sd = state_dict(packs, locations, target, keep)
-        _bind(model, sd, cls, name_or_path, library="diffusers")
+        model = _instantiate(lambda: cls.from_config(config), sd, target)
+        _bind(model, sd, cls, name_or_path)
         model.register_to_config(_name_or_path=name_or_path)
     else:
         # transformers: dtype=None means "auto", the checkpoint's own dtype.
@@ -120,38 +120,71 @@ def build_model(
         keep = list(getattr(cls, "_keep_in_fp32_modules", None) or []) if target == torch.float16 else []
         keep += list(getattr(cls, "_keep_in_fp32_modules_strict", None) or []) if target in (
             torch.float16, torch.bfloat16) else []
-        with init_empty_weights():
-            model = cls(config_obj)
         sd = state_dict(packs, locations, target, keep)
-        _bind(model, sd, cls, name_or_path, library="transformers")
+        model = _instantiate(lambda: cls(config_obj), sd, target)
+        _bind(model, sd, cls, name_or_path)
         model.name_or_path = name_or_path
     model.eval()
     return model
 
 
-def _bind(model: torch.nn.Module, sd: dict[str, torch.Tensor], cls, name_or_path: str,
-          library: str) -> None:
+def _instantiate(make, sd: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.nn.Module:
+    """The model with empty (meta) weights, or, when the checkpoint lacks weights it
+    needs, built for real so they get their initial values: diffusers and transformers
+    both initialise missing weights (with a warning) rather than refuse."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():
+        model = make()
+    if _missing_after_ties(model, sd):
+        with torch_default_dtype(dtype if dtype.is_floating_point else torch.float32):
+            model = make()
+    return model
+
+
+def _missing_after_ties(model: torch.nn.Module, sd: dict[str, torch.Tensor]) -> list[str]:
+    """Keys the model needs that neither the checkpoint nor a weight tie provides."""
+    tied = getattr(model, "_tied_weights_keys", None) or {}
+    tied_targets = set(tied) if isinstance(tied, dict) else set(tied)
+    needed = [n for n, p in list(model.named_parameters(remove_duplicate=False))
+              + list(model.named_buffers(remove_duplicate=False)) if p.device.type == "meta"]
+    return [n for n in needed if n not in sd and n not in tied_targets]
+
+
+@contextmanager
+def torch_default_dtype(dtype: torch.dtype):
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def _bind(model: torch.nn.Module, sd: dict[str, torch.Tensor], cls, name_or_path: str) -> None:
+    """Assign the store tensors; report unexpected and missing keys as the library does."""
     expected = model.state_dict().keys()
     unexpected = [k for k in sd if k not in expected]
     ignore = getattr(cls, "_keys_to_ignore_on_load_unexpected", None) or []
-    import re
-
     reported = [k for k in unexpected if not any(re.search(p, k) for p in ignore)]
     if reported:
         logger.warning("Some weights of the checkpoint at %s were not used when initializing "
                        "%s: %s", name_or_path, cls.__name__, reported)
     for k in unexpected:
         sd.pop(k)
+    initialised = [k for k in expected if k not in sd]
     model.load_state_dict(sd, strict=False, assign=True)
     if hasattr(model, "tie_weights"):
         model.tie_weights()
     missing = [n for n, p in list(model.named_parameters()) + list(model.named_buffers())
                if p.device.type == "meta"]
-    if missing:
-        raise ComponentNotFoundError(
-            f"Cannot load {cls.__name__} from {name_or_path} because the following keys are "
-            f"missing: {', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''}. Load it "
-            f"with {library}'s own from_pretrained to have them initialised.")
+    if missing:  # a bug, not a user error: _instantiate should have built it for real
+        raise RuntimeError(f"{cls.__name__}: weights left on the meta device: {missing[:10]}")
+    tied = getattr(model, "_tied_weights_keys", None) or {}
+    newly = [k for k in initialised if k not in tied]
+    if newly:
+        logger.warning("Some weights of %s were not initialized from the model checkpoint at "
+                       "%s and are newly initialized: %s", cls.__name__, name_or_path, newly)
 
 
 def load_component(

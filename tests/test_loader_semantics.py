@@ -1,0 +1,100 @@
+"""Tied weights, fp32 modules, missing and unexpected keys: as transformers/diffusers do."""
+
+import json
+import logging
+import struct
+
+import diffusers
+import pytest
+import torch
+from transformers import T5Config, T5EncoderModel
+
+import compstore
+
+
+@pytest.fixture(scope="module")
+def t5_folder(tmp_path_factory):
+    """A tiny T5 encoder: `encoder.embed_tokens` is tied to `shared`, `wo` stays fp32."""
+    folder = tmp_path_factory.mktemp("t5")
+    torch.manual_seed(0)
+    T5EncoderModel(T5Config(vocab_size=1000, d_model=32, d_kv=8, d_ff=37, num_layers=2,
+                            num_heads=4)).save_pretrained(folder)
+    return folder
+
+
+def same_state(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert sa[k].dtype == sb[k].dtype, k
+        assert torch.equal(sa[k], sb[k]), k
+
+
+@pytest.mark.parametrize("dtype", [None, torch.float16, torch.bfloat16])
+def test_tied_weights_and_fp32_modules_like_transformers(t5_folder, store, dtype):
+    kw = {} if dtype is None else {"dtype": dtype}
+    ours = compstore.load_component(str(t5_folder), store=store, **kw)
+    theirs = T5EncoderModel.from_pretrained(t5_folder, **kw)
+    same_state(ours, theirs)
+    assert ours.encoder.embed_tokens.weight.data_ptr() == ours.shared.weight.data_ptr()
+    wo = ours.encoder.block[0].layer[1].DenseReluDense.wo.weight.dtype
+    assert wo == theirs.encoder.block[0].layer[1].DenseReluDense.wo.weight.dtype
+    ids = torch.tensor([[5, 6, 7, 1]])
+    assert torch.equal(ours(ids).last_hidden_state, theirs(ids).last_hidden_state)
+
+
+def edit_safetensors(path, drop=None, add=None):
+    """Rewrite a safetensors file without tensor `drop`, or with an extra tensor `add`."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(path)
+    meta = json.loads(path.read_bytes()[8 : 8 + struct.unpack("<Q", path.read_bytes()[:8])[0]])
+    if drop:
+        tensors.pop(drop)
+    if add:
+        tensors[add] = torch.zeros(3)
+    save_file(tensors, path, metadata=meta.get("__metadata__"))
+
+
+def test_unexpected_keys_are_ignored_with_a_warning(t5_folder, store, tmp_path, caplog):
+    import shutil
+
+    folder = tmp_path / "t5x"
+    shutil.copytree(t5_folder, folder)
+    edit_safetensors(folder / "model.safetensors", add="extra.weight")
+    with caplog.at_level(logging.WARNING, logger="compstore"):
+        ours = compstore.load_component(str(folder), store=store)
+    assert "extra.weight" in caplog.text
+    same_state(ours, T5EncoderModel.from_pretrained(folder))
+
+
+def test_missing_keys_transformers_initialises_and_warns(t5_folder, store, tmp_path, caplog):
+    import shutil
+
+    folder = tmp_path / "t5m"
+    shutil.copytree(t5_folder, folder)
+    missing = "encoder.final_layer_norm.weight"
+    edit_safetensors(folder / "model.safetensors", drop=missing)
+    with caplog.at_level(logging.WARNING, logger="compstore"):
+        ours = compstore.load_component(str(folder), store=store)
+    assert "newly initialized" in caplog.text and missing in caplog.text
+    theirs = T5EncoderModel.from_pretrained(folder)
+    assert ours.state_dict().keys() == theirs.state_dict().keys()
+    assert torch.equal(ours.state_dict()[missing], theirs.state_dict()[missing])  # ones, as T5 inits
+
+
+def test_missing_keys_diffusers_initialises_and_warns(family, store, tmp_path, caplog):
+    import shutil
+
+    folder = tmp_path / "vae"
+    shutil.copytree(family["A"] / "vae", folder)
+    missing = "decoder.conv_out.bias"
+    edit_safetensors(folder / "diffusion_pytorch_model.safetensors", drop=missing)
+    theirs = diffusers.AutoencoderKL.from_pretrained(folder)  # diffusers 0.42 warns, goes on
+    with caplog.at_level(logging.WARNING, logger="compstore"):
+        ours = compstore.load_component(str(folder), store=store)
+    assert "newly initialized" in caplog.text and missing in caplog.text
+    sa, sb = ours.state_dict(), theirs.state_dict()
+    assert sa.keys() == sb.keys()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa if k != missing)
+    assert sa[missing].shape == sb[missing].shape and sa[missing].device.type == "cpu"
