@@ -14,9 +14,11 @@ from .store import (
     PinChangedError,
     ComponentNotFoundError,
     CorruptStoreError,
+    DiskFullError,
     ExportError,
     InvalidInputError,
     PickleRefusedError,
+    ReadOnlyStoreError,
     RefNotFoundError,
     Store,
     StoreBusyError,
@@ -38,5 +40,6 @@ def __getattr__(name: str):
 __all__ = [
     "Store", "CompstoreError", "ComponentNotFoundError", "CorruptStoreError", "ExportError",
     "InvalidInputError", "PickleRefusedError", "PinChangedError", "RefNotFoundError", "StoreBusyError",
+    "DiskFullError", "ReadOnlyStoreError",
     *sorted(_LOADER_NAMES),
 ]

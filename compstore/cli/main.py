@@ -181,6 +181,20 @@ def verify(ctx, as_json):
 
 
 @cli.command()
+@click.option("--dry-run", is_flag=True, help="Report what would be freed; change nothing.")
+@json_option
+@click.pass_context
+def gc(ctx, dry_run, as_json):
+    """Remove payloads no ref reaches and compact packs."""
+    r = open_store(ctx).gc(dry_run=dry_run)
+    verb = "would free" if r.dry_run else "freed"
+    emit(as_json, r.to_dict(),
+         f"{verb} {human(r.freed_bytes)}: {r.objects_removed} objects, {r.snapshots_removed} "
+         f"snapshots, {r.packs_removed} packs removed, {r.packs_compacted} compacted "
+         f"({r.seconds:.2f} s)")
+
+
+@cli.command()
 @click.argument("ref")
 @json_option
 @click.pass_context

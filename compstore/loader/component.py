@@ -17,7 +17,8 @@ from typing import Any
 
 import torch
 
-from ..store import ComponentNotFoundError, Store
+from ..store import ComponentNotFoundError, CorruptStoreError, Store
+from ..store.objects import blob_hash
 from ..store.objects import PackFiles
 from .tensors import TORCH_DTYPES, private_packs, state_dict
 
@@ -83,6 +84,7 @@ def build_model(
     dtype: torch.dtype | None = None,
     name_or_path: str = "",
     packs: PackFiles | None = None,
+    verify: bool = False,
 ) -> torch.nn.Module:
     """A diffusers or transformers model bound to the stored tensors of `component`.
 
@@ -102,6 +104,8 @@ def build_model(
         raise ComponentNotFoundError(f"component {cid[:12]} has no config.json")
     locations = store.tensor_locations(cid)
     packs = packs or private_packs(store)
+    if verify:
+        check_tensors(packs, locations, component["class_name"])
 
     if issubclass(cls, ModelMixin):
         # diffusers: weights cast to `dtype`, else to the default dtype (fp32).
@@ -126,6 +130,15 @@ def build_model(
         model.name_or_path = name_or_path
     model.eval()
     return model
+
+
+def check_tensors(packs: PackFiles, locations, what: str) -> None:
+    """Re-hash each tensor's stored bytes; refuse the component on any mismatch."""
+    for loc in locations:
+        if blob_hash(packs.view(loc.pack, loc.offset, loc.size)) != loc.xxh3:
+            raise CorruptStoreError(
+                f"{what}: stored bytes of tensor {loc.name!r} do not match their hash (pack "
+                f"{loc.pack}); run `compstore verify` and re-ingest the affected refs")
 
 
 def _instantiate(make, sd: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.nn.Module:
@@ -199,13 +212,18 @@ def load_component(
 ) -> torch.nn.Module:
     """Load one model from a ref (or a folder, ingested on the way) without the pipeline.
 
+    `verify=True` re-hashes its tensors first and raises `CorruptStoreError` on damage.
+
     >>> unet = compstore.load_component("sdxl-base", "unet", dtype=torch.float16)  # doctest: +SKIP
     >>> vae = compstore.load_component("my-vae")          # a single-component ref  # doctest: +SKIP
     """
     from .pipeline import resolve_snapshot, open_store
 
     store = open_store(store)
+    verify = kwargs.pop("verify", False)
     snapshot_id, label = resolve_snapshot(store, name_or_path, **kwargs)
     comp = pick_component(store.components_of(snapshot_id), slot, variant)
     name = f"{label}/{slot}" if slot else label
-    return build_model(store, comp, dtype=dtype or torch_dtype, name_or_path=name)
+    with store.reading():
+        return build_model(store, comp, dtype=dtype or torch_dtype, name_or_path=name,
+                           verify=verify)

@@ -97,19 +97,20 @@ def _store_load_components(store: Store, snapshot_id: str, label: str):
         variant = kwargs.pop("variant", None)
         packs = private_packs(store)
         loaded = {}
-        for name in names:
-            spec = specs.get(name)
-            if spec is None:
-                continue
-            if is_model_class(spec.type_hint):
-                comp = slot_component(store, snapshot_id, name, _per_name(variant, name))
-                loaded[name] = build_model(store, comp, dtype=_per_name(dtype, name),
-                                           name_or_path=f"{label}/{name}", packs=packs)
-            elif spec.pretrained_model_name_or_path:
-                try:  # tokenizers, schedulers: from the skeleton, as diffusers would
-                    loaded[name] = spec.load(**{k: _per_name(v, name) for k, v in kwargs.items()})
-                except Exception as e:  # diffusers, too, only warns and goes on
-                    logger.warning("Failed to create component %s: %s", name, e)
+        with store.reading():  # gc unlinks no pack while the catalog is being followed
+            for name in names:
+                spec = specs.get(name)
+                if spec is None:
+                    continue
+                if is_model_class(spec.type_hint):
+                    comp = slot_component(store, snapshot_id, name, _per_name(variant, name))
+                    loaded[name] = build_model(store, comp, dtype=_per_name(dtype, name),
+                                               name_or_path=f"{label}/{name}", packs=packs)
+                elif spec.pretrained_model_name_or_path:
+                    try:  # tokenizers, schedulers: from the skeleton, as diffusers would
+                        loaded[name] = spec.load(**{k: _per_name(v, name) for k, v in kwargs.items()})
+                    except Exception as e:  # diffusers, too, only warns and goes on
+                        logger.warning("Failed to create component %s: %s", name, e)
         self.register_components(**loaded)
 
     return load_components

@@ -100,7 +100,8 @@ class DiffusionPipeline:
             **kwargs: as diffusers: `dtype`/`torch_dtype` (a dtype or a per-slot dict),
                 `variant`, `revision`, `use_safetensors`, `low_cpu_mem_usage`,
                 `device_map`, `local_files_only`, components by slot name (`None` skips
-                one), and pipeline config overrides.
+                one), and pipeline config overrides. compstore adds `verify=True`:
+                re-hash every tensor and refuse corrupted ones (`CorruptStoreError`).
 
         Returns:
             The diffusers pipeline class named in model_index.json, e.g.
@@ -115,6 +116,7 @@ class DiffusionPipeline:
         kwargs.pop("torch_dtype", None)
         variant = kwargs.pop("variant", None)
         device_map = kwargs.pop("device_map", None)
+        verify = kwargs.pop("verify", False)
         if kwargs.pop("use_safetensors", None) is False:
             raise CompstoreError("use_safetensors=False: compstore stores and loads safetensors "
                                  "only (pickle checkpoints are never loaded)")
@@ -134,14 +136,16 @@ class DiffusionPipeline:
         rows = store.components_of(snapshot_id)
         packs = private_packs(store)  # one set of copy-on-write mappings for this pipeline
         built: dict[str, Any] = {}
-        for slot, entry in index.items():
-            if slot.startswith("_") or slot in kwargs or not isinstance(entry, list):
-                continue
-            if entry[0] is None or not is_model_class(resolve_class(*entry[:2])):
-                continue  # tokenizers, schedulers, empty slots: diffusers loads them below
-            built[slot] = build_model(store, pick_component(rows, slot, variant),
-                                      dtype=_dtype_for(dtype, slot), name_or_path=f"{label}/{slot}",
-                                      packs=packs)
+        with store.reading():  # gc unlinks no pack while the catalog is being followed
+            for slot, entry in index.items():
+                if slot.startswith("_") or slot in kwargs or not isinstance(entry, list):
+                    continue
+                if entry[0] is None or not is_model_class(resolve_class(*entry[:2])):
+                    continue  # tokenizers, schedulers, empty slots: diffusers loads them below
+                built[slot] = build_model(store, pick_component(rows, slot, variant),
+                                          dtype=_dtype_for(dtype, slot),
+                                          name_or_path=f"{label}/{slot}", packs=packs,
+                                          verify=verify)
 
         skeleton = store.materialize(snapshot_id, _skeleton_file)
         pipe = pipeline_cls.from_pretrained(skeleton, **built, **kwargs)

@@ -8,9 +8,11 @@ from .errors import (
     CompstoreError,
     ComponentNotFoundError,
     CorruptStoreError,
+    DiskFullError,
     ExportError,
     InvalidInputError,
     PickleRefusedError,
+    ReadOnlyStoreError,
     RefNotFoundError,
     StoreBusyError,
 )
@@ -20,5 +22,5 @@ from .store import IngestResult, Store, default_home
 __all__ = [
     "Store", "IngestResult", "default_home", "CompstoreError", "ComponentNotFoundError",
     "CorruptStoreError", "ExportError", "InvalidInputError", "PickleRefusedError",
-    "RefNotFoundError", "StoreBusyError", "PinChangedError",
+    "RefNotFoundError", "StoreBusyError", "PinChangedError", "DiskFullError", "ReadOnlyStoreError",
 ]

@@ -30,7 +30,10 @@ import sqlite_utils
 SCHEMA_VERSION = 1
 
 
-def open_catalog(path: Path, timeout_s: float = 60.0) -> sqlite_utils.Database:
+def open_catalog(path: Path, timeout_s: float = 60.0, read_only: bool = False) -> sqlite_utils.Database:
+    if read_only:  # immutable: SQLite writes no -wal/-shm beside a read-only catalog
+        conn = sqlite3.connect(f"file:{path}?mode=ro&immutable=1", uri=True, isolation_level=None)
+        return sqlite_utils.Database(conn)
     conn = sqlite3.connect(str(path), timeout=timeout_s, isolation_level=None)
     conn.execute("PRAGMA foreign_keys = ON")
     db = sqlite_utils.Database(conn)
@@ -52,7 +55,7 @@ def ensure_schema(db: sqlite_utils.Database) -> None:
                 f"(expects {SCHEMA_VERSION}); upgrade compstore"
             )
         return
-    with db.conn:
+    with db.atomic():
         db["packs"].create({"name": str, "size": int}, pk="name")
         db["blobs"].create(
             {"id": int, "xxh3": str, "size": int, "pack": str, "offset": int},

@@ -51,3 +51,11 @@ class CorruptStoreError(CompstoreError):
 
 class ExportError(CompstoreError):
     """An export could not be written (target exists, bytes mismatch, ...)."""
+
+
+class DiskFullError(CompstoreError):
+    """The disk filled up while writing; nothing was stored."""
+
+
+class ReadOnlyStoreError(CompstoreError):
+    """A write was asked of a store opened read-only."""

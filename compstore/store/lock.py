@@ -1,7 +1,10 @@
-"""The store's write lock: one writer at a time (ingest, rm, gc), readers never wait.
+"""The store's locks, advisory `flock`s the kernel drops when the holder dies (even
+by SIGKILL), so a crashed process never leaves the store locked.
 
-An advisory `flock` on `<store>/lock`; the kernel drops it when the holder dies,
-even by SIGKILL, so a crashed writer never leaves the store locked.
+- `<store>/lock`: one writer at a time (ingest, rm, gc).
+- `<store>/readers.lock`: readers that follow the catalog to pack files (load,
+  export, verify) hold it shared for the duration; gc takes it exclusively only to
+  unlink packs the catalog no longer names. Readers never wait for writers.
 """
 
 from __future__ import annotations
@@ -20,23 +23,50 @@ DEFAULT_TIMEOUT_S = 600.0
 
 @contextmanager
 def write_lock(home: Path, timeout_s: float | None = None) -> Iterator[None]:
+    with _flock(home / "lock", fcntl.LOCK_EX, timeout_s,
+                "another compstore process is writing to it"):
+        yield
+
+
+@contextmanager
+def shared_readers(home: Path) -> Iterator[None]:
+    """Held by a reader while it may open pack files named by the catalog."""
+    try:
+        cm = _flock(home / "readers.lock", fcntl.LOCK_SH, None, "gc is removing packs")
+        cm.__enter__()
+    except PermissionError:  # a read-only store: nobody can gc it either
+        yield
+        return
+    try:
+        yield
+    finally:
+        cm.__exit__(None, None, None)
+
+
+@contextmanager
+def exclusive_readers(home: Path) -> Iterator[None]:
+    with _flock(home / "readers.lock", fcntl.LOCK_EX, None, "a reader is loading from it"):
+        yield
+
+
+@contextmanager
+def _flock(path: Path, mode: int, timeout_s: float | None, holder: str) -> Iterator[None]:
     if timeout_s is None:
         timeout_s = float(os.environ.get("COMPSTORE_LOCK_TIMEOUT", DEFAULT_TIMEOUT_S))
     timeout = timeout_s
-    path = home / "lock"
+    home = path.parent
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         deadline = time.monotonic() + timeout
         while True:
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(fd, mode | fcntl.LOCK_NB)
                 break
             except BlockingIOError:
                 if time.monotonic() >= deadline:
                     raise StoreBusyError(
-                        f"store {home} is busy: another compstore process is writing to it "
-                        f"(waited {timeout:.0f} s); retry when it finishes, or raise "
-                        "COMPSTORE_LOCK_TIMEOUT"
+                        f"store {home} is busy: {holder} (waited {timeout:.0f} s); retry when "
+                        "it finishes, or raise COMPSTORE_LOCK_TIMEOUT"
                     ) from None
                 time.sleep(0.05)
         yield

@@ -14,6 +14,7 @@ cost 1,700 fsyncs per UNet).
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 import time
@@ -23,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 import xxhash
+
+from .errors import DiskFullError
 
 ALIGN = 64  # so that tensors mapped straight from a pack are aligned for any dtype
 _ZEROS = bytes(ALIGN)
@@ -71,7 +74,14 @@ class _Pack:
     def write(self, data) -> None:
         view = memoryview(data).cast("B")
         while view:
-            n = os.write(self.fd, view[: 1 << 30])
+            try:
+                n = os.write(self.fd, view[: 1 << 30])
+            except OSError as e:
+                if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise DiskFullError(
+                        f"disk full while writing to {self.tmp_path.parent.parent}: free space "
+                        "and retry; nothing was stored") from None
+                raise
             view = view[n:]
             self.size += n
 

@@ -11,10 +11,12 @@ export, verify, and the loader) never wait for it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
+import tempfile
 import time
 import uuid
 from dataclasses import asdict, dataclass
@@ -23,12 +25,14 @@ from typing import Callable, NamedTuple
 
 from . import reports
 from .catalog import ensure_schema, open_catalog
-from .errors import CompstoreError, InvalidInputError, RefNotFoundError
+from .errors import CompstoreError, InvalidInputError, ReadOnlyStoreError, RefNotFoundError
 from .export import (ExportResult, file_pieces, flattened_files, flattened_index, snapshot_files,
                      write_file)
 from .export import export as export_ref
 from .ingest import Ingestor, component_rows, now, snapshot_id
-from .lock import write_lock
+from .lock import shared_readers, write_lock
+from .gc import GcReport
+from .gc import gc as collect_garbage
 from .modular import check_pins, resolve_pointers
 from .objects import PackFiles, PackWriter, fsync_dir
 from .progress import progress_bar
@@ -61,6 +65,7 @@ class TensorLocation(NamedTuple):
     pack: str
     offset: int
     size: int
+    xxh3: str
 
 
 @dataclass
@@ -87,15 +92,31 @@ class Store:
     Args:
         home: the store folder; defaults to `$COMPSTORE_HOME` or `~/.cache/compstore`.
             Created on first use.
+        read_only: open without writing anything (loads, export, verify, reports
+            work; ingest, rm, gc raise `ReadOnlyStoreError`). Default: read-only when
+            the folder is not writable.
     """
 
-    def __init__(self, home: str | os.PathLike | None = None):
+    def __init__(self, home: str | os.PathLike | None = None, *, read_only: bool | None = None):
         self.home = Path(home).expanduser() if home is not None else default_home()
-        (self.home / "objects" / "packs").mkdir(parents=True, exist_ok=True)
-        (self.home / "tmp").mkdir(exist_ok=True)
-        self.db = open_catalog(self.home / "catalog.db")
+        if read_only is None:
+            read_only = self.home.exists() and not os.access(self.home, os.W_OK)
+        self.read_only = read_only
+        if read_only:
+            if not (self.home / "catalog.db").exists():
+                raise CompstoreError(f"{self.home} is not a compstore store (no catalog.db)")
+            self.db = open_catalog(self.home / "catalog.db", read_only=True)
+        else:
+            (self.home / "objects" / "packs").mkdir(parents=True, exist_ok=True)
+            (self.home / "tmp").mkdir(exist_ok=True)
+            self.db = open_catalog(self.home / "catalog.db")
         ensure_schema(self.db)
         self.packs = PackFiles(self.home / "objects" / "packs")
+
+    def _writable(self) -> None:
+        if self.read_only:
+            raise ReadOnlyStoreError(f"store {self.home} is read-only: it can be loaded from, "
+                                     "exported and verified, not changed")
 
     def __repr__(self) -> str:
         return f"Store({str(self.home)!r})"
@@ -127,9 +148,10 @@ class Store:
         >>> Store().rm("sdxl-base")  # doctest: +SKIP
         {'removed': 'sdxl-base', 'snapshot': '9c1e...'}
         """
+        self._writable()
         with write_lock(self.home):
             snap = self.resolve(ref)
-            with self.db.conn:
+            with self.db.atomic():
                 self.db.execute("DELETE FROM refs WHERE name = ?", [ref])
         return {"removed": ref, "snapshot": snap}
 
@@ -173,6 +195,7 @@ class Store:
         >>> Store().ingest("./tiny-sd", name="tiny-sd").status  # doctest: +SKIP
         'new'
         """
+        self._writable()
         t0 = time.perf_counter()
         scan = scan_folder(path, allow_pickle=allow_pickle, exclude=exclude)
         ref = check_ref_name(Path(scan.root).name if name is None else name)
@@ -193,8 +216,13 @@ class Store:
                 status = "new" if old is None else ("unchanged" if old[0] == snap else "updated")
                 packs = writer.commit()
                 if status != "unchanged" or packs:
-                    self._commit(ing, packs, components, comp_tensors, slots, pins,
-                                 scan, snap, ref, source, revision)
+                    try:
+                        self._commit(ing, packs, components, comp_tensors, slots, pins,
+                                     scan, snap, ref, source, revision)
+                    except BaseException:  # the catalog rolled back: its new packs go too
+                        for name, _ in packs:
+                            (self.home / "objects" / "packs" / f"{name}.pack").unlink(missing_ok=True)
+                        raise
             except BaseException:
                 writer.abort()
                 raise
@@ -206,7 +234,7 @@ class Store:
     def _commit(self, ing: Ingestor, packs, components, comp_tensors, slots, pins,
                 scan, snap, ref, source, revision) -> None:
         db = self.db
-        with db.conn:  # one transaction: all of it or none of it
+        with db.atomic():  # one transaction: all of it or none of it
             db["packs"].insert_all({"name": name, "size": size} for name, size in packs)
             db["blobs"].insert_all(
                 ({"id": b.id, "xxh3": b.xxh3, "size": b.size, "pack": b.pack, "offset": b.offset}
@@ -235,7 +263,20 @@ class Store:
             db.execute("UPDATE refs SET created = coalesce(created, updated) WHERE name = ?", [ref])
         fsync_dir(self.home)
 
+    def gc(self, *, dry_run: bool = False) -> GcReport:
+        """Remove every payload no ref reaches and compact packs; see `gc.py`.
+
+        >>> Store().gc().freed_bytes  # doctest: +SKIP
+        """
+        self._writable()
+        return collect_garbage(self, dry_run=dry_run)
+
     # -- reading for the loader ---------------------------------------------------
+    def reading(self):
+        """Context manager held while following the catalog to pack files, so that gc
+        does not unlink a pack between a catalog read and the pack's opening."""
+        return contextlib.nullcontext() if self.read_only else shared_readers(self.home)
+
     def snapshot(self, snapshot_id: str) -> dict:
         """A snapshot's row: id, source, revision, kind, created."""
         row = self.db.execute("SELECT * FROM snapshots WHERE id = ?", [snapshot_id]).fetchone()
@@ -269,9 +310,9 @@ class Store:
 
     def tensor_locations(self, component_id: str) -> list[TensorLocation]:
         """Where each tensor of a component lives: name, dtype, shape, pack, offset, size."""
-        return [TensorLocation(name, dtype, tuple(json.loads(shape)), pack, offset, size)
-                for name, dtype, shape, pack, offset, size in self.db.execute(
-                    """SELECT t.name, t.dtype, t.shape, b.pack, b.offset, b.size
+        return [TensorLocation(name, dtype, tuple(json.loads(shape)), pack, offset, size, xxh3)
+                for name, dtype, shape, pack, offset, size, xxh3 in self.db.execute(
+                    """SELECT t.name, t.dtype, t.shape, b.pack, b.offset, b.size, b.xxh3
                        FROM component_tensors ct JOIN tensors t ON t.id = ct.tensor_id
                        JOIN blobs b ON b.id = t.blob_id WHERE ct.component_id = ?
                        ORDER BY ct.pos""", [component_id])]
@@ -284,18 +325,21 @@ class Store:
         half-written one is never seen) and reused: snapshots are immutable.
         """
         dest = self.home / "skeletons" / snapshot_id
+        if self.read_only:  # nothing may be written in the store: a private copy
+            dest = Path(tempfile.mkdtemp(prefix="compstore-skeleton-")) / snapshot_id
         if dest.exists():
             return dest
         # Built beside its final place, not in tmp/: readers hold no lock, and a
         # writer clears tmp/ at start. A crash leaves a .building-* folder for gc.
         tmp = self.home / "skeletons" / f".building-{snapshot_id}-{uuid.uuid4().hex[:8]}"
-        for path, file_id, sha256, size in flattened_files(self, snapshot_id):
-            if keep(path):
-                write_file(self, file_id, sha256, tmp / path)
-        tmp.mkdir(parents=True, exist_ok=True)
-        index = flattened_index(self, snapshot_id, dest)  # modular: every slot from here
-        if index is not None:
-            (tmp / "modular_model_index.json").write_bytes(index)
+        with self.reading():
+            for path, file_id, sha256, size in flattened_files(self, snapshot_id):
+                if keep(path):
+                    write_file(self, file_id, sha256, tmp / path)
+            tmp.mkdir(parents=True, exist_ok=True)
+            index = flattened_index(self, snapshot_id, dest)  # modular: every slot from here
+            if index is not None:
+                (tmp / "modular_model_index.json").write_bytes(index)
         dest.parent.mkdir(exist_ok=True)
         try:
             os.rename(tmp, dest)
@@ -324,8 +368,10 @@ class Store:
                progress: bool = False) -> ExportResult:
         """Rebuild the files of `ref` in `dest`, byte-for-byte (same sha256); `flatten`
         makes a modular pipeline self-contained (pinned components copied in)."""
-        return export_ref(self, ref, dest, flatten=flatten, progress=progress)
+        with self.reading():
+            return export_ref(self, ref, dest, flatten=flatten, progress=progress)
 
     def verify(self, *, progress: bool = False) -> VerifyReport:
         """Re-hash every payload; `ok` is False and the refs are named on any problem."""
-        return verify_store(self, progress=progress)
+        with self.reading():
+            return verify_store(self, progress=progress)

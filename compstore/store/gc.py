@@ -1,0 +1,156 @@
+"""Garbage collection: drop what no ref reaches, compact packs, report what came back.
+
+Reachability: refs -> snapshots -> (pins -> pinned snapshots, transitively) ->
+files, components -> tensors -> blobs. Everything else is removed.
+
+Crash safety, in order:
+1. live blobs of partly dead packs are copied into new packs (tmp/, fsync, rename):
+   unreferenced until step 2, so a crash leaves only garbage the next writer removes;
+2. one catalog transaction deletes the dead rows and points moved blobs at their
+   new packs;
+3. dead pack files are unlinked, once no reader that might still follow the old
+   catalog is running (readers hold `readers.lock` shared; see `Store.reading`).
+   A crash before the unlink leaves packs the catalog no longer names: the next
+   writer removes them.
+Mappings already made (a loaded pipeline) survive the unlink: Linux keeps the
+bytes of an unlinked, mapped file.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
+
+from .lock import exclusive_readers, write_lock
+from .objects import PackWriter, fsync_dir
+
+if TYPE_CHECKING:
+    from .store import Store
+
+
+@dataclass
+class GcReport:
+    dry_run: bool
+    freed_bytes: int  # pack bytes on disk that are (or would be) reclaimed
+    objects_removed: int  # blobs
+    snapshots_removed: int
+    packs_removed: int
+    packs_compacted: int
+    seconds: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+_LIVE = """
+WITH RECURSIVE
+  snaps(id) AS (SELECT snapshot_id FROM refs
+                UNION SELECT p.target_snapshot FROM pins p JOIN snaps s ON p.snapshot_id = s.id),
+  comps(id) AS (SELECT component_id FROM snapshot_components WHERE snapshot_id IN snaps
+                UNION SELECT component_id FROM pins WHERE snapshot_id IN snaps),
+  fls(id) AS (SELECT file_id FROM snapshot_files WHERE snapshot_id IN snaps),
+  tens(id) AS (SELECT tensor_id FROM file_tensors WHERE file_id IN fls
+               UNION SELECT tensor_id FROM component_tensors WHERE component_id IN comps)
+"""
+
+
+def _ids(store: "Store", what: str) -> set:
+    return {r[0] for r in store.db.execute(_LIVE + what)}
+
+
+def gc(store: "Store", *, dry_run: bool = False) -> GcReport:
+    """Remove every payload no ref reaches; compact partly dead packs.
+
+    >>> Store().gc(dry_run=True).freed_bytes  # doctest: +SKIP
+    5684284
+    """
+    t0 = time.perf_counter()
+    db = store.db
+    packs_dir = store.home / "objects" / "packs"
+    with write_lock(store.home):
+        store._clean_leftovers()
+        live_snaps = _ids(store, "SELECT id FROM snaps")
+        live_comps = _ids(store, "SELECT id FROM comps")
+        live_files = _ids(store, "SELECT id FROM fls")
+        live_tensors = _ids(store, "SELECT id FROM tens")
+        live_blobs = _ids(store, """
+            SELECT blob_id FROM tensors WHERE id IN tens
+            UNION SELECT header_blob FROM files WHERE id IN fls AND header_blob IS NOT NULL
+            UNION SELECT raw_blob FROM files WHERE id IN fls AND raw_blob IS NOT NULL
+            UNION SELECT config_blob FROM components WHERE id IN comps AND config_blob IS NOT NULL""")
+
+        blobs = db.execute("SELECT id, pack, offset, size FROM blobs ORDER BY pack, offset").fetchall()
+        by_pack: dict[str, list[tuple]] = {}
+        for b in blobs:
+            by_pack.setdefault(b[1], []).append(b)
+        pack_sizes = {name: size for name, size in db.execute("SELECT name, size FROM packs")}
+        dead_packs = [p for p in pack_sizes if not any(b[0] in live_blobs for b in by_pack.get(p, []))]
+        partial = [p for p in pack_sizes if p not in dead_packs
+                   and any(b[0] not in live_blobs for b in by_pack.get(p, []))]
+        dead_blobs = [b[0] for b in blobs if b[0] not in live_blobs]
+        dead_snaps = [r[0] for r in db.execute("SELECT id FROM snapshots") if r[0] not in live_snaps]
+
+        if dry_run:
+            kept = sum(b[3] for p in partial for b in by_pack[p] if b[0] in live_blobs)
+            freed = sum(pack_sizes[p] for p in dead_packs + partial) - kept
+            return GcReport(True, freed, len(dead_blobs), len(dead_snaps), len(dead_packs),
+                            len(partial), round(time.perf_counter() - t0, 3))
+
+        # 1. copy the live blobs of partly dead packs into new packs
+        writer = PackWriter(store.home)
+        moves: list[tuple[int, str, int]] = []
+        try:
+            for pack in partial:
+                for bid, _, offset, size in by_pack[pack]:
+                    if bid in live_blobs:
+                        new_pack, new_offset = writer.append(store.packs.view(pack, offset, size))
+                        moves.append((bid, new_pack, new_offset))
+            new_packs = writer.commit()
+        except BaseException:
+            writer.abort()
+            raise
+
+        # 2. one transaction: dead rows out, moved blobs repointed
+        with db.atomic():
+            db["packs"].insert_all({"name": n, "size": s} for n, s in new_packs)
+            db.conn.executemany("UPDATE blobs SET pack = ?, offset = ? WHERE id = ?",
+                           [(p, o, b) for b, p, o in moves])
+            for table in ("pins", "snapshot_components", "snapshot_files"):
+                _delete_not_in(db, table, "snapshot_id", live_snaps)
+            _delete_not_in(db, "snapshots", "id", live_snaps)
+            _delete_not_in(db, "component_tensors", "component_id", live_comps)
+            _delete_not_in(db, "components", "id", live_comps)
+            _delete_not_in(db, "file_tensors", "file_id", live_files)
+            _delete_not_in(db, "files", "id", live_files)
+            _delete_not_in(db, "tensors", "id", live_tensors)
+            _delete_not_in(db, "blobs", "id", live_blobs)
+            for p in dead_packs + partial:
+                db.execute("DELETE FROM packs WHERE name = ?", [p])
+
+        # 3. unlink what the catalog no longer names, once readers of the old one are gone
+        store.packs.close()
+        freed = 0
+        with exclusive_readers(store.home):
+            for p in dead_packs + partial:
+                path = packs_dir / f"{p}.pack"
+                if path.exists():
+                    freed += path.stat().st_size
+                    path.unlink()
+            for d in (store.home / "skeletons").glob("*") if (store.home / "skeletons").exists() else []:
+                if d.name not in live_snaps:
+                    shutil.rmtree(d, ignore_errors=True)
+        fsync_dir(packs_dir)
+        freed -= sum(s for _, s in new_packs)
+    return GcReport(False, freed, len(dead_blobs), len(dead_snaps), len(dead_packs), len(partial),
+                    round(time.perf_counter() - t0, 3))
+
+
+def _delete_not_in(db, table: str, column: str, keep: set) -> None:
+    """DELETE rows whose `column` is not in `keep` (through a temp table: no SQL limits)."""
+    db.execute("DROP TABLE IF EXISTS temp.keep_ids")
+    db.execute("CREATE TEMP TABLE keep_ids (id PRIMARY KEY)")
+    db.conn.executemany("INSERT INTO temp.keep_ids VALUES (?)", [(k,) for k in keep])
+    db.execute(f"DELETE FROM [{table}] WHERE [{column}] NOT IN (SELECT id FROM temp.keep_ids)")
+    db.execute("DROP TABLE temp.keep_ids")
