@@ -221,6 +221,9 @@ def fuzz(sources: dict[str, Path], work: Path, cases: int, rng: random.Random) -
     targets = sorted(p.relative_to(base).as_posix() for p in base.rglob("*")
                      if p.suffix in (".safetensors", ".json"))
     stats = {"cases": 0, "refused": 0, "ingested": 0, "failures": 0}
+    import resource
+
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     home = work / "fuzz-store"
     with Store(home) as s:
         s.ingest(sources["A"], "A")
@@ -262,6 +265,10 @@ def fuzz(sources: dict[str, Path], work: Path, cases: int, rng: random.Random) -
             finally:
                 signal.alarm(0)
             stats["cases"] += 1
+    # A header naming a huge shape must never turn into a huge allocation.
+    stats["peak_rss_growth_mb"] = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) // 1024
+    if stats["peak_rss_growth_mb"] > 1024:
+        stats["failures"] += 1
     return stats
 
 
@@ -290,7 +297,8 @@ def main(argv: list[str] | None = None) -> dict:
           f"{kills['completed']} finished first; bytes lost {kills['bytes_lost']}, re-run failures "
           f"{kills['rerun_failures']}, bytes beyond a clean store after gc {kills['extra_bytes_after_gc']}")
     print(f"fuzz: {fuzzed['cases']} cases, {fuzzed['refused']} refused with a clear error, "
-          f"{fuzzed['ingested']} ingested and exported identically, {fuzzed['failures']} failures")
+          f"{fuzzed['ingested']} ingested and exported identically, {fuzzed['failures']} failures, "
+          f"peak RSS growth {fuzzed['peak_rss_growth_mb']} MB")
     print(f"{'OK' if ok else 'FAILED'} in {figures['seconds']} s")
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(figures, indent=2))

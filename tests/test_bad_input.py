@@ -99,6 +99,16 @@ def _symlink_out(folder):
     (folder / "unet" / "notes.txt").symlink_to("/etc/hostname")
 
 
+def _dtype_not_a_string(folder):
+    rewrite_header(folder / UNET, lambda h: first_tensor(h).update(dtype=["F16"]))
+
+
+def _model_index_bad_types(folder):
+    index = json.loads((folder / "model_index.json").read_text())
+    index["unet"] = [2**64 + 5, "UNet2DConditionModel"]
+    (folder / "model_index.json").write_text(json.dumps(index))
+
+
 def _model_index_not_json(folder):
     (folder / "model_index.json").write_text("[1, 2")
 
@@ -111,6 +121,8 @@ CASES = {
     "overlapping offsets": (_overlap, "overlap"),
     "out-of-range offsets": (_out_of_range, "out of range"),
     "unknown dtype": (_unknown_dtype, "unknown dtype 'F13'"),
+    "dtype not a string (found by the fuzzer)": (_dtype_not_a_string, r"unknown dtype \['F16'\]"),
+    "model_index types (found by the fuzzer)": (_model_index_bad_types, "must be strings"),
     "shape x dtype != byte length": (_shape_mismatch, "but data_offsets span"),
     "'..' in index": (_index_dotdot, r"leaves the folder \('..' is not allowed\)"),
     "absolute path in index": (_index_absolute, "absolute or non-posix path"),

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from ..store import ComponentNotFoundError, CorruptStoreError, Store
+from ..store.components import pick_component
 from ..store.objects import blob_hash
 from ..store.objects import PackFiles
 from .tensors import TORCH_DTYPES, private_packs, state_dict
@@ -45,24 +46,6 @@ def is_model_class(cls) -> bool:
     from transformers import PreTrainedModel
 
     return issubclass(cls, (ModelMixin, PreTrainedModel))
-
-
-def pick_component(components: list[dict], slot: str, variant: str | None) -> dict:
-    """The (slot, variant) component, falling back to the default weights like diffusers."""
-    in_slot = {c["variant"]: c for c in components if c["slot"] == slot}
-    if not in_slot:
-        raise ComponentNotFoundError(f"no component in slot {slot!r} (slots: "
-                                     f"{sorted({c['slot'] for c in components})})")
-    if variant and variant in in_slot:
-        return in_slot[variant]
-    if "" in in_slot:
-        if variant:
-            logger.warning("%s: no %r variant stored, loading the default weights", slot, variant)
-        return in_slot[""]
-    if variant is None and len(in_slot) == 1:
-        return next(iter(in_slot.values()))
-    raise ComponentNotFoundError(
-        f"slot {slot!r} has no default weights; pass variant= one of {sorted(in_slot)}")
 
 
 def _auto_dtype(config: dict, locations) -> torch.dtype:

@@ -17,10 +17,11 @@ import os
 from types import MethodType
 from typing import Any
 
-from ..store import ComponentNotFoundError, Store
-from ..store.modular import choose_component, pins_of
+from ..store import Store
+from ..store.components import pick_component
+from ..store.modular import pins_of
 from .component import build_model, is_model_class
-from .pipeline import _skeleton_file, open_store, resolve_snapshot
+from .pipeline import _skeleton_file, open_store, per_slot, resolve_snapshot
 from .tensors import private_packs
 
 logger = logging.getLogger("compstore")
@@ -28,19 +29,10 @@ logger = logging.getLogger("compstore")
 
 def slot_component(store: Store, snapshot_id: str, slot: str, variant: str | None) -> dict:
     """The store component for a slot: the snapshot's own, else the one pinned for it."""
-    comp = choose_component(store, snapshot_id, slot, variant)
-    if comp is not None:
-        return comp
     for pin in pins_of(store, snapshot_id):
         if pin["slot"] == slot:
             return pin
-    raise ComponentNotFoundError(f"no component for slot {slot!r} in this pipeline")
-
-
-def _per_name(value, name: str):
-    if isinstance(value, dict):  # {"unet": torch.float16, "default": torch.float32}
-        return value.get(name, value.get("default"))
-    return value
+    return pick_component(store.components_of(snapshot_id), slot, variant)
 
 
 class ModularPipeline:
@@ -103,12 +95,12 @@ def _store_load_components(store: Store, snapshot_id: str, label: str):
                 if spec is None:
                     continue
                 if is_model_class(spec.type_hint):
-                    comp = slot_component(store, snapshot_id, name, _per_name(variant, name))
-                    loaded[name] = build_model(store, comp, dtype=_per_name(dtype, name),
+                    comp = slot_component(store, snapshot_id, name, per_slot(variant, name))
+                    loaded[name] = build_model(store, comp, dtype=per_slot(dtype, name),
                                                name_or_path=f"{label}/{name}", packs=packs)
                 elif spec.pretrained_model_name_or_path:
                     try:  # tokenizers, schedulers: from the skeleton, as diffusers would
-                        loaded[name] = spec.load(**{k: _per_name(v, name) for k, v in kwargs.items()})
+                        loaded[name] = spec.load(**{k: per_slot(v, name) for k, v in kwargs.items()})
                     except Exception as e:  # diffusers, too, only warns and goes on
                         logger.warning("Failed to create component %s: %s", name, e)
         self.register_components(**loaded)

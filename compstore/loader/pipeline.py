@@ -26,7 +26,8 @@ from typing import Any
 import torch
 
 from ..store import CompstoreError, RefNotFoundError, Store
-from .component import build_model, is_model_class, pick_component, resolve_class
+from ..store.components import pick_component
+from .component import build_model, is_model_class, resolve_class
 from .tensors import private_packs
 
 logger = logging.getLogger("compstore")
@@ -70,10 +71,11 @@ def resolve_snapshot(
     raise RefNotFoundError(label, str(store.home))
 
 
-def _dtype_for(dtype, slot: str) -> torch.dtype | None:
-    if isinstance(dtype, dict):  # diffusers accepts {"unet": torch.float16, "default": ...}
-        return dtype.get(slot, dtype.get("default"))
-    return dtype
+def per_slot(value, slot: str):
+    """A per-slot argument as diffusers takes it: a value, or {"unet": v, "default": w}."""
+    if isinstance(value, dict):
+        return value.get(slot, value.get("default"))
+    return value
 
 
 def _skeleton_file(path: str) -> bool:
@@ -143,7 +145,7 @@ class DiffusionPipeline:
                 if entry[0] is None or not is_model_class(resolve_class(*entry[:2])):
                     continue  # tokenizers, schedulers, empty slots: diffusers loads them below
                 built[slot] = build_model(store, pick_component(rows, slot, variant),
-                                          dtype=_dtype_for(dtype, slot),
+                                          dtype=per_slot(dtype, slot),
                                           name_or_path=f"{label}/{slot}", packs=packs,
                                           verify=verify)
 

@@ -51,9 +51,8 @@ def write_tiny_clip_tokenizer(folder: str | os.PathLike) -> None:
 
 def tiny_sd_pipeline(seed: int = 0):
     """A StableDiffusionPipeline of a few MB with random weights, on CPU."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-    import tempfile
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(**TINY_UNET)
@@ -61,6 +60,16 @@ def tiny_sd_pipeline(seed: int = 0):
     vae = AutoencoderKL(**TINY_VAE)
     torch.manual_seed(seed + 2)
     text_encoder = CLIPTextModel(CLIPTextConfig(**TINY_CLIP))
+    return _sd_pipeline(unet, vae, text_encoder)
+
+
+def _sd_pipeline(unet, vae, text_encoder):
+    """A StableDiffusionPipeline around these models, with the tiny tokenizer and DDIM."""
+    import tempfile
+
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from transformers import CLIPTokenizer
+
     with tempfile.TemporaryDirectory() as d:
         write_tiny_clip_tokenizer(d)
         tokenizer = CLIPTokenizer.from_pretrained(d)
@@ -165,21 +174,11 @@ SD15_CLIP = dict(
 def sd15_pipeline(seed: int = 0, dtype: torch.dtype = torch.float16):
     """A StableDiffusionPipeline with Stable Diffusion 1.5's shapes and random weights
     (UNet 860M parameters): for benchmarks, where tiny models measure only imports."""
-    import tempfile
-
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(**SD15_UNET).to(dtype)
     vae = AutoencoderKL(**SD15_VAE).to(dtype)
     text_encoder = CLIPTextModel(CLIPTextConfig(**SD15_CLIP)).to(dtype)
-    with tempfile.TemporaryDirectory() as d:
-        write_tiny_clip_tokenizer(d)
-        tokenizer = CLIPTokenizer.from_pretrained(d)
-    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                              clip_sample=False, set_alpha_to_one=False, steps_offset=1)
-    return StableDiffusionPipeline(
-        unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
+    return _sd_pipeline(unet, vae, text_encoder)

@@ -16,8 +16,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .errors import CompstoreError, InvalidInputError
-from .scan import FolderScan
+from .components import pick_component
+from .errors import CompstoreError, ComponentNotFoundError, InvalidInputError
+from .scan import FolderScan, safe_relpath
 
 if TYPE_CHECKING:
     from .store import Store
@@ -76,19 +77,18 @@ def external_pointers(scan: FolderScan) -> list[Pointer]:
         source = spec.get("pretrained_model_name_or_path")
         if not source or slot in local_slots:
             continue
-        if not isinstance(source, str):
-            raise InvalidInputError(INDEX, f"entry {slot!r}: pretrained_model_name_or_path must be a string")
-        out.append(Pointer(slot, library, cls, source, spec.get("subfolder") or "",
-                           spec.get("revision"), spec.get("variant")))
+        fields = {"pretrained_model_name_or_path": source, "subfolder": spec.get("subfolder"),
+                  "revision": spec.get("revision"), "variant": spec.get("variant"),
+                  "library": library, "class": cls}
+        for field, value in fields.items():
+            if value is not None and not isinstance(value, str):
+                raise InvalidInputError(INDEX, f"entry {slot!r}: {field} must be a string, not {value!r}")
+        subfolder = spec.get("subfolder") or ""
+        if subfolder:
+            safe_relpath(subfolder, INDEX)
+        out.append(Pointer(slot, library, cls, source, subfolder, spec.get("revision"),
+                           spec.get("variant")))
     return out
-
-
-def choose_component(store: "Store", snapshot_id: str, slot: str, variant: str | None) -> dict | None:
-    """The (slot, variant) component of a snapshot, default weights when that variant is absent."""
-    rows = {c["variant"]: c for c in store.components_of(snapshot_id) if c["slot"] == slot}
-    if variant and variant in rows:
-        return rows[variant]
-    return rows.get("") or (next(iter(rows.values())) if len(rows) == 1 else None)
 
 
 def resolve_pointers(store: "Store", scan: FolderScan) -> list[Pin]:
@@ -119,10 +119,10 @@ def resolve_pointers(store: "Store", scan: FolderScan) -> list[Pin]:
                     f"--name {refs[0]}")
             snap = store.resolve(ref)
             source, revision = ref, p.revision or store.snapshot(snap)["revision"]
-        comp = choose_component(store, snap, p.subfolder, p.variant)
-        if comp is None:
-            raise InvalidInputError(INDEX, f"entry {p.slot!r}: {p.source} has no component in "
-                                           f"subfolder {p.subfolder!r}")
+        try:
+            comp = pick_component(store.components_of(snap), p.subfolder, p.variant)
+        except ComponentNotFoundError as e:
+            raise InvalidInputError(INDEX, f"entry {p.slot!r}: {p.source}: {e}") from None
         pins.append(Pin(p.slot, source, p.subfolder, revision, comp["variant"], snap,
                         comp["component_id"], p.library, p.class_name))
     return pins

@@ -89,7 +89,7 @@ def parse_header(path: str, prefix: bytes, file_size: int) -> SafetensorsHeader:
         if not isinstance(info, dict):
             raise bad(f"tensor {name!r}: entry is not an object")
         dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-        if dtype not in DTYPE_SIZES:
+        if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
             raise bad(f"tensor {name!r}: unknown dtype {dtype!r}")
         if not isinstance(shape, list) or not all(
             isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape

@@ -79,7 +79,7 @@ def _inside(path: str, roots: list[str]) -> bool:
     return any(path == r or path.startswith(r + os.sep) for r in roots)
 
 
-def _safe_relpath(name: str, where: str) -> str:
+def safe_relpath(name: str, where: str) -> str:
     """Validate a relative path read from a JSON file (index or pointer)."""
     if not isinstance(name, str) or not name:
         raise InvalidInputError(where, f"file name {name!r} is not a non-empty string")
@@ -163,7 +163,7 @@ def _check_indexes(files: dict[str, ScannedFile]) -> dict[str, str]:
             raise InvalidInputError(path, "index has no 'weight_map' object")
         parent = PurePosixPath(path).parent
         for tensor, shard in weight_map.items():
-            shard_rel = _safe_relpath(shard, path)
+            shard_rel = safe_relpath(shard, path)
             full = (parent / shard_rel).as_posix()
             if full not in files:
                 raise InvalidInputError(
@@ -230,7 +230,10 @@ def _slots(files: dict[str, ScannedFile]) -> tuple[str, dict[str, tuple[str | No
             library, cls = value[0], value[1]
             if library is None or cls is None:
                 continue  # a slot the pipeline leaves empty (e.g. safety_checker)
-            _safe_relpath(key, index_name)
+            if not isinstance(library, str) or not isinstance(cls, str):
+                raise InvalidInputError(index_name, f"entry {key!r}: library and class must be "
+                                                    f"strings, not {library!r}, {cls!r}")
+            safe_relpath(key, index_name)
             slots[key] = (library, cls)
         return ("pipeline" if index_name == "model_index.json" else "modular"), slots
     config = _read_json(files, "config.json")
