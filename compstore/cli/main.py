@@ -8,6 +8,7 @@ non-zero exit; the store is left as it was.
 from __future__ import annotations
 
 import json
+import sqlite3
 import sys
 from pathlib import Path
 
@@ -45,6 +46,12 @@ class Group(click.Group):
         except CompstoreError as e:
             click.echo(f"Error: {e}", err=True)
             sys.exit(e.exit_code)
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) and "busy" not in str(e):
+                raise
+            click.echo(f"Error: the store's catalog stayed busy past the timeout ({e}); another "
+                       "compstore process is using it: retry when it finishes", err=True)
+            sys.exit(1)
 
 
 @click.group(cls=Group)

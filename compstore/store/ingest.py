@@ -1,10 +1,10 @@
 """Where bytes enter the store.
 
-`ingest_scan` takes a validated `FolderScan`, hashes every tensor payload, header
-and small file (xxh3-128), confirms each hash hit byte-for-byte against the stored
-bytes, appends only the new bytes to one pack, makes the pack durable, and then
-commits all catalog rows in one transaction. Called by `Store.ingest` under the
-store's write lock.
+An `Ingestor` takes the files of a validated `FolderScan`, hashes every tensor
+payload, header and small file (xxh3-128), confirms each hash hit byte-for-byte
+against the stored bytes (`put_blob`), and appends only new bytes to new packs.
+`Store.ingest` then makes the packs durable and commits all catalog rows in one
+transaction, under the store's write lock.
 """
 
 from __future__ import annotations

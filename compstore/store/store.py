@@ -23,6 +23,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, NamedTuple
 
+import sqlite_utils
+
 from . import reports
 from .catalog import ensure_schema, open_catalog
 from .errors import CompstoreError, InvalidInputError, ReadOnlyStoreError, RefNotFoundError
@@ -279,10 +281,10 @@ class Store:
 
     def snapshot(self, snapshot_id: str) -> dict:
         """A snapshot's row: id, source, revision, kind, created."""
-        row = self.db.execute("SELECT * FROM snapshots WHERE id = ?", [snapshot_id]).fetchone()
-        if row is None:
-            raise CompstoreError(f"snapshot {snapshot_id} is not in store {self.home}")
-        return dict(zip([c[0] for c in self.db.execute("SELECT * FROM snapshots LIMIT 0").description], row))
+        try:
+            return self.db["snapshots"].get(snapshot_id)
+        except sqlite_utils.db.NotFoundError:
+            raise CompstoreError(f"snapshot {snapshot_id} is not in store {self.home}") from None
 
     def snapshot_files(self, snapshot_id: str) -> list[tuple[str, int, str, int]]:
         """(path, file id, sha256, size) of every file of a snapshot, sorted by path."""
