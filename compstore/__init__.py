@@ -26,7 +26,8 @@ from .store import (
 
 __version__ = "0.1.0"
 
-_LOADER_NAMES = {"DiffusionPipeline", "ModularPipeline", "load_component"}
+_LOADER_NAMES = {"DiffusionPipeline", "ModularPipeline", "ResidencyPool", "TransferReport",
+                 "last_transfer", "load_component", "to_device"}
 
 
 def __getattr__(name: str):

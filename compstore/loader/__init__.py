@@ -2,11 +2,14 @@
 
 Where a stored byte becomes a tensor: `tensors.stored_tensor` (a copy-on-write view
 of a pack). Where tensors become a model: `component.build_model`. Where models
-become a pipeline: `pipeline.DiffusionPipeline.from_pretrained`.
+become a pipeline: `pipeline.DiffusionPipeline.from_pretrained`. Where a tensor
+reaches a device: `residency.ResidencyPool.move`.
 """
 
 from .component import load_component
 from .modular import ModularPipeline
 from .pipeline import DiffusionPipeline
+from .residency import ResidencyPool, TransferReport, last_transfer, to_device
 
-__all__ = ["DiffusionPipeline", "ModularPipeline", "load_component"]
+__all__ = ["DiffusionPipeline", "ModularPipeline", "ResidencyPool", "TransferReport",
+           "last_transfer", "load_component", "to_device"]

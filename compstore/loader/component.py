@@ -21,6 +21,7 @@ from ..store import ComponentNotFoundError, CorruptStoreError, Store
 from ..store.components import pick_component
 from ..store.objects import blob_hash
 from ..store.objects import PackFiles
+from .residency import record_store_keys
 from .tensors import TORCH_DTYPES, private_packs, state_dict
 
 logger = logging.getLogger("compstore")
@@ -112,6 +113,7 @@ def build_model(
         _bind(model, sd, cls, name_or_path)
         model.name_or_path = name_or_path
     model.eval()
+    record_store_keys(model, locations)  # lets the residency pool share these on a device
     return model
 
 

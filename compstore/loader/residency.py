@@ -1,0 +1,288 @@
+"""Device residency: where a store tensor reaches a device, and is kept there.
+
+A `ResidencyPool` holds, per device, the store tensors already uploaded, keyed by
+(blob xxh3, blob size, dtype, device). Moving a store-loaded module through the
+pool uploads only the tensors not already resident; the rest are shared storage.
+Tensors of a module the user dropped stay resident within a byte budget (LRU,
+never evicting a tensor a live module uses), so A -> B -> A moves nearly nothing;
+with a pinned tier, evicted tensors wait in (pinned) host memory for a fast
+re-upload. Every move returns a `TransferReport`: per component, bytes reused,
+bytes uploaded from the pinned tier and from the store, seconds.
+
+Safety: a tensor whose contents changed in place (its version counter moved, e.g.
+`fuse_lora`) is never served again as the store's tensor: on the host side it is
+uploaded privately, on the device side its pool entry is dropped. Users who edit
+weights and want private copies from the start call `to_device(..., private=True)`.
+
+Not yet here (needs a GPU to measure): pinned staging buffers, a side stream and
+several readers to overlap store reads with host-to-device copies. The copier is
+the plain `tensor.to(device)`; it is injectable (`copier=`), which is also how the
+pool's logic is tested on machines without a GPU.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import time
+import weakref
+from collections import OrderedDict
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import torch
+
+Key = tuple  # (xxh3, size, dtype name, device name)
+
+STORE_KEYS = "_compstore_keys"  # module attribute: tensor name -> (xxh3, size, version at load)
+
+
+def record_store_keys(model: torch.nn.Module, locations) -> None:
+    """Remember which store blob each of a freshly built model's tensors came from."""
+    by_name = {loc.name: loc for loc in locations}
+    keys = {}
+    for name, t in list(model.named_parameters(remove_duplicate=False)) + list(
+            model.named_buffers(remove_duplicate=False)):
+        loc = by_name.get(name)
+        if loc is not None:
+            keys[name] = (loc.xxh3, loc.size, t._version)
+    setattr(model, STORE_KEYS, keys)
+
+
+@dataclass
+class ComponentTransfer:
+    component: str
+    tensors: int = 0
+    bytes_reused: int = 0  # already resident on the device: no copy
+    bytes_from_pinned: int = 0  # uploaded from the pinned host tier
+    bytes_from_store: int = 0  # uploaded from store-mapped (or other host) memory
+    seconds: float = 0.0
+
+
+@dataclass
+class TransferReport:
+    device: str
+    components: list[ComponentTransfer] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def bytes_reused(self) -> int:
+        return sum(c.bytes_reused for c in self.components)
+
+    @property
+    def bytes_from_pinned(self) -> int:
+        return sum(c.bytes_from_pinned for c in self.components)
+
+    @property
+    def bytes_from_store(self) -> int:
+        return sum(c.bytes_from_store for c in self.components)
+
+    @property
+    def bytes_uploaded(self) -> int:
+        return self.bytes_from_pinned + self.bytes_from_store
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.update(bytes_reused=self.bytes_reused, bytes_from_pinned=self.bytes_from_pinned,
+                 bytes_from_store=self.bytes_from_store, bytes_uploaded=self.bytes_uploaded)
+        return d
+
+
+@dataclass
+class _Entry:
+    tensor: torch.Tensor
+    nbytes: int
+    version: int
+    owners: weakref.WeakSet
+
+
+def _default_copier(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    return t.to(device)
+
+
+class ResidencyPool:
+    """Store tensors resident on one device, shared by every module moved through it.
+
+    Args:
+        device: the target device, e.g. "cuda" or "cuda:1".
+        budget_bytes: bytes of tensors no live module uses that may stay resident
+            (LRU). Default: `$COMPSTORE_VRAM_BUDGET`, else 50% of the device's free
+            memory when the pool is made (unlimited for non-CUDA devices).
+        pinned_budget_bytes: bytes of evicted tensors kept in pinned host memory for
+            fast re-upload (default `$COMPSTORE_PINNED_BUDGET`, else 0: off).
+        copier: `(tensor, device) -> tensor`, the upload (default `tensor.to(device)`).
+        offloader: `tensor -> host tensor`, the copy into the pinned tier (default: a
+            pinned host buffer filled from the device tensor).
+
+    >>> pool = ResidencyPool("cuda")  # doctest: +SKIP
+    >>> report = to_device(pipe, "cuda", pool=pool)  # doctest: +SKIP
+    """
+
+    def __init__(self, device: str | torch.device, budget_bytes: int | None = None,
+                 pinned_budget_bytes: int | None = None,
+                 copier: Callable[[torch.Tensor, torch.device], torch.Tensor] | None = None,
+                 offloader: Callable[[torch.Tensor], torch.Tensor] | None = None):
+        self.device = torch.device(device)
+        if budget_bytes is None:
+            env = os.environ.get("COMPSTORE_VRAM_BUDGET")
+            if env is not None:
+                budget_bytes = int(env)
+            elif self.device.type == "cuda":
+                budget_bytes = torch.cuda.mem_get_info(self.device)[0] // 2
+            else:
+                budget_bytes = 1 << 62
+        if pinned_budget_bytes is None:
+            pinned_budget_bytes = int(os.environ.get("COMPSTORE_PINNED_BUDGET", "0"))
+        self.budget_bytes = budget_bytes
+        self.pinned_budget_bytes = pinned_budget_bytes
+        self.copier = copier or _default_copier
+        self.offloader = offloader or self._pinned_copy
+        self._resident: OrderedDict[Key, _Entry] = OrderedDict()
+        self._pinned: OrderedDict[Key, torch.Tensor] = OrderedDict()
+        self.last_report: TransferReport | None = None
+
+    # -- bookkeeping -------------------------------------------------------------
+    @property
+    def resident_bytes(self) -> int:
+        return sum(e.nbytes for e in self._resident.values())
+
+    @property
+    def idle_bytes(self) -> int:
+        """Resident bytes no live module uses (what the budget bounds)."""
+        return sum(e.nbytes for e in self._resident.values() if not len(e.owners))
+
+    @property
+    def pinned_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self._pinned.values())
+
+    def _evict(self) -> None:
+        """Drop least recently used idle tensors until the idle bytes fit the budget."""
+        if self.idle_bytes <= self.budget_bytes:
+            return
+        gc.collect()  # a dropped pipeline may still sit in a reference cycle
+        for key in list(self._resident):
+            if self.idle_bytes <= self.budget_bytes:
+                break
+            entry = self._resident[key]
+            if len(entry.owners):
+                continue
+            del self._resident[key]
+            if entry.tensor._version == entry.version:
+                self._keep_pinned(key, entry.tensor)
+
+    def _pinned_copy(self, t: torch.Tensor) -> torch.Tensor:
+        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=self.device.type == "cuda")
+        return host.copy_(t)
+
+    def _keep_pinned(self, key: Key, t: torch.Tensor) -> None:
+        nbytes = t.numel() * t.element_size()
+        if nbytes > self.pinned_budget_bytes:
+            return
+        self._pinned[key] = self.offloader(t)
+        while self.pinned_bytes > self.pinned_budget_bytes:
+            self._pinned.popitem(last=False)
+
+    # -- moving ------------------------------------------------------------------
+    def _serve(self, key: Key, src: torch.Tensor, owner, rep: ComponentTransfer) -> torch.Tensor:
+        nbytes = src.numel() * src.element_size()
+        entry = self._resident.get(key)
+        if entry is not None and entry.tensor._version != entry.version:
+            del self._resident[key]  # changed in place on the device: no longer the store's
+            entry = None
+        if entry is not None:
+            self._resident.move_to_end(key)
+            rep.bytes_reused += nbytes
+        else:
+            pinned = self._pinned.pop(key, None)
+            if pinned is not None:
+                t = self.copier(pinned, self.device)
+                rep.bytes_from_pinned += nbytes
+            else:
+                t = self.copier(src, self.device)
+                rep.bytes_from_store += nbytes
+            entry = _Entry(t, nbytes, t._version, weakref.WeakSet())
+            self._resident[key] = entry
+        entry.owners.add(owner)
+        return entry.tensor
+
+    def move(self, module: torch.nn.Module, component: str = "", private: bool = False) -> ComponentTransfer:
+        """Move one module to the pool's device; store tensors go through the pool."""
+        t0 = time.perf_counter()
+        rep = ComponentTransfer(component)
+        keys = getattr(module, STORE_KEYS, {})
+        served: dict[int, torch.Tensor] = {}  # by id of the old tensor: tied ones stay tied
+        for full_name, tensor in list(module.named_parameters(remove_duplicate=False)) + list(
+                module.named_buffers(remove_duplicate=False)):
+            owner_name, _, attr = full_name.rpartition(".")
+            owner = module.get_submodule(owner_name) if owner_name else module
+            rep.tensors += 1
+            if tensor.device == self.device:
+                continue
+            new = served.get(id(tensor))
+            if new is None:
+                key_info = keys.get(full_name)
+                if key_info is not None and tensor._version == key_info[2] and not private:
+                    key = (key_info[0], key_info[1], str(tensor.dtype), str(self.device))
+                    data = self._serve(key, tensor.detach(), module, rep)
+                else:  # not from the store, or edited since it was loaded: a private copy
+                    data = self.copier(tensor.detach(), self.device)
+                    rep.bytes_from_store += tensor.numel() * tensor.element_size()
+                new = (torch.nn.Parameter(data, requires_grad=tensor.requires_grad)
+                       if isinstance(tensor, torch.nn.Parameter) else data)
+                served[id(tensor)] = new
+            if isinstance(new, torch.nn.Parameter):
+                owner._parameters[attr] = new
+            else:
+                owner._buffers[attr] = new
+        self._evict()
+        rep.seconds = round(time.perf_counter() - t0, 6)
+        return rep
+
+    def release(self, module: torch.nn.Module) -> None:
+        """Forget that `module` uses pool tensors (it is being moved elsewhere)."""
+        for entry in self._resident.values():
+            entry.owners.discard(module)
+        self._evict()
+
+
+_POOLS: dict[str, ResidencyPool] = {}
+
+
+def pool_for(device: str | torch.device) -> ResidencyPool:
+    """The process-wide pool of a device (made on first use, with default budgets)."""
+    key = str(torch.device(device))
+    if key not in _POOLS:
+        _POOLS[key] = ResidencyPool(device)
+    return _POOLS[key]
+
+
+_LAST: list[TransferReport] = []
+
+
+def last_transfer() -> TransferReport | None:
+    """The report of the most recent `to_device` in this process."""
+    return _LAST[-1] if _LAST else None
+
+
+def to_device(pipe_or_module, device: str | torch.device, *, pool: ResidencyPool | None = None,
+              private: bool = False) -> TransferReport:
+    """Move a pipeline (or one module) to `device`, uploading only what is not resident.
+
+    >>> report = compstore.to_device(pipe, "cuda")  # doctest: +SKIP
+    >>> report.bytes_uploaded, report.bytes_reused  # doctest: +SKIP
+    """
+    t0 = time.perf_counter()
+    device = torch.device(device)
+    pool = pool or pool_for(device)
+    report = TransferReport(str(device))
+    if isinstance(pipe_or_module, torch.nn.Module):
+        modules = {"": pipe_or_module}
+    else:
+        modules = {name: c for name, c in pipe_or_module.components.items()
+                   if isinstance(c, torch.nn.Module)}
+    for name, module in modules.items():
+        report.components.append(pool.move(module, name, private=private))
+    report.seconds = round(time.perf_counter() - t0, 6)
+    pool.last_report = report
+    _LAST[:] = [report]
+    return report

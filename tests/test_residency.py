@@ -1,0 +1,181 @@
+"""The residency pool's logic, on a machine without a GPU.
+
+The target is the `meta` device and the copier counts bytes: what is resident, what
+is uploaded, from where, eviction and reports are the same logic as on CUDA. The
+CUDA path itself (and images after switches on a GPU) are checked on a GPU machine.
+"""
+
+import gc
+
+import pytest
+import torch
+
+import compstore
+from compstore import ResidencyPool, to_device
+
+
+class CountingCopier:
+    def __init__(self):
+        self.bytes = 0
+
+    def __call__(self, t, device):
+        self.bytes += t.numel() * t.element_size()
+        return t.to(device)
+
+
+def fake_offload(t):  # a meta tensor has no bytes to copy back; the pinned tier keeps its place
+    return torch.empty(t.shape, dtype=t.dtype)
+
+
+@pytest.fixture
+def loaded(store, family):
+    for name in "ABC":
+        store.ingest(family[name], name)
+    return store
+
+
+def load(store, name):
+    return compstore.DiffusionPipeline.from_pretrained(name, store=store)
+
+
+def model_bytes(pipe):
+    return sum(t.numel() * t.element_size() for n in ("unet", "vae", "text_encoder")
+               for t in list(getattr(pipe, n).parameters()) + list(getattr(pipe, n).buffers()))
+
+
+def same_storage(x, y) -> bool:
+    return x.untyped_storage()._cdata == y.untyped_storage()._cdata
+
+
+def unkeyed_bytes(pipe):
+    """Bytes of tensors that are not in the store (e.g. CLIP's computed position_ids)."""
+    from compstore.loader.residency import STORE_KEYS
+
+    total = 0
+    for n in ("unet", "vae", "text_encoder"):
+        m = getattr(pipe, n)
+        keys = getattr(m, STORE_KEYS)
+        total += sum(t.numel() * t.element_size() for name, t in
+                     list(m.named_parameters()) + list(m.named_buffers()) if name not in keys)
+    return total
+
+
+def test_switch_uploads_only_the_delta(loaded):
+    copier = CountingCopier()
+    pool = ResidencyPool("meta", budget_bytes=1 << 40, copier=copier)
+    a = load(loaded, "A")
+    first = to_device(a, "meta", pool=pool)
+    # Identical tensors inside A (all-ones norm weights, ...) are one blob: uploaded once.
+    assert first.bytes_uploaded == copier.bytes > 0
+    assert first.bytes_uploaded + first.bytes_reused == model_bytes(a)
+    b = load(loaded, "B")
+    second = to_device(b, "meta", pool=pool)
+    # What moved is exactly the tensor payload B does not share with A (plus the
+    # few bytes of buffers a model computes itself rather than loads).
+    assert unkeyed_bytes(b) == 77 * 8  # CLIP position_ids
+    assert second.bytes_uploaded == loaded.diff("A", "B").delta_bytes + unkeyed_bytes(b)
+    per = {c.component: c for c in second.components}
+    assert per["vae"].bytes_from_store == 0 and per["vae"].bytes_reused > 0
+    assert per["text_encoder"].bytes_from_store == 77 * 8  # only its computed position_ids
+    assert per["unet"].bytes_from_store > 0
+    # Live pipelines share storage for identical tensors.
+    assert same_storage(a.vae.encoder.conv_in.weight, b.vae.encoder.conv_in.weight)
+    assert not same_storage(a.unet.conv_in.weight, b.unet.conv_in.weight)
+    assert compstore.last_transfer() is second
+
+
+def test_a_b_a_within_budget_moves_nothing(loaded):
+    copier = CountingCopier()
+    pool = ResidencyPool("meta", budget_bytes=1 << 40, copier=copier)
+    to_device(load(loaded, "A"), "meta", pool=pool)  # A is dropped right away
+    gc.collect()
+    to_device(load(loaded, "B"), "meta", pool=pool)
+    gc.collect()
+    a2 = load(loaded, "A")
+    again = to_device(a2, "meta", pool=pool)
+    assert again.bytes_uploaded == unkeyed_bytes(a2) and again.bytes_reused > 0
+
+
+def test_eviction_respects_budget_and_never_touches_live_tensors(loaded):
+    pool = ResidencyPool("meta", budget_bytes=0, copier=CountingCopier())
+    a = load(loaded, "A")
+    to_device(a, "meta", pool=pool)
+    assert pool.resident_bytes == pool.resident_bytes - pool.idle_bytes  # all live, all kept
+    live = pool.resident_bytes
+    del a
+    gc.collect()
+    b = load(loaded, "B")
+    to_device(b, "meta", pool=pool)
+    assert pool.idle_bytes == 0  # budget 0: A's tensors B does not use are gone
+    assert pool.resident_bytes < live + model_bytes(b)
+    again = to_device(load(loaded, "A"), "meta", pool=pool)
+    assert again.bytes_from_store > 0 and again.bytes_reused > 0  # A's UNet came back, VAE shared
+
+
+def test_pinned_tier_serves_evicted_tensors(loaded):
+    copier = CountingCopier()
+    pool = ResidencyPool("meta", budget_bytes=0, pinned_budget_bytes=1 << 40, copier=copier,
+                         offloader=fake_offload)
+    to_device(load(loaded, "A"), "meta", pool=pool)
+    gc.collect()
+    to_device(load(loaded, "B"), "meta", pool=pool)
+    gc.collect()
+    assert pool.pinned_bytes > 0
+    a2 = load(loaded, "A")
+    again = to_device(a2, "meta", pool=pool)
+    assert again.bytes_from_pinned > 0
+    assert sum(c.bytes_from_store for c in again.components) == unkeyed_bytes(a2)
+
+
+def test_tensors_changed_in_place_are_never_served_as_the_stores(loaded):
+    pool = ResidencyPool("meta", budget_bytes=1 << 40, copier=CountingCopier())
+    a = load(loaded, "A")
+    with torch.no_grad():
+        a.vae.decoder.conv_out.weight.add_(1.0)  # edited on the host before the move
+    first = to_device(a, "meta", pool=pool)
+    b = load(loaded, "B")
+    second = to_device(b, "meta", pool=pool)
+    nbytes = b.vae.decoder.conv_out.weight.numel() * 4
+    vae = next(c for c in second.components if c.component == "vae")
+    assert vae.bytes_from_store == nbytes  # B's pristine tensor was uploaded, not A's edit
+    assert first.bytes_uploaded > 0
+    with torch.no_grad():
+        b.unet.conv_in.weight.mul_(2.0)  # edited on the device, like fuse_lora
+    b2 = load(loaded, "B")
+    third = to_device(b2, "meta", pool=pool)
+    unet = next(x for x in third.components if x.component == "unet")
+    assert unet.bytes_from_store == b2.unet.conv_in.weight.numel() * 4  # re-uploaded, not shared
+    assert not same_storage(b2.unet.conv_in.weight, b.unet.conv_in.weight)
+    assert same_storage(b2.unet.conv_out.weight, b.unet.conv_out.weight)
+
+
+def test_private_copies_for_weight_editors(loaded):
+    pool = ResidencyPool("meta", budget_bytes=1 << 40, copier=CountingCopier())
+    a = load(loaded, "A")
+    to_device(a, "meta", pool=pool)
+    b = load(loaded, "A")
+    report = to_device(b, "meta", pool=pool, private=True)
+    assert report.bytes_reused == 0 and report.bytes_uploaded == model_bytes(b)
+    assert not same_storage(b.vae.encoder.conv_in.weight, a.vae.encoder.conv_in.weight)
+
+
+def test_tied_weights_stay_tied_after_a_move(store, tmp_path):
+    from transformers import T5Config, T5EncoderModel
+
+    T5EncoderModel(T5Config(vocab_size=64, d_model=16, d_kv=4, d_ff=8, num_layers=1,
+                            num_heads=2)).save_pretrained(tmp_path / "t5")
+    model = compstore.load_component(str(tmp_path / "t5"), store=store)
+    to_device(model, "meta", pool=ResidencyPool("meta", copier=CountingCopier()))
+    assert model.shared.weight is model.encoder.embed_tokens.weight
+    assert model.shared.weight.device.type == "meta"
+
+
+def test_pipe_to_goes_through_the_pool(loaded, monkeypatch):
+    pool = ResidencyPool("meta", budget_bytes=1 << 40, copier=CountingCopier())
+    monkeypatch.setitem(compstore.loader.residency._POOLS, "meta", pool)
+    a, b = load(loaded, "A"), load(loaded, "B")
+    a.to("meta")
+    b.to("meta")
+    assert compstore.last_transfer().bytes_uploaded == (
+        loaded.diff("A", "B").delta_bytes + unkeyed_bytes(b))
+    assert b.unet.device.type == "meta"
