@@ -16,6 +16,7 @@ from .store import (
     CorruptStoreError,
     DiskFullError,
     ExportError,
+    HubError,
     InvalidInputError,
     PickleRefusedError,
     ReadOnlyStoreError,
@@ -41,6 +42,6 @@ def __getattr__(name: str):
 __all__ = [
     "Store", "CompstoreError", "ComponentNotFoundError", "CorruptStoreError", "ExportError",
     "InvalidInputError", "PickleRefusedError", "PinChangedError", "RefNotFoundError", "StoreBusyError",
-    "DiskFullError", "ReadOnlyStoreError",
+    "DiskFullError", "ReadOnlyStoreError", "HubError",
     *sorted(_LOADER_NAMES),
 ]

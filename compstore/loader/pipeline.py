@@ -4,8 +4,10 @@
     >>> pipe = compstore.DiffusionPipeline.from_pretrained("sdxl-base", dtype=torch.float16)
 
 How a pipeline is put together:
-1. `name_or_path` becomes a snapshot: a ref of the store, or a local folder that is
-   ingested on the way (under a ref named by its absolute path).
+1. `name_or_path` becomes a snapshot: a local folder, ingested on the way (under a
+   ref named by its absolute path); a Hub repo id, pulled on the way (only what
+   the store lacks is downloaded; `local_files_only=True` uses the store's ref
+   and never touches the network); or any other ref of the store.
 2. Every weight-bearing slot of model_index.json is built by `build_model` from
    deduplicated store tensors (zero-copy views on CPU).
 3. The small files (model_index.json, scheduler/, tokenizer*/ ...) are written once
@@ -38,10 +40,6 @@ _WEIGHT_FILE = re.compile(r"(\.safetensors|\.safetensors\.index(\.[^.]+)?\.json|
 _REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
-class HubNotAvailableError(CompstoreError):
-    """Pulling from the Hugging Face Hub is not available in this version of compstore."""
-
-
 def open_store(store: Store | str | os.PathLike | None) -> Store:
     return store if isinstance(store, Store) else Store(store)
 
@@ -62,15 +60,19 @@ def resolve_snapshot(
         result = store.ingest(path, ref)
         return result.snapshot, label
     candidates = [f"{label}@{revision}", label] if revision else [label]
+    if _REPO_ID.match(label) and not local_files_only and not _hub_offline():
+        # A repo id: the Hub names the commit; only what the store lacks is downloaded.
+        return store.resolve(store.pull(label, revision=revision).ref), label
     for ref in candidates:
         if store.has_ref(ref):
             return store.resolve(ref), label
-    if _REPO_ID.match(label) and not local_files_only:
-        raise HubNotAvailableError(
-            f"{label!r} is neither a ref in store {store.home} nor a local folder, and pulling "
-            "from the Hub is not available in this compstore version; download it with "
-            "`hf download` and `compstore ingest` the folder")
     raise RefNotFoundError(label, str(store.home))
+
+
+def _hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
 
 
 def per_slot(value, slot: str):
@@ -98,8 +100,8 @@ class DiffusionPipeline:
         """Drop-in for `diffusers.DiffusionPipeline.from_pretrained`, from deduplicated weights.
 
         Args:
-            pretrained_model_name_or_path: a store ref, or a local pipeline folder
-                (ingested into the store on the way).
+            pretrained_model_name_or_path: a local pipeline folder (ingested on the
+                way), a Hub repo id (pulled on the way), or a store ref.
             store: a `Store` or its folder (default: `$COMPSTORE_HOME`).
             **kwargs: as diffusers: `dtype`/`torch_dtype` (a dtype or a per-slot dict),
                 `variant`, `revision`, `use_safetensors`, `low_cpu_mem_usage`,

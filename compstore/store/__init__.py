@@ -16,11 +16,12 @@ from .errors import (
     RefNotFoundError,
     StoreBusyError,
 )
+from .hub import HubError, PullResult
 from .modular import PinChangedError
 from .store import IngestResult, Store, default_home
 
 __all__ = [
     "Store", "IngestResult", "default_home", "CompstoreError", "ComponentNotFoundError",
     "CorruptStoreError", "ExportError", "InvalidInputError", "PickleRefusedError",
-    "RefNotFoundError", "StoreBusyError", "PinChangedError", "DiskFullError", "ReadOnlyStoreError",
+    "RefNotFoundError", "StoreBusyError", "PinChangedError", "DiskFullError", "ReadOnlyStoreError", "HubError", "PullResult",
 ]

@@ -33,6 +33,8 @@ from .export import (ExportResult, file_pieces, flattened_files, flattened_index
 from .export import export as export_ref
 from .ingest import Ingestor, component_rows, now, snapshot_id
 from .lock import shared_readers, write_lock
+from .hub import PullResult
+from .hub import pull as pull_repo
 from .gc import GcReport
 from .gc import gc as collect_garbage
 from .modular import check_pins, resolve_pointers
@@ -156,6 +158,26 @@ class Store:
             with self.db.atomic():
                 self.db.execute("DELETE FROM refs WHERE name = ?", [ref])
         return {"removed": ref, "snapshot": snap}
+
+    def tag(self, ref: str, snapshot_id: str) -> None:
+        """Point `ref` at an existing snapshot (create or move it)."""
+        self._writable()
+        check_ref_name(ref)
+        with write_lock(self.home), self.db.atomic():
+            self.snapshot(snapshot_id)  # must exist
+            self.db["refs"].upsert({"name": ref, "snapshot_id": snapshot_id, "updated": now()},
+                                   pk="name")
+            self.db.execute("UPDATE refs SET created = coalesce(created, updated) WHERE name = ?", [ref])
+
+    def pull(self, repo_id: str, *, revision: str | None = None, include: list[str] | None = None,
+             name: str | None = None, token: str | bool | None = None,
+             progress: bool = False) -> PullResult:
+        """Pull a Hub repo, downloading only the files whose content the store lacks.
+
+        >>> Store().pull("org/tiny-sd", revision="main").downloaded_bytes  # doctest: +SKIP
+        """
+        return pull_repo(self, repo_id, revision=revision, include=include, name=name,
+                         token=token, progress=progress)
 
     # -- writing -----------------------------------------------------------------
     def _clean_leftovers(self) -> None:

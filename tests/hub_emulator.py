@@ -1,0 +1,190 @@
+"""A Hugging Face Hub emulated on 127.0.0.1 for tests: the endpoints huggingface_hub uses
+to pull a model repo, and a count of the bytes it serves.
+
+    hub = HubEmulator()                        # serves on 127.0.0.1:<free port>
+    commit = hub.add_repo("org/tiny", folder)  # one commit: every file of the folder
+    ... HF_ENDPOINT=hub.url ...
+    hub.served_bytes                           # body bytes of every GET /resolve
+
+Endpoints: GET /api/models/{repo}[/revision/{rev}] (model_info), GET
+/api/models/{repo}/tree/{rev}[/{path}] (list_repo_tree, one page), HEAD and GET
+/{repo}/resolve/{rev}/{path} with X-Repo-Commit, ETag / X-Linked-Etag (sha256 for
+LFS files, the git blob sha1 otherwise), X-Linked-Size and Range. Errors carry
+X-Error-Code as the Hub does: RepoNotFound (401, also for a private repo without a
+token), GatedRepo (403), RevisionNotFound and EntryNotFound (404).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import threading
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+LFS_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt")
+
+
+def git_blob_sha1(data: bytes) -> str:
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+@dataclass
+class Repo:
+    commits: dict[str, dict[str, bytes]] = field(default_factory=dict)
+    refs: dict[str, str] = field(default_factory=dict)
+    private: bool = False
+    gated: bool = False
+    tampered: dict[str, bytes] = field(default_factory=dict)  # path -> bytes served instead
+
+
+class HubEmulator:
+    def __init__(self, token: str = "hf_test_token"):
+        self.repos: dict[str, Repo] = {}
+        self.token = token
+        self.served_bytes = 0
+        self.served_files: list[str] = []
+        self._lock = threading.Lock()
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    def add_repo(self, repo_id: str, folder: Path, *, private: bool = False, gated: bool = False) -> str:
+        files = {p.relative_to(folder).as_posix(): p.read_bytes()
+                 for p in sorted(Path(folder).rglob("*")) if p.is_file()}
+        commit = hashlib.sha1(json.dumps(sorted((k, hashlib.sha256(v).hexdigest())
+                                                for k, v in files.items())).encode()).hexdigest()
+        repo = self.repos.setdefault(repo_id, Repo(private=private, gated=gated))
+        repo.commits[commit] = files
+        repo.refs["main"] = commit
+        return commit
+
+    def reset_counts(self) -> None:
+        with self._lock:
+            self.served_bytes = 0
+            self.served_files = []
+
+    def _handler(self):
+        hub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):  # quiet
+                pass
+
+            def _error(self, status: int, code: str, commit: str | None = None) -> None:
+                self.send_response(status)
+                self.send_header("X-Error-Code", code)
+                self.send_header("X-Error-Message", code)
+                if commit:
+                    self.send_header("X-Repo-Commit", commit)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def _repo(self, repo_id: str):
+                repo = hub.repos.get(repo_id)
+                authed = self.headers.get("authorization") == f"Bearer {hub.token}"
+                if repo is None or (repo.private and not authed):
+                    self._error(401, "RepoNotFound")
+                    return None
+                return repo
+
+            def _json(self, value) -> None:
+                body = json.dumps(value).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_GET(self):
+                self._serve(head=False)
+
+            def do_HEAD(self):
+                self._serve(head=True)
+
+            def _serve(self, head: bool) -> None:
+                path = unquote(urlparse(self.path).path)
+                m = re.match(r"^/api/models/([^/]+/[^/]+)(?:/(revision|tree)/([^/]+)(?:/(.*))?)?$", path)
+                if m:
+                    repo_id, kind, rev, sub = m.groups()
+                    return self._api(repo_id, kind or "revision", rev or "main", sub)
+                m = re.match(r"^/([^/]+/[^/]+)/resolve/([^/]+)/(.+)$", path)
+                if m:
+                    return self._resolve(*m.groups(), head=head)
+                self._error(404, "NotFound")
+
+            def _commit(self, repo: Repo, rev: str) -> str | None:
+                commit = repo.refs.get(rev, rev if rev in repo.commits else None)
+                if commit is None:
+                    self._error(404, "RevisionNotFound")
+                return commit
+
+            def _api(self, repo_id, kind, rev, sub) -> None:
+                repo = self._repo(repo_id)
+                if repo is None:
+                    return
+                commit = self._commit(repo, rev)
+                if commit is None:
+                    return
+                files = repo.commits[commit]
+                if kind == "revision":
+                    return self._json({"id": repo_id, "sha": commit, "private": repo.private,
+                                       "gated": repo.gated, "siblings": [{"rfilename": p} for p in files]})
+                prefix = f"{sub.rstrip('/')}/" if sub else ""
+                entries = []
+                for p, data in sorted(files.items()):
+                    if not p.startswith(prefix):
+                        continue
+                    entry = {"type": "file", "oid": git_blob_sha1(data), "size": len(data), "path": p}
+                    if p.endswith(LFS_SUFFIXES):
+                        entry["lfs"] = {"oid": hashlib.sha256(data).hexdigest(), "size": len(data),
+                                        "pointerSize": 134}
+                    entries.append(entry)
+                self._json(entries)
+
+            def _resolve(self, repo_id, rev, file_path, head: bool) -> None:
+                repo = self._repo(repo_id)
+                if repo is None:
+                    return
+                if repo.gated and self.headers.get("authorization") != f"Bearer {hub.token}":
+                    return self._error(403, "GatedRepo")
+                commit = self._commit(repo, rev)
+                if commit is None:
+                    return
+                files = repo.commits[commit]
+                if file_path not in files:
+                    return self._error(404, "EntryNotFound", commit)
+                data = files[file_path]
+                etag = (hashlib.sha256(data).hexdigest() if file_path.endswith(LFS_SUFFIXES)
+                        else git_blob_sha1(data))
+                body = repo.tampered.get(file_path, data)
+                start, end = 0, len(body) - 1
+                rng = self.headers.get("Range")
+                if rng:
+                    m = re.match(r"bytes=(\d+)-(\d*)", rng)
+                    start = int(m.group(1))
+                    end = int(m.group(2)) if m.group(2) else len(body) - 1
+                self.send_response(206 if rng else 200)
+                self.send_header("X-Repo-Commit", commit)
+                self.send_header("ETag", f'"{etag}"')
+                self.send_header("X-Linked-Etag", f'"{etag}"')
+                self.send_header("X-Linked-Size", str(len(data)))
+                self.send_header("Content-Length", str(end - start + 1))
+                if rng:
+                    self.send_header("Content-Range", f"bytes {start}-{end}/{len(body)}")
+                self.end_headers()
+                if not head:
+                    chunk = body[start : end + 1]
+                    self.wfile.write(chunk)
+                    with hub._lock:
+                        hub.served_bytes += len(chunk)
+                        hub.served_files.append(file_path)
+
+        return Handler
