@@ -39,6 +39,7 @@ class Repo:
     private: bool = False
     gated: bool = False
     tampered: dict[str, bytes] = field(default_factory=dict)  # path -> bytes served instead
+    cuts: dict[str, list[int]] = field(default_factory=dict)  # path -> per GET: bytes sent, then a drop
 
 
 class HubEmulator:
@@ -47,6 +48,7 @@ class HubEmulator:
         self.token = token
         self.served_bytes = 0
         self.served_files: list[str] = []
+        self.served_per_file: dict[str, int] = {}
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
@@ -70,6 +72,7 @@ class HubEmulator:
         with self._lock:
             self.served_bytes = 0
             self.served_files = []
+            self.served_per_file = {}
 
     def _handler(self):
         hub = self
@@ -182,9 +185,14 @@ class HubEmulator:
                 self.end_headers()
                 if not head:
                     chunk = body[start : end + 1]
+                    cut = repo.cuts[file_path].pop(0) if repo.cuts.get(file_path) else None
+                    if cut is not None:  # an interrupted transfer: some bytes, then the drop
+                        chunk = chunk[:cut]
+                        self.close_connection = True
                     self.wfile.write(chunk)
                     with hub._lock:
                         hub.served_bytes += len(chunk)
                         hub.served_files.append(file_path)
+                        hub.served_per_file[file_path] = hub.served_per_file.get(file_path, 0) + len(chunk)
 
         return Handler

@@ -124,3 +124,89 @@ def test_cli_pull_json(hub, tmp_path):
                                      "scheduler/scheduler_config.json"}
     r = CliRunner().invoke(cli, ["--store", str(tmp_path / "s"), "pull", "org/nope"])
     assert r.exit_code == 1 and r.stderr.startswith("Error: org/nope was not found")
+
+
+def publish_with_manifest(hub, family, name, tmp_path) -> str:
+    """Publish family member `name` with a compstore manifest, as `org/{name}-m`."""
+    import json
+    import shutil
+
+    folder = tmp_path / f"{name}-m"
+    shutil.copytree(family[name], folder)
+    with Store(tmp_path / "publisher") as pub:
+        pub.ingest(family[name], name)
+        (folder / "compstore.manifest.json").write_text(json.dumps(pub.manifest(name)))
+    hub.add_repo(f"org/{name}-m", folder)
+    return f"org/{name}-m"
+
+
+def safetensors_header_bytes(path: Path) -> int:
+    import struct
+
+    return 8 + struct.unpack("<Q", path.read_bytes()[:8])[0]
+
+
+def test_with_a_manifest_only_missing_tensors_are_served(hub, store, family, tmp_path):
+    repo = publish_with_manifest(hub, family, "C", tmp_path)
+    store.pull("org/A")
+    with Store(tmp_path / "reference") as ref:  # the tensor delta, computed by the catalog
+        ref.ingest(family["A"], "A")
+        ref.ingest(family["C"], "C")
+        delta = ref.diff("A", "C").delta_bytes
+    held = {hashlib.sha256(b).hexdigest() for b in files_of(family["A"]).values()}
+    new_files = [p for p in Path(family["C"]).rglob("*") if p.is_file()
+                 and hashlib.sha256(p.read_bytes()).hexdigest() not in held]
+    headers = sum(safetensors_header_bytes(p) for p in new_files if p.suffix == ".safetensors")
+    small = sum(p.stat().st_size for p in new_files if p.suffix != ".safetensors")
+    manifest = len(hub.repos[repo].commits[hub.repos[repo].refs["main"]]["compstore.manifest.json"])
+    hub.reset_counts()
+    r = store.pull(repo)
+    assert hub.served_bytes == r.downloaded_bytes == delta + headers + small + manifest
+    assert hub.served_bytes < 0.5 * sum(p.stat().st_size for p in new_files)
+    store.export(repo, tmp_path / "out")
+    out = tree_sha256(tmp_path / "out")
+    assert out.pop("compstore.manifest.json") and out == tree_sha256(family["C"])
+
+
+def test_a_wrong_manifest_costs_a_download_never_a_wrong_byte(hub, store, family, tmp_path):
+    import json
+
+    repo = publish_with_manifest(hub, family, "B", tmp_path)
+    files = hub.repos[repo].commits[hub.repos[repo].refs["main"]]
+    doc = json.loads(files["compstore.manifest.json"])
+    pieces = doc["files"]["unet/diffusion_pytorch_model.safetensors"]["pieces"]
+    with Store(tmp_path / "pub2") as pub:  # claim that B's UNet tensors are A's (same sizes)
+        pub.ingest(family["A"], "A")
+        a = json.loads(json.dumps(pub.manifest("A")))["files"]["unet/diffusion_pytorch_model.safetensors"]
+    doc["files"]["unet/diffusion_pytorch_model.safetensors"]["pieces"] = a["pieces"]
+    assert [p[:2] for p in a["pieces"]] == [p[:2] for p in pieces]
+    files["compstore.manifest.json"] = json.dumps(doc).encode()
+    store.pull("org/A")
+    store.pull(repo)
+    store.export(repo, tmp_path / "out")
+    out = tree_sha256(tmp_path / "out")
+    out.pop("compstore.manifest.json")
+    assert out == tree_sha256(family["B"])
+
+
+def test_an_interrupted_download_resumes_where_it_stopped(hub, store, family):
+    path = "unet/diffusion_pytorch_model.safetensors"
+    total = sum(len(b) for b in files_of(family["A"]).values())
+    hub.repos["org/A"].cuts[path] = [1 << 20]  # the connection drops after 1 MiB
+    store.pull("org/A")
+    assert hub.served_bytes == total  # the rest came with a Range request, nothing twice
+
+
+def test_a_failed_pull_resumes_on_the_next_one(hub, store, family):
+    path = "unet/diffusion_pytorch_model.safetensors"
+    size = (family["A"] / path).stat().st_size
+    hub.repos["org/A"].cuts[path] = [1 << 20] + [0] * 20  # 1 MiB, then every retry fails
+    with pytest.raises(HubError):
+        store.pull("org/A")
+    assert store.ls() == []
+    hub.repos["org/A"].cuts[path] = []
+    hub.reset_counts()
+    store.pull("org/A")
+    assert hub.served_files.count(path) == 1
+    assert hub.served_per_file[path] == size - (1 << 20)  # only what the first pull did not get
+    assert store.verify().ok

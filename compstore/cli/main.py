@@ -109,6 +109,24 @@ def pull(ctx, repo_id, revision, include, name, as_json):
          f"skipped {r.skipped_files} already held ({human(r.skipped_bytes)}) in {r.seconds:.2f} s")
 
 
+@cli.command()
+@click.argument("ref")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default="compstore.manifest.json",
+              show_default=True, help="Where to write it ('-' for stdout).")
+@json_option
+@click.pass_context
+def manifest(ctx, ref, output, as_json):
+    """Write REF's tensor manifest, for publishers: pulls then fetch only missing tensors."""
+    doc = open_store(ctx).manifest(ref)
+    text = json.dumps(doc, separators=(",", ":"))
+    if output == "-":
+        click.echo(text)
+        return
+    Path(output).write_text(text)
+    summary = {"output": output, "files": len(doc["files"]), "bytes": len(text)}
+    emit(as_json, summary, f"wrote {output}: {summary['files']} files, {human(len(text))}")
+
+
 @cli.command("ls")
 @json_option
 @click.pass_context

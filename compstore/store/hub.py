@@ -3,15 +3,21 @@
 Metadata first: `model_info` pins the revision to a commit, `list_repo_tree` gives
 every file's size, LFS sha256 and git blob id. A file whose content the store
 already holds, from any repo, is not downloaded at all: it is rebuilt from the
-store into the pull's folder. The rest goes through huggingface_hub (hf_xet
-underneath where the server offers Xet) into `<store>/downloads/`, which a crashed
+store into the pull's folder. The rest is downloaded into `<store>/downloads/`, which a crashed
 pull leaves in place so the next one resumes, is checked against the Hub's sha256,
 ingested, and removed.
 
+Transfers use huggingface_hub's session, URLs and auth headers with compstore's
+own ranged, resumable GET (`_fetch`): huggingface_hub 2.4's `hf_hub_download`
+starts every download over in a new temporary file. Xet-stored files come over the
+Hub's HTTP resolve endpoint; fetching them as Xet chunks is issue 8.
+
 Xet deduplicates uploads, not downloads, and hf_xet 1.8 keeps no chunk cache
 (`HF_XET_CHUNK_CACHE_SIZE_BYTES` has no effect, xet-core#715): the store is the
-client-side cache. Not here yet: Xet-hash matching, tensor-level range fetches
-with a manifest, pinning modular pointers to Hub repos, and `adopt`.
+client-side cache. A repo that carries a `compstore.manifest.json` (see
+manifest.py) is fetched tensor by tensor: only the tensors the store lacks are
+requested, with HTTP ranges. Not here yet: Xet-hash matching, pinning modular
+pointers to Hub repos, and `adopt`.
 """
 
 from __future__ import annotations
@@ -27,6 +33,8 @@ from typing import TYPE_CHECKING
 
 from .errors import CompstoreError
 from .export import file_pieces, write_file
+from .manifest import FILENAME as MANIFEST
+from .manifest import parse_manifest
 
 if TYPE_CHECKING:
     from .store import IngestResult, Store
@@ -86,7 +94,8 @@ def _hub_errors(repo_id: str, revision: str | None):
             return HubError(f"{repo_id} has no revision {revision!r}")
         if isinstance(e, errors.RemoteEntryNotFoundError):
             return HubError(f"{repo_id}: a file listed by the Hub could not be downloaded ({e})")
-        return HubError(f"{repo_id}: the Hub request failed: {str(e).splitlines()[0]}")
+        return HubError(f"{repo_id}: the Hub request failed ({str(e).splitlines()[0]}); retry: "
+                        "what was downloaded is kept and the next pull resumes")
 
     return translate
 
@@ -100,10 +109,13 @@ def pull(store: "Store", repo_id: str, *, revision: str | None = None,
 
     >>> Store().pull("stabilityai/sdxl-turbo", include=["*.json", "unet/*"])  # doctest: +SKIP
     """
+    import httpx2  # huggingface_hub's HTTP client
     import huggingface_hub
-    from huggingface_hub import HfApi, hf_hub_download
+    from huggingface_hub import HfApi, hf_hub_url
     from huggingface_hub.hf_api import RepoFile
+    from huggingface_hub.utils import build_hf_headers
 
+    NETWORK_ERRORS = (huggingface_hub.errors.HfHubHTTPError, httpx2.HTTPError, OSError)
     t0 = time.perf_counter()
     endpoint = os.environ.get("HF_ENDPOINT") or None
     api = HfApi(endpoint=endpoint, token=token)
@@ -112,7 +124,7 @@ def pull(store: "Store", repo_id: str, *, revision: str | None = None,
         commit = api.model_info(repo_id, revision=revision).sha
         entries = [f for f in api.list_repo_tree(repo_id, revision=commit, recursive=True)
                    if isinstance(f, RepoFile)]
-    except (huggingface_hub.errors.HfHubHTTPError, OSError) as e:
+    except NETWORK_ERRORS as e:
         raise translate(e) from None
     if name is None and not include and store.has_ref(f"{repo_id}@{commit}"):
         # This commit is already in the store: nothing to fetch or ingest.
@@ -130,6 +142,8 @@ def pull(store: "Store", repo_id: str, *, revision: str | None = None,
     folder.mkdir(parents=True, exist_ok=True)
     downloaded = skipped = 0
     n_down = n_skip = 0
+    manifest: dict | None = None
+    entries.sort(key=lambda f: f.path != MANIFEST)  # the manifest first: it steers the rest
     for f in entries:
         target = folder / f.path
         sha = f.lfs.sha256 if f.lfs else None
@@ -138,19 +152,33 @@ def pull(store: "Store", repo_id: str, *, revision: str | None = None,
             if not target.exists():
                 with store.reading():
                     write_file(store, held[0], held[1], target)
+            if f.path == MANIFEST:
+                manifest = parse_manifest(target.read_bytes())
             skipped += f.size
             n_skip += 1
             continue
-        try:
-            path = hf_hub_download(repo_id, f.path, revision=commit, local_dir=folder,
-                                   token=token, endpoint=endpoint)
-        except (huggingface_hub.errors.HfHubHTTPError, OSError) as e:
-            raise translate(e) from None
-        if sha and _sha256(path) != sha.lower():
-            Path(path).unlink(missing_ok=True)
-            raise HubError(f"{repo_id}/{f.path}@{commit[:12]}: the downloaded bytes do not match "
-                           "the Hub's sha256; nothing was stored (retry the pull)")
-        downloaded += f.size
+        plan = manifest.get(f.path) if manifest else None
+        if plan and sha and plan["sha256"] == sha.lower() and plan["size"] == f.size:
+            try:
+                fetched = _assemble(store, repo_id, f.path, commit, endpoint, token, plan, target)
+            except NETWORK_ERRORS as e:
+                raise translate(e) from None
+            if fetched is not None:  # else: the manifest lied; download the whole file
+                downloaded += fetched
+                n_down += 1
+                continue
+        if not target.exists():
+            try:
+                downloaded += _fetch(hf_hub_url(repo_id, f.path, revision=commit, endpoint=endpoint),
+                                     build_hf_headers(token=token), target, f.size)
+            except NETWORK_ERRORS as e:
+                raise translate(e) from None
+            if sha and _sha256(target) != sha.lower():
+                target.unlink()
+                raise HubError(f"{repo_id}/{f.path}@{commit[:12]}: the downloaded bytes do not "
+                               "match the Hub's sha256; nothing was stored (retry the pull)")
+        if f.path == MANIFEST:
+            manifest = parse_manifest(target.read_bytes())
         n_down += 1
 
     ref = name or f"{repo_id}@{commit}"
@@ -165,6 +193,58 @@ def pull(store: "Store", repo_id: str, *, revision: str | None = None,
                       result.status, round(time.perf_counter() - t0, 3))
 
 
+def _assemble(store: "Store", repo_id: str, path: str, commit: str, endpoint: str | None,
+              token, plan: dict, target: Path) -> int | None:
+    """Rebuild one file from the store's pieces and HTTP ranges for the rest.
+
+    Returns the bytes fetched, or None if the result does not match the Hub's sha256
+    (the partial file is removed; the caller downloads the file whole)."""
+    from huggingface_hub import hf_hub_url
+    from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
+
+    pieces = []
+    for begin, end, xxh3 in plan["pieces"]:
+        row = store.db.execute("SELECT pack, offset FROM blobs WHERE xxh3 = ? AND size = ?",
+                               [xxh3, end - begin]).fetchone()
+        pieces.append((begin, end, row))
+    ranges: list[list[int]] = []  # coalesced [begin, end) of the pieces the store lacks
+    for begin, end, row in pieces:
+        if row is None:
+            if ranges and ranges[-1][1] == begin:
+                ranges[-1][1] = end
+            else:
+                ranges.append([begin, end])
+    url = hf_hub_url(repo_id, path, revision=commit, endpoint=endpoint)
+    headers = build_hf_headers(token=token)
+    fetched: dict[int, bytes] = {}
+    for begin, end in ranges:
+        if end == begin:
+            continue
+        r = get_session().get(url, headers={**headers, "Range": f"bytes={begin}-{end - 1}"},
+                              follow_redirects=True)
+        hf_raise_for_status(r)
+        if len(r.content) != end - begin:
+            return None
+        fetched[begin] = r.content
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(target.name + ".compstore-partial")
+    h = hashlib.sha256()
+    with open(partial, "wb") as out, store.reading():
+        for begin, end, row in pieces:
+            if row is not None:
+                data = store.packs.view(row[0], row[1], end - begin)
+            else:
+                start = max(b for b in fetched if b <= begin)
+                data = memoryview(fetched[start])[begin - start : end - start]
+            h.update(data)
+            out.write(data)
+    if h.hexdigest() != plan["sha256"]:
+        partial.unlink(missing_ok=True)
+        return None
+    os.replace(partial, target)
+    return sum(end - begin for begin, end in ranges)
+
+
 def _record_xet_hashes(store: "Store", snapshot_id: str, entries) -> None:
     """Keep the Hub's Xet hash beside each file's sha256 (64 hex digits, else unknown)."""
     rows = []
@@ -177,6 +257,46 @@ def _record_xet_hashes(store: "Store", snapshot_id: str, entries) -> None:
             store.db.conn.executemany(
                 "UPDATE files SET xet_hash = ? WHERE id = (SELECT file_id FROM snapshot_files "
                 "WHERE snapshot_id = ? AND path = ?)", rows)
+
+
+def _fetch(url: str, headers: dict, target: Path, size: int, retries: int = 3) -> int:
+    """Download `url` to `target` through huggingface_hub's HTTP session, resuming from
+    `target`'s `.partial` file (kept by an interrupted pull). Returns bytes fetched.
+
+    Not hf_hub_download: huggingface_hub 2.4 writes each download to a new,
+    process-unique temporary file, so an interrupted download starts over."""
+    import httpx2
+    from huggingface_hub.utils import get_session, hf_raise_for_status
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(target.name + ".partial")
+    fetched = 0
+    for attempt in range(retries + 1):
+        have = partial.stat().st_size if partial.exists() else 0
+        if have > size:
+            partial.unlink()
+            have = 0
+        if have == size:
+            break
+        req = {**headers, "Accept-Encoding": "identity"}
+        if have:
+            req["Range"] = f"bytes={have}-"
+        try:
+            with get_session().stream("GET", url, headers=req, follow_redirects=True) as r:
+                hf_raise_for_status(r)
+                if have and r.status_code != 206:  # the server ignored the range: start over
+                    have = 0
+                with open(partial, "ab" if have else "wb") as out:
+                    for chunk in r.iter_bytes(1 << 20):
+                        out.write(chunk)  # each chunk kept at once: a drop loses nothing
+                        fetched += len(chunk)
+        except (httpx2.TransportError, httpx2.RemoteProtocolError):
+            if attempt == retries:
+                raise
+    if partial.stat().st_size != size:
+        raise OSError(f"{target.name}: got {partial.stat().st_size} bytes, expected {size}")
+    os.replace(partial, target)
+    return fetched
 
 
 def _sha256(path: str | os.PathLike) -> str:

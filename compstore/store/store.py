@@ -33,6 +33,7 @@ from .export import (ExportResult, file_pieces, flattened_files, flattened_index
 from .export import export as export_ref
 from .ingest import Ingestor, component_rows, now, snapshot_id
 from .lock import shared_readers, write_lock
+from .manifest import build_manifest
 from .hub import PullResult
 from .hub import pull as pull_repo
 from .gc import GcReport
@@ -178,6 +179,11 @@ class Store:
         """
         return pull_repo(self, repo_id, revision=revision, include=include, name=name,
                          token=token, progress=progress)
+
+    def manifest(self, ref: str) -> dict:
+        """The tensor manifest of `ref` (commit it to the repo as compstore.manifest.json)
+        so that pulls of it fetch only the tensors a store lacks; see `manifest.py`."""
+        return build_manifest(self, ref)
 
     # -- writing -----------------------------------------------------------------
     def _clean_leftovers(self) -> None:
