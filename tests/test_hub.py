@@ -210,3 +210,38 @@ def test_a_failed_pull_resumes_on_the_next_one(hub, store, family):
     assert hub.served_files.count(path) == 1
     assert hub.served_per_file[path] == size - (1 << 20)  # only what the first pull did not get
     assert store.verify().ok
+
+
+def test_modular_repo_pointing_at_hub_repos_pins_their_commit(hub, store, family, tmp_path):
+    import json
+    import shutil
+
+    from compstore import PinChangedError
+    from compstore.loader.synthetic import tiny_sdxl_pipeline
+    from test_modular import save_modular
+
+    save_modular(tiny_sdxl_pipeline(seed=0), tmp_path / "base")
+    hub.add_repo("org/sdxl-base", tmp_path / "base")
+    remix = tmp_path / "remix"
+    save_modular(tiny_sdxl_pipeline(seed=3), remix)
+    index = json.loads((remix / "modular_model_index.json").read_text())
+    index["vae"][2].update(pretrained_model_name_or_path="org/sdxl-base", subfolder="vae", revision=None)
+    shutil.rmtree(remix / "vae")
+    (remix / "modular_model_index.json").write_text(json.dumps(index))
+    hub.add_repo("org/remix", remix)
+
+    store.pull("org/remix")  # pulls and pins org/sdxl-base on the way
+    pin = next(p for p in store.show("org/remix")["pins"] if p["slot"] == "vae")
+    assert pin["source"].startswith("org/sdxl-base@") and pin["revision"]
+    pipe = compstore.ModularPipeline.from_pretrained("org/remix", store=store, local_files_only=True)
+    pipe.load_components(names=["vae"])
+
+    tiny_sdxl_pipeline(seed=9).vae.save_pretrained(tmp_path / "base" / "vae")
+    hub.add_repo("org/sdxl-base", tmp_path / "base")  # a new commit on main
+    with pytest.raises(PinChangedError, match="'vae'.*compstore pull org/remix --repin"):
+        store.pull("org/remix")  # the same remix commit, but what it points at changed
+    pipe = compstore.ModularPipeline.from_pretrained("org/remix", store=store, local_files_only=True)
+    pipe.load_components(names=["vae"])  # still the pinned VAE
+    store.pull("org/remix", repin=True)
+    new_pin = next(p for p in store.show("org/remix")["pins"] if p["slot"] == "vae")
+    assert new_pin["component_id"] != pin["component_id"]

@@ -109,7 +109,8 @@ def ensure_schema(db: sqlite_utils.Database) -> None:
             foreign_keys=[("snapshot_id", "snapshots", "id"), ("component_id", "components", "id")],
         )
         db["pins"].create(
-            {"snapshot_id": str, "slot": str, "source": str, "subfolder": str, "revision": str,
+            {"snapshot_id": str, "slot": str, "pointer": str, "source": str, "subfolder": str,
+             "revision": str,
              "variant": str, "target_snapshot": str, "component_id": str, "library": str,
              "class_name": str},
             pk=("snapshot_id", "slot"),

@@ -35,6 +35,7 @@ from .errors import CompstoreError
 from .export import file_pieces, write_file
 from .manifest import FILENAME as MANIFEST
 from .manifest import parse_manifest
+from .modular import pins_of
 
 if TYPE_CHECKING:
     from .store import IngestResult, Store
@@ -102,7 +103,7 @@ def _hub_errors(repo_id: str, revision: str | None):
 
 def pull(store: "Store", repo_id: str, *, revision: str | None = None,
          include: list[str] | None = None, name: str | None = None,
-         token: str | bool | None = None, progress: bool = False) -> PullResult:
+         token: str | bool | None = None, repin: bool = False, progress: bool = False) -> PullResult:
     """Pull `repo_id` at `revision` into the store; download only what it lacks.
 
     Creates the refs `repo_id@<commit>` (or `name`) and `repo_id` (moved to this commit).
@@ -126,8 +127,10 @@ def pull(store: "Store", repo_id: str, *, revision: str | None = None,
                    if isinstance(f, RepoFile)]
     except NETWORK_ERRORS as e:
         raise translate(e) from None
-    if name is None and not include and store.has_ref(f"{repo_id}@{commit}"):
-        # This commit is already in the store: nothing to fetch or ingest.
+    if (name is None and not include and not repin and store.has_ref(f"{repo_id}@{commit}")
+            and not pins_of(store, store.resolve(f"{repo_id}@{commit}"))):
+        # This commit is already in the store: nothing to fetch or ingest. (A modular
+        # repo is ingested again: what its pointers name may have changed.)
         ref = f"{repo_id}@{commit}"
         store.tag(repo_id, store.resolve(ref))
         return PullResult(repo_id, commit, ref, len(entries), 0, 0, len(entries),
@@ -184,7 +187,7 @@ def pull(store: "Store", repo_id: str, *, revision: str | None = None,
     ref = name or f"{repo_id}@{commit}"
     # hf_hub_download's own bookkeeping under .cache/ is skipped by the scan.
     result: IngestResult = store.ingest(folder, ref, source=repo_id, revision=commit,
-                                        progress=progress)
+                                        repin=repin, progress=progress)
     if name is None:
         store.tag(repo_id, result.snapshot)  # `org/name` follows the latest pull
     _record_xet_hashes(store, result.snapshot, entries)

@@ -12,6 +12,7 @@ ingest of the modular repo refuses until the user re-pins (`--repin`).
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -44,7 +45,8 @@ class Pointer:
 @dataclass
 class Pin:
     slot: str
-    source: str  # the folder (absolute) or ref it resolved to
+    pointer: str  # pretrained_model_name_or_path as the index writes it
+    source: str  # the folder (absolute) or ref (`repo@commit` for the Hub) it resolved to
     subfolder: str
     revision: str | None
     variant: str  # the variant picked ("" = default weights)
@@ -93,7 +95,8 @@ def external_pointers(scan: FolderScan) -> list[Pointer]:
 
 def resolve_pointers(store: "Store", scan: FolderScan) -> list[Pin]:
     """Pin every external pointer: a local folder is ingested (ref = its absolute path),
-    anything else must already be a ref of the store (`name@revision` or `name`).
+    a Hub repo id is pulled (ref = `repo@commit`), anything else must already be a
+    ref of the store (`name@revision` or `name`).
 
     Runs before the caller takes the write lock (a folder pointed at is ingested
     under its own lock).
@@ -111,6 +114,9 @@ def resolve_pointers(store: "Store", scan: FolderScan) -> list[Pin]:
         else:
             refs = [f"{p.source}@{p.revision}", p.source] if p.revision else [p.source]
             ref = next((r for r in refs if store.has_ref(r)), None)
+            if _hub_reachable() and REPO_ID.match(p.source):
+                # A Hub repo: pull (only what the store lacks) and pin the commit it names now.
+                ref = store.pull(p.source, revision=p.revision).ref
             if ref is None:
                 raise InvalidInputError(
                     INDEX, f"entry {p.slot!r} points at {p.source!r}"
@@ -123,25 +129,35 @@ def resolve_pointers(store: "Store", scan: FolderScan) -> list[Pin]:
             comp = pick_component(store.components_of(snap), p.subfolder, p.variant)
         except ComponentNotFoundError as e:
             raise InvalidInputError(INDEX, f"entry {p.slot!r}: {p.source}: {e}") from None
-        pins.append(Pin(p.slot, source, p.subfolder, revision, comp["variant"], snap,
+        pins.append(Pin(p.slot, p.source, source, p.subfolder, revision, comp["variant"], snap,
                         comp["component_id"], p.library, p.class_name))
     return pins
 
 
-def check_pins(store: "Store", ref: str, pins: list[Pin], folder: str, repin: bool) -> None:
+REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+
+def _hub_reachable() -> bool:
+    """False in offline mode (HF_HUB_OFFLINE): pointers then resolve to refs only."""
+    from huggingface_hub import constants
+
+    return not constants.HF_HUB_OFFLINE
+
+
+def check_pins(store: "Store", ref: str, pins: list[Pin], repin_command: str, repin: bool) -> None:
     """Refuse a re-ingest whose pointed-to content changed, unless re-pinning."""
     if repin or not pins or not store.has_ref(ref):
         return
     old = {p["slot"]: p for p in pins_of(store, store.resolve(ref))}
     for pin in pins:
         before = old.get(pin.slot)
-        if before and before["source"] == pin.source and before["component_id"] != pin.component_id:
+        same_pointer = before and (before["pointer"], before["subfolder"]) == (pin.pointer, pin.subfolder)
+        if same_pointer and before["component_id"] != pin.component_id:
             raise PinChangedError(
                 f"modular component {pin.slot!r} of {ref}: {pin.source}"
                 f"{'/' + pin.subfolder if pin.subfolder else ''} changed since it was pinned "
                 f"(pinned {before['component_id'][:12]}, now {pin.component_id[:12]}); nothing was "
-                f"loaded or changed. To use the new content, re-pin: compstore ingest {folder} "
-                f"--name {ref} --repin")
+                f"loaded or changed. To use the new content, re-pin: {repin_command}")
 
 
 def pins_of(store: "Store", snapshot_id: str) -> list[dict]:

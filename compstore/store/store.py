@@ -171,14 +171,14 @@ class Store:
             self.db.execute("UPDATE refs SET created = coalesce(created, updated) WHERE name = ?", [ref])
 
     def pull(self, repo_id: str, *, revision: str | None = None, include: list[str] | None = None,
-             name: str | None = None, token: str | bool | None = None,
+             name: str | None = None, token: str | bool | None = None, repin: bool = False,
              progress: bool = False) -> PullResult:
         """Pull a Hub repo, downloading only the files whose content the store lacks.
 
         >>> Store().pull("org/tiny-sd", revision="main").downloaded_bytes  # doctest: +SKIP
         """
         return pull_repo(self, repo_id, revision=revision, include=include, name=name,
-                         token=token, progress=progress)
+                         token=token, repin=repin, progress=progress)
 
     def manifest(self, ref: str) -> dict:
         """The tensor manifest of `ref` (commit it to the repo as compstore.manifest.json)
@@ -241,7 +241,8 @@ class Store:
                     ing.finish()
                 components, comp_tensors, slots = component_rows(scan, ing)
                 snap = snapshot_id(scan, ing, pins)
-                check_pins(self, ref, pins, scan.root, repin)
+                check_pins(self, ref, pins, f"compstore pull {source} --repin" if revision else
+                           f"compstore ingest {scan.root} --name {ref} --repin", repin)
                 old = self.db.execute("SELECT snapshot_id FROM refs WHERE name = ?", [ref]).fetchone()
                 status = "new" if old is None else ("unchanged" if old[0] == snap else "updated")
                 packs = writer.commit()
