@@ -28,6 +28,11 @@ from urllib.parse import unquote, urlparse
 LFS_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt")
 
 
+def xet_hash(data: bytes) -> str:
+    """A stand-in for a file's Xet hash (64 hex digits; the real one is a Merkle hash)."""
+    return hashlib.sha256(b"xet:" + data).hexdigest()
+
+
 def git_blob_sha1(data: bytes) -> str:
     return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
 
@@ -149,6 +154,7 @@ class HubEmulator:
                     if p.endswith(LFS_SUFFIXES):
                         entry["lfs"] = {"oid": hashlib.sha256(data).hexdigest(), "size": len(data),
                                         "pointerSize": 134}
+                        entry["xetHash"] = xet_hash(data)
                     entries.append(entry)
                 self._json(entries)
 

@@ -245,3 +245,41 @@ def test_modular_repo_pointing_at_hub_repos_pins_their_commit(hub, store, family
     store.pull("org/remix", repin=True)
     new_pin = next(p for p in store.show("org/remix")["pins"] if p["slot"] == "vae")
     assert new_pin["component_id"] != pin["component_id"]
+
+
+def test_adopt_a_hugging_face_cache_and_reclaim_it(hub, store, family, tmp_path):
+    from huggingface_hub import scan_cache_dir, snapshot_download
+
+    cache = tmp_path / "hf-cache"
+    for name in "AB":
+        snapshot_download(f"org/{name}", cache_dir=cache, endpoint=hub.url)
+    before = scan_cache_dir(cache).size_on_disk
+    report = store.adopt(cache)
+    assert {a["repo"] for a in report.adopted} == {"org/A", "org/B"}
+    for name in "AB":
+        store.export(f"org/{name}", tmp_path / f"out-{name}")
+        assert tree_sha256(tmp_path / f"out-{name}") == tree_sha256(family[name])
+    assert scan_cache_dir(cache).size_on_disk == before  # no --reclaim: cache untouched
+
+    report = store.adopt(cache, reclaim=True)
+    assert all(a["verified"] for a in report.adopted)
+    assert report.reclaimed_bytes == before
+    assert scan_cache_dir(cache).repos == frozenset() or all(
+        not r.revisions for r in scan_cache_dir(cache).repos)
+    pipe = compstore.DiffusionPipeline.from_pretrained("org/B", store=store, local_files_only=True)
+    assert type(pipe).__name__ == "StableDiffusionPipeline"
+
+
+def test_adopt_without_a_cache_is_a_clear_error(store, tmp_path):
+    with pytest.raises(compstore.CompstoreError, match="no Hugging Face cache"):
+        store.adopt(tmp_path / "nope")
+
+
+def test_xet_hashes_from_the_hub_are_kept_beside_sha256(hub, store, family):
+    from hub_emulator import xet_hash
+
+    store.pull("org/A")
+    rows = store.db.execute("SELECT sha256, xet_hash, size FROM files WHERE kind = 'safetensors'").fetchall()
+    by_sha = {hashlib.sha256(p.read_bytes()).hexdigest(): xet_hash(p.read_bytes())
+              for p in Path(family["A"]).rglob("*.safetensors")}
+    assert rows and all(xet == by_sha[sha] for sha, xet, _ in rows)

@@ -129,6 +129,27 @@ def manifest(ctx, ref, output, as_json):
     emit(as_json, summary, f"wrote {output}: {summary['files']} files, {human(len(text))}")
 
 
+@cli.command()
+@click.option("--cache-dir", type=click.Path(file_okay=False),
+              help="Hugging Face cache [default: huggingface_hub's, e.g. ~/.cache/huggingface/hub].")
+@click.option("--reclaim", is_flag=True,
+              help="Delete each adopted revision from the cache once the store rebuilds it "
+                   "byte-identically.")
+@json_option
+@click.pass_context
+def adopt(ctx, cache_dir, reclaim, as_json):
+    """Ingest every diffusers snapshot of a Hugging Face cache."""
+    r = open_store(ctx).adopt(cache_dir, reclaim=reclaim, progress=want_progress(as_json))
+    rows = [[a["ref"], a["status"], human(a["bytes"])] + ([a["verified"]] if reclaim else [])
+            for a in r.adopted]
+    text = (tabulate(rows, ["ref", "status", "size"] + (["verified"] if reclaim else []))
+            if rows else "(no diffusers snapshots found)")
+    text += f"\n\n{len(r.skipped)} other revisions skipped"
+    if reclaim:
+        text += f"; reclaimed {human(r.reclaimed_bytes)} from {r.cache_dir}"
+    emit(as_json, r.to_dict(), text)
+
+
 @cli.command("ls")
 @json_option
 @click.pass_context

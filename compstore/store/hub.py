@@ -16,8 +16,8 @@ Xet deduplicates uploads, not downloads, and hf_xet 1.8 keeps no chunk cache
 (`HF_XET_CHUNK_CACHE_SIZE_BYTES` has no effect, xet-core#715): the store is the
 client-side cache. A repo that carries a `compstore.manifest.json` (see
 manifest.py) is fetched tensor by tensor: only the tensors the store lacks are
-requested, with HTTP ranges. Not here yet: Xet-hash matching, pinning modular
-pointers to Hub repos, and `adopt`.
+requested, with HTTP ranges. Each file's Xet hash from the Hub is kept beside its
+sha256, so content is recognised by either.
 """
 
 from __future__ import annotations
@@ -66,8 +66,14 @@ def _git_blob_sha1(data: bytes) -> str:
     return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
 
 
-def _held_file(store: "Store", size: int, sha256: str | None, git_oid: str | None) -> tuple | None:
+def _held_file(store: "Store", size: int, sha256: str | None, git_oid: str | None,
+               xet_hash: str | None = None) -> tuple | None:
     """(file id, sha256) of a stored file with this content, if the store holds one."""
+    if xet_hash:
+        row = store.db.execute("SELECT id, sha256 FROM files WHERE xet_hash = ? AND size = ?",
+                               [xet_hash.lower(), size]).fetchone()
+        if row:
+            return tuple(row)
     if sha256:
         row = store.db.execute("SELECT id, sha256 FROM files WHERE sha256 = ? AND size = ?",
                                [sha256.lower(), size]).fetchone()
@@ -150,7 +156,7 @@ def pull(store: "Store", repo_id: str, *, revision: str | None = None,
     for f in entries:
         target = folder / f.path
         sha = f.lfs.sha256 if f.lfs else None
-        held = _held_file(store, f.size, sha, None if f.lfs else f.blob_id)
+        held = _held_file(store, f.size, sha, None if f.lfs else f.blob_id, f.xet_hash)
         if held is not None:
             if not target.exists():
                 with store.reading():
@@ -190,7 +196,7 @@ def pull(store: "Store", repo_id: str, *, revision: str | None = None,
                                         repin=repin, progress=progress)
     if name is None:
         store.tag(repo_id, result.snapshot)  # `org/name` follows the latest pull
-    _record_xet_hashes(store, result.snapshot, entries)
+    record_xet_hashes(store, result.snapshot, {f.path: f.xet_hash for f in entries})
     shutil.rmtree(folder, ignore_errors=True)
     return PullResult(repo_id, commit, ref, len(entries), n_down, downloaded, n_skip, skipped,
                       result.status, round(time.perf_counter() - t0, 3))
@@ -248,13 +254,10 @@ def _assemble(store: "Store", repo_id: str, path: str, commit: str, endpoint: st
     return sum(end - begin for begin, end in ranges)
 
 
-def _record_xet_hashes(store: "Store", snapshot_id: str, entries) -> None:
+def record_xet_hashes(store: "Store", snapshot_id: str, xet_by_path: dict[str, str | None]) -> None:
     """Keep the Hub's Xet hash beside each file's sha256 (64 hex digits, else unknown)."""
-    rows = []
-    for f in entries:
-        xet = getattr(f, "xet_hash", None)
-        if isinstance(xet, str) and len(xet) == 64 and all(c in "0123456789abcdef" for c in xet.lower()):
-            rows.append((xet.lower(), snapshot_id, f.path))
+    rows = [(x.lower(), snapshot_id, path) for path, x in xet_by_path.items()
+            if isinstance(x, str) and len(x) == 64 and all(c in "0123456789abcdef" for c in x.lower())]
     if rows:
         with store.db.atomic():
             store.db.conn.executemany(

@@ -33,6 +33,8 @@ from .export import (ExportResult, file_pieces, flattened_files, flattened_index
 from .export import export as export_ref
 from .ingest import Ingestor, component_rows, now, snapshot_id
 from .lock import shared_readers, write_lock
+from .adopt import AdoptReport
+from .adopt import adopt as adopt_cache
 from .manifest import build_manifest
 from .hub import PullResult
 from .hub import pull as pull_repo
@@ -179,6 +181,12 @@ class Store:
         """
         return pull_repo(self, repo_id, revision=revision, include=include, name=name,
                          token=token, repin=repin, progress=progress)
+
+    def adopt(self, cache_dir: str | os.PathLike | None = None, *, reclaim: bool = False,
+              progress: bool = False) -> AdoptReport:
+        """Ingest every diffusers snapshot of a Hugging Face cache; see `adopt.py`."""
+        self._writable()
+        return adopt_cache(self, cache_dir, reclaim=reclaim, progress=progress)
 
     def manifest(self, ref: str) -> dict:
         """The tensor manifest of `ref` (commit it to the repo as compstore.manifest.json)

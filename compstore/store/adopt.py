@@ -1,0 +1,136 @@
+"""Adopt an existing Hugging Face cache: ingest its diffusers snapshots, optionally reclaim.
+
+Every revision of every model repo in the cache (old layout and huggingface_hub
+2.4's shared blob store alike: a snapshot's files are links that `scan_folder`
+follows into the cache's own blobs) that holds a diffusers pipeline or component
+is ingested as `repo@commit`, and `repo` points at the newest. The tree listing
+huggingface_hub keeps beside a snapshot (`trees/<commit>.json`: size, git blob id,
+LFS sha256, Xet hash per file) gives each file's Xet hash, recorded beside its
+sha256. With `reclaim`, a revision is deleted from the cache through
+huggingface_hub's own cache API, and only after every one of its files has been
+rebuilt from the store and found byte-identical.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .errors import CompstoreError
+from .export import file_pieces
+
+if TYPE_CHECKING:
+    from .store import Store
+
+_PIPELINE_MARKERS = ("model_index.json", "modular_model_index.json", "config.json")
+
+
+@dataclass
+class AdoptReport:
+    cache_dir: str
+    adopted: list[dict] = field(default_factory=list)  # repo, commit, ref, status, bytes
+    skipped: list[dict] = field(default_factory=list)  # repo, commit, reason
+    reclaimed_bytes: int = 0
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _is_diffusers(snapshot: Path) -> bool:
+    if (snapshot / "model_index.json").exists() or (snapshot / "modular_model_index.json").exists():
+        return True
+    config = snapshot / "config.json"
+    if not config.exists():
+        return False
+    try:
+        return "_class_name" in json.loads(config.read_text())
+    except (ValueError, OSError):
+        return False
+
+
+def _tree_listing(repo_path: Path, commit: str) -> dict:
+    path = repo_path / "trees" / f"{commit}.json"
+    try:
+        files = json.loads(path.read_text()).get("files", {})
+        return files if isinstance(files, dict) else {}
+    except (OSError, ValueError, AttributeError):
+        return {}
+
+
+def _same_bytes_as_cache(store: "Store", snapshot_id: str, snapshot_path: Path) -> bool:
+    """Every file of the snapshot, rebuilt from the store, equals the cached file."""
+    stored = {path: fid for path, fid, _, _ in store.snapshot_files(snapshot_id)}
+    cached = {p.relative_to(snapshot_path).as_posix() for p in snapshot_path.rglob("*") if p.is_file()}
+    if set(stored) != cached:
+        return False
+    for path, fid in stored.items():
+        ours = hashlib.sha256()
+        for piece in file_pieces(store, fid):
+            ours.update(piece)
+        theirs = hashlib.sha256()
+        with open(snapshot_path / path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 24), b""):
+                theirs.update(chunk)
+        if ours.digest() != theirs.digest():
+            return False
+    return True
+
+
+def adopt(store: "Store", cache_dir: str | os.PathLike | None = None, *, reclaim: bool = False,
+          progress: bool = False) -> AdoptReport:
+    """Ingest every diffusers snapshot of a Hugging Face cache; `reclaim` deletes each
+    revision from the cache once the store rebuilds it byte-identically.
+
+    >>> Store().adopt(reclaim=True).reclaimed_bytes  # doctest: +SKIP
+    """
+    from huggingface_hub import constants, scan_cache_dir
+
+    t0 = time.perf_counter()
+    cache = Path(cache_dir or constants.HF_HUB_CACHE)
+    if not cache.is_dir():
+        raise CompstoreError(f"{cache}: no Hugging Face cache there (pass --cache-dir)")
+    report = AdoptReport(str(cache))
+    info = scan_cache_dir(cache)
+    to_delete: list[str] = []
+    for repo in sorted(info.repos, key=lambda r: r.repo_id):
+        if repo.repo_type != "model":
+            continue
+        revisions = sorted(repo.revisions, key=lambda r: r.last_modified)
+        for rev in revisions:
+            snap = Path(rev.snapshot_path)
+            if not _is_diffusers(snap):
+                report.skipped.append({"repo": repo.repo_id, "commit": rev.commit_hash,
+                                       "reason": "not a diffusers pipeline or component"})
+                continue
+            ref = f"{repo.repo_id}@{rev.commit_hash}"
+            r = store.ingest(snap, ref, source=repo.repo_id, revision=rev.commit_hash,
+                             progress=progress)
+            store.tag(repo.repo_id, r.snapshot)  # the newest revision wins: sorted above
+            _record_tree_hashes(store, r.snapshot, _tree_listing(Path(repo.repo_path), rev.commit_hash))
+            entry = {"repo": repo.repo_id, "commit": rev.commit_hash, "ref": ref,
+                     "status": r.status, "bytes": r.logical_bytes}
+            if reclaim:
+                with store.reading():
+                    entry["verified"] = _same_bytes_as_cache(store, r.snapshot, snap)
+                if entry["verified"]:
+                    to_delete.append(rev.commit_hash)
+            report.adopted.append(entry)
+    if to_delete:
+        strategy = scan_cache_dir(cache).delete_revisions(*to_delete)
+        report.reclaimed_bytes = strategy.expected_freed_size
+        strategy.execute()
+    report.seconds = round(time.perf_counter() - t0, 3)
+    return report
+
+
+def _record_tree_hashes(store: "Store", snapshot_id: str, files: dict) -> None:
+    from .hub import record_xet_hashes
+
+    record_xet_hashes(store, snapshot_id, {p: e.get("xet_hash") for p, e in files.items()
+                                           if isinstance(e, dict)})
