@@ -44,6 +44,9 @@ class Repo:
     private: bool = False
     gated: bool = False
     tampered: dict[str, bytes] = field(default_factory=dict)  # path -> bytes served instead
+    # Tree listings carry xetHash only when asked: huggingface_hub's own downloads then
+    # try Xet transfers, which this emulator does not serve (issue 8).
+    xet_hashes: bool = False
     cuts: dict[str, list[int]] = field(default_factory=dict)  # path -> per GET: bytes sent, then a drop
 
 
@@ -154,7 +157,8 @@ class HubEmulator:
                     if p.endswith(LFS_SUFFIXES):
                         entry["lfs"] = {"oid": hashlib.sha256(data).hexdigest(), "size": len(data),
                                         "pointerSize": 134}
-                        entry["xetHash"] = xet_hash(data)
+                        if repo.xet_hashes:
+                            entry["xetHash"] = xet_hash(data)
                     entries.append(entry)
                 self._json(entries)
 

@@ -278,6 +278,7 @@ def test_adopt_without_a_cache_is_a_clear_error(store, tmp_path):
 def test_xet_hashes_from_the_hub_are_kept_beside_sha256(hub, store, family):
     from hub_emulator import xet_hash
 
+    hub.repos["org/A"].xet_hashes = True
     store.pull("org/A")
     rows = store.db.execute("SELECT sha256, xet_hash, size FROM files WHERE kind = 'safetensors'").fetchall()
     by_sha = {hashlib.sha256(p.read_bytes()).hexdigest(): xet_hash(p.read_bytes())
