@@ -284,3 +284,20 @@ def test_xet_hashes_from_the_hub_are_kept_beside_sha256(hub, store, family):
     by_sha = {hashlib.sha256(p.read_bytes()).hexdigest(): xet_hash(p.read_bytes())
               for p in Path(family["A"]).rglob("*.safetensors")}
     assert rows and all(xet == by_sha[sha] for sha, xet, _ in rows)
+
+
+def test_pull_a_variant_and_skip_pickles(hub, store, family, tmp_path):
+    import shutil
+
+    repo = tmp_path / "D-with-bin"
+    shutil.copytree(family["D"], repo)
+    (repo / "unet" / "diffusion_pytorch_model.bin").write_bytes(b"\x80\x04N." * 1000)
+    hub.add_repo("org/D2", repo)
+    r = store.pull("org/D2", variant="fp16")
+    assert r.ref.endswith("[fp16]")
+    served = set(hub.served_files)
+    assert "unet/diffusion_pytorch_model.fp16.safetensors" in served
+    assert "unet/diffusion_pytorch_model.safetensors" not in served
+    assert not any(p.endswith(".bin") for p in served)
+    pipe = compstore.DiffusionPipeline.from_pretrained(r.ref, store=store, variant="fp16")
+    assert pipe.unet.dtype == torch.float32 and pipe.text_encoder.dtype == torch.float16  # as diffusers

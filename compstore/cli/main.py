@@ -97,15 +97,17 @@ def ingest(ctx, path, name, allow_pickle, exclude, repin, as_json):
 @click.argument("repo_id")
 @click.option("--revision", help="Branch, tag or commit [default: main].")
 @click.option("--include", multiple=True, metavar="GLOB", help="Pull only matching files.")
+@click.option("--variant", help="Weights variant, e.g. fp16 (default weights where absent).")
 @click.option("--name", help="Ref to record it under [default: REPO_ID@COMMIT, and REPO_ID].")
 @click.option("--repin", is_flag=True,
               help="Modular repos: accept new content at the repos its components point at.")
 @json_option
 @click.pass_context
-def pull(ctx, repo_id, revision, include, name, repin, as_json):
+def pull(ctx, repo_id, revision, include, variant, name, repin, as_json):
     """Pull a Hub repo, downloading only files whose content the store lacks."""
-    r = open_store(ctx).pull(repo_id, revision=revision, include=list(include) or None, name=name,
-                             repin=repin, progress=want_progress(as_json))
+    r = open_store(ctx).pull(repo_id, revision=revision, include=list(include) or None,
+                             variant=variant, name=name, repin=repin,
+                             progress=want_progress(as_json))
     emit(as_json, r.to_dict(),
          f"{r.ref}: {r.status}; downloaded {r.downloaded_files} files ({human(r.downloaded_bytes)}), "
          f"skipped {r.skipped_files} already held ({human(r.skipped_bytes)}) in {r.seconds:.2f} s")

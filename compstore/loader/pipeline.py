@@ -50,6 +50,7 @@ def resolve_snapshot(
     *,
     revision: str | None = None,
     local_files_only: bool | None = None,
+    variant: str | None = None,
     **_: Any,
 ) -> tuple[str, str]:
     """(snapshot id, label) for a local folder (ingested on the way) or a store ref."""
@@ -62,7 +63,7 @@ def resolve_snapshot(
     candidates = [f"{label}@{revision}", label] if revision else [label]
     if _REPO_ID.match(label) and not local_files_only and not _hub_offline():
         # A repo id: the Hub names the commit; only what the store lacks is downloaded.
-        return store.resolve(store.pull(label, revision=revision).ref), label
+        return store.resolve(store.pull(label, revision=revision, variant=variant).ref), label
     for ref in candidates:
         if store.has_ref(ref):
             return store.resolve(ref), label
@@ -128,8 +129,8 @@ class DiffusionPipeline:
                                  "only (pickle checkpoints are never loaded)")
         kwargs.pop("low_cpu_mem_usage", None)  # binding store tensors is always low-memory
         snapshot_id, label = resolve_snapshot(
-            store, pretrained_model_name_or_path,
-            revision=kwargs.pop("revision", None), local_files_only=kwargs.pop("local_files_only", None))
+            store, pretrained_model_name_or_path, revision=kwargs.pop("revision", None),
+            local_files_only=kwargs.pop("local_files_only", None), variant=variant)
 
         raw_index = store.read_file(snapshot_id, "model_index.json")
         if raw_index is None:

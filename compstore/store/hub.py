@@ -16,8 +16,10 @@ Xet deduplicates uploads, not downloads, and hf_xet 1.8 keeps no chunk cache
 (`HF_XET_CHUNK_CACHE_SIZE_BYTES` has no effect, xet-core#715): the store is the
 client-side cache. A repo that carries a `compstore.manifest.json` (see
 manifest.py) is fetched tensor by tensor: only the tensors the store lacks are
-requested, with HTTP ranges. Each file's Xet hash from the Hub is kept beside its
-sha256, so content is recognised by either.
+requested, with HTTP ranges. Each file's Xet hash from the Hub (or from a cache's
+`trees/<commit>.json`, see adopt.py) is kept beside its sha256, so content is
+recognised by either. Xet hashes are not computed locally: `hf_xet.hash_files`
+took 4.5 s for a 1.6 GB UNet here (~370 MB/s), too slow for every ingest.
 """
 
 from __future__ import annotations
@@ -31,7 +33,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from pathlib import PurePosixPath
+
 from .errors import CompstoreError
+from .progress import progress_bar
+from .scan import PICKLE_SUFFIXES, variant_of
 from .export import file_pieces, write_file
 from .manifest import FILENAME as MANIFEST
 from .manifest import parse_manifest
@@ -60,6 +66,34 @@ class PullResult:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+NOT_PULLED = PICKLE_SUFFIXES + (".msgpack", ".h5", ".onnx", ".onnx_data", ".pb", ".mlmodel")
+
+
+def _pick_variant(entries: list, variant: str | None) -> list:
+    """Per folder: the weights of `variant` where it has any, else the default ones.
+    Without a variant, every variant is pulled (the repo as published)."""
+    if not variant:
+        return entries
+
+    def is_weights(path: str) -> bool:
+        return path.endswith(".safetensors") or ".safetensors.index" in path
+
+    folders: dict[str, set[str]] = {}
+    for f in entries:
+        if is_weights(f.path):
+            folders.setdefault(str(PurePosixPath(f.path).parent), set()).add(variant_of(f.path))
+    keep = []
+    for f in entries:
+        if not is_weights(f.path):
+            keep.append(f)
+            continue
+        have = folders[str(PurePosixPath(f.path).parent)]
+        want = variant if variant in have else ""
+        if variant_of(f.path) == want or (want not in have and len(have) == 1):
+            keep.append(f)
+    return keep
 
 
 def _git_blob_sha1(data: bytes) -> str:
@@ -108,11 +142,15 @@ def _hub_errors(repo_id: str, revision: str | None):
 
 
 def pull(store: "Store", repo_id: str, *, revision: str | None = None,
-         include: list[str] | None = None, name: str | None = None,
+         include: list[str] | None = None, variant: str | None = None, name: str | None = None,
          token: str | bool | None = None, repin: bool = False, progress: bool = False) -> PullResult:
     """Pull `repo_id` at `revision` into the store; download only what it lacks.
 
-    Creates the refs `repo_id@<commit>` (or `name`) and `repo_id` (moved to this commit).
+    Creates the refs `repo_id@<commit>` (`repo_id@<commit>[variant]` with a variant,
+    or `name`) and, for a full pull, `repo_id` (moved to this commit).
+    Pickle checkpoints and other frameworks' weights (.bin, .ckpt, .msgpack, .onnx, ...)
+    are not pulled. With `variant`, a folder's weights of that variant are pulled
+    where it has them, its default weights elsewhere (as diffusers does).
 
     >>> Store().pull("stabilityai/sdxl-turbo", include=["*.json", "unet/*"])  # doctest: +SKIP
     """
@@ -133,14 +171,18 @@ def pull(store: "Store", repo_id: str, *, revision: str | None = None,
                    if isinstance(f, RepoFile)]
     except NETWORK_ERRORS as e:
         raise translate(e) from None
-    if (name is None and not include and not repin and store.has_ref(f"{repo_id}@{commit}")
-            and not pins_of(store, store.resolve(f"{repo_id}@{commit}"))):
+    default_ref = f"{repo_id}@{commit}" + (f"[{variant}]" if variant else "")
+    if (name is None and not include and not repin and store.has_ref(default_ref)
+            and not pins_of(store, store.resolve(default_ref))):
         # This commit is already in the store: nothing to fetch or ingest. (A modular
         # repo is ingested again: what its pointers name may have changed.)
-        ref = f"{repo_id}@{commit}"
-        store.tag(repo_id, store.resolve(ref))
+        ref = default_ref
+        if not variant:
+            store.tag(repo_id, store.resolve(ref))
         return PullResult(repo_id, commit, ref, len(entries), 0, 0, len(entries),
                           sum(f.size for f in entries), "unchanged", round(time.perf_counter() - t0, 3))
+    entries = [f for f in entries if not f.path.lower().endswith(NOT_PULLED)]
+    entries = _pick_variant(entries, variant)
     if include:
         entries = [f for f in entries if any(fnmatch.fnmatch(f.path, g) for g in include)]
     if not entries:
@@ -153,49 +195,53 @@ def pull(store: "Store", repo_id: str, *, revision: str | None = None,
     n_down = n_skip = 0
     manifest: dict | None = None
     entries.sort(key=lambda f: f.path != MANIFEST)  # the manifest first: it steers the rest
-    for f in entries:
-        target = folder / f.path
-        sha = f.lfs.sha256 if f.lfs else None
-        held = _held_file(store, f.size, sha, None if f.lfs else f.blob_id, f.xet_hash)
-        if held is not None:
+    held_by_path = {f.path: _held_file(store, f.size, f.lfs.sha256 if f.lfs else None,
+                                       None if f.lfs else f.blob_id, f.xet_hash) for f in entries}
+    with progress_bar(sum(f.size for f in entries if held_by_path[f.path] is None),
+                      f"pull {repo_id}", progress) as bar:
+        for f in entries:
+            target = folder / f.path
+            sha = f.lfs.sha256 if f.lfs else None
+            held = held_by_path[f.path]
+            if held is not None:
+                if not target.exists():
+                    with store.reading():
+                        write_file(store, held[0], held[1], target)
+                if f.path == MANIFEST:
+                    manifest = parse_manifest(target.read_bytes())
+                skipped += f.size
+                n_skip += 1
+                continue
+            plan = manifest.get(f.path) if manifest else None
+            if plan and sha and plan["sha256"] == sha.lower() and plan["size"] == f.size:
+                try:
+                    fetched = _assemble(store, repo_id, f.path, commit, endpoint, token, plan, target)
+                except NETWORK_ERRORS as e:
+                    raise translate(e) from None
+                if fetched is not None:  # else: the manifest lied; download the whole file
+                    downloaded += fetched
+                    bar.update(f.size)
+                    n_down += 1
+                    continue
             if not target.exists():
-                with store.reading():
-                    write_file(store, held[0], held[1], target)
+                try:
+                    downloaded += _fetch(hf_hub_url(repo_id, f.path, revision=commit, endpoint=endpoint),
+                                         build_hf_headers(token=token), target, f.size, bar.update)
+                except NETWORK_ERRORS as e:
+                    raise translate(e) from None
+                if sha and _sha256(target) != sha.lower():
+                    target.unlink()
+                    raise HubError(f"{repo_id}/{f.path}@{commit[:12]}: the downloaded bytes do not "
+                                   "match the Hub's sha256; nothing was stored (retry the pull)")
             if f.path == MANIFEST:
                 manifest = parse_manifest(target.read_bytes())
-            skipped += f.size
-            n_skip += 1
-            continue
-        plan = manifest.get(f.path) if manifest else None
-        if plan and sha and plan["sha256"] == sha.lower() and plan["size"] == f.size:
-            try:
-                fetched = _assemble(store, repo_id, f.path, commit, endpoint, token, plan, target)
-            except NETWORK_ERRORS as e:
-                raise translate(e) from None
-            if fetched is not None:  # else: the manifest lied; download the whole file
-                downloaded += fetched
-                n_down += 1
-                continue
-        if not target.exists():
-            try:
-                downloaded += _fetch(hf_hub_url(repo_id, f.path, revision=commit, endpoint=endpoint),
-                                     build_hf_headers(token=token), target, f.size)
-            except NETWORK_ERRORS as e:
-                raise translate(e) from None
-            if sha and _sha256(target) != sha.lower():
-                target.unlink()
-                raise HubError(f"{repo_id}/{f.path}@{commit[:12]}: the downloaded bytes do not "
-                               "match the Hub's sha256; nothing was stored (retry the pull)")
-        if f.path == MANIFEST:
-            manifest = parse_manifest(target.read_bytes())
-        n_down += 1
+            n_down += 1
 
-    ref = name or f"{repo_id}@{commit}"
-    # hf_hub_download's own bookkeeping under .cache/ is skipped by the scan.
+    ref = name or default_ref
     result: IngestResult = store.ingest(folder, ref, source=repo_id, revision=commit,
                                         repin=repin, progress=progress)
-    if name is None:
-        store.tag(repo_id, result.snapshot)  # `org/name` follows the latest pull
+    if name is None and not variant and not include:
+        store.tag(repo_id, result.snapshot)  # `org/name` follows the latest full pull
     record_xet_hashes(store, result.snapshot, {f.path: f.xet_hash for f in entries})
     shutil.rmtree(folder, ignore_errors=True)
     return PullResult(repo_id, commit, ref, len(entries), n_down, downloaded, n_skip, skipped,
@@ -265,7 +311,8 @@ def record_xet_hashes(store: "Store", snapshot_id: str, xet_by_path: dict[str, s
                 "WHERE snapshot_id = ? AND path = ?)", rows)
 
 
-def _fetch(url: str, headers: dict, target: Path, size: int, retries: int = 3) -> int:
+def _fetch(url: str, headers: dict, target: Path, size: int, on_bytes=lambda n: None,
+           retries: int = 3) -> int:
     """Download `url` to `target` through huggingface_hub's HTTP session, resuming from
     `target`'s `.partial` file (kept by an interrupted pull). Returns bytes fetched.
 
@@ -296,6 +343,7 @@ def _fetch(url: str, headers: dict, target: Path, size: int, retries: int = 3) -
                     for chunk in r.iter_bytes(1 << 20):
                         out.write(chunk)  # each chunk kept at once: a drop loses nothing
                         fetched += len(chunk)
+                        on_bytes(len(chunk))
         except (httpx2.TransportError, httpx2.RemoteProtocolError):
             if attempt == retries:
                 raise

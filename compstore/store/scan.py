@@ -130,14 +130,17 @@ def _walk(root: str, allow_pickle: bool, exclude: list[str]) -> dict[str, Scanne
     return files
 
 
-def _variant_of(filename: str, index_variants: dict[str, str]) -> str:
+def variant_of(filename: str, index_variants: dict[str, str] | None = None) -> str:
     """The variant of a weights file: from its index if it has one, else its name.
 
     diffusers names variant files `stem.<variant>.safetensors` (and shards
     `stem.<variant>-00001-of-00002.safetensors` or `stem-00001-of-00002.<variant>...`).
     """
-    if filename in index_variants:
+    if index_variants and filename in index_variants:
         return index_variants[filename]
+    m = _INDEX_RE.match(PurePosixPath(filename).name)
+    if m:
+        return m.group("variant") or ""
     base = PurePosixPath(filename).name[: -len(".safetensors")]
     base = _SHARD_RE.sub("", base)
     parts = base.split(".")
@@ -272,7 +275,7 @@ def scan_folder(
         by_variant: dict[str, list[str]] = {}
         for p in slot_files:
             if files[p].is_safetensors and "/" not in p[len(prefix):]:
-                by_variant.setdefault(_variant_of(p, shard_variant), []).append(p)
+                by_variant.setdefault(variant_of(p, shard_variant), []).append(p)
         by_variant = _split_colliding(by_variant, files, shard_variant)
         if not by_variant:
             by_variant[""] = []

@@ -173,14 +173,14 @@ class Store:
             self.db.execute("UPDATE refs SET created = coalesce(created, updated) WHERE name = ?", [ref])
 
     def pull(self, repo_id: str, *, revision: str | None = None, include: list[str] | None = None,
-             name: str | None = None, token: str | bool | None = None, repin: bool = False,
-             progress: bool = False) -> PullResult:
+             variant: str | None = None, name: str | None = None, token: str | bool | None = None,
+             repin: bool = False, progress: bool = False) -> PullResult:
         """Pull a Hub repo, downloading only the files whose content the store lacks.
 
         >>> Store().pull("org/tiny-sd", revision="main").downloaded_bytes  # doctest: +SKIP
         """
-        return pull_repo(self, repo_id, revision=revision, include=include, name=name,
-                         token=token, repin=repin, progress=progress)
+        return pull_repo(self, repo_id, revision=revision, include=include, variant=variant,
+                         name=name, token=token, repin=repin, progress=progress)
 
     def adopt(self, cache_dir: str | os.PathLike | None = None, *, reclaim: bool = False,
               progress: bool = False) -> AdoptReport:
