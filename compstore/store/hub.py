@@ -7,10 +7,12 @@ store into the pull's folder. The rest is downloaded into `<store>/downloads/`, 
 pull leaves in place so the next one resumes, is checked against the Hub's sha256,
 ingested, and removed.
 
-Transfers use huggingface_hub's session, URLs and auth headers with compstore's
-own ranged, resumable GET (`_fetch`): huggingface_hub 2.4's `hf_hub_download`
-starts every download over in a new temporary file. Xet-stored files come over the
-Hub's HTTP resolve endpoint; fetching them as Xet chunks is issue 8.
+Files the Hub stores in Xet are downloaded by `hf_hub_download` (hf_xet
+underneath). The others, and Xet files whose Xet transfer fails, use
+huggingface_hub's session, URLs and auth headers with compstore's own ranged,
+resumable GET (`_fetch`): huggingface_hub 2.4's `hf_hub_download` starts every
+download over in a new temporary file, so only `_fetch` resumes across pulls.
+Fetching only the Xet chunks the store lacks is issue 8.
 
 Xet deduplicates uploads, not downloads, and hf_xet 1.8 keeps no chunk cache
 (`HF_XET_CHUNK_CACHE_SIZE_BYTES` has no effect, xet-core#715): the store is the
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
+import logging
 import os
 import shutil
 import time
@@ -45,6 +48,8 @@ from .modular import pins_of
 
 if TYPE_CHECKING:
     from .store import IngestResult, Store
+
+logger = logging.getLogger("compstore")
 
 
 class HubError(CompstoreError):
@@ -156,7 +161,7 @@ def pull(store: "Store", repo_id: str, *, revision: str | None = None,
     """
     import httpx2  # huggingface_hub's HTTP client
     import huggingface_hub
-    from huggingface_hub import HfApi, hf_hub_url
+    from huggingface_hub import HfApi, hf_hub_download, hf_hub_url
     from huggingface_hub.hf_api import RepoFile
     from huggingface_hub.utils import build_hf_headers
 
@@ -223,6 +228,16 @@ def pull(store: "Store", repo_id: str, *, revision: str | None = None,
                     bar.update(f.size)
                     n_down += 1
                     continue
+            if not target.exists() and f.xet_hash and not _partial(target).exists():
+                # The Hub stores this file in Xet: huggingface_hub downloads it with hf_xet.
+                try:
+                    hf_hub_download(repo_id, f.path, revision=commit, local_dir=folder,
+                                    token=token, endpoint=endpoint)
+                    downloaded += f.size
+                    bar.update(f.size)
+                except NETWORK_ERRORS as e:  # e.g. no Xet service: plain HTTP below
+                    logger.warning("%s: Xet download failed (%s); downloading over HTTP",
+                                   f.path, str(e).splitlines()[0])
             if not target.exists():
                 try:
                     downloaded += _fetch(hf_hub_url(repo_id, f.path, revision=commit, endpoint=endpoint),
@@ -322,7 +337,7 @@ def _fetch(url: str, headers: dict, target: Path, size: int, on_bytes=lambda n: 
     from huggingface_hub.utils import get_session, hf_raise_for_status
 
     target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_name(target.name + ".partial")
+    partial = _partial(target)
     fetched = 0
     for attempt in range(retries + 1):
         have = partial.stat().st_size if partial.exists() else 0
@@ -351,6 +366,10 @@ def _fetch(url: str, headers: dict, target: Path, size: int, on_bytes=lambda n: 
         raise OSError(f"{target.name}: got {partial.stat().st_size} bytes, expected {size}")
     os.replace(partial, target)
     return fetched
+
+
+def _partial(target: Path) -> Path:
+    return target.with_name(target.name + ".partial")
 
 
 def _sha256(path: str | os.PathLike) -> str:
