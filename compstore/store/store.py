@@ -259,8 +259,8 @@ class Store:
                         self._commit(ing, packs, components, comp_tensors, slots, pins,
                                      scan, snap, ref, source, revision)
                     except BaseException:  # the catalog rolled back: its new packs go too
-                        for name, _ in packs:
-                            (self.home / "objects" / "packs" / f"{name}.pack").unlink(missing_ok=True)
+                        for pack_name, _ in packs:
+                            (self.home / "objects" / "packs" / f"{pack_name}.pack").unlink(missing_ok=True)
                         raise
             except BaseException:
                 writer.abort()
