@@ -27,6 +27,13 @@ def store(tmp_path) -> Store:
 
 
 @pytest.fixture
+def family_store(store, family):
+    for name in "ABCD":
+        store.ingest(family[name], name)
+    return store
+
+
+@pytest.fixture
 def pipeline_copy(family, tmp_path):
     """A private copy of family member A, safe to damage."""
     def make(name: str = "A") -> Path:

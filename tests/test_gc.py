@@ -17,13 +17,6 @@ from compstore.cli import cli
 from conftest import store_state, tree_sha256
 
 
-@pytest.fixture
-def family_store(store, family):
-    for name in "ABCD":
-        store.ingest(family[name], name)
-    return store
-
-
 def test_rm_then_gc_frees_exactly_the_bytes_only_that_ref_held(family_store, family, tmp_path):
     du = family_store.du()
     unique_b = next(r["unique_bytes"] for r in du.refs if r["name"] == "B")

@@ -9,13 +9,6 @@ import compstore
 from compstore import CompstoreError, RefNotFoundError
 
 
-@pytest.fixture
-def loaded_store(store, family):
-    for name in "ABCD":
-        store.ingest(family[name], name)
-    return store
-
-
 def config_of(module) -> dict:
     c = module.config.to_dict() if hasattr(module.config, "to_dict") else dict(module.config)
     c.pop("_name_or_path", None)
@@ -55,9 +48,9 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_same_weights_config_and_image_as_diffusers(case, loaded_store, family):
+def test_same_weights_config_and_image_as_diffusers(case, family_store, family):
     name, kwargs = CASES[case]
-    ours = compstore.DiffusionPipeline.from_pretrained(name, store=loaded_store, **kwargs)
+    ours = compstore.DiffusionPipeline.from_pretrained(name, store=family_store, **kwargs)
     theirs = diffusers.DiffusionPipeline.from_pretrained(family[name], **kwargs)
     assert_same_pipeline(ours, theirs)
     assert ours.config._name_or_path == name
@@ -66,21 +59,21 @@ def test_same_weights_config_and_image_as_diffusers(case, loaded_store, family):
         np.testing.assert_array_equal(image(ours), image(theirs))
 
 
-def test_fp16_pipeline_runs_the_same_on_cpu(loaded_store, family):
-    ours = compstore.DiffusionPipeline.from_pretrained("A", store=loaded_store, dtype=torch.float16)
+def test_fp16_pipeline_runs_the_same_on_cpu(family_store, family):
+    ours = compstore.DiffusionPipeline.from_pretrained("A", store=family_store, dtype=torch.float16)
     theirs = diffusers.DiffusionPipeline.from_pretrained(family["A"], dtype=torch.float16)
     np.testing.assert_array_equal(image(ours), image(theirs))
 
 
-def test_component_passed_as_kwarg_and_none_to_skip(loaded_store, family):
-    vae_b = compstore.load_component("B", "vae", store=loaded_store)
-    unet_b = compstore.load_component("B", "unet", store=loaded_store)
-    ours = compstore.DiffusionPipeline.from_pretrained("A", store=loaded_store, unet=unet_b, vae=vae_b)
+def test_component_passed_as_kwarg_and_none_to_skip(family_store, family):
+    vae_b = compstore.load_component("B", "vae", store=family_store)
+    unet_b = compstore.load_component("B", "unet", store=family_store)
+    ours = compstore.DiffusionPipeline.from_pretrained("A", store=family_store, unet=unet_b, vae=vae_b)
     assert ours.unet is unet_b and ours.vae is vae_b
     theirs = diffusers.DiffusionPipeline.from_pretrained(family["B"])
     assert_same_pipeline(ours, theirs, slots=("unet", "vae", "text_encoder"))
     np.testing.assert_array_equal(image(ours), image(theirs))
-    no_vae = compstore.DiffusionPipeline.from_pretrained("A", store=loaded_store, vae=None)
+    no_vae = compstore.DiffusionPipeline.from_pretrained("A", store=family_store, vae=None)
     assert no_vae.vae is None
 
 
@@ -96,33 +89,33 @@ def mapped_pack_ranges(store) -> list[tuple[int, int]]:
     return ranges
 
 
-def test_weights_are_zero_copy_views_of_the_store(loaded_store):
-    pipe = compstore.DiffusionPipeline.from_pretrained("A", store=loaded_store)
-    ranges = mapped_pack_ranges(loaded_store)
+def test_weights_are_zero_copy_views_of_the_store(family_store):
+    pipe = compstore.DiffusionPipeline.from_pretrained("A", store=family_store)
+    ranges = mapped_pack_ranges(family_store)
     params = list(pipe.unet.parameters()) + list(pipe.text_encoder.parameters())
     inside = [any(lo <= p.data_ptr() < hi for lo, hi in ranges) for p in params]
     assert all(inside)
 
 
-def test_in_place_edits_never_reach_the_store(loaded_store):
-    pipe = compstore.DiffusionPipeline.from_pretrained("A", store=loaded_store)
+def test_in_place_edits_never_reach_the_store(family_store):
+    pipe = compstore.DiffusionPipeline.from_pretrained("A", store=family_store)
     w = pipe.unet.conv_in.weight
     before = w.detach().clone()
     with torch.no_grad():
         w.add_(1.0)  # like fuse_lora: an in-place change of a loaded weight
-    assert loaded_store.verify().ok
-    again = compstore.load_component("A", "unet", store=loaded_store)
+    assert family_store.verify().ok
+    again = compstore.load_component("A", "unet", store=family_store)
     assert torch.equal(again.conv_in.weight, before)
     assert torch.equal(pipe.unet.conv_in.weight, before + 1.0)
 
 
-def test_load_component_matches_diffusers_and_transformers(loaded_store, family):
+def test_load_component_matches_diffusers_and_transformers(family_store, family):
     from transformers import CLIPTextModel
 
-    unet = compstore.load_component("C", "unet", store=loaded_store, dtype=torch.float16)
+    unet = compstore.load_component("C", "unet", store=family_store, dtype=torch.float16)
     ref = diffusers.UNet2DConditionModel.from_pretrained(family["C"] / "unet", torch_dtype=torch.float16)
     assert all(torch.equal(a, b) for a, b in zip(unet.state_dict().values(), ref.state_dict().values()))
-    te = compstore.load_component("D", "text_encoder", store=loaded_store, variant="fp16")
+    te = compstore.load_component("D", "text_encoder", store=family_store, variant="fp16")
     ref_te = CLIPTextModel.from_pretrained(family["D"] / "text_encoder", variant="fp16")
     assert te.dtype == ref_te.dtype == torch.float16
     assert all(torch.equal(a, b) for a, b in zip(te.state_dict().values(), ref_te.state_dict().values()))
@@ -143,8 +136,8 @@ def test_unknown_names_give_clear_errors(store):
         compstore.DiffusionPipeline.from_pretrained("org/model", store=store)
 
 
-def test_use_safetensors_false_and_missing_slot(loaded_store):
+def test_use_safetensors_false_and_missing_slot(family_store):
     with pytest.raises(CompstoreError, match="pickle checkpoints are never loaded"):
-        compstore.DiffusionPipeline.from_pretrained("A", store=loaded_store, use_safetensors=False)
+        compstore.DiffusionPipeline.from_pretrained("A", store=family_store, use_safetensors=False)
     with pytest.raises(compstore.ComponentNotFoundError, match="no component in slot 'transformer'"):
-        compstore.load_component("A", "transformer", store=loaded_store)
+        compstore.load_component("A", "transformer", store=family_store)

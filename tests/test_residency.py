@@ -27,13 +27,6 @@ def fake_offload(t):  # a meta tensor has no bytes to copy back; the pinned tier
     return torch.empty(t.shape, dtype=t.dtype)
 
 
-@pytest.fixture
-def loaded(store, family):
-    for name in "ABC":
-        store.ingest(family[name], name)
-    return store
-
-
 def load(store, name):
     return compstore.DiffusionPipeline.from_pretrained(name, store=store)
 
@@ -60,20 +53,20 @@ def unkeyed_bytes(pipe):
     return total
 
 
-def test_switch_uploads_only_the_delta(loaded):
+def test_switch_uploads_only_the_delta(family_store):
     copier = CountingCopier()
     pool = ResidencyPool("meta", budget_bytes=1 << 40, copier=copier)
-    a = load(loaded, "A")
+    a = load(family_store, "A")
     first = to_device(a, "meta", pool=pool)
     # Identical tensors inside A (all-ones norm weights, ...) are one blob: uploaded once.
     assert first.bytes_uploaded == copier.bytes > 0
     assert first.bytes_uploaded + first.bytes_reused == model_bytes(a)
-    b = load(loaded, "B")
+    b = load(family_store, "B")
     second = to_device(b, "meta", pool=pool)
     # What moved is exactly the tensor payload B does not share with A (plus the
     # few bytes of buffers a model computes itself rather than loads).
     assert unkeyed_bytes(b) == 77 * 8  # CLIP position_ids
-    assert second.bytes_uploaded == loaded.diff("A", "B").delta_bytes + unkeyed_bytes(b)
+    assert second.bytes_uploaded == family_store.diff("A", "B").delta_bytes + unkeyed_bytes(b)
     per = {c.component: c for c in second.components}
     assert per["vae"].bytes_from_store == 0 and per["vae"].bytes_reused > 0
     assert per["text_encoder"].bytes_from_store == 77 * 8  # only its computed position_ids
@@ -84,56 +77,56 @@ def test_switch_uploads_only_the_delta(loaded):
     assert compstore.last_transfer() is second
 
 
-def test_a_b_a_within_budget_moves_nothing(loaded):
+def test_a_b_a_within_budget_moves_nothing(family_store):
     copier = CountingCopier()
     pool = ResidencyPool("meta", budget_bytes=1 << 40, copier=copier)
-    to_device(load(loaded, "A"), "meta", pool=pool)  # A is dropped right away
+    to_device(load(family_store, "A"), "meta", pool=pool)  # A is dropped right away
     gc.collect()
-    to_device(load(loaded, "B"), "meta", pool=pool)
+    to_device(load(family_store, "B"), "meta", pool=pool)
     gc.collect()
-    a2 = load(loaded, "A")
+    a2 = load(family_store, "A")
     again = to_device(a2, "meta", pool=pool)
     assert again.bytes_uploaded == unkeyed_bytes(a2) and again.bytes_reused > 0
 
 
-def test_eviction_respects_budget_and_never_touches_live_tensors(loaded):
+def test_eviction_respects_budget_and_never_touches_live_tensors(family_store):
     pool = ResidencyPool("meta", budget_bytes=0, copier=CountingCopier())
-    a = load(loaded, "A")
+    a = load(family_store, "A")
     to_device(a, "meta", pool=pool)
     assert pool.resident_bytes == pool.resident_bytes - pool.idle_bytes  # all live, all kept
     live = pool.resident_bytes
     del a
     gc.collect()
-    b = load(loaded, "B")
+    b = load(family_store, "B")
     to_device(b, "meta", pool=pool)
     assert pool.idle_bytes == 0  # budget 0: A's tensors B does not use are gone
     assert pool.resident_bytes < live + model_bytes(b)
-    again = to_device(load(loaded, "A"), "meta", pool=pool)
+    again = to_device(load(family_store, "A"), "meta", pool=pool)
     assert again.bytes_from_store > 0 and again.bytes_reused > 0  # A's UNet came back, VAE shared
 
 
-def test_pinned_tier_serves_evicted_tensors(loaded):
+def test_pinned_tier_serves_evicted_tensors(family_store):
     copier = CountingCopier()
     pool = ResidencyPool("meta", budget_bytes=0, pinned_budget_bytes=1 << 40, copier=copier,
                          offloader=fake_offload)
-    to_device(load(loaded, "A"), "meta", pool=pool)
+    to_device(load(family_store, "A"), "meta", pool=pool)
     gc.collect()
-    to_device(load(loaded, "B"), "meta", pool=pool)
+    to_device(load(family_store, "B"), "meta", pool=pool)
     gc.collect()
     assert pool.pinned_bytes > 0
-    a2 = load(loaded, "A")
+    a2 = load(family_store, "A")
     again = to_device(a2, "meta", pool=pool)
     assert again.bytes_from_pinned > 0
     assert sum(c.bytes_from_store for c in again.components) == unkeyed_bytes(a2)
 
 
-def test_tensors_changed_in_place_are_never_served_as_the_stores(loaded):
+def test_tensors_changed_in_place_are_never_served_as_the_stores(family_store):
     pool = ResidencyPool("meta", budget_bytes=1 << 40, copier=CountingCopier())
-    a = load(loaded, "A")
+    a = load(family_store, "A")
     with torch.no_grad():
         a.vae.decoder.conv_out.weight.add_(1.0)  # edited on the host before the move
     first = to_device(a, "meta", pool=pool)
-    b = load(loaded, "B")
+    b = load(family_store, "B")
     second = to_device(b, "meta", pool=pool)
     nbytes = b.vae.decoder.conv_out.weight.numel() * 4
     vae = next(c for c in second.components if c.component == "vae")
@@ -141,7 +134,7 @@ def test_tensors_changed_in_place_are_never_served_as_the_stores(loaded):
     assert first.bytes_uploaded > 0
     with torch.no_grad():
         b.unet.conv_in.weight.mul_(2.0)  # edited on the device, like fuse_lora
-    b2 = load(loaded, "B")
+    b2 = load(family_store, "B")
     third = to_device(b2, "meta", pool=pool)
     unet = next(x for x in third.components if x.component == "unet")
     assert unet.bytes_from_store == b2.unet.conv_in.weight.numel() * 4  # re-uploaded, not shared
@@ -149,11 +142,11 @@ def test_tensors_changed_in_place_are_never_served_as_the_stores(loaded):
     assert same_storage(b2.unet.conv_out.weight, b.unet.conv_out.weight)
 
 
-def test_private_copies_for_weight_editors(loaded):
+def test_private_copies_for_weight_editors(family_store):
     pool = ResidencyPool("meta", budget_bytes=1 << 40, copier=CountingCopier())
-    a = load(loaded, "A")
+    a = load(family_store, "A")
     to_device(a, "meta", pool=pool)
-    b = load(loaded, "A")
+    b = load(family_store, "A")
     report = to_device(b, "meta", pool=pool, private=True)
     assert report.bytes_reused == 0 and report.bytes_uploaded == model_bytes(b)
     assert not same_storage(b.vae.encoder.conv_in.weight, a.vae.encoder.conv_in.weight)
@@ -170,12 +163,12 @@ def test_tied_weights_stay_tied_after_a_move(store, tmp_path):
     assert model.shared.weight.device.type == "meta"
 
 
-def test_pipe_to_goes_through_the_pool(loaded, monkeypatch):
+def test_pipe_to_goes_through_the_pool(family_store, monkeypatch):
     pool = ResidencyPool("meta", budget_bytes=1 << 40, copier=CountingCopier())
     monkeypatch.setitem(compstore.loader.residency._POOLS, "meta", pool)
-    a, b = load(loaded, "A"), load(loaded, "B")
+    a, b = load(family_store, "A"), load(family_store, "B")
     a.to("meta")
     b.to("meta")
     assert compstore.last_transfer().bytes_uploaded == (
-        loaded.diff("A", "B").delta_bytes + unkeyed_bytes(b))
+        family_store.diff("A", "B").delta_bytes + unkeyed_bytes(b))
     assert b.unet.device.type == "meta"

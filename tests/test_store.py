@@ -33,13 +33,6 @@ def distinct_content_bytes(folders) -> int:
     return sum(seen.values())
 
 
-@pytest.fixture
-def family_store(store, family):
-    for name in "ABCD":
-        store.ingest(family[name], name)
-    return store
-
-
 def test_physical_bytes_within_3_percent_of_unique_content(family_store, family):
     du = family_store.du()
     unique = distinct_content_bytes(family.values())

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from ..store import CompstoreError, RefNotFoundError, Store
+from ..store.hub import hub_reachable, is_repo_id
 from ..store.components import pick_component
 from .component import build_model, is_model_class, resolve_class
 from .residency import to_device
@@ -37,7 +38,6 @@ from .tensors import private_packs
 logger = logging.getLogger("compstore")
 
 _WEIGHT_FILE = re.compile(r"(\.safetensors|\.safetensors\.index(\.[^.]+)?\.json|\.bin|\.ckpt|\.pt|\.pth|\.pkl|\.pickle)$")
-_REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
 def open_store(store: Store | str | os.PathLike | None) -> Store:
@@ -61,19 +61,13 @@ def resolve_snapshot(
         result = store.ingest(path, ref)
         return result.snapshot, label
     candidates = [f"{label}@{revision}", label] if revision else [label]
-    if _REPO_ID.match(label) and not local_files_only and not _hub_offline():
+    if is_repo_id(label) and not local_files_only and hub_reachable():
         # A repo id: the Hub names the commit; only what the store lacks is downloaded.
         return store.resolve(store.pull(label, revision=revision, variant=variant).ref), label
     for ref in candidates:
         if store.has_ref(ref):
             return store.resolve(ref), label
     raise RefNotFoundError(label, str(store.home))
-
-
-def _hub_offline() -> bool:
-    from huggingface_hub import constants
-
-    return bool(constants.HF_HUB_OFFLINE)
 
 
 def per_slot(value, slot: str):

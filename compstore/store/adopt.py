@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 
 from .errors import CompstoreError
 from .export import file_pieces
+from .hub import file_sha256, record_xet_hashes
 
 if TYPE_CHECKING:
     from .store import Store
@@ -73,11 +74,7 @@ def _same_bytes_as_cache(store: "Store", snapshot_id: str, snapshot_path: Path) 
         ours = hashlib.sha256()
         for piece in file_pieces(store, fid):
             ours.update(piece)
-        theirs = hashlib.sha256()
-        with open(snapshot_path / path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 24), b""):
-                theirs.update(chunk)
-        if ours.digest() != theirs.digest():
+        if ours.hexdigest() != file_sha256(snapshot_path / path):
             return False
     return True
 
@@ -130,7 +127,5 @@ def adopt(store: "Store", cache_dir: str | os.PathLike | None = None, *, reclaim
 
 
 def _record_tree_hashes(store: "Store", snapshot_id: str, files: dict) -> None:
-    from .hub import record_xet_hashes
-
     record_xet_hashes(store, snapshot_id, {p: e.get("xet_hash") for p, e in files.items()
                                            if isinstance(e, dict)})

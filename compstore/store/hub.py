@@ -30,6 +30,7 @@ import fnmatch
 import hashlib
 import logging
 import os
+import re
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -99,6 +100,21 @@ def _pick_variant(entries: list, variant: str | None) -> list:
         if variant_of(f.path) == want or (want not in have and len(have) == 1):
             keep.append(f)
     return keep
+
+
+REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+
+def is_repo_id(name: str) -> bool:
+    """Whether `name` has the shape of a Hub repo id ("org/name")."""
+    return bool(REPO_ID.match(name))
+
+
+def hub_reachable() -> bool:
+    """False in huggingface_hub's offline mode (HF_HUB_OFFLINE): use refs only."""
+    from huggingface_hub import constants
+
+    return not constants.HF_HUB_OFFLINE
 
 
 def _git_blob_sha1(data: bytes) -> str:
@@ -244,7 +260,7 @@ def pull(store: "Store", repo_id: str, *, revision: str | None = None,
                                          build_hf_headers(token=token), target, f.size, bar.update)
                 except NETWORK_ERRORS as e:
                     raise translate(e) from None
-                if sha and _sha256(target) != sha.lower():
+                if sha and file_sha256(target) != sha.lower():
                     target.unlink()
                     raise HubError(f"{repo_id}/{f.path}@{commit[:12]}: the downloaded bytes do not "
                                    "match the Hub's sha256; nothing was stored (retry the pull)")
@@ -372,7 +388,7 @@ def _partial(target: Path) -> Path:
     return target.with_name(target.name + ".partial")
 
 
-def _sha256(path: str | os.PathLike) -> str:
+def file_sha256(path: str | os.PathLike) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 24), b""):

@@ -30,17 +30,10 @@ def write_lock(home: Path, timeout_s: float | None = None) -> Iterator[None]:
 
 @contextmanager
 def shared_readers(home: Path) -> Iterator[None]:
-    """Held by a reader while it may open pack files named by the catalog."""
-    try:
-        cm = _flock(home / "readers.lock", fcntl.LOCK_SH, None, "gc is removing packs")
-        cm.__enter__()
-    except PermissionError:  # a read-only store: nobody can gc it either
+    """Held by a reader while it may open pack files named by the catalog (read-only
+    stores take no lock: `Store.reading`)."""
+    with _flock(home / "readers.lock", fcntl.LOCK_SH, None, "gc is removing packs"):
         yield
-        return
-    try:
-        yield
-    finally:
-        cm.__exit__(None, None, None)
 
 
 @contextmanager

@@ -12,7 +12,6 @@ ingest of the modular repo refuses until the user re-pins (`--repin`).
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -101,6 +100,8 @@ def resolve_pointers(store: "Store", scan: FolderScan) -> list[Pin]:
     Runs before the caller takes the write lock (a folder pointed at is ingested
     under its own lock).
     """
+    from .hub import hub_reachable, is_repo_id  # hub.py imports this module
+
     pins = []
     for p in external_pointers(scan):
         folder = Path(p.source).expanduser()
@@ -114,7 +115,7 @@ def resolve_pointers(store: "Store", scan: FolderScan) -> list[Pin]:
         else:
             refs = [f"{p.source}@{p.revision}", p.source] if p.revision else [p.source]
             ref = next((r for r in refs if store.has_ref(r)), None)
-            if _hub_reachable() and REPO_ID.match(p.source):
+            if hub_reachable() and is_repo_id(p.source):
                 # A Hub repo: pull (only what the store lacks) and pin the commit it names now.
                 ref = store.pull(p.source, revision=p.revision).ref
             if ref is None:
@@ -132,16 +133,6 @@ def resolve_pointers(store: "Store", scan: FolderScan) -> list[Pin]:
         pins.append(Pin(p.slot, p.source, source, p.subfolder, revision, comp["variant"], snap,
                         comp["component_id"], p.library, p.class_name))
     return pins
-
-
-REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
-
-
-def _hub_reachable() -> bool:
-    """False in offline mode (HF_HUB_OFFLINE): pointers then resolve to refs only."""
-    from huggingface_hub import constants
-
-    return not constants.HF_HUB_OFFLINE
 
 
 def check_pins(store: "Store", ref: str, pins: list[Pin], repin_command: str, repin: bool) -> None:

@@ -16,15 +16,17 @@ if TYPE_CHECKING:
     from .store import Store
 
 
-def _refs(store: "Store") -> list[dict]:
-    sql = """
+def _refs(store: "Store", name: str | None = None) -> list[dict]:
+    """Rows of every ref, or of the ref `name` only."""
+    sql = f"""
     SELECT r.name, r.snapshot_id, r.created, r.updated, s.kind, s.source, s.revision,
            count(sf.path) AS files, coalesce(sum(f.size), 0) AS logical_bytes
     FROM refs r JOIN snapshots s ON s.id = r.snapshot_id
     LEFT JOIN snapshot_files sf ON sf.snapshot_id = r.snapshot_id
     LEFT JOIN files f ON f.id = sf.file_id
+    {"WHERE r.name = :name" if name is not None else ""}
     GROUP BY r.name ORDER BY r.name"""
-    return [dict(row) for row in store.db.query(sql)]
+    return [dict(row) for row in store.db.query(sql, {"name": name})]
 
 
 def ls(store: "Store") -> list[dict]:
@@ -43,7 +45,7 @@ def _components_of(store: "Store", snapshot_id: str) -> list[dict]:
 def show(store: "Store", ref: str) -> dict:
     """One ref: its snapshot, files, and components with the other refs sharing each."""
     snap = store.resolve(ref)
-    info = next(r for r in _refs(store) if r["name"] == ref)
+    [info] = _refs(store, ref)
     components = _components_of(store, snap)
     for c in components:
         c["shared_with"] = [r[0] for r in store.db.execute(

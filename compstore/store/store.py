@@ -168,9 +168,12 @@ class Store:
         check_ref_name(ref)
         with write_lock(self.home), self.db.atomic():
             self.snapshot(snapshot_id)  # must exist
-            self.db["refs"].upsert({"name": ref, "snapshot_id": snapshot_id, "updated": now()},
-                                   pk="name")
-            self.db.execute("UPDATE refs SET created = coalesce(created, updated) WHERE name = ?", [ref])
+            self._set_ref(ref, snapshot_id)
+
+    def _set_ref(self, ref: str, snapshot_id: str) -> None:
+        """Create or move a ref (inside the caller's transaction and write lock)."""
+        self.db["refs"].upsert({"name": ref, "snapshot_id": snapshot_id, "updated": now()}, pk="name")
+        self.db.execute("UPDATE refs SET created = coalesce(created, updated) WHERE name = ?", [ref])
 
     def pull(self, repo_id: str, *, revision: str | None = None, include: list[str] | None = None,
              variant: str | None = None, name: str | None = None, token: str | bool | None = None,
@@ -298,8 +301,7 @@ class Store:
             db["snapshot_components"].insert_all(
                 ({"snapshot_id": snap, **s} for s in slots), ignore=True)
             db["pins"].insert_all(({"snapshot_id": snap, **p.to_dict()} for p in pins), ignore=True)
-            db["refs"].upsert({"name": ref, "snapshot_id": snap, "updated": now()}, pk="name")
-            db.execute("UPDATE refs SET created = coalesce(created, updated) WHERE name = ?", [ref])
+            self._set_ref(ref, snap)
         fsync_dir(self.home)
 
     def gc(self, *, dry_run: bool = False) -> GcReport:
