@@ -201,11 +201,13 @@ def test_bad_ref_names(name, store, family):
 
 
 def test_not_a_folder_and_empty_folder(store, tmp_path):
+    before = store_state(store.home)
     with pytest.raises(InvalidInputError, match="not a directory"):
         store.ingest(tmp_path / "missing", "x")
     (tmp_path / "empty").mkdir()
     with pytest.raises(InvalidInputError, match="holds no files"):
         store.ingest(tmp_path / "empty", "x")
+    assert store_state(store.home) == before
 
 
 def test_export_refuses_a_non_empty_target(store, family, tmp_path):
@@ -224,3 +226,14 @@ def test_unknown_ref_is_a_clear_cli_error(tmp_path):
     assert r.exit_code == 1 and "no ref named 'nope'" in r.stderr
     r = CliRunner().invoke(cli, ["--store", str(tmp_path / "s"), "diff", "a", "b", "--json"])
     assert r.exit_code == 1 and r.stdout == ""
+
+
+def test_a_catalog_of_a_newer_schema_is_refused(store, family):
+    from compstore import CompstoreError, Store
+
+    store.ingest(family["A"], "A")
+    store.db.execute("UPDATE meta SET value = '99' WHERE key = 'schema_version'")
+    before = store_state(store.home)
+    with pytest.raises(CompstoreError, match="schema version 99 is not supported.*upgrade compstore"):
+        Store(store.home)
+    assert store_state(store.home) == before

@@ -14,7 +14,7 @@ from safetensors.numpy import save_file
 
 from compstore import Store, StoreBusyError
 from compstore.store.lock import write_lock
-from conftest import tree_sha256
+from conftest import store_state, tree_sha256
 
 
 @pytest.fixture(scope="module")
@@ -87,6 +87,7 @@ def test_two_processes_ingesting_the_same_folder_store_one_copy(big_component, t
 def test_busy_store_waits_then_fails_clearly(family, tmp_path, monkeypatch):
     monkeypatch.setenv("COMPSTORE_LOCK_TIMEOUT", "0.3")
     with Store(tmp_path / "s") as s, write_lock(s.home):
+        before = store_state(s.home)
         with pytest.raises(StoreBusyError, match="another compstore process is writing"):
             s.ingest(family["A"], "A")
-        assert s.ls() == []
+        assert s.ls() == [] and store_state(s.home) == before

@@ -98,9 +98,21 @@ def test_tampered_download_is_rejected_and_nothing_enters_the_store(hub, store, 
     ("org/A", "no-such-branch", "has no revision 'no-such-branch'"),
 ])
 def test_hub_errors_are_clear(hub, store, repo, revision, message):
+    from conftest import store_state
+
+    before = store_state(store.home)
     with pytest.raises(HubError, match=message):
         store.pull(repo, revision=revision)
-    assert store.ls() == []
+    assert store.ls() == [] and store_state(store.home) == before
+
+
+def test_an_include_matching_nothing_is_a_clear_error(hub, store):
+    from conftest import store_state
+
+    before = store_state(store.home)
+    with pytest.raises(HubError, match="no files to pull"):
+        store.pull("org/A", include=["nothing/*"])
+    assert store_state(store.home) == before
 
 
 def test_private_repo_with_a_token(hub, store):
@@ -271,8 +283,12 @@ def test_adopt_a_hugging_face_cache_and_reclaim_it(hub, store, family, tmp_path)
 
 
 def test_adopt_without_a_cache_is_a_clear_error(store, tmp_path):
+    from conftest import store_state
+
+    before = store_state(store.home)
     with pytest.raises(compstore.CompstoreError, match="no Hugging Face cache"):
         store.adopt(tmp_path / "nope")
+    assert store_state(store.home) == before
 
 
 def test_xet_hashes_from_the_hub_are_kept_beside_sha256(hub, store, family):

@@ -136,6 +136,11 @@ def test_unknown_names_give_clear_errors(store):
         compstore.DiffusionPipeline.from_pretrained("org/model", store=store)
 
 
+def test_unsupported_device_map_is_a_clear_error(family_store):
+    with pytest.raises(CompstoreError, match="device_map='balanced' is not supported yet"):
+        compstore.DiffusionPipeline.from_pretrained("A", store=family_store, device_map="balanced")
+
+
 def test_use_safetensors_false_and_missing_slot(family_store):
     with pytest.raises(CompstoreError, match="pickle checkpoints are never loaded"):
         compstore.DiffusionPipeline.from_pretrained("A", store=family_store, use_safetensors=False)

@@ -12,6 +12,7 @@ import torch
 import compstore
 from compstore import PinChangedError
 from compstore.loader.synthetic import tiny_sdxl_pipeline
+from conftest import store_state
 
 MODELS = ("unet", "vae", "text_encoder", "text_encoder_2")
 
@@ -121,8 +122,10 @@ def test_pointer_to_unknown_repo_is_a_clear_error(repos, store, tmp_path):
     index = json.loads((remix / "modular_model_index.json").read_text())
     index["vae"][2]["pretrained_model_name_or_path"] = "some-org/not-here"
     (remix / "modular_model_index.json").write_text(json.dumps(index))
+    before = store_state(store.home)
     with pytest.raises(InvalidInputError, match="neither a local folder nor a ref"):
         store.ingest(remix, "remix")
+    assert store_state(store.home) == before
 
 
 def test_export_flatten_is_self_contained_for_plain_diffusers(repos, store, tmp_path):
@@ -136,3 +139,24 @@ def test_export_flatten_is_self_contained_for_plain_diffusers(repos, store, tmp_
     ours = compstore.ModularPipeline.from_pretrained("remix", store=store)
     ours.load_components(torch_dtype=torch.float32)
     assert_same(ours, load_theirs(flat))
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("subfolder", 7, "subfolder must be a string"),
+    ("revision", ["main"], "revision must be a string"),
+    ("subfolder", "../../etc", "leaves the folder"),
+    ("pretrained_model_name_or_path", {"a": 1}, "pretrained_model_name_or_path must be a string"),
+    ("subfolder", "no-such-folder", "has no subfolder 'no-such-folder'"),
+])
+def test_bad_modular_entries_are_refused(repos, store, tmp_path, field, value, message):
+    from compstore import InvalidInputError
+
+    remix = tmp_path / "remix"
+    shutil.copytree(repos / "remix", remix)
+    index = json.loads((remix / "modular_model_index.json").read_text())
+    index["vae"][2][field] = value
+    (remix / "modular_model_index.json").write_text(json.dumps(index))
+    before = store_state(store.home)
+    with pytest.raises(InvalidInputError, match=message):
+        store.ingest(remix, "remix")
+    assert store_state(store.home) == before

@@ -102,28 +102,38 @@ def resolve_pointers(store: "Store", scan: FolderScan) -> list[Pin]:
     """
     from .hub import hub_reachable, is_repo_id  # hub.py imports this module
 
+    # Check every pointer before resolving any: refused input must not have
+    # ingested or pulled the pointers that came before the bad one.
+    pointers = external_pointers(scan)
+    for p in pointers:
+        folder = Path(p.source).expanduser()
+        if folder.is_dir():
+            if str(folder.resolve()) == scan.root:
+                raise InvalidInputError(INDEX, f"entry {p.slot!r} points at this folder, which has "
+                                               f"no {p.subfolder or p.slot!r} folder")
+            if p.subfolder and not (folder / p.subfolder).is_dir():
+                raise InvalidInputError(INDEX, f"entry {p.slot!r}: {p.source} has no subfolder "
+                                               f"{p.subfolder!r}")
+        elif not (hub_reachable() and is_repo_id(p.source)) and not _refs_for(store, p):
+            raise InvalidInputError(
+                INDEX, f"entry {p.slot!r} points at {p.source!r}"
+                f"{f' (revision {p.revision})' if p.revision else ''}, which is neither a local "
+                f"folder nor a ref of this store; ingest it first: compstore ingest FOLDER "
+                f"--name {_candidate_refs(p)[0]}")
+
     pins = []
-    for p in external_pointers(scan):
+    for p in pointers:
         folder = Path(p.source).expanduser()
         if folder.is_dir():
             target = folder.resolve()
-            if str(target) == scan.root:
-                raise InvalidInputError(INDEX, f"entry {p.slot!r} points at this folder, which has "
-                                               f"no {p.subfolder or p.slot!r} folder")
             snap = store.ingest(target, str(target)).snapshot
             source, revision = str(target), None
         else:
-            refs = [f"{p.source}@{p.revision}", p.source] if p.revision else [p.source]
-            ref = next((r for r in refs if store.has_ref(r)), None)
             if hub_reachable() and is_repo_id(p.source):
                 # A Hub repo: pull (only what the store lacks) and pin the commit it names now.
                 ref = store.pull(p.source, revision=p.revision).ref
-            if ref is None:
-                raise InvalidInputError(
-                    INDEX, f"entry {p.slot!r} points at {p.source!r}"
-                    f"{f' (revision {p.revision})' if p.revision else ''}, which is neither a local "
-                    f"folder nor a ref of this store; ingest it first: compstore ingest FOLDER "
-                    f"--name {refs[0]}")
+            else:
+                ref = _refs_for(store, p)[0]
             snap = store.resolve(ref)
             source, revision = ref, p.revision or store.snapshot(snap)["revision"]
         try:
@@ -133,6 +143,15 @@ def resolve_pointers(store: "Store", scan: FolderScan) -> list[Pin]:
         pins.append(Pin(p.slot, p.source, source, p.subfolder, revision, comp["variant"], snap,
                         comp["component_id"], p.library, p.class_name))
     return pins
+
+
+def _candidate_refs(p: Pointer) -> list[str]:
+    return [f"{p.source}@{p.revision}", p.source] if p.revision else [p.source]
+
+
+def _refs_for(store: "Store", p: Pointer) -> list[str]:
+    """The refs of the store a pointer may name, most specific first."""
+    return [r for r in _candidate_refs(p) if store.has_ref(r)]
 
 
 def check_pins(store: "Store", ref: str, pins: list[Pin], repin_command: str, repin: bool) -> None:
