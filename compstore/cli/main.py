@@ -8,50 +8,15 @@ non-zero exit; the store is left as it was.
 from __future__ import annotations
 
 import json
-import sqlite3
 import sys
 from pathlib import Path
 
 import click
 from tabulate import tabulate
 
-from ..store import CompstoreError, Store
 from ..store.progress import want_progress
-
-
-def human(n: int | float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
-
-
-def emit(as_json: bool, doc, text: str) -> None:
-    if as_json:
-        click.echo(json.dumps(doc, indent=2, default=str))
-    else:
-        click.echo(text)
-
-
-json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
-
-
-class Group(click.Group):
-    """Turns every `CompstoreError` into one line on stderr and its exit code."""
-
-    def invoke(self, ctx: click.Context):
-        try:
-            return super().invoke(ctx)
-        except CompstoreError as e:
-            click.echo(f"Error: {e}", err=True)
-            sys.exit(e.exit_code)
-        except sqlite3.OperationalError as e:
-            if "locked" not in str(e) and "busy" not in str(e):
-                raise
-            click.echo(f"Error: the store's catalog stayed busy past the timeout ({e}); another "
-                       "compstore process is using it: retry when it finishes", err=True)
-            sys.exit(1)
+from .common import Group, emit, human, json_option, open_store
+from .remote import fetch, push, remote
 
 
 @click.group(cls=Group)
@@ -62,12 +27,6 @@ class Group(click.Group):
 def cli(ctx: click.Context, store_dir: str | None) -> None:
     """compstore: a content-addressed store for diffusion pipeline weights."""
     ctx.obj = store_dir
-
-
-def open_store(ctx: click.Context) -> Store:
-    store = Store(ctx.obj)
-    ctx.call_on_close(store.close)
-    return store
 
 
 @cli.command()
@@ -281,6 +240,11 @@ def demo(workdir, as_json):
     report = run_demo(Path(workdir), echo=None if as_json else click.echo)
     if as_json:
         click.echo(json.dumps(report, indent=2, default=str))
+
+
+cli.add_command(push)
+cli.add_command(fetch)
+cli.add_command(remote)
 
 
 def main() -> None:

@@ -18,10 +18,13 @@ from .errors import (
 )
 from .hub import HubError, PullResult
 from .modular import PinChangedError
+from .remote import Remote, RemoteBusyError, RemoteError
+from .remote_sync import FetchResult, PushResult
 from .store import IngestResult, Store, default_home
 
 __all__ = [
     "Store", "IngestResult", "default_home", "CompstoreError", "ComponentNotFoundError",
     "CorruptStoreError", "ExportError", "InvalidInputError", "PickleRefusedError",
     "RefNotFoundError", "StoreBusyError", "PinChangedError", "DiskFullError", "ReadOnlyStoreError", "HubError", "PullResult",
+    "Remote", "RemoteError", "RemoteBusyError", "PushResult", "FetchResult",
 ]

@@ -236,6 +236,14 @@ class Ingestor:
         self._pending_sha = []
 
 
+def insert_blob_rows(db: sqlite_utils.Database, ing: Ingestor, packs: list[tuple[str, int]]) -> None:
+    """The rows of the packs a run wrote and of its new blobs (in the caller's transaction)."""
+    db["packs"].insert_all({"name": name, "size": size} for name, size in packs)
+    db["blobs"].insert_all(
+        ({"id": b.id, "xxh3": b.xxh3, "size": b.size, "pack": b.pack, "offset": b.offset}
+         for b in ing.new_blobs), batch_size=1000)
+
+
 def _sha256(data) -> str:
     return hashlib.sha256(data).hexdigest()  # hashlib releases the GIL on large buffers
 

@@ -31,7 +31,7 @@ from .errors import CompstoreError, InvalidInputError, ReadOnlyStoreError, RefNo
 from .export import (ExportResult, file_pieces, flattened_files, flattened_index, snapshot_files,
                      write_file)
 from .export import export as export_ref
-from .ingest import Ingestor, component_rows, now, snapshot_id
+from .ingest import Ingestor, component_rows, insert_blob_rows, now, snapshot_id
 from .lock import shared_readers, write_lock
 from .adopt import AdoptReport
 from .adopt import adopt as adopt_cache
@@ -43,6 +43,10 @@ from .gc import gc as collect_garbage
 from .modular import check_pins, resolve_pointers
 from .objects import PackFiles, PackWriter, fsync_dir
 from .progress import progress_bar
+from .remote import DEFAULT_GRACE_S, Remote, RemoteError, RemoteGcReport
+from .remote_sync import FetchResult, PushResult
+from .remote_sync import fetch as fetch_ref
+from .remote_sync import push as push_ref
 from .scan import scan_folder
 from .verify import VerifyReport
 from .verify import verify as verify_store
@@ -196,6 +200,99 @@ class Store:
         so that pulls of it fetch only the tensors a store lacks; see `manifest.py`."""
         return build_manifest(self, ref)
 
+    # -- remotes -------------------------------------------------------------------
+    def remote_add(self, name: str, url: str, **storage_options) -> dict:
+        """Remember a remote store (an fsspec URL) under `name`; options go to fsspec.
+
+        Prefer credentials from the environment or the provider's config files: options
+        are kept in the catalog in plain text.
+
+        >>> Store().remote_add("fleet", "s3://weights/compstore")  # doctest: +SKIP
+        {'name': 'fleet', 'url': 's3://weights/compstore', 'options': {}}
+        """
+        self._writable()
+        if not re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$", name or ""):
+            raise InvalidInputError(repr(name), "invalid remote name: use letters, digits, '.', '_', "
+                                    "'-' (at most 64)")
+        if "://" not in url and not url.startswith("/"):
+            raise InvalidInputError(url, "a remote is a URL (s3://bucket/prefix, gs://..., "
+                                    "file:///path) or an absolute path")
+        Remote(url, **storage_options)  # fails now, not at the first push, if fsspec cannot
+        with write_lock(self.home), self.db.atomic():
+            if self.db.execute("SELECT 1 FROM meta WHERE key = ?", [f"remote:{name}"]).fetchone():
+                raise InvalidInputError(name, "a remote of that name exists; `compstore remote rm` it first")
+            self.db["meta"].insert({"key": f"remote:{name}",
+                                    "value": json.dumps({"url": url, "options": storage_options})})
+        return {"name": name, "url": url, "options": storage_options}
+
+    def remote_rm(self, name: str) -> dict:
+        """Forget a remote (nothing on the remote is touched)."""
+        self._writable()
+        with write_lock(self.home), self.db.atomic():
+            self._remote_config(name)
+            self.db.execute("DELETE FROM meta WHERE key = ?", [f"remote:{name}"])
+        return {"removed": name}
+
+    def remotes(self) -> list[dict]:
+        """The remotes this store knows: name, url, options."""
+        return [{"name": k[len("remote:"):], **json.loads(v)} for k, v in self.db.execute(
+            "SELECT key, value FROM meta WHERE key LIKE 'remote:%' ORDER BY key")]
+
+    def _remote_config(self, name: str) -> dict:
+        row = self.db.execute("SELECT value FROM meta WHERE key = ?", [f"remote:{name}"]).fetchone()
+        if row is None:
+            known = ", ".join(r["name"] for r in self.remotes()) or "none yet"
+            raise RemoteError(f"no remote named {name!r} (known: {known}); add one with "
+                              "`compstore remote add NAME URL`")
+        return json.loads(row[0])
+
+    def remote(self, name: str | None = None) -> Remote:
+        """The `Remote` of a configured name; with no name, the only configured one.
+        A URL (anything with `://`) is opened as it is."""
+        if name is not None and ("://" in name or name.startswith("/")):
+            return Remote(name)
+        if name is None:
+            names = [r["name"] for r in self.remotes()]
+            if len(names) != 1:
+                raise RemoteError("name the remote (--to/--from NAME): this store has "
+                                  f"{len(names)} remotes ({', '.join(names) or 'none'})")
+            name = names[0]
+        config = self._remote_config(name)
+        return Remote(config["url"], **config["options"])
+
+    def push(self, ref: str, *, to: str | None = None, as_ref: str | None = None,
+             progress: bool = False) -> PushResult:
+        """Upload `ref` to a remote: only the blobs the remote lacks, then the ref.
+
+        >>> Store().push("sdxl-base", to="fleet").uploaded_bytes  # doctest: +SKIP
+        """
+        return push_ref(self, ref, self.remote(to), check_ref_name(as_ref or ref), progress=progress)
+
+    def fetch(self, ref: str, *, from_: str | None = None, name: str | None = None,
+              progress: bool = False) -> FetchResult:
+        """Bring a remote's `ref` into this store (as `name`, default the same name),
+        downloading only the blobs this store lacks, each checked against its hash.
+
+        >>> Store().fetch("sdxl-base", from_="fleet").downloaded_bytes  # doctest: +SKIP
+        """
+        self._writable()
+        return fetch_ref(self, self.remote(from_), ref, check_ref_name(name or ref), progress=progress)
+
+    def remote_refs(self, name: str | None = None) -> dict[str, str]:
+        """The refs of a remote: name -> snapshot id."""
+        return self.remote(name).refs()
+
+    def remote_rm_ref(self, ref: str, *, remote: str | None = None) -> dict:
+        """Drop a ref on a remote; its objects stay until `remote_gc`."""
+        r = self.remote(remote)
+        return {"removed": ref, "remote": r.url, "snapshot": r.delete_ref(ref)}
+
+    def remote_gc(self, name: str | None = None, *, dry_run: bool = False,
+                  grace_s: float = DEFAULT_GRACE_S) -> RemoteGcReport:
+        """Delete what no ref of the remote reaches (unreferenced objects younger than
+        `grace_s` stay); see `remote_gc.py`."""
+        return self.remote(name).gc(dry_run=dry_run, grace_s=grace_s)
+
     # -- writing -----------------------------------------------------------------
     def _clean_leftovers(self) -> None:
         """Remove what a crashed writer left: tmp files, packs the catalog never named.
@@ -277,10 +374,7 @@ class Store:
                 scan, snap, ref, source, revision) -> None:
         db = self.db
         with db.atomic():  # one transaction: all of it or none of it
-            db["packs"].insert_all({"name": name, "size": size} for name, size in packs)
-            db["blobs"].insert_all(
-                ({"id": b.id, "xxh3": b.xxh3, "size": b.size, "pack": b.pack, "offset": b.offset}
-                 for b in ing.new_blobs), batch_size=1000)
+            insert_blob_rows(db, ing, packs)
             db["tensors"].insert_all(ing.new_tensors, batch_size=1000)
             new_files = {r.id: r for r in ing.files.values() if r.is_new}
             db["files"].insert_all(
