@@ -172,3 +172,47 @@ def test_pipe_to_goes_through_the_pool(family_store, monkeypatch):
     assert compstore.last_transfer().bytes_uploaded == (
         family_store.diff("A", "B").delta_bytes + unkeyed_bytes(b))
     assert b.unet.device.type == "meta"
+
+
+# -- the real upload path (no injected copier), on a CPU target ---------------------
+@pytest.mark.parametrize("staged", [False, True])
+def test_uploader_copies_every_byte(staged):
+    from compstore.loader.upload import Uploader
+
+    torch.manual_seed(0)
+    srcs = [torch.randn(1000), torch.randn(7, 3).half(), torch.empty(0), torch.tensor(3.5),
+            torch.rand(4096) > 0.5, torch.randint(0, 255, (2500,), dtype=torch.uint8),
+            torch.randn(300, 5).t()]  # the last one is not contiguous
+    up = Uploader("cpu", readers=3, staging_bytes=1000, staged=staged)  # many ring turns
+    outs = up.upload(srcs)
+    up.close()
+    for s, o in zip(srcs, outs):
+        assert o.shape == s.shape and o.dtype == s.dtype and torch.equal(o, s)
+        assert o.numel() == 0 or o.data_ptr() != s.data_ptr()
+
+
+def test_cpu_target_switches_through_the_real_uploader_and_images_match_diffusers(family_store, family):
+    """A -> B -> A through the default uploader (CPU memory as the device): bytes
+    moved are B's delta, then nothing; images equal plain diffusers' every time."""
+    import diffusers
+    import numpy as np
+    from test_loader import image, mapped_pack_ranges
+
+    pool = ResidencyPool("cpu", budget_bytes=1 << 40)
+    a = load(family_store, "A")
+    first = to_device(a, "cpu", pool=pool)
+    assert first.bytes_uploaded + first.bytes_reused == model_bytes(a) - unkeyed_bytes(a)
+    ranges = mapped_pack_ranges(family_store)
+    assert ranges and not any(lo <= p.data_ptr() < hi for p in a.unet.parameters() for lo, hi in ranges)
+    b = load(family_store, "B")
+    second = to_device(b, "cpu", pool=pool)
+    assert second.bytes_uploaded == family_store.diff("A", "B").delta_bytes
+    assert same_storage(a.vae.decoder.conv_out.weight, b.vae.decoder.conv_out.weight)
+    theirs = {n: diffusers.StableDiffusionPipeline.from_pretrained(family[n]) for n in "AB"}
+    np.testing.assert_array_equal(image(b), image(theirs["B"]))
+    del a
+    gc.collect()
+    a2 = load(family_store, "A")
+    third = to_device(a2, "cpu", pool=pool)
+    assert third.bytes_uploaded == 0 and third.bytes_reused > 0
+    np.testing.assert_array_equal(image(a2), image(theirs["A"]))

@@ -14,10 +14,11 @@ Safety: a tensor whose contents changed in place (its version counter moved, e.g
 uploaded privately, on the device side its pool entry is dropped. Users who edit
 weights and want private copies from the start call `to_device(..., private=True)`.
 
-Not yet here (needs a GPU to measure): pinned staging buffers, a side stream and
-several readers to overlap store reads with host-to-device copies. The copier is
-the plain `tensor.to(device)`; it is injectable (`copier=`), which is also how the
-pool's logic is tested on machines without a GPU.
+Uploads are batched per module through `upload.Uploader` (pinned staging
+buffers, a side stream, several readers). A per-tensor copier can be injected
+(`copier=`), which is how the pool's logic is tested on machines without a GPU.
+On a CPU target the pool's "device memory" is the process's own memory: store
+views (mmap'd packs) are copied into it, so CPU runs exercise the same path.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 import torch
+
+from .upload import Uploader
 
 Key = tuple  # (xxh3, size, dtype name, device name)
 
@@ -96,10 +99,6 @@ class _Entry:
     owners: weakref.WeakSet
 
 
-def _default_copier(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    return t.to(device)
-
-
 class ResidencyPool:
     """Store tensors resident on one device, shared by every module moved through it.
 
@@ -110,7 +109,8 @@ class ResidencyPool:
             memory when the pool is made (unlimited for non-CUDA devices).
         pinned_budget_bytes: bytes of evicted tensors kept in pinned host memory for
             fast re-upload (default `$COMPSTORE_PINNED_BUDGET`, else 0: off).
-        copier: `(tensor, device) -> tensor`, the upload (default `tensor.to(device)`).
+        copier: `(tensor, device) -> tensor`, one tensor's upload (default: batched
+            through `upload.Uploader`: pinned staging, side stream, several readers).
         offloader: `tensor -> host tensor`, the copy into the pinned tier (default: a
             pinned host buffer filled from the device tensor).
 
@@ -135,7 +135,8 @@ class ResidencyPool:
             pinned_budget_bytes = int(os.environ.get("COMPSTORE_PINNED_BUDGET", "0"))
         self.budget_bytes = budget_bytes
         self.pinned_budget_bytes = pinned_budget_bytes
-        self.copier = copier or _default_copier
+        self.copier = copier
+        self._uploader: Uploader | None = None
         self.offloader = offloader or self._pinned_copy
         self._resident: OrderedDict[Key, _Entry] = OrderedDict()
         self._pinned: OrderedDict[Key, torch.Tensor] = OrderedDict()
@@ -183,60 +184,94 @@ class ResidencyPool:
             self._pinned.popitem(last=False)
 
     # -- moving ------------------------------------------------------------------
-    def _serve(self, key: Key, src: torch.Tensor, owner, rep: ComponentTransfer) -> torch.Tensor:
-        nbytes = src.numel() * src.element_size()
+    def _upload(self, srcs: list[torch.Tensor]) -> list[torch.Tensor]:
+        if self.copier is not None:
+            return [self.copier(t, self.device) for t in srcs]
+        if self._uploader is None:
+            self._uploader = Uploader(self.device)
+        return self._uploader.upload(srcs)
+
+    def _resident_entry(self, key: Key) -> _Entry | None:
         entry = self._resident.get(key)
         if entry is not None and entry.tensor._version != entry.version:
             del self._resident[key]  # changed in place on the device: no longer the store's
-            entry = None
-        if entry is not None:
-            self._resident.move_to_end(key)
-            rep.bytes_reused += nbytes
-        else:
-            pinned = self._pinned.pop(key, None)
-            if pinned is not None:
-                t = self.copier(pinned, self.device)
-                rep.bytes_from_pinned += nbytes
-            else:
-                t = self.copier(src, self.device)
-                rep.bytes_from_store += nbytes
-            entry = _Entry(t, nbytes, t._version, weakref.WeakSet())
-            self._resident[key] = entry
-        entry.owners.add(owner)
-        return entry.tensor
+            return None
+        return entry
 
     def move(self, module: torch.nn.Module, component: str = "", private: bool = False) -> ComponentTransfer:
-        """Move one module to the pool's device; store tensors go through the pool."""
+        """Move one module to the pool's device; store tensors go through the pool.
+
+        Three steps: decide for every tensor (already there, resident, from the
+        pinned tier, from the store, private copy), upload everything that moves in
+        two batches (pinned tier, then store: see `upload.Uploader`), then point the
+        module at the device tensors.
+        """
         t0 = time.perf_counter()
         rep = ComponentTransfer(component)
         keys = getattr(module, STORE_KEYS, {})
-        served: dict[int, torch.Tensor] = {}  # by id of the old tensor: tied ones stay tied
+        places: dict[int, list[tuple[torch.nn.Module, str, torch.Tensor]]] = {}  # id -> uses
+        served: dict[int, torch.Tensor] = {}  # id of the old tensor -> device tensor
+        same_as: dict[int, int] = {}  # identical bytes twice in this module: share one upload
+        uploads: dict[str, list] = {"pinned": [], "store": []}  # [(tensor id, key|None, source)]
+        pending: dict[Key, int] = {}  # keys uploading in this batch -> tensor id
         for full_name, tensor in list(module.named_parameters(remove_duplicate=False)) + list(
                 module.named_buffers(remove_duplicate=False)):
             owner_name, _, attr = full_name.rpartition(".")
             owner = module.get_submodule(owner_name) if owner_name else module
             rep.tensors += 1
-            if tensor.device == self.device:
+            if id(tensor) in places:  # tied: one move, every use points at it
+                places[id(tensor)].append((owner, attr, tensor))
                 continue
-            new = served.get(id(tensor))
-            if new is None:
-                key_info = keys.get(full_name)
-                if key_info is not None and tensor._version == key_info[2] and not private:
-                    key = (key_info[0], key_info[1], str(tensor.dtype), str(self.device))
-                    data = self._serve(key, tensor.detach(), module, rep)
-                else:  # not from the store, or edited since it was loaded: a private copy
-                    data = self.copier(tensor.detach(), self.device)
-                    rep.bytes_from_store += tensor.numel() * tensor.element_size()
-                new = (torch.nn.Parameter(data, requires_grad=tensor.requires_grad)
-                       if isinstance(tensor, torch.nn.Parameter) else data)
-                served[id(tensor)] = new
-            if isinstance(new, torch.nn.Parameter):
-                owner._parameters[attr] = new
-            else:
-                owner._buffers[attr] = new
+            key_info = keys.get(full_name)
+            pooled = key_info is not None and tensor._version == key_info[2] and not private
+            key = (key_info[0], key_info[1], str(tensor.dtype), str(self.device)) if pooled else None
+            if tensor.device == self.device and not (
+                    pooled and self.device.type == "cpu" and not self._holds(key, tensor)):
+                continue  # already there (a CPU target pools store views into its own memory)
+            places[id(tensor)] = [(owner, attr, tensor)]
+            nbytes = tensor.numel() * tensor.element_size()
+            entry = self._resident_entry(key) if pooled else None
+            if entry is not None:
+                self._resident.move_to_end(key)
+                entry.owners.add(module)
+                served[id(tensor)] = entry.tensor
+                rep.bytes_reused += nbytes
+            elif pooled and key in pending:
+                same_as[id(tensor)] = pending[key]
+                rep.bytes_reused += nbytes
+            elif pooled and key in self._pinned:
+                uploads["pinned"].append((id(tensor), key, self._pinned.pop(key)))
+                pending[key] = id(tensor)
+                rep.bytes_from_pinned += nbytes
+            else:  # from the store, or not the store's (edited since loading): a private copy
+                uploads["store"].append((id(tensor), key, tensor.detach()))
+                if pooled:
+                    pending[key] = id(tensor)
+                rep.bytes_from_store += nbytes
+        for batch in uploads.values():
+            for (tid, key, _), data in zip(batch, self._upload([src for _, _, src in batch])):
+                served[tid] = data
+                if key is not None:
+                    self._resident[key] = _Entry(data, data.numel() * data.element_size(),
+                                                 data._version, weakref.WeakSet([module]))
+        for tid, uses in places.items():
+            data = served[same_as.get(tid, tid)]
+            old = uses[0][2]
+            new = (torch.nn.Parameter(data, requires_grad=old.requires_grad)
+                   if isinstance(old, torch.nn.Parameter) else data)
+            for owner, attr, _ in uses:
+                if isinstance(old, torch.nn.Parameter):
+                    owner._parameters[attr] = new
+                else:
+                    owner._buffers[attr] = new
         self._evict()
         rep.seconds = round(time.perf_counter() - t0, 6)
         return rep
+
+    def _holds(self, key: Key, tensor: torch.Tensor) -> bool:
+        """Whether `tensor` already is the pool's resident copy of `key`."""
+        entry = self._resident.get(key)
+        return entry is not None and entry.tensor.data_ptr() == tensor.data_ptr()
 
     def release(self, module: torch.nn.Module) -> None:
         """Forget that `module` uses pool tensors (it is being moved elsewhere)."""

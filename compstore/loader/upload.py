@@ -1,0 +1,140 @@
+"""Where store bytes reach a device: the batched, overlapped upload of many tensors.
+
+Store tensors are views of mmap'd packs: pageable memory, possibly not yet in the
+page cache. Copying pageable memory to a GPU makes the driver bounce it through a
+small pinned buffer of its own, one synchronous copy at a time. Instead, for CUDA:
+
+    reader threads (several)          side stream
+    pack pages -> pinned buffer k  ->  buffer k -> device (async), event k
+                  pinned buffer k+1 ->  ...
+
+Readers fill a ring of pinned staging buffers in parallel (page faults on the
+packs are taken by several threads at once); the main thread issues each filled
+buffer's host-to-device copies on a side stream and records an event, and a reader
+refills a buffer only once its event has fired. Tensors already in pinned memory
+(the pool's pinned tier) are copied straight from there. Nothing is copied in
+full to pageable memory first.
+
+For a CPU target the readers copy straight into the destination tensors, in
+parallel. `staged=True` forces the staging ring on CPU too, which is how its
+chunking and buffer reuse are tested without a GPU.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+STAGING_BYTES = 32 << 20
+PIECE_BYTES = 16 << 20  # a CPU reader's unit of work
+
+
+def _bytes(t: torch.Tensor) -> torch.Tensor:
+    """A flat uint8 view of a contiguous tensor's bytes."""
+    return t.reshape(-1).view(torch.uint8)
+
+
+class Uploader:
+    """Copies host tensors to one device; see the module docstring.
+
+    Args:
+        device: the target.
+        readers: threads reading store pages (default `$COMPSTORE_UPLOAD_READERS` or 4).
+        staging_bytes: size of one pinned staging buffer (the ring holds readers + 2).
+        staged: use the staging ring (default: on CUDA targets only).
+    """
+
+    def __init__(self, device: str | torch.device, *, readers: int | None = None,
+                 staging_bytes: int = STAGING_BYTES, staged: bool | None = None):
+        self.device = torch.device(device)
+        self.readers = readers or int(os.environ.get("COMPSTORE_UPLOAD_READERS", "4"))
+        self.staging_bytes = staging_bytes
+        self.staged = self.device.type == "cuda" if staged is None else staged
+        self._threads = ThreadPoolExecutor(self.readers, thread_name_prefix="compstore-upload")
+        self._ring: list[torch.Tensor] = []  # pinned buffers, made on first use
+        self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+
+    def upload(self, srcs: list[torch.Tensor]) -> list[torch.Tensor]:
+        """New device tensors holding the bytes of `srcs` (same shapes and dtypes)."""
+        srcs = [s.contiguous() for s in srcs]
+        dsts = [torch.empty(s.shape, dtype=s.dtype, device=self.device) for s in srcs]
+        if not srcs:
+            return dsts
+        pinned = {i for i, s in enumerate(srcs) if self._stream is not None and s.is_pinned()}
+        rest = [i for i in range(len(srcs)) if i not in pinned]
+        if self._stream is not None:
+            with torch.cuda.stream(self._stream):
+                for i in pinned:  # the pinned tier: no staging needed
+                    dsts[i].copy_(srcs[i], non_blocking=True)
+        if self.staged:
+            self._staged([srcs[i] for i in rest], [dsts[i] for i in rest])
+        else:
+            self._direct([srcs[i] for i in rest], [dsts[i] for i in rest])
+        if self._stream is not None:
+            self._stream.synchronize()  # callers use the tensors on other streams
+        return dsts
+
+    def _direct(self, srcs, dsts) -> None:
+        pieces = []
+        for s, d in zip(srcs, dsts):
+            sb, db = _bytes(s), _bytes(d)
+            for a in range(0, sb.numel(), PIECE_BYTES):
+                pieces.append((sb[a:a + PIECE_BYTES], db[a:a + PIECE_BYTES]))
+        for _ in self._threads.map(lambda p: p[1].copy_(p[0]), pieces):
+            pass
+
+    def _staging_ring(self) -> list[torch.Tensor]:
+        if not self._ring:
+            pin = self.device.type == "cuda"
+            self._ring = [torch.empty(self.staging_bytes, dtype=torch.uint8, pin_memory=pin)
+                          for _ in range(self.readers + 2)]
+        return self._ring
+
+    def _staged(self, srcs, dsts) -> None:
+        # Cut the bytes into jobs of one staging buffer each: (tensor, start, end, buffer offset).
+        jobs: list[list[tuple[int, int, int, int]]] = [[]]
+        used = 0
+        for i, s in enumerate(srcs):
+            n, off = s.numel() * s.element_size(), 0
+            while off < n:
+                take = min(n - off, self.staging_bytes - used)
+                jobs[-1].append((i, off, off + take, used))
+                used, off = used + take, off + take
+                if used == self.staging_bytes:
+                    jobs.append([])
+                    used = 0
+        jobs = [j for j in jobs if j]
+        src_b, dst_b = [_bytes(s) for s in srcs], [_bytes(d) for d in dsts]
+        ring = self._staging_ring()
+        events: list = [None] * len(ring)
+
+        def fill(k: int) -> None:
+            slot = k % len(ring)
+            if events[slot] is not None:
+                events[slot].synchronize()  # its previous contents reached the device
+            buf = ring[slot]
+            for i, a, z, at in jobs[k]:
+                buf[at:at + z - a].copy_(src_b[i][a:z])
+
+        filling = {k: self._threads.submit(fill, k) for k in range(min(len(ring), len(jobs)))}
+        for k in range(len(jobs)):
+            filling.pop(k).result()
+            slot = k % len(ring)
+            buf = ring[slot]
+            if self._stream is not None:
+                with torch.cuda.stream(self._stream):
+                    for i, a, z, at in jobs[k]:
+                        dst_b[i][a:z].copy_(buf[at:at + z - a], non_blocking=True)
+                    events[slot] = torch.cuda.Event()
+                    events[slot].record(self._stream)
+            else:  # CPU (tests): a synchronous copy frees the buffer at once
+                for i, a, z, at in jobs[k]:
+                    dst_b[i][a:z].copy_(buf[at:at + z - a])
+            if k + len(ring) < len(jobs):
+                filling[k + len(ring)] = self._threads.submit(fill, k + len(ring))
+
+    def close(self) -> None:
+        self._threads.shutdown(wait=True)
+        self._ring = []
