@@ -16,6 +16,7 @@ from tabulate import tabulate
 
 from ..store.progress import want_progress
 from .common import Group, emit, human, json_option, open_store
+from .bench import bench
 from .remote import fetch, push, remote
 
 
@@ -245,6 +246,7 @@ def demo(workdir, as_json):
 cli.add_command(push)
 cli.add_command(fetch)
 cli.add_command(remote)
+cli.add_command(bench)
 
 
 def main() -> None:

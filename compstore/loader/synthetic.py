@@ -182,3 +182,123 @@ def sd15_pipeline(seed: int = 0, dtype: torch.dtype = torch.float16):
     vae = AutoencoderKL(**SD15_VAE).to(dtype)
     text_encoder = CLIPTextModel(CLIPTextConfig(**SD15_CLIP)).to(dtype)
     return _sd_pipeline(unet, vae, text_encoder)
+
+
+# -- switch-benchmark families: the real architectures, tiny or at published shapes ----
+SDXL_UNET = dict(
+    sample_size=128, in_channels=4, out_channels=4, layers_per_block=2,
+    block_out_channels=(320, 640, 1280), cross_attention_dim=2048,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    attention_head_dim=(5, 10, 20), transformer_layers_per_block=(1, 2, 10), use_linear_projection=True,
+    addition_embed_type="text_time", addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816,
+)  # stabilityai/stable-diffusion-xl-base-1.0, 2.6B parameters
+SDXL_VAE = dict(SD15_VAE, sample_size=1024, scaling_factor=0.13025, force_upcast=True)
+SDXL_CLIP_G = dict(
+    hidden_size=1280, intermediate_size=5120, num_attention_heads=20, num_hidden_layers=32,
+    vocab_size=49408, max_position_embeddings=77, projection_dim=1280, hidden_act="gelu",
+)
+TINY_FLUX = dict(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16,
+                 num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
+                 axes_dims_rope=[4, 4, 8])
+FLUX_DEV = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+                num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
+                guidance_embeds=True, axes_dims_rope=[16, 56, 56])  # black-forest-labs/FLUX.1-dev, 12B
+TINY_FLUX_VAE = dict(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(4,),
+                     layers_per_block=1, latent_channels=1, norm_num_groups=1, use_quant_conv=False,
+                     use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5035)
+FLUX_VAE = dict(SD15_VAE, latent_channels=16, use_quant_conv=False, use_post_quant_conv=False,
+                shift_factor=0.1159, scaling_factor=0.3611, sample_size=1024)
+TINY_T5 = dict(vocab_size=1000, d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+               feed_forward_proj="gated-gelu")
+T5_XXL = dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+              feed_forward_proj="gated-gelu")  # google/t5-v1_1-xxl encoder, 4.7B
+
+
+def write_tiny_t5_tokenizer(folder: str | os.PathLike) -> None:
+    """A small Unigram (sentencepiece-style) vocabulary as a T5 tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import T5TokenizerFast
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    pieces += [("\u2581" + w, -1.0) for w in ("a", "cat", "dog", "photo", "of")]
+    pieces += [(c, -3.0) for c in "abcdefghijklmnopqrstuvwxyz"]
+    tok = Tokenizer(models.Unigram(pieces, unk_id=2))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    T5TokenizerFast(tokenizer_object=tok, eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
+                    extra_ids=0, model_max_length=512).save_pretrained(folder)
+
+
+def _seeded(seed: int, make):
+    torch.manual_seed(seed)
+    return make()
+
+
+def switch_family(kind: str, size: str, root: str | os.PathLike,
+                  dtype: torch.dtype = torch.float32) -> dict[str, Path]:
+    """The switch benchmark's family, saved under `root`; returns name -> folder.
+
+    sdxl: A; B = A's VAE and both text encoders, another UNet; C = A with a third of
+    its UNet tensors changed. flux: A; B = A's T5, CLIP and VAE, another transformer.
+    `size` is "tiny" (a few MB, CPU) or "full" (published shapes: SDXL 6.9 GB and
+    FLUX.1-dev 33 GB in 16-bit; needs that much free disk twice, for folders and store).
+    """
+    import copy
+    import tempfile
+
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    tiny = size == "tiny"
+    if size not in ("tiny", "full") or kind not in ("sdxl", "flux"):
+        raise ValueError(f"unknown family {kind!r} / size {size!r}: use sdxl|flux and tiny|full")
+    root = Path(root)
+    tok_dir = Path(tempfile.mkdtemp(prefix="compstore-tok-"))
+    write_tiny_clip_tokenizer(tok_dir / "clip")
+    clip_tok = CLIPTokenizer.from_pretrained(tok_dir / "clip")
+    clip_l = CLIPTextConfig(**(dict(TINY_CLIP, hidden_act="gelu", projection_dim=32) if tiny else SD15_CLIP))
+    if kind == "sdxl":
+        from diffusers import (AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline,
+                               UNet2DConditionModel)
+        from transformers import CLIPTextModelWithProjection
+
+        clip_g = clip_l if tiny else CLIPTextConfig(**SDXL_CLIP_G)
+        unet = lambda: UNet2DConditionModel(**(TINY_SDXL_UNET if tiny else SDXL_UNET))  # noqa: E731
+        parts = dict(
+            unet=_seeded(0, unet), vae=_seeded(1, lambda: AutoencoderKL(**(TINY_VAE if tiny else SDXL_VAE))),
+            text_encoder=_seeded(2, lambda: CLIPTextModel(clip_l)),
+            text_encoder_2=_seeded(3, lambda: CLIPTextModelWithProjection(clip_g)),
+            tokenizer=clip_tok, tokenizer_2=clip_tok,
+            scheduler=EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012,
+                                             beta_schedule="scaled_linear",
+                                             timestep_spacing="leading", steps_offset=1))
+        cls, denoiser, other = StableDiffusionXLPipeline, "unet", _seeded(100, unet)
+    else:
+        from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline,
+                               FluxTransformer2DModel)
+        from transformers import T5Config, T5EncoderModel, T5TokenizerFast
+
+        write_tiny_t5_tokenizer(tok_dir / "t5")
+        transformer = lambda: FluxTransformer2DModel(**(TINY_FLUX if tiny else FLUX_DEV))  # noqa: E731
+        parts = dict(
+            transformer=_seeded(0, transformer),
+            vae=_seeded(1, lambda: AutoencoderKL(**(TINY_FLUX_VAE if tiny else FLUX_VAE))),
+            text_encoder=_seeded(2, lambda: CLIPTextModel(clip_l)),
+            text_encoder_2=_seeded(3, lambda: T5EncoderModel(T5Config(**(TINY_T5 if tiny else T5_XXL)))),
+            tokenizer=clip_tok, tokenizer_2=T5TokenizerFast.from_pretrained(tok_dir / "t5"),
+            scheduler=FlowMatchEulerDiscreteScheduler())
+        cls, denoiser, other = FluxPipeline, "transformer", _seeded(100, transformer)
+    for name, part in parts.items():
+        if isinstance(part, torch.nn.Module):
+            part.to(dtype)
+    out = {"A": root / "A", "B": root / "B"}
+    cls(**parts).save_pretrained(out["A"])
+    cls(**{**parts, denoiser: other.to(dtype)}).save_pretrained(out["B"])
+    del other
+    if kind == "sdxl":
+        changed = copy.deepcopy(parts["unet"])
+        perturb_fraction(changed, 1 / 3, seed=7)
+        out["C"] = root / "C"
+        cls(**{**parts, "unet": changed}).save_pretrained(out["C"])
+    return out

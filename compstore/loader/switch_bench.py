@@ -1,0 +1,333 @@
+"""The switch-latency benchmark: A -> B with plain diffusers and with compstore, in one run.
+
+    compstore bench switch --size tiny              # CPU, minutes
+    compstore bench switch --size full --device cuda  # published shapes, a GPU
+
+For each family (see `synthetic.switch_family`) it times, median of `repeat`:
+
+    diffusers naive      drop A; DiffusionPipeline.from_pretrained(B).to(device)
+    diffusers expert     from_pretrained(B, **A's components that B shares).to(device)
+    compstore page cache A resident; from_pretrained(B) from the store, B's delta read
+                         from the page cache (packs read once beforehand)
+    compstore pinned     A resident; B's delta waiting in the pool's pinned tier
+    compstore resident   A -> B -> A within budget: the second switch
+    compstore cold load  an empty pool: all of A from the store onto the device
+    floor                delta bytes / host-to-device bandwidth from pinned memory,
+                         measured in the same run (on a CPU target: memcpy bandwidth)
+
+and checks that B's image after the switches equals plain diffusers' image
+(bitwise; on a CPU target diffusers' weights are first copied to aligned memory,
+as its own `.to("cuda")` does on a GPU). A
+"switch" includes `from_pretrained`: building the pipeline object is part of what
+a user waits for; the upload alone is reported beside it. Writes report.json,
+report.md and switch.png into `out`.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import statistics
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .pipeline import DiffusionPipeline
+from .residency import ResidencyPool, to_device
+from .synthetic import switch_family
+
+DENOISER = {"sdxl": "unet", "flux": "transformer"}
+
+
+@dataclass
+class SystemFigures:
+    name: str
+    seconds: float  # median switch time (including from_pretrained)
+    upload_seconds: float | None  # compstore: the pool's part of it
+    bytes_moved: int  # bytes copied onto the device by this switch
+    runs: list[float] = field(default_factory=list)
+
+
+@dataclass
+class FamilyFigures:
+    family: str
+    size: str
+    device: str
+    dtype: str
+    pipeline_bytes: int  # B's tensor bytes
+    delta_bytes: int  # B's tensor bytes that A lacks (compstore diff A B)
+    h2d_bytes_per_s: float
+    floor_seconds: float
+    image_equal: bool
+    image_max_abs_diff: float
+    systems: list[SystemFigures] = field(default_factory=list)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _module_bytes(pipe) -> int:
+    return sum(t.numel() * t.element_size() for m in pipe.components.values()
+               if isinstance(m, torch.nn.Module) for t in list(m.parameters()) + list(m.buffers()))
+
+
+def _h2d_bandwidth(device: torch.device, nbytes: int) -> float:
+    """Bytes/s of a host-to-device copy from pinned memory (CPU target: a memcpy)."""
+    nbytes = max(1 << 20, min(nbytes, 1 << 30))
+    src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=device.type == "cuda")
+    dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst.copy_(src)
+    _sync(device)
+    runs = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        dst.copy_(src, non_blocking=True)
+        _sync(device)
+        runs.append(time.perf_counter() - t0)
+    return nbytes / min(runs)
+
+
+def _warm(paths) -> None:
+    """Read files once so that they are in the page cache."""
+    for p in paths:
+        with open(p, "rb") as f:
+            while f.read(64 << 20):
+                pass
+
+
+def _image(pipe, family: str, device: torch.device) -> np.ndarray:
+    kw = dict(height=32, width=32) if family == "sdxl" else dict(height=32, width=32,
+                                                                   max_sequence_length=32)
+    return pipe("a photo of a cat", num_inference_steps=2, output_type="np",
+                generator=torch.Generator(device="cpu").manual_seed(0), **kw).images
+
+
+def _median_run(fn: Callable[[], tuple[float, float | None, int]], repeat: int) -> SystemFigures:
+    fn()  # warm-up: imports, allocator, page cache
+    runs = [fn() for _ in range(repeat)]
+    seconds = [r[0] for r in runs]
+    uploads = [r[1] for r in runs if r[1] is not None]
+    return SystemFigures("", statistics.median(seconds),
+                         statistics.median(uploads) if uploads else None, runs[-1][2],
+                         [round(s, 4) for s in seconds])
+
+
+def bench_family(family: str, size: str, device: torch.device, dtype: torch.dtype, repeat: int,
+                 work: Path, echo: Callable[[str], None]) -> FamilyFigures:
+    import diffusers
+
+    from ..store import Store
+
+    echo(f"[{family}/{size}] building the family ...")
+    folders = switch_family(family, size, work / family, dtype=dtype)
+    store = Store(work / f"{family}-store")
+    for name, folder in folders.items():
+        store.ingest(folder, name)
+    delta = store.diff("A", "B")
+    shared = [c["slot"] for c in delta.components if c["status"] == "identical"]
+    denoiser = DENOISER[family]
+    _warm([p for f in folders.values() for p in f.rglob("*.safetensors")])
+    _warm((store.home / "objects" / "packs").glob("*.pack"))
+
+    def ours(ref: str, pool: ResidencyPool):
+        pipe = DiffusionPipeline.from_pretrained(ref, store=store, torch_dtype=dtype)
+        return pipe, to_device(pipe, device, pool=pool)
+
+    def theirs(folder: Path, **components):
+        return diffusers.DiffusionPipeline.from_pretrained(folder, torch_dtype=dtype,
+                                                           **components).to(device)
+
+    systems = []
+
+    def naive():
+        a = theirs(folders["A"])
+        del a
+        t0 = time.perf_counter()
+        _free(device)  # dropping A is part of the naive switch
+        b = theirs(folders["B"])
+        _sync(device)
+        s = time.perf_counter() - t0
+        n = _module_bytes(b)
+        del b
+        _free(device)
+        return s, None, n
+
+    def expert():
+        a = theirs(folders["A"])
+        t0 = time.perf_counter()
+        b = theirs(folders["B"], **{slot: getattr(a, slot) for slot in shared})
+        _sync(device)
+        s = time.perf_counter() - t0
+        n = sum(t.numel() * t.element_size() for slot, m in b.components.items()
+                if isinstance(m, torch.nn.Module) and slot not in shared
+                for t in list(m.parameters()) + list(m.buffers()))
+        del a, b
+        _free(device)
+        return s, None, n
+
+    def page_cache():
+        pool = ResidencyPool(device, budget_bytes=1 << 62)
+        a, _ = ours("A", pool)
+        t0 = time.perf_counter()
+        b, rep = ours("B", pool)
+        _sync(device)
+        s = time.perf_counter() - t0
+        del a, b, pool
+        _free(device)
+        return s, rep.seconds, rep.bytes_uploaded
+
+    def pinned():
+        pool = ResidencyPool(device, budget_bytes=0, pinned_budget_bytes=1 << 62)
+        b, _ = ours("B", pool)
+        del b
+        gc.collect()
+        a, _ = ours("A", pool)  # evicts B's delta into the pinned tier
+        t0 = time.perf_counter()
+        b, rep = ours("B", pool)
+        _sync(device)
+        s = time.perf_counter() - t0
+        assert rep.bytes_from_pinned > 0, "the pinned tier served nothing"
+        del a, b, pool
+        _free(device)
+        return s, rep.seconds, rep.bytes_uploaded
+
+    def resident():
+        pool = ResidencyPool(device, budget_bytes=1 << 62)
+        a, _ = ours("A", pool)
+        b, _ = ours("B", pool)
+        del a
+        gc.collect()
+        t0 = time.perf_counter()
+        a, rep = ours("A", pool)
+        _sync(device)
+        s = time.perf_counter() - t0
+        del a, b, pool
+        _free(device)
+        return s, rep.seconds, rep.bytes_uploaded
+
+    def cold():
+        pool = ResidencyPool(device, budget_bytes=1 << 62)
+        t0 = time.perf_counter()
+        a, rep = ours("A", pool)
+        _sync(device)
+        s = time.perf_counter() - t0
+        del a, pool
+        _free(device)
+        return s, rep.seconds, rep.bytes_uploaded
+
+    for name, fn in (("diffusers naive", naive), ("diffusers expert", expert),
+                     ("compstore page cache", page_cache), ("compstore pinned", pinned),
+                     ("compstore resident (A->B->A)", resident), ("compstore cold load", cold)):
+        echo(f"[{family}/{size}] {name} ...")
+        figures = _median_run(fn, repeat)
+        figures.name = name
+        systems.append(figures)
+
+    # Images: B after A -> B -> A -> B through one pool vs plain diffusers' B.
+    pool = ResidencyPool(device, budget_bytes=1 << 62)
+    a, _ = ours("A", pool)
+    b, _ = ours("B", pool)
+    a, _ = ours("A", pool)
+    b, _ = ours("B", pool)
+    mine = _image(b, family, device)
+    del a, b, pool
+    _free(device)
+    plain = theirs(folders["B"])
+    if device.type == "cpu":  # diffusers leaves CPU weights at unaligned file offsets, where
+        for m in plain.components.values():  # SIMD kernels sum in another order (~1e-7)
+            if isinstance(m, torch.nn.Module):
+                for t in list(m.parameters()) + list(m.buffers()):
+                    t.data = t.data.clone()
+    reference = _image(plain, family, device)
+    del plain
+    _free(device)
+
+    h2d = _h2d_bandwidth(device, delta.delta_bytes)
+    pipeline_bytes = systems[0].bytes_moved
+    floor = delta.delta_bytes / h2d
+    systems.append(SystemFigures("floor", floor, None, delta.delta_bytes, [floor]))
+    store.close()
+    return FamilyFigures(family, size, str(device), str(dtype).removeprefix("torch."),
+                         pipeline_bytes, delta.delta_bytes, h2d, floor,
+                         bool(np.array_equal(mine, reference)),
+                         float(np.abs(mine.astype(np.float64) - reference).max()), systems)
+
+
+def run_switch_bench(*, size: str = "tiny", families: tuple[str, ...] = ("sdxl", "flux"),
+                     device: str | None = None, dtype: str | None = None, repeat: int = 3,
+                     out: str | Path = "switch-report", workdir: str | Path | None = None,
+                     echo: Callable[[str], None] = print) -> dict:
+    """Run the benchmark; write report.json, report.md, switch.png into `out`; return the report.
+
+    >>> run_switch_bench(size="tiny", families=("sdxl",), repeat=1)  # doctest: +SKIP
+    """
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dt = getattr(torch, dtype) if dtype else (torch.float16 if dev.type == "cuda" else torch.float32)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="compstore-switch-", dir=workdir) as work:
+        results = [bench_family(f, size, dev, dt, repeat, Path(work), echo) for f in families]
+    report = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+              "torch": torch.__version__, "repeat": repeat,
+              "families": [asdict(r) for r in results]}
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    (out / "report.md").write_text(markdown(report))
+    chart(report, out / "switch.png")
+    return report
+
+
+def markdown(report: dict) -> str:
+    lines = [f"# Switch latency: A -> B ({report['device']}, torch {report['torch']}, "
+             f"median of {report['repeat']})", ""]
+    for f in report["families"]:
+        lines += [f"## {f['family']} ({f['size']}, {f['dtype']} on {f['device']})", "",
+                  f"B: {f['pipeline_bytes']:,} tensor bytes; delta (B's bytes A lacks): "
+                  f"{f['delta_bytes']:,}; host-to-device {f['h2d_bytes_per_s'] / 1e9:.2f} GB/s "
+                  f"from pinned memory; floor {f['floor_seconds'] * 1e3:.1f} ms. B's image after "
+                  f"A->B->A->B equals plain diffusers': {f['image_equal']} (max abs diff "
+                  f"{f['image_max_abs_diff']:.2g}).", "",
+                  "| system | switch s | upload s | bytes moved | vs naive | vs floor |",
+                  "|---|---|---|---|---|---|"]
+        naive = f["systems"][0]["seconds"]
+        for s in f["systems"]:
+            up = "-" if s["upload_seconds"] is None else f"{s['upload_seconds']:.4f}"
+            lines.append(f"| {s['name']} | {s['seconds']:.4f} | {up} | {s['bytes_moved']:,} | "
+                         f"{s['seconds'] / naive:.2f}x | {s['seconds'] / f['floor_seconds']:.1f}x |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def chart(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fams = report["families"]
+    fig, axes = plt.subplots(len(fams), 2, figsize=(12, 3.2 * len(fams)), squeeze=False)
+    for row, f in zip(axes, fams):
+        names = [s["name"] for s in f["systems"]]
+        row[0].barh(names, [s["seconds"] for s in f["systems"]], color="tab:blue")
+        row[0].set_xlabel("seconds (switch A -> B)")
+        row[0].set_title(f"{f['family']} {f['size']} on {f['device']}")
+        row[1].barh(names, [s["bytes_moved"] / 2**20 for s in f["systems"]], color="tab:orange")
+        row[1].set_xlabel("MiB moved onto the device")
+        row[1].set_yticklabels([])
+        for ax in row:
+            ax.invert_yaxis()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,69 @@
+"""The CUDA path of the residency pool: run wherever a GPU is present, skipped elsewhere.
+
+    pytest tests/test_cuda.py      # on a GPU machine
+"""
+
+import gc
+
+import numpy as np
+import pytest
+import torch
+
+import compstore
+from compstore import ResidencyPool, to_device
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def test_staged_uploader_copies_every_byte_to_the_gpu():
+    from compstore.loader.upload import Uploader
+
+    torch.manual_seed(0)
+    srcs = [torch.randn(3_000_001), torch.randn(7, 3).half(), torch.empty(0), torch.tensor(2.0),
+            torch.rand(4096) > 0.5, torch.randn(1000).pin_memory()]
+    up = Uploader("cuda", readers=3, staging_bytes=1 << 20)  # many turns of the ring
+    outs = up.upload(srcs)
+    up.close()
+    for s, o in zip(srcs, outs):
+        assert o.device.type == "cuda" and o.dtype == s.dtype and torch.equal(o.cpu(), s)
+
+
+def test_switches_on_the_gpu_move_only_the_delta_and_images_match_diffusers(family_store, family):
+    import diffusers
+    from test_loader import image
+
+    pool = ResidencyPool("cuda", budget_bytes=1 << 34, pinned_budget_bytes=1 << 30)
+    load = lambda n: compstore.DiffusionPipeline.from_pretrained(n, store=family_store)  # noqa: E731
+    a = load("A")
+    to_device(a, "cuda", pool=pool)
+    b = load("B")
+    second = to_device(b, "cuda", pool=pool)
+    position_ids = 77 * 8  # CLIP's computed buffer: not a store tensor
+    assert second.bytes_uploaded == family_store.diff("A", "B").delta_bytes + position_ids
+    del a
+    gc.collect()
+    a2 = load("A")
+    third = to_device(a2, "cuda", pool=pool)
+    assert third.bytes_uploaded == position_ids
+    for name, pipe in (("B", b), ("A", a2)):
+        theirs = diffusers.StableDiffusionPipeline.from_pretrained(family[name]).to("cuda")
+        np.testing.assert_array_equal(image(pipe), image(theirs))
+
+
+def test_pinned_tier_on_the_gpu(family_store):
+    pool = ResidencyPool("cuda", budget_bytes=0, pinned_budget_bytes=1 << 30)
+    load = lambda n: compstore.DiffusionPipeline.from_pretrained(n, store=family_store)  # noqa: E731
+    to_device(load("B"), "cuda", pool=pool)
+    gc.collect()
+    a = load("A")
+    to_device(a, "cuda", pool=pool)
+    assert pool.pinned_bytes > 0
+    assert all(t.is_pinned() for t in pool._pinned.values())
+    again = to_device(load("B"), "cuda", pool=pool)
+    assert again.bytes_from_pinned > 0
+
+
+def test_device_map_cuda_and_pipe_to(family_store):
+    pipe = compstore.DiffusionPipeline.from_pretrained("A", store=family_store, device_map="cuda")
+    assert pipe.unet.device.type == "cuda"
+    assert compstore.last_transfer().bytes_uploaded > 0
