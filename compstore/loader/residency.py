@@ -214,10 +214,8 @@ class ResidencyPool:
         same_as: dict[int, int] = {}  # identical bytes twice in this module: share one upload
         uploads: dict[str, list] = {"pinned": [], "store": []}  # [(tensor id, key|None, source)]
         pending: dict[Key, int] = {}  # keys uploading in this batch -> tensor id
-        for full_name, tensor in list(module.named_parameters(remove_duplicate=False)) + list(
-                module.named_buffers(remove_duplicate=False)):
-            owner_name, _, attr = full_name.rpartition(".")
-            owner = module.get_submodule(owner_name) if owner_name else module
+        for owner_name, owner, attr, tensor in _tensors(module):
+            full_name = f"{owner_name}.{attr}" if owner_name else attr
             rep.tensors += 1
             if id(tensor) in places:  # tied: one move, every use points at it
                 places[id(tensor)].append((owner, attr, tensor))
@@ -278,6 +276,16 @@ class ResidencyPool:
         for entry in self._resident.values():
             entry.owners.discard(module)
         self._evict()
+
+
+def _tensors(module: torch.nn.Module):
+    """(owner path, owner, attribute, tensor) of every parameter and buffer, through
+    every path (tied and shared ones once per path)."""
+    for owner_name, owner in module.named_modules(remove_duplicate=False):
+        for table in (owner._parameters, owner._buffers):
+            for attr, tensor in table.items():
+                if tensor is not None:
+                    yield owner_name, owner, attr, tensor
 
 
 _POOLS: dict[str, ResidencyPool] = {}
