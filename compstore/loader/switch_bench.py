@@ -146,6 +146,12 @@ def bench_family(family: str, size: str, device: torch.device, dtype: torch.dtyp
         pipe = DiffusionPipeline.from_pretrained(ref, store=store, torch_dtype=dtype)
         return pipe, to_device(pipe, device, pool=pool)
 
+    def switch(ref: str, pool: ResidencyPool):
+        t0 = time.perf_counter()
+        pipe, rep = ours(ref, pool)
+        _sync(device)
+        return pipe, rep, time.perf_counter() - t0
+
     def theirs(folder: Path, **components):
         return diffusers.DiffusionPipeline.from_pretrained(folder, torch_dtype=dtype,
                                                            **components).to(device)
@@ -181,10 +187,7 @@ def bench_family(family: str, size: str, device: torch.device, dtype: torch.dtyp
     def page_cache():
         pool = ResidencyPool(device, budget_bytes=1 << 62)
         a, _ = ours("A", pool)
-        t0 = time.perf_counter()
-        b, rep = ours("B", pool)
-        _sync(device)
-        s = time.perf_counter() - t0
+        b, rep, s = switch("B", pool)
         del a, b, pool
         _free(device)
         return s, rep.seconds, rep.bytes_uploaded
@@ -195,10 +198,7 @@ def bench_family(family: str, size: str, device: torch.device, dtype: torch.dtyp
         del b
         gc.collect()
         a, _ = ours("A", pool)  # evicts B's delta into the pinned tier
-        t0 = time.perf_counter()
-        b, rep = ours("B", pool)
-        _sync(device)
-        s = time.perf_counter() - t0
+        b, rep, s = switch("B", pool)
         assert rep.bytes_from_pinned > 0, "the pinned tier served nothing"
         del a, b, pool
         _free(device)
@@ -210,20 +210,14 @@ def bench_family(family: str, size: str, device: torch.device, dtype: torch.dtyp
         b, _ = ours("B", pool)
         del a
         gc.collect()
-        t0 = time.perf_counter()
-        a, rep = ours("A", pool)
-        _sync(device)
-        s = time.perf_counter() - t0
+        a, rep, s = switch("A", pool)
         del a, b, pool
         _free(device)
         return s, rep.seconds, rep.bytes_uploaded
 
     def cold():
         pool = ResidencyPool(device, budget_bytes=1 << 62)
-        t0 = time.perf_counter()
-        a, rep = ours("A", pool)
-        _sync(device)
-        s = time.perf_counter() - t0
+        a, rep, s = switch("A", pool)
         del a, pool
         _free(device)
         return s, rep.seconds, rep.bytes_uploaded

@@ -147,6 +147,18 @@ class PackWriter:
             fsync_dir(self.home / "objects" / "packs")
         return [(p.name, p.size) for p in self.packs]
 
+    def commit_with(self, write_catalog) -> list[tuple[str, int]]:
+        """`commit()`, then `write_catalog(packs)` (one catalog transaction); if that
+        fails, the catalog rolled back and the new packs are unlinked too."""
+        packs = self.commit()
+        try:
+            write_catalog(packs)
+        except BaseException:
+            for name, _ in packs:
+                (self.home / "objects" / "packs" / f"{name}.pack").unlink(missing_ok=True)
+            raise
+        return packs
+
     def abort(self) -> None:
         for f in self._syncs:
             f.exception()  # never close an fd that an fsync is using

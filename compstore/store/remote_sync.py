@@ -253,18 +253,16 @@ def fetch(store: "Store", remote: Remote, remote_ref: str, name: str, *,
                                           "hash: the remote is damaged; push the ref again")
                     blob_ids[key] = ing.put_blob(data)
                     bar.update(len(data))
-                packs = writer.commit()
-                try:
+
+                def write_catalog(packs) -> None:
                     with store.db.atomic():
                         insert_blob_rows(store.db, ing, packs)
                         for sid in _targets_first(docs, snap):
                             _import_document(store.db, ing, docs[sid], blob_ids)
                         store._set_ref(name, snap)
                     fsync_dir(store.home)
-                except BaseException:
-                    for pack_name, _ in packs:
-                        (store.home / "objects" / "packs" / f"{pack_name}.pack").unlink(missing_ok=True)
-                    raise
+
+                writer.commit_with(write_catalog)
         except BaseException:
             writer.abort()
             raise

@@ -353,15 +353,13 @@ class Store:
                            f"compstore ingest {scan.root} --name {ref} --repin", repin)
                 old = self.db.execute("SELECT snapshot_id FROM refs WHERE name = ?", [ref]).fetchone()
                 status = "new" if old is None else ("unchanged" if old[0] == snap else "updated")
-                packs = writer.commit()
-                if status != "unchanged" or packs:
-                    try:
-                        self._commit(ing, packs, components, comp_tensors, slots, pins,
-                                     scan, snap, ref, source, revision)
-                    except BaseException:  # the catalog rolled back: its new packs go too
-                        for pack_name, _ in packs:
-                            (self.home / "objects" / "packs" / f"{pack_name}.pack").unlink(missing_ok=True)
-                        raise
+
+                def write_catalog(packs) -> None:
+                    if status != "unchanged" or packs:
+                        self._commit(ing, packs, components, comp_tensors, slots, pins, scan,
+                                     snap, ref, source, revision)
+
+                writer.commit_with(write_catalog)
             except BaseException:
                 writer.abort()
                 raise
