@@ -6,6 +6,13 @@ to pull a model repo, and a count of the bytes it serves.
     ... HF_ENDPOINT=hub.url ...
     hub.served_bytes                           # body bytes of every GET /resolve
 
+A repo added with `xet=True` is also served the Xet way (tests/xet_cas.py): tree
+entries and resolve responses carry its real Xet hash (X-Xet-Hash, and
+X-Xet-Refresh-Route to GET /api/models/{repo}/xet-read-token/{rev}), and a CAS
+under /cas serves GET /v1/reconstructions/{hash} and /v2/reconstructions/{hash}
+(both with Range) and GET /xorbs/default/{hash} (Range required), counting
+`xet_served_bytes`. Chunks are deduplicated across every Xet repo, as on the Hub.
+
 Endpoints: GET /api/models/{repo}[/revision/{rev}] (model_info), GET
 /api/models/{repo}/tree/{rev}[/{path}] (list_repo_tree, one page), HEAD and GET
 /{repo}/resolve/{rev}/{path} with X-Repo-Commit, ETag / X-Linked-Etag (sha256 for
@@ -20,6 +27,7 @@ import hashlib
 import json
 import re
 import threading
+import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -48,12 +56,19 @@ class Repo:
     # try Xet transfers, which this emulator does not serve (issue 8).
     xet_hashes: bool = False
     cuts: dict[str, list[int]] = field(default_factory=dict)  # path -> per GET: bytes sent, then a drop
+    xet_files: dict[str, dict[str, str]] = field(default_factory=dict)  # commit -> path -> Xet hash
 
 
 class HubEmulator:
-    def __init__(self, token: str = "hf_test_token"):
+    def __init__(self, token: str = "hf_test_token", xet_schemes: str = "best"):
+        from xet_cas import ContentStore
+
         self.repos: dict[str, Repo] = {}
         self.token = token
+        self.cas = ContentStore(xet_schemes)
+        self.xet_token = "xet_emulated_token"
+        self.xet_served_bytes = 0  # xorb bytes sent by the CAS
+        self.xet_requests: list[str] = []  # CAS paths asked for, in order
         self.served_bytes = 0
         self.served_files: list[str] = []
         self.served_per_file: dict[str, int] = {}
@@ -66,7 +81,8 @@ class HubEmulator:
         self._server.shutdown()
         self._server.server_close()
 
-    def add_repo(self, repo_id: str, folder: Path, *, private: bool = False, gated: bool = False) -> str:
+    def add_repo(self, repo_id: str, folder: Path, *, private: bool = False, gated: bool = False,
+                 xet: bool = False) -> str:
         files = {p.relative_to(folder).as_posix(): p.read_bytes()
                  for p in sorted(Path(folder).rglob("*")) if p.is_file()}
         commit = hashlib.sha1(json.dumps(sorted((k, hashlib.sha256(v).hexdigest())
@@ -74,6 +90,9 @@ class HubEmulator:
         repo = self.repos.setdefault(repo_id, Repo(private=private, gated=gated))
         repo.commits[commit] = files
         repo.refs["main"] = commit
+        if xet:
+            repo.xet_files[commit] = {p: self.cas.add_file(data) for p, data in files.items()
+                                      if p.endswith(LFS_SUFFIXES)}
         return commit
 
     def reset_counts(self) -> None:
@@ -81,6 +100,8 @@ class HubEmulator:
             self.served_bytes = 0
             self.served_files = []
             self.served_per_file = {}
+            self.xet_served_bytes = 0
+            self.xet_requests = []
 
     def _handler(self):
         hub = self
@@ -122,6 +143,11 @@ class HubEmulator:
 
             def _serve(self, head: bool) -> None:
                 path = unquote(urlparse(self.path).path)
+                if path.startswith("/cas/"):
+                    return self._cas(path[len("/cas"):], head)
+                m = re.match(r"^/api/models/([^/]+/[^/]+)/xet-read-token/([^/]+)$", path)
+                if m:
+                    return self._xet_token(*m.groups())
                 m = re.match(r"^/api/models/([^/]+/[^/]+)(?:/(revision|tree)/([^/]+)(?:/(.*))?)?$", path)
                 if m:
                     repo_id, kind, rev, sub = m.groups()
@@ -157,7 +183,9 @@ class HubEmulator:
                     if p.endswith(LFS_SUFFIXES):
                         entry["lfs"] = {"oid": hashlib.sha256(data).hexdigest(), "size": len(data),
                                         "pointerSize": 134}
-                        if repo.xet_hashes:
+                        if p in repo.xet_files.get(commit, {}):
+                            entry["xetHash"] = repo.xet_files[commit][p]
+                        elif repo.xet_hashes:
                             entry["xetHash"] = xet_hash(data)
                     entries.append(entry)
                 self._json(entries)
@@ -189,6 +217,10 @@ class HubEmulator:
                 self.send_header("ETag", f'"{etag}"')
                 self.send_header("X-Linked-Etag", f'"{etag}"')
                 self.send_header("X-Linked-Size", str(len(data)))
+                if file_path in repo.xet_files.get(commit, {}):
+                    self.send_header("X-Xet-Hash", repo.xet_files[commit][file_path])
+                    self.send_header("X-Xet-Refresh-Route",
+                                     f"{hub.url}/api/models/{repo_id}/xet-read-token/{commit}")
                 self.send_header("Content-Length", str(end - start + 1))
                 if rng:
                     self.send_header("Content-Range", f"bytes {start}-{end}/{len(body)}")
@@ -204,5 +236,59 @@ class HubEmulator:
                         hub.served_bytes += len(chunk)
                         hub.served_files.append(file_path)
                         hub.served_per_file[file_path] = hub.served_per_file.get(file_path, 0) + len(chunk)
+
+            # -- Xet ---------------------------------------------------------------------
+            def _xet_token(self, repo_id: str, rev: str) -> None:
+                repo = self._repo(repo_id)
+                if repo is None or self._commit(repo, rev) is None:
+                    return
+                if not repo.xet_files:
+                    return self._error(404, "EntryNotFound")
+                exp = int(time.time()) + 3600
+                body = json.dumps({"accessToken": hub.xet_token, "exp": exp,
+                                   "casUrl": f"{hub.url}/cas"}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("X-Xet-Cas-Url", f"{hub.url}/cas")
+                self.send_header("X-Xet-Access-Token", hub.xet_token)
+                self.send_header("X-Xet-Token-Expiration", str(exp))
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def _cas(self, path: str, head: bool) -> None:
+                with hub._lock:
+                    hub.xet_requests.append(path)
+                rng = self.headers.get("Range")
+                m_rng = re.match(r"^bytes=(\d+)-(\d+)$", rng or "")
+                m = re.match(r"^/v([12])/reconstructions/([0-9a-f]{64})$", path)
+                if m:
+                    if self.headers.get("authorization") != f"Bearer {hub.xet_token}":
+                        return self._error(401, "Unauthorized")
+                    if m.group(2) not in hub.cas.files:
+                        return self._error(404, "NotFound")
+                    size = hub.cas.files[m.group(2)].size
+                    first, last = (int(m_rng.group(1)), int(m_rng.group(2))) if m_rng else (0, None)
+                    if first >= max(size, 1):
+                        return self._error(416, "RangeNotSatisfiable")
+                    return self._json(hub.cas.reconstruction(m.group(2), first, last,
+                                                             url=f"{hub.url}/cas", v2=m.group(1) == "2"))
+                m = re.match(r"^/xorbs/default/([0-9a-f]{64})$", path)
+                if m and m.group(1) in hub.cas.xorbs:
+                    if not m_rng:  # the protocol: xorb bytes only by the ranges a reconstruction gave
+                        return self._error(403, "RangeRequired")
+                    data = hub.cas.xorbs[m.group(1)].data
+                    start, end = int(m_rng.group(1)), min(int(m_rng.group(2)), len(data) - 1)
+                    body = data[start:end + 1]
+                    self.send_response(206)
+                    self.send_header("Content-Range", f"bytes {start}-{end}/{len(data)}")
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    if not head:
+                        self.wfile.write(body)
+                        with hub._lock:
+                            hub.xet_served_bytes += len(body)
+                    return
+                self._error(404, "NotFound")
 
         return Handler

@@ -64,13 +64,16 @@ def ingest(ctx, path, name, allow_pickle, exclude, repin, as_json):
 @json_option
 @click.pass_context
 def pull(ctx, repo_id, revision, include, variant, name, repin, as_json):
-    """Pull a Hub repo, downloading only files whose content the store lacks."""
+    """Pull a Hub repo, downloading only what the store lacks (whole files; Xet chunks)."""
     r = open_store(ctx).pull(repo_id, revision=revision, include=list(include) or None,
                              variant=variant, name=name, repin=repin,
                              progress=want_progress(as_json))
     emit(as_json, r.to_dict(),
          f"{r.ref}: {r.status}; downloaded {r.downloaded_files} files ({human(r.downloaded_bytes)}), "
-         f"skipped {r.skipped_files} already held ({human(r.skipped_bytes)}) in {r.seconds:.2f} s")
+         f"skipped {r.skipped_files} already held ({human(r.skipped_bytes)}) in {r.seconds:.2f} s"
+         + (f"\n  Xet: {r.xet_files} files, fetched {human(r.chunk_fetched_bytes)}, reused "
+            f"{human(r.chunk_reused_bytes)} from the store's chunks (dedup {r.chunk_dedup_ratio:.0%});"
+            f" plain HTTP: {r.http_files} files" if r.xet_files else ""))
 
 
 @cli.command()

@@ -14,6 +14,9 @@
     pins(snapshot_id, slot, source, ..., target_snapshot, component_id)
                                                        modular entries resolved at ingest
     refs(name, snapshot_id, created, updated)          the GC roots (pins keep their targets)
+    xet_chunks(xorb, chunk_index, file_id, offset, length)
+                                                       Xet chunk index: which bytes of a stored
+                                                       file a Xet chunk produced (see xet.py)
     meta(key, value)                                   schema version
 
 Only `Store` writes here, under the store's write lock and in one transaction per
@@ -43,9 +46,11 @@ def open_catalog(path: Path, timeout_s: float = 60.0, read_only: bool = False) -
     return db
 
 
-def ensure_schema(db: sqlite_utils.Database) -> None:
+def ensure_schema(db: sqlite_utils.Database, read_only: bool = False) -> None:
     """Create the tables if this is a new store; refuse a newer schema."""
     if "meta" in db.table_names():
+        if not read_only and "xet_chunks" not in db.table_names():
+            _create_xet_chunks(db)  # added within schema 1: older readers ignore it
         version = int(db["meta"].get("schema_version")["value"])
         if version != SCHEMA_VERSION:
             from .errors import CompstoreError
@@ -123,6 +128,17 @@ def ensure_schema(db: sqlite_utils.Database) -> None:
         )
         db["meta"].create({"key": str, "value": str}, pk="key")
         db["meta"].insert({"key": "schema_version", "value": str(SCHEMA_VERSION)})
+        _create_xet_chunks(db)
+
+
+def _create_xet_chunks(db: sqlite_utils.Database) -> None:
+    """No foreign key on file_id: gc deletes rows of dead files, and a row that outlives
+    its file (an older compstore's gc) only costs a sha256 mismatch and a re-fetch."""
+    with db.atomic():
+        db["xet_chunks"].create(
+            {"xorb": str, "chunk_index": int, "file_id": int, "offset": int, "length": int},
+            pk=("xorb", "chunk_index", "file_id"), if_not_exists=True)
+        db["xet_chunks"].create_index(["file_id"], if_not_exists=True)
 
 
 def blobs_of_snapshot(db: sqlite_utils.Database, snapshot_id: str) -> dict[int, int]:

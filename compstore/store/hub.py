@@ -7,12 +7,12 @@ store into the pull's folder. The rest is downloaded into `<store>/downloads/`, 
 pull leaves in place so the next one resumes, is checked against the Hub's sha256,
 ingested, and removed.
 
-Files the Hub stores in Xet are downloaded by `hf_hub_download` (hf_xet
-underneath). The others, and Xet files whose Xet transfer fails, use
-huggingface_hub's session, URLs and auth headers with compstore's own ranged,
-resumable GET (`_fetch`): huggingface_hub 2.4's `hf_hub_download` starts every
-download over in a new temporary file, so only `_fetch` resumes across pulls.
-Fetching only the Xet chunks the store lacks is issue 8.
+Files the Hub stores in Xet go through compstore's own Xet client (xet.py): only
+the chunks the store lacks are downloaded, the rest is read from the store. Files
+without Xet, and Xet files whose transfer fails, use huggingface_hub's session,
+URLs and auth headers with compstore's own ranged, resumable GET (`_fetch`):
+huggingface_hub 2.4's `hf_hub_download` starts every download over in a new
+temporary file, so only `_fetch` resumes across pulls.
 
 Xet deduplicates uploads, not downloads, and hf_xet 1.8 keeps no chunk cache
 (`HF_XET_CHUNK_CACHE_SIZE_BYTES` has no effect, xet-core#715): the store is the
@@ -46,6 +46,8 @@ from .export import file_pieces, write_file
 from .manifest import FILENAME as MANIFEST
 from .manifest import parse_manifest
 from .modular import pins_of
+from .xet import XetError, XetSource, XetUnavailable, record_chunks
+from .xet import pull_file as pull_xet_file
 
 if TYPE_CHECKING:
     from .store import IngestResult, Store
@@ -69,6 +71,11 @@ class PullResult:
     skipped_bytes: int
     status: str  # the ingest's: "new" | "updated" | "unchanged"
     seconds: float
+    xet_files: int = 0  # downloaded through compstore's Xet client
+    http_files: int = 0  # downloaded over plain HTTP (no Xet, or Xet failed)
+    chunk_fetched_bytes: int = 0  # xorb bytes the Xet files cost
+    chunk_reused_bytes: int = 0  # bytes of the Xet files read from chunks the store held
+    chunk_dedup_ratio: float = 0.0  # chunk_reused / (bytes of the Xet files)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -177,7 +184,7 @@ def pull(store: "Store", repo_id: str, *, revision: str | None = None,
     """
     import httpx2  # huggingface_hub's HTTP client
     import huggingface_hub
-    from huggingface_hub import HfApi, hf_hub_download, hf_hub_url
+    from huggingface_hub import HfApi, constants, hf_hub_url
     from huggingface_hub.hf_api import RepoFile
     from huggingface_hub.utils import build_hf_headers
 
@@ -214,6 +221,9 @@ def pull(store: "Store", repo_id: str, *, revision: str | None = None,
     folder.mkdir(parents=True, exist_ok=True)
     downloaded = skipped = 0
     n_down = n_skip = 0
+    xet = XetSource(endpoint or constants.ENDPOINT, repo_id, commit, build_hf_headers(token=token))
+    xet_chunks: dict[str, list] = {}
+    n_xet = n_http = chunk_fetched = chunk_reused = xet_bytes = 0
     manifest: dict | None = None
     entries.sort(key=lambda f: f.path != MANIFEST)  # the manifest first: it steers the rest
     held_by_path = {f.path: _held_file(store, f.size, f.lfs.sha256 if f.lfs else None,
@@ -244,14 +254,19 @@ def pull(store: "Store", repo_id: str, *, revision: str | None = None,
                     bar.update(f.size)
                     n_down += 1
                     continue
-            if not target.exists() and f.xet_hash and not _partial(target).exists():
-                # The Hub stores this file in Xet: huggingface_hub downloads it with hf_xet.
+            if not target.exists() and f.xet_hash and sha and xet and not _partial(target).exists():
                 try:
-                    hf_hub_download(repo_id, f.path, revision=commit, local_dir=folder,
-                                    token=token, endpoint=endpoint)
-                    downloaded += f.size
-                    bar.update(f.size)
-                except NETWORK_ERRORS as e:  # e.g. no Xet service: plain HTTP below
+                    got = pull_xet_file(store, xet, f.xet_hash.lower(), f.size, sha, target, bar.update)
+                    xet_chunks[f.path] = got.chunks
+                    downloaded += got.fetched_bytes
+                    chunk_fetched += got.fetched_bytes
+                    chunk_reused += got.reused_bytes
+                    xet_bytes += f.size
+                    n_xet += 1
+                except XetUnavailable as e:  # this repo has no Xet service: HTTP from now on
+                    logger.info("%s: %s; downloading over HTTP", repo_id, e)
+                    xet = None
+                except (XetError, *NETWORK_ERRORS) as e:
                     logger.warning("%s: Xet download failed (%s); downloading over HTTP",
                                    f.path, str(e).splitlines()[0])
             if not target.exists():
@@ -264,6 +279,7 @@ def pull(store: "Store", repo_id: str, *, revision: str | None = None,
                     target.unlink()
                     raise HubError(f"{repo_id}/{f.path}@{commit[:12]}: the downloaded bytes do not "
                                    "match the Hub's sha256; nothing was stored (retry the pull)")
+                n_http += 1
             if f.path == MANIFEST:
                 manifest = parse_manifest(target.read_bytes())
             n_down += 1
@@ -274,9 +290,11 @@ def pull(store: "Store", repo_id: str, *, revision: str | None = None,
     if name is None and not variant and not include:
         store.tag(repo_id, result.snapshot)  # `org/name` follows the latest full pull
     record_xet_hashes(store, result.snapshot, {f.path: f.xet_hash for f in entries})
+    record_chunks(store, result.snapshot, xet_chunks)
     shutil.rmtree(folder, ignore_errors=True)
     return PullResult(repo_id, commit, ref, len(entries), n_down, downloaded, n_skip, skipped,
-                      result.status, round(time.perf_counter() - t0, 3))
+                      result.status, round(time.perf_counter() - t0, 3), n_xet, n_http,
+                      chunk_fetched, chunk_reused, round(chunk_reused / xet_bytes, 4) if xet_bytes else 0.0)
 
 
 def _assemble(store: "Store", repo_id: str, path: str, commit: str, endpoint: str | None,

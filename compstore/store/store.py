@@ -121,7 +121,7 @@ class Store:
             (self.home / "objects" / "packs").mkdir(parents=True, exist_ok=True)
             (self.home / "tmp").mkdir(exist_ok=True)
             self.db = open_catalog(self.home / "catalog.db")
-        ensure_schema(self.db)
+        ensure_schema(self.db, read_only=read_only)
         self.packs = PackFiles(self.home / "objects" / "packs")
 
     def _writable(self) -> None:

@@ -1,0 +1,209 @@
+"""Xet chunk-level pulls against a Hub + CAS emulated on 127.0.0.1 (tests/xet_cas.py),
+and the emulator itself checked against the real hf_xet client."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from compstore import HubError, Store
+from compstore.store.xet import XetError, decode_chunks
+from conftest import store_state, tree_sha256
+from hub_emulator import HubEmulator
+from xet_cas import ContentStore, chunk_boundaries, chunk_hash, encode_chunk
+
+UNET = dict(block_out_channels=(128, 256), layers_per_block=1, cross_attention_dim=256,
+            norm_num_groups=32, sample_size=32, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"))  # 64 MB in fp32
+
+
+@pytest.fixture(scope="module")
+def unets(tmp_path_factory) -> dict:
+    """A UNet and a partial fine-tune of it: a third of its large tensors changed."""
+    from diffusers import UNet2DConditionModel
+
+    root = tmp_path_factory.mktemp("unets")
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**UNET)
+    unet.save_pretrained(root / "base")
+    large = [p for _, p in sorted(unet.named_parameters()) if p.numel() * 4 >= 256 << 10]
+    changed = 0
+    with torch.no_grad():
+        for p in large[::3]:
+            p.add_(0.01)
+            changed += p.numel() * 4
+    unet.save_pretrained(root / "ft")
+    total = sum(p.numel() * 4 for p in unet.parameters())
+    return {"base": root / "base", "ft": root / "ft", "changed_bytes": changed, "total": total}
+
+
+@pytest.fixture
+def hub(monkeypatch):
+    import huggingface_hub.constants as constants
+
+    hub = HubEmulator()
+    monkeypatch.setenv("HF_ENDPOINT", hub.url)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", "/nonexistent/token")
+    yield hub
+    hub.close()
+
+
+def weights(folder: Path) -> bytes:
+    return (folder / "diffusion_pytorch_model.safetensors").read_bytes()
+
+
+def chunk_set(data: bytes) -> dict[bytes, int]:
+    out, start = {}, 0
+    for end in chunk_boundaries(data):
+        out[chunk_hash(data[start:end])] = end - start
+        start = end
+    return out
+
+
+# -- the emulator, against the real client ------------------------------------------------
+def sample_files(tmp_path) -> dict[str, bytes]:
+    rng = np.random.default_rng(0)
+    files = {"empty.safetensors": b"", "small.safetensors": rng.bytes(5000),
+             "random.safetensors": rng.bytes(2_000_000), "zeros.safetensors": bytes(700_000),
+             "floats.safetensors": np.linspace(-1, 1, 400_000, dtype=np.float32).tobytes(),
+             "mixed.safetensors": rng.bytes(300_000) + bytes(300_000) + rng.bytes(77)}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    return files
+
+
+def test_emulator_chunks_and_hashes_files_as_hf_xet_does(tmp_path):
+    import hf_xet
+
+    files = sample_files(tmp_path)
+    theirs = hf_xet.hash_files([str(tmp_path / n) for n in files])
+    cas = ContentStore()
+    assert [cas.add_file(data) for data in files.values()] == [t.hash for t in theirs]
+
+
+def test_hf_xet_downloads_the_emulators_files(hub, tmp_path):
+    """Every compression scheme in the xorbs; hf_xet (through hf_hub_download) must
+    rebuild the same bytes from the emulator's reconstructions and xorb ranges."""
+    from huggingface_hub import hf_hub_download
+
+    hub.cas.schemes = "cycle"  # chunks stored as-is, LZ4, and byte-grouped LZ4 in turn
+    (tmp_path / "repo").mkdir()
+    files = sample_files(tmp_path / "repo")
+    hub.add_repo("org/files", tmp_path / "repo", xet=True)
+    schemes = {x.data[o + 4] for x in hub.cas.xorbs.values() for o in x.offsets[:-1]}
+    assert schemes == {0, 1, 2}
+    for name, data in files.items():
+        if not data:
+            continue  # an empty file has no Xet reconstruction
+        path = hf_hub_download("org/files", name, cache_dir=tmp_path / "cache", endpoint=hub.url)
+        assert Path(path).read_bytes() == data, name
+    assert hub.served_bytes == 0  # every byte came through the CAS
+    assert any("/reconstructions/" in p for p in hub.xet_requests)
+    assert hub.xet_served_bytes > 0
+
+
+def test_compstore_decodes_every_chunk_scheme():
+    rng = np.random.default_rng(1)
+    chunks = [rng.bytes(65_537), bytes(10_003), np.arange(9_999, dtype=np.float32).tobytes()[:-1], b"x"]
+    blob = b"".join(encode_chunk(c, scheme) for c in chunks for scheme in (0, 1, 2))
+    assert decode_chunks(blob, len(chunks) * 3) == [c for c in chunks for _ in range(3)]
+    bad = bytearray(encode_chunk(b"abc", 0))
+    bad[4] = 7
+    with pytest.raises(XetError, match="compression scheme 7"):
+        decode_chunks(bytes(bad), 1)
+    with pytest.raises(XetError, match="ends inside"):
+        decode_chunks(encode_chunk(chunks[0], 1)[:100], 1)
+
+
+# -- pulls ------------------------------------------------------------------------------
+def test_partial_finetune_after_its_base_fetches_only_the_changed_chunks(hub, unets, tmp_path):
+    hub.add_repo("org/base", unets["base"], xet=True)
+    hub.add_repo("org/ft", unets["ft"], xet=True)
+    store = Store(tmp_path / "store")
+    first = store.pull("org/base")
+    assert first.xet_files == 1 and first.chunk_reused_bytes == 0
+    hub.reset_counts()
+    r = store.pull("org/ft")  # another repo: chunks are matched across repos
+    base, ft = chunk_set(weights(unets["base"])), chunk_set(weights(unets["ft"]))
+    changed_chunks = sum(n for h, n in ft.items() if h not in base)  # what CDC could not share
+    served = hub.xet_served_bytes
+    assert r.xet_files == 1 and r.http_files == 0 and r.chunk_fetched_bytes == served
+    assert served <= 1.10 * changed_chunks
+    assert served <= 1.25 * unets["changed_bytes"]  # changed tensors + chunk-boundary overhead
+    assert r.chunk_reused_bytes == len(weights(unets["ft"])) - changed_chunks
+    assert r.chunk_dedup_ratio > 0.6
+    store.export("org/ft", tmp_path / "out")
+    assert tree_sha256(tmp_path / "out") == tree_sha256(unets["ft"])
+    print(f"\nchanged tensor bytes {unets['changed_bytes']:,} of {unets['total']:,}; changed-chunk "
+          f"bytes {changed_chunks:,}; served {served:,} ({served / unets['changed_bytes']:.3f}x the "
+          f"changed tensors, {served / changed_chunks:.3f}x the changed chunks)")
+
+
+def test_a_wrong_chunk_index_costs_a_refetch_never_a_wrong_byte(hub, unets, tmp_path):
+    hub.add_repo("org/base", unets["base"], xet=True)
+    hub.add_repo("org/ft", unets["ft"], xet=True)
+    store = Store(tmp_path / "store")
+    store.pull("org/base")
+    with store.db.atomic():  # every indexed chunk now points one byte off
+        store.db.execute("UPDATE xet_chunks SET offset = offset + 1 WHERE offset > 0")
+    hub.reset_counts()
+    r = store.pull("org/ft")
+    store.export("org/ft", tmp_path / "out")
+    assert tree_sha256(tmp_path / "out") == tree_sha256(unets["ft"])
+    assert hub.xet_served_bytes >= len(weights(unets["ft"])) * 0.5  # fetched again, whole
+    assert r.xet_files == 1
+
+
+def test_a_repo_without_xet_is_pulled_over_http_and_says_so(hub, unets, tmp_path):
+    hub.add_repo("org/plain", unets["base"])
+    r = Store(tmp_path / "store").pull("org/plain")
+    assert (r.xet_files, r.http_files, r.chunk_fetched_bytes) == (0, 2, 0)
+    assert hub.xet_requests == [] and hub.served_bytes == sum(
+        p.stat().st_size for p in unets["base"].iterdir())
+
+
+def test_gc_drops_the_chunk_index_of_removed_files(hub, unets, tmp_path):
+    hub.add_repo("org/base", unets["base"], xet=True)
+    store = Store(tmp_path / "store")
+    store.pull("org/base")
+    assert store.db.execute("SELECT count(*) FROM xet_chunks").fetchone()[0] > 0
+    for ref in [r["name"] for r in store.ls()]:
+        store.rm(ref)
+    store.gc()
+    assert store.db.execute("SELECT count(*) FROM xet_chunks").fetchone()[0] == 0
+
+
+def test_cli_pull_json_reports_the_xet_path(hub, unets, tmp_path):
+    from click.testing import CliRunner
+
+    from compstore.cli.main import cli
+
+    hub.add_repo("org/base", unets["base"], xet=True)
+    r = CliRunner().invoke(cli, ["--store", str(tmp_path / "s"), "pull", "org/base", "--json"])
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    assert doc["xet_files"] == 1 and doc["chunk_fetched_bytes"] == hub.xet_served_bytes
+    assert {"chunk_reused_bytes", "chunk_dedup_ratio", "http_files"} <= doc.keys()
+
+
+def test_a_cas_serving_wrong_bytes_leaves_the_store_unchanged(hub, unets, tmp_path, caplog):
+    hub.add_repo("org/base", unets["base"], xet=True)
+    for x in hub.cas.xorbs.values():  # flip a byte inside the first chunk's data
+        data = bytearray(x.data)
+        data[x.offsets[0] + 8 + 100] ^= 1
+        x.data = bytes(data)
+    wrong = bytearray(weights(unets["base"]))
+    wrong[1000] ^= 1  # and the plain HTTP fallback serves wrong bytes too
+    hub.repos["org/base"].tampered["diffusion_pytorch_model.safetensors"] = bytes(wrong)
+    store = Store(tmp_path / "store")
+    before = store_state(store.home)
+    with pytest.raises(HubError, match="do not match the Hub's sha256"):
+        store.pull("org/base")
+    assert "assembled from Xet chunks does not match the Hub's sha256" in caplog.text
+    assert store_state(store.home) == before
