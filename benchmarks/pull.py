@@ -6,7 +6,10 @@ Serves the tiny A/B/C/D family from tests/hub_emulator.py on 127.0.0.1 and pulls
 A, B, C, D in that order into one store; then publishes C with a compstore
 manifest and pulls it into a store that holds only A. Prints, per pull, what the
 store lacked (whole files by sha256; tensors by the catalog's diff) beside what
-the emulator served.
+the emulator served. Last, the Xet path: a 64 MB UNet and a partial fine-tune of
+it (a third of its large tensors changed) published as two Xet repos; the
+fine-tune is pulled after the base and the CAS's xorb bytes are compared with the
+changed tensor bytes and with the bytes of the chunks the base does not share.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import huggingface_hub.constants  # noqa: E402
 from compstore import Store  # noqa: E402
 from compstore.loader.synthetic import build_family  # noqa: E402
 from hub_emulator import HubEmulator  # noqa: E402
+from xet_cas import chunk_boundaries, chunk_hash  # noqa: E402
 
 
 def main() -> None:
@@ -66,8 +70,51 @@ def main() -> None:
     print(f"  C's new tensor bytes {delta:,} B; manifest "
           f"{(published / 'compstore.manifest.json').stat().st_size:,} B; Hub served "
           f"{hub.served_bytes:,} B (the rest: new safetensors headers and index files)")
+    xet_partial_finetune(hub, work)
     hub.close()
     shutil.rmtree(work, ignore_errors=True)
+
+
+def xet_partial_finetune(hub: HubEmulator, work: Path) -> None:
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        block_out_channels=(128, 256), layers_per_block=1, cross_attention_dim=256,
+        norm_num_groups=32, sample_size=32, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"))
+    unet.save_pretrained(work / "xet-base")
+    changed = 0
+    with torch.no_grad():
+        for p in [p for _, p in sorted(unet.named_parameters()) if p.numel() * 4 >= 256 << 10][::3]:
+            p.add_(0.01)
+            changed += p.numel() * 4
+    unet.save_pretrained(work / "xet-ft")
+    hub.add_repo("org/xet-base", work / "xet-base", xet=True)
+    hub.add_repo("org/xet-ft", work / "xet-ft", xet=True)
+
+    def chunks(folder: Path) -> dict:
+        data, out, start = (folder / "diffusion_pytorch_model.safetensors").read_bytes(), {}, 0
+        for end in chunk_boundaries(data):
+            out[chunk_hash(data[start:end])] = end - start
+            start = end
+        return out
+
+    base, ft = chunks(work / "xet-base"), chunks(work / "xet-ft")
+    new_chunks = sum(n for h, n in ft.items() if h not in base)
+    with Store(work / "xet-store") as store:
+        store.pull("org/xet-base")
+        hub.reset_counts()
+        r = store.pull("org/xet-ft")
+    size = sum(ft.values())
+    print("Xet chunk-level pull: org/xet-ft (a third of the large tensors changed) after org/xet-base")
+    print(f"  UNet file {size:,} B; changed tensors {changed:,} B; chunks the base lacks "
+          f"{new_chunks:,} B; CAS served {hub.xet_served_bytes:,} B = "
+          f"{hub.xet_served_bytes / changed:.3f}x the changed tensors, "
+          f"{hub.xet_served_bytes / new_chunks:.3f}x the new chunks; reused from the store "
+          f"{r.chunk_reused_bytes:,} B (dedup {r.chunk_dedup_ratio:.1%}); Hub served "
+          f"{hub.served_bytes:,} B over plain HTTP")
 
 
 if __name__ == "__main__":
