@@ -216,3 +216,18 @@ def test_cpu_target_switches_through_the_real_uploader_and_images_match_diffuser
     third = to_device(a2, "cpu", pool=pool)
     assert third.bytes_uploaded == 0 and third.bytes_reused > 0
     np.testing.assert_array_equal(image(a2), image(theirs["A"]))
+
+
+def test_a_components_to_goes_through_the_pool(family_store, monkeypatch):
+    pool = ResidencyPool("meta", budget_bytes=1 << 40, copier=CountingCopier())
+    monkeypatch.setitem(compstore.loader.residency._POOLS, "meta", pool)
+    a, b = load(family_store, "A"), load(family_store, "B")
+    a.vae.to("meta")
+    report = compstore.last_transfer()
+    assert report.bytes_uploaded > 0 and b.vae.encoder.conv_in.weight.device.type == "cpu"
+    b.vae.to("meta")  # B's VAE is A's: nothing moves
+    assert compstore.last_transfer().bytes_uploaded == 0
+    assert same_storage(a.vae.encoder.conv_in.weight, b.vae.encoder.conv_in.weight)
+    b.to("meta")  # the pipeline's move: one report, its modules' .to do not route again
+    per = {c.component for c in compstore.last_transfer().components}
+    assert per >= {"unet", "vae", "text_encoder"}

@@ -23,7 +23,7 @@ from ..store import ComponentNotFoundError, CorruptStoreError, Store
 from ..store.components import pick_component
 from ..store.objects import blob_hash
 from ..store.objects import PackFiles
-from .residency import record_store_keys
+from .residency import record_store_keys, route_moves_through_pool
 from .tensors import TORCH_DTYPES, private_packs, state_dict
 
 logger = logging.getLogger("compstore")
@@ -116,6 +116,7 @@ def build_model(
         model.name_or_path = name_or_path
     model.eval()
     record_store_keys(model, locations)  # lets the residency pool share these on a device
+    route_moves_through_pool(model)  # model.to("cuda") / .cuda() go through it
     return model
 
 

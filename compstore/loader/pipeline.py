@@ -32,7 +32,7 @@ from ..store import CompstoreError, RefNotFoundError, Store
 from ..store.hub import hub_reachable, is_repo_id
 from ..store.components import pick_component
 from .component import build_model, is_model_class, resolve_class
-from .residency import to_device
+from .residency import route_moves_through_pool
 from .tensors import private_packs
 
 logger = logging.getLogger("compstore")
@@ -151,7 +151,7 @@ class DiffusionPipeline:
         skeleton = store.materialize(snapshot_id, _skeleton_file)
         pipe = pipeline_cls.from_pretrained(skeleton, **built, **kwargs)
         pipe.register_to_config(_name_or_path=label)
-        route_to_through_pool(pipe)
+        route_moves_through_pool(pipe)
         if device_map not in (None, "cpu", torch.device("cpu")):
             if isinstance(device_map, (str, torch.device)) and device_map not in ("balanced", "auto"):
                 pipe.to(device_map)
@@ -159,20 +159,3 @@ class DiffusionPipeline:
                 raise CompstoreError(f"device_map={device_map!r} is not supported yet; pass a "
                                      "device such as 'cuda'")
         return pipe
-
-
-def route_to_through_pool(pipe) -> None:
-    """Make this pipeline's `.to(device)` go through the device's residency pool, so
-    tensors already resident (from another pipeline) are shared, not copied again."""
-    original_to = pipe.to
-
-    def to(self, *args, **kwargs):
-        device = kwargs.get("device")
-        plain = [a for a in args if isinstance(a, (str, torch.device))]
-        if device is None and len(plain) == 1 and len(args) == 1:
-            device = plain[0]
-        if device is not None and "dtype" not in kwargs and torch.device(device).type != "cpu":
-            to_device(self, device)
-        return original_to(*args, **kwargs)
-
-    pipe.to = MethodType(to, pipe)

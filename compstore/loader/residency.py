@@ -23,12 +23,14 @@ views (mmap'd packs) are copied into it, so CPU runs exercise the same path.
 
 from __future__ import annotations
 
+import contextvars
 import gc
 import os
 import time
 import weakref
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
+from types import MethodType
 from typing import Callable
 
 import torch
@@ -329,3 +331,36 @@ def to_device(pipe_or_module, device: str | torch.device, *, pool: ResidencyPool
     pool.last_report = report
     _LAST[:] = [report]
     return report
+
+
+_MOVING = contextvars.ContextVar("compstore_moving", default=False)
+
+
+def route_moves_through_pool(obj) -> None:
+    """Make `obj.to(device)` (a store-loaded pipeline, or a store-built module) go
+    through the device's residency pool first, so that tensors already resident are
+    shared, not copied again; a module's `.cuda()` too. The original `.to` then does
+    the rest (tensors not from the store). A dtype change bypasses the pool: it makes
+    new tensors anyway. Inside a pipeline's move, its modules' `.to` calls do not
+    route again (one report per move)."""
+    original_to = obj.to
+
+    def to(self, *args, **kwargs):
+        device = kwargs.get("device")
+        plain = [a for a in args if isinstance(a, (str, torch.device))]
+        if device is None and len(plain) == 1 and len(args) == 1:
+            device = plain[0]
+        if device is None or "dtype" in kwargs or torch.device(device).type == "cpu" or _MOVING.get():
+            return original_to(*args, **kwargs)
+        token = _MOVING.set(True)
+        try:
+            to_device(self, device)
+            return original_to(*args, **kwargs)
+        finally:
+            _MOVING.reset(token)
+
+    obj.to = MethodType(to, obj)
+    if isinstance(obj, torch.nn.Module):
+        obj.cuda = MethodType(
+            lambda self, device=None: self.to(torch.device("cuda", device) if isinstance(device, int)
+                                              else (device or "cuda")), obj)
