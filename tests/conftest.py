@@ -43,6 +43,16 @@ def pipeline_copy(family, tmp_path):
     return make
 
 
+def use_hub(monkeypatch, hub) -> None:
+    """Point huggingface_hub at an emulated Hub, online and without any token."""
+    import huggingface_hub.constants as constants
+
+    monkeypatch.setenv("HF_ENDPOINT", hub.url)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", "/nonexistent/token")
+
+
 def tree_sha256(folder: Path) -> dict[str, str]:
     return {
         p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()

@@ -8,23 +8,18 @@ import torch
 
 import compstore
 from compstore import HubError, Store
-from conftest import tree_sha256
+from conftest import tree_sha256, use_hub
 from hub_emulator import HubEmulator
 
 
 @pytest.fixture
 def hub(monkeypatch, family):
-    import huggingface_hub.constants as constants
-
     hub = HubEmulator()
     for name in "ABCD":
         hub.add_repo(f"org/{name}", family[name])
     hub.add_repo("org/private", family["A"], private=True)
     hub.add_repo("org/gated", family["A"], gated=True)
-    monkeypatch.setenv("HF_ENDPOINT", hub.url)
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.delenv("HF_TOKEN", raising=False)
-    monkeypatch.setattr(constants, "HF_TOKEN_PATH", "/nonexistent/token")
+    use_hub(monkeypatch, hub)
     yield hub
     hub.close()
 

@@ -12,7 +12,7 @@ import torch
 
 from compstore import HubError, Store
 from compstore.store.xet import XetError, decode_chunks
-from conftest import store_state, tree_sha256
+from conftest import store_state, tree_sha256, use_hub
 from hub_emulator import HubEmulator
 from xet_cas import ContentStore, chunk_boundaries, chunk_hash, encode_chunk
 
@@ -43,13 +43,8 @@ def unets(tmp_path_factory) -> dict:
 
 @pytest.fixture
 def hub(monkeypatch):
-    import huggingface_hub.constants as constants
-
     hub = HubEmulator()
-    monkeypatch.setenv("HF_ENDPOINT", hub.url)
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.delenv("HF_TOKEN", raising=False)
-    monkeypatch.setattr(constants, "HF_TOKEN_PATH", "/nonexistent/token")
+    use_hub(monkeypatch, hub)
     yield hub
     hub.close()
 
