@@ -329,3 +329,30 @@ def test_cli_remote_commands(family, tmp_path):
     assert r.exit_code != 0 and "no ref named 'A'" in r.output
     assert run("remote", "rm", "fleet").exit_code == 0
     assert json.loads(run("remote", "ls", "--json").output) == []
+
+
+def test_two_nodes_pushing_at_once_leave_a_complete_remote(family, tmp_path, s3_url):
+    """Concurrent pushes from two processes (different refs sharing blobs, and the same
+    ref) through the S3 server: every ref names a complete snapshot that fetches."""
+    nodes = [node(tmp_path, f"n{i}", s3_url) for i in range(2)]
+    for n in nodes:
+        for name in "AB":
+            n.ingest(family[name], name)
+        n.close()
+    script = "import sys; from compstore import Store; Store(sys.argv[1]).push(sys.argv[2], as_ref=sys.argv[3])"
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(tmp_path / n), ref, as_ref],
+                              stderr=subprocess.PIPE, text=True)
+             for n, ref, as_ref in (("n0", "A", "A"), ("n1", "B", "B"), ("n0", "B", "same"),
+                                    ("n1", "A", "same"))]
+    for p in procs:
+        assert p.wait() == 0, p.stderr.read()
+    refs = Remote(s3_url).refs()
+    snaps = {Store(tmp_path / "n0").resolve(r) for r in "AB"}
+    assert set(refs) == {"A", "B", "same"} and refs["same"] in snaps
+    reader = node(tmp_path, "reader", s3_url)
+    for ref in ("A", "B", "same"):
+        reader.fetch(ref)
+        reader.export(ref, tmp_path / f"out-{ref}")
+    assert tree_sha256(tmp_path / "out-A") == tree_sha256(family["A"])
+    assert tree_sha256(tmp_path / "out-B") == tree_sha256(family["B"])
+    assert tree_sha256(tmp_path / "out-same") in (tree_sha256(family["A"]), tree_sha256(family["B"]))
