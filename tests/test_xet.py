@@ -202,3 +202,25 @@ def test_a_cas_serving_wrong_bytes_leaves_the_store_unchanged(hub, unets, tmp_pa
         store.pull("org/base")
     assert "assembled from Xet chunks does not match the Hub's sha256" in caplog.text
     assert store_state(store.home) == before
+
+
+def test_compstore_pulls_files_with_repeated_chunks_and_every_scheme(hub, tmp_path):
+    """Zeros repeat one chunk many times (terms share a fetch range); chunks come
+    stored as-is, LZ4 and byte-grouped LZ4."""
+    from safetensors.numpy import save_file
+
+    hub.cas.schemes = "cycle"
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    rng = np.random.default_rng(2)
+    save_file({"zeros": np.zeros(300_000, np.float32), "noise": rng.standard_normal(50_000, np.float32)},
+              str(repo / "a.safetensors"))
+    save_file({"ramp": np.linspace(-1, 1, 200_000, dtype=np.float32),
+               "zeros": np.zeros(100_000, np.float16)}, str(repo / "b.safetensors"))
+    (repo / "config.json").write_text("{}")
+    hub.add_repo("org/files", repo, xet=True)
+    store = Store(tmp_path / "store")
+    r = store.pull("org/files")
+    assert (r.xet_files, r.http_files) == (2, 1)
+    store.export("org/files", tmp_path / "out")
+    assert tree_sha256(tmp_path / "out") == tree_sha256(repo)

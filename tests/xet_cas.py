@@ -267,10 +267,22 @@ class ContentStore:
                 ce += 1
             terms.append({"hash": xorb_hash, "unpacked_length": end_pos - cpos,
                           "range": {"start": cs, "end": ce}})
-            fetch.setdefault(xorb_hash, []).append(
-                {"range": {"start": cs, "end": ce}, "url": f"{url}/xorbs/default/{xorb_hash}",
-                 "url_range": {"start": x.offsets[cs], "end": x.offsets[ce] - 1}})
+            fetch.setdefault(xorb_hash, []).append((cs, ce))
             pos += n
+        # As the Hub's CAS does, one fetch_info entry serves every term whose chunk
+        # ranges touch or overlap: the client downloads those bytes once.
+        for xorb_hash, ranges in fetch.items():
+            merged: list[list[int]] = []
+            for cs, ce in sorted(ranges):
+                if merged and cs <= merged[-1][1]:
+                    merged[-1][1] = max(merged[-1][1], ce)
+                else:
+                    merged.append([cs, ce])
+            x = self.xorbs[xorb_hash]
+            fetch[xorb_hash] = [{"range": {"start": cs, "end": ce},
+                                 "url": f"{url}/xorbs/default/{xorb_hash}",
+                                 "url_range": {"start": x.offsets[cs], "end": x.offsets[ce] - 1}}
+                                for cs, ce in merged]
         if v2:
             xorbs = {h: [{"url": items[0]["url"], "ranges": [
                 {"chunks": i["range"], "bytes": i["url_range"]} for i in items]}]

@@ -21,6 +21,8 @@ from __future__ import annotations
 import bisect
 import hashlib
 import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
@@ -41,6 +43,7 @@ class XetUnavailable(XetError):
 
 
 NONE, LZ4, BG4_LZ4 = 0, 1, 2
+PARALLEL = int(os.environ.get("COMPSTORE_XET_PARALLEL", "4"))  # xorb ranges in flight
 
 
 def decode_chunks(data: bytes | memoryview, count: int) -> list[bytes]:
@@ -93,6 +96,7 @@ class XetSource:
         self.endpoint, self.repo_id, self.revision, self.headers = endpoint, repo_id, revision, headers
         self._cas: tuple[str, str] | None = None
         self.fetched_bytes = 0  # xorb bytes received
+        self._lock = threading.Lock()
 
     def _get(self, url: str, headers: dict[str, str]):
         from huggingface_hub.utils import get_session
@@ -132,7 +136,8 @@ class XetSource:
         if r.status_code not in (200, 206) or len(r.content) != end - start + 1:
             raise XetError(f"{self.repo_id}: a xorb range came back as HTTP {r.status_code}, "
                            f"{len(r.content)} of {end - start + 1} bytes")
-        self.fetched_bytes += len(r.content)
+        with self._lock:
+            self.fetched_bytes += len(r.content)
         return r.content
 
 
@@ -213,10 +218,11 @@ def _plan(store: "Store", recon: dict, reuse: bool) -> list[tuple]:
 def _write_reconstruction(source: XetSource, recon: dict, start: int, length: int, out,
                           chunks: list, h) -> int:
     """Download and write `length` file bytes described by `recon` (starting at file
-    offset `start`); record each whole chunk written. Returns bytes written."""
-    skip = recon.get("offset_into_first_range", 0)
-    written, fetched = 0, {}  # (url, start, end) -> decoded chunks
-    pos = start - skip
+    offset `start`); record each whole chunk written. Returns bytes written.
+
+    Xorb ranges are downloaded and decoded `PARALLEL` at a time, ahead of the writer,
+    and written in term order; a range several terms share is fetched once."""
+    plan = []  # per term: (term, fetch key)
     for term in recon["terms"]:
         xorb, s, e = term["hash"], term["range"]["start"], term["range"]["end"]
         info = next((f for f in recon["fetch_info"].get(xorb, [])
@@ -224,25 +230,42 @@ def _write_reconstruction(source: XetSource, recon: dict, start: int, length: in
         if info is None:
             raise XetError(f"{source.repo_id}: the reconstruction has no fetch_info for xorb "
                            f"{xorb[:12]} chunks [{s}, {e})")
-        key = (info["url"], info["url_range"]["start"], info["url_range"]["end"])
-        if key not in fetched:
-            data = source.xorb_range(*key)
-            fetched = {key: decode_chunks(data, info["range"]["end"] - info["range"]["start"])}
-        decoded = fetched[key][s - info["range"]["start"]: e - info["range"]["start"]]
-        if sum(len(c) for c in decoded) != term["unpacked_length"]:
-            raise XetError(f"{source.repo_id}: xorb {xorb[:12]} chunks [{s}, {e}) decoded to the "
-                           "wrong length")
-        for idx, chunk in zip(range(s, e), decoded):
-            a = max(0, start - pos)  # bytes of this chunk before the wanted range
-            b = min(len(chunk), start + length - pos)
-            if b > a:
-                piece = chunk[a:b]
-                out.write(piece)
-                h.update(piece)
-                written += len(piece)
-                if a == 0 and b == len(chunk):
-                    chunks.append((xorb, idx, pos, len(chunk)))
-            pos += len(chunk)
+        plan.append((term, (info["url"], info["url_range"]["start"], info["url_range"]["end"],
+                            info["range"]["start"], info["range"]["end"])))
+    keys = list(dict.fromkeys(key for _, key in plan))
+    last_use = {key: i for i, (_, key) in enumerate(plan)}
+
+    def download(key) -> list[bytes]:
+        url, a, b, first, end = key
+        return decode_chunks(source.xorb_range(url, a, b), end - first)
+
+    skip = recon.get("offset_into_first_range", 0)
+    written, pos = 0, start - skip
+    with ThreadPoolExecutor(PARALLEL, thread_name_prefix="compstore-xet") as pool:
+        pending = {key: pool.submit(download, key) for key in keys[:PARALLEL]}
+        submitted = len(pending)
+        for i, (term, key) in enumerate(plan):
+            xorb, s, e = term["hash"], term["range"]["start"], term["range"]["end"]
+            decoded = pending[key].result()[s - key[3]: e - key[3]]
+            if last_use[key] == i:
+                del pending[key]  # free it, and keep PARALLEL ranges in flight
+                if submitted < len(keys):
+                    pending[keys[submitted]] = pool.submit(download, keys[submitted])
+                    submitted += 1
+            if sum(len(c) for c in decoded) != term["unpacked_length"]:
+                raise XetError(f"{source.repo_id}: xorb {xorb[:12]} chunks [{s}, {e}) decoded to "
+                               "the wrong length")
+            for idx, chunk in zip(range(s, e), decoded):
+                a = max(0, start - pos)  # bytes of this chunk before the wanted range
+                b = min(len(chunk), start + length - pos)
+                if b > a:
+                    piece = chunk[a:b]
+                    out.write(piece)
+                    h.update(piece)
+                    written += len(piece)
+                    if a == 0 and b == len(chunk):
+                        chunks.append((xorb, idx, pos, len(chunk)))
+                pos += len(chunk)
     return written
 
 
