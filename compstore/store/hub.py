@@ -254,7 +254,8 @@ def pull(store: "Store", repo_id: str, *, revision: str | None = None,
                     bar.update(f.size)
                     n_down += 1
                     continue
-            if not target.exists() and f.xet_hash and sha and xet and not _partial(target).exists():
+            use_xet = xet and f.xet_hash and sha and f.size and not _partial(target).exists()
+            if use_xet and not target.exists():
                 try:
                     got = pull_xet_file(store, xet, f.xet_hash.lower(), f.size, sha, target, bar.update)
                     xet_chunks[f.path] = got.chunks

@@ -125,9 +125,9 @@ class XetSource:
         if first is not None:
             headers["Range"] = f"bytes={first}-{last}"
         r = self._get(f"{cas_url}/v1/reconstructions/{xet_hash}", headers)
-        if r.status_code != 200:
-            raise XetUnavailable(f"{self.repo_id}: the CAS has no reconstruction of {xet_hash[:12]} "
-                                 f"(HTTP {r.status_code})")
+        if r.status_code != 200:  # this file only: the others may still come through Xet
+            raise XetError(f"{self.repo_id}: the CAS has no reconstruction of {xet_hash[:12]} "
+                           f"(HTTP {r.status_code})")
         return r.json()
 
     def xorb_range(self, url: str, start: int, end: int) -> bytes:
