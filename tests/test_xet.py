@@ -185,6 +185,9 @@ def test_cli_pull_json_reports_the_xet_path(hub, unets, tmp_path):
     doc = json.loads(r.stdout)
     assert doc["xet_files"] == 1 and doc["chunk_fetched_bytes"] == hub.xet_served_bytes
     assert {"chunk_reused_bytes", "chunk_dedup_ratio", "http_files"} <= doc.keys()
+    r = CliRunner().invoke(cli, ["--store", str(tmp_path / "s"), "xet-index", "org/base", "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["files"] == 0  # pulled through Xet: indexed already
 
 
 def test_a_cas_serving_wrong_bytes_leaves_the_store_unchanged(hub, unets, tmp_path, caplog):
@@ -224,3 +227,38 @@ def test_compstore_pulls_files_with_repeated_chunks_and_every_scheme(hub, tmp_pa
     assert (r.xet_files, r.http_files) == (2, 1)
     store.export("org/files", tmp_path / "out")
     assert tree_sha256(tmp_path / "out") == tree_sha256(repo)
+
+
+def test_a_base_pulled_over_http_is_indexed_by_xet_index_then_pulls_dedup(hub, unets, tmp_path,
+                                                                          monkeypatch):
+    from compstore.store import xet
+
+    hub.add_repo("org/base", unets["base"], xet=True)
+    hub.add_repo("org/ft", unets["ft"], xet=True)
+    store = Store(tmp_path / "store")
+    with monkeypatch.context() as m:  # as if the Xet service were down during this pull
+        m.setattr(xet.XetSource, "cas", lambda self: (_ for _ in ()).throw(xet.XetUnavailable("down")))
+        assert store.pull("org/base").http_files == 2
+    assert store.db.execute("SELECT count(*) FROM xet_chunks").fetchone()[0] == 0
+    hub.reset_counts()
+    r = store.xet_index("org/base")
+    assert (r["files"], r["files_indexed"]) == (1, 1)
+    assert r["chunks"] == len(chunk_boundaries(weights(unets["base"])))
+    assert hub.xet_served_bytes == 0  # metadata only: no xorb bytes
+    assert store.xet_index("org/base")["files"] == 0  # nothing left to index
+    hub.reset_counts()
+    pulled = store.pull("org/ft")
+    base, ft = chunk_set(weights(unets["base"])), chunk_set(weights(unets["ft"]))
+    assert pulled.chunk_reused_bytes > 0
+    assert hub.xet_served_bytes <= 1.10 * sum(n for h, n in ft.items() if h not in base)
+
+
+def test_xet_index_of_a_local_folder_is_a_clear_error(unets, tmp_path):
+    from compstore import InvalidInputError
+
+    store = Store(tmp_path / "store")
+    store.ingest(unets["base"], "local")
+    before = store_state(store.home)
+    with pytest.raises(InvalidInputError, match="was not pulled from the Hub"):
+        store.xet_index("local")
+    assert store_state(store.home) == before

@@ -76,6 +76,18 @@ def pull(ctx, repo_id, revision, include, variant, name, repin, as_json):
             f" plain HTTP: {r.http_files} files" if r.xet_files else ""))
 
 
+@cli.command("xet-index")
+@click.argument("ref")
+@json_option
+@click.pass_context
+def xet_index(ctx, ref, as_json):
+    """Index the Xet chunks of REF's files pulled over HTTP or adopted, so that pulls
+    of related repos fetch only the chunks the store lacks."""
+    r = open_store(ctx).xet_index(ref)
+    emit(as_json, r, f"{ref}: indexed {r['files_indexed']} of {r['files']} files "
+                     f"({r['chunks']} chunks) in {r['seconds']:.2f} s")
+
+
 @cli.command()
 @click.argument("ref")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default="compstore.manifest.json",

@@ -189,6 +189,30 @@ class Store:
         return pull_repo(self, repo_id, revision=revision, include=include, variant=variant,
                          name=name, token=token, repin=repin, progress=progress)
 
+    def xet_index(self, ref: str, *, token: str | bool | None = None) -> dict:
+        """Index the Xet chunks of `ref`'s files that were not pulled through Xet
+        (plain HTTP, `adopt`), so that later pulls of related repos fetch only the
+        chunks the store lacks. Asks the Hub for reconstructions (metadata only) and
+        chunks the stored files here (~130 MB/s).
+
+        >>> Store().xet_index("stabilityai/sdxl-base")  # doctest: +SKIP
+        {'ref': 'stabilityai/sdxl-base', 'files': 3, 'files_indexed': 3, 'chunks': 81233, ...}
+        """
+        from .hub import HubError, is_repo_id
+        from .xet import XetError, index_snapshot
+
+        self._writable()
+        t0 = time.perf_counter()
+        snap = self.snapshot(self.resolve(ref))
+        if not snap["revision"] or not is_repo_id(snap["source"] or ""):
+            raise InvalidInputError(ref, "was not pulled from the Hub (no repo and commit "
+                                    "recorded): only Hub snapshots have Xet chunks to index")
+        try:
+            report = index_snapshot(self, snap["id"], snap["source"], snap["revision"], token)
+        except XetError as e:
+            raise HubError(f"{ref}: {e}") from None
+        return {"ref": ref, **report, "seconds": round(time.perf_counter() - t0, 3)}
+
     def adopt(self, cache_dir: str | os.PathLike | None = None, *, reclaim: bool = False,
               progress: bool = False) -> AdoptReport:
         """Ingest every diffusers snapshot of a Hugging Face cache; see `adopt.py`."""

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Callable
 
 from .errors import CompstoreError
 from .export import file_pieces
+from .xet_chunking import stream_boundaries
 
 if TYPE_CHECKING:
     from .store import Store
@@ -318,3 +319,50 @@ def record_chunks(store: "Store", snapshot_id: str, chunks_by_path: dict[str, li
     if rows:
         with store.db.atomic():
             store.db["xet_chunks"].insert_all(rows, ignore=True, batch_size=1000)
+
+
+def index_file(store: "Store", source: XetSource, file_id: int, xet_hash: str, size: int) -> int:
+    """Index the Xet chunks of a file the store holds but did not pull through Xet
+    (plain HTTP, `adopt`, a local folder with a known Xet hash): the reconstruction's
+    terms (metadata only) laid over chunk boundaries computed here. Returns the rows
+    added; 0 when the two disagree (then nothing is recorded)."""
+    recon = source.reconstruction(xet_hash)
+    with store.reading():
+        ends = stream_boundaries(file_pieces(store, file_id), size)
+    lengths = [b - a for a, b in zip([0] + ends, ends)]
+    rows, k, pos = [], 0, 0
+    for term in recon["terms"]:
+        xorb, s, e = term["hash"], term["range"]["start"], term["range"]["end"]
+        if k + (e - s) > len(lengths) or sum(lengths[k:k + e - s]) != term["unpacked_length"]:
+            return 0
+        for idx in range(s, e):
+            rows.append({"xorb": xorb, "chunk_index": idx, "file_id": file_id, "offset": pos,
+                         "length": lengths[k]})
+            pos += lengths[k]
+            k += 1
+    if k != len(lengths):
+        return 0
+    with store.db.atomic():
+        store.db["xet_chunks"].insert_all(rows, ignore=True, batch_size=1000)
+    return len(rows)
+
+
+def index_snapshot(store: "Store", snapshot_id: str, repo_id: str, revision: str,
+                   token: str | bool | None = None) -> dict:
+    """Index every file of a snapshot that has a Xet hash and no chunk index yet."""
+    from huggingface_hub import constants
+    from huggingface_hub.utils import build_hf_headers
+
+    source = XetSource(os.environ.get("HF_ENDPOINT") or constants.ENDPOINT, repo_id, revision,
+                       build_hf_headers(token=token))
+    todo = store.db.execute(
+        """SELECT DISTINCT f.id, f.xet_hash, f.size FROM snapshot_files sf JOIN files f ON f.id = sf.file_id
+           WHERE sf.snapshot_id = ? AND f.xet_hash IS NOT NULL AND f.size > 0
+           AND NOT EXISTS (SELECT 1 FROM xet_chunks x WHERE x.file_id = f.id)""",
+        [snapshot_id]).fetchall()
+    indexed = chunks = 0
+    for file_id, xet_hash, size in todo:
+        n = index_file(store, source, file_id, xet_hash, size)
+        indexed += n > 0
+        chunks += n
+    return {"files": len(todo), "files_indexed": indexed, "chunks": chunks}
