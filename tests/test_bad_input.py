@@ -1,7 +1,6 @@
 """Every bad input gets a clear error naming the file, and leaves the store as it was."""
 
 import json
-import os
 import pickle
 import struct
 from pathlib import Path

@@ -1,6 +1,5 @@
 """Crash safety (SIGKILL at random moments) and two writers at once."""
 
-import os
 import random
 import signal
 import subprocess

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from safetensors import safe_open
 
-from compstore import RefNotFoundError, Store
+from compstore import RefNotFoundError
 from compstore.store import objects
 from conftest import store_state, tree_sha256
 

@@ -23,7 +23,6 @@ import logging
 import os
 import re
 from pathlib import Path
-from types import MethodType
 from typing import Any
 
 import torch

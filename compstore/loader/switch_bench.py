@@ -41,9 +41,6 @@ from .pipeline import DiffusionPipeline
 from .residency import ResidencyPool, to_device
 from .synthetic import switch_family
 
-DENOISER = {"sdxl": "unet", "flux": "transformer"}
-
-
 @dataclass
 class SystemFigures:
     name: str
@@ -138,7 +135,6 @@ def bench_family(family: str, size: str, device: torch.device, dtype: torch.dtyp
         store.ingest(folder, name)
     delta = store.diff("A", "B")
     shared = [c["slot"] for c in delta.components if c["status"] == "identical"]
-    denoiser = DENOISER[family]
     _warm([p for f in folders.values() for p in f.rglob("*.safetensors")])
     _warm((store.home / "objects" / "packs").glob("*.pack"))
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import mmap
-import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone

@@ -22,7 +22,7 @@ from .ingest import Ingestor, canonical_sha256, insert_blob_rows, now
 from .lock import write_lock
 from .objects import PACK_TARGET, PackWriter, blob_hash, fsync_dir
 from .progress import progress_bar
-from .remote import Lease, Remote, RemoteError, blob_key, split_key
+from .remote import Lease, Remote, RemoteError, split_key
 
 if TYPE_CHECKING:
     from .store import Store
