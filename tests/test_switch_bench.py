@@ -29,3 +29,7 @@ def test_bench_switch_tiny_sdxl_report(tmp_path):
     assert systems["floor"]["seconds"] == fam["floor_seconds"] > 0
     assert fam["image_equal"] and fam["image_max_abs_diff"] == 0
     assert all(s["seconds"] > 0 for s in fam["systems"])
+    # compstore's systems carry the pool's own report of the switch, per component
+    pc = systems["compstore page cache"]["transfer"]
+    assert pc["bytes_uploaded"] == delta and {c["component"] for c in pc["components"]} >= {"unet", "vae"}
+    assert systems["diffusers naive"]["transfer"] is None

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from .pipeline import DiffusionPipeline
-from .residency import ResidencyPool, to_device
+from .residency import ResidencyPool, TransferReport, to_device
 from .synthetic import switch_family
 
 @dataclass
@@ -48,6 +48,7 @@ class SystemFigures:
     upload_seconds: float | None  # compstore: the pool's part of it
     bytes_moved: int  # bytes copied onto the device by this switch
     runs: list[float] = field(default_factory=list)
+    transfer: dict | None = None  # compstore: the last run's TransferReport, per component
 
 
 @dataclass
@@ -112,14 +113,18 @@ def _image(pipe, family: str, device: torch.device) -> np.ndarray:
                 generator=torch.Generator(device="cpu").manual_seed(0), **kw).images
 
 
-def _median_run(fn: Callable[[], tuple[float, float | None, int]], repeat: int) -> SystemFigures:
+def _median_run(fn: Callable[[], tuple[float, "TransferReport | int"]], repeat: int) -> SystemFigures:
+    """Median of `repeat` timed runs after one warm-up. `fn` returns (seconds, the pool's
+    TransferReport) for compstore, (seconds, bytes moved) for diffusers."""
     fn()  # warm-up: imports, allocator, page cache
     runs = [fn() for _ in range(repeat)]
     seconds = [r[0] for r in runs]
-    uploads = [r[1] for r in runs if r[1] is not None]
-    return SystemFigures("", statistics.median(seconds),
-                         statistics.median(uploads) if uploads else None, runs[-1][2],
-                         [round(s, 4) for s in seconds])
+    last = runs[-1][1]
+    if isinstance(last, TransferReport):
+        return SystemFigures("", statistics.median(seconds),
+                             statistics.median(r[1].seconds for r in runs), last.bytes_uploaded,
+                             [round(x, 4) for x in seconds], last.to_dict())
+    return SystemFigures("", statistics.median(seconds), None, last, [round(x, 4) for x in seconds])
 
 
 def bench_family(family: str, size: str, device: torch.device, dtype: torch.dtype, repeat: int,
@@ -165,7 +170,7 @@ def bench_family(family: str, size: str, device: torch.device, dtype: torch.dtyp
         n = _module_bytes(b)
         del b
         _free(device)
-        return s, None, n
+        return s, n
 
     def expert():
         a = theirs(folders["A"])
@@ -178,7 +183,7 @@ def bench_family(family: str, size: str, device: torch.device, dtype: torch.dtyp
                 for t in list(m.parameters()) + list(m.buffers()))
         del a, b
         _free(device)
-        return s, None, n
+        return s, n
 
     def page_cache():
         pool = ResidencyPool(device, budget_bytes=1 << 62)
@@ -186,7 +191,7 @@ def bench_family(family: str, size: str, device: torch.device, dtype: torch.dtyp
         b, rep, s = switch("B", pool)
         del a, b, pool
         _free(device)
-        return s, rep.seconds, rep.bytes_uploaded
+        return s, rep
 
     def pinned():
         pool = ResidencyPool(device, budget_bytes=0, pinned_budget_bytes=1 << 62)
@@ -198,7 +203,7 @@ def bench_family(family: str, size: str, device: torch.device, dtype: torch.dtyp
         assert rep.bytes_from_pinned > 0, "the pinned tier served nothing"
         del a, b, pool
         _free(device)
-        return s, rep.seconds, rep.bytes_uploaded
+        return s, rep
 
     def resident():
         pool = ResidencyPool(device, budget_bytes=1 << 62)
@@ -209,14 +214,14 @@ def bench_family(family: str, size: str, device: torch.device, dtype: torch.dtyp
         a, rep, s = switch("A", pool)
         del a, b, pool
         _free(device)
-        return s, rep.seconds, rep.bytes_uploaded
+        return s, rep
 
     def cold():
         pool = ResidencyPool(device, budget_bytes=1 << 62)
         a, rep, s = switch("A", pool)
         del a, pool
         _free(device)
-        return s, rep.seconds, rep.bytes_uploaded
+        return s, rep
 
     for name, fn in (("diffusers naive", naive), ("diffusers expert", expert),
                      ("compstore page cache", page_cache), ("compstore pinned", pinned),
