@@ -41,7 +41,8 @@ class Uploader:
 
     Args:
         device: the target.
-        readers: threads reading store pages (default `$COMPSTORE_UPLOAD_READERS` or 4).
+        readers: threads reading store pages (default `$COMPSTORE_UPLOAD_READERS`, else
+            half the CPU cores, 2 to 8).
         staging_bytes: size of one pinned staging buffer (the ring holds readers + 2).
         staged: use the staging ring (default: on CUDA targets only).
     """
@@ -49,7 +50,8 @@ class Uploader:
     def __init__(self, device: str | torch.device, *, readers: int | None = None,
                  staging_bytes: int = STAGING_BYTES, staged: bool | None = None):
         self.device = torch.device(device)
-        self.readers = readers or int(os.environ.get("COMPSTORE_UPLOAD_READERS", "4"))
+        self.readers = readers or int(os.environ.get("COMPSTORE_UPLOAD_READERS", "0")) or \
+            min(8, max(2, (os.cpu_count() or 2) // 2))
         self.staging_bytes = staging_bytes
         self.staged = self.device.type == "cuda" if staged is None else staged
         self._threads = ThreadPoolExecutor(self.readers, thread_name_prefix="compstore-upload")
