@@ -285,6 +285,10 @@ def test_bad_remote_input(family, tmp_path):
         s.push("A")
     with pytest.raises(RemoteError, match="no remote named 'nope'"):
         s.fetch("A", from_="nope")
+    with pytest.raises(RemoteError, match="no remote named 'nope'"):
+        s.remote_rm("nope")
+    r = CliRunner().invoke(cli, ["--store", str(s.home), "remote", "add", "r", "s3://b/p", "-o", "novalue"])
+    assert r.exit_code != 0 and "is not KEY=VALUE" in r.output
     assert store_state(s.home) == state
     s.remote_add("r", str(tmp_path / "empty"))
     with pytest.raises(Exception, match="exists"):
@@ -292,6 +296,8 @@ def test_bad_remote_input(family, tmp_path):
     state = store_state(s.home)
     with pytest.raises(RemoteError, match="not a compstore remote"):
         s.fetch("A", from_="r")
+    with pytest.raises(RemoteError, match="not a compstore remote"):
+        s.remote_gc("r", dry_run=True)
     with pytest.raises(Exception, match="no ref named 'nope'"):
         s.push("nope", to="r")
     with pytest.raises(Exception, match="invalid ref name"):

@@ -131,13 +131,16 @@ class ContentStore:
         if fh in self.files:
             return fh
         pending: list[tuple[bytes, bytes]] = []  # new chunks not yet in a xorb
+        pending_hashes, pending_bytes = set(), 0
         placed: list[tuple[bytes, int]] = []  # (chunk hash, length) in file order
         for c, h in chunks:
-            if h not in self._where and h not in {p[1] for p in pending}:
+            if h not in self._where and h not in pending_hashes:
                 pending.append((c, h))
-                if len(pending) >= MAX_XORB_CHUNKS or sum(len(p[0]) for p in pending) >= MAX_XORB_BYTES - MAX_CHUNK:
+                pending_hashes.add(h)
+                pending_bytes += len(c)
+                if len(pending) >= MAX_XORB_CHUNKS or pending_bytes >= MAX_XORB_BYTES - MAX_CHUNK:
                     self._seal(pending)
-                    pending = []
+                    pending, pending_hashes, pending_bytes = [], set(), 0
             placed.append((h, len(c)))
         if pending:
             self._seal(pending)

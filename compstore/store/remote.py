@@ -103,17 +103,20 @@ class Remote:
         except (OSError, RuntimeError, ValueError) as e:  # botocore/aiohttp errors are OSErrors or wrap
             raise RemoteError(f"{self.url}: {what} failed: {e}") from None
 
+    def _replace_local(self, path: str, write) -> None:
+        """A local object: written by `write(tmp path)` beside it, fsynced, renamed."""
+        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+        self.fs.makedirs(os.path.dirname(path), exist_ok=True)
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
     def put_bytes(self, rel: str, data: bytes) -> None:
         """Write one whole object, atomically."""
         path = self._path(rel)
         if self.local:
-            tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-            self.fs.makedirs(os.path.dirname(path), exist_ok=True)
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
+            self._replace_local(path, lambda tmp: self.fs.pipe_file(tmp, data))
         else:
             self._call(f"writing {rel}", self.fs.pipe_file, path, data)
         self.sent_bytes += len(data)
@@ -121,17 +124,11 @@ class Remote:
     def put_file(self, rel: str, local_path: str) -> None:
         """Upload a local file as one object, atomically."""
         path = self._path(rel)
-        size = os.path.getsize(local_path)
         if self.local:
-            tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-            self.fs.makedirs(os.path.dirname(path), exist_ok=True)
-            self.fs.put_file(local_path, tmp)
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
+            self._replace_local(path, lambda tmp: self.fs.put_file(local_path, tmp))
         else:
             self._call(f"uploading {rel}", self.fs.put_file, local_path, path)
-        self.sent_bytes += size
+        self.sent_bytes += os.path.getsize(local_path)
 
     def get_bytes(self, rel: str) -> bytes:
         data = self._call(f"reading {rel}", self.fs.cat_file, self._path(rel))

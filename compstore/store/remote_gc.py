@@ -61,7 +61,7 @@ def _collect(remote: Remote, dry_run: bool, grace_s: float, t0: float) -> Remote
         if pack not in packs:  # names a pack that is gone: it can only mislead fetches
             deletions.append((f"index/{name}", index_size))
             continue
-        keys = [k for k, _ in json.loads(remote.get_bytes(f"index/{name}"))["blobs"]]
+        keys = [k for k, _ in remote.get_json(f"index/{name}")["blobs"]]
         dead = sum(split_key(k)[1] for k in keys if k not in live_keys)
         if dead == 0:
             continue

@@ -161,7 +161,7 @@ def push(store: "Store", ref: str, remote: Remote, remote_ref: str, *,
             held = remote.blob_index()
             needed = set().union(*(document_blob_keys(d) for d in docs.values()))
             lacking = [k for k in needed if k not in held]
-            locations = _local_locations(store, lacking)
+            locations = {k: v[1:] for k, v in _local_blobs(store, lacking).items()}
             lacking.sort(key=lambda k: locations[k])  # read local packs in order
             with progress_bar(sum(split_key(k)[1] for k in lacking), f"push {ref}", progress) as bar:
                 packs = _upload_packs(store, remote, lacking, locations, lease, bar.update)
@@ -182,13 +182,15 @@ def push(store: "Store", ref: str, remote: Remote, remote_ref: str, *,
         remote.sent_bytes - sent_before - uploaded, packs, round(time.perf_counter() - t0, 3))
 
 
-def _local_locations(store: "Store", keys: Iterable[str]) -> dict[str, tuple[str, int, int]]:
+def _local_blobs(store: "Store", keys: Iterable[str]) -> dict[str, tuple[int, str, int, int]]:
+    """key -> (blob id, pack, offset, size) of the keys this store holds."""
     out = {}
     for key in keys:
         xxh3, size = split_key(key)
-        row = store.db.execute("SELECT pack, offset FROM blobs WHERE xxh3 = ? AND size = ? LIMIT 1",
+        row = store.db.execute("SELECT id, pack, offset FROM blobs WHERE xxh3 = ? AND size = ? LIMIT 1",
                                [xxh3, size]).fetchone()
-        out[key] = (row[0], row[1], size)
+        if row:
+            out[key] = (row[0], row[1], row[2], size)
     return out
 
 
@@ -235,7 +237,7 @@ def fetch(store: "Store", remote: Remote, remote_ref: str, name: str, *,
     keys = set().union(*(document_blob_keys(d) for d in docs.values()))
     with write_lock(store.home):
         store._clean_leftovers()
-        blob_ids = _local_blob_ids(store, keys)
+        blob_ids = {k: v[0] for k, v in _local_blobs(store, keys).items()}
         lacking = sorted(k for k in keys if k not in blob_ids)
         where = remote.blob_index() if lacking else {}
         missing = [k for k in lacking if k not in where]
@@ -272,16 +274,6 @@ def fetch(store: "Store", remote: Remote, remote_ref: str, name: str, *,
         "new" if old is None else ("unchanged" if old[0] == snap else "updated"),
         len(lacking), downloaded, sum(split_key(k)[1] for k in keys) - downloaded,
         remote.received_bytes - downloaded, round(time.perf_counter() - t0, 3))
-
-
-def _local_blob_ids(store: "Store", keys: Iterable[str]) -> dict[str, int]:
-    out = {}
-    for key in keys:
-        row = store.db.execute("SELECT id FROM blobs WHERE xxh3 = ? AND size = ? LIMIT 1",
-                               list(split_key(key))).fetchone()
-        if row:
-            out[key] = row[0]
-    return out
 
 
 def _download(remote: Remote, keys: list[str], where):

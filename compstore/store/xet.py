@@ -316,6 +316,10 @@ def record_chunks(store: "Store", snapshot_id: str, chunks_by_path: dict[str, li
         if row:
             rows += [{"xorb": x, "chunk_index": i, "file_id": row[0], "offset": o, "length": n}
                      for x, i, o, n in chunks]
+    _insert_chunks(store, rows)
+
+
+def _insert_chunks(store: "Store", rows: list[dict]) -> None:
     if rows:
         with store.db.atomic():
             store.db["xet_chunks"].insert_all(rows, ignore=True, batch_size=1000)
@@ -342,8 +346,7 @@ def index_file(store: "Store", source: XetSource, file_id: int, xet_hash: str, s
             k += 1
     if k != len(lengths):
         return 0
-    with store.db.atomic():
-        store.db["xet_chunks"].insert_all(rows, ignore=True, batch_size=1000)
+    _insert_chunks(store, rows)
     return len(rows)
 
 
