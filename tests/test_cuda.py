@@ -67,3 +67,25 @@ def test_device_map_cuda_and_pipe_to(family_store):
     pipe = compstore.DiffusionPipeline.from_pretrained("A", store=family_store, device_map="cuda")
     assert pipe.unet.device.type == "cuda"
     assert compstore.last_transfer().bytes_uploaded > 0
+
+
+def test_device_loads_through_a_pool_clone_resident_components(family_store, family):
+    import diffusers
+    from compstore.loader import warm
+    from test_loader import image
+
+    warm.clear_caches()
+    pool = ResidencyPool("cuda", budget_bytes=1 << 34)
+    load = lambda n: compstore.DiffusionPipeline.from_pretrained(n, store=family_store, pool=pool)  # noqa: E731
+    position_ids = 77 * 8  # CLIP's computed buffer: not a store tensor
+    a = load("A")
+    b = load("B")
+    assert pool.last_report.bytes_uploaded == family_store.diff("A", "B").delta_bytes + position_ids
+    del a
+    gc.collect()
+    a2 = load("A")  # every component cloned from its template, on the resident tensors
+    assert pool.last_report.bytes_uploaded == position_ids
+    assert all(t.device.type == "cuda" for t in a2.unet.parameters())
+    for name, pipe in (("B", b), ("A", a2)):
+        theirs = diffusers.StableDiffusionPipeline.from_pretrained(family[name]).to("cuda")
+        np.testing.assert_array_equal(image(pipe), image(theirs))

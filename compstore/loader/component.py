@@ -23,8 +23,9 @@ from ..store import ComponentNotFoundError, CorruptStoreError, Store
 from ..store.components import pick_component
 from ..store.objects import blob_hash
 from ..store.objects import PackFiles
-from .residency import record_store_keys, route_moves_through_pool
-from .tensors import TORCH_DTYPES, private_packs, state_dict
+from . import warm
+from .residency import STORE_KEYS, ResidencyPool, record_store_keys, route_moves_through_pool
+from .tensors import TORCH_DTYPES, private_packs, state_dict, stored_tensor
 
 logger = logging.getLogger("compstore")
 
@@ -71,11 +72,17 @@ def build_model(
     name_or_path: str = "",
     packs: PackFiles | None = None,
     verify: bool = False,
+    pool: ResidencyPool | None = None,
+    private: bool = False,
 ) -> torch.nn.Module:
     """A diffusers or transformers model bound to the stored tensors of `component`.
 
     `component` is a row of `Store.components_of` (component_id, library, class_name);
-    `packs` are the private mappings of this load (made here if not given).
+    `packs` are the private mappings of this load (made here if not given). The
+    first build of a component in this process leaves a template (`warm`); later
+    ones clone it, binding the tensors `pool` holds on its device (the caller then
+    `pool.move`s the model) and store views for the rest. `private=True` builds
+    anew and leaves no template.
     """
     from diffusers import ModelMixin
 
@@ -85,11 +92,15 @@ def build_model(
             f"{component['library']}.{component['class_name']} is not a diffusers or "
             "transformers model class")
     cid = component["component_id"]
+    packs = packs or private_packs(store)
+    key = (cid, f"{cls.__module__}.{cls.__qualname__}", str(dtype))
+    template = None if private or verify else warm.template(key)
+    if template is not None:
+        return _from_template(template, store, cid, packs, pool, name_or_path)
     config = store.component_config(cid)
     if config is None:
         raise ComponentNotFoundError(f"component {cid[:12]} has no config.json")
     locations = store.tensor_locations(cid)
-    packs = packs or private_packs(store)
     if verify:
         check_tensors(packs, locations, component["class_name"])
 
@@ -115,8 +126,49 @@ def build_model(
         _bind(model, sd, cls, name_or_path)
         model.name_or_path = name_or_path
     model.eval()
-    record_store_keys(model, locations)  # lets the residency pool share these on a device
+    # The blob of each tensor lets the residency pool share it on a device.
+    blobs = record_store_keys(model, {loc.name: (loc.xxh3, loc.size) for loc in locations})
+    if not private:
+        warm.remember(key, model, blobs)  # later loads of this component clone it
     route_moves_through_pool(model)  # model.to("cuda") / .cuda() go through it
+    return model
+
+
+def _from_template(template: warm.Template, store: Store, cid: str, packs: PackFiles,
+                   pool: ResidencyPool | None, name_or_path: str) -> torch.nn.Module:
+    """A clone of `template`: the tensors `pool` holds (resident on its device, or in
+    its pinned tier: `pool.move` uploads those), store views (cast to the template's
+    dtypes) for the other store tensors, and copies of the template's own buffers."""
+    from diffusers import ModelMixin
+
+    data: dict[str, torch.Tensor] = {}
+    missing = []
+    for name, t, blob in template.tensors:
+        if blob is None:
+            data[name] = t.clone()
+            continue
+        found = None if pool is None else pool.resident_tensor(blob, t.dtype)
+        if found is None and pool is not None:
+            found = pool.pinned_tensor(blob, t.dtype)
+        if found is None:
+            missing.append((name, t.dtype))
+        else:
+            data[name] = found
+    if missing:
+        where = {loc.name: loc for loc in store.tensor_locations(cid)}
+        aliases = {canon: name for name, canon in template.names.items()}
+        for name, dtype in missing:
+            t = stored_tensor(packs, where.get(name) or where[aliases[name]])
+            data[name] = t.to(dtype) if t.is_floating_point() and t.dtype != dtype else t
+    model = template.clone(lambda name, _: data[name])
+    if isinstance(model, ModelMixin):
+        model.register_to_config(_name_or_path=name_or_path)
+    else:
+        model.name_or_path = name_or_path
+    blobs = {t_name: blob for t_name, _, blob in template.tensors if blob is not None}
+    setattr(model, STORE_KEYS, {name: (*blobs[canon], data[canon]._version)
+                                for name, canon in template.names.items()})
+    route_moves_through_pool(model)
     return model
 
 

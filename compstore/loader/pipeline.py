@@ -18,6 +18,7 @@ How a pipeline is put together:
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -30,8 +31,9 @@ import torch
 from ..store import CompstoreError, RefNotFoundError, Store
 from ..store.hub import hub_reachable, is_repo_id
 from ..store.components import pick_component
+from . import warm
 from .component import build_model, is_model_class, resolve_class
-from .residency import route_moves_through_pool
+from .residency import POOL, ResidencyPool, TransferReport, pool_for, record_report, route_moves_through_pool
 from .tensors import private_packs
 
 logger = logging.getLogger("compstore")
@@ -101,7 +103,18 @@ class DiffusionPipeline:
                 `variant`, `revision`, `use_safetensors`, `low_cpu_mem_usage`,
                 `device_map`, `local_files_only`, components by slot name (`None` skips
                 one), and pipeline config overrides. compstore adds `verify=True`:
-                re-hash every tensor and refuse corrupted ones (`CorruptStoreError`).
+                re-hash every tensor and refuse corrupted ones (`CorruptStoreError`);
+                `pool=`: the `ResidencyPool` to load onto (default: the device's own
+                for `device_map="cuda"`); `private=True`: build every model anew, load
+                tokenizers and schedulers anew, and upload private device copies
+                (for users who edit weights in place).
+
+        With a device (`device_map` or `pool`), models are built onto it through its
+        residency pool: tensors already resident are reused, only the rest are
+        uploaded, and the report is `compstore.last_transfer()`. A component loaded
+        before in this process is cloned from its template instead of rebuilt, and
+        tokenizers loaded from the same files are shared, as `from_pipe` shares them
+        (docs/gpu-residency.md).
 
         Returns:
             The diffusers pipeline class named in model_index.json, e.g.
@@ -115,8 +128,9 @@ class DiffusionPipeline:
         dtype = kwargs.pop("dtype", None) or kwargs.pop("torch_dtype", None)
         kwargs.pop("torch_dtype", None)
         variant = kwargs.pop("variant", None)
-        device_map = kwargs.pop("device_map", None)
         verify = kwargs.pop("verify", False)
+        private = kwargs.pop("private", False)
+        pool = target_pool(kwargs.pop("device_map", None), kwargs.pop("pool", None))
         if kwargs.pop("use_safetensors", None) is False:
             raise CompstoreError("use_safetensors=False: compstore stores and loads safetensors "
                                  "only (pickle checkpoints are never loaded)")
@@ -135,26 +149,59 @@ class DiffusionPipeline:
 
         rows = store.components_of(snapshot_id)
         packs = private_packs(store)  # one set of copy-on-write mappings for this pipeline
+        skeleton = store.materialize(snapshot_id, _skeleton_file)
         built: dict[str, Any] = {}
+        report = TransferReport(str(pool.device)) if pool else None
         with store.reading():  # gc unlinks no pack while the catalog is being followed
             for slot, entry in index.items():
-                if slot.startswith("_") or slot in kwargs or not isinstance(entry, list):
+                if slot.startswith("_") or slot in kwargs or not isinstance(entry, list) or entry[0] is None:
                     continue
-                if entry[0] is None or not is_model_class(resolve_class(*entry[:2])):
-                    continue  # tokenizers, schedulers, empty slots: diffusers loads them below
-                built[slot] = build_model(store, pick_component(rows, slot, variant),
-                                          dtype=per_slot(dtype, slot),
-                                          name_or_path=f"{label}/{slot}", packs=packs,
-                                          verify=verify)
+                cls = resolve_class(*entry[:2])
+                if not is_model_class(cls):  # tokenizers, schedulers, processors
+                    part = small_part(store, snapshot_id, skeleton, slot, cls, private)
+                    if part is not None:
+                        built[slot] = part
+                    continue
+                built[slot] = model = build_model(
+                    store, pick_component(rows, slot, variant), dtype=per_slot(dtype, slot),
+                    name_or_path=f"{label}/{slot}", packs=packs, verify=verify, pool=pool,
+                    private=private)
+                if pool is not None:  # onto the device now: resident tensors are reused
+                    report.components.append(pool.move(model, slot, private=private))
+                    setattr(model, POOL, pool)
 
-        skeleton = store.materialize(snapshot_id, _skeleton_file)
         pipe = pipeline_cls.from_pretrained(skeleton, **built, **kwargs)
         pipe.register_to_config(_name_or_path=label)
         route_moves_through_pool(pipe)
-        if device_map not in (None, "cpu", torch.device("cpu")):
-            if isinstance(device_map, (str, torch.device)) and device_map not in ("balanced", "auto"):
-                pipe.to(device_map)
-            else:
-                raise CompstoreError(f"device_map={device_map!r} is not supported yet; pass a "
-                                     "device such as 'cuda'")
+        if pool is not None:
+            setattr(pipe, POOL, pool)  # later pipe.to(device) moves go through it too
+            report.seconds = round(sum(c.seconds for c in report.components), 6)
+            record_report(pool, report)
         return pipe
+
+
+def target_pool(device_map, pool: ResidencyPool | None) -> ResidencyPool | None:
+    """The residency pool a load goes through: `pool`, else the process-wide pool of a
+    non-CPU `device_map` device, else none (the pipeline stays on CPU)."""
+    if pool is not None:
+        if device_map not in (None, str(pool.device), pool.device):
+            raise CompstoreError(f"device_map={device_map!r} and pool (on {pool.device}) disagree")
+        return pool
+    if device_map in (None, "cpu") or device_map == torch.device("cpu"):
+        return None
+    if not isinstance(device_map, (str, torch.device)) or device_map in ("balanced", "auto"):
+        raise CompstoreError(f"device_map={device_map!r} is not supported yet; pass a "
+                             "device such as 'cuda'")
+    return pool_for(device_map)
+
+
+def small_part(store: Store, snapshot_id: str, skeleton: Path, slot: str, cls, private: bool):
+    """A tokenizer, scheduler or processor slot, loaded as diffusers loads it
+    (`cls.from_pretrained(<folder>/<slot>)`), through `warm.part` unless `private`;
+    None leaves the slot to diffusers (no class, or no files)."""
+    files = tuple((path, sha) for path, _, sha, _ in store.snapshot_files(snapshot_id)
+                  if path.startswith(slot + "/"))
+    if cls is None or not hasattr(cls, "from_pretrained") or not files:
+        return None
+    load = functools.partial(cls.from_pretrained, skeleton / slot)
+    return load() if private else warm.part((cls.__module__, cls.__qualname__, files), load)

@@ -42,16 +42,21 @@ Key = tuple  # (xxh3, size, dtype name, device name)
 STORE_KEYS = "_compstore_keys"  # module attribute: tensor name -> (xxh3, size, version at load)
 
 
-def record_store_keys(model: torch.nn.Module, locations) -> None:
-    """Remember which store blob each of a freshly built model's tensors came from."""
-    by_name = {loc.name: loc for loc in locations}
-    keys = {}
+POOL = "_compstore_pool"  # pipeline/module attribute: the pool it was loaded through
+
+
+def record_store_keys(model: torch.nn.Module, blobs: dict[str, tuple[str, int]]) -> dict[str, tuple[str, int]]:
+    """Remember which store blob (xxh3, size) each of a freshly built model's tensors
+    came from; returns the blobs of the names the model has."""
+    keys, found = {}, {}
     for name, t in list(model.named_parameters(remove_duplicate=False)) + list(
             model.named_buffers(remove_duplicate=False)):
-        loc = by_name.get(name)
-        if loc is not None:
-            keys[name] = (loc.xxh3, loc.size, t._version)
+        blob = blobs.get(name)
+        if blob is not None:
+            keys[name] = (*blob, t._version)
+            found[name] = blob
     setattr(model, STORE_KEYS, keys)
+    return found
 
 
 @dataclass
@@ -200,6 +205,21 @@ class ResidencyPool:
             return None
         return entry
 
+    def resident_tensor(self, blob: tuple[str, int], dtype: torch.dtype) -> torch.Tensor | None:
+        """The resident device tensor of a store blob as `dtype`, if the pool holds it
+        unchanged (a module built on it must then be `move`d, which marks it used)."""
+        key = (*blob, str(dtype), str(self.device))
+        entry = self._resident_entry(key)
+        if entry is None:
+            return None
+        self._resident.move_to_end(key)
+        return entry.tensor
+
+    def pinned_tensor(self, blob: tuple[str, int], dtype: torch.dtype) -> torch.Tensor | None:
+        """The pinned-tier host copy of a store blob as `dtype`, if the pool keeps one
+        (`move` uploads it from there)."""
+        return self._pinned.get((*blob, str(dtype), str(self.device)))
+
     def move(self, module: torch.nn.Module, component: str = "", private: bool = False) -> ComponentTransfer:
         """Move one module to the pool's device; store tensors go through the pool.
 
@@ -216,20 +236,31 @@ class ResidencyPool:
         same_as: dict[int, int] = {}  # identical bytes twice in this module: share one upload
         uploads: dict[str, list] = {"pinned": [], "store": []}  # [(tensor id, key|None, source)]
         pending: dict[Key, int] = {}  # keys uploading in this batch -> tensor id
+        staying: set[int] = set()  # ids of tensors already where they belong
         for owner_name, owner, attr, tensor in _tensors(module):
             full_name = f"{owner_name}.{attr}" if owner_name else attr
             rep.tensors += 1
             if id(tensor) in places:  # tied: one move, every use points at it
                 places[id(tensor)].append((owner, attr, tensor))
                 continue
+            if id(tensor) in staying:
+                continue
             key_info = keys.get(full_name)
             pooled = key_info is not None and tensor._version == key_info[2] and not private
             key = (key_info[0], key_info[1], str(tensor.dtype), str(self.device)) if pooled else None
-            if tensor.device == self.device and not (
-                    pooled and self.device.type == "cpu" and not self._holds(key, tensor)):
-                continue  # already there (a CPU target pools store views into its own memory)
-            places[id(tensor)] = [(owner, attr, tensor)]
             nbytes = tensor.numel() * tensor.element_size()
+            if tensor.device == self.device:
+                staying.add(id(tensor))
+                held = self._resident_entry(key) if pooled else None
+                if held is not None and held.tensor.data_ptr() == tensor.data_ptr():
+                    held.owners.add(module)  # bound to the resident tensor already
+                    self._resident.move_to_end(key)
+                    rep.bytes_reused += nbytes
+                    continue
+                if not (pooled and self.device.type == "cpu"):
+                    continue  # already there (a CPU target pools store views into its own memory)
+                staying.discard(id(tensor))
+            places[id(tensor)] = [(owner, attr, tensor)]
             entry = self._resident_entry(key) if pooled else None
             if entry is not None:
                 self._resident.move_to_end(key)
@@ -268,11 +299,6 @@ class ResidencyPool:
         rep.seconds = round(time.perf_counter() - t0, 6)
         return rep
 
-    def _holds(self, key: Key, tensor: torch.Tensor) -> bool:
-        """Whether `tensor` already is the pool's resident copy of `key`."""
-        entry = self._resident.get(key)
-        return entry is not None and entry.tensor.data_ptr() == tensor.data_ptr()
-
     def release(self, module: torch.nn.Module) -> None:
         """Forget that `module` uses pool tensors (it is being moved elsewhere)."""
         for entry in self._resident.values():
@@ -305,8 +331,13 @@ _LAST: list[TransferReport] = []
 
 
 def last_transfer() -> TransferReport | None:
-    """The report of the most recent `to_device` in this process."""
+    """The report of the most recent `to_device` (or device load) in this process."""
     return _LAST[-1] if _LAST else None
+
+
+def record_report(pool: ResidencyPool, report: TransferReport) -> None:
+    pool.last_report = report
+    _LAST[:] = [report]
 
 
 def to_device(pipe_or_module, device: str | torch.device, *, pool: ResidencyPool | None = None,
@@ -328,12 +359,24 @@ def to_device(pipe_or_module, device: str | torch.device, *, pool: ResidencyPool
     for name, module in modules.items():
         report.components.append(pool.move(module, name, private=private))
     report.seconds = round(time.perf_counter() - t0, 6)
-    pool.last_report = report
-    _LAST[:] = [report]
+    record_report(pool, report)
     return report
 
 
 _MOVING = contextvars.ContextVar("compstore_moving", default=False)
+
+
+def _release(obj, pool: ResidencyPool) -> None:
+    """`obj` (a pipeline or module) moves off `pool`'s device: its modules stop
+    holding pool tensors, which become idle (evictable) once nothing else uses them."""
+    modules = [obj] if isinstance(obj, torch.nn.Module) else [
+        m for m in obj.components.values() if isinstance(m, torch.nn.Module)]
+    for m in modules:
+        pool.release(m)
+        if getattr(m, POOL, None) is pool:
+            delattr(m, POOL)
+    if getattr(obj, POOL, None) is pool:
+        delattr(obj, POOL)
 
 
 def route_moves_through_pool(obj) -> None:
@@ -350,11 +393,17 @@ def route_moves_through_pool(obj) -> None:
         plain = [a for a in args if isinstance(a, (str, torch.device))]
         if device is None and len(plain) == 1 and len(args) == 1:
             device = plain[0]
-        if device is None or "dtype" in kwargs or torch.device(device).type == "cpu" or _MOVING.get():
+        own = getattr(self, POOL, None)
+        if device is None or "dtype" in kwargs or _MOVING.get() or (
+                torch.device(device).type == "cpu" and own is None):
             return original_to(*args, **kwargs)
         token = _MOVING.set(True)
         try:
-            to_device(self, device)
+            if own and own.device != torch.device(device):
+                _release(self, own)  # leaving its pool: those tensors are no longer used here
+                own = None
+            if torch.device(device).type != "cpu" or own:
+                to_device(self, device, pool=own)
             return original_to(*args, **kwargs)
         finally:
             _MOVING.reset(token)

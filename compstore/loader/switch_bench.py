@@ -7,11 +7,14 @@ For each family (see `synthetic.switch_family`) it times, median of `repeat`:
 
     diffusers naive      drop A; DiffusionPipeline.from_pretrained(B).to(device)
     diffusers expert     from_pretrained(B, **A's components that B shares).to(device)
-    compstore page cache A resident; from_pretrained(B) from the store, B's delta read
-                         from the page cache (packs read once beforehand)
-    compstore pinned     A resident; B's delta waiting in the pool's pinned tier
+    compstore page cache A resident; from_pretrained(B, pool=...) from the store,
+                         B's delta read from the page cache (packs read once
+                         beforehand); B never loaded before in the process
+    compstore pinned     A resident; B (loaded once before) has its delta waiting in
+                         the pool's pinned tier
     compstore resident   A -> B -> A within budget: the second switch
-    compstore cold load  an empty pool: all of A from the store onto the device
+    compstore cold load  an empty pool, nothing loaded before: all of A from the
+                         store onto the device
     floor                delta bytes / host-to-device bandwidth from pinned memory,
                          measured in the same run (on a CPU target: memcpy bandwidth)
 
@@ -19,8 +22,10 @@ and checks that B's image after the switches equals plain diffusers' image
 (bitwise; on a CPU target diffusers' weights are first copied to aligned memory,
 as its own `.to("cuda")` does on a GPU). A
 "switch" includes `from_pretrained`: building the pipeline object is part of what
-a user waits for; the upload alone is reported beside it. Writes report.json,
-report.md and switch.png into `out`.
+a user waits for; the upload alone is reported beside it. Each compstore system
+starts from `clear_caches()`, so module templates and tokenizers are warm only
+where its scenario loaded them. Writes report.json, report.md and switch.png into
+`out`.
 """
 
 from __future__ import annotations
@@ -38,7 +43,8 @@ import numpy as np
 import torch
 
 from .pipeline import DiffusionPipeline
-from .residency import ResidencyPool, TransferReport, to_device
+from .residency import ResidencyPool, TransferReport
+from .warm import clear_caches
 from .synthetic import switch_family
 
 @dataclass
@@ -144,8 +150,8 @@ def bench_family(family: str, size: str, device: torch.device, dtype: torch.dtyp
     _warm((store.home / "objects" / "packs").glob("*.pack"))
 
     def ours(ref: str, pool: ResidencyPool):
-        pipe = DiffusionPipeline.from_pretrained(ref, store=store, torch_dtype=dtype)
-        return pipe, to_device(pipe, device, pool=pool)
+        pipe = DiffusionPipeline.from_pretrained(ref, store=store, torch_dtype=dtype, pool=pool)
+        return pipe, pool.last_report
 
     def switch(ref: str, pool: ResidencyPool):
         t0 = time.perf_counter()
@@ -186,6 +192,7 @@ def bench_family(family: str, size: str, device: torch.device, dtype: torch.dtyp
         return s, n
 
     def page_cache():
+        clear_caches()  # what this process has loaded before: only what the scenario says
         pool = ResidencyPool(device, budget_bytes=1 << 62)
         a, _ = ours("A", pool)
         b, rep, s = switch("B", pool)
@@ -194,6 +201,7 @@ def bench_family(family: str, size: str, device: torch.device, dtype: torch.dtyp
         return s, rep
 
     def pinned():
+        clear_caches()  # what this process has loaded before: only what the scenario says
         pool = ResidencyPool(device, budget_bytes=0, pinned_budget_bytes=1 << 62)
         b, _ = ours("B", pool)
         del b
@@ -206,6 +214,7 @@ def bench_family(family: str, size: str, device: torch.device, dtype: torch.dtyp
         return s, rep
 
     def resident():
+        clear_caches()  # what this process has loaded before: only what the scenario says
         pool = ResidencyPool(device, budget_bytes=1 << 62)
         a, _ = ours("A", pool)
         b, _ = ours("B", pool)
@@ -217,6 +226,7 @@ def bench_family(family: str, size: str, device: torch.device, dtype: torch.dtyp
         return s, rep
 
     def cold():
+        clear_caches()  # what this process has loaded before: only what the scenario says
         pool = ResidencyPool(device, budget_bytes=1 << 62)
         a, rep, s = switch("A", pool)
         del a, pool

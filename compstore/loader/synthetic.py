@@ -33,8 +33,15 @@ TINY_CLIP = dict(
 )
 
 
-def write_tiny_clip_tokenizer(folder: str | os.PathLike) -> None:
-    """A byte-level BPE vocabulary (every byte, with and without `</w>`) and a few merges."""
+CLIP_VOCAB = 49408  # the published CLIP tokenizers' vocabulary (48,894 merges)
+
+
+def write_tiny_clip_tokenizer(folder: str | os.PathLike, vocab_size: int | None = None) -> None:
+    """A byte-level BPE vocabulary (every byte, with and without `</w>`) and a few
+    merges; with `vocab_size`, random merges up to that size (CLIP_VOCAB: as large,
+    and as slow to load, as a published CLIP tokenizer)."""
+    import random
+
     from transformers import CLIPTokenizer
     from transformers.convert_slow_tokenizer import bytes_to_unicode
 
@@ -45,6 +52,13 @@ def write_tiny_clip_tokenizer(folder: str | os.PathLike) -> None:
     for tok in chars + [c + "</w>" for c in chars] + ["lo", "low</w>", "er</w>", "at</w>", "cat</w>"]:
         vocab.setdefault(tok, len(vocab))
     merges = [("l", "o"), ("lo", "w</w>"), ("e", "r</w>"), ("a", "t</w>"), ("c", "at</w>")]
+    pieces, rng = list(chars), random.Random(0)
+    while vocab_size and len(vocab) < vocab_size:
+        a, b = rng.choice(pieces), rng.choice(pieces)
+        if len(a) + len(b) <= 12 and a + b not in vocab:
+            vocab[a + b] = len(vocab)
+            merges.append((a, b))
+            pieces.append(a + b)
     tok = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
     tok.save_pretrained(folder)
 
@@ -243,7 +257,9 @@ def switch_family(kind: str, size: str, root: str | os.PathLike,
     sdxl: A; B = A's VAE and both text encoders, another UNet; C = A with a third of
     its UNet tensors changed. flux: A; B = A's T5, CLIP and VAE, another transformer.
     `size` is "tiny" (a few MB, CPU) or "full" (published shapes: SDXL 6.9 GB and
-    FLUX.1-dev 33 GB in 16-bit; needs that much free disk twice, for folders and store).
+    FLUX.1-dev 33 GB in 16-bit; needs that much free disk twice, for folders and store;
+    its CLIP tokenizers have the published vocabulary size, so they load as slowly as
+    the real ones).
     """
     import copy
     import tempfile
@@ -255,7 +271,7 @@ def switch_family(kind: str, size: str, root: str | os.PathLike,
         raise ValueError(f"unknown family {kind!r} / size {size!r}: use sdxl|flux and tiny|full")
     root = Path(root)
     tok_dir = Path(tempfile.mkdtemp(prefix="compstore-tok-"))
-    write_tiny_clip_tokenizer(tok_dir / "clip")
+    write_tiny_clip_tokenizer(tok_dir / "clip", None if tiny else CLIP_VOCAB)
     clip_tok = CLIPTokenizer.from_pretrained(tok_dir / "clip")
     clip_l = CLIPTextConfig(**(dict(TINY_CLIP, hidden_act="gelu", projection_dim=32) if tiny else SD15_CLIP))
     if kind == "sdxl":

@@ -1,0 +1,224 @@
+"""Warm loads (compstore/loader/warm.py): a component loaded before is cloned from its
+template, tokenizers are shared, every other small part is copied, and each load is
+still a fresh model that no edit of another load reaches."""
+
+import enum
+import gc
+import logging
+import shutil
+import types
+
+import diffusers
+import pytest
+import torch
+from diffusers.configuration_utils import FrozenDict
+
+import compstore
+from compstore import CompstoreError, ResidencyPool
+from compstore.loader import synthetic, warm
+from compstore.loader.residency import STORE_KEYS
+from conftest import store_state
+
+MODELS = ("unet", "vae", "text_encoder")
+
+
+@pytest.fixture(autouse=True)
+def cold():
+    warm.clear_caches()
+    yield
+    warm.clear_caches()
+
+
+def load(store, ref="A", **kwargs):
+    return compstore.DiffusionPipeline.from_pretrained(ref, store=store, **kwargs)
+
+
+def image(pipe):
+    return pipe("a photo of a cat", num_inference_steps=2, output_type="np", height=32, width=32,
+                generator=torch.Generator().manual_seed(0)).images
+
+
+def immutable(value) -> bool:
+    """Judged here, independently of warm.py's own rule."""
+    if isinstance(value, (type(None), bool, int, float, str, bytes, type, torch.dtype,
+                          torch.device, enum.Enum, types.FunctionType, FrozenDict)):
+        return True
+    return isinstance(value, (tuple, frozenset)) and all(immutable(v) for v in value)
+
+
+def shared_mutables(a: torch.nn.Module, b: torch.nn.Module) -> list[str]:
+    """Module objects or mutable attributes that two module trees have in common."""
+    found = []
+    ids_b = {id(m) for m in b.modules()}
+    for (name, ma), mb in zip(a.named_modules(), b.modules()):
+        if id(ma) in ids_b:
+            found.append(name or "<root>")
+        for key, value in ma.__dict__.items():
+            if key not in ("_parameters", "_buffers") and value is mb.__dict__.get(key) and not immutable(value):
+                found.append(f"{name}.{key}")
+    return found
+
+
+def config(m: torch.nn.Module) -> dict:
+    return m.config.to_dict() if hasattr(m.config, "to_dict") else dict(m.config)
+
+
+def same_state(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]), k
+
+
+def test_a_second_load_is_a_clone_sharing_nothing_mutable(family_store):
+    first = load(family_store)
+    assert len(warm._TEMPLATES) == 3  # unet, vae, text_encoder
+    second = load(family_store)
+    for slot in MODELS:
+        a, b = getattr(first, slot), getattr(second, slot)
+        template = next(t.module for t in warm._TEMPLATES.values() if type(t.module) is type(a))
+        assert shared_mutables(a, b) == [] and shared_mutables(template, b) == [], slot
+        same_state(a, b)
+        assert repr(a) == repr(b) and config(a) == config(b) and not b.training
+        assert getattr(a, STORE_KEYS) == getattr(b, STORE_KEYS)
+    # CLIP's position_ids is not in the checkpoint: the clone gets its own copy.
+    pa, pb = (p.text_encoder.embeddings.position_ids for p in (first, second))
+    assert torch.equal(pa, pb) and pa.data_ptr() != pb.data_ptr()
+    assert (image(first) == image(second)).all()
+
+
+def test_edits_to_one_load_never_reach_the_next(family_store):
+    from diffusers.models.attention_processor import AttnProcessor
+
+    reference = load(family_store, private=True)  # built anew: what a load must give
+    edited = load(family_store)
+    edited.unet.set_attn_processor(AttnProcessor())
+    edited.unet.fuse_qkv_projections()
+    edited.vae.register_forward_hook(lambda *_: None)
+    edited.text_encoder.config.output_hidden_states = True
+    with torch.no_grad():
+        edited.unet.conv_in.weight.add_(1.0)  # in place, on a copy-on-write store view
+    fresh = load(family_store)
+    assert {type(p).__name__ for p in fresh.unet.attn_processors.values()} == {
+        type(p).__name__ for p in reference.unet.attn_processors.values()}
+    assert not hasattr(fresh.unet.down_blocks[1].attentions[0].transformer_blocks[0].attn1, "to_qkv")
+    assert not fresh.vae._forward_hooks and fresh.text_encoder.config.output_hidden_states is False
+    for slot in MODELS:
+        same_state(getattr(reference, slot), getattr(fresh, slot))
+    assert (image(reference) == image(fresh)).all()
+
+
+def test_tokenizers_are_shared_schedulers_copied_and_a_grown_tokenizer_not_handed_out(family_store):
+    a, b = load(family_store), load(family_store)
+    assert a.tokenizer is b.tokenizer and a.scheduler is not b.scheduler
+    assert a.scheduler.config == b.scheduler.config
+    size = len(a.tokenizer)
+    a.tokenizer.add_tokens(["<cat-toy>"])  # textual inversion does this
+    c = load(family_store)
+    assert c.tokenizer is not a.tokenizer and len(c.tokenizer) == size
+
+
+def test_private_load_builds_everything_anew(family_store):
+    a = load(family_store, private=True)
+    assert not warm._TEMPLATES and not warm._PARTS
+    b = load(family_store)
+    c = load(family_store, private=True)
+    assert c.tokenizer is not b.tokenizer and shared_mutables(b.unet, c.unet) == []
+    same_state(a.unet, c.unet)
+
+
+def test_resident_switch_binds_the_resident_tensors_and_uploads_nothing(family_store):
+    pool = ResidencyPool("cpu", budget_bytes=1 << 40)
+    a = load(family_store, "A", pool=pool)
+    want = image(a)
+    b = load(family_store, "B", pool=pool)
+    del a
+    gc.collect()
+    a = load(family_store, "A", pool=pool)
+    report = compstore.last_transfer()
+    assert report is pool.last_report and report.bytes_uploaded == 0 and report.bytes_reused > 0
+    store_bytes = sum(t.numel() * t.element_size() for slot in MODELS
+                      for name, t in getattr(a, slot).state_dict(keep_vars=True).items()
+                      if name in getattr(getattr(a, slot), STORE_KEYS))
+    assert report.bytes_reused == store_bytes
+    entries = {e.tensor.data_ptr(): e for e in pool._resident.values()}
+    for slot in MODELS:
+        m = getattr(a, slot)
+        for name, t in m.state_dict(keep_vars=True).items():
+            if name in getattr(m, STORE_KEYS):
+                assert m in entries[t.data_ptr()].owners, name  # live: never evicted
+    assert (image(a) == want).all()
+    assert b.vae is not a.vae and b.vae.decoder.conv_out.weight.data_ptr() == a.vae.decoder.conv_out.weight.data_ptr()
+
+
+def test_pinned_tier_feeds_a_clone(family_store):
+    pool = ResidencyPool("cpu", budget_bytes=0, pinned_budget_bytes=1 << 40)
+    b = load(family_store, "B", pool=pool)
+    want = image(b)
+    del b
+    gc.collect()
+    a = load(family_store, "A", pool=pool)  # B's UNet goes idle -> evicted to the pinned tier
+    b = load(family_store, "B", pool=pool)
+    report = pool.last_report
+    unet = next(c for c in report.components if c.component == "unet")
+    assert unet.bytes_from_pinned > 0 and unet.bytes_from_store == 0
+    assert (image(b) == want).all()
+    del a
+
+
+def test_tied_weights_and_fp32_modules_survive_cloning(store, tmp_path):
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(0)
+    T5EncoderModel(T5Config(vocab_size=1000, d_model=32, d_kv=8, d_ff=37, num_layers=2,
+                            num_heads=4)).save_pretrained(tmp_path / "t5")
+    first = compstore.load_component(str(tmp_path / "t5"), store=store, dtype=torch.float16)
+    second = compstore.load_component(str(tmp_path / "t5"), store=store, dtype=torch.float16)
+    assert shared_mutables(first, second) == []
+    assert second.shared.weight is second.encoder.embed_tokens.weight
+    assert second.encoder.block[0].layer[1].DenseReluDense.wo.weight.dtype == torch.float32
+    same_state(first, second)
+    ids = torch.tensor([[1, 2, 3]])
+    assert torch.equal(first(ids).last_hidden_state, second(ids).last_hidden_state)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: diffusers.UNet2DConditionModel(**synthetic.TINY_SDXL_UNET),
+    lambda: diffusers.FluxTransformer2DModel(**synthetic.TINY_FLUX),
+    lambda: diffusers.AutoencoderKL(**synthetic.TINY_VAE),
+], ids=["sdxl-unet", "flux-transformer", "vae"])
+def test_clone_module_copies_every_mutable_attribute(make):
+    torch.manual_seed(0)
+    model = make().eval()
+    clone = warm.clone_module(model, lambda _, t: t.detach().clone())
+    assert shared_mutables(model, clone) == []
+    same_state(model, clone)
+    assert repr(model) == repr(clone)
+
+
+def test_a_newly_initialised_parameter_gets_no_template(family, store, tmp_path, caplog):
+    from test_loader_semantics import edit_safetensors
+
+    folder = tmp_path / "vae"
+    shutil.copytree(family["A"] / "vae", folder)
+    edit_safetensors(folder / "diffusion_pytorch_model.safetensors", drop="decoder.conv_out.bias")
+    with caplog.at_level(logging.WARNING, logger="compstore"):
+        compstore.load_component(str(folder), store=store)
+    assert not warm._TEMPLATES  # each load initialises it anew, as diffusers does
+
+
+def test_device_map_and_pool_that_disagree_are_refused(family_store):
+    before = store_state(family_store.home)
+    with pytest.raises(CompstoreError, match="disagree"):
+        load(family_store, pool=ResidencyPool("cpu"), device_map="meta")
+    with pytest.raises(CompstoreError, match="not supported"):
+        load(family_store, device_map="balanced")
+    assert store_state(family_store.home) == before
+
+
+def test_moving_a_pooled_pipeline_elsewhere_releases_its_tensors(family_store):
+    pool = ResidencyPool("cpu", budget_bytes=1 << 40)
+    a = load(family_store, pool=pool)
+    assert pool.idle_bytes == 0
+    a.to("meta")
+    assert pool.idle_bytes == pool.resident_bytes > 0
