@@ -24,6 +24,8 @@ def test_bench_switch_tiny_sdxl_report(tmp_path):
     assert systems["compstore page cache"]["bytes_moved"] == delta
     assert systems["compstore pinned"]["bytes_moved"] == delta
     assert systems["compstore resident (A->B->A)"]["bytes_moved"] == 0
+    a_bytes = systems["compstore cold load"]["bytes_moved"]
+    assert a_bytes > delta and systems["compstore cold pool, warm process"]["bytes_moved"] == a_bytes
     assert systems["diffusers naive"]["bytes_moved"] == fam["pipeline_bytes"]
     assert delta <= systems["diffusers expert"]["bytes_moved"] < fam["pipeline_bytes"]
     assert systems["floor"]["seconds"] == fam["floor_seconds"] > 0

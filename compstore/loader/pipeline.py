@@ -151,6 +151,7 @@ class DiffusionPipeline:
         packs = private_packs(store)  # one set of copy-on-write mappings for this pipeline
         skeleton = store.materialize(snapshot_id, _skeleton_file)
         built: dict[str, Any] = {}
+        files = None  # the snapshot's (path, file id, sha256, size), read when first needed
         report = TransferReport(str(pool.device)) if pool else None
         with store.reading():  # gc unlinks no pack while the catalog is being followed
             for slot, entry in index.items():
@@ -158,7 +159,8 @@ class DiffusionPipeline:
                     continue
                 cls = resolve_class(*entry[:2])
                 if not is_model_class(cls):  # tokenizers, schedulers, processors
-                    part = small_part(store, snapshot_id, skeleton, slot, cls, private)
+                    files = files if files is not None else store.snapshot_files(snapshot_id)
+                    part = small_part(files, skeleton, slot, cls, private)
                     if part is not None:
                         built[slot] = part
                     continue
@@ -195,12 +197,11 @@ def target_pool(device_map, pool: ResidencyPool | None) -> ResidencyPool | None:
     return pool_for(device_map)
 
 
-def small_part(store: Store, snapshot_id: str, skeleton: Path, slot: str, cls, private: bool):
+def small_part(snapshot_files: list, skeleton: Path, slot: str, cls, private: bool):
     """A tokenizer, scheduler or processor slot, loaded as diffusers loads it
     (`cls.from_pretrained(<folder>/<slot>)`), through `warm.part` unless `private`;
     None leaves the slot to diffusers (no class, or no files)."""
-    files = tuple((path, sha) for path, _, sha, _ in store.snapshot_files(snapshot_id)
-                  if path.startswith(slot + "/"))
+    files = tuple((path, sha) for path, _, sha, _ in snapshot_files if path.startswith(slot + "/"))
     if cls is None or not hasattr(cls, "from_pretrained") or not files:
         return None
     load = functools.partial(cls.from_pretrained, skeleton / slot)

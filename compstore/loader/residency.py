@@ -59,6 +59,17 @@ def record_store_keys(model: torch.nn.Module, blobs: dict[str, tuple[str, int]])
     return found
 
 
+class _DtypeNames(dict):
+    """str(dtype), computed once per dtype (it is asked ~3,000 times per SDXL move)."""
+
+    def __missing__(self, dtype: torch.dtype) -> str:
+        self[dtype] = str(dtype)
+        return self[dtype]
+
+
+_DTYPE_NAMES = _DtypeNames()
+
+
 @dataclass
 class ComponentTransfer:
     component: str
@@ -146,13 +157,14 @@ class ResidencyPool:
         self._uploader: Uploader | None = None
         self.offloader = offloader or self._pinned_copy
         self._resident: OrderedDict[Key, _Entry] = OrderedDict()
+        self._resident_bytes = 0  # kept by _keep/_drop: summing ~3,000 entries per move is slow
         self._pinned: OrderedDict[Key, torch.Tensor] = OrderedDict()
         self.last_report: TransferReport | None = None
 
     # -- bookkeeping -------------------------------------------------------------
     @property
     def resident_bytes(self) -> int:
-        return sum(e.nbytes for e in self._resident.values())
+        return self._resident_bytes
 
     @property
     def idle_bytes(self) -> int:
@@ -163,9 +175,20 @@ class ResidencyPool:
     def pinned_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self._pinned.values())
 
+    def _keep(self, key: Key, entry: _Entry) -> None:
+        self._drop(key)
+        self._resident[key] = entry
+        self._resident_bytes += entry.nbytes
+
+    def _drop(self, key: Key) -> _Entry | None:
+        entry = self._resident.pop(key, None)
+        if entry is not None:
+            self._resident_bytes -= entry.nbytes
+        return entry
+
     def _evict(self) -> None:
         """Drop least recently used idle tensors until the idle bytes fit the budget."""
-        if self.idle_bytes <= self.budget_bytes:
+        if self._resident_bytes <= self.budget_bytes or self.idle_bytes <= self.budget_bytes:
             return
         gc.collect()  # a dropped pipeline may still sit in a reference cycle
         for key in list(self._resident):
@@ -174,7 +197,7 @@ class ResidencyPool:
             entry = self._resident[key]
             if len(entry.owners):
                 continue
-            del self._resident[key]
+            self._drop(key)
             if entry.tensor._version == entry.version:
                 self._keep_pinned(key, entry.tensor)
 
@@ -201,14 +224,14 @@ class ResidencyPool:
     def _resident_entry(self, key: Key) -> _Entry | None:
         entry = self._resident.get(key)
         if entry is not None and entry.tensor._version != entry.version:
-            del self._resident[key]  # changed in place on the device: no longer the store's
+            self._drop(key)  # changed in place on the device: no longer the store's
             return None
         return entry
 
     def resident_tensor(self, blob: tuple[str, int], dtype: torch.dtype) -> torch.Tensor | None:
         """The resident device tensor of a store blob as `dtype`, if the pool holds it
         unchanged (a module built on it must then be `move`d, which marks it used)."""
-        key = (*blob, str(dtype), str(self.device))
+        key = (*blob, _DTYPE_NAMES[dtype], str(self.device))
         entry = self._resident_entry(key)
         if entry is None:
             return None
@@ -218,7 +241,7 @@ class ResidencyPool:
     def pinned_tensor(self, blob: tuple[str, int], dtype: torch.dtype) -> torch.Tensor | None:
         """The pinned-tier host copy of a store blob as `dtype`, if the pool keeps one
         (`move` uploads it from there)."""
-        return self._pinned.get((*blob, str(dtype), str(self.device)))
+        return self._pinned.get((*blob, _DTYPE_NAMES[dtype], str(self.device)))
 
     def move(self, module: torch.nn.Module, component: str = "", private: bool = False) -> ComponentTransfer:
         """Move one module to the pool's device; store tensors go through the pool.
@@ -230,6 +253,7 @@ class ResidencyPool:
         """
         t0 = time.perf_counter()
         rep = ComponentTransfer(component)
+        device = str(self.device)
         keys = getattr(module, STORE_KEYS, {})
         places: dict[int, list[tuple[torch.nn.Module, str, torch.Tensor]]] = {}  # id -> uses
         served: dict[int, torch.Tensor] = {}  # id of the old tensor -> device tensor
@@ -247,7 +271,7 @@ class ResidencyPool:
                 continue
             key_info = keys.get(full_name)
             pooled = key_info is not None and tensor._version == key_info[2] and not private
-            key = (key_info[0], key_info[1], str(tensor.dtype), str(self.device)) if pooled else None
+            key = (key_info[0], key_info[1], _DTYPE_NAMES[tensor.dtype], device) if pooled else None
             nbytes = tensor.numel() * tensor.element_size()
             if tensor.device == self.device:
                 staying.add(id(tensor))
@@ -283,8 +307,8 @@ class ResidencyPool:
             for (tid, key, _), data in zip(batch, self._upload([src for _, _, src in batch])):
                 served[tid] = data
                 if key is not None:
-                    self._resident[key] = _Entry(data, data.numel() * data.element_size(),
-                                                 data._version, weakref.WeakSet([module]))
+                    self._keep(key, _Entry(data, data.numel() * data.element_size(),
+                                           data._version, weakref.WeakSet([module])))
         for tid, uses in places.items():
             data = served[same_as.get(tid, tid)]
             old = uses[0][2]

@@ -15,6 +15,8 @@ For each family (see `synthetic.switch_family`) it times, median of `repeat`:
     compstore resident   A -> B -> A within budget: the second switch
     compstore cold load  an empty pool, nothing loaded before: all of A from the
                          store onto the device
+    compstore cold pool, an empty pool, A loaded before in the process (templates and
+      warm process       tokenizers known): all of A's bytes from the store
     floor                delta bytes / host-to-device bandwidth from pinned memory,
                          measured in the same run (on a CPU target: memcpy bandwidth)
 
@@ -233,9 +235,20 @@ def bench_family(family: str, size: str, device: torch.device, dtype: torch.dtyp
         _free(device)
         return s, rep
 
+    def cold_pool():
+        clear_caches()
+        ours("A", ResidencyPool(device, budget_bytes=1 << 62))  # the process has seen A ...
+        _free(device)
+        pool = ResidencyPool(device, budget_bytes=1 << 62)  # ... but the device is empty
+        a, rep, s = switch("A", pool)
+        del a, pool
+        _free(device)
+        return s, rep
+
     for name, fn in (("diffusers naive", naive), ("diffusers expert", expert),
                      ("compstore page cache", page_cache), ("compstore pinned", pinned),
-                     ("compstore resident (A->B->A)", resident), ("compstore cold load", cold)):
+                     ("compstore resident (A->B->A)", resident), ("compstore cold load", cold),
+                     ("compstore cold pool, warm process", cold_pool)):
         echo(f"[{family}/{size}] {name} ...")
         figures = _median_run(fn, repeat)
         figures.name = name

@@ -1,0 +1,147 @@
+"""The CPU side of a compstore switch at the published SDXL shapes, on any machine.
+
+    python benchmarks/switch_overhead.py [--workdir DIR] [--repeat 5]
+
+Everything a switch does except copying bytes: resolving the ref, building or
+cloning the four models, binding their tensors, the pool's decision for each of
+~2,500 tensors, the tokenizers (published vocabulary size), the scheduler and
+the pipeline object. The pool's target is the `meta` device, where an upload
+copies nothing, so these figures are the part of a GPU switch that no GPU makes
+faster; `compstore bench switch --size full --device cuda` measures the whole.
+
+The weights are zeros with each tensor's index written into its first elements:
+every tensor distinct (nothing deduplicates that would not in a real pair) and
+cheap to write. Needs ~27 GB of disk under --workdir (two pipeline folders and
+the store), and a few minutes to write them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+
+def _weights(model: torch.nn.Module, seed: int) -> dict[str, torch.Tensor]:
+    out = {}
+    for i, (name, t) in enumerate(model.state_dict().items()):
+        w = torch.zeros(t.shape, dtype=torch.float16 if t.is_floating_point() else t.dtype)
+        flat = w.view(-1)
+        flat[: min(3, flat.numel())] = torch.tensor([i % 1024, i // 1024, seed])[: flat.numel()].to(w.dtype)
+        out[name] = w
+    return out
+
+
+def write_pair(root: Path) -> dict[str, Path]:
+    """SDXL-shaped A and B (B: A's VAE and text encoders, another UNet) as diffusers folders."""
+    from accelerate import init_empty_weights
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from safetensors.torch import save_file
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from compstore.loader import synthetic
+
+    tiny = synthetic.switch_family("sdxl", "tiny", root / "tiny")  # model_index, scheduler
+    with init_empty_weights():
+        models = {
+            "unet": UNet2DConditionModel(**synthetic.SDXL_UNET),
+            "vae": AutoencoderKL(**synthetic.SDXL_VAE),
+            "text_encoder": CLIPTextModel(CLIPTextConfig(**synthetic.SD15_CLIP)),
+            "text_encoder_2": CLIPTextModelWithProjection(CLIPTextConfig(**synthetic.SDXL_CLIP_G)),
+        }
+    out = {}
+    for name, unet_seed in (("A", 0), ("B", 1)):
+        folder = out[name] = root / name
+        shutil.copytree(tiny["A"], folder)
+        for slot, model in models.items():
+            shutil.rmtree(folder / slot)
+            (folder / slot).mkdir()
+            seed = unet_seed if slot == "unet" else 0
+            if slot in ("unet", "vae"):
+                model.save_config(folder / slot)
+                save_file(_weights(model, seed), folder / slot / "diffusion_pytorch_model.safetensors")
+            else:
+                model.config.save_pretrained(folder / slot)
+                save_file(_weights(model, seed), folder / slot / "model.safetensors")
+        for tok in ("tokenizer", "tokenizer_2"):
+            shutil.rmtree(folder / tok)
+            synthetic.write_tiny_clip_tokenizer(folder / tok, synthetic.CLIP_VOCAB)
+    shutil.rmtree(root / "tiny")
+    return out
+
+
+def main() -> None:
+    import compstore
+    from compstore import ResidencyPool, Store
+    from compstore.loader.warm import clear_caches
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--workdir", default=None)
+    ap.add_argument("--repeat", type=int, default=5)
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory(prefix="compstore-overhead-", dir=args.workdir) as work:
+        work = Path(work)
+        t0 = time.perf_counter()
+        folders = write_pair(work)
+        store = Store(work / "store")
+        for name, folder in folders.items():
+            store.ingest(folder, name)
+        print(f"wrote and ingested A and B in {time.perf_counter() - t0:.0f} s; "
+              f"delta A->B {store.diff('A', 'B').delta_bytes:,} B")
+
+        def pool():
+            return ResidencyPool("meta", budget_bytes=1 << 62,
+                                 copier=lambda t, _: torch.empty(t.shape, dtype=t.dtype, device="meta"))
+
+        def load(ref, p):
+            t = time.perf_counter()
+            pipe = compstore.DiffusionPipeline.from_pretrained(ref, store=store, dtype=torch.float16,
+                                                               pool=p)
+            return pipe, time.perf_counter() - t
+
+        def cold():
+            clear_caches()
+            return load("A", pool())[1]
+
+        def first_b():  # A resident; B's UNet never built in this process
+            clear_caches()
+            p = pool()
+            a, _ = load("A", p)
+            return load("B", p)[1]
+
+        def resident():  # A -> B -> A: the second switch
+            clear_caches()
+            p = pool()
+            a, _ = load("A", p)
+            b, _ = load("B", p)
+            del a
+            gc.collect()
+            return load("A", p)[1]
+
+        figures = {}
+        for name, fn in (("cold load of A", cold), ("A -> B, B never loaded before", first_b),
+                         ("A -> B -> A, the second switch", resident)):
+            fn()  # warm-up: imports, page cache
+            runs = [fn() for _ in range(args.repeat)]
+            figures[name] = {"median_s": round(statistics.median(runs), 4),
+                             "runs": [round(r, 4) for r in runs]}
+            print(f"{name}: {figures[name]['median_s'] * 1e3:.1f} ms (median of {args.repeat}: "
+                  f"{', '.join(f'{r * 1e3:.0f}' for r in runs)})")
+        tensors = sum(len(store.tensor_locations(c["component_id"]))
+                      for c in store.components_of(store.resolve("A")))
+        print(json.dumps({"tensors_in_A": tensors, "figures": figures}, indent=2))
+        store.close()
+
+
+if __name__ == "__main__":
+    main()
