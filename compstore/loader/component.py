@@ -165,8 +165,7 @@ def _from_template(template: warm.Template, store: Store, cid: str, packs: PackF
         model.register_to_config(_name_or_path=name_or_path)
     else:
         model.name_or_path = name_or_path
-    blobs = {t_name: blob for t_name, _, blob in template.tensors if blob is not None}
-    setattr(model, STORE_KEYS, {name: (*blobs[canon], data[canon]._version)
+    setattr(model, STORE_KEYS, {name: (*template.blobs[canon], data[canon]._version)
                                 for name, canon in template.names.items()})
     route_moves_through_pool(model)
     return model

@@ -152,6 +152,7 @@ class Template:
     plan: Plan
     tensors: list[tuple[str, torch.Tensor, tuple[str, int] | None]]  # (name, tensor, blob), once each
     names: dict[str, str]  # every name of a store tensor (tied ones too) -> its name in `tensors`
+    blobs: dict[str, tuple[str, int]]  # name in `tensors` -> blob, for the store tensors
 
     def clone(self, tensor_for: Callable[[str, torch.Tensor], torch.Tensor]) -> torch.nn.Module:
         return clone_module(self.module, tensor_for, self.plan)
@@ -182,7 +183,8 @@ def remember(key: tuple, model: torch.nn.Module, blobs: dict[str, tuple[str, int
                     canonical[id(t)] = name = f"{path}.{attr}" if path else attr
                     tensors.append((name, tt, blob_of.get(id(t))))
     names = {name: canonical[id(t)] for name, t in named if name in blobs}
-    _TEMPLATES[key] = Template(module, template_plan, tensors, names)
+    _TEMPLATES[key] = Template(module, template_plan, tensors, names,
+                               {name: blob for name, _, blob in tensors if blob is not None})
     _TEMPLATES.move_to_end(key)
     while len(_TEMPLATES) > MAX_TEMPLATES:
         _TEMPLATES.popitem(last=False)
