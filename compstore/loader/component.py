@@ -141,32 +141,31 @@ def _from_template(template: warm.Template, store: Store, cid: str, packs: PackF
     dtypes) for the other store tensors, and copies of the template's own buffers."""
     from diffusers import ModelMixin
 
-    data: dict[str, torch.Tensor] = {}
+    data: list[torch.Tensor | None] = []
     missing = []
-    for name, t, blob in template.tensors:
+    for i, ((_, t), blob) in enumerate(zip(template.plan.tensors, template.blobs)):
         if blob is None:
-            data[name] = t.clone()
+            data.append(t.clone())
             continue
         found = None if pool is None else pool.resident_tensor(blob, t.dtype)
         if found is None and pool is not None:
             found = pool.pinned_tensor(blob, t.dtype)
         if found is None:
-            missing.append((name, t.dtype))
-        else:
-            data[name] = found
+            missing.append(i)
+        data.append(found)
     if missing:
         where = {loc.name: loc for loc in store.tensor_locations(cid)}
-        aliases = {canon: name for name, canon in template.names.items()}
-        for name, dtype in missing:
-            t = stored_tensor(packs, where.get(name) or where[aliases[name]])
-            data[name] = t.to(dtype) if t.is_floating_point() and t.dtype != dtype else t
-    model = template.clone(lambda name, _: data[name])
+        stored = {i: where[name] for name, i in template.names.items() if name in where}  # tied: any name
+        for i in missing:
+            t, dtype = stored_tensor(packs, stored[i]), template.plan.tensors[i][1].dtype
+            data[i] = t.to(dtype) if t.is_floating_point() and t.dtype != dtype else t
+    model, made = template.clone(data)
     if isinstance(model, ModelMixin):
         model.register_to_config(_name_or_path=name_or_path)
     else:
         model.name_or_path = name_or_path
-    setattr(model, STORE_KEYS, {name: (*template.blobs[canon], data[canon]._version)
-                                for name, canon in template.names.items()})
+    setattr(model, STORE_KEYS, {name: (*template.blobs[i], made[i]._version)
+                                for name, i in template.names.items()})
     route_moves_through_pool(model)
     return model
 

@@ -141,6 +141,7 @@ class ResidencyPool:
                  copier: Callable[[torch.Tensor, torch.device], torch.Tensor] | None = None,
                  offloader: Callable[[torch.Tensor], torch.Tensor] | None = None):
         self.device = torch.device(device)
+        self._device_name = str(self.device)  # part of every key: str() per tensor is slow
         if budget_bytes is None:
             env = os.environ.get("COMPSTORE_VRAM_BUDGET")
             if env is not None:
@@ -231,7 +232,7 @@ class ResidencyPool:
     def resident_tensor(self, blob: tuple[str, int], dtype: torch.dtype) -> torch.Tensor | None:
         """The resident device tensor of a store blob as `dtype`, if the pool holds it
         unchanged (a module built on it must then be `move`d, which marks it used)."""
-        key = (*blob, _DTYPE_NAMES[dtype], str(self.device))
+        key = (*blob, _DTYPE_NAMES[dtype], self._device_name)
         entry = self._resident_entry(key)
         if entry is None:
             return None
@@ -241,7 +242,7 @@ class ResidencyPool:
     def pinned_tensor(self, blob: tuple[str, int], dtype: torch.dtype) -> torch.Tensor | None:
         """The pinned-tier host copy of a store blob as `dtype`, if the pool keeps one
         (`move` uploads it from there)."""
-        return self._pinned.get((*blob, _DTYPE_NAMES[dtype], str(self.device)))
+        return self._pinned.get((*blob, _DTYPE_NAMES[dtype], self._device_name))
 
     def move(self, module: torch.nn.Module, component: str = "", private: bool = False) -> ComponentTransfer:
         """Move one module to the pool's device; store tensors go through the pool.
@@ -253,7 +254,7 @@ class ResidencyPool:
         """
         t0 = time.perf_counter()
         rep = ComponentTransfer(component)
-        device = str(self.device)
+        device = self._device_name
         keys = getattr(module, STORE_KEYS, {})
         places: dict[int, list[tuple[torch.nn.Module, str, torch.Tensor]]] = {}  # id -> uses
         served: dict[int, torch.Tensor] = {}  # id of the old tensor -> device tensor

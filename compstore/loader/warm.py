@@ -79,17 +79,53 @@ def _how(value) -> int:
 
 
 _CONTAINERS = frozenset((dict, OrderedDict, list, set))
-Plan = list  # per module: (module, path, [shallow-copied attributes], [deep-copied ones])
+
+
+@dataclass
+class _Step:
+    """How one module of a tree is cloned."""
+
+    module: torch.nn.Module  # the original
+    params: tuple[tuple[str, int | None], ...]  # attribute -> index in Plan.tensors (None: None)
+    buffers: tuple[tuple[str, int | None], ...]
+    children: tuple[tuple[str, int | None], ...]  # attribute -> index in Plan.steps
+    shallow: tuple[str, ...]  # containers of immutable values (hook tables, mostly empty)
+    deep: tuple[str, ...]  # anything else that may change in place
+
+
+@dataclass
+class Plan:
+    """What `clone_module` does for a tree, computed once (`clone_plan`). Its tensors
+    are in the order `clone_module` asks for them, each once (tied ones too)."""
+
+    steps: list[_Step]
+    tensors: list[tuple[str, torch.Tensor]]  # (first name, original tensor)
 
 
 def clone_plan(root: torch.nn.Module) -> Plan:
     """What `clone_module` must do per module of `root` (computed once per template)."""
-    plan = []
-    for path, m in root.named_modules(remove_duplicate=True):
+    modules = list(root.named_modules(remove_duplicate=True))
+    index = {id(m): i for i, (_, m) in enumerate(modules)}
+    tensors: list[tuple[str, torch.Tensor]] = []
+    seen: dict[int, int] = {}
+
+    def slots(path, table):
+        out = []
+        for attr, t in table.items():
+            if t is not None and id(t) not in seen:
+                seen[id(t)] = len(tensors)
+                tensors.append((f"{path}.{attr}" if path else attr, t))
+            out.append((attr, None if t is None else seen[id(t)]))
+        return tuple(out)
+
+    steps = []
+    for path, m in modules:
         how = {k: _how(v) for k, v in m.__dict__.items() if type(v) not in _IMMUTABLE_TYPES and k not in _TREE}
-        plan.append((m, path, [k for k, h in how.items() if h == _SHALLOW],
-                     [k for k, h in how.items() if h == _DEEP]))
-    return plan
+        steps.append(_Step(
+            m, slots(path, m._parameters), slots(path, m._buffers),
+            tuple((k, None if c is None else index[id(c)]) for k, c in m._modules.items()),
+            tuple(k for k, h in how.items() if h == _SHALLOW), tuple(k for k, h in how.items() if h == _DEEP)))
+    return Plan(steps, tensors)
 
 
 def clone_module(root: torch.nn.Module,
@@ -106,40 +142,38 @@ def clone_module(root: torch.nn.Module,
 
     >>> clone = clone_module(model, lambda name, t: torch.empty_like(t, device="meta"))  # doctest: +SKIP
     """
-    return _clone(root, tensor_for, plan or clone_plan(root))[0]
+    plan = plan or clone_plan(root)
+    return _clone(plan, [tensor_for(name, t) for name, t in plan.tensors])[0]
 
 
-def _clone(root, tensor_for, plan: Plan) -> tuple[torch.nn.Module, Plan]:
-    """`clone_module`, also returning the clone's own plan."""
-    memo: dict[int, object] = {}
+def _clone(plan: Plan, data: list[torch.Tensor]) -> tuple[torch.nn.Module, list[torch.Tensor]]:
+    """The clone of `plan`'s tree with `data` (in `plan.tensors` order) as its tensors;
+    also returns the clone's tensors (parameters wrapped as the originals were)."""
     collecting = gc.isenabled()
     gc.disable()  # ~40k new objects: a collection midway costs more than the clone (0.25 s)
     try:
-        # First every module and tensor gets its new object, so that deep-copied
-        # attributes that point back into the tree (bound methods, say) find them.
-        for m, _, _, _ in plan:
-            memo[id(m)] = m.__class__.__new__(m.__class__)
-        for m, path, _, _ in plan:
-            for table in (m._parameters, m._buffers):
-                for attr, t in table.items():
-                    if t is None or id(t) in memo:
-                        continue
-                    data = tensor_for(f"{path}.{attr}" if path else attr, t)
-                    memo[id(t)] = (torch.nn.Parameter(data, requires_grad=t.requires_grad)
-                                   if isinstance(t, torch.nn.Parameter) else data)
-        for m, _, shallow, deep in plan:
-            state = dict(m.__dict__)  # immutable values: shared
-            for key in _TREE:
-                state[key] = {k: None if v is None else memo[id(v)] for k, v in state[key].items()}
-            for key in shallow:
+        made = [torch.nn.Parameter(d, requires_grad=t.requires_grad) if isinstance(t, torch.nn.Parameter)
+                else d for (_, t), d in zip(plan.tensors, data)]
+        new = [s.module.__class__.__new__(s.module.__class__) for s in plan.steps]
+        memo = None  # for deep copies that point back into the tree (bound methods, say)
+        for s, m in zip(plan.steps, new):
+            state = s.module.__dict__.copy()  # immutable values: shared
+            state["_parameters"] = {a: None if i is None else made[i] for a, i in s.params} if s.params else {}
+            state["_buffers"] = {a: None if i is None else made[i] for a, i in s.buffers} if s.buffers else {}
+            state["_modules"] = {a: None if i is None else new[i] for a, i in s.children} if s.children else {}
+            for key in s.shallow:
                 state[key] = state[key].copy()
-            for key in deep:
-                state[key] = copy.deepcopy(state[key], memo)
-            object.__setattr__(memo[id(m)], "__dict__", state)
+            if s.deep:
+                if memo is None:
+                    memo = {id(o.module): c for o, c in zip(plan.steps, new)}
+                    memo.update((id(t), c) for (_, t), c in zip(plan.tensors, made))
+                for key in s.deep:
+                    state[key] = copy.deepcopy(state[key], memo)
+            object.__setattr__(m, "__dict__", state)
     finally:
         if collecting:
             gc.enable()
-    return memo[id(root)], [(memo[id(m)], path, shallow, deep) for m, path, shallow, deep in plan]
+    return new[0], made
 
 
 @dataclass
@@ -148,14 +182,18 @@ class Template:
     comes from: a store blob, or (a buffer the model makes itself, e.g. CLIP's
     position_ids) the template's own copy."""
 
-    module: torch.nn.Module
-    plan: Plan
-    tensors: list[tuple[str, torch.Tensor, tuple[str, int] | None]]  # (name, tensor, blob), once each
-    names: dict[str, str]  # every name of a store tensor (tied ones too) -> its name in `tensors`
-    blobs: dict[str, tuple[str, int]]  # name in `tensors` -> blob, for the store tensors
+    plan: Plan  # of the template's own tree
+    blobs: list[tuple[str, int] | None]  # per tensor of `plan.tensors`: its blob, None if not the store's
+    names: dict[str, int]  # every name of a store tensor (tied ones too) -> its index in `plan.tensors`
 
-    def clone(self, tensor_for: Callable[[str, torch.Tensor], torch.Tensor]) -> torch.nn.Module:
-        return clone_module(self.module, tensor_for, self.plan)
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.plan.steps[0].module
+
+    def clone(self, data: list[torch.Tensor]) -> tuple[torch.nn.Module, list[torch.Tensor]]:
+        """A clone with `data` as its tensors (in `plan.tensors` order), and the
+        clone's tensors in that order."""
+        return _clone(self.plan, data)
 
 
 _TEMPLATES: OrderedDict[tuple, Template] = OrderedDict()
@@ -172,19 +210,11 @@ def remember(key: tuple, model: torch.nn.Module, blobs: dict[str, tuple[str, int
     if any(id(t) not in blob_of for _, t in model.named_parameters()):
         return False
     plan = clone_plan(model)
-    module, template_plan = _clone(model, lambda _, t: (
-        torch.empty_like(t, device="meta") if id(t) in blob_of else t.detach().clone()), plan)
-    # The plan's order is the order in which `clone_module` names tensors.
-    tensors, canonical = [], {}
-    for (m, path, _, _), (tm, _, _, _) in zip(plan, template_plan):
-        for table, ttable in ((m._parameters, tm._parameters), (m._buffers, tm._buffers)):
-            for (attr, t), tt in zip(table.items(), ttable.values()):
-                if t is not None and id(t) not in canonical:
-                    canonical[id(t)] = name = f"{path}.{attr}" if path else attr
-                    tensors.append((name, tt, blob_of.get(id(t))))
-    names = {name: canonical[id(t)] for name, t in named if name in blobs}
-    _TEMPLATES[key] = Template(module, template_plan, tensors, names,
-                               {name: blob for name, _, blob in tensors if blob is not None})
+    module, _ = _clone(plan, [torch.empty_like(t, device="meta") if id(t) in blob_of else t.detach().clone()
+                              for _, t in plan.tensors])
+    index = {id(t): i for i, (_, t) in enumerate(plan.tensors)}
+    _TEMPLATES[key] = Template(clone_plan(module), [blob_of.get(id(t)) for _, t in plan.tensors],
+                               {name: index[id(t)] for name, t in named if name in blobs})
     _TEMPLATES.move_to_end(key)
     while len(_TEMPLATES) > MAX_TEMPLATES:
         _TEMPLATES.popitem(last=False)
