@@ -1,6 +1,6 @@
 """The CPU side of a compstore switch at the published SDXL shapes, on any machine.
 
-    python benchmarks/switch_overhead.py [--workdir DIR] [--repeat 5]
+    python benchmarks/switch_overhead.py [--workdir DIR] [--repeat 5] [--keep]
 
 Everything a switch does except copying bytes: resolving the ref, building or
 cloning the four models, binding their tensors, the pool's decision for each of
@@ -12,12 +12,14 @@ faster; `compstore bench switch --size full --device cuda` measures the whole.
 The weights are zeros with each tensor's index written into its first elements:
 every tensor distinct (nothing deduplicates that would not in a real pair) and
 cheap to write. Needs ~27 GB of disk under --workdir (two pipeline folders and
-the store), and a few minutes to write them.
+the store), and a few minutes to write them; `--keep` keeps them in
+<workdir>/switch-overhead and reuses them on the next run.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import shutil
@@ -80,24 +82,45 @@ def write_pair(root: Path) -> dict[str, Path]:
     return out
 
 
+def open_pair(work: Path):
+    """The store of the A/B pair under `work`, written and ingested unless already there."""
+    from compstore import Store
+
+    if (work / "store").is_dir():
+        store = Store(work / "store")
+        if store.has_ref("A") and store.has_ref("B"):
+            return store
+        store.close()
+    shutil.rmtree(work, ignore_errors=True)  # an earlier run stopped midway
+    work.mkdir(parents=True)
+    t0 = time.perf_counter()
+    store = Store(work / "store")
+    for name, folder in write_pair(work).items():
+        store.ingest(folder, name)
+    print(f"wrote and ingested A and B in {time.perf_counter() - t0:.0f} s")
+    return store
+
+
 def main() -> None:
     import compstore
-    from compstore import ResidencyPool, Store
+    from compstore import ResidencyPool
     from compstore.loader.warm import clear_caches
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--keep", action="store_true",
+                    help="keep the pair and its store in <workdir>/switch-overhead, reuse them next time")
     args = ap.parse_args()
-    with tempfile.TemporaryDirectory(prefix="compstore-overhead-", dir=args.workdir) as work:
-        work = Path(work)
-        t0 = time.perf_counter()
-        folders = write_pair(work)
-        store = Store(work / "store")
-        for name, folder in folders.items():
-            store.ingest(folder, name)
-        print(f"wrote and ingested A and B in {time.perf_counter() - t0:.0f} s; "
-              f"delta A->B {store.diff('A', 'B').delta_bytes:,} B")
+    with contextlib.ExitStack() as stack:
+        if args.keep:
+            work = Path(args.workdir or tempfile.gettempdir()) / "switch-overhead"
+        else:
+            work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="compstore-overhead-",
+                                                                        dir=args.workdir)))
+        store = open_pair(work)
+        stack.callback(store.close)
+        print(f"delta A->B {store.diff('A', 'B').delta_bytes:,} B")
 
         def pool():
             return ResidencyPool("meta", budget_bytes=1 << 62,
@@ -140,7 +163,6 @@ def main() -> None:
         tensors = sum(len(store.tensor_locations(c["component_id"]))
                       for c in store.components_of(store.resolve("A")))
         print(json.dumps({"tensors_in_A": tensors, "figures": figures}, indent=2))
-        store.close()
 
 
 if __name__ == "__main__":

@@ -222,3 +222,26 @@ def test_moving_a_pooled_pipeline_elsewhere_releases_its_tensors(family_store):
     assert pool.idle_bytes == 0
     a.to("meta")
     assert pool.idle_bytes == pool.resident_bytes > 0
+
+
+def test_loads_pause_the_garbage_collector_and_restore_it(family_store, monkeypatch):
+    from compstore.loader import component
+    from compstore.loader.gcpause import gc_paused
+
+    seen = []
+    build = component.build_model
+    monkeypatch.setattr("compstore.loader.pipeline.build_model",
+                        lambda *a, **k: (seen.append(gc.isenabled()), build(*a, **k))[1])
+    load(family_store)
+    assert seen and not any(seen)  # paused while models are built
+    assert gc.isenabled()
+    with pytest.raises(compstore.RefNotFoundError):  # a failed load restores it too
+        load(family_store, "no-such-ref")
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with gc_paused():
+            pass
+        assert not gc.isenabled()  # a caller's own pause is left as it was
+    finally:
+        gc.enable()

@@ -24,6 +24,7 @@ from ..store.components import pick_component
 from ..store.objects import blob_hash
 from ..store.objects import PackFiles
 from . import warm
+from .gcpause import gc_paused
 from .residency import STORE_KEYS, ResidencyPool, record_store_keys, route_moves_through_pool
 from .tensors import TORCH_DTYPES, private_packs, state_dict, stored_tensor
 
@@ -275,6 +276,7 @@ def _bind(model: torch.nn.Module, sd: dict[str, torch.Tensor], cls, name_or_path
                        "%s and are newly initialized: %s", cls.__name__, name_or_path, newly)
 
 
+@gc_paused()
 def load_component(
     name_or_path: str,
     slot: str = "",

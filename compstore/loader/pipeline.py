@@ -33,6 +33,7 @@ from ..store.hub import hub_reachable, is_repo_id
 from ..store.components import pick_component
 from . import warm
 from .component import build_model, is_model_class, resolve_class
+from .gcpause import gc_paused
 from .residency import POOL, ResidencyPool, TransferReport, pool_for, record_report, route_moves_through_pool
 from .tensors import private_packs
 
@@ -86,6 +87,7 @@ class DiffusionPipeline:
     """Loads diffusers pipelines from a compstore store; see `from_pretrained`."""
 
     @classmethod
+    @gc_paused()  # a load is ~500k new objects: collections midway cost more than the load
     def from_pretrained(
         cls,
         pretrained_model_name_or_path: str | os.PathLike,

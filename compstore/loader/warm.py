@@ -30,15 +30,16 @@ pipeline its own.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import enum
 import functools
-import gc
 import types
 from collections import OrderedDict
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
+
+from .gcpause import gc_paused
 
 # Attribute values that are never changed in place: shared by template and clones.
 _IMMUTABLE = (type(None), bool, int, float, complex, str, bytes, type, range, torch.dtype,
@@ -81,7 +82,7 @@ def _how(value) -> int:
 _CONTAINERS = frozenset((dict, OrderedDict, list, set))
 
 
-@dataclass
+@dataclasses.dataclass
 class _Step:
     """How one module of a tree is cloned."""
 
@@ -93,7 +94,7 @@ class _Step:
     deep: tuple[str, ...]  # anything else that may change in place
 
 
-@dataclass
+@dataclasses.dataclass
 class Plan:
     """What `clone_module` does for a tree, computed once (`clone_plan`). Its tensors
     are in the order `clone_module` asks for them, each once (tied ones too)."""
@@ -149,9 +150,13 @@ def clone_module(root: torch.nn.Module,
 def _clone(plan: Plan, data: list[torch.Tensor]) -> tuple[torch.nn.Module, list[torch.Tensor]]:
     """The clone of `plan`'s tree with `data` (in `plan.tensors` order) as its tensors;
     also returns the clone's tensors (parameters wrapped as the originals were)."""
-    collecting = gc.isenabled()
-    gc.disable()  # ~40k new objects: a collection midway costs more than the clone (0.25 s)
-    try:
+    new, made = _clone_all(plan, data)
+    return new[0], made
+
+
+def _clone_all(plan: Plan, data: list[torch.Tensor]) -> tuple[list[torch.nn.Module], list[torch.Tensor]]:
+    """`_clone`, with every new module (in `plan.steps` order) instead of the root."""
+    with gc_paused():  # ~40k new objects: a collection midway costs more than the clone
         made = [torch.nn.Parameter(d, requires_grad=t.requires_grad) if isinstance(t, torch.nn.Parameter)
                 else d for (_, t), d in zip(plan.tensors, data)]
         new = [s.module.__class__.__new__(s.module.__class__) for s in plan.steps]
@@ -170,13 +175,10 @@ def _clone(plan: Plan, data: list[torch.Tensor]) -> tuple[torch.nn.Module, list[
                 for key in s.deep:
                     state[key] = copy.deepcopy(state[key], memo)
             object.__setattr__(m, "__dict__", state)
-    finally:
-        if collecting:
-            gc.enable()
-    return new[0], made
+    return new, made
 
 
-@dataclass
+@dataclasses.dataclass
 class Template:
     """A built component's module tree, tensors on meta, and where each tensor's data
     comes from: a store blob, or (a buffer the model makes itself, e.g. CLIP's
@@ -210,10 +212,14 @@ def remember(key: tuple, model: torch.nn.Module, blobs: dict[str, tuple[str, int
     if any(id(t) not in blob_of for _, t in model.named_parameters()):
         return False
     plan = clone_plan(model)
-    module, _ = _clone(plan, [torch.empty_like(t, device="meta") if id(t) in blob_of else t.detach().clone()
-                              for _, t in plan.tensors])
+    new, made = _clone_all(plan, [torch.empty_like(t, device="meta") if id(t) in blob_of
+                                  else t.detach().clone() for _, t in plan.tensors])
+    # The clone's plan is the model's, with the clone's modules and tensors: its
+    # attributes are the same kinds of values (copies where the model's were copied).
+    own_plan = Plan([dataclasses.replace(s, module=m) for s, m in zip(plan.steps, new)],
+                    [(name, t) for (name, _), t in zip(plan.tensors, made)])
     index = {id(t): i for i, (_, t) in enumerate(plan.tensors)}
-    _TEMPLATES[key] = Template(clone_plan(module), [blob_of.get(id(t)) for _, t in plan.tensors],
+    _TEMPLATES[key] = Template(own_plan, [blob_of.get(id(t)) for _, t in plan.tensors],
                                {name: index[id(t)] for name, t in named if name in blobs})
     _TEMPLATES.move_to_end(key)
     while len(_TEMPLATES) > MAX_TEMPLATES:
