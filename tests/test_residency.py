@@ -231,3 +231,66 @@ def test_a_components_to_goes_through_the_pool(family_store, monkeypatch):
     b.to("meta")  # the pipeline's move: one report, its modules' .to do not route again
     per = {c.component for c in compstore.last_transfer().components}
     assert per >= {"unet", "vae", "text_encoder"}
+
+
+def test_a_device_load_uploads_in_the_background_while_it_builds(family_store):
+    import threading
+
+    from compstore.loader import warm
+
+    warm.clear_caches()  # every model freshly built: each one's upload is prefetched
+    threads = set()
+
+    class ThreadNoting(CountingCopier):
+        def __call__(self, t, device):
+            threads.add(threading.current_thread().name)
+            return super().__call__(t, device)
+
+    copier = ThreadNoting()
+    pool = ResidencyPool("meta", budget_bytes=1 << 40, copier=copier)
+    a = compstore.DiffusionPipeline.from_pretrained("A", store=family_store, pool=pool)
+    report = compstore.last_transfer()
+    assert any(name.startswith("compstore-prefetch") for name in threads)
+    # Each byte uploaded once (prefetched ones are taken by the move, not uploaded again);
+    # all but CLIP's computed position_ids (a private copy) are pool entries.
+    assert report.bytes_uploaded == copier.bytes == pool.resident_bytes + 77 * 8 > 77 * 8
+    assert not pool._prefetched
+    assert a.unet.conv_in.weight.device.type == "meta"
+    warm.clear_caches()
+
+
+def test_a_load_that_fails_after_prefetching_drops_the_uploads(family_store, monkeypatch):
+    from compstore.loader import component, warm
+
+    warm.clear_caches()
+    copier = CountingCopier()
+    pool = ResidencyPool("meta", budget_bytes=1 << 40, copier=copier)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("constructor failed")
+
+    monkeypatch.setattr(component, "_instantiate", broken)  # after the prefetch, before the move
+    with pytest.raises(RuntimeError, match="constructor failed"):
+        compstore.DiffusionPipeline.from_pretrained("A", store=family_store, pool=pool)
+    assert copier.bytes > 0  # the first model's upload had started
+    assert not pool._prefetched and pool.resident_bytes == 0
+    warm.clear_caches()
+
+
+def test_the_same_bytes_in_another_shape_are_served_in_that_shape():
+    """Pool keys are bytes and dtype: a (4, 4) linear weight and a (4, 4, 1, 1) conv
+    with the same values share one device tensor, each module seeing its own shape."""
+    from compstore.loader.residency import STORE_KEYS
+
+    weight = torch.arange(16, dtype=torch.float32)
+    linear, conv = torch.nn.Linear(4, 4, bias=False), torch.nn.Conv2d(4, 4, 1, bias=False)
+    linear.weight.data = weight.view(4, 4).clone()
+    conv.weight.data = weight.view(4, 4, 1, 1).clone()
+    for m in (linear, conv):
+        setattr(m, STORE_KEYS, {"weight": ("same-blob", 64, m.weight._version)})
+    copier = CountingCopier()
+    pool = ResidencyPool("meta", budget_bytes=1 << 40, copier=copier)
+    pool.move(linear)
+    second = pool.move(conv)
+    assert second.bytes_reused == 64 and copier.bytes == 64
+    assert linear.weight.shape == (4, 4) and conv.weight.shape == (4, 4, 1, 1)

@@ -110,6 +110,7 @@ def build_model(
         target = dtype or torch.get_default_dtype()
         keep = cls._keep_in_fp32_modules if target == torch.float16 else None
         sd = state_dict(packs, locations, target, keep)
+        _prefetch(pool, private, locations, sd)
         model = _instantiate(lambda: cls.from_config(config), sd, target)
         _bind(model, sd, cls, name_or_path)
         model.register_to_config(_name_or_path=name_or_path)
@@ -123,6 +124,7 @@ def build_model(
         keep += list(getattr(cls, "_keep_in_fp32_modules_strict", None) or []) if target in (
             torch.float16, torch.bfloat16) else []
         sd = state_dict(packs, locations, target, keep)
+        _prefetch(pool, private, locations, sd)
         model = _instantiate(lambda: cls(config_obj), sd, target)
         _bind(model, sd, cls, name_or_path)
         model.name_or_path = name_or_path
@@ -133,6 +135,13 @@ def build_model(
         warm.remember(key, model, blobs)  # later loads of this component clone it
     route_moves_through_pool(model)  # model.to("cuda") / .cuda() go through it
     return model
+
+
+def _prefetch(pool: ResidencyPool | None, private: bool, locations, sd: dict[str, torch.Tensor]) -> None:
+    """Start uploading the tensors `pool` lacks while the model is being built."""
+    if pool is not None and not private:
+        blobs = {loc.name: (loc.xxh3, loc.size) for loc in locations}
+        pool.prefetch([(blobs[name], t) for name, t in sd.items() if name in blobs])
 
 
 def _from_template(template: warm.Template, store: Store, cid: str, packs: PackFiles,
@@ -153,7 +162,7 @@ def _from_template(template: warm.Template, store: Store, cid: str, packs: PackF
             found = pool.pinned_tensor(blob, t.dtype)
         if found is None:
             missing.append(i)
-        data.append(found)
+        data.append(found if found is None or found.shape == t.shape else found.view(t.shape))
     if missing:
         where = {loc.name: loc for loc in store.tensor_locations(cid)}
         stored = {i: where[name] for name, i in template.names.items() if name in where}  # tied: any name

@@ -18,6 +18,7 @@ How a pipeline is put together:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -155,7 +156,9 @@ class DiffusionPipeline:
         built: dict[str, Any] = {}
         files = None  # the snapshot's (path, file id, sha256, size), read when first needed
         report = TransferReport(str(pool.device)) if pool else None
-        with store.reading():  # gc unlinks no pack while the catalog is being followed
+        with store.reading(), contextlib.ExitStack() as cleanup:  # store.reading: gc unlinks no pack
+            if pool is not None:  # uploads a failed load started are dropped
+                cleanup.callback(pool.drop_prefetched)
             for slot, entry in index.items():
                 if slot.startswith("_") or slot in kwargs or not isinstance(entry, list) or entry[0] is None:
                     continue
