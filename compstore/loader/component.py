@@ -25,7 +25,7 @@ from ..store.objects import blob_hash
 from ..store.objects import PackFiles
 from . import warm
 from .gcpause import gc_paused
-from .residency import STORE_KEYS, ResidencyPool, record_store_keys, route_moves_through_pool
+from .residency import STORE_KEYS, ResidencyPool, as_shape, record_store_keys, route_moves_through_pool
 from .tensors import TORCH_DTYPES, private_packs, state_dict, stored_tensor
 
 logger = logging.getLogger("compstore")
@@ -81,9 +81,11 @@ def build_model(
     `component` is a row of `Store.components_of` (component_id, library, class_name);
     `packs` are the private mappings of this load (made here if not given). The
     first build of a component in this process leaves a template (`warm`); later
-    ones clone it, binding the tensors `pool` holds on its device (the caller then
-    `pool.move`s the model) and store views for the rest. `private=True` builds
-    anew and leaves no template.
+    ones clone it, binding the tensors `pool` holds on its device and store views
+    for the rest. With a pool, a fresh build also starts uploading what the pool
+    lacks (`pool.prefetch`); the caller then `pool.move`s the model, or calls
+    `pool.drop_prefetched()` if it does not. `private=True` builds anew and leaves
+    no template.
     """
     from diffusers import ModelMixin
 
@@ -162,7 +164,7 @@ def _from_template(template: warm.Template, store: Store, cid: str, packs: PackF
             found = pool.pinned_tensor(blob, t.dtype)
         if found is None:
             missing.append(i)
-        data.append(found if found is None or found.shape == t.shape else found.view(t.shape))
+        data.append(None if found is None else as_shape(found, t.shape))
     if missing:
         where = {loc.name: loc for loc in store.tensor_locations(cid)}
         stored = {i: where[name] for name, i in template.names.items() if name in where}  # tied: any name

@@ -6,9 +6,9 @@ oldest generation's walks the whole heap, which in a process holding torch,
 diffusers, transformers and a pipeline is over a million objects. Measured on the
 2-core development VM (the SDXL-shape pair of `benchmarks/switch_overhead.py`, a
 cold load of A, alternating runs, median of 6): 1.74 s with the collector running,
-0.72 s with it paused. Nothing a load makes is garbage until the load returns,
-so pausing frees nothing later than it would have been freed anyway; reference
-counting still frees everything that is not in a cycle.
+0.72 s with it paused. Most of what a load makes is kept (it is the pipeline);
+the few reference cycles it drops wait for the first collection after it returns,
+and reference counting still frees everything that is not in a cycle.
 """
 
 from __future__ import annotations

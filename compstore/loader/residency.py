@@ -261,7 +261,7 @@ class ResidencyPool:
         found = self._prefetched.pop(key, None) if key is not None else None
         if found is None:
             return None
-        return _shaped(found[0].result()[found[1]], like.shape)  # raises the upload's error, if any
+        return as_shape(found[0].result()[found[1]], like.shape)  # raises the upload's error, if any
 
     def _resident_entry(self, key: Key) -> _Entry | None:
         entry = self._resident.get(key)
@@ -358,7 +358,7 @@ class ResidencyPool:
                                            data._version, weakref.WeakSet([module])))
         for tid, uses in places.items():
             old = uses[0][2]
-            data = _shaped(served[same_as.get(tid, tid)], old.shape)
+            data = as_shape(served[same_as.get(tid, tid)], old.shape)
             new = (torch.nn.Parameter(data, requires_grad=old.requires_grad)
                    if isinstance(old, torch.nn.Parameter) else data)
             for owner, attr, _ in uses:
@@ -377,7 +377,7 @@ class ResidencyPool:
         self._evict()
 
 
-def _shaped(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+def as_shape(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     """`t` as `shape`. Pool keys are bytes and dtype, not shape: the same bytes may be
     a (320, 320) linear weight in one model and a (320, 320, 1, 1) 1x1 conv in
     another. A view shares the storage and the version counter."""
