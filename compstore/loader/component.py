@@ -25,7 +25,7 @@ from ..store.objects import blob_hash
 from ..store.objects import PackFiles
 from . import warm
 from .gcpause import gc_paused
-from .residency import STORE_KEYS, ResidencyPool, as_shape, record_store_keys, route_moves_through_pool
+from .residency import STORE_KEYS, ResidencyPool, record_store_keys, route_moves_through_pool
 from .tensors import TORCH_DTYPES, private_packs, state_dict, stored_tensor
 
 logger = logging.getLogger("compstore")
@@ -111,11 +111,7 @@ def build_model(
         # diffusers: weights cast to `dtype`, else to the default dtype (fp32).
         target = dtype or torch.get_default_dtype()
         keep = cls._keep_in_fp32_modules if target == torch.float16 else None
-        sd = state_dict(packs, locations, target, keep)
-        _prefetch(pool, private, locations, sd)
-        model = _instantiate(lambda: cls.from_config(config), sd, target)
-        _bind(model, sd, cls, name_or_path)
-        model.register_to_config(_name_or_path=name_or_path)
+        make = functools.partial(cls.from_config, config)
     else:
         # transformers: dtype=None means "auto", the checkpoint's own dtype.
         target = dtype or _auto_dtype(config, locations)
@@ -125,25 +121,31 @@ def build_model(
         keep = list(getattr(cls, "_keep_in_fp32_modules", None) or []) if target == torch.float16 else []
         keep += list(getattr(cls, "_keep_in_fp32_modules_strict", None) or []) if target in (
             torch.float16, torch.bfloat16) else []
-        sd = state_dict(packs, locations, target, keep)
-        _prefetch(pool, private, locations, sd)
-        model = _instantiate(lambda: cls(config_obj), sd, target)
-        _bind(model, sd, cls, name_or_path)
-        model.name_or_path = name_or_path
+        make = functools.partial(cls, config_obj)
+    sd = state_dict(packs, locations, target, keep)
+    blobs = {loc.name: (loc.xxh3, loc.size) for loc in locations}
+    if pool is not None and not private:  # the upload runs while the constructors do
+        pool.prefetch([(blobs[name], t) for name, t in sd.items() if name in blobs])
+    model = _instantiate(make, sd, target)
+    _bind(model, sd, cls, name_or_path)
+    _name(model, name_or_path)
     model.eval()
     # The blob of each tensor lets the residency pool share it on a device.
-    blobs = record_store_keys(model, {loc.name: (loc.xxh3, loc.size) for loc in locations})
+    blobs = record_store_keys(model, blobs)
     if not private:
         warm.remember(key, model, blobs)  # later loads of this component clone it
     route_moves_through_pool(model)  # model.to("cuda") / .cuda() go through it
     return model
 
 
-def _prefetch(pool: ResidencyPool | None, private: bool, locations, sd: dict[str, torch.Tensor]) -> None:
-    """Start uploading the tensors `pool` lacks while the model is being built."""
-    if pool is not None and not private:
-        blobs = {loc.name: (loc.xxh3, loc.size) for loc in locations}
-        pool.prefetch([(blobs[name], t) for name, t in sd.items() if name in blobs])
+def _name(model: torch.nn.Module, name_or_path: str) -> None:
+    """Record where the model came from, where each library keeps it."""
+    from diffusers import ModelMixin
+
+    if isinstance(model, ModelMixin):
+        model.register_to_config(_name_or_path=name_or_path)
+    else:
+        model.name_or_path = name_or_path
 
 
 def _from_template(template: warm.Template, store: Store, cid: str, packs: PackFiles,
@@ -151,20 +153,18 @@ def _from_template(template: warm.Template, store: Store, cid: str, packs: PackF
     """A clone of `template`: the tensors `pool` holds (resident on its device, or in
     its pinned tier: `pool.move` uploads those), store views (cast to the template's
     dtypes) for the other store tensors, and copies of the template's own buffers."""
-    from diffusers import ModelMixin
-
     data: list[torch.Tensor | None] = []
     missing = []
     for i, ((_, t), blob) in enumerate(zip(template.plan.tensors, template.blobs)):
         if blob is None:
             data.append(t.clone())
             continue
-        found = None if pool is None else pool.resident_tensor(blob, t.dtype)
+        found = None if pool is None else pool.resident_tensor(blob, t.dtype, t.shape)
         if found is None and pool is not None:
-            found = pool.pinned_tensor(blob, t.dtype)
+            found = pool.pinned_tensor(blob, t.dtype, t.shape)
         if found is None:
             missing.append(i)
-        data.append(None if found is None else as_shape(found, t.shape))
+        data.append(found)
     if missing:
         where = {loc.name: loc for loc in store.tensor_locations(cid)}
         stored = {i: where[name] for name, i in template.names.items() if name in where}  # tied: any name
@@ -172,10 +172,7 @@ def _from_template(template: warm.Template, store: Store, cid: str, packs: PackF
             t, dtype = stored_tensor(packs, stored[i]), template.plan.tensors[i][1].dtype
             data[i] = t.to(dtype) if t.is_floating_point() and t.dtype != dtype else t
     model, made = template.clone(data)
-    if isinstance(model, ModelMixin):
-        model.register_to_config(_name_or_path=name_or_path)
-    else:
-        model.name_or_path = name_or_path
+    _name(model, name_or_path)
     setattr(model, STORE_KEYS, {name: (*template.blobs[i], made[i]._version)
                                 for name, i in template.names.items()})
     route_moves_through_pool(model)

@@ -235,21 +235,19 @@ class ResidencyPool:
         SDXL UNet: ~0.1-0.3 s of constructors). The next `move` of a module with
         these tensors takes the uploaded copies instead of uploading again;
         `drop_prefetched` forgets those no move took."""
-        keys, srcs = [], []
+        wanted: dict[Key, torch.Tensor] = {}  # a repeated blob is uploaded once
         for blob, t in tensors:
             key = (*blob, _DTYPE_NAMES[t.dtype], self._device_name)
-            if key in self._prefetched or key in self._pinned or self._resident_entry(key) is not None:
+            if key in wanted or key in self._prefetched or key in self._pinned or \
+                    self._resident_entry(key) is not None:
                 continue
-            self._prefetched[key] = (None, len(keys))  # placeholder: also dedupes repeats
-            keys.append(key)
-            srcs.append(t.detach())
-        if not keys:
+            wanted[key] = t.detach()
+        if not wanted:
             return
         if self._background is None:
             self._background = ThreadPoolExecutor(1, thread_name_prefix="compstore-prefetch")
-        future = self._background.submit(self._upload, srcs)
-        for key in keys:
-            self._prefetched[key] = (future, self._prefetched[key][1])
+        future = self._background.submit(self._upload, list(wanted.values()))
+        self._prefetched.update((key, (future, i)) for i, key in enumerate(wanted))
 
     def drop_prefetched(self) -> None:
         """Forget background uploads no move took (a load that failed midway)."""
@@ -263,6 +261,12 @@ class ResidencyPool:
             return None
         return as_shape(found[0].result()[found[1]], like.shape)  # raises the upload's error, if any
 
+    def _hold(self, key: Key, data: torch.Tensor, user: torch.nn.Module) -> torch.Tensor:
+        """Keep a just-uploaded device tensor resident, used by `user`."""
+        self._keep(key, _Entry(data, data.numel() * data.element_size(), data._version,
+                               weakref.WeakSet([user])))
+        return data
+
     def _resident_entry(self, key: Key) -> _Entry | None:
         entry = self._resident.get(key)
         if entry is not None and entry.tensor._version != entry.version:
@@ -270,20 +274,24 @@ class ResidencyPool:
             return None
         return entry
 
-    def resident_tensor(self, blob: tuple[str, int], dtype: torch.dtype) -> torch.Tensor | None:
-        """The resident device tensor of a store blob as `dtype`, if the pool holds it
-        unchanged (a module built on it must then be `move`d, which marks it used)."""
+    def resident_tensor(self, blob: tuple[str, int], dtype: torch.dtype,
+                        shape: torch.Size) -> torch.Tensor | None:
+        """The resident device tensor of a store blob as `dtype` and `shape`, if the
+        pool holds it unchanged (a module built on it must then be `move`d, which
+        marks it used)."""
         key = (*blob, _DTYPE_NAMES[dtype], self._device_name)
         entry = self._resident_entry(key)
         if entry is None:
             return None
         self._resident.move_to_end(key)
-        return entry.tensor
+        return as_shape(entry.tensor, shape)
 
-    def pinned_tensor(self, blob: tuple[str, int], dtype: torch.dtype) -> torch.Tensor | None:
-        """The pinned-tier host copy of a store blob as `dtype`, if the pool keeps one
-        (`move` uploads it from there)."""
-        return self._pinned.get((*blob, _DTYPE_NAMES[dtype], self._device_name))
+    def pinned_tensor(self, blob: tuple[str, int], dtype: torch.dtype,
+                      shape: torch.Size) -> torch.Tensor | None:
+        """The pinned-tier host copy of a store blob as `dtype` and `shape`, if the
+        pool keeps one (`move` uploads it from there)."""
+        found = self._pinned.get((*blob, _DTYPE_NAMES[dtype], self._device_name))
+        return None if found is None else as_shape(found, shape)
 
     def move(self, module: torch.nn.Module, component: str = "", private: bool = False) -> ComponentTransfer:
         """Move one module to the pool's device; store tensors go through the pool.
@@ -343,8 +351,7 @@ class ResidencyPool:
             else:  # from the store, or not the store's (edited since loading): a private copy
                 early = self._take_prefetched(key, tensor)
                 if early is not None:  # uploaded while the module was being built
-                    served[id(tensor)] = early
-                    self._keep(key, _Entry(early, nbytes, early._version, weakref.WeakSet([module])))
+                    served[id(tensor)] = self._hold(key, early, module)
                 else:
                     uploads["store"].append((id(tensor), key, tensor.detach()))
                 if pooled:
@@ -352,10 +359,7 @@ class ResidencyPool:
                 rep.bytes_from_store += nbytes
         for batch in uploads.values():
             for (tid, key, _), data in zip(batch, self._upload([src for _, _, src in batch])):
-                served[tid] = data
-                if key is not None:
-                    self._keep(key, _Entry(data, data.numel() * data.element_size(),
-                                           data._version, weakref.WeakSet([module])))
+                served[tid] = data if key is None else self._hold(key, data, module)
         for tid, uses in places.items():
             old = uses[0][2]
             data = as_shape(served[same_as.get(tid, tid)], old.shape)
