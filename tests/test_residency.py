@@ -294,3 +294,22 @@ def test_the_same_bytes_in_another_shape_are_served_in_that_shape():
     second = pool.move(conv)
     assert second.bytes_reused == 64 and copier.bytes == 64
     assert linear.weight.shape == (4, 4) and conv.weight.shape == (4, 4, 1, 1)
+
+
+def test_a_module_built_on_served_tensors_gets_them_in_its_own_shape():
+    """`serve` (how a template clone is born on the device) applies the same rule:
+    the resident (4, 4) weight is handed out as a (4, 4, 1, 1) view."""
+    from compstore.loader.residency import STORE_KEYS
+
+    linear = torch.nn.Linear(4, 4, bias=False)
+    setattr(linear, STORE_KEYS, {"weight": ("same-blob", 64, linear.weight._version)})
+    copier = CountingCopier()
+    pool = ResidencyPool("meta", budget_bytes=1 << 40, copier=copier)
+    pool.move(linear)
+
+    def host(indices):
+        raise AssertionError(f"resident tensors were read from the host: {indices}")
+
+    data, placement = pool.serve([("same-blob", 64)], [torch.empty(4, 4, 1, 1, device="meta")], host)
+    assert data[0].shape == (4, 4, 1, 1) and same_storage(data[0], linear.weight)
+    assert placement.transfer.bytes_reused == 64 and copier.bytes == 64

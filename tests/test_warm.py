@@ -18,6 +18,7 @@ from compstore import CompstoreError, ResidencyPool
 from compstore.loader import synthetic, warm
 from compstore.loader.residency import STORE_KEYS
 from conftest import store_state
+from test_residency import CountingCopier
 
 MODELS = ("unet", "vae", "text_encoder")
 
@@ -31,6 +32,11 @@ def cold():
 
 def load(store, ref="A", **kwargs):
     return compstore.DiffusionPipeline.from_pretrained(ref, store=store, **kwargs)
+
+
+def tensors(module):
+    """Every parameter and buffer once (non-persistent buffers too)."""
+    return list(module.parameters()) + list(module.buffers())
 
 
 def image(pipe):
@@ -149,6 +155,26 @@ def test_resident_switch_binds_the_resident_tensors_and_uploads_nothing(family_s
                 assert m in entries[t.data_ptr()].owners, name  # live: never evicted
     assert (image(a) == want).all()
     assert b.vae is not a.vae and b.vae.decoder.conv_out.weight.data_ptr() == a.vae.decoder.conv_out.weight.data_ptr()
+
+
+def test_a_clone_onto_an_empty_pool_uploads_each_store_byte_once(family_store):
+    """A template clone is born on the pool's device: what the pool lacks is read from
+    the store and uploaded in the load, and the pipeline's own move moves nothing."""
+    first = ResidencyPool("cpu", budget_bytes=1 << 40)
+    want = image(load(family_store, "A", pool=first))
+    copier = CountingCopier()
+    pool = ResidencyPool("meta", budget_bytes=1 << 40, copier=copier)
+    a = load(family_store, "A", pool=pool)
+    report = pool.last_report
+    assert warm._TEMPLATES and report.bytes_from_pinned == 0
+    assert report.bytes_from_store == copier.bytes  # reused: identical bytes within a model
+    assert report.bytes_from_store + report.bytes_reused == sum(
+        t.numel() * t.element_size() for slot in MODELS for t in tensors(getattr(a, slot)))
+    for slot in MODELS:
+        assert {t.device.type for t in tensors(getattr(a, slot))} == {"meta"}
+    again = compstore.to_device(a, "meta", pool=pool)
+    assert again.bytes_uploaded == 0 and copier.bytes == report.bytes_from_store
+    assert (image(load(family_store, "A", pool=first)) == want).all()
 
 
 def test_pinned_tier_feeds_a_clone(family_store):

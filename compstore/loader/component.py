@@ -150,28 +150,32 @@ def _name(model: torch.nn.Module, name_or_path: str) -> None:
 
 def _from_template(template: warm.Template, store: Store, cid: str, packs: PackFiles,
                    pool: ResidencyPool | None, name_or_path: str) -> torch.nn.Module:
-    """A clone of `template`: the tensors `pool` holds (resident on its device, or in
-    its pinned tier: `pool.move` uploads those), store views (cast to the template's
-    dtypes) for the other store tensors, and copies of the template's own buffers."""
-    data: list[torch.Tensor | None] = []
-    missing = []
-    for i, ((_, t), blob) in enumerate(zip(template.plan.tensors, template.blobs)):
-        if blob is None:
-            data.append(t.clone())
-            continue
-        found = None if pool is None else pool.resident_tensor(blob, t.dtype, t.shape)
-        if found is None and pool is not None:
-            found = pool.pinned_tensor(blob, t.dtype, t.shape)
-        if found is None:
-            missing.append(i)
-        data.append(found)
-    if missing:
-        where = {loc.name: loc for loc in store.tensor_locations(cid)}
-        stored = {i: where[name] for name, i in template.names.items() if name in where}  # tied: any name
-        for i in missing:
-            t, dtype = stored_tensor(packs, stored[i]), template.plan.tensors[i][1].dtype
-            data[i] = t.to(dtype) if t.is_floating_point() and t.dtype != dtype else t
-    model, made = template.clone(data)
+    """A clone of `template` bound to store views (cast to the template's dtypes) and
+    copies of the template's own buffers; with a pool, a clone born on its device
+    (`pool.serve`): resident tensors are reused and only the rest uploaded."""
+    likes = [t for _, t in template.plan.tensors]
+
+    def host(indices: list[int]) -> list[torch.Tensor]:
+        stored = {}
+        if any(template.blobs[i] is not None for i in indices):
+            where = {loc.name: loc for loc in store.tensor_locations(cid)}
+            stored = {i: where[name] for name, i in template.names.items() if name in where}  # tied: any name
+        out = []
+        for i in indices:
+            like = likes[i]
+            if template.blobs[i] is None:
+                out.append(like.clone())
+                continue
+            t = stored_tensor(packs, stored[i])
+            out.append(t.to(like.dtype) if t.is_floating_point() and t.dtype != like.dtype else t)
+        return out
+
+    if pool is None:
+        model, made = template.clone(host(list(range(len(likes)))))
+    else:
+        data, placement = pool.serve(template.blobs, likes, host)
+        model, made = template.clone(data)
+        pool.claim(model, placement)
     _name(model, name_or_path)
     setattr(model, STORE_KEYS, {name: (*template.blobs[i], made[i]._version)
                                 for name, i in template.names.items()})

@@ -45,6 +45,7 @@ STORE_KEYS = "_compstore_keys"  # module attribute: tensor name -> (xxh3, size, 
 
 
 POOL = "_compstore_pool"  # pipeline/module attribute: the pool it was loaded through
+_PLACED = "_compstore_placed"  # module attribute until its first move: (pool, transfer) of `serve`
 
 
 def record_store_keys(model: torch.nn.Module, blobs: dict[str, tuple[str, int]]) -> dict[str, tuple[str, int]]:
@@ -109,6 +110,15 @@ class TransferReport:
         d.update(bytes_reused=self.bytes_reused, bytes_from_pinned=self.bytes_from_pinned,
                  bytes_from_store=self.bytes_from_store, bytes_uploaded=self.bytes_uploaded)
         return d
+
+
+@dataclass
+class Placement:
+    """What `ResidencyPool.serve` handed out: the pool key of each tensor (None: a
+    private copy) and the transfer it took."""
+
+    keys: list[Key | None]
+    transfer: ComponentTransfer
 
 
 @dataclass
@@ -261,10 +271,11 @@ class ResidencyPool:
             return None
         return as_shape(found[0].result()[found[1]], like.shape)  # raises the upload's error, if any
 
-    def _hold(self, key: Key, data: torch.Tensor, user: torch.nn.Module) -> torch.Tensor:
-        """Keep a just-uploaded device tensor resident, used by `user`."""
+    def _hold(self, key: Key, data: torch.Tensor, user: torch.nn.Module | None) -> torch.Tensor:
+        """Keep a just-uploaded device tensor resident, used by `user` (None: by the
+        module `claim` names once it is built)."""
         self._keep(key, _Entry(data, data.numel() * data.element_size(), data._version,
-                               weakref.WeakSet([user])))
+                               weakref.WeakSet([user] if user is not None else [])))
         return data
 
     def _resident_entry(self, key: Key) -> _Entry | None:
@@ -274,95 +285,130 @@ class ResidencyPool:
             return None
         return entry
 
-    def resident_tensor(self, blob: tuple[str, int], dtype: torch.dtype,
-                        shape: torch.Size) -> torch.Tensor | None:
-        """The resident device tensor of a store blob as `dtype` and `shape`, if the
-        pool holds it unchanged (a module built on it must then be `move`d, which
-        marks it used)."""
-        key = (*blob, _DTYPE_NAMES[dtype], self._device_name)
-        entry = self._resident_entry(key)
-        if entry is None:
-            return None
-        self._resident.move_to_end(key)
-        return as_shape(entry.tensor, shape)
+    def _serve(self, keys: list[Key | None], likes: list[torch.Tensor],
+               host: Callable[[list[int]], list[torch.Tensor]], rep: ComponentTransfer,
+               user: torch.nn.Module | None) -> list[torch.Tensor]:
+        """Device tensors for `keys` (None: not the store's, a private copy), each in
+        the dtype and shape of its `likes` entry: resident ones are reused, the rest
+        uploaded, each key once, in two batches (pinned tier, then host memory:
+        see `upload.Uploader`). `host(indices)` gives the host tensors of those
+        indices that are neither resident nor pinned (store views, say)."""
+        served: list[torch.Tensor | None] = [None] * len(keys)
+        same_as: dict[int, int] = {}  # identical bytes twice: share one upload
+        pending: dict[Key, int] = {}  # keys uploading in this batch -> index
+        pinned: list[tuple[int, Key]] = []
+        from_host: list[int] = []
+        for i, (key, like) in enumerate(zip(keys, likes)):
+            nbytes = like.numel() * like.element_size()
+            entry = self._resident_entry(key) if key is not None else None
+            if entry is not None:
+                self._resident.move_to_end(key)
+                if user is not None:
+                    entry.owners.add(user)
+                served[i] = entry.tensor
+                rep.bytes_reused += nbytes
+            elif key is not None and key in pending:
+                same_as[i] = pending[key]
+                rep.bytes_reused += nbytes
+            elif key is not None and key in self._pinned:
+                pinned.append((i, key))
+                pending[key] = i
+                rep.bytes_from_pinned += nbytes
+            else:  # from the store, or not the store's (edited since loading): a private copy
+                early = self._take_prefetched(key, like)
+                if early is not None:  # uploaded while the module was being built
+                    served[i] = self._hold(key, early, user)
+                    rep.bytes_from_store += nbytes
+                else:
+                    from_host.append(i)
+                if key is not None:
+                    pending[key] = i
+        uploads = []
+        for i, src in zip(from_host, host(from_host) if from_host else []):
+            if keys[i] is None and src.device == self.device:
+                served[i] = src  # a private tensor already there (a CPU target's own buffers)
+                continue
+            uploads.append((i, keys[i], src))
+            rep.bytes_from_store += src.numel() * src.element_size()
+        for batch in ([(i, key, self._pinned.pop(key)) for i, key in pinned], uploads):
+            for (i, key, _), data in zip(batch, self._upload([src for _, _, src in batch])):
+                served[i] = data if key is None else self._hold(key, data, user)
+        return [as_shape(served[same_as.get(i, i)], like.shape) for i, like in enumerate(likes)]
 
-    def pinned_tensor(self, blob: tuple[str, int], dtype: torch.dtype,
-                      shape: torch.Size) -> torch.Tensor | None:
-        """The pinned-tier host copy of a store blob as `dtype` and `shape`, if the
-        pool keeps one (`move` uploads it from there)."""
-        found = self._pinned.get((*blob, _DTYPE_NAMES[dtype], self._device_name))
-        return None if found is None else as_shape(found, shape)
+    def serve(self, blobs: list[tuple[str, int] | None], likes: list[torch.Tensor],
+              host: Callable[[list[int]], list[torch.Tensor]]) -> tuple[list[torch.Tensor], "Placement"]:
+        """Device tensors for a module about to be built on this device, as `move`
+        would leave them: per tensor its store blob (None: not the store's), a
+        tensor of its dtype and shape (meta will do), and `host(indices)` for the
+        host tensors of those the pool can serve neither resident nor pinned.
+        Build the module on the returned tensors, then `claim` it.
+
+        A template clone is built this way (`component._from_template`): no host
+        module is walked and moved afterwards, the clone is born on the device."""
+        t0 = time.perf_counter()
+        rep = ComponentTransfer("", tensors=len(blobs))
+        keys = [None if blob is None else (*blob, _DTYPE_NAMES[like.dtype], self._device_name)
+                for blob, like in zip(blobs, likes)]
+        data = self._serve(keys, likes, host, rep, None)
+        rep.seconds = round(time.perf_counter() - t0, 6)
+        return data, Placement(keys, rep)
+
+    def claim(self, module: torch.nn.Module, placement: "Placement") -> None:
+        """`module` was built on `serve`d tensors: it uses them (they are never
+        evicted while it lives), and its next `move` here has nothing to do."""
+        for key in placement.keys:
+            entry = self._resident.get(key) if key is not None else None
+            if entry is not None:
+                entry.owners.add(module)
+        module.__dict__[_PLACED] = (self, placement.transfer)
 
     def move(self, module: torch.nn.Module, component: str = "", private: bool = False) -> ComponentTransfer:
         """Move one module to the pool's device; store tensors go through the pool.
 
-        Three steps: decide for every tensor (already there, resident, from the
-        pinned tier, from the store, private copy), upload everything that moves in
-        two batches (pinned tier, then store: see `upload.Uploader`), then point the
-        module at the device tensors.
+        Three steps: find every distinct tensor (a walk of the module tree) and
+        keep those already where they belong, get device tensors for the others
+        (`_serve`: resident, or uploaded from the pinned tier or the store; private
+        copies for tensors not the store's), then point the module at them.
         """
+        placed = module.__dict__.pop(_PLACED, None)
+        if placed is not None and placed[0] is self and not private:  # built here by `serve`
+            placed[1].component = component
+            return placed[1]
         t0 = time.perf_counter()
         rep = ComponentTransfer(component)
         device = self._device_name
         keys = getattr(module, STORE_KEYS, {})
         places: dict[int, list[tuple[torch.nn.Module, str, torch.Tensor]]] = {}  # id -> uses
-        served: dict[int, torch.Tensor] = {}  # id of the old tensor -> device tensor
-        same_as: dict[int, int] = {}  # identical bytes twice in this module: share one upload
-        uploads: dict[str, list] = {"pinned": [], "store": []}  # [(tensor id, key|None, source)]
-        pending: dict[Key, int] = {}  # keys uploading in this batch -> tensor id
+        wanted: list[Key | None] = []  # per entry of `places`: its pool key (None: private)
+        sources: list[torch.Tensor] = []
         staying: set[int] = set()  # ids of tensors already where they belong
         for owner_name, owner, attr, tensor in _tensors(module):
-            full_name = f"{owner_name}.{attr}" if owner_name else attr
             rep.tensors += 1
             if id(tensor) in places:  # tied: one move, every use points at it
                 places[id(tensor)].append((owner, attr, tensor))
                 continue
             if id(tensor) in staying:
                 continue
-            key_info = keys.get(full_name)
+            key_info = keys.get(f"{owner_name}.{attr}" if owner_name else attr)
             pooled = key_info is not None and tensor._version == key_info[2] and not private
             key = (key_info[0], key_info[1], _DTYPE_NAMES[tensor.dtype], device) if pooled else None
-            nbytes = tensor.numel() * tensor.element_size()
             if tensor.device == self.device:
                 staying.add(id(tensor))
                 held = self._resident_entry(key) if pooled else None
                 if held is not None and held.tensor.data_ptr() == tensor.data_ptr():
                     held.owners.add(module)  # bound to the resident tensor already
                     self._resident.move_to_end(key)
-                    rep.bytes_reused += nbytes
+                    rep.bytes_reused += tensor.numel() * tensor.element_size()
                     continue
                 if not (pooled and self.device.type == "cpu"):
                     continue  # already there (a CPU target pools store views into its own memory)
                 staying.discard(id(tensor))
             places[id(tensor)] = [(owner, attr, tensor)]
-            entry = self._resident_entry(key) if pooled else None
-            if entry is not None:
-                self._resident.move_to_end(key)
-                entry.owners.add(module)
-                served[id(tensor)] = entry.tensor
-                rep.bytes_reused += nbytes
-            elif pooled and key in pending:
-                same_as[id(tensor)] = pending[key]
-                rep.bytes_reused += nbytes
-            elif pooled and key in self._pinned:
-                uploads["pinned"].append((id(tensor), key, self._pinned.pop(key)))
-                pending[key] = id(tensor)
-                rep.bytes_from_pinned += nbytes
-            else:  # from the store, or not the store's (edited since loading): a private copy
-                early = self._take_prefetched(key, tensor)
-                if early is not None:  # uploaded while the module was being built
-                    served[id(tensor)] = self._hold(key, early, module)
-                else:
-                    uploads["store"].append((id(tensor), key, tensor.detach()))
-                if pooled:
-                    pending[key] = id(tensor)
-                rep.bytes_from_store += nbytes
-        for batch in uploads.values():
-            for (tid, key, _), data in zip(batch, self._upload([src for _, _, src in batch])):
-                served[tid] = data if key is None else self._hold(key, data, module)
-        for tid, uses in places.items():
+            wanted.append(key)
+            sources.append(tensor.detach())
+        served = self._serve(wanted, sources, lambda indices: [sources[i] for i in indices], rep, module)
+        for uses, data in zip(places.values(), served):
             old = uses[0][2]
-            data = as_shape(served[same_as.get(tid, tid)], old.shape)
             new = (torch.nn.Parameter(data, requires_grad=old.requires_grad)
                    if isinstance(old, torch.nn.Parameter) else data)
             for owner, attr, _ in uses:
