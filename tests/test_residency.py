@@ -277,6 +277,37 @@ def test_a_load_that_fails_after_prefetching_drops_the_uploads(family_store, mon
     warm.clear_caches()
 
 
+def test_tokenizers_load_while_the_models_upload_and_a_failure_drops_the_uploads(family_store, monkeypatch):
+    """Models are built first (each starting its upload), tokenizers and schedulers
+    load next, and only then do the moves take the uploads: the uploads run on
+    behind that Python work. A small part that fails still leaves the pool empty."""
+    from compstore.loader import pipeline, warm
+
+    warm.clear_caches()
+    pool = ResidencyPool("meta", budget_bytes=1 << 40, copier=CountingCopier())
+    under_way = []
+    real = pipeline.small_part
+
+    def noting(*args):
+        under_way.append(len(pool._prefetched))
+        return real(*args)
+
+    monkeypatch.setattr(pipeline, "small_part", noting)
+    compstore.DiffusionPipeline.from_pretrained("A", store=family_store, pool=pool)
+    assert under_way and min(under_way) > 0 and not pool._prefetched
+
+    def broken(*args):
+        raise RuntimeError("tokenizer failed")
+
+    warm.clear_caches()
+    pool = ResidencyPool("meta", budget_bytes=1 << 40, copier=CountingCopier())
+    monkeypatch.setattr(pipeline, "small_part", broken)
+    with pytest.raises(RuntimeError, match="tokenizer failed"):
+        compstore.DiffusionPipeline.from_pretrained("A", store=family_store, pool=pool)
+    assert pool.copier.bytes > 0 and not pool._prefetched and pool.resident_bytes == 0
+    warm.clear_caches()
+
+
 def test_the_same_bytes_in_another_shape_are_served_in_that_shape():
     """Pool keys are bytes and dtype: a (4, 4) linear weight and a (4, 4, 1, 1) conv
     with the same values share one device tensor, each module seeing its own shape."""

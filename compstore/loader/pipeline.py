@@ -159,23 +159,24 @@ class DiffusionPipeline:
         with store.reading(), contextlib.ExitStack() as cleanup:  # store.reading: gc unlinks no pack
             if pool is not None:  # uploads a failed load started are dropped
                 cleanup.callback(pool.drop_prefetched)
-            for slot, entry in index.items():
-                if slot.startswith("_") or slot in kwargs or not isinstance(entry, list) or entry[0] is None:
-                    continue
-                cls = resolve_class(*entry[:2])
-                if not is_model_class(cls):  # tokenizers, schedulers, processors
+            slots = {slot: resolve_class(*entry[:2]) for slot, entry in index.items()
+                     if not (slot.startswith("_") or slot in kwargs or not isinstance(entry, list)
+                             or entry[0] is None)}
+            models = [slot for slot, cls in slots.items() if is_model_class(cls)]
+            for slot in models:  # with a pool, each fresh build starts its upload (prefetch) ...
+                built[slot] = build_model(
+                    store, pick_component(rows, slot, variant), dtype=per_slot(dtype, slot),
+                    name_or_path=f"{label}/{slot}", packs=packs, verify=verify, pool=pool,
+                    private=private)
+            for slot, cls in slots.items():  # ... which runs on while tokenizers, schedulers load
+                if slot not in models:
                     files = files if files is not None else store.snapshot_files(snapshot_id)
                     part = small_part(files, skeleton, slot, cls, private)
                     if part is not None:
                         built[slot] = part
-                    continue
-                built[slot] = model = build_model(
-                    store, pick_component(rows, slot, variant), dtype=per_slot(dtype, slot),
-                    name_or_path=f"{label}/{slot}", packs=packs, verify=verify, pool=pool,
-                    private=private)
-                if pool is not None:  # onto the device now: resident tensors are reused
-                    report.components.append(pool.move(model, slot, private=private))
-                    setattr(model, POOL, pool)
+            for slot in models if pool is not None else ():  # resident and uploaded tensors bound
+                report.components.append(pool.move(built[slot], slot, private=private))
+                setattr(built[slot], POOL, pool)
 
         pipe = pipeline_cls.from_pretrained(skeleton, **built, **kwargs)
         pipe.register_to_config(_name_or_path=label)

@@ -331,6 +331,8 @@ class ResidencyPool:
             uploads.append((i, keys[i], src))
             rep.bytes_from_store += src.numel() * src.element_size()
         for batch in ([(i, key, self._pinned.pop(key)) for i, key in pinned], uploads):
+            if not batch:  # nothing to wait for: a background upload may hold the uploader
+                continue
             for (i, key, _), data in zip(batch, self._upload([src for _, _, src in batch])):
                 served[i] = data if key is None else self._hold(key, data, user)
         return [as_shape(served[same_as.get(i, i)], like.shape) for i, like in enumerate(likes)]
