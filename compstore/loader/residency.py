@@ -7,7 +7,10 @@ Tensors of a module the user dropped stay resident within a byte budget (LRU,
 never evicting a tensor a live module uses), so A -> B -> A moves nearly nothing;
 with a pinned tier, evicted tensors wait in (pinned) host memory for a fast
 re-upload. Every move returns a `TransferReport`: per component, bytes reused,
-bytes uploaded from the pinned tier and from the store, seconds.
+bytes uploaded from the pinned tier and from the store, seconds. A module can
+also be built on the device in the first place: `serve` hands out the device
+tensors for a list of blobs and `claim` marks the module built on them as their
+user (how template clones are made, `component._from_template`).
 
 Safety: a tensor whose contents changed in place (its version counter moved, e.g.
 `fuse_lora`) is never served again as the store's tensor: on the host side it is

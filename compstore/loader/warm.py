@@ -7,9 +7,9 @@ for the SDXL UNet's 1,930 modules even with empty (meta) weights, as long as
 uploading a few GB. The first build of a component in a process leaves a
 *template*: its module tree with meta tensors, which nobody else ever holds.
 Later builds of the same component (same stored config and tensors, same dtype)
-clone the template and bind tensors to the clone — resident device tensors when
-the residency pool has them, store views otherwise — in about a tenth of the
-time (the four SDXL-shape models on the 2-core VM: 16 ms against 0.14 s;
+clone the template and bind tensors to the clone — with a residency pool, device
+tensors (`ResidencyPool.serve`: resident ones reused, the rest uploaded first);
+without one, store views — in about a tenth of the time (the four SDXL-shape models on the 2-core VM: 16 ms against 0.14 s;
 `clone_module` with a plan computed once per template).
 
 A clone is a fresh model, as a rebuild would be: every module object, attribute
