@@ -236,3 +236,19 @@ def test_a_catalog_of_a_newer_schema_is_refused(store, family):
     with pytest.raises(CompstoreError, match="schema version 99 is not supported.*upgrade compstore"):
         Store(store.home)
     assert store_state(store.home) == before
+
+
+@pytest.mark.parametrize("name", ["NoSuchPipeline", None, "AutoencoderKL"])
+def test_a_pipeline_class_diffusers_lacks_is_a_clear_error(name, store, pipeline_copy):
+    import compstore
+    from compstore import CompstoreError
+
+    folder = pipeline_copy("A")
+    index = json.loads((folder / "model_index.json").read_text())
+    index["_class_name"] = name
+    (folder / "model_index.json").write_text(json.dumps(index))
+    store.ingest(folder, "odd")
+    before = store_state(store.home)
+    with pytest.raises(CompstoreError, match=f"pipeline class {name!r}, which diffusers .* does not have"):
+        compstore.DiffusionPipeline.from_pretrained("odd", store=store)
+    assert store_state(store.home) == before

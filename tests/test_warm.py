@@ -252,7 +252,7 @@ def test_moving_a_pooled_pipeline_elsewhere_releases_its_tensors(family_store):
 
 def test_loads_pause_the_garbage_collector_and_restore_it(family_store, monkeypatch):
     from compstore.loader import component
-    from compstore.loader.gcpause import gc_paused
+    from compstore.loader.loading import gc_paused
 
     seen = []
     build = component.build_model

@@ -24,7 +24,7 @@ from ..store.components import pick_component
 from ..store.objects import blob_hash
 from ..store.objects import PackFiles
 from . import warm
-from .gcpause import gc_paused
+from .loading import exclusive_load
 from .residency import STORE_KEYS, ResidencyPool, record_store_keys, route_moves_through_pool
 from .tensors import TORCH_DTYPES, private_packs, state_dict, stored_tensor
 
@@ -126,7 +126,7 @@ def build_model(
     blobs = {loc.name: (loc.xxh3, loc.size) for loc in locations}
     if pool is not None and not private:  # the upload runs while the constructors do
         pool.prefetch([(blobs[name], t) for name, t in sd.items() if name in blobs])
-    model = _instantiate(make, sd, target)
+    model = _instantiate(make, sd, target)  # patches process-wide state: see loading.py
     _bind(model, sd, cls, name_or_path)
     _name(model, name_or_path)
     model.eval()
@@ -288,7 +288,7 @@ def _bind(model: torch.nn.Module, sd: dict[str, torch.Tensor], cls, name_or_path
                        "%s and are newly initialized: %s", cls.__name__, name_or_path, newly)
 
 
-@gc_paused()
+@exclusive_load()
 def load_component(
     name_or_path: str,
     slot: str = "",

@@ -21,7 +21,7 @@ from ..store import Store
 from ..store.components import pick_component
 from ..store.modular import pins_of
 from .component import build_model, is_model_class
-from .gcpause import gc_paused
+from .loading import exclusive_load
 from .pipeline import _skeleton_file, open_store, per_slot, resolve_snapshot
 from .tensors import private_packs
 
@@ -69,7 +69,7 @@ class ModularPipeline:
 
 
 def _store_load_components(store: Store, snapshot_id: str, label: str):
-    @gc_paused()
+    @exclusive_load()
     def load_components(self, names: list[str] | str | None = None, workflow: str | None = None,
                         **kwargs: Any) -> None:
         """Load components as diffusers' `load_components` does, models from the store."""

@@ -34,7 +34,7 @@ from ..store.hub import hub_reachable, is_repo_id
 from ..store.components import pick_component
 from . import warm
 from .component import build_model, is_model_class, resolve_class
-from .gcpause import gc_paused
+from .loading import exclusive_load
 from .residency import POOL, ResidencyPool, TransferReport, pool_for, record_report, route_moves_through_pool
 from .tensors import private_packs
 
@@ -88,7 +88,7 @@ class DiffusionPipeline:
     """Loads diffusers pipelines from a compstore store; see `from_pretrained`."""
 
     @classmethod
-    @gc_paused()  # a load is ~500k new objects: collections midway cost more than the load
+    @exclusive_load()  # one load at a time per process, the collector paused (loading.py)
     def from_pretrained(
         cls,
         pretrained_model_name_or_path: str | os.PathLike,
@@ -148,7 +148,12 @@ class DiffusionPipeline:
                     if store.read_file(snapshot_id, "modular_model_index.json") else "")
             raise CompstoreError(f"{label} has no model_index.json{hint}")
         index = json.loads(raw_index)
-        pipeline_cls = getattr(diffusers, index["_class_name"])
+        pipeline_cls = getattr(diffusers, str(index.get("_class_name")), None)
+        if not (isinstance(pipeline_cls, type) and issubclass(pipeline_cls, diffusers.DiffusionPipeline)):
+            raise CompstoreError(
+                f"{label}: model_index.json names the pipeline class {index.get('_class_name')!r}, "
+                f"which diffusers {diffusers.__version__} does not have; upgrade diffusers, or "
+                "fix _class_name in the pipeline's model_index.json and ingest it again")
 
         rows = store.components_of(snapshot_id)
         packs = private_packs(store)  # one set of copy-on-write mappings for this pipeline

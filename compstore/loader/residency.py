@@ -27,6 +27,7 @@ views (mmap'd packs) are copied into it, so CPU runs exercise the same path.
 from __future__ import annotations
 
 import contextvars
+import functools
 import gc
 import os
 import threading
@@ -115,6 +116,16 @@ class TransferReport:
         return d
 
 
+def _locked(method):
+    """Run a pool method under the pool's lock: loads and `pipe.to(...)` calls in
+    other threads change the same entries."""
+    @functools.wraps(method)
+    def locked(self, *args, **kwargs):
+        with self._lock:
+            return method(self, *args, **kwargs)
+    return locked
+
+
 @dataclass
 class Placement:
     """What `ResidencyPool.serve` handed out: the pool key of each tensor (None: a
@@ -178,6 +189,7 @@ class ResidencyPool:
         self._prefetched: dict[Key, tuple[Future, int]] = {}  # uploading in the background
         self._upload_lock = threading.Lock()  # one batch at a time through the uploader
         self._background: ThreadPoolExecutor | None = None
+        self._lock = threading.RLock()  # entries change under loads and moves of any thread
         self.last_report: TransferReport | None = None
 
     # -- bookkeeping -------------------------------------------------------------
@@ -241,6 +253,7 @@ class ResidencyPool:
                 self._uploader = Uploader(self.device)
             return self._uploader.upload(srcs)
 
+    @_locked
     def prefetch(self, tensors: list[tuple[tuple[str, int], torch.Tensor]]) -> None:
         """Start uploading, in a background thread, the store tensors `(blob, host
         tensor)` that the pool holds neither resident nor pinned, so that the upload
@@ -262,6 +275,7 @@ class ResidencyPool:
         future = self._background.submit(self._upload, list(wanted.values()))
         self._prefetched.update((key, (future, i)) for i, key in enumerate(wanted))
 
+    @_locked
     def drop_prefetched(self) -> None:
         """Forget background uploads no move took (a load that failed midway)."""
         for future, _ in self._prefetched.values():
@@ -340,6 +354,7 @@ class ResidencyPool:
                 served[i] = data if key is None else self._hold(key, data, user)
         return [as_shape(served[same_as.get(i, i)], like.shape) for i, like in enumerate(likes)]
 
+    @_locked
     def serve(self, blobs: list[tuple[str, int] | None], likes: list[torch.Tensor],
               host: Callable[[list[int]], list[torch.Tensor]]) -> tuple[list[torch.Tensor], "Placement"]:
         """Device tensors for a module about to be built on this device, as `move`
@@ -358,6 +373,7 @@ class ResidencyPool:
         rep.seconds = round(time.perf_counter() - t0, 6)
         return data, Placement(keys, rep)
 
+    @_locked
     def claim(self, module: torch.nn.Module, placement: "Placement") -> None:
         """`module` was built on `serve`d tensors: it uses them (they are never
         evicted while it lives), and its next `move` here has nothing to do."""
@@ -367,6 +383,7 @@ class ResidencyPool:
                 entry.owners.add(module)
         module.__dict__[_PLACED] = (self, placement.transfer)
 
+    @_locked
     def move(self, module: torch.nn.Module, component: str = "", private: bool = False) -> ComponentTransfer:
         """Move one module to the pool's device; store tensors go through the pool.
 
@@ -425,6 +442,7 @@ class ResidencyPool:
         rep.seconds = round(time.perf_counter() - t0, 6)
         return rep
 
+    @_locked
     def release(self, module: torch.nn.Module) -> None:
         """Forget that `module` uses pool tensors (it is being moved elsewhere)."""
         for entry in self._resident.values():
@@ -452,12 +470,16 @@ def _tensors(module: torch.nn.Module):
 _POOLS: dict[str, ResidencyPool] = {}
 
 
+_POOLS_LOCK = threading.Lock()
+
+
 def pool_for(device: str | torch.device) -> ResidencyPool:
     """The process-wide pool of a device (made on first use, with default budgets)."""
     key = str(torch.device(device))
-    if key not in _POOLS:
-        _POOLS[key] = ResidencyPool(device)
-    return _POOLS[key]
+    with _POOLS_LOCK:  # two threads asking at once get one pool
+        if key not in _POOLS:
+            _POOLS[key] = ResidencyPool(device)
+        return _POOLS[key]
 
 
 _LAST: list[TransferReport] = []

@@ -40,7 +40,7 @@ from typing import Callable
 
 import torch
 
-from .gcpause import gc_paused
+from .loading import exclusive_load, gc_paused
 
 # Attribute values that are never changed in place: shared by template and clones.
 _IMMUTABLE = (type(None), bool, int, float, complex, str, bytes, type, range, torch.dtype,
@@ -264,5 +264,6 @@ def clear_caches() -> None:
 
     >>> compstore.loader.clear_caches()  # doctest: +SKIP
     """
-    _TEMPLATES.clear()
-    _PARTS.clear()
+    with exclusive_load():  # not under a load in another thread
+        _TEMPLATES.clear()
+        _PARTS.clear()
