@@ -398,3 +398,28 @@ def test_loads_from_several_threads_share_one_pool_safely(family_store):
     assert pool.resident_bytes == sum(e.nbytes for e in pool._resident.values())
     assert not pool._prefetched
     warm.clear_caches()
+
+
+def test_served_tensors_are_not_evicted_before_their_module_claims_them():
+    """Between `serve` and `claim` (the clone is being built) another thread's move
+    may evict: the placement itself uses the served tensors until then."""
+    from compstore.loader.residency import STORE_KEYS
+
+    pool = ResidencyPool("meta", budget_bytes=0, copier=CountingCopier())
+    blobs = [("blob-a", 64), ("blob-b", 64)]
+    likes = [torch.empty(4, 4, device="meta"), torch.empty(16, device="meta")]
+    data, placement = pool.serve(blobs, likes, lambda indices: [torch.ones(4, 4), torch.ones(16)])
+    other = torch.nn.Linear(2, 2, bias=False)
+    setattr(other, STORE_KEYS, {"weight": ("blob-c", 16, other.weight._version)})
+    pool.move(other)  # evicts every idle tensor (budget 0)
+    assert pool.resident_bytes == 64 + 64 + 16
+    module = torch.nn.Module()
+    module.a, module.b = torch.nn.Parameter(data[0]), torch.nn.Parameter(data[1])
+    pool.claim(module, placement)
+    del placement
+    pool.move(other)
+    assert pool.resident_bytes == 64 + 64 + 16  # the module uses them now
+    del module
+    gc.collect()
+    pool.release(other)  # evicts again: nothing uses blob-a, blob-b or blob-c any more
+    assert pool.resident_bytes == 0

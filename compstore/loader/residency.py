@@ -126,10 +126,11 @@ def _locked(method):
     return locked
 
 
-@dataclass
+@dataclass(eq=False)  # compared and hashed by identity: it is an owner in `_Entry.owners`
 class Placement:
     """What `ResidencyPool.serve` handed out: the pool key of each tensor (None: a
-    private copy) and the transfer it took."""
+    private copy) and the transfer it took. Until `claim`, the placement itself
+    uses the entries, so that no eviction in between takes them."""
 
     keys: list[Key | None]
     transfer: ComponentTransfer
@@ -288,11 +289,11 @@ class ResidencyPool:
             return None
         return as_shape(found[0].result()[found[1]], like.shape)  # raises the upload's error, if any
 
-    def _hold(self, key: Key, data: torch.Tensor, user: torch.nn.Module | None) -> torch.Tensor:
-        """Keep a just-uploaded device tensor resident, used by `user` (None: by the
-        module `claim` names once it is built)."""
+    def _hold(self, key: Key, data: torch.Tensor, user) -> torch.Tensor:
+        """Keep a just-uploaded device tensor resident, used by `user` (a module, or
+        a `Placement` until its module is built)."""
         self._keep(key, _Entry(data, data.numel() * data.element_size(), data._version,
-                               weakref.WeakSet([user] if user is not None else [])))
+                               weakref.WeakSet([user])))
         return data
 
     def _resident_entry(self, key: Key) -> _Entry | None:
@@ -304,12 +305,13 @@ class ResidencyPool:
 
     def _serve(self, keys: list[Key | None], likes: list[torch.Tensor],
                host: Callable[[list[int]], list[torch.Tensor]], rep: ComponentTransfer,
-               user: torch.nn.Module | None) -> list[torch.Tensor]:
+               user) -> list[torch.Tensor]:
         """Device tensors for `keys` (None: not the store's, a private copy), each in
         the dtype and shape of its `likes` entry: resident ones are reused, the rest
         uploaded, each key once, in two batches (pinned tier, then host memory:
         see `upload.Uploader`). `host(indices)` gives the host tensors of those
-        indices that are neither resident nor pinned (store views, say)."""
+        indices that are neither resident nor pinned (store views, say). `user` (a
+        module, or a `Placement`) is marked as using every pooled tensor served."""
         served: list[torch.Tensor | None] = [None] * len(keys)
         same_as: dict[int, int] = {}  # identical bytes twice: share one upload
         pending: dict[Key, int] = {}  # keys uploading in this batch -> index
@@ -320,8 +322,7 @@ class ResidencyPool:
             entry = self._resident_entry(key) if key is not None else None
             if entry is not None:
                 self._resident.move_to_end(key)
-                if user is not None:
-                    entry.owners.add(user)
+                entry.owners.add(user)
                 served[i] = entry.tensor
                 rep.bytes_reused += nbytes
             elif key is not None and key in pending:
@@ -369,9 +370,10 @@ class ResidencyPool:
         rep = ComponentTransfer("", tensors=len(blobs))
         keys = [None if blob is None else (*blob, _DTYPE_NAMES[like.dtype], self._device_name)
                 for blob, like in zip(blobs, likes)]
-        data = self._serve(keys, likes, host, rep, None)
+        placement = Placement(keys, rep)
+        data = self._serve(keys, likes, host, rep, placement)  # in use by the placement until `claim`
         rep.seconds = round(time.perf_counter() - t0, 6)
-        return data, Placement(keys, rep)
+        return data, placement
 
     @_locked
     def claim(self, module: torch.nn.Module, placement: "Placement") -> None:
