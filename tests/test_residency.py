@@ -346,60 +346,6 @@ def test_a_module_built_on_served_tensors_gets_them_in_its_own_shape():
     assert placement.transfer.bytes_reused == 64 and copier.bytes == 64
 
 
-def test_loads_from_several_threads_share_one_pool_safely(family_store):
-    """An inference service may load pipelines from worker threads through the
-    process-wide pool (each thread with its own `Store`: a sqlite connection belongs
-    to its thread). The pool's bookkeeping and the template cache stay consistent,
-    and every pipeline holds the weights a sequential load holds."""
-    import sys
-    import threading
-
-    from compstore import Store
-    from compstore.loader import warm
-
-    def weights(pipe):
-        return {f"{slot}.{name}": t for slot in ("unet", "vae", "text_encoder")
-                for name, t in getattr(pipe, slot).state_dict().items()}
-
-    warm.clear_caches()
-    want = {ref: weights(load(family_store, ref)) for ref in "AB"}
-    # No idle budget: every move evicts (to the pinned tier) what no live pipeline
-    # uses, and templates are dropped between loads, so fresh builds upload in the
-    # background: every path of the pool runs in every thread.
-    pool = ResidencyPool("cpu", budget_bytes=0, pinned_budget_bytes=1 << 40)
-    errors, loaded = [], []
-
-    def worker(refs):
-        try:
-            with Store(family_store.home) as mine:
-                for ref in refs:
-                    pipe = compstore.DiffusionPipeline.from_pretrained(ref, store=mine, pool=pool)
-                    loaded.append((ref, weights(pipe)))
-                    del pipe
-                    warm.clear_caches()
-        except Exception as e:  # noqa: BLE001 - reported below
-            errors.append(e)
-
-    old = sys.getswitchinterval()
-    sys.setswitchinterval(1e-6)  # switch threads as often as possible: races show up
-    try:
-        threads = [threading.Thread(target=worker, args=(refs,)) for refs in ("ABAB", "BABA", "AABB")]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-    finally:
-        sys.setswitchinterval(old)
-    assert not errors, errors
-    assert len(loaded) == 12
-    for ref, got in loaded:
-        assert got.keys() == want[ref].keys()
-        assert all(torch.equal(got[name], want[ref][name]) for name in got), ref
-    assert pool.resident_bytes == sum(e.nbytes for e in pool._resident.values())
-    assert not pool._prefetched
-    warm.clear_caches()
-
-
 def test_served_tensors_are_not_evicted_before_their_module_claims_them():
     """Between `serve` and `claim` (the clone is being built) another thread's move
     may evict: the placement itself uses the served tensors until then."""

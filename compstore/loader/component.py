@@ -288,7 +288,6 @@ def _bind(model: torch.nn.Module, sd: dict[str, torch.Tensor], cls, name_or_path
                        "%s and are newly initialized: %s", cls.__name__, name_or_path, newly)
 
 
-@exclusive_load()
 def load_component(
     name_or_path: str,
     slot: str = "",
@@ -310,9 +309,9 @@ def load_component(
 
     store = open_store(store)
     verify = kwargs.pop("verify", False)
-    snapshot_id, label = resolve_snapshot(store, name_or_path, **kwargs)
+    snapshot_id, label = resolve_snapshot(store, name_or_path, **kwargs)  # other loads go on
     comp = pick_component(store.components_of(snapshot_id), slot, variant)
     name = f"{label}/{slot}" if slot else label
-    with store.reading():
+    with exclusive_load(), store.reading():  # one load at a time (loading.py); gc unlinks no pack
         return build_model(store, comp, dtype=dtype or torch_dtype, name_or_path=name,
                            verify=verify)

@@ -8,8 +8,10 @@ puts real weights on meta, or undoes the patches (a test loading from three
 threads saw "weights left on the meta device" within a few loads). diffusers'
 lazy module also resolved `diffusers.StableDiffusionPipeline` to an
 AttributeError for threads importing it at once. So loads in one process take
-turns (`exclusive_load`); the Python work of a load cannot run in parallel under
-the GIL anyway, and uploads started by one load run on while the next waits.
+turns (`exclusive_load`, around the building and assembling, not around the
+ingest or download that may come first); the Python work of a load cannot run in
+parallel under the GIL anyway, and uploads started by one load run on while the
+next waits.
 
 The collector paused. A load creates hundreds of thousands of objects (module
 trees, a tokenizer's vocabulary), and every few hundred allocations CPython may

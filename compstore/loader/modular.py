@@ -63,7 +63,8 @@ class ModularPipeline:
             store, pretrained_model_name_or_path, revision=kwargs.pop("revision", None),
             local_files_only=kwargs.pop("local_files_only", None))
         skeleton = store.materialize(snapshot_id, _skeleton_file)
-        pipe = diffusers.ModularPipeline.from_pretrained(str(skeleton), **kwargs)
+        with exclusive_load():  # diffusers resolves the blocks' classes (lazy imports)
+            pipe = diffusers.ModularPipeline.from_pretrained(str(skeleton), **kwargs)
         pipe.load_components = MethodType(_store_load_components(store, snapshot_id, label), pipe)
         return pipe
 

@@ -88,7 +88,6 @@ class DiffusionPipeline:
     """Loads diffusers pipelines from a compstore store; see `from_pretrained`."""
 
     @classmethod
-    @exclusive_load()  # one load at a time per process, the collector paused (loading.py)
     def from_pretrained(
         cls,
         pretrained_model_name_or_path: str | os.PathLike,
@@ -125,8 +124,6 @@ class DiffusionPipeline:
 
         >>> pipe = compstore.DiffusionPipeline.from_pretrained("tiny-sd", dtype=torch.float16)  # doctest: +SKIP
         """
-        import diffusers
-
         store = open_store(store)
         dtype = kwargs.pop("dtype", None) or kwargs.pop("torch_dtype", None)
         kwargs.pop("torch_dtype", None)
@@ -138,59 +135,69 @@ class DiffusionPipeline:
             raise CompstoreError("use_safetensors=False: compstore stores and loads safetensors "
                                  "only (pickle checkpoints are never loaded)")
         kwargs.pop("low_cpu_mem_usage", None)  # binding store tensors is always low-memory
-        snapshot_id, label = resolve_snapshot(
+        snapshot_id, label = resolve_snapshot(  # an ingest or a download: other threads' loads go on
             store, pretrained_model_name_or_path, revision=kwargs.pop("revision", None),
             local_files_only=kwargs.pop("local_files_only", None), variant=variant)
+        with exclusive_load():  # one load at a time per process, the collector paused (loading.py)
+            return _assemble(store, snapshot_id, label, dtype=dtype, variant=variant, verify=verify,
+                             private=private, pool=pool, kwargs=kwargs)
 
-        raw_index = store.read_file(snapshot_id, "model_index.json")
-        if raw_index is None:
-            hint = (" (it is a modular pipeline: use compstore.ModularPipeline)"
-                    if store.read_file(snapshot_id, "modular_model_index.json") else "")
-            raise CompstoreError(f"{label} has no model_index.json{hint}")
-        index = json.loads(raw_index)
-        pipeline_cls = getattr(diffusers, str(index.get("_class_name")), None)
-        if not (isinstance(pipeline_cls, type) and issubclass(pipeline_cls, diffusers.DiffusionPipeline)):
-            raise CompstoreError(
-                f"{label}: model_index.json names the pipeline class {index.get('_class_name')!r}, "
-                f"which diffusers {diffusers.__version__} does not have; upgrade diffusers, or "
-                "fix _class_name in the pipeline's model_index.json and ingest it again")
 
-        rows = store.components_of(snapshot_id)
-        packs = private_packs(store)  # one set of copy-on-write mappings for this pipeline
-        skeleton = store.materialize(snapshot_id, _skeleton_file)
-        built: dict[str, Any] = {}
-        files = None  # the snapshot's (path, file id, sha256, size), read when first needed
-        report = TransferReport(str(pool.device)) if pool else None
-        with store.reading(), contextlib.ExitStack() as cleanup:  # store.reading: gc unlinks no pack
-            if pool is not None:  # uploads a failed load started are dropped
-                cleanup.callback(pool.drop_prefetched)
-            slots = {slot: resolve_class(*entry[:2]) for slot, entry in index.items()
-                     if not (slot.startswith("_") or slot in kwargs or not isinstance(entry, list)
-                             or entry[0] is None)}
-            models = [slot for slot, cls in slots.items() if is_model_class(cls)]
-            for slot in models:  # with a pool, each fresh build starts its upload (prefetch) ...
-                built[slot] = build_model(
-                    store, pick_component(rows, slot, variant), dtype=per_slot(dtype, slot),
-                    name_or_path=f"{label}/{slot}", packs=packs, verify=verify, pool=pool,
-                    private=private)
-            for slot, cls in slots.items():  # ... which runs on while tokenizers, schedulers load
-                if slot not in models:
-                    files = files if files is not None else store.snapshot_files(snapshot_id)
-                    part = small_part(files, skeleton, slot, cls, private)
-                    if part is not None:
-                        built[slot] = part
-            for slot in models if pool is not None else ():  # resident and uploaded tensors bound
-                report.components.append(pool.move(built[slot], slot, private=private))
-                setattr(built[slot], POOL, pool)
+def _assemble(store: Store, snapshot_id: str, label: str, *, dtype, variant: str | None,
+              verify: bool, private: bool, pool: ResidencyPool | None, kwargs: dict[str, Any]):
+    """The pipeline of a snapshot: its models built (onto `pool`'s device, if any),
+    its small parts loaded, and diffusers' own class putting them together."""
+    import diffusers
 
-        pipe = pipeline_cls.from_pretrained(skeleton, **built, **kwargs)
-        pipe.register_to_config(_name_or_path=label)
-        route_moves_through_pool(pipe)
-        if pool is not None:
-            setattr(pipe, POOL, pool)  # later pipe.to(device) moves go through it too
-            report.seconds = round(sum(c.seconds for c in report.components), 6)
-            record_report(pool, report)
-        return pipe
+    raw_index = store.read_file(snapshot_id, "model_index.json")
+    if raw_index is None:
+        hint = (" (it is a modular pipeline: use compstore.ModularPipeline)"
+                if store.read_file(snapshot_id, "modular_model_index.json") else "")
+        raise CompstoreError(f"{label} has no model_index.json{hint}")
+    index = json.loads(raw_index)
+    pipeline_cls = getattr(diffusers, str(index.get("_class_name")), None)
+    if not (isinstance(pipeline_cls, type) and issubclass(pipeline_cls, diffusers.DiffusionPipeline)):
+        raise CompstoreError(
+            f"{label}: model_index.json names the pipeline class {index.get('_class_name')!r}, "
+            f"which diffusers {diffusers.__version__} does not have; upgrade diffusers, or "
+            "fix _class_name in the pipeline's model_index.json and ingest it again")
+
+    rows = store.components_of(snapshot_id)
+    packs = private_packs(store)  # one set of copy-on-write mappings for this pipeline
+    skeleton = store.materialize(snapshot_id, _skeleton_file)
+    built: dict[str, Any] = {}
+    files = None  # the snapshot's (path, file id, sha256, size), read when first needed
+    report = TransferReport(str(pool.device)) if pool else None
+    with store.reading(), contextlib.ExitStack() as cleanup:  # store.reading: gc unlinks no pack
+        if pool is not None:  # uploads a failed load started are dropped
+            cleanup.callback(pool.drop_prefetched)
+        slots = {slot: resolve_class(*entry[:2]) for slot, entry in index.items()
+                 if not (slot.startswith("_") or slot in kwargs or not isinstance(entry, list)
+                         or entry[0] is None)}
+        models = [slot for slot, cls in slots.items() if is_model_class(cls)]
+        for slot in models:  # with a pool, each fresh build starts its upload (prefetch) ...
+            built[slot] = build_model(
+                store, pick_component(rows, slot, variant), dtype=per_slot(dtype, slot),
+                name_or_path=f"{label}/{slot}", packs=packs, verify=verify, pool=pool,
+                private=private)
+        for slot, cls in slots.items():  # ... which runs on while tokenizers, schedulers load
+            if slot not in models:
+                files = files if files is not None else store.snapshot_files(snapshot_id)
+                part = small_part(files, skeleton, slot, cls, private)
+                if part is not None:
+                    built[slot] = part
+        for slot in models if pool is not None else ():  # resident and uploaded tensors bound
+            report.components.append(pool.move(built[slot], slot, private=private))
+            setattr(built[slot], POOL, pool)
+
+    pipe = pipeline_cls.from_pretrained(skeleton, **built, **kwargs)
+    pipe.register_to_config(_name_or_path=label)
+    route_moves_through_pool(pipe)
+    if pool is not None:
+        setattr(pipe, POOL, pool)  # later pipe.to(device) moves go through it too
+        report.seconds = round(sum(c.seconds for c in report.components), 6)
+        record_report(pool, report)
+    return pipe
 
 
 def target_pool(device_map, pool: ResidencyPool | None) -> ResidencyPool | None:
