@@ -174,7 +174,7 @@ def test_a_clone_onto_an_empty_pool_uploads_each_store_byte_once(family_store):
         assert {t.device.type for t in tensors(getattr(a, slot))} == {"meta"}
     again = compstore.to_device(a, "meta", pool=pool)
     assert again.bytes_uploaded == 0 and copier.bytes == report.bytes_from_store
-    assert (image(load(family_store, "A", pool=first)) == want).all()
+    assert (image(load(family_store, "A", pool=first)) == want).all()  # the template is intact
 
 
 def test_pinned_tier_feeds_a_clone(family_store):

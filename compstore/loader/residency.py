@@ -470,8 +470,6 @@ def _tensors(module: torch.nn.Module):
 
 
 _POOLS: dict[str, ResidencyPool] = {}
-
-
 _POOLS_LOCK = threading.Lock()
 
 
