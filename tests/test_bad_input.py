@@ -252,3 +252,20 @@ def test_a_pipeline_class_diffusers_lacks_is_a_clear_error(name, store, pipeline
     with pytest.raises(CompstoreError, match=f"pipeline class {name!r}, which diffusers .* does not have"):
         compstore.DiffusionPipeline.from_pretrained("odd", store=store)
     assert store_state(store.home) == before
+
+
+def test_a_config_that_disagrees_with_its_weights_is_a_clear_error(store, pipeline_copy):
+    """A UNet config.json edited after the weights were saved (another conv_out
+    width): the load names the tensor and both shapes instead of a torch traceback."""
+    import compstore
+    from compstore import CompstoreError
+
+    folder = pipeline_copy("A")
+    config = json.loads((folder / "unet" / "config.json").read_text())
+    config["out_channels"] = config["out_channels"] * 2
+    (folder / "unet" / "config.json").write_text(json.dumps(config))
+    store.ingest(folder, "odd")
+    with pytest.raises(CompstoreError, match=r"tensor 'conv_out\.(weight|bias)' is \(.*\) in the store but "
+                                             r"\(.*\) in the UNet2DConditionModel.*disagree"):
+        compstore.DiffusionPipeline.from_pretrained("odd", store=store)
+    assert store.verify().ok

@@ -98,3 +98,37 @@ def test_missing_keys_diffusers_initialises_and_warns(family, store, tmp_path, c
     assert sa.keys() == sb.keys()
     assert all(torch.equal(sa[k], sb[k]) for k in sa if k != missing)
     assert sa[missing].shape == sb[missing].shape and sa[missing].device.type == "cpu"
+
+
+def test_binding_assigns_as_load_state_dict_and_defers_to_it_for_custom_loading():
+    """`_bind` assigns store tensors directly when every module loads the default way,
+    with the result `load_state_dict(assign=True)` gives; a module with a load hook
+    (or its own `_load_from_state_dict`) goes through `load_state_dict` itself."""
+    from compstore.loader.component import _bind
+
+    def model():
+        torch.manual_seed(0)
+        m = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 2))
+        m[2].weight.requires_grad_(False)
+        return m
+
+    sd = {k: torch.randn_like(v.float()).to(v.dtype) for k, v in model().state_dict().items()}
+    plain = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4), torch.nn.Linear(4, 2))
+    plain_sd = {k: torch.randn_like(v) for k, v in plain.state_dict().items()}
+    want = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4), torch.nn.Linear(4, 2))
+    for m in (plain, want):
+        m[2].weight.requires_grad_(False)  # kept, as load_state_dict keeps it
+    want.load_state_dict(dict(plain_sd), assign=True)
+    _bind(plain, dict(plain_sd), torch.nn.Sequential, "plain")  # the direct path
+    for (name, a), (_, b) in zip(plain.named_parameters(), want.named_parameters()):
+        assert a is plain_sd[name] or a.data_ptr() == plain_sd[name].data_ptr(), name
+        assert type(a) is type(b) and a.requires_grad == b.requires_grad and torch.equal(a, b), name
+
+    seen = []
+    hooked = model()  # BatchNorm1d has its own _load_from_state_dict; add a hook too
+    hooked[0].register_load_state_dict_pre_hook(lambda module, sd, prefix, *rest: seen.append(prefix))
+    _bind(hooked, dict(sd), torch.nn.Sequential, "hooked")
+    assert seen == ["0."]  # load_state_dict ran, with its hooks
+    assert not hooked[2].weight.requires_grad
+    for name, t in hooked.state_dict().items():
+        assert torch.equal(t, sd[name]), name

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from ..store import ComponentNotFoundError, CorruptStoreError, Store
+from ..store import CompstoreError, ComponentNotFoundError, CorruptStoreError, Store
 from ..store.components import pick_component
 from ..store.objects import blob_hash
 from ..store.objects import PackFiles
@@ -264,8 +264,8 @@ def torch_default_dtype(dtype: torch.dtype):
 
 def _bind(model: torch.nn.Module, sd: dict[str, torch.Tensor], cls, name_or_path: str) -> None:
     """Assign the store tensors; report unexpected and missing keys as the library does."""
-    expected = model.state_dict().keys()
-    unexpected = [k for k in sd if k not in expected]
+    slots = _state_slots(model)
+    unexpected = [k for k in sd if k not in slots]
     ignore = getattr(cls, "_keys_to_ignore_on_load_unexpected", None) or []
     reported = [k for k in unexpected if not any(re.search(p, k) for p in ignore)]
     if reported:
@@ -273,8 +273,23 @@ def _bind(model: torch.nn.Module, sd: dict[str, torch.Tensor], cls, name_or_path
                        "%s: %s", name_or_path, cls.__name__, reported)
     for k in unexpected:
         sd.pop(k)
-    initialised = [k for k in expected if k not in sd]
-    model.load_state_dict(sd, strict=False, assign=True)
+    initialised = [k for k in slots if k not in sd]
+    for name, t in sd.items():
+        module, table, attr = slots[name]
+        if t.shape != getattr(module, table)[attr].shape:
+            raise CompstoreError(
+                f"{name_or_path}: tensor {name!r} is {tuple(t.shape)} in the store but "
+                f"{tuple(getattr(module, table)[attr].shape)} in the {cls.__name__} its config.json "
+                "builds: the component's config and weights disagree; re-ingest it from a "
+                "consistent source")
+    if _loads_the_default_way(model):
+        for name, t in sd.items():  # what load_state_dict(sd, strict=False, assign=True) does
+            module, table, attr = slots[name]
+            old = getattr(module, table)[attr]
+            getattr(module, table)[attr] = (torch.nn.Parameter(t, requires_grad=old.requires_grad)
+                                            if table == "_parameters" else t)
+    else:
+        model.load_state_dict(sd, strict=False, assign=True)
     if hasattr(model, "tie_weights"):
         model.tie_weights()
     missing = [n for n, p in list(model.named_parameters()) + list(model.named_buffers())
@@ -286,6 +301,39 @@ def _bind(model: torch.nn.Module, sd: dict[str, torch.Tensor], cls, name_or_path
     if newly:
         logger.warning("Some weights of %s were not initialized from the model checkpoint at "
                        "%s and are newly initialized: %s", cls.__name__, name_or_path, newly)
+
+
+def _state_slots(model: torch.nn.Module) -> dict[str, tuple[torch.nn.Module, str, str]]:
+    """Where each `state_dict()` key lives: (module, "_parameters" or "_buffers",
+    attribute), every path of a shared module included, as state_dict names them."""
+    slots = {}
+    for path, module in model.named_modules(remove_duplicate=False):
+        prefix = f"{path}." if path else ""
+        for attr, t in module._parameters.items():
+            if t is not None:
+                slots[prefix + attr] = (module, "_parameters", attr)
+        for attr, t in module._buffers.items():
+            if t is not None and attr not in module._non_persistent_buffers_set:
+                slots[prefix + attr] = (module, "_buffers", attr)
+    return slots
+
+
+def _loads_the_default_way(model: torch.nn.Module) -> bool:
+    """Whether `load_state_dict(assign=True)` would just assign each tensor: no module
+    loads or saves its state its own way (hooks, overrides, extra state) and no
+    process-wide registration hook or swap-tensors mode is on. Then `_bind` assigns
+    directly: ~4x faster for the SDXL UNet than the recursive load (34 ms)."""
+    from torch.nn.modules import module as torch_module
+
+    Module = torch.nn.Module
+    if (torch_module._global_parameter_registration_hooks or torch_module._global_buffer_registration_hooks
+            or torch.__future__.get_swap_module_params_on_conversion()):
+        return False
+    return all(type(m)._load_from_state_dict is Module._load_from_state_dict
+               and type(m).get_extra_state is Module.get_extra_state
+               and not (m._load_state_dict_pre_hooks or m._load_state_dict_post_hooks
+                        or m._state_dict_hooks or m._state_dict_pre_hooks)
+               for m in model.modules())
 
 
 def load_component(
