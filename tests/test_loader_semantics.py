@@ -132,3 +132,17 @@ def test_binding_assigns_as_load_state_dict_and_defers_to_it_for_custom_loading(
     assert not hooked[2].weight.requires_grad
     for name, t in hooked.state_dict().items():
         assert torch.equal(t, sd[name]), name
+
+
+def test_binding_takes_an_old_checkpoints_one_element_scalar_as_load_state_dict_does():
+    from compstore.loader.component import _bind
+
+    class Scaled(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale = torch.nn.Parameter(torch.tensor(1.0))
+
+    mine, theirs = Scaled(), Scaled()
+    theirs.load_state_dict({"scale": torch.tensor([3.0])}, assign=True)
+    _bind(mine, {"scale": torch.tensor([3.0])}, Scaled, "scaled")
+    assert mine.scale.shape == theirs.scale.shape == () and mine.scale.item() == 3.0

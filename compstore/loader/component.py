@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
+from torch.nn.parameter import is_lazy
 
 from ..store import CompstoreError, ComponentNotFoundError, CorruptStoreError, Store
 from ..store.components import pick_component
@@ -274,14 +275,16 @@ def _bind(model: torch.nn.Module, sd: dict[str, torch.Tensor], cls, name_or_path
     for k in unexpected:
         sd.pop(k)
     initialised = [k for k in slots if k not in sd]
-    for name, t in sd.items():
+    for name, t in list(sd.items()):
         module, table, attr = slots[name]
-        if t.shape != getattr(module, table)[attr].shape:
+        old = getattr(module, table)[attr]
+        if old.dim() == 0 and t.shape == (1,):  # an old checkpoint's scalar: torch accepts it
+            sd[name] = t = t[0]
+        if t.shape != old.shape and not is_lazy(old):
             raise CompstoreError(
                 f"{name_or_path}: tensor {name!r} is {tuple(t.shape)} in the store but "
-                f"{tuple(getattr(module, table)[attr].shape)} in the {cls.__name__} its config.json "
-                "builds: the component's config and weights disagree; re-ingest it from a "
-                "consistent source")
+                f"{tuple(old.shape)} in the {cls.__name__} its config.json builds: the "
+                "component's config and weights disagree; re-ingest it from a consistent source")
     if _loads_the_default_way(model):
         for name, t in sd.items():  # what load_state_dict(sd, strict=False, assign=True) does
             module, table, attr = slots[name]

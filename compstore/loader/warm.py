@@ -9,8 +9,9 @@ uploading a few GB. The first build of a component in a process leaves a
 Later builds of the same component (same stored config and tensors, same dtype)
 clone the template and bind tensors to the clone — with a residency pool, device
 tensors (`ResidencyPool.serve`: resident ones reused, the rest uploaded first);
-without one, store views — in about a tenth of the time (the four SDXL-shape models on the 2-core VM: 16 ms against 0.14 s;
-`clone_module` with a plan computed once per template).
+without one, store views — in about a tenth of the time (the four SDXL-shape
+models on the 2-core VM: 16 ms against 0.14 s; `clone_module` with a plan
+computed once per template).
 
 A clone is a fresh model, as a rebuild would be: every module object, attribute
 container (hook tables, dicts, lists) and config object is new, so a hook, an
