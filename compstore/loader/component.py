@@ -26,7 +26,7 @@ from ..store.objects import blob_hash
 from ..store.objects import PackFiles
 from . import warm
 from .loading import exclusive_load
-from .residency import STORE_KEYS, ResidencyPool, record_store_keys, route_moves_through_pool
+from .residency import STORE_KEYS, ResidencyPool, named_tensors, record_store_keys, route_moves_through_pool
 from .tensors import TORCH_DTYPES, private_packs, state_dict, stored_tensor
 
 logger = logging.getLogger("compstore")
@@ -248,8 +248,7 @@ def _missing_after_ties(model: torch.nn.Module, sd: dict[str, torch.Tensor]) -> 
     """Keys the model needs that neither the checkpoint nor a weight tie provides."""
     tied = getattr(model, "_tied_weights_keys", None) or {}
     tied_targets = set(tied) if isinstance(tied, dict) else set(tied)
-    needed = [n for n, p in list(model.named_parameters(remove_duplicate=False))
-              + list(model.named_buffers(remove_duplicate=False)) if p.device.type == "meta"]
+    needed = [name for name, _, _, t in named_tensors(model) if t.device.type == "meta"]
     return [n for n in needed if n not in sd and n not in tied_targets]
 
 
@@ -295,8 +294,7 @@ def _bind(model: torch.nn.Module, sd: dict[str, torch.Tensor], cls, name_or_path
         model.load_state_dict(sd, strict=False, assign=True)
     if hasattr(model, "tie_weights"):
         model.tie_weights()
-    missing = [n for n, p in list(model.named_parameters()) + list(model.named_buffers())
-               if p.device.type == "meta"]
+    missing = [name for name, _, _, t in named_tensors(model) if t.device.type == "meta"]
     if missing:  # a bug, not a user error: _instantiate should have built it for real
         raise RuntimeError(f"{cls.__name__}: weights left on the meta device: {missing[:10]}")
     tied = getattr(model, "_tied_weights_keys", None) or {}
@@ -309,16 +307,9 @@ def _bind(model: torch.nn.Module, sd: dict[str, torch.Tensor], cls, name_or_path
 def _state_slots(model: torch.nn.Module) -> dict[str, tuple[torch.nn.Module, str, str]]:
     """Where each `state_dict()` key lives: (module, "_parameters" or "_buffers",
     attribute), every path of a shared module included, as state_dict names them."""
-    slots = {}
-    for path, module in model.named_modules(remove_duplicate=False):
-        prefix = f"{path}." if path else ""
-        for attr, t in module._parameters.items():
-            if t is not None:
-                slots[prefix + attr] = (module, "_parameters", attr)
-        for attr, t in module._buffers.items():
-            if t is not None and attr not in module._non_persistent_buffers_set:
-                slots[prefix + attr] = (module, "_buffers", attr)
-    return slots
+    return {name: (module, "_parameters" if attr in module._parameters else "_buffers", attr)
+            for name, module, attr, _ in named_tensors(model)
+            if attr in module._parameters or attr not in module._non_persistent_buffers_set}
 
 
 def _loads_the_default_way(model: torch.nn.Module) -> bool:

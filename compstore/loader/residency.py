@@ -56,8 +56,7 @@ def record_store_keys(model: torch.nn.Module, blobs: dict[str, tuple[str, int]])
     """Remember which store blob (xxh3, size) each of a freshly built model's tensors
     came from; returns the blobs of the names the model has."""
     keys, found = {}, {}
-    for name, t in list(model.named_parameters(remove_duplicate=False)) + list(
-            model.named_buffers(remove_duplicate=False)):
+    for name, _, _, t in named_tensors(model):
         blob = blobs.get(name)
         if blob is not None:
             keys[name] = (*blob, t._version)
@@ -406,14 +405,14 @@ class ResidencyPool:
         wanted: list[Key | None] = []  # per entry of `places`: its pool key (None: private)
         sources: list[torch.Tensor] = []
         staying: set[int] = set()  # ids of tensors already where they belong
-        for owner_name, owner, attr, tensor in _tensors(module):
+        for name, owner, attr, tensor in named_tensors(module):
             rep.tensors += 1
             if id(tensor) in places:  # tied: one move, every use points at it
                 places[id(tensor)].append((owner, attr, tensor))
                 continue
             if id(tensor) in staying:
                 continue
-            key_info = keys.get(f"{owner_name}.{attr}" if owner_name else attr)
+            key_info = keys.get(name)
             pooled = key_info is not None and tensor._version == key_info[2] and not private
             key = (key_info[0], key_info[1], _DTYPE_NAMES[tensor.dtype], device) if pooled else None
             if tensor.device == self.device:
@@ -459,14 +458,16 @@ def as_shape(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     return t if t.shape == shape else t.view(shape)
 
 
-def _tensors(module: torch.nn.Module):
-    """(owner path, owner, attribute, tensor) of every parameter and buffer, through
-    every path (tied and shared ones once per path)."""
+def named_tensors(module: torch.nn.Module):
+    """(state_dict-style name, owner module, attribute, tensor) of every parameter and
+    buffer, through every path (tied and shared ones once per path): the one walk of
+    a module's tensors that binding, store keys, templates and moves share."""
     for owner_name, owner in module.named_modules(remove_duplicate=False):
+        prefix = f"{owner_name}." if owner_name else ""
         for table in (owner._parameters, owner._buffers):
             for attr, tensor in table.items():
                 if tensor is not None:
-                    yield owner_name, owner, attr, tensor
+                    yield prefix + attr, owner, attr, tensor
 
 
 _POOLS: dict[str, ResidencyPool] = {}

@@ -42,6 +42,7 @@ from typing import Callable
 import torch
 
 from .loading import exclusive_load, gc_paused
+from .residency import named_tensors
 
 # Attribute values that are never changed in place: shared by template and clones.
 _IMMUTABLE = (type(None), bool, int, float, complex, str, bytes, type, range, torch.dtype,
@@ -208,10 +209,9 @@ def remember(key: tuple, model: torch.nn.Module, blobs: dict[str, tuple[str, int
     """Keep a clone of a freshly built `model` as the template for `key`, with meta
     tensors for its store tensors (`blobs`: name -> blob). A model with a parameter
     not from the store (newly initialised) gets no template: each build draws its own."""
-    named = list(model.named_parameters(remove_duplicate=False)) + list(
-        model.named_buffers(remove_duplicate=False))
-    blob_of = {id(t): blobs[name] for name, t in named if name in blobs}
-    if any(id(t) not in blob_of for _, t in model.named_parameters()):
+    named = list(named_tensors(model))
+    blob_of = {id(t): blobs[name] for name, _, _, t in named if name in blobs}
+    if any(id(t) not in blob_of for _, owner, attr, t in named if attr in owner._parameters):
         return False
     plan = clone_plan(model)
     new, made = _clone_all(plan, [torch.empty_like(t, device="meta") if id(t) in blob_of
@@ -222,7 +222,7 @@ def remember(key: tuple, model: torch.nn.Module, blobs: dict[str, tuple[str, int
                     [(name, t) for (name, _), t in zip(plan.tensors, made)])
     index = {id(t): i for i, (_, t) in enumerate(plan.tensors)}
     _TEMPLATES[key] = Template(own_plan, [blob_of.get(id(t)) for _, t in plan.tensors],
-                               {name: index[id(t)] for name, t in named if name in blobs})
+                               {name: index[id(t)] for name, _, _, t in named if name in blobs})
     _TEMPLATES.move_to_end(key)
     while len(_TEMPLATES) > MAX_TEMPLATES:
         _TEMPLATES.popitem(last=False)
