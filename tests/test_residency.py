@@ -120,6 +120,25 @@ def test_pinned_tier_serves_evicted_tensors(family_store):
     assert sum(c.bytes_from_store for c in again.components) == unkeyed_bytes(a2)
 
 
+def test_the_pinned_tier_counts_its_bytes_and_keeps_to_its_budget(family_store):
+    """The tier's byte count is kept as tensors come and go (not summed again per
+    entry): it always equals what the tier holds, and never exceeds the budget."""
+    def held(pool):
+        return sum(t.numel() * t.element_size() for t in pool._pinned.values())
+
+    for budget in (model_bytes(load(family_store, "A")) // 3, 1 << 40):  # drops oldest / keeps all
+        pool = ResidencyPool("meta", budget_bytes=0, pinned_budget_bytes=budget, copier=CountingCopier(),
+                             offloader=fake_offload)
+        to_device(load(family_store, "A"), "meta", pool=pool)
+        gc.collect()
+        to_device(load(family_store, "B"), "meta", pool=pool)  # evicts A's tensors B lacks
+        gc.collect()
+        assert 0 < pool.pinned_bytes == held(pool) <= budget
+        again = to_device(load(family_store, "A"), "meta", pool=pool)
+        assert pool.pinned_bytes == held(pool) <= budget
+    assert again.bytes_from_pinned > 0  # with room for all, A came back from the tier
+
+
 def test_tensors_changed_in_place_are_never_served_as_the_stores(family_store):
     pool = ResidencyPool("meta", budget_bytes=1 << 40, copier=CountingCopier())
     a = load(family_store, "A")
