@@ -265,7 +265,8 @@ def test_a_config_that_disagrees_with_its_weights_is_a_clear_error(store, pipeli
     config["out_channels"] = config["out_channels"] * 2
     (folder / "unet" / "config.json").write_text(json.dumps(config))
     store.ingest(folder, "odd")
+    before = store_state(store.home)
     with pytest.raises(CompstoreError, match=r"tensor 'conv_out\.(weight|bias)' is \(.*\) in the store but "
                                              r"\(.*\) in the UNet2DConditionModel.*disagree"):
         compstore.DiffusionPipeline.from_pretrained("odd", store=store)
-    assert store.verify().ok
+    assert store_state(store.home) == before and store.verify().ok
