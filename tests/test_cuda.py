@@ -67,6 +67,11 @@ def test_device_map_cuda_and_pipe_to(family_store):
     pipe = compstore.DiffusionPipeline.from_pretrained("A", store=family_store, device_map="cuda")
     assert pipe.unet.device.type == "cuda"
     assert compstore.last_transfer().bytes_uploaded > 0
+    # "cuda" and "cuda:<current>" are one device: moving there again copies nothing,
+    # not even the tensors that are not the store's.
+    for again in ("cuda", f"cuda:{torch.cuda.current_device()}"):
+        pipe.to(again)
+        assert compstore.last_transfer().bytes_uploaded == 0, again
 
 
 def test_device_loads_through_a_pool_clone_resident_components(family_store, family):

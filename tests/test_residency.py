@@ -193,6 +193,27 @@ def test_pipe_to_goes_through_the_pool(family_store, monkeypatch):
     assert b.unet.device.type == "meta"
 
 
+def test_a_device_without_its_index_is_the_current_one(monkeypatch):
+    # torch.device("cuda") != torch.device("cuda:0"), the device its tensors report:
+    # a pool must hold the index, and "cuda" and "cuda:1" must be one pool.
+    from compstore.loader import residency
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    monkeypatch.setenv("COMPSTORE_VRAM_BUDGET", "0")
+    monkeypatch.setattr(residency, "_POOLS", {})
+    assert residency.canonical_device("cuda") == torch.device("cuda", 1)
+    assert residency.canonical_device("cuda:0") == torch.device("cuda", 0)
+    assert residency.canonical_device("cpu") == torch.device("cpu")
+    assert ResidencyPool("cuda").device == torch.device("cuda", 1)
+    assert residency.pool_for("cuda") is residency.pool_for("cuda:1")
+    assert residency.pool_for("cuda:0") is not residency.pool_for("cuda")
+
+
+def test_to_device_refuses_a_pool_on_another_device():
+    with pytest.raises(compstore.CompstoreError, match="the pool is on meta, not cpu"):
+        to_device(torch.nn.Linear(2, 2), "cpu", pool=ResidencyPool("meta"))
+
+
 # -- the real upload path (no injected copier), on a CPU target ---------------------
 @pytest.mark.parametrize("staged", [False, True])
 def test_uploader_copies_every_byte(staged):

@@ -239,6 +239,11 @@ def test_device_map_and_pool_that_disagree_are_refused(family_store):
         load(family_store, pool=ResidencyPool("cpu"), device_map="meta")
     with pytest.raises(CompstoreError, match="not supported"):
         load(family_store, device_map="balanced")
+    with pytest.raises(CompstoreError, match="device_map='gpu' is not a device"):
+        load(family_store, device_map="gpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(CompstoreError, match="device_map='cuda' is not a device this torch can use"):
+            load(family_store, device_map="cuda")
     assert store_state(family_store.home) == before
 
 
@@ -271,3 +276,64 @@ def test_loads_pause_the_garbage_collector_and_restore_it(family_store, monkeypa
         assert not gc.isenabled()  # a caller's own pause is left as it was
     finally:
         gc.enable()
+
+
+def count_builds(monkeypatch) -> list:
+    """Models built from their constructors from now on (a template clone is not)."""
+    from compstore.loader import component
+
+    calls = []
+    instantiate = component._instantiate
+
+    def counting(make, *args):
+        calls.append(make)
+        return instantiate(make, *args)
+
+    monkeypatch.setattr(component, "_instantiate", counting)
+    return calls
+
+
+def test_a_fine_tune_of_a_loaded_architecture_is_cloned_not_rebuilt(family_store, monkeypatch):
+    reference = load(family_store, "B", private=True)  # built anew: what the load must give
+    a = load(family_store, "A")
+    builds = count_builds(monkeypatch)
+    b = load(family_store, "B")  # never loaded, but its UNet has A's architecture
+    assert builds == []
+    assert shared_mutables(a.unet, b.unet) == [] and config(b.unet) == config(reference.unet)
+    same_state(reference.unet, b.unet)
+    assert getattr(b.unet, STORE_KEYS) != getattr(a.unet, STORE_KEYS)  # B's own blobs
+    assert b.unet.config._name_or_path == "B/unet"
+    assert (a.text_encoder.config.name_or_path, b.text_encoder.config.name_or_path) == (
+        "A/text_encoder", "B/text_encoder")  # one template, each clone its own config
+    assert (image(b) == image(reference)).all()
+    assert (image(a) == image(load(family_store, "A", private=True))).all()
+    # B's component now has its own template entry: a third load finds it directly.
+    assert sum(type(t.module) is diffusers.UNet2DConditionModel for t in warm._TEMPLATES.values()) == 2
+
+
+def test_a_different_config_is_built_anew_even_with_the_same_tensors(family_store, pipeline_copy, monkeypatch):
+    folder = pipeline_copy("B")
+    cfg = folder / "unet" / "config.json"
+    cfg.write_text(cfg.read_text().replace('"sample_size": 32', '"sample_size": 48'))
+    family_store.ingest(folder, "B48")
+    load(family_store, "A")
+    builds = count_builds(monkeypatch)
+    b48 = load(family_store, "B48")
+    assert len(builds) == 1  # the UNet; the VAE and text encoder are A's
+    assert b48.unet.config.sample_size == 48  # not the config of A's template
+
+
+def test_a_template_is_not_lent_where_tied_names_hold_different_bytes(tmp_path):
+    from transformers import T5Config, T5EncoderModel
+
+    model = T5EncoderModel(T5Config(vocab_size=100, d_model=16, d_kv=4, d_ff=8, num_layers=1,
+                                    num_heads=2)).eval()
+    names = {name for name, *_ in compstore.loader.residency.named_tensors(model)}
+    blobs = {name: (f"h-{name}", 1) for name in names}
+    blobs["encoder.embed_tokens.weight"] = blobs["shared.weight"]  # tied: one tensor
+    assert warm.remember(("t5", "T5", "None"), model, blobs, "arch")
+    same = warm.sibling(("t5-b", "T5", "None"), "arch", {n: (b[0] + "-b", 1) for n, b in blobs.items()})
+    assert same is not None and same.plan is warm.template(("t5", "T5", "None")).plan
+    differ = dict(blobs, **{"encoder.embed_tokens.weight": ("other", 1)})
+    assert warm.sibling(("t5-c", "T5", "None"), "arch", differ) is None
+    assert warm.sibling(("t5-d", "T5", "None"), "another arch", blobs) is None

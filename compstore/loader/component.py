@@ -107,6 +107,11 @@ def build_model(
     locations = store.tensor_locations(cid)
     if verify:
         check_tensors(packs, locations, component["class_name"])
+    blobs = {loc.name: (loc.xxh3, loc.size) for loc in locations}
+    arch = warm.architecture(key[1], key[2], config, locations)
+    template = None if private or verify else warm.sibling(key, arch, blobs)
+    if template is not None:  # another component of this architecture was built before
+        return _from_template(template, store, cid, packs, pool, name_or_path, locations)
 
     if issubclass(cls, ModelMixin):
         # diffusers: weights cast to `dtype`, else to the default dtype (fp32).
@@ -124,7 +129,6 @@ def build_model(
             torch.float16, torch.bfloat16) else []
         make = functools.partial(cls, config_obj)
     sd = state_dict(packs, locations, target, keep)
-    blobs = {loc.name: (loc.xxh3, loc.size) for loc in locations}
     if pool is not None and not private:  # the upload runs while the constructors do
         pool.prefetch([(blobs[name], t) for name, t in sd.items() if name in blobs])
     model = _instantiate(make, sd, target)  # patches process-wide state: see loading.py
@@ -134,7 +138,7 @@ def build_model(
     # The blob of each tensor lets the residency pool share it on a device.
     blobs = record_store_keys(model, blobs)
     if not private:
-        warm.remember(key, model, blobs)  # later loads of this component clone it
+        warm.remember(key, model, blobs, arch)  # later loads of this architecture clone it
     route_moves_through_pool(model)  # model.to("cuda") / .cuda() go through it
     return model
 
@@ -145,12 +149,12 @@ def _name(model: torch.nn.Module, name_or_path: str) -> None:
 
     if isinstance(model, ModelMixin):
         model.register_to_config(_name_or_path=name_or_path)
-    else:
-        model.name_or_path = name_or_path
+    else:  # a template clone's config is its own copy: setting it reaches no other model
+        model.name_or_path = model.config.name_or_path = name_or_path
 
 
 def _from_template(template: warm.Template, store: Store, cid: str, packs: PackFiles,
-                   pool: ResidencyPool | None, name_or_path: str) -> torch.nn.Module:
+                   pool: ResidencyPool | None, name_or_path: str, locations=None) -> torch.nn.Module:
     """A clone of `template` bound to store views (cast to the template's dtypes) and
     copies of the template's own buffers; with a pool, a clone born on its device
     (`pool.serve`): resident tensors are reused and only the rest uploaded."""
@@ -159,7 +163,7 @@ def _from_template(template: warm.Template, store: Store, cid: str, packs: PackF
     def host(indices: list[int]) -> list[torch.Tensor]:
         stored = {}
         if any(template.blobs[i] is not None for i in indices):
-            where = {loc.name: loc for loc in store.tensor_locations(cid)}
+            where = {loc.name: loc for loc in locations or store.tensor_locations(cid)}
             stored = {i: where[name] for name, i in template.names.items() if name in where}  # tied: any name
         out = []
         for i in indices:

@@ -35,7 +35,8 @@ from ..store.components import pick_component
 from . import warm
 from .component import build_model, is_model_class, resolve_class
 from .loading import exclusive_load
-from .residency import POOL, ResidencyPool, TransferReport, pool_for, record_report, route_moves_through_pool
+from .residency import (POOL, ResidencyPool, TransferReport, canonical_device, pool_for, record_report,
+                        route_moves_through_pool)
 from .tensors import private_packs
 
 logger = logging.getLogger("compstore")
@@ -203,15 +204,20 @@ def _assemble(store: Store, snapshot_id: str, label: str, *, dtype, variant: str
 def target_pool(device_map, pool: ResidencyPool | None) -> ResidencyPool | None:
     """The residency pool a load goes through: `pool`, else the process-wide pool of a
     non-CPU `device_map` device, else none (the pipeline stays on CPU)."""
+    if device_map is not None:
+        if not isinstance(device_map, (str, torch.device)) or device_map in ("balanced", "auto"):
+            raise CompstoreError(f"device_map={device_map!r} is not supported yet; pass a "
+                                 "device such as 'cuda'")
+        try:
+            device_map = canonical_device(device_map)
+        except (RuntimeError, AssertionError) as e:  # torch asserts for a backend it was built without
+            raise CompstoreError(f"device_map={device_map!r} is not a device this torch can use: {e}") from None
     if pool is not None:
-        if device_map not in (None, str(pool.device), pool.device):
-            raise CompstoreError(f"device_map={device_map!r} and pool (on {pool.device}) disagree")
+        if device_map is not None and device_map != pool.device:
+            raise CompstoreError(f"device_map={str(device_map)!r} and pool (on {pool.device}) disagree")
         return pool
-    if device_map in (None, "cpu") or device_map == torch.device("cpu"):
+    if device_map is None or device_map.type == "cpu":
         return None
-    if not isinstance(device_map, (str, torch.device)) or device_map in ("balanced", "auto"):
-        raise CompstoreError(f"device_map={device_map!r} is not supported yet; pass a "
-                             "device such as 'cuda'")
     return pool_for(device_map)
 
 

@@ -41,6 +41,7 @@ from typing import Callable
 
 import torch
 
+from ..store import CompstoreError
 from .upload import Uploader
 
 Key = tuple  # (xxh3, size, dtype name, device name)
@@ -166,7 +167,7 @@ class ResidencyPool:
                  pinned_budget_bytes: int | None = None,
                  copier: Callable[[torch.Tensor, torch.device], torch.Tensor] | None = None,
                  offloader: Callable[[torch.Tensor], torch.Tensor] | None = None):
-        self.device = torch.device(device)
+        self.device = canonical_device(device)
         self._device_name = str(self.device)  # part of every key: str() per tensor is slow
         if budget_bytes is None:
             env = os.environ.get("COMPSTORE_VRAM_BUDGET")
@@ -351,6 +352,9 @@ class ResidencyPool:
                     from_host.append(i)
                 if key is not None:
                     pending[key] = i
+        from_pinned = [(i, key, self._take_pinned(key)) for i, key in pinned]  # before evicting trims the tier
+        if from_pinned or from_host:
+            self._evict()  # make room first; what this call reuses has its user already
         uploads = []
         for i, src in zip(from_host, host(from_host) if from_host else []):
             if keys[i] is None and src.device == self.device:
@@ -358,7 +362,7 @@ class ResidencyPool:
                 continue
             uploads.append((i, keys[i], src))
             rep.bytes_from_store += src.numel() * src.element_size()
-        for batch in ([(i, key, self._take_pinned(key)) for i, key in pinned], uploads):
+        for batch in (from_pinned, uploads):
             if not batch:  # nothing to wait for: a background upload may hold the uploader
                 continue
             for (i, key, _), data in zip(batch, self._upload([src for _, _, src in batch])):
@@ -485,9 +489,26 @@ _POOLS: dict[str, ResidencyPool] = {}
 _POOLS_LOCK = threading.Lock()
 
 
+def canonical_device(device: str | torch.device) -> torch.device:
+    """`device` with its index, as its tensors report it. `torch.device("cuda")` is not
+    equal to `torch.device("cuda:0")`, the device of every tensor on it: without the
+    index a pool would not see its own tensors as already there, and "cuda" and
+    "cuda:0" would get two pools for one GPU.
+
+    >>> canonical_device("cuda")  # doctest: +SKIP
+    device(type='cuda', index=0)
+    """
+    device = torch.device(device)
+    if device.index is not None or device.type in ("cpu", "meta"):
+        return device
+    backend = getattr(torch, device.type, None)  # torch.cuda, torch.xpu, ...
+    index = backend.current_device() if hasattr(backend, "current_device") else 0
+    return torch.device(device.type, index)
+
+
 def pool_for(device: str | torch.device) -> ResidencyPool:
     """The process-wide pool of a device (made on first use, with default budgets)."""
-    key = str(torch.device(device))
+    key = str(canonical_device(device))
     with _POOLS_LOCK:  # two threads asking at once get one pool
         if key not in _POOLS:
             _POOLS[key] = ResidencyPool(device)
@@ -515,8 +536,11 @@ def to_device(pipe_or_module, device: str | torch.device, *, pool: ResidencyPool
     >>> report.bytes_uploaded, report.bytes_reused  # doctest: +SKIP
     """
     t0 = time.perf_counter()
-    device = torch.device(device)
+    device = canonical_device(device)
     pool = pool or pool_for(device)
+    if pool.device != device:
+        raise CompstoreError(f"to_device: the pool is on {pool.device}, not {device}; pass "
+                             f"pool_for({str(device)!r}) or leave pool out")
     report = TransferReport(str(device))
     if isinstance(pipe_or_module, torch.nn.Module):
         modules = {"": pipe_or_module}
@@ -566,7 +590,7 @@ def route_moves_through_pool(obj) -> None:
             return original_to(*args, **kwargs)
         token = _MOVING.set(True)
         try:
-            if own and own.device != torch.device(device):
+            if own and own.device != canonical_device(device):
                 _release(self, own)  # leaving its pool: those tensors are no longer used here
                 own = None
             if torch.device(device).type != "cpu" or own:

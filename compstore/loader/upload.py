@@ -67,6 +67,9 @@ class Uploader:
         pinned = {i for i, s in enumerate(srcs) if self._stream is not None and s.is_pinned()}
         rest = [i for i in range(len(srcs)) if i not in pinned]
         if self._stream is not None:
+            # `dsts` may reuse memory that work queued on the current stream still
+            # reads (a dropped pipeline's last kernels): the side stream waits for it.
+            self._stream.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(self._stream):
                 for i in pinned:  # the pinned tier: no staging needed
                     dsts[i].copy_(srcs[i], non_blocking=True)
