@@ -6,6 +6,7 @@ CUDA path itself (and images after switches on a GPU) are checked on a GPU machi
 """
 
 import gc
+import types
 
 import pytest
 import torch
@@ -118,6 +119,79 @@ def test_pinned_tier_serves_evicted_tensors(family_store):
     again = to_device(a2, "meta", pool=pool)
     assert again.bytes_from_pinned > 0
     assert sum(c.bytes_from_store for c in again.components) == unkeyed_bytes(a2)
+
+
+def test_trim_evicts_idle_tensors_into_the_pinned_tier_and_never_live_ones(family_store):
+    pool = ResidencyPool("meta", budget_bytes=1 << 40, pinned_budget_bytes=1 << 40,
+                         copier=CountingCopier(), offloader=fake_offload)
+    to_device(load(family_store, "A"), "meta", pool=pool)
+    gc.collect()
+    b = load(family_store, "B")
+    to_device(b, "meta", pool=pool)
+    idle, live = pool.idle_bytes, pool.resident_bytes - pool.idle_bytes
+    assert idle > 0
+    assert pool.trim() == idle and pool.idle_bytes == 0 and pool.resident_bytes == live
+    assert pool.pinned_bytes == idle  # A's UNet waits in host memory
+    assert pool.trim() == 0
+    again = to_device(load(family_store, "A"), "meta", pool=pool)
+    assert again.bytes_from_pinned == idle
+
+
+class OutOfMemoryWhileIdle(CountingCopier):
+    """A device that is full while the pool holds more than `limit` idle bytes
+    (something else grew into the rest of it)."""
+
+    def __init__(self, limit: int = 0):
+        super().__init__()
+        self.pool, self.limit, self.refusals = None, limit, 0
+
+    def __call__(self, t, device):
+        if self.pool.idle_bytes > self.limit:
+            self.refusals += 1
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return super().__call__(t, device)
+
+
+@pytest.mark.parametrize("warm_process", [True, False], ids=["clone", "fresh build"])
+def test_an_upload_out_of_memory_evicts_idle_tensors_and_tries_again(family_store, warm_process):
+    from compstore.loader import warm
+
+    copier = OutOfMemoryWhileIdle()
+    pool = copier.pool = ResidencyPool("meta", budget_bytes=1 << 40, copier=copier)
+    load_to = lambda ref: compstore.DiffusionPipeline.from_pretrained(ref, store=family_store, pool=pool)  # noqa: E731
+    load_to("A")
+    gc.collect()
+    assert pool.idle_bytes > 0
+    if not warm_process:
+        warm.clear_caches()  # C is built anew: its upload starts in the background and fails there
+    before = copier.bytes
+    c = load_to("C")
+    assert copier.refusals >= 1 and pool.idle_bytes == 0
+    assert pool.last_report.bytes_uploaded == copier.bytes - before
+    assert pool.last_report.bytes_uploaded >= family_store.diff("A", "C").delta_bytes
+    assert {t.device.type for t in c.unet.parameters()} == {"meta"}
+
+
+def test_out_of_memory_evicts_about_what_the_upload_needs_first(family_store):
+    copier = OutOfMemoryWhileIdle(limit=1 << 40)
+    pool = copier.pool = ResidencyPool("meta", budget_bytes=1 << 40, copier=copier)
+    to_device(load(family_store, "A"), "meta", pool=pool)
+    gc.collect()
+    unet = load(family_store, "C").unet  # two thirds of it A's
+    delta = family_store.diff("A", "C").delta_bytes
+    shared = sum(c["shared_bytes"] for c in family_store.diff("A", "C").components if c["slot"] == "unet")
+    copier.limit = pool.idle_bytes - shared - 1  # full unless a byte is freed
+    report = to_device(unet, "meta", pool=pool)
+    assert copier.refusals == 1 and report.bytes_from_store == delta
+    assert pool.idle_bytes > 0  # A's VAE and text encoder, say: not everything was evicted
+
+
+def test_an_upload_out_of_memory_with_nothing_idle_is_raised(family_store):
+    copier = OutOfMemoryWhileIdle()
+    pool = ResidencyPool("meta", budget_bytes=1 << 40, copier=copier)
+    copier.pool = types.SimpleNamespace(idle_bytes=1)  # full whatever the pool frees
+    with pytest.raises(torch.OutOfMemoryError):
+        to_device(load(family_store, "A"), "meta", pool=pool)
 
 
 def test_the_pinned_tier_counts_its_bytes_and_keeps_to_its_budget(family_store):

@@ -9,7 +9,7 @@ reaches a device: `residency.ResidencyPool.move`.
 from .component import load_component
 from .modular import ModularPipeline
 from .pipeline import DiffusionPipeline
-from .residency import ResidencyPool, TransferReport, last_transfer, to_device
+from .residency import ResidencyPool, TransferReport, last_transfer, pool_for, to_device
 
 __all__ = ["DiffusionPipeline", "ModularPipeline", "ResidencyPool", "TransferReport",
-           "last_transfer", "load_component", "to_device"]
+           "last_transfer", "load_component", "pool_for", "to_device"]

@@ -9,7 +9,9 @@ For each family (see `synthetic.switch_family`) it times, median of `repeat`:
     diffusers expert     from_pretrained(B, **A's components that B shares).to(device)
     compstore page cache A resident; from_pretrained(B, pool=...) from the store,
                          B's delta read from the page cache (packs read once
-                         beforehand); B never loaded before in the process
+                         beforehand); B never loaded before in the process (its
+                         UNet / transformer has A's architecture: a clone of
+                         A's template, bound to B's tensors)
     compstore pinned     A resident; B (loaded once before) has its delta waiting in
                          the pool's pinned tier
     compstore resident   A -> B -> A within budget: the second switch
