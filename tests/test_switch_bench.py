@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+import torch
 from click.testing import CliRunner
 
 from compstore.cli.main import cli
@@ -35,3 +37,39 @@ def test_bench_switch_tiny_sdxl_report(tmp_path):
     pc = systems["compstore page cache"]["transfer"]
     assert pc["bytes_uploaded"] == delta and {c["component"] for c in pc["components"]} >= {"unet", "vae"}
     assert systems["diffusers naive"]["transfer"] is None
+
+
+def test_a_run_stopped_midway_leaves_the_figures_it_took(tmp_path, monkeypatch):
+    from compstore.loader import switch_bench
+
+    timed = []
+    median_run = switch_bench._median_run
+
+    def stop_at_the_third(fn, repeat):
+        if len(timed) == 2:
+            raise KeyboardInterrupt  # a time limit, say
+        timed.append(fn)
+        return median_run(fn, repeat)
+
+    monkeypatch.setattr(switch_bench, "_median_run", stop_at_the_third)
+    out = tmp_path / "report"
+    with pytest.raises(KeyboardInterrupt):
+        switch_bench.run_switch_bench(size="tiny", families=("sdxl",), repeat=1, out=out,
+                                      workdir=tmp_path, echo=lambda _: None)
+    (fam,) = json.loads((out / "report.json").read_text())["families"]
+    assert [s["name"] for s in fam["systems"]] == ["diffusers naive", "diffusers expert"]
+    assert fam["image_equal"] is None and fam["pipeline_bytes"] > fam["delta_bytes"] > 0
+    assert "not checked yet" in (out / "report.md").read_text()
+
+
+def test_keep_reuses_a_built_family(tmp_path, monkeypatch):
+    from compstore.loader import switch_bench
+
+    folders, store = switch_bench._built_family("flux", "tiny", torch.float32, tmp_path, lambda _: None)
+    refs = store.ls()
+    store.close()
+    monkeypatch.setattr(switch_bench, "switch_family", lambda *a, **k: pytest.fail("built again"))
+    said = []
+    again, store = switch_bench._built_family("flux", "tiny", torch.float32, tmp_path, said.append)
+    assert again == folders and store.ls() == refs and "reusing" in said[0]
+    store.close()

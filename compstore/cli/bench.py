@@ -27,13 +27,19 @@ def bench():
               help="Where report.json, report.md and switch.png go.")
 @click.option("--workdir", type=click.Path(file_okay=False),
               help="Where the families and stores are built [default: the temp dir].")
+@click.option("--keep", is_flag=True,
+              help="Keep the built families and stores in the workdir and reuse them next time.")
 @json_option
-def switch(size, families, device, dtype, repeat, out, workdir, as_json):
-    """Time A -> B switches: diffusers naive/expert, compstore, the hardware floor."""
+def switch(size, families, device, dtype, repeat, out, workdir, keep, as_json):
+    """Time A -> B switches: diffusers naive/expert, compstore, the hardware floor.
+
+    The report files are written again after each system, so a run stopped
+    midway leaves the figures it took."""
     from ..loader.switch_bench import markdown, run_switch_bench
 
     report = run_switch_bench(size=size, families=tuple(families) or ("sdxl", "flux"),
                               device=device, dtype=dtype, repeat=repeat, out=out, workdir=workdir,
+                              keep=keep,
                               echo=(lambda s: None) if as_json else
                               (lambda s: click.echo(s, err=True)))
     click.echo(json.dumps(report, indent=2) if as_json else

@@ -29,13 +29,17 @@ as its own `.to("cuda")` does on a GPU). A
 a user waits for; the upload alone is reported beside it. Each compstore system
 starts from `clear_caches()`, so module templates and tokenizers are warm only
 where its scenario loaded them. Writes report.json, report.md and switch.png into
-`out`.
+`out`, again after each system: a run stopped midway (a time limit) leaves the
+figures it took. `keep=True` keeps the built families and their stores under
+`workdir` and reuses them next time (a full-size family takes minutes to write).
 """
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
+import shutil
 import statistics
 import tempfile
 import time
@@ -71,8 +75,8 @@ class FamilyFigures:
     delta_bytes: int  # B's tensor bytes that A lacks (compstore diff A B)
     h2d_bytes_per_s: float
     floor_seconds: float
-    image_equal: bool
-    image_max_abs_diff: float
+    image_equal: bool | None = None  # None: not checked yet (a report written midway)
+    image_max_abs_diff: float | None = None
     systems: list[SystemFigures] = field(default_factory=list)
 
 
@@ -137,17 +141,34 @@ def _median_run(fn: Callable[[], tuple[float, "TransferReport | int"]], repeat: 
     return SystemFigures("", statistics.median(seconds), None, last, [round(x, 4) for x in seconds])
 
 
-def bench_family(family: str, size: str, device: torch.device, dtype: torch.dtype, repeat: int,
-                 work: Path, echo: Callable[[str], None]) -> FamilyFigures:
-    import diffusers
-
+def _built_family(family: str, size: str, dtype: torch.dtype, work: Path, echo: Callable[[str], None]):
+    """The family's folders and its store under `work`, built and ingested unless a
+    finished earlier build is there."""
     from ..store import Store
 
+    root = work / f"{family}-{size}-{str(dtype).removeprefix('torch.')}"
+    done = root / "built.json"  # written last: a half-built family is built again
+    if done.is_file():
+        echo(f"[{family}/{size}] reusing the family in {root}")
+        folders = {name: Path(p) for name, p in json.loads(done.read_text()).items()}
+        return folders, Store(root / "store")
+    shutil.rmtree(root, ignore_errors=True)
     echo(f"[{family}/{size}] building the family ...")
-    folders = switch_family(family, size, work / family, dtype=dtype)
-    store = Store(work / f"{family}-store")
+    folders = switch_family(family, size, root / "folders", dtype=dtype)
+    store = Store(root / "store")
     for name, folder in folders.items():
         store.ingest(folder, name)
+    done.write_text(json.dumps({name: str(p) for name, p in folders.items()}))
+    return folders, store
+
+
+def bench_family(family: str, size: str, device: torch.device, dtype: torch.dtype, repeat: int,
+                 work: Path, echo: Callable[[str], None],
+                 save: Callable[[FamilyFigures], None] = lambda figures: None) -> FamilyFigures:
+    """Time every system for one family; `save(figures so far)` runs after each."""
+    import diffusers
+
+    folders, store = _built_family(family, size, dtype, work, echo)
     delta = store.diff("A", "B")
     shared = [c["slot"] for c in delta.components if c["status"] == "identical"]
     _warm([p for f in folders.values() for p in f.rglob("*.safetensors")])
@@ -167,7 +188,11 @@ def bench_family(family: str, size: str, device: torch.device, dtype: torch.dtyp
         return diffusers.DiffusionPipeline.from_pretrained(folder, torch_dtype=dtype,
                                                            **components).to(device)
 
-    systems = []
+    h2d = _h2d_bandwidth(device, delta.delta_bytes)
+    floor = delta.delta_bytes / h2d
+    figures = FamilyFigures(family, size, str(device), str(dtype).removeprefix("torch."), 0,
+                            delta.delta_bytes, h2d, floor)
+    systems = figures.systems
 
     def naive():
         a = theirs(folders["A"])
@@ -252,9 +277,11 @@ def bench_family(family: str, size: str, device: torch.device, dtype: torch.dtyp
                      ("compstore resident (A->B->A)", resident), ("compstore cold load", cold),
                      ("compstore cold pool, warm process", cold_pool)):
         echo(f"[{family}/{size}] {name} ...")
-        figures = _median_run(fn, repeat)
-        figures.name = name
-        systems.append(figures)
+        system = _median_run(fn, repeat)
+        system.name = name
+        systems.append(system)
+        figures.pipeline_bytes = systems[0].bytes_moved  # naive moves all of B
+        save(figures)
 
     # Images: B after A -> B -> A -> B through one pool vs plain diffusers' B.
     pool = ResidencyPool(device, budget_bytes=1 << 62)
@@ -275,22 +302,21 @@ def bench_family(family: str, size: str, device: torch.device, dtype: torch.dtyp
     del plain
     _free(device)
 
-    h2d = _h2d_bandwidth(device, delta.delta_bytes)
-    pipeline_bytes = systems[0].bytes_moved
-    floor = delta.delta_bytes / h2d
+    figures.image_equal = bool(np.array_equal(mine, reference))
+    figures.image_max_abs_diff = float(np.abs(mine.astype(np.float64) - reference).max())
     systems.append(SystemFigures("floor", floor, None, delta.delta_bytes, [floor]))
+    save(figures)
     store.close()
-    return FamilyFigures(family, size, str(device), str(dtype).removeprefix("torch."),
-                         pipeline_bytes, delta.delta_bytes, h2d, floor,
-                         bool(np.array_equal(mine, reference)),
-                         float(np.abs(mine.astype(np.float64) - reference).max()), systems)
+    return figures
 
 
 def run_switch_bench(*, size: str = "tiny", families: tuple[str, ...] = ("sdxl", "flux"),
                      device: str | None = None, dtype: str | None = None, repeat: int = 3,
                      out: str | Path = "switch-report", workdir: str | Path | None = None,
-                     echo: Callable[[str], None] = print) -> dict:
-    """Run the benchmark; write report.json, report.md, switch.png into `out`; return the report.
+                     keep: bool = False, echo: Callable[[str], None] = print) -> dict:
+    """Run the benchmark; write report.json, report.md, switch.png into `out` (after
+    each system, so a stopped run leaves what it measured); return the report.
+    `keep`: build the families in `workdir` (default: the temp dir) and reuse them.
 
     >>> run_switch_bench(size="tiny", families=("sdxl",), repeat=1)  # doctest: +SKIP
     """
@@ -298,13 +324,24 @@ def run_switch_bench(*, size: str = "tiny", families: tuple[str, ...] = ("sdxl",
     dt = getattr(torch, dtype) if dtype else (torch.float16 if dev.type == "cuda" else torch.float32)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="compstore-switch-", dir=workdir) as work:
-        results = [bench_family(f, size, dev, dt, repeat, Path(work), echo) for f in families]
     report = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
-              "torch": torch.__version__, "repeat": repeat,
-              "families": [asdict(r) for r in results]}
-    (out / "report.json").write_text(json.dumps(report, indent=2))
-    (out / "report.md").write_text(markdown(report))
+              "torch": torch.__version__, "repeat": repeat, "families": []}
+
+    def save(figures: FamilyFigures) -> None:
+        report["families"][-1] = asdict(figures)
+        (out / "report.json").write_text(json.dumps(report, indent=2))
+        (out / "report.md").write_text(markdown(report))
+
+    with contextlib.ExitStack() as stack:
+        if keep:
+            work = Path(workdir or tempfile.gettempdir()) / "compstore-switch-bench"
+            work.mkdir(parents=True, exist_ok=True)
+        else:
+            work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="compstore-switch-",
+                                                                        dir=workdir)))
+        for f in families:
+            report["families"].append(None)
+            bench_family(f, size, dev, dt, repeat, work, echo, save)
     chart(report, out / "switch.png")
     return report
 
@@ -313,12 +350,13 @@ def markdown(report: dict) -> str:
     lines = [f"# Switch latency: A -> B ({report['device']}, torch {report['torch']}, "
              f"median of {report['repeat']})", ""]
     for f in report["families"]:
+        images = ("not checked yet (the run stopped before)" if f["image_equal"] is None else
+                  f"{f['image_equal']} (max abs diff {f['image_max_abs_diff']:.2g})")
         lines += [f"## {f['family']} ({f['size']}, {f['dtype']} on {f['device']})", "",
                   f"B: {f['pipeline_bytes']:,} tensor bytes; delta (B's bytes A lacks): "
                   f"{f['delta_bytes']:,}; host-to-device {f['h2d_bytes_per_s'] / 1e9:.2f} GB/s "
                   f"from pinned memory; floor {f['floor_seconds'] * 1e3:.1f} ms. B's image after "
-                  f"A->B->A->B equals plain diffusers': {f['image_equal']} (max abs diff "
-                  f"{f['image_max_abs_diff']:.2g}).", "",
+                  f"A->B->A->B equals plain diffusers': {images}.", "",
                   "| system | switch s | upload s | bytes moved | vs naive | vs floor |",
                   "|---|---|---|---|---|---|"]
         naive = f["systems"][0]["seconds"]

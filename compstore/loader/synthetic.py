@@ -245,9 +245,17 @@ def write_tiny_t5_tokenizer(folder: str | os.PathLike) -> None:
                     extra_ids=0, model_max_length=512).save_pretrained(folder)
 
 
-def _seeded(seed: int, make):
+def _seeded(seed: int, make, dtype: torch.dtype | None = None):
+    """`make()` under `seed`, its weights made in `dtype` (the default dtype while it
+    runs, then a cast for anything else): a full-size SDXL UNet made in fp32 first
+    is 10 GB of host memory, twice what it is saved as."""
+    from .component import torch_default_dtype
+
     torch.manual_seed(seed)
-    return make()
+    if dtype is None:
+        return make()
+    with torch_default_dtype(dtype):
+        return make().to(dtype)
 
 
 def switch_family(kind: str, size: str, root: str | os.PathLike,
@@ -282,14 +290,15 @@ def switch_family(kind: str, size: str, root: str | os.PathLike,
         clip_g = clip_l if tiny else CLIPTextConfig(**SDXL_CLIP_G)
         unet = lambda: UNet2DConditionModel(**(TINY_SDXL_UNET if tiny else SDXL_UNET))  # noqa: E731
         parts = dict(
-            unet=_seeded(0, unet), vae=_seeded(1, lambda: AutoencoderKL(**(TINY_VAE if tiny else SDXL_VAE))),
-            text_encoder=_seeded(2, lambda: CLIPTextModel(clip_l)),
-            text_encoder_2=_seeded(3, lambda: CLIPTextModelWithProjection(clip_g)),
+            unet=_seeded(0, unet, dtype),
+            vae=_seeded(1, lambda: AutoencoderKL(**(TINY_VAE if tiny else SDXL_VAE)), dtype),
+            text_encoder=_seeded(2, lambda: CLIPTextModel(clip_l), dtype),
+            text_encoder_2=_seeded(3, lambda: CLIPTextModelWithProjection(clip_g), dtype),
             tokenizer=clip_tok, tokenizer_2=clip_tok,
             scheduler=EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012,
                                              beta_schedule="scaled_linear",
                                              timestep_spacing="leading", steps_offset=1))
-        cls, denoiser, other = StableDiffusionXLPipeline, "unet", _seeded(100, unet)
+        cls, denoiser, other = StableDiffusionXLPipeline, "unet", _seeded(100, unet, dtype)
     else:
         from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline,
                                FluxTransformer2DModel)
@@ -298,19 +307,16 @@ def switch_family(kind: str, size: str, root: str | os.PathLike,
         write_tiny_t5_tokenizer(tok_dir / "t5")
         transformer = lambda: FluxTransformer2DModel(**(TINY_FLUX if tiny else FLUX_DEV))  # noqa: E731
         parts = dict(
-            transformer=_seeded(0, transformer),
-            vae=_seeded(1, lambda: AutoencoderKL(**(TINY_FLUX_VAE if tiny else FLUX_VAE))),
-            text_encoder=_seeded(2, lambda: CLIPTextModel(clip_l)),
-            text_encoder_2=_seeded(3, lambda: T5EncoderModel(T5Config(**(TINY_T5 if tiny else T5_XXL)))),
+            transformer=_seeded(0, transformer, dtype),
+            vae=_seeded(1, lambda: AutoencoderKL(**(TINY_FLUX_VAE if tiny else FLUX_VAE)), dtype),
+            text_encoder=_seeded(2, lambda: CLIPTextModel(clip_l), dtype),
+            text_encoder_2=_seeded(3, lambda: T5EncoderModel(T5Config(**(TINY_T5 if tiny else T5_XXL))), dtype),
             tokenizer=clip_tok, tokenizer_2=T5TokenizerFast.from_pretrained(tok_dir / "t5"),
             scheduler=FlowMatchEulerDiscreteScheduler())
-        cls, denoiser, other = FluxPipeline, "transformer", _seeded(100, transformer)
-    for name, part in parts.items():
-        if isinstance(part, torch.nn.Module):
-            part.to(dtype)
+        cls, denoiser, other = FluxPipeline, "transformer", _seeded(100, transformer, dtype)
     out = {"A": root / "A", "B": root / "B"}
     cls(**parts).save_pretrained(out["A"])
-    cls(**{**parts, denoiser: other.to(dtype)}).save_pretrained(out["B"])
+    cls(**{**parts, denoiser: other}).save_pretrained(out["B"])
     del other
     if kind == "sdxl":
         changed = copy.deepcopy(parts["unet"])
