@@ -26,6 +26,10 @@ def test_bench_switch_tiny_sdxl_report(tmp_path):
     assert systems["compstore page cache"]["bytes_moved"] == delta
     assert systems["compstore pinned"]["bytes_moved"] == delta
     assert systems["compstore resident (A->B->A)"]["bytes_moved"] == 0
+    # C shares two thirds of A's UNet: only the changed third moves, against its own floor
+    c = systems["compstore A -> C (2/3 of the UNet shared)"]
+    assert 0 < c["bytes_moved"] < delta
+    assert c["floor_seconds"] == pytest.approx(c["bytes_moved"] / fam["h2d_bytes_per_s"])
     a_bytes = systems["compstore cold load"]["bytes_moved"]
     assert a_bytes > delta and systems["compstore cold pool, warm process"]["bytes_moved"] == a_bytes
     assert systems["diffusers naive"]["bytes_moved"] == fam["pipeline_bytes"]
