@@ -94,3 +94,33 @@ def test_device_loads_through_a_pool_clone_resident_components(family_store, fam
     for name, pipe in (("B", b), ("A", a2)):
         theirs = diffusers.StableDiffusionPipeline.from_pretrained(family[name]).to("cuda")
         np.testing.assert_array_equal(image(pipe), image(theirs))
+
+
+def test_model_cpu_offload_gives_the_device_memory_back_and_images_match(family_store, family):
+    import diffusers
+    from compstore.loader.residency import STORE_KEYS
+    from test_loader import image
+
+    pool = compstore.pool_for("cuda")
+    pool.trim()  # earlier tests' idle tensors
+    pipe = compstore.DiffusionPipeline.from_pretrained("A", store=family_store)
+    unet_blobs = {v[:2] for v in getattr(pipe.unet, STORE_KEYS).values()}
+    pipe.enable_model_cpu_offload()
+    mine = image(pipe)
+    # Each model was uploaded through the pool for its forward and moved back by its
+    # offload hook: nothing of it stays on the device, live or idle.
+    assert pool.resident_bytes - pool.idle_bytes == 0
+    assert not any(key[:2] in unet_blobs for key in pool._resident)
+    theirs = diffusers.StableDiffusionPipeline.from_pretrained(family["A"])
+    theirs.enable_model_cpu_offload()
+    np.testing.assert_array_equal(mine, image(theirs))
+
+
+def test_pipe_to_cpu_after_cuda_releases_the_pool_tensors(family_store):
+    pool = compstore.pool_for("cuda")
+    pipe = compstore.DiffusionPipeline.from_pretrained("A", store=family_store)  # on the CPU
+    pipe.to("cuda")
+    assert pool.resident_bytes - pool.idle_bytes > 0
+    pipe.to("cpu")
+    assert pool.resident_bytes - pool.idle_bytes == 0  # idle, within the budget
+    assert pipe.unet.device.type == "cpu"

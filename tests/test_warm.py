@@ -255,6 +255,34 @@ def test_moving_a_pooled_pipeline_elsewhere_releases_its_tensors(family_store):
     assert pool.idle_bytes == pool.resident_bytes > 0
 
 
+def unet_bytes(pipe) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors(pipe.unet))
+
+
+def test_a_component_moved_elsewhere_releases_its_tensors_and_an_offloaded_one_frees_them(family_store):
+    pool = ResidencyPool("cpu", budget_bytes=1 << 40)
+    a = load(family_store, pool=pool)
+    before = pool.resident_bytes
+    a.unet.to("meta")  # the others stay
+    assert 0 < pool.idle_bytes <= unet_bytes(a) and pool.resident_bytes == before
+    b = load(family_store, "B", pool=pool)
+    idle, grown = pool.idle_bytes, pool.resident_bytes
+    b.unet._hf_hook = object()  # what accelerate's model offload attaches
+    b.unet.to("meta")  # its offload: the memory is given back at once, not kept idle
+    assert pool.idle_bytes <= idle and pool.resident_bytes < grown
+
+
+def test_to_device_marks_what_it_moved_so_that_a_later_move_releases_it(family_store):
+    from compstore.loader.residency import POOL
+
+    pool = ResidencyPool("meta", budget_bytes=1 << 40, copier=CountingCopier())
+    a = load(family_store)  # on the CPU, no pool
+    compstore.to_device(a, "meta", pool=pool)
+    assert getattr(a, POOL) is pool and all(getattr(getattr(a, s), POOL) is pool for s in MODELS)
+    compstore.to_device(a.unet, "meta", pool=pool)
+    assert getattr(a.unet, POOL) is pool
+
+
 def test_loads_pause_the_garbage_collector_and_restore_it(family_store, monkeypatch):
     from compstore.loader import component
     from compstore.loader.loading import gc_paused

@@ -49,7 +49,7 @@ Key = tuple  # (xxh3, size, dtype name, device name)
 STORE_KEYS = "_compstore_keys"  # module attribute: tensor name -> (xxh3, size, version at load)
 
 
-POOL = "_compstore_pool"  # pipeline/module attribute: the pool it was loaded through
+POOL = "_compstore_pool"  # pipeline/module attribute: the pool it was loaded or moved through
 _PLACED = "_compstore_placed"  # module attribute until its first move: (pool, transfer) of `serve`
 
 
@@ -233,11 +233,15 @@ class ResidencyPool:
             entry = self._resident[key]
             if len(entry.owners):
                 continue
-            self._drop(key)
+            self._evict_entry(key)
             idle -= entry.nbytes
-            if entry.tensor._version == entry.version:
-                self._keep_pinned(key, entry.tensor)
         return start - idle
+
+    def _evict_entry(self, key: Key) -> None:
+        """Drop one idle entry; to the pinned tier if it is still the store's tensor."""
+        entry = self._drop(key)
+        if entry is not None and entry.tensor._version == entry.version:
+            self._keep_pinned(key, entry.tensor)
 
     @_locked
     def trim(self, idle_bytes: int = 0) -> int:
@@ -489,10 +493,18 @@ class ResidencyPool:
         return rep
 
     @_locked
-    def release(self, module: torch.nn.Module) -> None:
-        """Forget that `module` uses pool tensors (it is being moved elsewhere)."""
-        for entry in self._resident.values():
-            entry.owners.discard(module)
+    def release(self, module: torch.nn.Module, now: bool = False) -> None:
+        """Forget that `module` uses pool tensors (it is being moved elsewhere). Those
+        no other module uses become idle, kept within the budget; `now=True` evicts
+        them at once instead (to the pinned tier if it has room)."""
+        freed = []
+        for key, entry in self._resident.items():
+            if module in entry.owners:
+                entry.owners.discard(module)
+                if now and not len(entry.owners):
+                    freed.append(key)
+        for key in freed:
+            self._evict_entry(key)
         self._evict()
 
 
@@ -579,6 +591,9 @@ def to_device(pipe_or_module, device: str | torch.device, *, pool: ResidencyPool
                    if isinstance(c, torch.nn.Module)}
     for name, module in modules.items():
         report.components.append(pool.move(module, name, private=private))
+        setattr(module, POOL, pool)  # its move elsewhere (`.to("cpu")`) releases what it holds
+    if not isinstance(pipe_or_module, torch.nn.Module):
+        setattr(pipe_or_module, POOL, pool)
     report.seconds = round(time.perf_counter() - t0, 6)
     record_report(pool, report)
     return report
@@ -589,11 +604,13 @@ _MOVING = contextvars.ContextVar("compstore_moving", default=False)
 
 def _release(obj, pool: ResidencyPool) -> None:
     """`obj` (a pipeline or module) moves off `pool`'s device: its modules stop
-    holding pool tensors, which become idle (evictable) once nothing else uses them."""
+    holding pool tensors, which become idle (evictable) once nothing else uses them.
+    A module that accelerate's offload hook moves off (`enable_model_cpu_offload`)
+    gives its memory back at once: offloading is asked for to free device memory."""
     modules = [obj] if isinstance(obj, torch.nn.Module) else [
         m for m in obj.components.values() if isinstance(m, torch.nn.Module)]
     for m in modules:
-        pool.release(m)
+        pool.release(m, now=hasattr(m, "_hf_hook"))
         if getattr(m, POOL, None) is pool:
             delattr(m, POOL)
     if getattr(obj, POOL, None) is pool:
