@@ -228,14 +228,19 @@ def bench_family(family: str, size: str, device: torch.device, dtype: torch.dtyp
         _free(device)
         return s, n
 
-    def page_cache():
-        clear_caches()  # what this process has loaded before: only what the scenario says
-        pool = ResidencyPool(device, budget_bytes=1 << 62)
-        a, _ = ours("A", pool)
-        b, rep, s = switch("B", pool)
-        del a, b, pool
-        _free(device)
-        return s, rep
+    def from_page_cache(target: str):
+        """A resident, then a switch to `target`, never loaded before in the process."""
+        def run():
+            clear_caches()  # what this process has loaded before: only what the scenario says
+            pool = ResidencyPool(device, budget_bytes=1 << 62)
+            a, _ = ours("A", pool)
+            b, rep, s = switch(target, pool)
+            del a, b, pool
+            _free(device)
+            return s, rep
+        return run
+
+    page_cache, partly_shared = from_page_cache("B"), from_page_cache("C")
 
     def pinned():
         clear_caches()  # what this process has loaded before: only what the scenario says
@@ -259,15 +264,6 @@ def bench_family(family: str, size: str, device: torch.device, dtype: torch.dtyp
         gc.collect()
         a, rep, s = switch("A", pool)
         del a, b, pool
-        _free(device)
-        return s, rep
-
-    def partly_shared():
-        clear_caches()  # what this process has loaded before: only what the scenario says
-        pool = ResidencyPool(device, budget_bytes=1 << 62)
-        a, _ = ours("A", pool)
-        c, rep, s = switch("C", pool)
-        del a, c, pool
         _free(device)
         return s, rep
 
