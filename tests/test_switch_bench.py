@@ -77,3 +77,15 @@ def test_keep_reuses_a_built_family(tmp_path, monkeypatch):
     again, store = switch_bench._built_family("flux", "tiny", torch.float32, tmp_path, said.append)
     assert again == folders and store.ls() == refs and "reusing" in said[0]
     store.close()
+
+
+@pytest.mark.parametrize("device", ["gpu", "cuda:7"])
+def test_a_device_torch_cannot_use_is_a_one_line_error(device, tmp_path):
+    if device == "cuda:7" and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has that GPU")
+    r = CliRunner().invoke(cli, ["bench", "switch", "--size", "tiny", "--device", device,
+                                 "--out", str(tmp_path / "out")])
+    assert r.exit_code == 1 and "Traceback" not in r.output
+    (line,) = r.stderr.strip().splitlines()
+    assert line.startswith(f"Error: --device {device!r} is not a device this torch can use")
+    assert not (tmp_path / "out").exists()
