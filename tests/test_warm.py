@@ -244,6 +244,9 @@ def test_device_map_and_pool_that_disagree_are_refused(family_store):
     if not torch.cuda.is_available():
         with pytest.raises(CompstoreError, match="device_map='cuda' is not a device this torch can use"):
             load(family_store, device_map="cuda")
+    if torch.cuda.device_count() <= 7:
+        with pytest.raises(CompstoreError, match="device_map='cuda:7' is not a device this torch can use"):
+            load(family_store, device_map="cuda:7")
     assert store_state(family_store.home) == before
 
 

@@ -35,8 +35,8 @@ from ..store.components import pick_component
 from . import warm
 from .component import build_model, is_model_class, resolve_class
 from .loading import exclusive_load
-from .residency import (POOL, ResidencyPool, TransferReport, canonical_device, pool_for, record_report,
-                        route_moves_through_pool)
+from .residency import (POOL, ResidencyPool, TransferReport, pool_for, record_report, route_moves_through_pool,
+                        usable_device)
 from .tensors import private_packs
 
 logger = logging.getLogger("compstore")
@@ -208,10 +208,7 @@ def target_pool(device_map, pool: ResidencyPool | None) -> ResidencyPool | None:
         if not isinstance(device_map, (str, torch.device)) or device_map in ("balanced", "auto"):
             raise CompstoreError(f"device_map={device_map!r} is not supported yet; pass a "
                                  "device such as 'cuda'")
-        try:
-            device_map = canonical_device(device_map)
-        except (RuntimeError, AssertionError) as e:  # torch asserts for a backend it was built without
-            raise CompstoreError(f"device_map={device_map!r} is not a device this torch can use: {e}") from None
+        device_map = usable_device(device_map, "device_map=")
     if pool is not None:
         if device_map is not None and device_map != pool.device:
             raise CompstoreError(f"device_map={str(device_map)!r} and pool (on {pool.device}) disagree")

@@ -552,6 +552,19 @@ def canonical_device(device: str | torch.device) -> torch.device:
     return torch.device(device.type, index)
 
 
+def usable_device(device: str | torch.device, label: str) -> torch.device:
+    """`canonical_device(device)`, or a `CompstoreError` naming the argument (`label`,
+    e.g. "device_map=") when this torch cannot use it: a misspelt type, a backend
+    torch was built without, a GPU that is not there."""
+    try:
+        found = canonical_device(device)
+        if found.type == "cuda":
+            torch.cuda.get_device_name(found)  # raises for a GPU that is not there
+    except (RuntimeError, AssertionError) as e:  # torch asserts for a backend it was built without
+        raise CompstoreError(f"{label}{device!r} is not a device this torch can use: {e}") from None
+    return found
+
+
 def pool_for(device: str | torch.device) -> ResidencyPool:
     """The process-wide pool of a device (made on first use, with default budgets)."""
     key = str(canonical_device(device))

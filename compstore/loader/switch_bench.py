@@ -54,9 +54,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..store import CompstoreError
 from .pipeline import DiffusionPipeline
-from .residency import ResidencyPool, TransferReport, canonical_device
+from .residency import ResidencyPool, TransferReport, usable_device
 from .warm import clear_caches
 from .synthetic import switch_family
 
@@ -329,20 +328,6 @@ def bench_family(family: str, size: str, device: torch.device, dtype: torch.dtyp
     return figures
 
 
-def _target(device: str | None) -> torch.device:
-    """The device to time (default: cuda if there is one, else cpu); a clear error
-    for one this torch cannot use."""
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = canonical_device(device)
-        if dev.type == "cuda":
-            torch.cuda.get_device_name(dev)  # raises for a GPU that is not there
-    except (RuntimeError, AssertionError) as e:  # torch asserts for a backend it was built without
-        raise CompstoreError(f"--device {device!r} is not a device this torch can use: {e}") from None
-    return dev
-
-
 def run_switch_bench(*, size: str = "tiny", families: tuple[str, ...] = ("sdxl", "flux"),
                      device: str | None = None, dtype: str | None = None, repeat: int = 3,
                      out: str | Path = "switch-report", workdir: str | Path | None = None,
@@ -353,7 +338,8 @@ def run_switch_bench(*, size: str = "tiny", families: tuple[str, ...] = ("sdxl",
 
     >>> run_switch_bench(size="tiny", families=("sdxl",), repeat=1)  # doctest: +SKIP
     """
-    dev = _target(device)
+    dev = (torch.device("cuda" if torch.cuda.is_available() else "cpu") if device is None
+           else usable_device(device, "--device "))
     dt = getattr(torch, dtype) if dtype else (torch.float16 if dev.type == "cuda" else torch.float32)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
