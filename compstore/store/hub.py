@@ -182,13 +182,12 @@ def pull(store: "Store", repo_id: str, *, revision: str | None = None,
 
     >>> Store().pull("stabilityai/sdxl-turbo", include=["*.json", "unet/*"])  # doctest: +SKIP
     """
-    import httpx2  # huggingface_hub's HTTP client
     import huggingface_hub
     from huggingface_hub import HfApi, constants, hf_hub_url
     from huggingface_hub.hf_api import RepoFile
     from huggingface_hub.utils import build_hf_headers
 
-    NETWORK_ERRORS = (huggingface_hub.errors.HfHubHTTPError, httpx2.HTTPError, OSError)
+    NETWORK_ERRORS = (huggingface_hub.errors.HfHubHTTPError, _http_library().HTTPError, OSError)
     t0 = time.perf_counter()
     endpoint = os.environ.get("HF_ENDPOINT") or None
     api = HfApi(endpoint=endpoint, token=token)
@@ -368,8 +367,9 @@ def _fetch(url: str, headers: dict, target: Path, size: int, on_bytes=lambda n: 
 
     Not hf_hub_download: huggingface_hub 2.4 writes each download to a new,
     process-unique temporary file, so an interrupted download starts over."""
-    import httpx2
     from huggingface_hub.utils import get_session, hf_raise_for_status
+
+    http = _http_library()
 
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = _partial(target)
@@ -394,13 +394,23 @@ def _fetch(url: str, headers: dict, target: Path, size: int, on_bytes=lambda n: 
                         out.write(chunk)  # each chunk kept at once: a drop loses nothing
                         fetched += len(chunk)
                         on_bytes(len(chunk))
-        except (httpx2.TransportError, httpx2.RemoteProtocolError):
+        except (http.TransportError, http.RemoteProtocolError):
             if attempt == retries:
                 raise
     if partial.stat().st_size != size:
         raise OSError(f"{target.name}: got {partial.stat().st_size} bytes, expected {size}")
     os.replace(partial, target)
     return fetched
+
+
+def _http_library():
+    """The HTTP library of huggingface_hub's session, whose errors a download raises:
+    httpx2 from huggingface_hub 2.0 on, httpx before."""
+    import importlib
+
+    from huggingface_hub.utils import get_session
+
+    return importlib.import_module(type(get_session()).__module__.partition(".")[0])
 
 
 def _partial(target: Path) -> Path:
