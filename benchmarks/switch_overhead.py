@@ -77,7 +77,8 @@ def write_pair(root: Path) -> dict[str, Path]:
                 save_file(_weights(model, seed), folder / slot / "model.safetensors")
         for tok in ("tokenizer", "tokenizer_2"):
             shutil.rmtree(folder / tok)
-            synthetic.write_tiny_clip_tokenizer(folder / tok, synthetic.CLIP_VOCAB)
+            synthetic.write_tiny_clip_tokenizer(folder / tok, synthetic.CLIP_VOCAB,
+                                                pad_token="!" if tok == "tokenizer_2" else "<|endoftext|>")
     shutil.rmtree(root / "tiny")
     return out
 
