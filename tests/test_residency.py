@@ -8,6 +8,7 @@ CUDA path itself (and images after switches on a GPU) are checked on a GPU machi
 import gc
 import types
 
+import numpy as np
 import pytest
 import torch
 
@@ -226,13 +227,57 @@ def test_tensors_changed_in_place_are_never_served_as_the_stores(family_store):
     assert vae.bytes_from_store == nbytes  # B's pristine tensor was uploaded, not A's edit
     assert first.bytes_uploaded > 0
     with torch.no_grad():
-        b.unet.conv_in.weight.mul_(2.0)  # edited on the device, like fuse_lora
+        b.unet.conv_in.weight.mul_(2.0)  # edited on the device (fuse_lora: the test below)
     b2 = load(family_store, "B")
     third = to_device(b2, "meta", pool=pool)
     unet = next(x for x in third.components if x.component == "unet")
     assert unet.bytes_from_store == b2.unet.conv_in.weight.numel() * 4  # re-uploaded, not shared
     assert not same_storage(b2.unet.conv_in.weight, b.unet.conv_in.weight)
     assert same_storage(b2.unet.conv_out.weight, b.unet.conv_out.weight)
+
+
+def lora_wrapped(module) -> dict[str, torch.Tensor]:
+    """Copies of the base-layer weights that a peft LoRA wraps in `module`."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return {name: layer.get_base_layer().weight.detach().clone()
+            for name, layer in module.named_modules() if isinstance(layer, BaseTunerLayer)}
+
+
+@pytest.mark.parametrize("how", ["pipe.fuse_lora", "unet.fuse_lora", "fused, unfused, unloaded",
+                                 "fused and unloaded on the host, then moved"])
+def test_a_fused_lora_is_never_served_as_the_stores_tensors(family_store, family, how):
+    # peft merges through `weight.data += delta`, which no version counter sees.
+    import diffusers
+    from peft import LoraConfig
+    from test_loader import image
+
+    pool = ResidencyPool("cpu", budget_bytes=1 << 40)
+    on_host = how == "fused and unloaded on the host, then moved"
+    a = compstore.DiffusionPipeline.from_pretrained("A", store=family_store, pool=None if on_host else pool)
+    torch.manual_seed(0)
+    a.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v"],
+                                  init_lora_weights=False))  # random: the merge changes the weights
+    stored = lora_wrapped(a.unet)
+    (a.unet if how == "unet.fuse_lora" else a).fuse_lora(**({} if how == "unet.fuse_lora" else
+                                                            {"components": ["unet"]}))
+    fused = lora_wrapped(a.unet)
+    assert all(not torch.equal(fused[n], stored[n]) for n in stored)
+    if how == "fused, unfused, unloaded":
+        a.unfuse_lora(components=["unet"])
+    if how != "pipe.fuse_lora" and how != "unet.fuse_lora":
+        a.unload_lora_weights()  # the base layers back in place, under their stored names
+    if on_host:
+        to_device(a, "cpu", pool=pool)  # the fused tensors enter the pool as private copies
+    a2 = compstore.DiffusionPipeline.from_pretrained("A", store=family_store, pool=pool)
+    wrapped = {name.replace(".base_layer", ""): t for name, t in stored.items()}
+    mine = dict(a2.unet.named_modules())
+    for name, t in wrapped.items():
+        assert torch.equal(mine[name].weight, t), name  # the store's bytes, not the fused ones
+    if not on_host:
+        assert pool.last_report.bytes_from_store == sum(t.numel() * t.element_size() for t in stored.values())
+    reference = diffusers.StableDiffusionPipeline.from_pretrained(family["A"])
+    np.testing.assert_array_equal(image(a2), image(reference))
 
 
 def test_private_copies_for_weight_editors(family_store):

@@ -26,7 +26,7 @@ from ..store.objects import blob_hash
 from ..store.objects import PackFiles
 from . import warm
 from .loading import exclusive_load
-from .residency import STORE_KEYS, ResidencyPool, named_tensors, record_store_keys, route_moves_through_pool
+from .residency import STORE_KEYS, ResidencyPool, named_tensors, record_store_keys, route_through_pool
 from .tensors import TORCH_DTYPES, private_packs, state_dict, stored_tensor
 
 logger = logging.getLogger("compstore")
@@ -139,7 +139,7 @@ def build_model(
     blobs = record_store_keys(model, blobs)
     if not private:
         warm.remember(key, model, blobs, arch)  # later loads of this architecture clone it
-    route_moves_through_pool(model)  # model.to("cuda") / .cuda() go through it
+    route_through_pool(model)  # model.to("cuda") / .cuda() go through it
     return model
 
 
@@ -184,7 +184,7 @@ def _from_template(template: warm.Template, store: Store, cid: str, packs: PackF
     _name(model, name_or_path)
     setattr(model, STORE_KEYS, {name: (*template.blobs[i], made[i]._version)
                                 for name, i in template.names.items()})
-    route_moves_through_pool(model)
+    route_through_pool(model)
     return model
 
 

@@ -35,7 +35,7 @@ from ..store.components import pick_component
 from . import warm
 from .component import build_model, is_model_class, resolve_class
 from .loading import exclusive_load
-from .residency import (POOL, ResidencyPool, TransferReport, pool_for, record_report, route_moves_through_pool,
+from .residency import (POOL, ResidencyPool, TransferReport, pool_for, record_report, route_through_pool,
                         usable_device)
 from .tensors import private_packs
 
@@ -193,7 +193,7 @@ def _assemble(store: Store, snapshot_id: str, label: str, *, dtype, variant: str
 
     pipe = pipeline_cls.from_pretrained(skeleton, **built, **kwargs)
     pipe.register_to_config(_name_or_path=label)
-    route_moves_through_pool(pipe)
+    route_through_pool(pipe)
     if pool is not None:
         setattr(pipe, POOL, pool)  # later pipe.to(device) moves go through it too
         report.seconds = round(sum(c.seconds for c in report.components), 6)

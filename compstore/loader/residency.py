@@ -634,16 +634,50 @@ def _release(obj, pool: ResidencyPool) -> None:
         delattr(obj, POOL)
 
 
-def route_moves_through_pool(obj) -> None:
+def route_through_pool(obj) -> None:
     """Make `obj.to(device)` (a store-loaded pipeline, or a store-built module) go
     through the device's residency pool first, so that tensors already resident are
     shared, not copied again; a module's `.cuda()` too. The original `.to` then does
     the rest (tensors not from the store). A dtype change bypasses the pool: it makes
     new tensors anyway. Inside a pipeline's move, its modules' `.to` calls do not
-    route again (one report per move)."""
+    route again (one report per move).
+
+    Also `fuse_lora` and `unfuse_lora` (diffusers' pipelines and models): peft merges
+    a LoRA into the base weights through `weight.data += delta`, which torch's version
+    counters do not see, so the pool would go on serving the fused bytes as the
+    store's. After either call, the weights of every LoRA-wrapped layer count as
+    edited (`_mark_lora_merges`): never served again, private on later moves."""
     obj.to = _Routed(obj, _routed_to)
     if isinstance(obj, torch.nn.Module):
         obj.cuda = _Routed(obj, _routed_cuda)
+    for name in ("fuse_lora", "unfuse_lora"):
+        if callable(getattr(type(obj), name, None)):
+            setattr(obj, name, _Routed(obj, functools.partial(_merging_lora, name)))
+
+
+def _merging_lora(name: str, obj, *args, **kwargs):
+    try:
+        return getattr(type(obj), name)(obj, *args, **kwargs)
+    finally:
+        _mark_lora_merges(obj)
+
+
+def _mark_lora_merges(obj) -> None:
+    """Bump the version counter of every base-layer tensor of every peft LoRA layer
+    in `obj` (a pipeline or a module). The pool's entries and the module's parameters
+    share that counter, so the pool drops those entries (`_resident_entry`) and every
+    module holding them moves them as private tensors from then on."""
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except ImportError:  # no peft: diffusers fuses no LoRA
+        return
+    modules = [obj] if isinstance(obj, torch.nn.Module) else [
+        m for m in obj.components.values() if isinstance(m, torch.nn.Module)]
+    for module in modules:
+        for layer in module.modules():
+            if isinstance(layer, BaseTunerLayer):
+                for t in layer.get_base_layer().parameters():
+                    torch.autograd.graph.increment_version(t)
 
 
 class _Routed:
