@@ -124,3 +124,12 @@ def test_pipe_to_cpu_after_cuda_releases_the_pool_tensors(family_store):
     pipe.to("cpu")
     assert pool.resident_bytes - pool.idle_bytes == 0  # idle, within the budget
     assert pipe.unet.device.type == "cpu"
+
+
+def test_pipe_to_cpu_and_back_reuses_the_resident_tensors(family_store):
+    # The store record of each tensor follows it through moves (and `.to("cpu")`
+    # keeps a parameter's version counter), so the way back shares the idle tensors.
+    pipe = compstore.DiffusionPipeline.from_pretrained("A", store=family_store, device_map="cuda")
+    pipe.to("cpu")
+    pipe.to("cuda")
+    assert compstore.last_transfer().bytes_uploaded == 77 * 8  # CLIP's position_ids only

@@ -280,6 +280,22 @@ def test_a_fused_lora_is_never_served_as_the_stores_tensors(family_store, family
     np.testing.assert_array_equal(image(a2), image(reference))
 
 
+def test_a_moved_module_is_still_the_stores_on_its_next_move(family_store):
+    # A move binds new tensors, whose version counters are not the loaded ones: the
+    # store record must follow them, or the next move (pipe.to("cpu") then "cuda",
+    # an offload hook at every forward) makes private copies and shares nothing.
+    first = ResidencyPool("cpu", budget_bytes=1 << 40)
+    a = compstore.DiffusionPipeline.from_pretrained("A", store=family_store, pool=first)  # built, moved
+    second = ResidencyPool("cpu", budget_bytes=1 << 40)  # stands for another device
+    moved = to_device(a, "cpu", pool=second)
+    position_ids = 77 * 8  # CLIP's computed buffer: not a store tensor, stays where it is
+    # Pooled under the store's keys (identical tensors within A once), not left private:
+    assert moved.bytes_from_store + moved.bytes_reused == model_bytes(a) - position_ids
+    a2 = compstore.DiffusionPipeline.from_pretrained("A", store=family_store, pool=second)
+    assert second.last_report.bytes_uploaded == 0
+    assert same_storage(a2.unet.conv_in.weight, a.unet.conv_in.weight)
+
+
 def test_private_copies_for_weight_editors(family_store):
     pool = ResidencyPool("meta", budget_bytes=1 << 40, copier=CountingCopier())
     a = load(family_store, "A")

@@ -455,6 +455,7 @@ class ResidencyPool:
         device = self._device_name
         keys = getattr(module, STORE_KEYS, {})
         places: dict[int, list[tuple[torch.nn.Module, str, torch.Tensor]]] = {}  # id -> uses
+        pooled_names: dict[int, list[str]] = {}  # id -> names whose record follows the move
         wanted: list[Key | None] = []  # per entry of `places`: its pool key (None: private)
         sources: list[torch.Tensor] = []
         staying: set[int] = set()  # ids of tensors already where they belong
@@ -462,11 +463,15 @@ class ResidencyPool:
             rep.tensors += 1
             if id(tensor) in places:  # tied: one move, every use points at it
                 places[id(tensor)].append((owner, attr, tensor))
+                if id(tensor) in pooled_names and name in keys:
+                    pooled_names[id(tensor)].append(name)
                 continue
             if id(tensor) in staying:
                 continue
             key_info = keys.get(name)
             pooled = key_info is not None and tensor._version == key_info[2] and not private
+            if pooled:
+                pooled_names[id(tensor)] = [name]
             key = (key_info[0], key_info[1], _DTYPE_NAMES[tensor.dtype], device) if pooled else None
             if tensor.device == self.device:
                 staying.add(id(tensor))
@@ -492,6 +497,8 @@ class ResidencyPool:
                     owner._parameters[attr] = new
                 else:
                     owner._buffers[attr] = new
+            for name in pooled_names.get(id(old), ()):  # still the store's, at the new tensor's version
+                keys[name] = (*keys[name][:2], new._version)
         self._evict()
         rep.seconds = round(time.perf_counter() - t0, 6)
         return rep
