@@ -14,6 +14,7 @@ import torch
 
 import compstore
 from compstore import ResidencyPool, to_device
+from compstore.loader.residency import STORE_KEYS
 
 
 class CountingCopier:
@@ -44,7 +45,6 @@ def same_storage(x, y) -> bool:
 
 def unkeyed_bytes(pipe):
     """Bytes of tensors that are not in the store (e.g. CLIP's computed position_ids)."""
-    from compstore.loader.residency import STORE_KEYS
 
     total = 0
     for n in ("unet", "vae", "text_encoder"):
@@ -296,6 +296,30 @@ def test_a_moved_module_is_still_the_stores_on_its_next_move(family_store):
     assert same_storage(a2.unet.conv_in.weight, a.unet.conv_in.weight)
 
 
+def test_a_cast_is_never_the_stores_and_releases_the_pools_tensors(family_store, family):
+    # fp32 -> fp16 -> fp32 loses bits, and `.to(dtype)` keeps each parameter's version
+    # counter: the cast tensors must lose their store record, or a later move would
+    # pool them as the store's. SDXL casts its VAE to fp32 and back at every fp16 run.
+    import diffusers
+    from test_loader import image
+
+    pool = ResidencyPool("cpu", budget_bytes=1 << 40)
+    a = compstore.DiffusionPipeline.from_pretrained("A", store=family_store, pool=pool)
+    stored = a.vae.decoder.conv_out.weight.detach().clone()
+    a.vae.to(torch.float16)
+    a.vae.to(torch.float32)
+    assert not torch.equal(a.vae.decoder.conv_out.weight, stored)
+    assert all(a.vae not in entry.owners for entry in pool._resident.values())  # idle now
+    assert all(a.unet in entry.owners for key, entry in pool._resident.items()
+               if key[:2] in {v[:2] for v in getattr(a.unet, STORE_KEYS).values()})
+    second = ResidencyPool("cpu", budget_bytes=1 << 40)  # stands for another device
+    to_device(a, "cpu", pool=second)
+    a2 = compstore.DiffusionPipeline.from_pretrained("A", store=family_store, pool=second)
+    assert torch.equal(a2.vae.decoder.conv_out.weight, stored)  # the store's, not the cast's
+    reference = diffusers.StableDiffusionPipeline.from_pretrained(family["A"])
+    np.testing.assert_array_equal(image(a2), image(reference))
+
+
 def test_private_copies_for_weight_editors(family_store):
     pool = ResidencyPool("meta", budget_bytes=1 << 40, copier=CountingCopier())
     a = load(family_store, "A")
@@ -486,7 +510,6 @@ def test_tokenizers_load_while_the_models_upload_and_a_failure_drops_the_uploads
 def test_the_same_bytes_in_another_shape_are_served_in_that_shape():
     """Pool keys are bytes and dtype: a (4, 4) linear weight and a (4, 4, 1, 1) conv
     with the same values share one device tensor, each module seeing its own shape."""
-    from compstore.loader.residency import STORE_KEYS
 
     weight = torch.arange(16, dtype=torch.float32)
     linear, conv = torch.nn.Linear(4, 4, bias=False), torch.nn.Conv2d(4, 4, 1, bias=False)
@@ -505,7 +528,6 @@ def test_the_same_bytes_in_another_shape_are_served_in_that_shape():
 def test_a_module_built_on_served_tensors_gets_them_in_its_own_shape():
     """`serve` (how a template clone is born on the device) applies the same rule:
     the resident (4, 4) weight is handed out as a (4, 4, 1, 1) view."""
-    from compstore.loader.residency import STORE_KEYS
 
     linear = torch.nn.Linear(4, 4, bias=False)
     setattr(linear, STORE_KEYS, {"weight": ("same-blob", 64, linear.weight._version)})
@@ -524,7 +546,6 @@ def test_a_module_built_on_served_tensors_gets_them_in_its_own_shape():
 def test_served_tensors_are_not_evicted_before_their_module_claims_them():
     """Between `serve` and `claim` (the clone is being built) another thread's move
     may evict: the placement itself uses the served tensors until then."""
-    from compstore.loader.residency import STORE_KEYS
 
     pool = ResidencyPool("meta", budget_bytes=0, copier=CountingCopier())
     blobs = [("blob-a", 64), ("blob-b", 64)]

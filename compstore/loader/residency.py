@@ -646,8 +646,8 @@ def route_through_pool(obj) -> None:
     through the device's residency pool first, so that tensors already resident are
     shared, not copied again; a module's `.cuda()` too. The original `.to` then does
     the rest (tensors not from the store). A dtype change bypasses the pool: it makes
-    new tensors anyway. Inside a pipeline's move, its modules' `.to` calls do not
-    route again (one report per move).
+    new tensors anyway, which are never the store's again (`_casting`). Inside a
+    pipeline's move, its modules' `.to` calls do not route again (one report per move).
 
     Also `fuse_lora` and `unfuse_lora` (diffusers' pipelines and models): peft merges
     a LoRA into the base weights through `weight.data += delta`, which torch's version
@@ -712,8 +712,11 @@ def _routed_to(self, *args, **kwargs):
     if device is None and len(plain) == 1 and len(args) == 1:
         device = plain[0]
     own = getattr(self, POOL, None)
-    if device is None or "dtype" in kwargs or _MOVING.get() or (
-            torch.device(device).type == "cpu" and own is None):
+    if _MOVING.get():
+        return original_to(*args, **kwargs)
+    if "dtype" in kwargs or any(isinstance(a, torch.dtype) for a in args):
+        return _casting(self, original_to, args, kwargs)
+    if device is None or (torch.device(device).type == "cpu" and own is None):
         return original_to(*args, **kwargs)
     token = _MOVING.set(True)
     try:
@@ -725,6 +728,33 @@ def _routed_to(self, *args, **kwargs):
         return original_to(*args, **kwargs)
     finally:
         _MOVING.reset(token)
+
+
+def _casting(obj, original_to, args, kwargs):
+    """`obj.to(..., dtype)`, past the pool: a cast makes new tensors, not the store's
+    bytes (fp32 -> fp16 -> fp32 loses bits), so the tensors it replaces lose their
+    store record (private on every later move) and their pool entries are released
+    by the module, idle for the budget and shared with later loads. SDXL's pipeline
+    casts its VAE to fp32 and back at every fp16 generation; without the release,
+    the pool would hold the VAE's old tensors in use for as long as the pipeline lives."""
+    modules = [obj] if isinstance(obj, torch.nn.Module) else [
+        m for m in obj.components.values() if isinstance(m, torch.nn.Module)]
+    before = [{name: t.data_ptr() for name, _, _, t in named_tensors(m)} for m in modules]
+    token = _MOVING.set(True)  # a pipeline's modules: handled here, not again each
+    try:
+        out = original_to(*args, **kwargs)
+    finally:
+        _MOVING.reset(token)
+    for module, was in zip(modules, before):
+        keys = getattr(module, STORE_KEYS, None) or {}
+        cast = [name for name, _, _, t in named_tensors(module)
+                if name in keys and t.data_ptr() != was.get(name)]
+        for name in cast:
+            keys[name] = (*keys[name][:2], -1)  # matches no version: never the store's again
+        pool = getattr(module, POOL, None) or getattr(obj, POOL, None)
+        if cast and pool is not None:
+            pool.release(module)
+    return out
 
 
 def _routed_cuda(self, device=None):
