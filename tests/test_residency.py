@@ -320,6 +320,20 @@ def test_a_cast_is_never_the_stores_and_releases_the_pools_tensors(family_store,
     np.testing.assert_array_equal(image(a2), image(reference))
 
 
+def test_a_move_with_the_dtype_it_has_keeps_the_stores_tensors(family_store):
+    # pipe.to(device, dtype) casts, then moves: a dtype the tensors already have is no
+    # cast, and must not make them private.
+    pool = ResidencyPool("cpu", budget_bytes=1 << 40)
+    a = compstore.DiffusionPipeline.from_pretrained("A", store=family_store, pool=pool)
+    a.to("cpu", torch.float32)
+    a.to(device="cpu", dtype=torch.float32)
+    for m in (a.unet, a.vae, a.text_encoder):
+        keys = getattr(m, STORE_KEYS)
+        assert all(t._version == keys[n][2] for n, t in m.state_dict(keep_vars=True).items() if n in keys)
+    assert all(a.vae in entry.owners for key, entry in pool._resident.items()
+               if key[:2] in {v[:2] for v in getattr(a.vae, STORE_KEYS).values()})
+
+
 def test_private_copies_for_weight_editors(family_store):
     pool = ResidencyPool("meta", budget_bytes=1 << 40, copier=CountingCopier())
     a = load(family_store, "A")

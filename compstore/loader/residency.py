@@ -707,17 +707,19 @@ class _Routed:
 
 def _routed_to(self, *args, **kwargs):
     original_to = functools.partial(type(self).to, self)
-    device = kwargs.get("device")
-    plain = [a for a in args if isinstance(a, (str, torch.device))]
-    if device is None and len(plain) == 1 and len(args) == 1:
-        device = plain[0]
+    dtype = kwargs.get("dtype", next((a for a in args if isinstance(a, torch.dtype)), None))
+    device = kwargs.get("device", next((a for a in args if isinstance(a, (str, torch.device))), None))
+    if _MOVING.get() or (dtype is None and device is None) or any(
+            not isinstance(a, (str, torch.device, torch.dtype)) for a in args):
+        return original_to(*args, **kwargs)  # inside a move, or `.to(tensor)` and the like
+    rest = {k: v for k, v in kwargs.items() if k not in ("device", "dtype")}
+    if dtype is not None:  # cast where it is, then move
+        out = _casting(self, functools.partial(original_to, dtype=dtype, **rest))
+        if device is None:
+            return out
     own = getattr(self, POOL, None)
-    if _MOVING.get():
-        return original_to(*args, **kwargs)
-    if "dtype" in kwargs or any(isinstance(a, torch.dtype) for a in args):
-        return _casting(self, original_to, args, kwargs)
-    if device is None or (torch.device(device).type == "cpu" and own is None):
-        return original_to(*args, **kwargs)
+    if torch.device(device).type == "cpu" and own is None:
+        return original_to(device, **rest)
     token = _MOVING.set(True)
     try:
         if own and own.device != canonical_device(device):
@@ -725,34 +727,35 @@ def _routed_to(self, *args, **kwargs):
             own = None
         if torch.device(device).type != "cpu" or own:
             to_device(self, device, pool=own)
-        return original_to(*args, **kwargs)
+        return original_to(device, **rest)
     finally:
         _MOVING.reset(token)
 
 
-def _casting(obj, original_to, args, kwargs):
-    """`obj.to(..., dtype)`, past the pool: a cast makes new tensors, not the store's
-    bytes (fp32 -> fp16 -> fp32 loses bits), so the tensors it replaces lose their
-    store record (private on every later move) and their pool entries are released
-    by the module, idle for the budget and shared with later loads. SDXL's pipeline
-    casts its VAE to fp32 and back at every fp16 generation; without the release,
-    the pool would hold the VAE's old tensors in use for as long as the pipeline lives."""
+def _casting(obj, cast: Callable):
+    """`obj.to(dtype)`, past the pool. A cast gives a tensor new bytes but keeps its
+    version counter, and cast copies are not the store's (fp32 -> fp16 -> fp32 loses
+    bits): the names whose dtype it changed lose their store record (private on every
+    later move), and the module releases its pool tensors (idle: kept within the
+    budget, shared with later loads). SDXL's pipeline casts its VAE to fp32 and back
+    at every fp16 generation; without the release, the pool would hold the VAE's
+    old tensors in use for as long as the pipeline lives."""
     modules = [obj] if isinstance(obj, torch.nn.Module) else [
         m for m in obj.components.values() if isinstance(m, torch.nn.Module)]
-    before = [{name: t.data_ptr() for name, _, _, t in named_tensors(m)} for m in modules]
+    before = [{name: t.dtype for name, _, _, t in named_tensors(m)} for m in modules]
     token = _MOVING.set(True)  # a pipeline's modules: handled here, not again each
     try:
-        out = original_to(*args, **kwargs)
+        out = cast()
     finally:
         _MOVING.reset(token)
     for module, was in zip(modules, before):
         keys = getattr(module, STORE_KEYS, None) or {}
-        cast = [name for name, _, _, t in named_tensors(module)
-                if name in keys and t.data_ptr() != was.get(name)]
-        for name in cast:
+        changed = [name for name, _, _, t in named_tensors(module)
+                   if name in keys and t.dtype != was.get(name)]
+        for name in changed:
             keys[name] = (*keys[name][:2], -1)  # matches no version: never the store's again
         pool = getattr(module, POOL, None) or getattr(obj, POOL, None)
-        if cast and pool is not None:
+        if changed and pool is not None:
             pool.release(module)
     return out
 
