@@ -45,7 +45,6 @@ def same_storage(x, y) -> bool:
 
 def unkeyed_bytes(pipe):
     """Bytes of tensors that are not in the store (e.g. CLIP's computed position_ids)."""
-
     total = 0
     for n in ("unet", "vae", "text_encoder"):
         m = getattr(pipe, n)
@@ -524,7 +523,6 @@ def test_tokenizers_load_while_the_models_upload_and_a_failure_drops_the_uploads
 def test_the_same_bytes_in_another_shape_are_served_in_that_shape():
     """Pool keys are bytes and dtype: a (4, 4) linear weight and a (4, 4, 1, 1) conv
     with the same values share one device tensor, each module seeing its own shape."""
-
     weight = torch.arange(16, dtype=torch.float32)
     linear, conv = torch.nn.Linear(4, 4, bias=False), torch.nn.Conv2d(4, 4, 1, bias=False)
     linear.weight.data = weight.view(4, 4).clone()
@@ -542,7 +540,6 @@ def test_the_same_bytes_in_another_shape_are_served_in_that_shape():
 def test_a_module_built_on_served_tensors_gets_them_in_its_own_shape():
     """`serve` (how a template clone is born on the device) applies the same rule:
     the resident (4, 4) weight is handed out as a (4, 4, 1, 1) view."""
-
     linear = torch.nn.Linear(4, 4, bias=False)
     setattr(linear, STORE_KEYS, {"weight": ("same-blob", 64, linear.weight._version)})
     copier = CountingCopier()
@@ -560,7 +557,6 @@ def test_a_module_built_on_served_tensors_gets_them_in_its_own_shape():
 def test_served_tensors_are_not_evicted_before_their_module_claims_them():
     """Between `serve` and `claim` (the clone is being built) another thread's move
     may evict: the placement itself uses the served tensors until then."""
-
     pool = ResidencyPool("meta", budget_bytes=0, copier=CountingCopier())
     blobs = [("blob-a", 64), ("blob-b", 64)]
     likes = [torch.empty(4, 4, device="meta"), torch.empty(16, device="meta")]
