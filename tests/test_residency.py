@@ -295,7 +295,8 @@ def test_a_moved_module_is_still_the_stores_on_its_next_move(family_store):
     assert same_storage(a2.unet.conv_in.weight, a.unet.conv_in.weight)
 
 
-def test_a_cast_is_never_the_stores_and_releases_the_pools_tensors(family_store, family):
+@pytest.mark.parametrize("how", [".to(dtype)", ".half() and .float()"])
+def test_a_cast_is_never_the_stores_and_releases_the_pools_tensors(family_store, family, how):
     # fp32 -> fp16 -> fp32 loses bits, and `.to(dtype)` keeps each parameter's version
     # counter: the cast tensors must lose their store record, or a later move would
     # pool them as the store's. SDXL casts its VAE to fp32 and back at every fp16 run.
@@ -305,8 +306,12 @@ def test_a_cast_is_never_the_stores_and_releases_the_pools_tensors(family_store,
     pool = ResidencyPool("cpu", budget_bytes=1 << 40)
     a = compstore.DiffusionPipeline.from_pretrained("A", store=family_store, pool=pool)
     stored = a.vae.decoder.conv_out.weight.detach().clone()
-    a.vae.to(torch.float16)
-    a.vae.to(torch.float32)
+    if how == ".to(dtype)":
+        a.vae.to(torch.float16)
+        a.vae.to(torch.float32)
+    else:
+        a.vae.half()
+        a.vae.float()
     assert not torch.equal(a.vae.decoder.conv_out.weight, stored)
     assert all(a.vae not in entry.owners for entry in pool._resident.values())  # idle now
     assert all(a.unet in entry.owners for key, entry in pool._resident.items()

@@ -646,8 +646,9 @@ def route_through_pool(obj) -> None:
     through the device's residency pool first, so that tensors already resident are
     shared, not copied again; a module's `.cuda()` too. The original `.to` then does
     the rest (tensors not from the store). A dtype change bypasses the pool: it makes
-    new tensors anyway, which are never the store's again (`_casting`). Inside a
-    pipeline's move, its modules' `.to` calls do not route again (one report per move).
+    new tensors anyway, which are never the store's again (`_casting`; a module's
+    `.half()`, `.float()` and `.bfloat16()` too). Inside a pipeline's move, its
+    modules' `.to` calls do not route again (one report per move).
 
     Also `fuse_lora` and `unfuse_lora` (diffusers' pipelines and models): peft merges
     a LoRA into the base weights through `weight.data += delta`, which torch's version
@@ -657,6 +658,8 @@ def route_through_pool(obj) -> None:
     obj.to = _Routed(obj, _routed_to)
     if isinstance(obj, torch.nn.Module):
         obj.cuda = _Routed(obj, _routed_cuda)
+        for name in ("half", "float", "bfloat16"):  # casts that do not go through `.to`
+            setattr(obj, name, _Routed(obj, functools.partial(_routed_cast, name)))
     for name in ("fuse_lora", "unfuse_lora"):
         if callable(getattr(type(obj), name, None)):
             setattr(obj, name, _Routed(obj, functools.partial(_merging_lora, name)))
@@ -758,6 +761,10 @@ def _casting(obj, cast: Callable):
         if changed and pool is not None:
             pool.release(module)
     return out
+
+
+def _routed_cast(name: str, obj, *args, **kwargs):
+    return _casting(obj, functools.partial(getattr(type(obj), name), obj, *args, **kwargs))
 
 
 def _routed_cuda(self, device=None):
