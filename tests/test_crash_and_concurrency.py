@@ -94,3 +94,21 @@ def test_busy_store_waits_then_fails_clearly(family, tmp_path, monkeypatch):
         with pytest.raises(StoreBusyError, match="another compstore process is writing"):
             s.ingest(family["A"], "A")
         assert s.ls() == [] and store_state(s.home) == before
+
+
+def test_a_writer_clears_dead_scratch_folders_and_keeps_live_ones(family, tmp_path):
+    # A push writes its packs in a locked scratch folder under tmp/, holding no write
+    # lock: an ingest starting meanwhile must leave it, and clear one a killed push left.
+    from compstore.store.lock import scratch_folder
+
+    with Store(tmp_path / "s") as s:
+        dead = s.home / "tmp" / "push-killed"
+        (dead / "pack").parent.mkdir()
+        (dead / "pack").write_bytes(b"half a pack")
+        with scratch_folder(s.home, "push-") as live:
+            (live / "pack").write_bytes(b"a pack being written")
+            s.ingest(family["A"], "A")  # a writer: clears tmp/ first
+            assert (live / "pack").read_bytes() == b"a pack being written"
+            assert not dead.exists()
+        assert not live.exists()
+        assert list((s.home / "tmp").iterdir()) == []

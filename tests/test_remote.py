@@ -211,6 +211,8 @@ def test_push_killed_midway_leaves_remote_readable_and_next_push_completes(famil
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the push finished before it could be killed"
+    left = list((tmp_path / "n1" / "tmp").glob("push-*"))
+    assert len(left) == 1  # its scratch folder, in the store: the next writer clears it
 
     remote = Remote(s3_url)
     assert remote.refs() == {}  # readable, and names nothing half-pushed
@@ -230,6 +232,8 @@ def test_push_killed_midway_leaves_remote_readable_and_next_push_completes(famil
     n2.export("A", tmp_path / "A")
     assert tree_sha256(tmp_path / "A") == tree_sha256(family["A"])
     assert already > 0
+    n1.ingest(family["B"], "B")  # a writer
+    assert not left[0].exists()
 
 
 # -- bad input: a clear error, the local store unchanged ------------------------------

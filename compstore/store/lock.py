@@ -5,12 +5,18 @@ by SIGKILL), so a crashed process never leaves the store locked.
 - `<store>/readers.lock`: readers that follow the catalog to pack files (load,
   export, verify) hold it shared for the duration; gc takes it exclusively only to
   unlink packs the catalog no longer names. Readers never wait for writers.
+- `<store>/tmp/<prefix>*/`: a scratch folder of a process that holds no write lock
+  (a push writing its packs), locked on the folder itself while in use. A writer
+  clears tmp/ when it starts, all but the folders still locked: a crashed
+  process's folder goes at the next write, a live one's stays.
 """
 
 from __future__ import annotations
 
 import fcntl
 import os
+import shutil
+import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -65,3 +71,43 @@ def _flock(path: Path, mode: int, timeout_s: float | None, holder: str) -> Itera
         yield
     finally:
         os.close(fd)  # releases the lock
+
+
+@contextmanager
+def scratch_folder(home: Path, prefix: str) -> Iterator[Path]:
+    """A new folder under `<store>/tmp/`, locked while in use, removed after."""
+    while True:
+        path = Path(tempfile.mkdtemp(prefix=prefix, dir=home / "tmp"))
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:  # a starting writer cleared it before it was locked
+            continue
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            if os.fstat(fd).st_ino == os.stat(path).st_ino:  # still there, this very folder
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+        os.close(fd)
+
+
+def remove_unless_locked(path: Path) -> None:
+    """Remove a folder of tmp/ unless a live process holds it (`scratch_folder`)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return
+    try:
+        shutil.rmtree(path, ignore_errors=True)
+    finally:
+        os.close(fd)

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterable
 
 from .ingest import Ingestor, canonical_sha256, insert_blob_rows, now
-from .lock import write_lock
+from .lock import scratch_folder, write_lock
 from .objects import PACK_TARGET, PackWriter, blob_hash, fsync_dir
 from .progress import progress_bar
 from .remote import Lease, Remote, RemoteError, split_key
@@ -205,7 +205,10 @@ def _upload_packs(store: "Store", remote: Remote, keys: list[str], locations, le
             size = 0
         batches[-1].append(key)
         size += locations[key][2]
-    with tempfile.TemporaryDirectory(prefix="compstore-push-") as tmp:
+    # The packs are written in the store's tmp/ (the system's temp folder for a read-only
+    # store): a push killed midway leaves its folder for the next writer to clear.
+    with (tempfile.TemporaryDirectory(prefix="compstore-push-") if store.read_only
+          else scratch_folder(store.home, "push-")) as tmp:
         for batch in (b for b in batches if b):
             path = Path(tmp) / "pack"
             digest, entries, offset = hashlib.sha256(), [], 0

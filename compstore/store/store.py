@@ -32,7 +32,7 @@ from .export import (ExportResult, file_pieces, flattened_files, flattened_index
                      write_file)
 from .export import export as export_ref
 from .ingest import Ingestor, component_rows, insert_blob_rows, now, snapshot_id
-from .lock import shared_readers, write_lock
+from .lock import remove_unless_locked, shared_readers, write_lock
 from .adopt import AdoptReport
 from .adopt import adopt as adopt_cache
 from .manifest import build_manifest
@@ -325,7 +325,7 @@ class Store:
         """
         for p in (self.home / "tmp").iterdir():
             if p.is_dir():
-                shutil.rmtree(p, ignore_errors=True)
+                remove_unless_locked(p)  # a live push's scratch folder stays
             else:
                 p.unlink(missing_ok=True)
         known = {r[0] for r in self.db.execute("SELECT name FROM packs")}
