@@ -5,8 +5,8 @@ by SIGKILL), so a crashed process never leaves the store locked.
 - `<store>/readers.lock`: readers that follow the catalog to pack files (load,
   export, verify) hold it shared for the duration; gc takes it exclusively only to
   unlink packs the catalog no longer names. Readers never wait for writers.
-- `<store>/tmp/<prefix>*/`: a scratch folder of a process that holds no write lock
-  (a push writing its packs), locked on the folder itself while in use. A writer
+- `<store>/tmp/<prefix>*/.lock`: a scratch folder of a process that holds no write
+  lock (a push writing its packs), locked through that file while in use. A writer
   clears tmp/ when it starts, all but the folders still locked: a crashed
   process's folder goes at the next write, a live one's stays.
 """
@@ -75,16 +75,17 @@ def _flock(path: Path, mode: int, timeout_s: float | None, holder: str) -> Itera
 
 @contextmanager
 def scratch_folder(home: Path, prefix: str) -> Iterator[Path]:
-    """A new folder under `<store>/tmp/`, locked while in use, removed after."""
+    """A new folder under `<store>/tmp/`, locked while in use (its `.lock` file, a
+    regular file as the store's other locks are), removed after."""
     while True:
         path = Path(tempfile.mkdtemp(prefix=prefix, dir=home / "tmp"))
         try:
-            fd = os.open(path, os.O_RDONLY)
+            fd = os.open(path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
         except FileNotFoundError:  # a starting writer cleared it before it was locked
             continue
         fcntl.flock(fd, fcntl.LOCK_EX)
         try:
-            if os.fstat(fd).st_ino == os.stat(path).st_ino:  # still there, this very folder
+            if os.fstat(fd).st_ino == os.stat(path / ".lock").st_ino:  # not cleared meanwhile
                 break
         except FileNotFoundError:
             pass
@@ -98,9 +99,9 @@ def scratch_folder(home: Path, prefix: str) -> Iterator[Path]:
 
 def remove_unless_locked(path: Path) -> None:
     """Remove a folder of tmp/ unless a live process holds it (`scratch_folder`)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except FileNotFoundError:
+    try:  # made if missing: a `scratch_folder` starting now then waits, then makes another
+        fd = os.open(path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    except FileNotFoundError:  # the folder is gone
         return
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
