@@ -103,6 +103,9 @@ def remove_unless_locked(path: Path) -> None:
         fd = os.open(path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
     except FileNotFoundError:  # the folder is gone
         return
+    except OSError:  # no lock can be made in it, so nobody holds it
+        shutil.rmtree(path, ignore_errors=True)
+        return
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
