@@ -594,6 +594,14 @@ def record_report(pool: ResidencyPool, report: TransferReport) -> None:
     _LAST[:] = [report]
 
 
+def _models(obj) -> dict[str, torch.nn.Module]:
+    """The models a move, release or cast of `obj` acts on: a pipeline's by slot, or
+    the module itself (under "")."""
+    if isinstance(obj, torch.nn.Module):
+        return {"": obj}
+    return {name: c for name, c in obj.components.items() if isinstance(c, torch.nn.Module)}
+
+
 def to_device(pipe_or_module, device: str | torch.device, *, pool: ResidencyPool | None = None,
               private: bool = False) -> TransferReport:
     """Move a pipeline (or one module) to `device`, uploading only what is not resident.
@@ -608,12 +616,7 @@ def to_device(pipe_or_module, device: str | torch.device, *, pool: ResidencyPool
         raise CompstoreError(f"to_device: the pool is on {pool.device}, not {device}; pass "
                              f"pool_for({str(device)!r}) or leave pool out")
     report = TransferReport(str(device))
-    if isinstance(pipe_or_module, torch.nn.Module):
-        modules = {"": pipe_or_module}
-    else:
-        modules = {name: c for name, c in pipe_or_module.components.items()
-                   if isinstance(c, torch.nn.Module)}
-    for name, module in modules.items():
+    for name, module in _models(pipe_or_module).items():
         report.components.append(pool.move(module, name, private=private))
         setattr(module, POOL, pool)  # its move elsewhere (`.to("cpu")`) releases what it holds
     if not isinstance(pipe_or_module, torch.nn.Module):
@@ -631,9 +634,7 @@ def _release(obj, pool: ResidencyPool) -> None:
     holding pool tensors, which become idle (evictable) once nothing else uses them.
     A module that accelerate's offload hook moves off (`enable_model_cpu_offload`)
     gives its memory back at once: offloading is asked for to free device memory."""
-    modules = [obj] if isinstance(obj, torch.nn.Module) else [
-        m for m in obj.components.values() if isinstance(m, torch.nn.Module)]
-    for m in modules:
+    for m in _models(obj).values():
         pool.release(m, now=hasattr(m, "_hf_hook"))
         if getattr(m, POOL, None) is pool:
             delattr(m, POOL)
@@ -681,9 +682,7 @@ def _mark_lora_merges(obj) -> None:
         from peft.tuners.tuners_utils import BaseTunerLayer
     except ImportError:  # no peft: diffusers fuses no LoRA
         return
-    modules = [obj] if isinstance(obj, torch.nn.Module) else [
-        m for m in obj.components.values() if isinstance(m, torch.nn.Module)]
-    for module in modules:
+    for module in _models(obj).values():
         for layer in module.modules():
             if isinstance(layer, BaseTunerLayer):
                 for t in layer.get_base_layer().parameters():
@@ -743,8 +742,7 @@ def _casting(obj, cast: Callable):
     budget, shared with later loads). SDXL's pipeline casts its VAE to fp32 and back
     at every fp16 generation; without the release, the pool would hold the VAE's
     old tensors in use for as long as the pipeline lives."""
-    modules = [obj] if isinstance(obj, torch.nn.Module) else [
-        m for m in obj.components.values() if isinstance(m, torch.nn.Module)]
+    modules = list(_models(obj).values())
     before = [{name: t.dtype for name, _, _, t in named_tensors(m)} for m in modules]
     token = _MOVING.set(True)  # a pipeline's modules: handled here, not again each
     try:
