@@ -146,3 +146,84 @@ def test_binding_takes_an_old_checkpoints_one_element_scalar_as_load_state_dict_
     theirs.load_state_dict({"scale": torch.tensor([3.0])}, assign=True)
     _bind(mine, {"scale": torch.tensor([3.0])}, Scaled, "scaled")
     assert mine.scale.shape == theirs.scale.shape == () and mine.scale.item() == 3.0
+
+
+def test_an_old_checkpoints_one_element_scalars_load_as_scalars_built_and_cloned(store, tmp_path):
+    """GLIGEN's gates are 0-dim parameters; an old checkpoint stores them as (1,). The
+    first load binds them as load_state_dict would, and so must every later one, which
+    clones the template (the store view is (1,), the template's tensor is ())."""
+    from safetensors.torch import load_file, save_file
+
+    from compstore.loader import warm
+
+    warm.clear_caches()
+    folder = tmp_path / "gligen"
+    torch.manual_seed(0)
+    diffusers.UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=1, sample_size=16, cross_attention_dim=32,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), attention_head_dim=8,
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), norm_num_groups=8,
+        attention_type="gated").save_pretrained(folder)
+    weights = folder / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(weights)
+    gates = [name for name, t in tensors.items() if t.dim() == 0]
+    assert gates
+    save_file({name: t.reshape(1) + 0.5 if name in gates else t for name, t in tensors.items()}, weights)
+    for load in ("built", "cloned"):
+        unet = compstore.load_component(str(folder), store=store)
+        for name in gates:
+            t = unet.get_parameter(name)
+            assert t.shape == () and t.item() == 0.5, (load, name)
+    warm.clear_caches()
+
+
+def test_tied_names_the_checkpoint_both_has_are_tied_as_transformers_decides(t5_folder, store, tmp_path,
+                                                                           caplog):
+    """Both names of a tied pair stored: transformers compares the bytes (5.23 ties
+    equal ones, leaves different ones untied with a warning), so those models are
+    bound for real, not from meta stand-ins, and get no template; the library's
+    warnings come once."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from compstore.loader import warm
+
+    tensors = load_file(t5_folder / "model.safetensors")
+    for name, embed in (("differ", tensors["shared.weight"] + 1), ("equal", tensors["shared.weight"])):
+        warm.clear_caches()
+        folder = tmp_path / name
+        shutil.copytree(t5_folder, folder)
+        save_file(dict(tensors, **{"encoder.embed_tokens.weight": embed.clone(), "extra.weight": torch.zeros(3)}),
+                  folder / "model.safetensors", metadata={"format": "pt"})
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            ours = compstore.load_component(str(folder), store=store)
+        assert caplog.text.count("extra.weight") == 1, name  # compstore's unexpected-keys warning
+        assert not warm._TEMPLATES
+        theirs = T5EncoderModel.from_pretrained(folder)
+        same_state(ours, theirs)
+        tied = theirs.encoder.embed_tokens.weight is theirs.shared.weight
+        assert (ours.encoder.embed_tokens.weight is ours.shared.weight) == tied
+        assert torch.equal(ours.encoder.embed_tokens.weight, embed)
+
+
+def test_a_tied_pair_stored_under_its_target_name_only_ties_to_the_stored_bytes(t5_folder, store, tmp_path):
+    """A checkpoint written by another tool may keep the tie's target name and drop
+    the source: transformers ties the pair to the stored tensor, never to a newly
+    initialised one."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "target-only"
+    shutil.copytree(t5_folder, folder)
+    tensors = load_file(t5_folder / "model.safetensors")
+    embed = tensors.pop("shared.weight")
+    save_file(dict(tensors, **{"encoder.embed_tokens.weight": embed}), folder / "model.safetensors",
+              metadata={"format": "pt"})
+    theirs = T5EncoderModel.from_pretrained(folder)
+    for load in ("built", "cloned"):
+        ours = compstore.load_component(str(folder), store=store)
+        same_state(ours, theirs)
+        assert torch.equal(ours.shared.weight, embed) and ours.shared.weight is ours.encoder.embed_tokens.weight

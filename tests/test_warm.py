@@ -83,6 +83,8 @@ def test_a_second_load_is_a_clone_sharing_nothing_mutable(family_store):
     for slot in MODELS:
         a, b = getattr(first, slot), getattr(second, slot)
         template = next(t.module for t in warm._TEMPLATES.values() if type(t.module) is type(a))
+        # The first load is a clone too: the constructed tree stays the template's alone.
+        assert shared_mutables(template, a) == [] and all(t.is_meta for t in template.parameters())
         assert shared_mutables(a, b) == [] and shared_mutables(template, b) == [], slot
         same_state(a, b)
         assert repr(a) == repr(b) and config(a) == config(b) and not b.training
@@ -291,9 +293,9 @@ def test_loads_pause_the_garbage_collector_and_restore_it(family_store, monkeypa
     from compstore.loader.loading import gc_paused
 
     seen = []
-    build = component.build_model
-    monkeypatch.setattr("compstore.loader.pipeline.build_model",
-                        lambda *a, **k: (seen.append(gc.isenabled()), build(*a, **k))[1])
+    prepare = component.prepare_model
+    monkeypatch.setattr("compstore.loader.pipeline.prepare_model",
+                        lambda *a, **k: (seen.append(gc.isenabled()), prepare(*a, **k))[1])
     load(family_store)
     assert seen and not any(seen)  # paused while models are built
     assert gc.isenabled()
@@ -362,7 +364,7 @@ def test_a_template_is_not_lent_where_tied_names_hold_different_bytes(tmp_path):
     names = {name for name, *_ in compstore.loader.residency.named_tensors(model)}
     blobs = {name: (f"h-{name}", 1) for name in names}
     blobs["encoder.embed_tokens.weight"] = blobs["shared.weight"]  # tied: one tensor
-    assert warm.remember(("t5", "T5", "None"), model, blobs, "arch")
+    assert warm.adopt(("t5", "T5", "None"), model, blobs, "arch")
     same = warm.sibling(("t5-b", "T5", "None"), "arch", {n: (b[0] + "-b", 1) for n, b in blobs.items()})
     assert same is not None and same.plan is warm.template(("t5", "T5", "None")).plan
     differ = dict(blobs, **{"encoder.embed_tokens.weight": ("other", 1)})

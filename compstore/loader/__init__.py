@@ -1,9 +1,11 @@
 """From the store to live torch modules and diffusers pipelines.
 
 Where a stored byte becomes a tensor: `tensors.stored_tensor` (a copy-on-write view
-of a pack). Where tensors become a model: `component.build_model`. Where models
-become a pipeline: `pipeline.DiffusionPipeline.from_pretrained`. Where a tensor
-reaches a device: `residency.ResidencyPool.move`.
+of a pack). Where tensors become a model: `component.build_model` (a clone of
+the component's template, `warm`). Where models become a pipeline:
+`pipeline.DiffusionPipeline.from_pretrained`. Where a tensor reaches a device:
+`residency.ResidencyPool.serve` (a load) or `.move` (`pipe.to`), both uploading
+through `upload.Uploader`.
 """
 
 from .component import load_component

@@ -15,7 +15,7 @@ import importlib
 import logging
 import re
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch.nn.parameter import is_lazy
@@ -26,7 +26,7 @@ from ..store.objects import blob_hash
 from ..store.objects import PackFiles
 from . import warm
 from .loading import exclusive_load
-from .residency import STORE_KEYS, ResidencyPool, named_tensors, record_store_keys, route_through_pool
+from .residency import STORE_KEYS, ResidencyPool, as_shape, named_tensors, record_store_keys, route_through_pool
 from .tensors import TORCH_DTYPES, private_packs, state_dict, stored_tensor
 
 logger = logging.getLogger("compstore")
@@ -81,12 +81,33 @@ def build_model(
 
     `component` is a row of `Store.components_of` (component_id, library, class_name);
     `packs` are the private mappings of this load (made here if not given). The
-    first build of a component in this process leaves a template (`warm`); later
-    ones clone it, binding the tensors `pool` holds on its device and store views
-    for the rest. With a pool, a fresh build also starts uploading what the pool
-    lacks (`pool.prefetch`); the caller then `pool.move`s the model, or calls
-    `pool.drop_prefetched()` if it does not. `private=True` builds anew and leaves
-    no template.
+    first build of a component in this process constructs its module tree on meta
+    and keeps it as the template (`warm`); the model returned is a clone of it,
+    as later loads' are, bound to the tensors `pool` holds on its device (resident
+    ones reused, the rest uploaded) or, without a pool, to store views.
+    `private=True` builds anew, binds private copies and leaves no template.
+    """
+    return prepare_model(store, component, dtype=dtype, name_or_path=name_or_path, packs=packs,
+                         verify=verify, pool=pool, private=private)()
+
+
+def prepare_model(
+    store: Store,
+    component: dict,
+    *,
+    dtype: torch.dtype | None = None,
+    name_or_path: str = "",
+    packs: PackFiles | None = None,
+    verify: bool = False,
+    pool: ResidencyPool | None = None,
+    private: bool = False,
+) -> Callable[[], torch.nn.Module]:
+    """`build_model` in two halves: this one does the Python work (find or construct
+    the template) and, for a fresh build with a pool, starts uploading what the pool
+    lacks (`pool.prefetch`); the function it returns binds the tensors and returns
+    the model. Work done between the two (`_assemble` loads tokenizers there) runs
+    while the upload does. A caller that never calls the second half calls
+    `pool.drop_prefetched()`.
     """
     from diffusers import ModelMixin
 
@@ -100,7 +121,7 @@ def build_model(
     key = (cid, f"{cls.__module__}.{cls.__qualname__}", str(dtype))
     template = None if private or verify else warm.template(key)
     if template is not None:
-        return _from_template(template, store, cid, packs, pool, name_or_path)
+        return functools.partial(_from_template, template, _stored_views(store, cid, packs), pool, name_or_path)
     config = store.component_config(cid)
     if config is None:
         raise ComponentNotFoundError(f"component {cid[:12]} has no config.json")
@@ -111,7 +132,8 @@ def build_model(
     arch = warm.architecture(key[1], key[2], config, locations)
     template = None if private or verify else warm.sibling(key, arch, blobs)
     if template is not None:  # another component of this architecture was built before
-        return _from_template(template, store, cid, packs, pool, name_or_path, locations)
+        return functools.partial(_from_template, template, _stored_views(store, cid, packs, locations), pool,
+                                 name_or_path)
 
     if issubclass(cls, ModelMixin):
         # diffusers: weights cast to `dtype`, else to the default dtype (fp32).
@@ -131,16 +153,43 @@ def build_model(
     sd = state_dict(packs, locations, target, keep)
     if pool is not None and not private:  # the upload runs while the constructors do
         pool.prefetch([(blobs[name], t) for name, t in sd.items() if name in blobs])
-    model = _instantiate(make, sd, target)  # patches process-wide state: see loading.py
-    _bind(model, sd, cls, name_or_path)
+    model, on_meta = _instantiate(make, sd, target)  # patches process-wide state: see loading.py
+    adoptable = (on_meta and not (private or verify) and _loads_the_default_way(model)
+                 # a pair the checkpoint has both of: the library compares their bytes to tie
+                 and not any(t in sd and s in sd for t, s in _tied_pairs(model).items()))
+    if adoptable:
+        # The constructed tree, bound to meta stand-ins, becomes the template; the
+        # model handed out is its first clone, as every later load's is.
+        template = _adopt(key, model, sd, blobs, arch, cls, name_or_path)
+        if template is not None:
+            return functools.partial(_from_template, template, lambda: sd, pool, name_or_path)
+    _bind(model, sd, cls, name_or_path, warn=not adoptable)  # (else _adopt's bind warned)
+    missing = [name for name, _, _, t in named_tensors(model) if t.device.type == "meta"]
+    if missing:  # a bug, not a user error: _instantiate should have built it for real
+        raise RuntimeError(f"{cls.__name__}: weights left on the meta device: {missing[:10]}")
     _name(model, name_or_path)
     model.eval()
-    # The blob of each tensor lets the residency pool share it on a device.
-    blobs = record_store_keys(model, blobs)
-    if not private:
-        warm.remember(key, model, blobs, arch)  # later loads of this architecture clone it
+    record_store_keys(model, blobs)  # the blob of each tensor lets the pool share it on a device
     route_through_pool(model)  # model.to("cuda") / .cuda() go through it
-    return model
+    return lambda: model  # bound to store views: the caller's pool.move takes the prefetched uploads
+
+
+def _adopt(key: tuple, model: torch.nn.Module, sd: dict[str, torch.Tensor], blobs: dict,
+           arch: str, cls, name_or_path: str) -> warm.Template | None:
+    """Make a freshly constructed (meta) `model` the template of its component: bound
+    to meta stand-ins of its store tensors `sd` the way `_bind` binds them (the
+    library's warnings included), then kept by `warm.adopt`. None when a tensor of
+    the bound tree is not one store tensor (a tie left a parameter unfilled, or
+    ties two names stored with different bytes); the model, still meta, is then
+    the caller's to bind."""
+    _bind(model, {name: t.to("meta") for name, t in sd.items()}, cls, name_or_path)
+    model.eval()
+    return warm.adopt(key, model, blobs, arch)
+
+
+def _stored_views(store: Store, cid: str, packs: PackFiles, locations=None):
+    """`views` for `_from_template`: the component's store views (stored dtypes) by name."""
+    return lambda: {loc.name: stored_tensor(packs, loc) for loc in locations or store.tensor_locations(cid)}
 
 
 def _name(model: torch.nn.Module, name_or_path: str) -> None:
@@ -153,26 +202,28 @@ def _name(model: torch.nn.Module, name_or_path: str) -> None:
         model.name_or_path = model.config.name_or_path = name_or_path
 
 
-def _from_template(template: warm.Template, store: Store, cid: str, packs: PackFiles,
-                   pool: ResidencyPool | None, name_or_path: str, locations=None) -> torch.nn.Module:
+def _from_template(template: warm.Template, views, pool: ResidencyPool | None,
+                   name_or_path: str) -> torch.nn.Module:
     """A clone of `template` bound to store views (cast to the template's dtypes) and
     copies of the template's own buffers; with a pool, a clone born on its device
-    (`pool.serve`): resident tensors are reused and only the rest uploaded."""
+    (`pool.serve`): resident tensors are reused and only the rest uploaded.
+    `views()` gives the component's host tensors by name, read only if needed."""
     likes = [t for _, t in template.plan.tensors]
 
     def host(indices: list[int]) -> list[torch.Tensor]:
         stored = {}
         if any(template.blobs[i] is not None for i in indices):
-            where = {loc.name: loc for loc in locations or store.tensor_locations(cid)}
-            stored = {i: where[name] for name, i in template.names.items() if name in where}  # tied: any name
+            sd = views()
+            stored = {i: sd[name] for name, i in template.names.items() if name in sd}  # tied: any name
         out = []
         for i in indices:
             like = likes[i]
             if template.blobs[i] is None:
                 out.append(like.clone())
                 continue
-            t = stored_tensor(packs, stored[i])
-            out.append(t.to(like.dtype) if t.is_floating_point() and t.dtype != like.dtype else t)
+            t = stored[i]
+            t = t.to(like.dtype) if t.is_floating_point() and t.dtype != like.dtype else t
+            out.append(as_shape(t, like.shape))  # an old checkpoint's (1,) scalar is bound as ()
         return out
 
     if pool is None:
@@ -197,18 +248,19 @@ def check_tensors(packs: PackFiles, locations, what: str) -> None:
                 f"{loc.pack}); run `compstore verify` and re-ingest the affected refs")
 
 
-def _instantiate(make, sd: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.nn.Module:
+def _instantiate(make, sd: dict[str, torch.Tensor], dtype: torch.dtype) -> tuple[torch.nn.Module, bool]:
     """The model with empty (meta) weights, or, when the checkpoint lacks weights it
     needs, built for real so they get their initial values: diffusers and transformers
-    both initialise missing weights (with a warning) rather than refuse."""
+    both initialise missing weights (with a warning) rather than refuse. The flag
+    says whether the weights are meta."""
     from accelerate import init_empty_weights
 
     with init_empty_weights(), _no_init_on_meta():
         model = make()
-    if _missing_after_ties(model, sd):
-        with torch_default_dtype(dtype if dtype.is_floating_point else torch.float32):
-            model = make()
-    return model
+    if not _missing_after_ties(model, sd):
+        return model, True
+    with torch_default_dtype(dtype if dtype.is_floating_point else torch.float32):
+        return make(), False
 
 
 _INIT_FUNCTIONS = ("uniform_", "normal_", "constant_", "ones_", "zeros_", "eye_", "dirac_",
@@ -250,10 +302,30 @@ def _no_init_on_meta():
 
 def _missing_after_ties(model: torch.nn.Module, sd: dict[str, torch.Tensor]) -> list[str]:
     """Keys the model needs that neither the checkpoint nor a weight tie provides."""
-    tied = getattr(model, "_tied_weights_keys", None) or {}
-    tied_targets = set(tied) if isinstance(tied, dict) else set(tied)
+    given = _given_by_ties(model, sd)
     needed = [name for name, _, _, t in named_tensors(model) if t.device.type == "meta"]
-    return [n for n in needed if n not in sd and n not in tied_targets]
+    return [n for n in needed if n not in sd and n not in given]
+
+
+def _tied_pairs(model: torch.nn.Module) -> dict[str, str | None]:
+    """{target: source} of the weights a transformers model ties (source None: a
+    plain list of targets, as older models declare them)."""
+    pairs = getattr(model, "all_tied_weights_keys", None)
+    if pairs is None:
+        pairs = getattr(model, "_tied_weights_keys", None) or {}
+    return dict(pairs) if isinstance(pairs, dict) else dict.fromkeys(pairs)
+
+
+def _given_by_ties(model: torch.nn.Module, present) -> set[str]:
+    """Names a tie fills from a tensor the checkpoint has. transformers 5 ties
+    symmetrically: of a pair, the name the checkpoint lacks gets the other's."""
+    given = set()
+    for target, source in _tied_pairs(model).items():
+        if source is None or source in present:
+            given.add(target)
+        if source is not None and target in present:
+            given.add(source)
+    return given
 
 
 @contextmanager
@@ -266,13 +338,15 @@ def torch_default_dtype(dtype: torch.dtype):
         torch.set_default_dtype(old)
 
 
-def _bind(model: torch.nn.Module, sd: dict[str, torch.Tensor], cls, name_or_path: str) -> None:
-    """Assign the store tensors; report unexpected and missing keys as the library does."""
+def _bind(model: torch.nn.Module, sd: dict[str, torch.Tensor], cls, name_or_path: str,
+          warn: bool = True) -> None:
+    """Assign the store tensors; report unexpected and missing keys as the library does
+    (unless `warn` is off: a second bind of the same model)."""
     slots = _state_slots(model)
     unexpected = [k for k in sd if k not in slots]
     ignore = getattr(cls, "_keys_to_ignore_on_load_unexpected", None) or []
     reported = [k for k in unexpected if not any(re.search(p, k) for p in ignore)]
-    if reported:
+    if reported and warn:
         logger.warning("Some weights of the checkpoint at %s were not used when initializing "
                        "%s: %s", name_or_path, cls.__name__, reported)
     for k in unexpected:
@@ -296,14 +370,13 @@ def _bind(model: torch.nn.Module, sd: dict[str, torch.Tensor], cls, name_or_path
                                             if table == "_parameters" else t)
     else:
         model.load_state_dict(sd, strict=False, assign=True)
-    if hasattr(model, "tie_weights"):
+    if hasattr(model, "all_tied_weights_keys"):  # transformers 5, as its from_pretrained ties
+        model.tie_weights(missing_keys=set(initialised), recompute_mapping=False)
+    elif hasattr(model, "tie_weights"):
         model.tie_weights()
-    missing = [name for name, _, _, t in named_tensors(model) if t.device.type == "meta"]
-    if missing:  # a bug, not a user error: _instantiate should have built it for real
-        raise RuntimeError(f"{cls.__name__}: weights left on the meta device: {missing[:10]}")
-    tied = getattr(model, "_tied_weights_keys", None) or {}
-    newly = [k for k in initialised if k not in tied]
-    if newly:
+    given = _given_by_ties(model, sd)
+    newly = [k for k in initialised if k not in given]
+    if newly and warn:
         logger.warning("Some weights of %s were not initialized from the model checkpoint at "
                        "%s and are newly initialized: %s", cls.__name__, name_or_path, newly)
 

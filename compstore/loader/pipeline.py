@@ -8,7 +8,7 @@ How a pipeline is put together:
    ref named by its absolute path); a Hub repo id, pulled on the way (only what
    the store lacks is downloaded; `local_files_only=True` uses the store's ref
    and never touches the network); or any other ref of the store.
-2. Every weight-bearing slot of model_index.json is built by `build_model` from
+2. Every weight-bearing slot of model_index.json is built by `prepare_model` from
    deduplicated store tensors (zero-copy views on CPU).
 3. The small files (model_index.json, scheduler/, tokenizer*/ ...) are written once
    per snapshot to a skeleton folder, and diffusers' own pipeline class loads the
@@ -33,7 +33,7 @@ from ..store import CompstoreError, RefNotFoundError, Store
 from ..store.hub import hub_reachable, is_repo_id
 from ..store.components import pick_component
 from . import warm
-from .component import build_model, is_model_class, resolve_class
+from .component import is_model_class, prepare_model, resolve_class
 from .loading import exclusive_load
 from .residency import (POOL, ResidencyPool, TransferReport, pool_for, record_report, route_through_pool,
                         usable_device)
@@ -175,21 +175,21 @@ def _assemble(store: Store, snapshot_id: str, label: str, *, dtype, variant: str
         slots = {slot: resolve_class(*entry[:2]) for slot, entry in index.items()
                  if not (slot.startswith("_") or slot in kwargs or not isinstance(entry, list)
                          or entry[0] is None)}
-        models = [slot for slot, cls in slots.items() if is_model_class(cls)]
-        for slot in models:  # with a pool, each fresh build starts its upload (prefetch) ...
-            built[slot] = build_model(
-                store, pick_component(rows, slot, variant), dtype=per_slot(dtype, slot),
-                name_or_path=f"{label}/{slot}", packs=packs, verify=verify, pool=pool,
-                private=private)
+        models = {slot: prepare_model(  # with a pool, each fresh build starts its upload ...
+            store, pick_component(rows, slot, variant), dtype=per_slot(dtype, slot),
+            name_or_path=f"{label}/{slot}", packs=packs, verify=verify, pool=pool, private=private)
+            for slot, cls in slots.items() if is_model_class(cls)}
         for slot, cls in slots.items():  # ... which runs on while tokenizers, schedulers load
             if slot not in models:
                 files = files if files is not None else store.snapshot_files(snapshot_id)
                 part = small_part(files, skeleton, slot, cls, private)
                 if part is not None:
                     built[slot] = part
-        for slot in models if pool is not None else ():  # resident and uploaded tensors bound
-            report.components.append(pool.move(built[slot], slot, private=private))
-            setattr(built[slot], POOL, pool)
+        for slot, finish in models.items():  # resident and uploaded tensors bound
+            built[slot] = finish()
+            if pool is not None:
+                report.components.append(pool.move(built[slot], slot, private=private))
+                setattr(built[slot], POOL, pool)
 
     pipe = pipeline_cls.from_pretrained(skeleton, **built, **kwargs)
     pipe.register_to_config(_name_or_path=label)

@@ -52,17 +52,11 @@ POOL = "_compstore_pool"  # pipeline/module attribute: the pool it was loaded or
 _PLACED = "_compstore_placed"  # module attribute until its first move: (pool, transfer) of `serve`
 
 
-def record_store_keys(model: torch.nn.Module, blobs: dict[str, tuple[str, int]]) -> dict[str, tuple[str, int]]:
+def record_store_keys(model: torch.nn.Module, blobs: dict[str, tuple[str, int]]) -> None:
     """Remember which store blob (xxh3, size) each of a freshly built model's tensors
-    came from; returns the blobs of the names the model has."""
-    keys, found = {}, {}
-    for name, _, _, t in named_tensors(model):
-        blob = blobs.get(name)
-        if blob is not None:
-            keys[name] = (*blob, t._version)
-            found[name] = blob
-    setattr(model, STORE_KEYS, keys)
-    return found
+    came from (a template clone gets its record from the template instead)."""
+    setattr(model, STORE_KEYS, {name: (*blobs[name], t._version)
+                                for name, _, _, t in named_tensors(model) if name in blobs})
 
 
 class _DtypeNames(dict):

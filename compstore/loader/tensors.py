@@ -8,8 +8,6 @@ a pipeline is never held twice.
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 
 from ..store import Store
@@ -37,14 +35,12 @@ def private_packs(store: Store) -> PackFiles:
 
 
 def stored_tensor(packs: PackFiles, loc: TensorLocation) -> torch.Tensor:
-    """A zero-copy, copy-on-write view of one stored tensor (it keeps its mapping alive)."""
+    """A zero-copy, copy-on-write view of one stored tensor (it keeps its mapping alive).
+    `packs` are `private_packs`: writable, so torch has no read-only buffer to warn of."""
     dtype = TORCH_DTYPES[loc.dtype]
     if loc.size == 0:
         return torch.empty(loc.shape, dtype=dtype)
-    view = packs.view(loc.pack, loc.offset, loc.size)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # a private mapping is writable; no warning due
-        return torch.frombuffer(view, dtype=dtype).view(loc.shape)
+    return torch.frombuffer(packs.view(loc.pack, loc.offset, loc.size), dtype=dtype).view(loc.shape)
 
 
 def keeps_fp32(name: str, keep_in_fp32: list[str] | None) -> bool:

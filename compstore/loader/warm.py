@@ -4,10 +4,11 @@ Module templates: a component built once is cloned, not rebuilt, the next time.
 
 Building a diffusers or transformers model runs its Python constructors: ~0.12 s
 for the SDXL UNet's 1,930 modules even with empty (meta) weights, as long as
-uploading a few GB. The first build of a component in a process leaves a
-*template*: its module tree with meta tensors, which nobody else ever holds.
+uploading a few GB. The first build of a component in a process constructs its
+module tree with meta tensors and keeps it as the *template* (`adopt`), which
+nobody else ever holds; the model that build returns is already a clone of it.
 Later builds of the same component (same stored config and tensors, same dtype)
-clone the template and bind tensors to the clone — with a residency pool, device
+clone the template too, and bind tensors to the clone — with a residency pool, device
 tensors (`ResidencyPool.serve`: resident ones reused, the rest uploaded first);
 without one, store views — in about a tenth of the time (the four SDXL-shape
 models on the 2-core VM: 16 ms against 0.14 s; `clone_module` with a plan
@@ -244,29 +245,31 @@ def _keep(key: tuple, template: Template) -> None:
         _TEMPLATES.popitem(last=False)
 
 
-def remember(key: tuple, model: torch.nn.Module, blobs: dict[str, tuple[str, int]],
-             arch: str | None = None) -> bool:
-    """Keep a clone of a freshly built `model` as the template for `key`, with meta
-    tensors for its store tensors (`blobs`: name -> blob), and for components of its
-    architecture `arch` (see `sibling`). A model with a parameter not from the store
-    (newly initialised) gets no template: each build draws its own."""
+def adopt(key: tuple, model: torch.nn.Module, blobs: dict[str, tuple[str, int]],
+          arch: str | None = None) -> Template | None:
+    """Keep `model` itself as the template for `key`, and for components of its
+    architecture `arch` (see `sibling`): a freshly constructed model whose store
+    tensors are meta stand-ins (`blobs`: name -> blob of each store tensor), never
+    handed out. None, and nothing kept, when a parameter is not the store's (newly
+    initialised: each build draws its own), a meta tensor has no blob, or tied
+    names hold different bytes."""
+    blob_of: dict[int, tuple[str, int]] = {}
     named = list(named_tensors(model))
-    blob_of = {id(t): blobs[name] for name, _, _, t in named if name in blobs}
-    if any(id(t) not in blob_of for _, owner, attr, t in named if attr in owner._parameters):
-        return False
+    for name, _, _, t in named:
+        blob = blobs.get(name)
+        if blob is not None and blob_of.setdefault(id(t), blob) != blob:
+            return None
+    if any(id(t) not in blob_of and (attr in owner._parameters or t.device.type == "meta")
+           for _, owner, attr, t in named):
+        return None
     plan = clone_plan(model)
-    new, made = _clone_all(plan, [torch.empty_like(t, device="meta") if id(t) in blob_of
-                                  else t.detach().clone() for _, t in plan.tensors])
-    # The clone's plan is the model's, with the clone's modules and tensors: its
-    # attributes are the same kinds of values (copies where the model's were copied).
-    own_plan = Plan([dataclasses.replace(s, module=m) for s, m in zip(plan.steps, new)],
-                    [(name, t) for (name, _), t in zip(plan.tensors, made)])
     index = {id(t): i for i, (_, t) in enumerate(plan.tensors)}
-    _keep(key, Template(own_plan, [blob_of.get(id(t)) for _, t in plan.tensors],
-                        {name: index[id(t)] for name, _, _, t in named if name in blobs}))
+    found = Template(plan, [blob_of.get(id(t)) for _, t in plan.tensors],
+                     {name: index[id(t)] for name, _, _, t in named if name in blobs})
+    _keep(key, found)
     if arch is not None:
         _BY_ARCHITECTURE[arch] = key
-    return True
+    return found
 
 
 def template(key: tuple) -> Template | None:
