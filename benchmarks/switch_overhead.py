@@ -133,14 +133,18 @@ def main() -> None:
                                                                pool=p)
             return pipe, time.perf_counter() - t
 
+        # Each timed load starts from a collected heap, as switch_bench's runs do: a
+        # full collection of earlier runs' garbage (~0.3 s here) is not the load's cost.
         def cold():
             clear_caches()
+            gc.collect()
             return load("A", pool())[1]
 
         def first_b():  # A resident; B's UNet never built in this process
             clear_caches()
             p = pool()
             a, _ = load("A", p)
+            gc.collect()
             return load("B", p)[1]
 
         def resident():  # A -> B -> A: the second switch
