@@ -112,3 +112,45 @@ def test_a_writer_clears_dead_scratch_folders_and_keeps_live_ones(family, tmp_pa
             assert not dead.exists()
         assert not live.exists()
         assert list((s.home / "tmp").iterdir()) == []
+
+
+def test_ingest_closes_each_mapping_though_the_hash_worker_lets_go_late(tmp_path, monkeypatch):
+    """A ThreadPoolExecutor worker sets a call's result, then drops its arguments: a
+    memoryview of the file passed to the sha256 call was still exported when the
+    ingest closed the mapping (BufferError, seen under Python 3.12). Here every
+    worker holds its arguments a while after the result."""
+    import threading
+    from concurrent.futures import Executor, Future
+
+    from compstore.store import ingest
+
+    class LateToLetGo(Executor):
+        def __init__(self, *args, **kwargs):
+            self.threads = []
+
+        def submit(self, fn, *args):
+            future = Future()
+
+            def run(args=args):
+                future.set_result(fn(*args))
+                time.sleep(0.3)  # `args` still referenced
+
+            self.threads.append(threading.Thread(target=run))
+            self.threads[-1].start()
+            return future
+
+        def shutdown(self, wait=True, **kwargs):
+            for t in self.threads:
+                t.join()
+
+    monkeypatch.setattr(ingest, "ThreadPoolExecutor", LateToLetGo)
+    folder = tmp_path / "comp"
+    folder.mkdir()
+    save_file({"w": np.arange(64, dtype=np.float32)}, str(folder / "model.safetensors"))
+    (folder / "config.json").write_text('{"_class_name": "Tiny"}')
+    store = Store(tmp_path / "store")
+    try:
+        store.ingest(folder, "tiny")
+        assert store.has_ref("tiny") and store.verify().ok
+    finally:
+        store.close()

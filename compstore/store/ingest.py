@@ -181,7 +181,11 @@ class Ingestor:
             if mm is not None:
                 mm.close()
         else:
-            self._pending_sha.append((rec, mm, self._sha_pool.submit(_sha256, data)))
+            # The hash gets the mapping, not `data`: a pool worker holds its call's
+            # arguments for a moment after the result is set, and a view it held
+            # then would make `_settle`'s close fail ("exported pointers exist").
+            del data
+            self._pending_sha.append((rec, mm, self._sha_pool.submit(_sha256, b"" if mm is None else mm)))
             while len(self._pending_sha) > 4:  # bound the mapped files held open
                 self._settle(self._pending_sha.pop(0))
 
@@ -243,8 +247,8 @@ def insert_blob_rows(db: sqlite_utils.Database, ing: Ingestor, packs: list[tuple
          for b in ing.new_blobs), batch_size=1000)
 
 
-def _sha256(data) -> str:
-    return hashlib.sha256(data).hexdigest()  # hashlib releases the GIL on large buffers
+def _sha256(buffer) -> str:
+    return hashlib.sha256(buffer).hexdigest()  # the GIL released on large buffers; no view kept
 
 
 def component_rows(scan: FolderScan, ing: Ingestor) -> tuple[list[dict], list[dict], list[dict]]:
