@@ -8,8 +8,10 @@ How a pipeline is put together:
    ref named by its absolute path); a Hub repo id, pulled on the way (only what
    the store lacks is downloaded; `local_files_only=True` uses the store's ref
    and never touches the network); or any other ref of the store.
-2. Every weight-bearing slot of model_index.json is built by `prepare_model` from
-   deduplicated store tensors (zero-copy views on CPU).
+2. Every weight-bearing slot of model_index.json is built by `prepare_model` (a
+   clone of the component's template, `warm`) from deduplicated store tensors:
+   zero-copy views on CPU, device tensors through a residency pool, bound only
+   after step 3 has loaded the tokenizers, so that uploads run behind them.
 3. The small files (model_index.json, scheduler/, tokenizer*/ ...) are written once
    per snapshot to a skeleton folder, and diffusers' own pipeline class loads the
    rest from there with the built models passed in: the returned object is the
