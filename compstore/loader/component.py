@@ -66,29 +66,10 @@ def _auto_dtype(config: dict, locations) -> torch.dtype:
     return torch.get_default_dtype()
 
 
-def build_model(
-    store: Store,
-    component: dict,
-    *,
-    dtype: torch.dtype | None = None,
-    name_or_path: str = "",
-    packs: PackFiles | None = None,
-    verify: bool = False,
-    pool: ResidencyPool | None = None,
-    private: bool = False,
-) -> torch.nn.Module:
-    """A diffusers or transformers model bound to the stored tensors of `component`.
-
-    `component` is a row of `Store.components_of` (component_id, library, class_name);
-    `packs` are the private mappings of this load (made here if not given). The
-    first build of a component in this process constructs its module tree on meta
-    and keeps it as the template (`warm`); the model returned is a clone of it,
-    as later loads' are, bound to the tensors `pool` holds on its device (resident
-    ones reused, the rest uploaded) or, without a pool, to store views.
-    `private=True` builds anew, binds private copies and leaves no template.
-    """
-    return prepare_model(store, component, dtype=dtype, name_or_path=name_or_path, packs=packs,
-                         verify=verify, pool=pool, private=private)()
+def build_model(store: Store, component: dict, **kwargs: Any) -> torch.nn.Module:
+    """A diffusers or transformers model bound to the stored tensors of `component`:
+    both halves of `prepare_model` (which takes the same arguments) at once."""
+    return prepare_model(store, component, **kwargs)()
 
 
 def prepare_model(
@@ -102,12 +83,20 @@ def prepare_model(
     pool: ResidencyPool | None = None,
     private: bool = False,
 ) -> Callable[[], torch.nn.Module]:
-    """`build_model` in two halves: this one does the Python work (find or construct
-    the template) and, for a fresh build with a pool, starts uploading what the pool
-    lacks (`pool.prefetch`); the function it returns binds the tensors and returns
+    """A model of the stored tensors of `component`, in two halves: this call does
+    the Python work and returns the function that binds the tensors and returns
     the model. Work done between the two (`_assemble` loads tokenizers there) runs
-    while the upload does. A caller that never calls the second half calls
-    `pool.drop_prefetched()`.
+    while uploads do.
+
+    `component` is a row of `Store.components_of` (component_id, library, class_name);
+    `packs` are the private mappings of this load (made here if not given). The
+    first build of a component in this process constructs its module tree on meta
+    and keeps it as the template (`warm`); the model is a clone of it, as later
+    loads' are, bound to the tensors `pool` holds on its device (resident ones
+    reused, the rest uploaded) or, without a pool, to store views. A fresh build
+    with a pool starts uploading what the pool lacks here (`pool.prefetch`); a
+    caller that never calls the second half calls `pool.drop_prefetched()`.
+    `private=True` builds anew and leaves no template.
     """
     from diffusers import ModelMixin
 
