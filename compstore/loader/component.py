@@ -176,7 +176,8 @@ def _adopt(key: tuple, model: torch.nn.Module, sd: dict[str, torch.Tensor], blob
     return warm.adopt(key, model, blobs, arch)
 
 
-def _stored_views(store: Store, cid: str, packs: PackFiles, locations=None):
+def _stored_views(store: Store, cid: str, packs: PackFiles,
+                  locations=None) -> Callable[[], dict[str, torch.Tensor]]:
     """`views` for `_from_template`: the component's store views (stored dtypes) by name."""
     return lambda: {loc.name: stored_tensor(packs, loc) for loc in locations or store.tensor_locations(cid)}
 
@@ -191,8 +192,8 @@ def _name(model: torch.nn.Module, name_or_path: str) -> None:
         model.name_or_path = model.config.name_or_path = name_or_path
 
 
-def _from_template(template: warm.Template, views, pool: ResidencyPool | None,
-                   name_or_path: str) -> torch.nn.Module:
+def _from_template(template: warm.Template, views: Callable[[], dict[str, torch.Tensor]],
+                   pool: ResidencyPool | None, name_or_path: str) -> torch.nn.Module:
     """A clone of `template` bound to store views (cast to the template's dtypes) and
     copies of the template's own buffers; with a pool, a clone born on its device
     (`pool.serve`): resident tensors are reused and only the rest uploaded.
