@@ -165,13 +165,13 @@ def prepare_model(
 
 def _adopt(key: tuple, model: torch.nn.Module, sd: dict[str, torch.Tensor], blobs: dict,
            arch: str, cls, name_or_path: str) -> warm.Template | None:
-    """Make a freshly constructed (meta) `model` the template of its component: bound
-    to meta stand-ins of its store tensors `sd` the way `_bind` binds them (the
-    library's warnings included), then kept by `warm.adopt`. None when a tensor of
-    the bound tree is not one store tensor (a tie left a parameter unfilled, or
-    ties two names stored with different bytes); the model, still meta, is then
-    the caller's to bind."""
-    _bind(model, {name: t.to("meta") for name, t in sd.items()}, cls, name_or_path)
+    """Make a freshly constructed (meta) `model`, one that loads the default way, the
+    template of its component: bound to meta stand-ins of its store tensors `sd` the
+    way `_bind` binds them (the library's warnings included), then kept by
+    `warm.adopt`. None when a tensor of the bound tree is not one store tensor (a tie
+    left a parameter unfilled, or ties two names stored with different bytes); the
+    model, still meta, is then the caller's to bind."""
+    _bind(model, {name: t.to("meta") for name, t in sd.items()}, cls, name_or_path, default_way=True)
     model.eval()
     return warm.adopt(key, model, blobs, arch)
 
@@ -329,9 +329,10 @@ def torch_default_dtype(dtype: torch.dtype):
 
 
 def _bind(model: torch.nn.Module, sd: dict[str, torch.Tensor], cls, name_or_path: str,
-          warn: bool = True) -> None:
+          warn: bool = True, default_way: bool | None = None) -> None:
     """Assign the store tensors; report unexpected and missing keys as the library does
-    (unless `warn` is off: a second bind of the same model)."""
+    (unless `warn` is off: a second bind of the same model). `default_way`:
+    `_loads_the_default_way(model)`, where the caller has it already."""
     slots = _state_slots(model)
     unexpected = [k for k in sd if k not in slots]
     ignore = getattr(cls, "_keys_to_ignore_on_load_unexpected", None) or []
@@ -352,7 +353,9 @@ def _bind(model: torch.nn.Module, sd: dict[str, torch.Tensor], cls, name_or_path
                 f"{name_or_path}: tensor {name!r} is {tuple(t.shape)} in the store but "
                 f"{tuple(old.shape)} in the {cls.__name__} its config.json builds: the "
                 "component's config and weights disagree; re-ingest it from a consistent source")
-    if _loads_the_default_way(model):
+    if default_way is None:
+        default_way = _loads_the_default_way(model)
+    if default_way:
         for name, t in sd.items():  # what load_state_dict(sd, strict=False, assign=True) does
             module, table, attr = slots[name]
             old = getattr(module, table)[attr]
