@@ -1,6 +1,6 @@
 """The CPU side of a compstore switch at the published SDXL shapes, on any machine.
 
-    python benchmarks/switch_overhead.py [--workdir DIR] [--repeat 5] [--keep]
+    python benchmarks/switch_overhead.py [--workdir DIR] [--repeat 5] [--keep] [--link-gbps G]
 
 Everything a switch does except copying bytes: resolving the ref, building or
 cloning the four models, binding their tensors, the pool's decision for each of
@@ -8,6 +8,12 @@ cloning the four models, binding their tensors, the pool's decision for each of
 the pipeline object. The pool's target is the `meta` device, where an upload
 copies nothing, so these figures are the part of a GPU switch that no GPU makes
 faster; `compstore bench switch --size full --device cuda` measures the whole.
+
+`--link-gbps G` makes each upload take as long as a G GB/s host-to-device copy
+would (a sleep per 32 MiB, the GIL released, as a DMA leaves it): how much of
+that time the Python work of a switch hides, and each switch's floor (the bytes
+it uploads at G GB/s) printed beside it. An emulation of the overlap, not a
+GPU measurement.
 
 The weights are zeros with each tensor's index written into its first elements:
 every tensor distinct (nothing deduplicates that would not in a real pair) and
@@ -83,6 +89,22 @@ def write_pair(root: Path) -> dict[str, Path]:
     return out
 
 
+class Link:
+    """A pool copier onto `meta` that takes as long as a `gbps` GB/s link would: it
+    sleeps per 32 MiB owed, as the uploader's pieces are."""
+
+    def __init__(self, gbps: float):
+        self.bytes_per_s, self.owed = gbps * 1e9, 0
+
+    def __call__(self, t: torch.Tensor, device) -> torch.Tensor:
+        if self.bytes_per_s:
+            self.owed += t.numel() * t.element_size()
+            if self.owed >= 32 << 20:
+                time.sleep(self.owed / self.bytes_per_s)
+                self.owed = 0
+        return torch.empty(t.shape, dtype=t.dtype, device="meta")
+
+
 def open_pair(work: Path):
     """The store of the A/B pair under `work`, written and ingested unless already there."""
     from compstore import Store
@@ -112,6 +134,8 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--keep", action="store_true",
                     help="keep the pair and its store in <workdir>/switch-overhead, reuse them next time")
+    ap.add_argument("--link-gbps", type=float, default=0.0,
+                    help="uploads take as long as a copy at this many GB/s would (default: no time)")
     args = ap.parse_args()
     with contextlib.ExitStack() as stack:
         if args.keep:
@@ -123,9 +147,10 @@ def main() -> None:
         stack.callback(store.close)
         print(f"delta A->B {store.diff('A', 'B').delta_bytes:,} B")
 
-        def pool():
-            return ResidencyPool("meta", budget_bytes=1 << 62,
-                                 copier=lambda t, _: torch.empty(t.shape, dtype=t.dtype, device="meta"))
+        def pool(budget_bytes=1 << 62):
+            return ResidencyPool("meta", budget_bytes=budget_bytes, pinned_budget_bytes=1 << 62,
+                                 copier=Link(args.link_gbps),
+                                 offloader=lambda t: torch.empty(t.shape, dtype=t.dtype, device="meta"))
 
         def load(ref, p):
             t = time.perf_counter()
@@ -133,19 +158,33 @@ def main() -> None:
                                                                pool=p)
             return pipe, time.perf_counter() - t
 
+        def timed(ref, p):  # (seconds, bytes uploaded) of one load
+            pipe, seconds = load(ref, p)
+            return seconds, p.last_report.bytes_uploaded
+
         # Each timed load starts from a collected heap, as switch_bench's runs do: a
         # full collection of earlier runs' garbage (~0.3 s here) is not the load's cost.
         def cold():
             clear_caches()
             gc.collect()
-            return load("A", pool())[1]
+            return timed("A", pool())
 
         def first_b():  # A resident; B's UNet never built in this process
             clear_caches()
             p = pool()
             a, _ = load("A", p)
             gc.collect()
-            return load("B", p)[1]
+            return timed("B", p)
+
+        def pinned():  # A resident; B's own tensors evicted to the pinned tier
+            clear_caches()
+            p = pool(budget_bytes=0)
+            b, _ = load("B", p)
+            del b
+            gc.collect()
+            a, _ = load("A", p)  # B's idle tensors go to the pinned tier
+            gc.collect()
+            return timed("B", p)
 
         def resident():  # A -> B -> A: the second switch
             clear_caches()
@@ -154,20 +193,23 @@ def main() -> None:
             b, _ = load("B", p)
             del a
             gc.collect()
-            return load("A", p)[1]
+            return timed("A", p)
 
         figures = {}
         for name, fn in (("cold load of A", cold), ("A -> B, B never loaded before", first_b),
+                         ("A -> B, B's delta in the pinned tier", pinned),
                          ("A -> B -> A, the second switch", resident)):
             fn()  # warm-up: imports, page cache
-            runs = [fn() for _ in range(args.repeat)]
+            runs, uploaded = zip(*(fn() for _ in range(args.repeat)))
             figures[name] = {"median_s": round(statistics.median(runs), 4),
-                             "runs": [round(r, 4) for r in runs]}
+                             "runs": [round(r, 4) for r in runs], "bytes_uploaded": uploaded[-1]}
+            floor = f", floor {uploaded[-1] / (args.link_gbps * 1e9) * 1e3:.0f} ms" if args.link_gbps else ""
             print(f"{name}: {figures[name]['median_s'] * 1e3:.1f} ms (median of {args.repeat}: "
-                  f"{', '.join(f'{r * 1e3:.0f}' for r in runs)})")
+                  f"{', '.join(f'{r * 1e3:.0f}' for r in runs)}; {uploaded[-1] / 1e9:.2f} GB uploaded{floor})")
         tensors = sum(len(store.tensor_locations(c["component_id"]))
                       for c in store.components_of(store.resolve("A")))
-        print(json.dumps({"tensors_in_A": tensors, "figures": figures}, indent=2))
+        print(json.dumps({"tensors_in_A": tensors, "link_gbps": args.link_gbps, "figures": figures},
+                         indent=2))
 
 
 if __name__ == "__main__":
