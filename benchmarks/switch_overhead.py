@@ -10,10 +10,10 @@ copies nothing, so these figures are the part of a GPU switch that no GPU makes
 faster; `compstore bench switch --size full --device cuda` measures the whole.
 
 `--link-gbps G` makes each upload take as long as a G GB/s host-to-device copy
-would (a sleep per 32 MiB, the GIL released, as a DMA leaves it): how much of
-that time the Python work of a switch hides, and each switch's floor (the bytes
-it uploads at G GB/s) printed beside it. An emulation of the overlap, not a
-GPU measurement.
+would (the host sleeps, the GIL released, where it would wait for the real
+uploader's copies): how much of that time the Python work of a switch hides,
+with each switch's floor (the bytes it uploads at G GB/s) printed beside it. An
+emulation of the overlap, not a GPU measurement.
 
 The weights are zeros with each tensor's index written into its first elements:
 every tensor distinct (nothing deduplicates that would not in a real pair) and
@@ -90,19 +90,27 @@ def write_pair(root: Path) -> dict[str, Path]:
 
 
 class Link:
-    """A pool copier onto `meta` that takes as long as a `gbps` GB/s link would: it
-    sleeps per 32 MiB owed, as the uploader's pieces are."""
+    """A pool uploader onto `meta` that takes as long as a `gbps` GB/s link would
+    (no time for 0): a batch's copies end bytes / rate after the link is free, and
+    the host waits for them only where it would wait for the real uploader's."""
 
     def __init__(self, gbps: float):
-        self.bytes_per_s, self.owed = gbps * 1e9, 0
+        self.bytes_per_s, self.free_at = gbps * 1e9, 0.0
 
-    def __call__(self, t: torch.Tensor, device) -> torch.Tensor:
+    def upload(self, srcs: list[torch.Tensor], *, wait: bool = True) -> list[torch.Tensor]:
         if self.bytes_per_s:
-            self.owed += t.numel() * t.element_size()
-            if self.owed >= 32 << 20:
-                time.sleep(self.owed / self.bytes_per_s)
-                self.owed = 0
-        return torch.empty(t.shape, dtype=t.dtype, device="meta")
+            start = max(time.perf_counter(), self.free_at)
+            self.free_at = start + sum(t.numel() * t.element_size() for t in srcs) / self.bytes_per_s
+        out = [torch.empty(t.shape, dtype=t.dtype, device="meta") for t in srcs]
+        if wait:
+            self.wait()
+        return out
+
+    def wait(self) -> None:
+        time.sleep(max(0.0, self.free_at - time.perf_counter()))
+
+    def order_after_running(self) -> None:
+        pass
 
 
 def open_pair(work: Path):
@@ -149,7 +157,7 @@ def main() -> None:
 
         def pool(budget_bytes=1 << 62):
             return ResidencyPool("meta", budget_bytes=budget_bytes, pinned_budget_bytes=1 << 62,
-                                 copier=Link(args.link_gbps),
+                                 uploader=Link(args.link_gbps),
                                  offloader=lambda t: torch.empty(t.shape, dtype=t.dtype, device="meta"))
 
         def load(ref, p):

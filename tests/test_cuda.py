@@ -63,6 +63,33 @@ def test_pinned_tier_on_the_gpu(family_store):
     assert again.bytes_from_pinned > 0
 
 
+@pytest.mark.parametrize("on_side_stream", [False, True])
+def test_a_switch_from_the_pinned_tier_gives_diffusers_images(family_store, family, on_side_stream):
+    """B's delta comes back from the pinned tier in copies the load does not wait
+    for until its end (`Uploader.upload(wait=False)`); B's image, made right after
+    the load, on the default stream or on a stream of the user's, equals plain
+    diffusers'."""
+    import diffusers
+    from compstore.loader import warm
+    from test_loader import image
+
+    warm.clear_caches()
+    pool = ResidencyPool("cuda", budget_bytes=0, pinned_budget_bytes=1 << 30)
+    load = lambda n: compstore.DiffusionPipeline.from_pretrained(n, store=family_store, pool=pool)  # noqa: E731
+    b = load("B")
+    del b
+    gc.collect()
+    a = load("A")  # B's UNet tensors go to the pinned tier
+    stream = torch.cuda.Stream() if on_side_stream else torch.cuda.current_stream()
+    with torch.cuda.stream(stream):
+        b = load("B")
+        assert compstore.last_transfer().bytes_from_pinned == family_store.diff("A", "B").delta_bytes
+        mine = image(b)
+    theirs = diffusers.StableDiffusionPipeline.from_pretrained(family["B"]).to("cuda")
+    np.testing.assert_array_equal(mine, image(theirs))
+    del a
+
+
 def test_device_map_cuda_and_pipe_to(family_store):
     pipe = compstore.DiffusionPipeline.from_pretrained("A", store=family_store, device_map="cuda")
     assert pipe.unet.device.type == "cuda"

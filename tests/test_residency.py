@@ -408,6 +408,116 @@ def test_uploader_copies_every_byte(staged):
         assert o.numel() == 0 or o.data_ptr() != s.data_ptr()
 
 
+class FakeStreams:
+    """Stand-ins for torch's CUDA streams and events that log what is asked of them,
+    so that the CUDA ordering of uploads is checked on a CPU target (the copies
+    themselves run on the CPU). Tensors of 5 elements count as pageable, the rest
+    as pinned."""
+
+    class Stream:
+        def __init__(self, log, name):
+            self.log, self.name = log, name
+
+        def wait_stream(self, other):
+            self.log.append((self.name, "wait_stream", other.name))
+
+        def wait_event(self, event):
+            self.log.append((self.name, "wait_event", event.n))
+
+        def synchronize(self):
+            self.log.append((self.name, "synchronize"))
+
+    def __init__(self, monkeypatch):
+        from contextlib import nullcontext
+
+        self.log, self.events = [], 0
+        self.current = self.Stream(self.log, "default")
+        log, streams = self.log, self
+
+        class Event:
+            def __init__(self):
+                streams.events += 1
+                self.n = streams.events
+
+            def record(self, stream):
+                log.append((stream.name, "record", self.n))
+
+            def query(self):
+                return False
+
+            def synchronize(self):
+                log.append(("host", "synchronize", self.n))
+
+        monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: self.current)
+        monkeypatch.setattr(torch.cuda, "stream", lambda stream: nullcontext())
+        monkeypatch.setattr(torch.cuda, "Event", Event)
+        monkeypatch.setattr(torch.Tensor, "is_pinned", lambda t: t.numel() != 5)
+
+    def uploader(self, **kwargs):
+        from compstore.loader.upload import Uploader
+
+        up = Uploader("cpu", **kwargs)
+        up._stream = self.Stream(self.log, "side")  # what a CUDA target has
+        return up
+
+
+def test_a_pinned_batch_uploaded_without_waiting_is_ordered_on_the_device(monkeypatch):
+    """The CUDA protocol of `Uploader.upload(wait=False)`: a batch of pinned tensors
+    is only queued, the caller's stream waits for its event, the host does not;
+    another thread's stream is ordered after it, and `wait()` waits on the host.
+    A batch with anything to stage is always waited for."""
+    fake = FakeStreams(monkeypatch)
+    up = fake.uploader(readers=2, staging_bytes=64, staged=True)
+    pinned = [torch.randn(1000), torch.arange(7)]
+    outs = up.upload(pinned, wait=False)
+    assert all(torch.equal(o, s) for o, s in zip(outs, pinned))
+    assert fake.log == [("side", "wait_stream", "default"), ("side", "record", 1), ("default", "wait_event", 1)]
+    fake.log.clear()
+    fake.current = fake.Stream(fake.log, "another thread's")
+    up.order_after_running()
+    assert fake.log == [("another thread's", "wait_event", 1)]
+    fake.log.clear()
+    up.wait()
+    assert fake.log == [("host", "synchronize", 1)] and not up._in_flight
+    fake.log.clear()
+    mixed = [torch.randn(1000), torch.randn(5)]  # the second one needs the staging ring
+    outs = up.upload(mixed, wait=False)
+    assert all(torch.equal(o, s) for o, s in zip(outs, mixed))
+    assert ("side", "synchronize") in fake.log and not up._in_flight
+    up.close()
+
+
+def test_a_load_returns_after_its_pinned_tier_copies_ran_behind_its_python(family_store, family, monkeypatch):
+    """A switch whose delta waits in the pinned tier queues those copies
+    (`wait=False`) and builds the rest of the pipeline meanwhile; it returns only
+    after waiting for them on the host. The images equal plain diffusers'."""
+    import diffusers
+    import numpy as np
+    from test_loader import image
+
+    fake = FakeStreams(monkeypatch)
+    pool = ResidencyPool("cpu", budget_bytes=0, pinned_budget_bytes=1 << 40, uploader=fake.uploader())
+    load = lambda name: compstore.DiffusionPipeline.from_pretrained(name, store=family_store, pool=pool)  # noqa: E731
+    b = load("B")
+    del b
+    gc.collect()
+    a = load("A")  # B's UNet tensors go to the pinned tier
+    assert pool.pinned_bytes > 0
+    fake.log.clear()
+    b = load("B")
+    assert compstore.last_transfer().bytes_from_pinned == pool_delta(family_store) > 0
+    queued = [entry[2] for entry in fake.log if entry[1] == "record"]
+    assert len(queued) == 1  # one batch: the UNet's tensors from the pinned tier
+    assert fake.log.index(("default", "wait_event", *queued)) == 2  # right after it was queued
+    assert fake.log[-1] == ("host", "synchronize", *queued)  # the load's last word
+    np.testing.assert_array_equal(image(b), image(diffusers.StableDiffusionPipeline.from_pretrained(family["B"])))
+    del a
+
+
+def pool_delta(store) -> int:
+    return store.diff("A", "B").delta_bytes
+
+
 def test_cpu_target_switches_through_the_real_uploader_and_images_match_diffusers(family_store, family):
     """A -> B -> A through the default uploader (CPU memory as the device): bytes
     moved are B's delta, then nothing; images equal plain diffusers' every time."""

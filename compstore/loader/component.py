@@ -69,7 +69,10 @@ def _auto_dtype(config: dict, locations) -> torch.dtype:
 def build_model(store: Store, component: dict, **kwargs: Any) -> torch.nn.Module:
     """A diffusers or transformers model bound to the stored tensors of `component`:
     both halves of `prepare_model` (which takes the same arguments) at once."""
-    return prepare_model(store, component, **kwargs)()
+    model = prepare_model(store, component, **kwargs)()
+    if kwargs.get("pool") is not None:
+        kwargs["pool"].wait_uploads()
+    return model
 
 
 def prepare_model(
@@ -96,6 +99,9 @@ def prepare_model(
     reused, the rest uploaded) or, without a pool, to store views. A fresh build
     with a pool starts uploading what the pool lacks here (`pool.prefetch`); a
     caller that never calls the second half calls `pool.drop_prefetched()`.
+    Copies from the pool's pinned tier may still run when the second half
+    returns (`pool.serve` with `wait=False`: the Python work after it overlaps
+    them); the caller calls `pool.wait_uploads()` once it has built everything.
     `private=True` builds anew and leaves no template.
     """
     from diffusers import ModelMixin
@@ -219,7 +225,7 @@ def _from_template(template: warm.Template, views: Callable[[], dict[str, torch.
     if pool is None:
         model, made = template.clone(host(list(range(len(likes)))))
     else:
-        data, placement = pool.serve(template.blobs, likes, host)
+        data, placement = pool.serve(template.blobs, likes, host, wait=False)  # see prepare_model
         model, made = template.clone(data)
         pool.claim(model, placement)
     _name(model, name_or_path)

@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import re
+import time
 from pathlib import Path
 from typing import Any
 
@@ -190,15 +191,17 @@ def _assemble(store: Store, snapshot_id: str, label: str, *, dtype, variant: str
         for slot, finish in models.items():  # resident and uploaded tensors bound
             built[slot] = finish()
             if pool is not None:
-                report.components.append(pool.move(built[slot], slot, private=private))
+                report.components.append(pool.move(built[slot], slot, private=private, wait=False))
                 setattr(built[slot], POOL, pool)
 
     pipe = pipeline_cls.from_pretrained(skeleton, **built, **kwargs)
     pipe.register_to_config(_name_or_path=label)
     route_through_pool(pipe)
     if pool is not None:
+        t0 = time.perf_counter()
+        pool.wait_uploads()  # copies from the pinned tier ran behind the Python work since
         setattr(pipe, POOL, pool)  # later pipe.to(device) moves go through it too
-        report.seconds = round(sum(c.seconds for c in report.components), 6)
+        report.seconds = round(sum(c.seconds for c in report.components) + time.perf_counter() - t0, 6)
         record_report(pool, report)
     return pipe
 

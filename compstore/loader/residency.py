@@ -77,14 +77,14 @@ class ComponentTransfer:
     bytes_reused: int = 0  # already resident on the device: no copy
     bytes_from_pinned: int = 0  # uploaded from the pinned host tier
     bytes_from_store: int = 0  # uploaded from store-mapped (or other host) memory
-    seconds: float = 0.0
+    seconds: float = 0.0  # in the pool; copies it left running (`wait=False`) end in the report's
 
 
 @dataclass
 class TransferReport:
     device: str
     components: list[ComponentTransfer] = field(default_factory=list)
-    seconds: float = 0.0
+    seconds: float = 0.0  # the components' and the wait for copies they left running
 
     @property
     def bytes_reused(self) -> int:
@@ -148,9 +148,12 @@ class ResidencyPool:
         pinned_budget_bytes: bytes of evicted tensors kept in pinned host memory for
             fast re-upload (default `$COMPSTORE_PINNED_BUDGET`, else 0: off).
         copier: `(tensor, device) -> tensor`, one tensor's upload (default: batched
-            through `upload.Uploader`: pinned staging, side stream, several readers).
+            through the uploader).
         offloader: `tensor -> host tensor`, the copy into the pinned tier (default: a
             pinned host buffer filled from the device tensor).
+        uploader: what uploads a batch of tensors (default: an `upload.Uploader`:
+            pinned staging, side stream, several readers); a stand-in has its
+            `upload(srcs, wait=...)`, `wait()` and `order_after_running()`.
 
     >>> pool = ResidencyPool("cuda")  # doctest: +SKIP
     >>> report = to_device(pipe, "cuda", pool=pool)  # doctest: +SKIP
@@ -159,7 +162,8 @@ class ResidencyPool:
     def __init__(self, device: str | torch.device, budget_bytes: int | None = None,
                  pinned_budget_bytes: int | None = None,
                  copier: Callable[[torch.Tensor, torch.device], torch.Tensor] | None = None,
-                 offloader: Callable[[torch.Tensor], torch.Tensor] | None = None):
+                 offloader: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 uploader: Uploader | None = None):
         self.device = canonical_device(device)
         self._device_name = str(self.device)  # part of every key: str() per tensor is slow
         if budget_bytes is None:
@@ -175,7 +179,7 @@ class ResidencyPool:
         self.budget_bytes = budget_bytes
         self.pinned_budget_bytes = pinned_budget_bytes
         self.copier = copier
-        self._uploader: Uploader | None = None
+        self._uploader = uploader  # made on first use
         self.offloader = offloader or self._pinned_copy
         self._resident: OrderedDict[Key, _Entry] = OrderedDict()
         self._resident_bytes = 0  # kept by _keep/_drop: summing ~3,000 entries per move is slow
@@ -252,8 +256,15 @@ class ResidencyPool:
         return self._evict(idle_bytes, collect=True)
 
     def _pinned_copy(self, t: torch.Tensor) -> torch.Tensor:
+        self._after_running_uploads()  # `t` may be on its way still
         host = torch.empty(t.shape, dtype=t.dtype, pin_memory=self.device.type == "cuda")
         return host.copy_(t)
+
+    def _after_running_uploads(self) -> None:
+        """Order this thread's stream after copies a `wait=False` upload left running:
+        their tensors are resident already, and may be handed out or copied back."""
+        if self._uploader is not None:
+            self._uploader.order_after_running()
 
     def _keep_pinned(self, key: Key, t: torch.Tensor) -> None:
         nbytes = t.numel() * t.element_size()
@@ -272,15 +283,25 @@ class ResidencyPool:
         return host
 
     # -- moving ------------------------------------------------------------------
-    def _upload(self, srcs: list[torch.Tensor]) -> list[torch.Tensor]:
+    def _upload(self, srcs: list[torch.Tensor], wait: bool = True) -> list[torch.Tensor]:
         with self._upload_lock:
             if self.copier is not None:
                 return [self.copier(t, self.device) for t in srcs]
             if self._uploader is None:
                 self._uploader = Uploader(self.device)
-            return self._uploader.upload(srcs)
+            return self._uploader.upload(srcs, wait=wait)
 
-    def _upload_making_room(self, srcs: list[torch.Tensor]) -> list[torch.Tensor]:
+    def wait_uploads(self) -> None:
+        """Wait until the copies that `serve` or `move` with `wait=False` left running
+        are done: their tensors are then ready for any stream, and the host.
+
+        >>> pool.wait_uploads()  # doctest: +SKIP
+        """
+        with self._upload_lock:
+            if self._uploader is not None:
+                self._uploader.wait()
+
+    def _upload_making_room(self, srcs: list[torch.Tensor], wait: bool = True) -> list[torch.Tensor]:
         """`_upload`; when the device is out of memory, evict idle tensors and try
         again: first as many bytes as the upload needs (least recently used first),
         then all of them, after a full collection. The budget bounds idle tensors,
@@ -289,11 +310,11 @@ class ResidencyPool:
         for make_room in (lambda: self._evict(max(0, self.idle_bytes - needed)),
                           lambda: self._evict(0, collect=True)):
             try:
-                return self._upload(srcs)
+                return self._upload(srcs, wait)
             except torch.OutOfMemoryError:
                 if not make_room():
                     raise
-        return self._upload(srcs)
+        return self._upload(srcs, wait)
 
     @_locked
     def prefetch(self, tensors: list[tuple[tuple[str, int], torch.Tensor]]) -> None:
@@ -348,13 +369,16 @@ class ResidencyPool:
 
     def _serve(self, keys: list[Key | None], likes: list[torch.Tensor],
                host: Callable[[list[int]], list[torch.Tensor]], rep: ComponentTransfer,
-               user) -> list[torch.Tensor]:
+               user, wait: bool) -> list[torch.Tensor]:
         """Device tensors for `keys` (None: not the store's, a private copy), each in
         the dtype and shape of its `likes` entry: resident ones are reused, the rest
         uploaded, each key once, in two batches (pinned tier, then host memory:
         see `upload.Uploader`). `host(indices)` gives the host tensors of those
         indices that are neither resident nor pinned (store views, say). `user` (a
-        module, or a `Placement`) is marked as using every pooled tensor served."""
+        module, or a `Placement`) is marked as using every pooled tensor served.
+        `wait=False`: the copies from the pinned tier may still run on return
+        (`Uploader.upload`); the caller's stream is ordered after them."""
+        self._after_running_uploads()
         served: list[torch.Tensor | None] = [None] * len(keys)
         same_as: dict[int, int] = {}  # identical bytes twice: share one upload
         pending: dict[Key, int] = {}  # keys uploading in this batch -> index
@@ -394,21 +418,25 @@ class ResidencyPool:
                 continue
             uploads.append((i, keys[i], src))
             rep.bytes_from_store += src.numel() * src.element_size()
-        for batch in (from_pinned, uploads):
+        for batch, batch_wait in ((from_pinned, wait), (uploads, True)):  # the store's: a staged upload
             if not batch:  # nothing to wait for: a background upload may hold the uploader
                 continue
-            for (i, key, _), data in zip(batch, self._upload_making_room([src for _, _, src in batch])):
+            for (i, key, _), data in zip(batch, self._upload_making_room([src for _, _, src in batch], batch_wait)):
                 served[i] = data if key is None else self._hold(key, data, user)
         return [as_shape(served[same_as.get(i, i)], like.shape) for i, like in enumerate(likes)]
 
     @_locked
     def serve(self, blobs: list[tuple[str, int] | None], likes: list[torch.Tensor],
-              host: Callable[[list[int]], list[torch.Tensor]]) -> tuple[list[torch.Tensor], "Placement"]:
+              host: Callable[[list[int]], list[torch.Tensor]],
+              wait: bool = True) -> tuple[list[torch.Tensor], "Placement"]:
         """Device tensors for a module about to be built on this device, as `move`
         would leave them: per tensor its store blob (None: not the store's), a
         tensor of its dtype and shape (meta will do), and `host(indices)` for the
         host tensors of those the pool can serve neither resident nor pinned.
-        Build the module on the returned tensors, then `claim` it.
+        Build the module on the returned tensors, then `claim` it. `wait=False`:
+        copies from the pinned tier may still run on return, so that the Python
+        work after it overlaps them; work queued on this stream runs after them,
+        and `wait_uploads()` waits for them (a load calls it before it returns).
 
         A template clone is built this way (`component._from_template`): no host
         module is walked and moved afterwards, the clone is born on the device."""
@@ -417,7 +445,7 @@ class ResidencyPool:
         keys = [None if blob is None else (*blob, _DTYPE_NAMES[like.dtype], self._device_name)
                 for blob, like in zip(blobs, likes)]
         placement = Placement(keys, rep)
-        data = self._serve(keys, likes, host, rep, placement)  # in use by the placement until `claim`
+        data = self._serve(keys, likes, host, rep, placement, wait)  # in use by the placement until `claim`
         rep.seconds = round(time.perf_counter() - t0, 6)
         return data, placement
 
@@ -432,8 +460,10 @@ class ResidencyPool:
         module.__dict__[_PLACED] = (self, placement.transfer)
 
     @_locked
-    def move(self, module: torch.nn.Module, component: str = "", private: bool = False) -> ComponentTransfer:
+    def move(self, module: torch.nn.Module, component: str = "", private: bool = False,
+             wait: bool = True) -> ComponentTransfer:
         """Move one module to the pool's device; store tensors go through the pool.
+        `wait` as in `serve`.
 
         Three steps: find every distinct tensor (a walk of the module tree) and
         keep those already where they belong, get device tensors for the others
@@ -481,7 +511,7 @@ class ResidencyPool:
             places[id(tensor)] = [(owner, attr, tensor)]
             wanted.append(key)
             sources.append(tensor.detach())
-        served = self._serve(wanted, sources, lambda indices: [sources[i] for i in indices], rep, module)
+        served = self._serve(wanted, sources, lambda indices: [sources[i] for i in indices], rep, module, wait)
         for uses, data in zip(places.values(), served):
             old = uses[0][2]
             new = (torch.nn.Parameter(data, requires_grad=old.requires_grad)
@@ -610,11 +640,12 @@ def to_device(pipe_or_module, device: str | torch.device, *, pool: ResidencyPool
         raise CompstoreError(f"to_device: the pool is on {pool.device}, not {device}; pass "
                              f"pool_for({str(device)!r}) or leave pool out")
     report = TransferReport(str(device))
-    for name, module in _models(pipe_or_module).items():
-        report.components.append(pool.move(module, name, private=private))
+    for name, module in _models(pipe_or_module).items():  # each module's Python runs behind the last one's copies
+        report.components.append(pool.move(module, name, private=private, wait=False))
         setattr(module, POOL, pool)  # its move elsewhere (`.to("cpu")`) releases what it holds
     if not isinstance(pipe_or_module, torch.nn.Module):
         setattr(pipe_or_module, POOL, pool)
+    pool.wait_uploads()
     report.seconds = round(time.perf_counter() - t0, 6)
     record_report(pool, report)
     return report

@@ -15,6 +15,12 @@ refills a buffer only once its event has fired. Tensors already in pinned memory
 (the pool's pinned tier) are copied straight from there. Nothing is copied in
 full to pageable memory first.
 
+A batch is finished before `upload` returns (the side stream synchronised), except
+a batch of pinned tensors uploaded with `wait=False`: its copies are only queued,
+the caller's stream waits for them on the device (an event), and the caller goes
+on with its Python work while they run, until `wait()`. (A staged batch is waited
+for: its staging buffers are reused by the next batch.)
+
 For a CPU target the readers copy straight into the destination tensors, in
 parallel. `staged=True` forces the staging ring on CPU too, which is how its
 chunking and buffer reuse are tested without a GPU.
@@ -57,9 +63,12 @@ class Uploader:
         self._threads = ThreadPoolExecutor(self.readers, thread_name_prefix="compstore-upload")
         self._ring: list[torch.Tensor] = []  # pinned buffers, made on first use
         self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self._in_flight: list[tuple] = []  # (event, sources) of queued batches: sources live until it fires
 
-    def upload(self, srcs: list[torch.Tensor]) -> list[torch.Tensor]:
-        """New device tensors holding the bytes of `srcs` (same shapes and dtypes)."""
+    def upload(self, srcs: list[torch.Tensor], *, wait: bool = True) -> list[torch.Tensor]:
+        """New device tensors holding the bytes of `srcs` (same shapes and dtypes).
+        `wait=False`: a batch of pinned tensors may still be copying when this
+        returns (see the module docstring)."""
         srcs = [s.contiguous() for s in srcs]
         dsts = [torch.empty(s.shape, dtype=s.dtype, device=self.device) for s in srcs]
         if not srcs:
@@ -67,18 +76,26 @@ class Uploader:
         pinned = {i for i, s in enumerate(srcs) if self._stream is not None and s.is_pinned()}
         rest = [i for i in range(len(srcs)) if i not in pinned]
         if self._stream is not None:
+            current = torch.cuda.current_stream(self.device)
             # `dsts` may reuse memory that work queued on the current stream still
             # reads (a dropped pipeline's last kernels): the side stream waits for it.
-            self._stream.wait_stream(torch.cuda.current_stream(self.device))
+            self._stream.wait_stream(current)
             with torch.cuda.stream(self._stream):
                 for i in pinned:  # the pinned tier: no staging needed
                     dsts[i].copy_(srcs[i], non_blocking=True)
+            if not (wait or rest):
+                done = torch.cuda.Event()
+                done.record(self._stream)
+                current.wait_event(done)  # on the device: the host goes on
+                self._in_flight = [(e, s) for e, s in self._in_flight if not e.query()] + [(done, srcs)]
+                return dsts
         if self.staged:
             self._staged([srcs[i] for i in rest], [dsts[i] for i in rest])
         else:
             self._direct([srcs[i] for i in rest], [dsts[i] for i in rest])
         if self._stream is not None:
             self._stream.synchronize()  # callers use the tensors on other streams
+            self._in_flight = []  # queued batches ran before this one's copies
         return dsts
 
     def _direct(self, srcs, dsts) -> None:
@@ -140,6 +157,22 @@ class Uploader:
             if k + len(ring) < len(jobs):
                 filling[k + len(ring)] = self._threads.submit(fill, k + len(ring))
 
+    def wait(self) -> None:
+        """Wait for the batches `upload(wait=False)` left running."""
+        for done, _ in self._in_flight:
+            done.synchronize()
+        self._in_flight = []
+
+    def order_after_running(self) -> None:
+        """Make the current stream's next work wait, on the device, for the batches
+        `upload(wait=False)` left running (another thread's, on another stream)."""
+        if self._in_flight:
+            current = torch.cuda.current_stream(self.device)
+            for done, _ in self._in_flight:
+                current.wait_event(done)
+
     def close(self) -> None:
         self._threads.shutdown(wait=True)
-        self._ring = []
+        if self._stream is not None:
+            self._stream.synchronize()
+        self._ring, self._in_flight = [], []
