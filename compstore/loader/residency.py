@@ -77,7 +77,7 @@ class ComponentTransfer:
     bytes_reused: int = 0  # already resident on the device: no copy
     bytes_from_pinned: int = 0  # uploaded from the pinned host tier
     bytes_from_store: int = 0  # uploaded from store-mapped (or other host) memory
-    seconds: float = 0.0  # in the pool; copies it left running (`wait=False`) end in the report's
+    seconds: float = 0.0  # in the pool; copies it left running are waited for in the report's
 
 
 @dataclass
@@ -418,7 +418,7 @@ class ResidencyPool:
                 continue
             uploads.append((i, keys[i], src))
             rep.bytes_from_store += src.numel() * src.element_size()
-        for batch, batch_wait in ((from_pinned, wait), (uploads, True)):  # the store's: a staged upload
+        for batch, batch_wait in ((from_pinned, wait), (uploads, True)):  # host memory: staged, waited for
             if not batch:  # nothing to wait for: a background upload may hold the uploader
                 continue
             for (i, key, _), data in zip(batch, self._upload_making_room([src for _, _, src in batch], batch_wait)):
