@@ -505,17 +505,13 @@ def test_a_load_returns_after_its_pinned_tier_copies_ran_behind_its_python(famil
     assert pool.pinned_bytes > 0
     fake.log.clear()
     b = load("B")
-    assert compstore.last_transfer().bytes_from_pinned == pool_delta(family_store) > 0
+    assert compstore.last_transfer().bytes_from_pinned == family_store.diff("A", "B").delta_bytes > 0
     queued = [entry[2] for entry in fake.log if entry[1] == "record"]
     assert len(queued) == 1  # one batch: the UNet's tensors from the pinned tier
     assert fake.log.index(("default", "wait_event", *queued)) == 2  # right after it was queued
     assert fake.log[-1] == ("host", "synchronize", *queued)  # the load's last word
     np.testing.assert_array_equal(image(b), image(diffusers.StableDiffusionPipeline.from_pretrained(family["B"])))
     del a
-
-
-def pool_delta(store) -> int:
-    return store.diff("A", "B").delta_bytes
 
 
 def test_cpu_target_switches_through_the_real_uploader_and_images_match_diffusers(family_store, family):
