@@ -145,16 +145,16 @@ def test_resident_switch_binds_the_resident_tensors_and_uploads_nothing(family_s
     a = load(family_store, "A", pool=pool)
     report = compstore.last_transfer()
     assert report is pool.last_report and report.bytes_uploaded == 0 and report.bytes_reused > 0
-    store_bytes = sum(t.numel() * t.element_size() for slot in MODELS
-                      for name, t in getattr(a, slot).state_dict(keep_vars=True).items()
-                      if name in getattr(getattr(a, slot), STORE_KEYS))
-    assert report.bytes_reused == store_bytes
+    # Every tensor is reused, CLIP's computed position_ids too (kept by its bytes' address).
+    tensors = {slot: dict(getattr(a, slot).named_parameters()) | dict(getattr(a, slot).named_buffers())
+               for slot in MODELS}
+    assert all(name in getattr(getattr(a, slot), STORE_KEYS) for slot in MODELS for name in tensors[slot])
+    assert report.bytes_reused == sum(t.numel() * t.element_size() for ts in tensors.values() for t in ts.values())
     entries = {e.tensor.data_ptr(): e for e in pool._resident.values()}
     for slot in MODELS:
         m = getattr(a, slot)
-        for name, t in m.state_dict(keep_vars=True).items():
-            if name in getattr(m, STORE_KEYS):
-                assert m in entries[t.data_ptr()].owners, name  # live: never evicted
+        for name, t in tensors[slot].items():
+            assert m in entries[t.data_ptr()].owners, name  # live: never evicted
     assert (image(a) == want).all()
     assert b.vae is not a.vae and b.vae.decoder.conv_out.weight.data_ptr() == a.vae.decoder.conv_out.weight.data_ptr()
 

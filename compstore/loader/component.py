@@ -202,7 +202,8 @@ def _from_template(template: warm.Template, views: Callable[[], dict[str, torch.
                    pool: ResidencyPool | None, name_or_path: str) -> torch.nn.Module:
     """A clone of `template` bound to store views (cast to the template's dtypes) and
     copies of the template's own buffers; with a pool, a clone born on its device
-    (`pool.serve`): resident tensors are reused and only the rest uploaded.
+    (`pool.serve`): resident tensors are reused (the template's own buffers too,
+    addressed by their bytes) and only the rest uploaded.
     `views()` gives the component's host tensors by name, read only if needed."""
     likes = [t for _, t in template.plan.tensors]
 
@@ -225,12 +226,12 @@ def _from_template(template: warm.Template, views: Callable[[], dict[str, torch.
     if pool is None:
         model, made = template.clone(host(list(range(len(likes)))))
     else:
-        data, placement = pool.serve(template.blobs, likes, host, wait=False)  # see prepare_model
+        data, placement = pool.serve(template.pool_blobs, likes, host, wait=False)  # see prepare_model
         model, made = template.clone(data)
         pool.claim(model, placement)
     _name(model, name_or_path)
-    setattr(model, STORE_KEYS, {name: (*template.blobs[i], made[i]._version)
-                                for name, i in template.names.items()})
+    keys = template.pool_blobs  # the template's own buffers too: shared on a device like the store's
+    setattr(model, STORE_KEYS, {name: (*keys[i], made[i]._version) for name, i in template.pool_names.items()})
     route_through_pool(model)
     return model
 

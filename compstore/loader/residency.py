@@ -45,7 +45,9 @@ from .upload import Uploader
 
 Key = tuple  # (xxh3, size, dtype name, device name)
 
-STORE_KEYS = "_compstore_keys"  # module attribute: tensor name -> (xxh3, size, version at load)
+# module attribute: tensor name -> (xxh3, size, version at load), the address the pool keys the
+# tensor by: its store blob, or for a clone's buffer the model computes itself, its template's bytes
+STORE_KEYS = "_compstore_keys"
 
 
 POOL = "_compstore_pool"  # pipeline/module attribute: the pool it was loaded or moved through

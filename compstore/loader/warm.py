@@ -44,6 +44,7 @@ from typing import Callable
 
 import torch
 
+from ..store.objects import blob_hash
 from .loading import exclusive_load, gc_paused
 from .residency import named_tensors
 
@@ -198,10 +199,31 @@ class Template:
     def module(self) -> torch.nn.Module:
         return self.plan.steps[0].module
 
+    @functools.cached_property
+    def pool_blobs(self) -> list[tuple[str, int]]:
+        """`blobs`, with the template's own buffers addressed by their content as
+        store blobs are (xxh3-128, size): a residency pool keeps one device copy of
+        each and shares it between clones, as it shares store tensors, so a switch
+        back to a resident pipeline copies nothing at all."""
+        return [blob if blob is not None else (blob_hash(_bytes_of(t)), t.numel() * t.element_size())
+                for blob, (_, t) in zip(self.blobs, self.plan.tensors)]
+
+    @functools.cached_property
+    def pool_names(self) -> dict[str, int]:
+        """`names`, and the (first) name of each of the template's own buffers: every
+        name a clone records a `pool_blobs` address for."""
+        own = {name: i for i, (name, _) in enumerate(self.plan.tensors) if self.blobs[i] is None}
+        return {**own, **self.names}
+
     def clone(self, data: list[torch.Tensor]) -> tuple[torch.nn.Module, list[torch.Tensor]]:
         """A clone with `data` as its tensors (in `plan.tensors` order), and the
         clone's tensors in that order."""
         return _clone(self.plan, data)
+
+
+def _bytes_of(t: torch.Tensor):
+    """A (host, real) tensor's bytes, for hashing."""
+    return t.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
 
 
 _TEMPLATES: OrderedDict[tuple, Template] = OrderedDict()
