@@ -227,9 +227,11 @@ class ResidencyPool:
         budget = self.budget_bytes if budget is None else budget
         if collect:
             gc.collect()
-        if self._resident_bytes <= budget or self.idle_bytes <= budget:
+        if self._resident_bytes <= budget:
             return 0
-        idle = start = self.idle_bytes  # counted down, not summed again per entry: 2,000 entries took 0.8 s
+        idle = start = self.idle_bytes  # summed once (~2,600 entries), then counted down per eviction
+        if idle <= budget:
+            return 0
         for key in list(self._resident):
             if idle <= budget:
                 break
