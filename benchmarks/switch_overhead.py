@@ -9,6 +9,10 @@ the pipeline object. The pool's target is the `meta` device, where an upload
 copies nothing, so these figures are the part of a GPU switch that no GPU makes
 faster; `compstore bench switch --size full --device cuda` measures the whole.
 
+After each timed load the script makes 300,000 small objects, as the caller's
+next work would, and prints the seconds Python's cyclic collector ran meanwhile
+("collector after"): the part of a load's cost that lands after it returns.
+
 `--link-gbps G` makes each upload take as long as a G GB/s host-to-device copy
 would (the host sleeps, the GIL released, where it would wait for the real
 uploader's copies): how much of that time the Python work of a switch hides,
@@ -113,6 +117,31 @@ class Link:
         pass
 
 
+AFTER_ALLOCS = 300_000  # the caller's work after a load: this many small objects, kept
+
+
+def collector_after() -> float:
+    """Seconds Python's cyclic collector runs while the caller makes `AFTER_ALLOCS`
+    small objects right after a load: what the load's own objects cost the work
+    that follows it (young collections examining them, a full collection that
+    their count triggers)."""
+    spent = []
+
+    def clock(phase, info):
+        if phase == "start":
+            clock.start = time.perf_counter()
+        else:
+            spent.append(time.perf_counter() - clock.start)
+
+    gc.callbacks.append(clock)
+    try:
+        kept = [{"i": i} for i in range(AFTER_ALLOCS)]
+    finally:
+        gc.callbacks.remove(clock)
+    del kept
+    return sum(spent)
+
+
 def open_pair(work: Path):
     """The store of the A/B pair under `work`, written and ingested unless already there."""
     from compstore import Store
@@ -166,9 +195,9 @@ def main() -> None:
                                                                pool=p)
             return pipe, time.perf_counter() - t
 
-        def timed(ref, p):  # (seconds, bytes uploaded) of one load
+        def timed(ref, p):  # (seconds, bytes uploaded, collector seconds after) of one load
             pipe, seconds = load(ref, p)
-            return seconds, p.last_report.bytes_uploaded
+            return seconds, p.last_report.bytes_uploaded, collector_after()
 
         # Each timed load starts from a collected heap, as switch_bench's runs do: a
         # full collection of earlier runs' garbage (~0.3 s here) is not the load's cost.
@@ -208,12 +237,15 @@ def main() -> None:
                          ("A -> B, B's delta in the pinned tier", pinned),
                          ("A -> B -> A, the second switch", resident)):
             fn()  # warm-up: imports, page cache
-            runs, uploaded = zip(*(fn() for _ in range(args.repeat)))
+            runs, uploaded, after = zip(*(fn() for _ in range(args.repeat)))
             figures[name] = {"median_s": round(statistics.median(runs), 4),
-                             "runs": [round(r, 4) for r in runs], "bytes_uploaded": uploaded[-1]}
+                             "runs": [round(r, 4) for r in runs], "bytes_uploaded": uploaded[-1],
+                             "collector_after_s": round(statistics.median(after), 4)}
             floor = f", floor {uploaded[-1] / (args.link_gbps * 1e9) * 1e3:.0f} ms" if args.link_gbps else ""
             print(f"{name}: {figures[name]['median_s'] * 1e3:.1f} ms (median of {args.repeat}: "
-                  f"{', '.join(f'{r * 1e3:.0f}' for r in runs)}; {uploaded[-1] / 1e9:.2f} GB uploaded{floor})")
+                  f"{', '.join(f'{r * 1e3:.0f}' for r in runs)}; {uploaded[-1] / 1e9:.2f} GB uploaded{floor}); "
+                  f"collector after: {figures[name]['collector_after_s'] * 1e3:.0f} ms "
+                  f"(runs: {', '.join(f'{a * 1e3:.0f}' for a in after)})")
         tensors = sum(len(store.tensor_locations(c["component_id"]))
                       for c in store.components_of(store.resolve("A")))
         print(json.dumps({"tensors_in_A": tensors, "link_gbps": args.link_gbps, "figures": figures},

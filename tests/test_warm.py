@@ -311,6 +311,54 @@ def test_loads_pause_the_garbage_collector_and_restore_it(family_store, monkeypa
         gc.enable()
 
 
+class _Marker:
+    """A collector-tracked object whose generation a test looks up."""
+
+
+def _generation_of(obj) -> int | None:
+    return next((g for g in range(3) if any(o is obj for o in gc.get_objects(generation=g))), None)
+
+
+def test_what_a_load_made_joins_the_oldest_generation_and_cycles_still_go():
+    """A load's objects (the pipeline, long-lived) skip the young collections, whose
+    first one would examine all of them; a failed block is left young; cyclic
+    garbage made in the block is still collected."""
+    import weakref
+
+    from compstore.loader.loading import gc_paused
+
+    with gc_paused():
+        kept = _Marker()
+        cycle = _Marker()
+        cycle.me = cycle
+        gone = weakref.ref(cycle)
+        del cycle
+    assert gc.isenabled() and _generation_of(kept) == 2
+    gc.collect()
+    assert gone() is None
+    with pytest.raises(ValueError), gc_paused():
+        failed = _Marker()
+        raise ValueError
+    assert gc.isenabled() and _generation_of(failed) == 0
+
+
+def test_a_load_leaves_the_callers_frozen_objects_frozen():
+    """`gc.freeze()` before forking workers keeps the parent's objects out of every
+    collection: aging a load's objects must not unfreeze them."""
+    from compstore.loader.loading import gc_paused
+
+    before = _Marker()
+    gc.freeze()
+    try:
+        frozen = gc.get_freeze_count()
+        with gc_paused():
+            made = _Marker()
+        assert gc.get_freeze_count() == frozen and _generation_of(before) is None
+        assert _generation_of(made) == 0  # not aged: that would have taken a thaw
+    finally:
+        gc.unfreeze()
+
+
 def count_builds(monkeypatch) -> list:
     """Models built from their constructors from now on (a template clone is not)."""
     from compstore.loader import component

@@ -20,9 +20,21 @@ process holding torch, diffusers, transformers and a pipeline is over a million
 objects. Measured on the 2-core development VM (the SDXL-shape pair of
 `benchmarks/switch_overhead.py`, a cold load of A, alternating runs, median of
 6): 1.74 s with the collector running, 0.72 s with it paused. Most of what a load
-makes is kept (it is the pipeline); the few reference cycles it drops wait for
-the first collection after it returns, and reference counting still frees
-everything that is not in a cycle.
+makes is kept (it is the pipeline), and reference counting still frees
+everything it drops that is not in a cycle.
+
+What a load made joins the collector's oldest generation unexamined
+(`_age_young_objects`). Left in the youngest, all of it is examined by the first
+young collection after the load and again by the next middle one, and its
+survivors count towards the next full collection, which a cold SDXL-shape load's
+~400k objects then trigger within the next few hundred thousand allocations of
+the user's (~0.35 s on the VM; with the aging, no collection at all in the same
+300k allocations: `benchmarks/switch_overhead.py`'s "collector after" figure).
+They are the pipeline, long-lived by design; the few cycles among them (and
+among the caller's objects young at that moment, which join the oldest
+generation too) wait for the next full collection, as long-lived objects' do.
+A load that fails is not aged: its garbage (a traceback's frames) goes at the
+next young collection.
 """
 
 from __future__ import annotations
@@ -36,7 +48,8 @@ _LOADS = threading.RLock()  # re-entrant: a load may load parts through another 
 
 @contextlib.contextmanager
 def gc_paused():
-    """Pause automatic garbage collection inside the block (nested uses are fine).
+    """Pause automatic garbage collection inside the block (nested uses are fine);
+    what the block made joins the oldest generation when it ends without an error.
 
     >>> with gc_paused():  # doctest: +SKIP
     ...     pipe = build_everything()
@@ -45,9 +58,23 @@ def gc_paused():
     gc.disable()
     try:
         yield
-    finally:
+    except BaseException:
         if was_enabled:
             gc.enable()
+        raise
+    if was_enabled:
+        _age_young_objects()
+        gc.enable()
+
+
+def _age_young_objects() -> None:
+    """Move every object the collector tracks into its oldest generation without
+    examining it (`gc.freeze()` then `gc.unfreeze()`: two list splices). Skipped
+    when the process froze objects itself (before forking workers, say): unfreezing
+    would undo that."""
+    if gc.get_freeze_count() == 0:
+        gc.freeze()
+        gc.unfreeze()
 
 
 @contextlib.contextmanager
