@@ -409,6 +409,27 @@ def test_uploader_copies_every_byte(staged):
         assert o.numel() == 0 or o.data_ptr() != s.data_ptr()
 
 
+@pytest.mark.parametrize("staged", [False, True])
+def test_uploader_copies_a_piece_of_many_tensors_in_one_call(staged, monkeypatch):
+    """A reader thread lets go of the GIL in each copy; beside a thread running
+    Python it then waits a switch interval to get it back. So the copies of one
+    staging buffer (or one CPU piece) are one call, however many tensors it holds:
+    here 200 tensors in two buffers, filled and emptied in two calls each."""
+    from compstore.loader import upload
+
+    calls = []
+    foreach = torch._foreach_copy_
+    monkeypatch.setattr(torch, "_foreach_copy_", lambda d, s, **kw: (calls.append(len(d)), foreach(d, s, **kw)))
+    monkeypatch.setattr(torch.Tensor, "copy_", lambda *a, **kw: pytest.fail("a copy per tensor"))
+    srcs = [torch.full((250,), i, dtype=torch.int32) for i in range(200)]  # 1,000 bytes each
+    monkeypatch.setattr(upload, "PIECE_BYTES", 100_000)
+    up = upload.Uploader("cpu", readers=2, staging_bytes=100_000, staged=staged)
+    outs = up.upload(srcs)
+    up.close()
+    assert all(torch.equal(o, s) for o, s in zip(outs, srcs))
+    assert calls == ([100] * 4 if staged else [100] * 2)
+
+
 class FakeStreams:
     """Stand-ins for torch's CUDA streams and events that log what is asked of them,
     so that the CUDA ordering of uploads is checked on a CPU target (the copies

@@ -13,7 +13,9 @@ packs are taken by several threads at once); the main thread issues each filled
 buffer's host-to-device copies on a side stream and records an event, and a reader
 refills a buffer only once its event has fired. Tensors already in pinned memory
 (the pool's pinned tier) are copied straight from there. Nothing is copied in
-full to pageable memory first.
+full to pageable memory first. Each buffer is filled, and emptied, in one call
+(`_copy`): a thread gets the GIL back after each long copy only once another
+thread running Python lets it go, up to a switch interval (5 ms) later.
 
 A batch is finished before `upload` returns (the side stream synchronised), except
 a batch of pinned tensors uploaded with `wait=False`: its copies are only queued,
@@ -40,6 +42,43 @@ PIECE_BYTES = 16 << 20  # a CPU reader's unit of work
 def _bytes(t: torch.Tensor) -> torch.Tensor:
     """A flat uint8 view of a contiguous tensor's bytes."""
     return t.reshape(-1).view(torch.uint8)
+
+
+Job = list[tuple[int, int, int, int]]  # slices (tensor, start, end, offset in the job) of flat bytes
+
+
+def _cut(srcs: list[torch.Tensor], size: int) -> list[Job]:
+    """The bytes of `srcs`, in order, cut into jobs of `size` bytes (the last one less)."""
+    jobs: list[Job] = [[]]
+    used = 0
+    for i, s in enumerate(srcs):
+        n, off = s.numel() * s.element_size(), 0
+        while off < n:
+            take = min(n - off, size - used)
+            jobs[-1].append((i, off, off + take, used))
+            used, off = used + take, off + take
+            if used == size:
+                jobs.append([])
+                used = 0
+    return [j for j in jobs if j]
+
+
+def _parts(job: Job, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The job's slices of `tensors` (flat bytes)."""
+    return [tensors[i][a:z] for i, a, z, _ in job]
+
+
+def _spots(job: Job, buffer: torch.Tensor) -> list[torch.Tensor]:
+    """Where the job's slices sit in a staging buffer."""
+    return [buffer[at:at + z - a] for _, a, z, at in job]
+
+
+def _copy(dsts: list[torch.Tensor], srcs: list[torch.Tensor], non_blocking: bool = False) -> None:
+    """`d.copy_(s)` for each pair, in one call. A thread gives up the GIL for each
+    copy that takes a while, and while another thread runs Python (a cold load's
+    constructors, beside its background upload) it waits a switch interval (5 ms)
+    to get it back: once per call, not once per tensor, keeps the copies going."""
+    torch._foreach_copy_(dsts, srcs, non_blocking=non_blocking)
 
 
 class Uploader:
@@ -81,8 +120,8 @@ class Uploader:
             # reads (a dropped pipeline's last kernels): the side stream waits for it.
             self._stream.wait_stream(current)
             with torch.cuda.stream(self._stream):
-                for i in pinned:  # the pinned tier: no staging needed
-                    dsts[i].copy_(srcs[i], non_blocking=True)
+                if pinned:  # the pinned tier: no staging needed
+                    _copy([dsts[i] for i in pinned], [srcs[i] for i in pinned], non_blocking=True)
             if not (wait or rest):
                 done = torch.cuda.Event()
                 done.record(self._stream)
@@ -99,12 +138,12 @@ class Uploader:
         return dsts
 
     def _direct(self, srcs, dsts) -> None:
-        pieces = []
-        for s, d in zip(srcs, dsts):
-            sb, db = _bytes(s), _bytes(d)
-            for a in range(0, sb.numel(), PIECE_BYTES):
-                pieces.append((sb[a:a + PIECE_BYTES], db[a:a + PIECE_BYTES]))
-        for _ in self._threads.map(lambda p: p[1].copy_(p[0]), pieces):
+        src_b, dst_b = [_bytes(s) for s in srcs], [_bytes(d) for d in dsts]
+
+        def copy(job: Job) -> None:
+            _copy(_parts(job, dst_b), _parts(job, src_b))
+
+        for _ in self._threads.map(copy, _cut(srcs, PIECE_BYTES)):
             pass
 
     def _staging_ring(self) -> list[torch.Tensor]:
@@ -115,19 +154,7 @@ class Uploader:
         return self._ring
 
     def _staged(self, srcs, dsts) -> None:
-        # Cut the bytes into jobs of one staging buffer each: (tensor, start, end, buffer offset).
-        jobs: list[list[tuple[int, int, int, int]]] = [[]]
-        used = 0
-        for i, s in enumerate(srcs):
-            n, off = s.numel() * s.element_size(), 0
-            while off < n:
-                take = min(n - off, self.staging_bytes - used)
-                jobs[-1].append((i, off, off + take, used))
-                used, off = used + take, off + take
-                if used == self.staging_bytes:
-                    jobs.append([])
-                    used = 0
-        jobs = [j for j in jobs if j]
+        jobs = _cut(srcs, self.staging_bytes)  # one staging buffer each
         src_b, dst_b = [_bytes(s) for s in srcs], [_bytes(d) for d in dsts]
         ring = self._staging_ring()
         events: list = [None] * len(ring)
@@ -136,24 +163,20 @@ class Uploader:
             slot = k % len(ring)
             if events[slot] is not None:
                 events[slot].synchronize()  # its previous contents reached the device
-            buf = ring[slot]
-            for i, a, z, at in jobs[k]:
-                buf[at:at + z - a].copy_(src_b[i][a:z])
+            _copy(_spots(jobs[k], ring[slot]), _parts(jobs[k], src_b))
 
         filling = {k: self._threads.submit(fill, k) for k in range(min(len(ring), len(jobs)))}
         for k in range(len(jobs)):
             filling.pop(k).result()
             slot = k % len(ring)
-            buf = ring[slot]
+            parts, spots = _parts(jobs[k], dst_b), _spots(jobs[k], ring[slot])
             if self._stream is not None:
                 with torch.cuda.stream(self._stream):
-                    for i, a, z, at in jobs[k]:
-                        dst_b[i][a:z].copy_(buf[at:at + z - a], non_blocking=True)
+                    _copy(parts, spots, non_blocking=True)
                     events[slot] = torch.cuda.Event()
                     events[slot].record(self._stream)
             else:  # CPU (tests): a synchronous copy frees the buffer at once
-                for i, a, z, at in jobs[k]:
-                    dst_b[i][a:z].copy_(buf[at:at + z - a])
+                _copy(parts, spots)
             if k + len(ring) < len(jobs):
                 filling[k + len(ring)] = self._threads.submit(fill, k + len(ring))
 
