@@ -89,3 +89,17 @@ def test_a_device_torch_cannot_use_is_a_one_line_error(device, tmp_path):
     (line,) = r.stderr.strip().splitlines()
     assert line.startswith(f"Error: --device {device!r} is not a device this torch can use")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("option", ["--workdir", "--out"])
+def test_a_workdir_or_out_that_cannot_be_a_folder_is_a_one_line_error(option, tmp_path):
+    (tmp_path / "a-file").write_text("not a folder")
+    bad, good = tmp_path / "a-file" / "sub", tmp_path / "fine"
+    other = "--out" if option == "--workdir" else "--workdir"
+    r = CliRunner().invoke(cli, ["bench", "switch", "--size", "tiny", option, str(bad), other, str(good)])
+    assert r.exit_code == 1 and "Traceback" not in r.output
+    (line,) = r.stderr.strip().splitlines()
+    assert line.startswith(f"Error: {option} {str(bad)!r} cannot be a folder here (Not a directory)")
+    assert (tmp_path / "a-file").read_text() == "not a folder"
+    if option == "--workdir":
+        assert not good.exists()  # found before the report's folder is made

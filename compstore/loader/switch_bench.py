@@ -54,6 +54,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from ..store import CompstoreError
 from .pipeline import DiffusionPipeline
 from .residency import ResidencyPool, TransferReport, usable_device
 from .warm import clear_caches
@@ -341,8 +342,9 @@ def run_switch_bench(*, size: str = "tiny", families: tuple[str, ...] = ("sdxl",
     dev = (torch.device("cuda" if torch.cuda.is_available() else "cpu") if device is None
            else usable_device(device, "--device "))
     dt = getattr(torch, dtype) if dtype else (torch.float16 if dev.type == "cuda" else torch.float32)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    if workdir is not None:
+        workdir = _folder(workdir, "--workdir")
+    out = _folder(out, "--out")
     report = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
               "torch": torch.__version__, "repeat": repeat, "families": []}
 
@@ -363,6 +365,18 @@ def run_switch_bench(*, size: str = "tiny", families: tuple[str, ...] = ("sdxl",
             bench_family(f, size, dev, dt, repeat, work, echo, save)
     chart(report, out / "switch.png")
     return report
+
+
+def _folder(path: str | Path, label: str) -> Path:
+    """`path`, made a folder if it is none yet (with its parents), or a
+    `CompstoreError` naming the option when it cannot be."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CompstoreError(f"{label} {str(path)!r} cannot be a folder here ({e.strerror}): "
+                             "pass a folder you can write to") from None
+    return path
 
 
 def markdown(report: dict) -> str:
