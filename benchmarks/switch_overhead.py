@@ -174,6 +174,8 @@ def main() -> None:
     ap.add_argument("--link-gbps", type=float, default=0.0,
                     help="uploads take as long as a copy at this many GB/s would (default: no time)")
     args = ap.parse_args()
+    if args.workdir:
+        Path(args.workdir).mkdir(parents=True, exist_ok=True)
     with contextlib.ExitStack() as stack:
         if args.keep:
             work = Path(args.workdir or tempfile.gettempdir()) / "switch-overhead"
