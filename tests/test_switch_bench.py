@@ -103,3 +103,13 @@ def test_a_workdir_or_out_that_cannot_be_a_folder_is_a_one_line_error(option, tm
     assert (tmp_path / "a-file").read_text() == "not a folder"
     if option == "--workdir":
         assert not good.exists()  # found before the report's folder is made
+
+
+@pytest.mark.parametrize("repeat", ["0", "-2"])
+def test_a_repeat_below_one_is_a_one_line_error(repeat, tmp_path):
+    r = CliRunner().invoke(cli, ["bench", "switch", "--size", "tiny", "--repeat", repeat,
+                                 "--out", str(tmp_path / "out"), "--workdir", str(tmp_path / "work")])
+    assert r.exit_code == 1 and "Traceback" not in r.output
+    (line,) = r.stderr.strip().splitlines()
+    assert line == f"Error: --repeat {repeat}: a median needs at least 1 timed run"
+    assert not (tmp_path / "out").exists() and not (tmp_path / "work").exists()

@@ -339,6 +339,8 @@ def run_switch_bench(*, size: str = "tiny", families: tuple[str, ...] = ("sdxl",
 
     >>> run_switch_bench(size="tiny", families=("sdxl",), repeat=1)  # doctest: +SKIP
     """
+    if repeat < 1:
+        raise CompstoreError(f"--repeat {repeat}: a median needs at least 1 timed run")
     dev = (torch.device("cuda" if torch.cuda.is_available() else "cpu") if device is None
            else usable_device(device, "--device "))
     dt = getattr(torch, dtype) if dtype else (torch.float16 if dev.type == "cuda" else torch.float32)
