@@ -21,6 +21,7 @@ from .store import (
     PickleRefusedError,
     ReadOnlyStoreError,
     RefNotFoundError,
+    SettingError,
     Store,
     StoreBusyError,
 )
@@ -42,6 +43,6 @@ def __getattr__(name: str):
 __all__ = [
     "Store", "CompstoreError", "ComponentNotFoundError", "CorruptStoreError", "ExportError",
     "InvalidInputError", "PickleRefusedError", "PinChangedError", "RefNotFoundError", "StoreBusyError",
-    "DiskFullError", "ReadOnlyStoreError", "HubError",
+    "DiskFullError", "ReadOnlyStoreError", "SettingError", "HubError",
     *sorted(_LOADER_NAMES),
 ]

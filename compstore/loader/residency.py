@@ -29,7 +29,6 @@ from __future__ import annotations
 import contextvars
 import functools
 import gc
-import os
 import threading
 import time
 import weakref
@@ -39,8 +38,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 import torch
+from accelerate.utils import convert_file_size_to_int
 
 from ..store import CompstoreError
+from ..store.settings import env_setting
 from .upload import Uploader
 
 Key = tuple  # (xxh3, size, dtype name, device name)
@@ -139,6 +140,14 @@ class _Entry:
     owners: weakref.WeakSet
 
 
+_A_SIZE = 'bytes or a size such as "10GiB" or "500MB"'
+
+
+def _size(text: str) -> int:
+    """Bytes, or a size written as accelerate's `max_memory` takes it."""
+    return int(text) if text.isdigit() else convert_file_size_to_int(text)
+
+
 class ResidencyPool:
     """Store tensors resident on one device, shared by every module moved through it.
 
@@ -149,6 +158,8 @@ class ResidencyPool:
             memory when the pool is made (unlimited for non-CUDA devices).
         pinned_budget_bytes: bytes of evicted tensors kept in pinned host memory for
             fast re-upload (default `$COMPSTORE_PINNED_BUDGET`, else 0: off).
+        Both variables take bytes or a size as accelerate's `max_memory` does
+        ("10GiB", "500MB").
         copier: `(tensor, device) -> tensor`, one tensor's upload (default: batched
             through the uploader).
         offloader: `tensor -> host tensor`, the copy into the pinned tier (default: a
@@ -169,15 +180,14 @@ class ResidencyPool:
         self.device = canonical_device(device)
         self._device_name = str(self.device)  # part of every key: str() per tensor is slow
         if budget_bytes is None:
-            env = os.environ.get("COMPSTORE_VRAM_BUDGET")
-            if env is not None:
-                budget_bytes = int(env)
-            elif self.device.type == "cuda":
-                budget_bytes = torch.cuda.mem_get_info(self.device)[0] // 2
-            else:
-                budget_bytes = 1 << 62
+            budget_bytes = env_setting("COMPSTORE_VRAM_BUDGET", None, _size, expected=_A_SIZE)
+        if budget_bytes is None:
+            budget_bytes = torch.cuda.mem_get_info(self.device)[0] // 2 if self.device.type == "cuda" else 1 << 62
         if pinned_budget_bytes is None:
-            pinned_budget_bytes = int(os.environ.get("COMPSTORE_PINNED_BUDGET", "0"))
+            pinned_budget_bytes = env_setting("COMPSTORE_PINNED_BUDGET", 0, _size, expected=_A_SIZE)
+        for name, value in (("budget_bytes", budget_bytes), ("pinned_budget_bytes", pinned_budget_bytes)):
+            if value < 0:
+                raise CompstoreError(f"{name}={value}: a budget is 0 bytes or more")
         self.budget_bytes = budget_bytes
         self.pinned_budget_bytes = pinned_budget_bytes
         self.copier = copier

@@ -35,6 +35,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from ..store import CompstoreError
+from ..store.settings import env_setting
+
 STAGING_BYTES = 32 << 20
 PIECE_BYTES = 16 << 20  # a CPU reader's unit of work
 
@@ -95,8 +98,10 @@ class Uploader:
     def __init__(self, device: str | torch.device, *, readers: int | None = None,
                  staging_bytes: int = STAGING_BYTES, staged: bool | None = None):
         self.device = torch.device(device)
-        self.readers = readers or int(os.environ.get("COMPSTORE_UPLOAD_READERS", "0")) or \
+        self.readers = readers or env_setting("COMPSTORE_UPLOAD_READERS", 0) or \
             min(8, max(2, (os.cpu_count() or 2) // 2))
+        if self.readers < 1:
+            raise CompstoreError(f"readers={readers}: an upload needs at least 1 reader thread")
         self.staging_bytes = staging_bytes
         self.staged = self.device.type == "cuda" if staged is None else staged
         self._threads = ThreadPoolExecutor(self.readers, thread_name_prefix="compstore-upload")

@@ -14,6 +14,7 @@ from .errors import (
     PickleRefusedError,
     ReadOnlyStoreError,
     RefNotFoundError,
+    SettingError,
     StoreBusyError,
 )
 from .hub import HubError, PullResult
@@ -25,6 +26,7 @@ from .store import IngestResult, Store, default_home
 __all__ = [
     "Store", "IngestResult", "default_home", "CompstoreError", "ComponentNotFoundError",
     "CorruptStoreError", "ExportError", "InvalidInputError", "PickleRefusedError",
-    "RefNotFoundError", "StoreBusyError", "PinChangedError", "DiskFullError", "ReadOnlyStoreError", "HubError", "PullResult",
+    "RefNotFoundError", "StoreBusyError", "PinChangedError", "DiskFullError", "ReadOnlyStoreError", "SettingError", "HubError",
+    "PullResult",
     "Remote", "RemoteError", "RemoteBusyError", "PushResult", "FetchResult",
 ]

@@ -59,3 +59,7 @@ class DiskFullError(CompstoreError):
 
 class ReadOnlyStoreError(CompstoreError):
     """A write was asked of a store opened read-only."""
+
+
+class SettingError(CompstoreError):
+    """A `COMPSTORE_*` environment variable holds a value compstore cannot use."""

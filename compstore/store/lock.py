@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Iterator
 
 from .errors import StoreBusyError
+from .settings import env_setting
 
 DEFAULT_TIMEOUT_S = 600.0
 
@@ -51,7 +52,7 @@ def exclusive_readers(home: Path) -> Iterator[None]:
 @contextmanager
 def _flock(path: Path, mode: int, timeout_s: float | None, holder: str) -> Iterator[None]:
     if timeout_s is None:
-        timeout_s = float(os.environ.get("COMPSTORE_LOCK_TIMEOUT", DEFAULT_TIMEOUT_S))
+        timeout_s = env_setting("COMPSTORE_LOCK_TIMEOUT", DEFAULT_TIMEOUT_S, float, expected="seconds")
     timeout = timeout_s
     home = path.parent
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)

@@ -34,9 +34,10 @@ from dataclasses import asdict, dataclass
 from datetime import datetime
 
 from .errors import CompstoreError
+from .settings import env_setting
 
 FORMAT = 1
-LEASE_S = float(os.environ.get("COMPSTORE_REMOTE_LEASE_S", 600))
+LEASE_S = 600.0  # default of $COMPSTORE_REMOTE_LEASE_S
 DEFAULT_GRACE_S = 3600.0
 
 
@@ -258,21 +259,23 @@ class Lease:
 
     Both sides write before they look, so of a push and a gc starting together at
     least one sees the other and backs off (`RemoteBusyError`). A lease not renewed
-    within `LEASE_S` seconds is stale: its holder crashed, and it is ignored.
+    within `$COMPSTORE_REMOTE_LEASE_S` seconds (default `LEASE_S`) is stale: its
+    holder crashed, and it is ignored.
     """
 
     def __init__(self, remote: Remote, kind: str):
         self.remote, self.kind = remote, kind
         self.rel = f"locks/{kind}-{uuid.uuid4().hex}.json"
         self.taken = 0.0
+        self.seconds = env_setting("COMPSTORE_REMOTE_LEASE_S", LEASE_S, float, expected="seconds")
 
     def renew(self) -> None:
         self.taken = time.time()
         self.remote.put_json(self.rel, {"kind": self.kind, "host": socket.gethostname(),
-                                        "pid": os.getpid(), "expires": self.taken + LEASE_S})
+                                        "pid": os.getpid(), "expires": self.taken + self.seconds})
 
     def expired(self) -> bool:
-        return time.time() > self.taken + LEASE_S
+        return time.time() > self.taken + self.seconds
 
     def __enter__(self) -> "Lease":
         self.renew()

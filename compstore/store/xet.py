@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Callable
 
 from .errors import CompstoreError
 from .export import file_pieces
+from .settings import env_setting
 from .xet_chunking import stream_boundaries
 
 if TYPE_CHECKING:
@@ -44,7 +45,7 @@ class XetUnavailable(XetError):
 
 
 NONE, LZ4, BG4_LZ4 = 0, 1, 2
-PARALLEL = int(os.environ.get("COMPSTORE_XET_PARALLEL", "4"))  # xorb ranges in flight
+PARALLEL = 4  # xorb ranges in flight: the default of $COMPSTORE_XET_PARALLEL
 
 
 def decode_chunks(data: bytes | memoryview, count: int) -> list[bytes]:
@@ -221,7 +222,8 @@ def _write_reconstruction(source: XetSource, recon: dict, start: int, length: in
     """Download and write `length` file bytes described by `recon` (starting at file
     offset `start`); record each whole chunk written. Returns bytes written.
 
-    Xorb ranges are downloaded and decoded `PARALLEL` at a time, ahead of the writer,
+    Xorb ranges are downloaded and decoded `$COMPSTORE_XET_PARALLEL` (default
+    `PARALLEL`) at a time, ahead of the writer,
     and written in term order; a range several terms share is fetched once."""
     plan = []  # per term: (term, fetch key)
     for term in recon["terms"]:
@@ -242,14 +244,15 @@ def _write_reconstruction(source: XetSource, recon: dict, start: int, length: in
 
     skip = recon.get("offset_into_first_range", 0)
     written, pos = 0, start - skip
-    with ThreadPoolExecutor(PARALLEL, thread_name_prefix="compstore-xet") as pool:
-        pending = {key: pool.submit(download, key) for key in keys[:PARALLEL]}
+    parallel = env_setting("COMPSTORE_XET_PARALLEL", PARALLEL, minimum=1)
+    with ThreadPoolExecutor(parallel, thread_name_prefix="compstore-xet") as pool:
+        pending = {key: pool.submit(download, key) for key in keys[:parallel]}
         submitted = len(pending)
         for i, (term, key) in enumerate(plan):
             xorb, s, e = term["hash"], term["range"]["start"], term["range"]["end"]
             decoded = pending[key].result()[s - key[3]: e - key[3]]
             if last_use[key] == i:
-                del pending[key]  # free it, and keep PARALLEL ranges in flight
+                del pending[key]  # free it, and keep `parallel` ranges in flight
                 if submitted < len(keys):
                     pending[keys[submitted]] = pool.submit(download, keys[submitted])
                     submitted += 1
