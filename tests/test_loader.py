@@ -141,6 +141,29 @@ def test_unsupported_device_map_is_a_clear_error(family_store):
         compstore.DiffusionPipeline.from_pretrained("A", store=family_store, device_map="balanced")
 
 
+@pytest.mark.parametrize("kwargs", [{"dtype": "float17"}, {"torch_dtype": "auto"}, {"dtype": 16},
+                                    {"dtype": {"unet": "torch.half-ish"}}])
+def test_a_dtype_that_names_no_torch_dtype_is_a_clear_error_before_any_ingest(store, family, kwargs):
+    """Plain diffusers ignores such a value and loads float32; compstore says so
+    before the folder is ingested on the way."""
+    bad = next(iter(kwargs.values()))
+    bad = bad["unet"] if isinstance(bad, dict) else bad
+    for load in (lambda: compstore.DiffusionPipeline.from_pretrained(str(family["A"]), store=store, **kwargs),
+                 lambda: compstore.load_component(str(family["A"] / "unet"), store=store, **kwargs)):
+        with pytest.raises(CompstoreError, match=rf"^dtype={bad!r} is not a torch dtype: pass one such as"):
+            load()
+    assert store.ls() == []
+
+
+def test_a_dtype_may_be_given_by_name(family_store):
+    pipe = compstore.DiffusionPipeline.from_pretrained("A", store=family_store, dtype="float16")
+    assert pipe.unet.dtype == torch.float16
+    pipe = compstore.DiffusionPipeline.from_pretrained(
+        "A", store=family_store, torch_dtype={"unet": "torch.bfloat16", "default": "float16"})
+    assert (pipe.unet.dtype, pipe.vae.dtype) == (torch.bfloat16, torch.float16)
+    assert compstore.load_component("A", "vae", store=family_store, dtype="bfloat16").dtype == torch.bfloat16
+
+
 def test_use_safetensors_false_and_missing_slot(family_store):
     with pytest.raises(CompstoreError, match="pickle checkpoints are never loaded"):
         compstore.DiffusionPipeline.from_pretrained("A", store=family_store, use_safetensors=False)

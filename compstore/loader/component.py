@@ -54,6 +54,29 @@ def is_model_class(cls) -> bool:
     return issubclass(cls, (ModelMixin, PreTrainedModel))
 
 
+def dtype_argument(kwargs: dict[str, Any]):
+    """Pop `dtype` (or the older `torch_dtype`) from a load's keyword arguments: None,
+    a torch dtype, a dtype's name ("float16", "torch.bfloat16"), or a per-slot dict
+    of these ({"unet": torch.float16, "default": torch.float32}).
+
+    Raises:
+        CompstoreError: a value that names no torch dtype (plain diffusers would
+            ignore it and load float32).
+    """
+    value = kwargs.pop("dtype", None)
+    older = kwargs.pop("torch_dtype", None)
+    value = older if value is None else value
+
+    def one(v):
+        found = getattr(torch, v.removeprefix("torch."), None) if isinstance(v, str) else v
+        if v is not None and not isinstance(found, torch.dtype):
+            raise CompstoreError(f"dtype={v!r} is not a torch dtype: pass one such as torch.float16 "
+                                 "(or its name, \"float16\")")
+        return found
+
+    return {slot: one(v) for slot, v in value.items()} if isinstance(value, dict) else one(value)
+
+
 def _auto_dtype(config: dict, locations) -> torch.dtype:
     """transformers' dtype="auto": the config's dtype, else the checkpoint's first float."""
     name = config.get("dtype") or config.get("torch_dtype")
@@ -426,11 +449,12 @@ def load_component(
     """
     from .pipeline import resolve_snapshot, open_store
 
+    dtype = dtype_argument({"dtype": dtype, "torch_dtype": torch_dtype})
     store = open_store(store)
     verify = kwargs.pop("verify", False)
     snapshot_id, label = resolve_snapshot(store, name_or_path, **kwargs)  # other loads go on
     comp = pick_component(store.components_of(snapshot_id), slot, variant)
     name = f"{label}/{slot}" if slot else label
     with exclusive_load(), store.reading():  # one load at a time (loading.py); gc unlinks no pack
-        return build_model(store, comp, dtype=dtype or torch_dtype, name_or_path=name,
+        return build_model(store, comp, dtype=dtype, name_or_path=name,
                            verify=verify)

@@ -20,7 +20,7 @@ from typing import Any
 from ..store import Store
 from ..store.components import pick_component
 from ..store.modular import pins_of
-from .component import build_model, is_model_class
+from .component import build_model, dtype_argument, is_model_class
 from .loading import exclusive_load
 from .pipeline import _skeleton_file, open_store, per_slot, resolve_snapshot
 from .tensors import private_packs
@@ -87,8 +87,7 @@ def _store_load_components(store: Store, snapshot_id: str, label: str):
         if workflow is not None:
             wanted = {s.name for s in self.blocks.get_workflow(workflow).expected_components}
             names = [n for n in names if n in wanted]
-        dtype = kwargs.pop("dtype", None) or kwargs.pop("torch_dtype", None)
-        kwargs.pop("torch_dtype", None)
+        dtype = dtype_argument(kwargs)
         variant = kwargs.pop("variant", None)
         packs = private_packs(store)
         loaded = {}

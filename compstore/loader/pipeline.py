@@ -36,7 +36,7 @@ from ..store import CompstoreError, RefNotFoundError, Store
 from ..store.hub import hub_reachable, is_repo_id
 from ..store.components import pick_component
 from . import warm
-from .component import is_model_class, prepare_model, resolve_class
+from .component import dtype_argument, is_model_class, prepare_model, resolve_class
 from .loading import exclusive_load
 from .residency import (POOL, ResidencyPool, TransferReport, pool_for, record_report, route_through_pool,
                         usable_device)
@@ -105,7 +105,7 @@ class DiffusionPipeline:
             pretrained_model_name_or_path: a local pipeline folder (ingested on the
                 way), a Hub repo id (pulled on the way), or a store ref.
             store: a `Store` or its folder (default: `$COMPSTORE_HOME`).
-            **kwargs: as diffusers: `dtype`/`torch_dtype` (a dtype or a per-slot dict),
+            **kwargs: as diffusers: `dtype`/`torch_dtype` (a dtype, its name, or a per-slot dict),
                 `variant`, `revision`, `use_safetensors`, `low_cpu_mem_usage`,
                 `device_map`, `local_files_only`, components by slot name (`None` skips
                 one), and pipeline config overrides. compstore adds `verify=True`:
@@ -128,9 +128,8 @@ class DiffusionPipeline:
 
         >>> pipe = compstore.DiffusionPipeline.from_pretrained("tiny-sd", dtype=torch.float16)  # doctest: +SKIP
         """
+        dtype = dtype_argument(kwargs)
         store = open_store(store)
-        dtype = kwargs.pop("dtype", None) or kwargs.pop("torch_dtype", None)
-        kwargs.pop("torch_dtype", None)
         variant = kwargs.pop("variant", None)
         verify = kwargs.pop("verify", False)
         private = kwargs.pop("private", False)
