@@ -22,6 +22,9 @@ def test_env_setting_takes_the_default_a_value_or_refuses(monkeypatch):
         assert env_setting("COMPSTORE_TEST_SETTING", 7) == value
     monkeypatch.setenv("COMPSTORE_TEST_SETTING", "2.5")
     assert env_setting("COMPSTORE_TEST_SETTING", 1.0, float, expected="seconds") == 2.5
+    monkeypatch.setenv("COMPSTORE_TEST_SETTING", "nan")
+    with pytest.raises(SettingError, match="^COMPSTORE_TEST_SETTING='nan': expected seconds"):
+        env_setting("COMPSTORE_TEST_SETTING", 1.0, float, expected="seconds")
     for raw in ("many", "2.5", "-1"):
         monkeypatch.setenv("COMPSTORE_TEST_SETTING", raw)
         with pytest.raises(SettingError, match=rf"^COMPSTORE_TEST_SETTING='{raw}': expected a whole "

@@ -32,7 +32,7 @@ def env_setting(name: str, default: N | None, parse: Callable[[str], N] = int, *
         value = parse(raw)
     except ValueError:
         value = None
-    if value is None or value < minimum:
+    if value is None or not value >= minimum:  # not >=: NaN is refused too
         raise SettingError(f"{name}={raw!r}: expected {expected}, at least {minimum}; "
                            "set it so, or unset it for the default")
     return value
