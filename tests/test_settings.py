@@ -85,11 +85,3 @@ def test_a_bad_lease_time_fails_the_push_before_the_remote_is_written(store, fam
     with pytest.raises(SettingError, match="^COMPSTORE_REMOTE_LEASE_S='forever': expected seconds"):
         store.push("B", to=str(tmp_path / "remote"))
     assert not (tmp_path / "remote").exists() or Remote(str(tmp_path / "remote")).refs() == {}
-
-
-def test_a_xet_parallelism_below_one_is_a_setting_error(monkeypatch):
-    from compstore.store import xet
-
-    monkeypatch.setenv("COMPSTORE_XET_PARALLEL", "0")
-    with pytest.raises(SettingError, match="^COMPSTORE_XET_PARALLEL='0': expected a whole number, at least 1"):
-        xet._write_reconstruction(None, {"terms": []}, 0, 0, None, [], None)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from compstore import HubError, Store
+from compstore import HubError, SettingError, Store
 from compstore.store.xet import XetError, decode_chunks
 from conftest import store_state, tree_sha256, use_hub
 from hub_emulator import HubEmulator
@@ -262,3 +262,16 @@ def test_xet_index_of_a_local_folder_is_a_clear_error(unets, tmp_path):
     with pytest.raises(InvalidInputError, match="was not pulled from the Hub"):
         store.xet_index("local")
     assert store_state(store.home) == before
+
+
+def test_a_xet_parallelism_below_one_fails_the_pull_and_leaves_the_store_unchanged(hub, unets, tmp_path,
+                                                                                   monkeypatch):
+    hub.add_repo("org/base", unets["base"], xet=True)
+    store = Store(tmp_path / "store")
+    before = store_state(store.home)
+    monkeypatch.setenv("COMPSTORE_XET_PARALLEL", "0")
+    with pytest.raises(SettingError, match="^COMPSTORE_XET_PARALLEL='0': expected a whole number, at least 1"):
+        store.pull("org/base")
+    assert store_state(store.home) == before and hub.xet_served_bytes == 0
+    monkeypatch.setenv("COMPSTORE_XET_PARALLEL", "2")  # set right, the same pull goes through Xet
+    assert store.pull("org/base").xet_files == 1
