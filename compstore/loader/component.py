@@ -26,7 +26,8 @@ from ..store.objects import blob_hash
 from ..store.objects import PackFiles
 from . import warm
 from .loading import exclusive_load
-from .residency import STORE_KEYS, ResidencyPool, as_shape, named_tensors, record_store_keys, route_through_pool
+from .residency import STORE_KEYS, ResidencyPool, as_shape, named_tensors, record_store_keys
+from .routing import route_through_pool
 from .tensors import TORCH_DTYPES, private_packs, state_dict, stored_tensor
 
 logger = logging.getLogger("compstore")

@@ -38,8 +38,8 @@ from ..store.components import pick_component
 from . import warm
 from .component import dtype_argument, is_model_class, prepare_model, resolve_class
 from .loading import exclusive_load
-from .residency import (POOL, ResidencyPool, TransferReport, pool_for, record_report, route_through_pool,
-                        usable_device)
+from .residency import POOL, ResidencyPool, TransferReport, pool_for, record_report, usable_device
+from .routing import route_through_pool
 from .tensors import private_packs
 
 logger = logging.getLogger("compstore")

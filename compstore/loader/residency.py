@@ -10,7 +10,8 @@ re-upload. Every move returns a `TransferReport`: per component, bytes reused,
 bytes uploaded from the pinned tier and from the store, seconds. A module can
 also be built on the device in the first place: `serve` hands out the device
 tensors for a list of blobs and `claim` marks the module built on them as their
-user (how template clones are made, `component._from_template`).
+user (how template clones are made, `component._from_template`). A store-loaded
+pipeline's own `pipe.to("cuda")` reaches `to_device` through routing.py.
 
 Safety: a tensor whose contents changed in place (its version counter moved, e.g.
 `fuse_lora`) is never served again as the store's tensor: on the host side it is
@@ -26,7 +27,6 @@ views (mmap'd packs) are copied into it, so CPU runs exercise the same path.
 
 from __future__ import annotations
 
-import contextvars
 import functools
 import gc
 import threading
@@ -632,7 +632,7 @@ def record_report(pool: ResidencyPool, report: TransferReport) -> None:
     _LAST[:] = [report]
 
 
-def _models(obj) -> dict[str, torch.nn.Module]:
+def pipeline_modules(obj) -> dict[str, torch.nn.Module]:
     """The models a move, release or cast of `obj` acts on: a pipeline's by slot, or
     the module itself (under "")."""
     if isinstance(obj, torch.nn.Module):
@@ -654,7 +654,7 @@ def to_device(pipe_or_module, device: str | torch.device, *, pool: ResidencyPool
         raise CompstoreError(f"to_device: the pool is on {pool.device}, not {device}; pass "
                              f"pool_for({str(device)!r}) or leave pool out")
     report = TransferReport(str(device))
-    for name, module in _models(pipe_or_module).items():  # each module's Python runs behind the last one's copies
+    for name, module in pipeline_modules(pipe_or_module).items():  # each module's Python runs behind the last one's copies
         report.components.append(pool.move(module, name, private=private, wait=False))
         setattr(module, POOL, pool)  # its move elsewhere (`.to("cpu")`) releases what it holds
     if not isinstance(pipe_or_module, torch.nn.Module):
@@ -663,146 +663,3 @@ def to_device(pipe_or_module, device: str | torch.device, *, pool: ResidencyPool
     report.seconds = round(time.perf_counter() - t0, 6)
     record_report(pool, report)
     return report
-
-
-_MOVING = contextvars.ContextVar("compstore_moving", default=False)
-
-
-def _release(obj, pool: ResidencyPool) -> None:
-    """`obj` (a pipeline or module) moves off `pool`'s device: its modules stop
-    holding pool tensors, which become idle (evictable) once nothing else uses them.
-    A module that accelerate's offload hook moves off (`enable_model_cpu_offload`)
-    gives its memory back at once: offloading is asked for to free device memory."""
-    for m in _models(obj).values():
-        pool.release(m, now=hasattr(m, "_hf_hook"))
-        if getattr(m, POOL, None) is pool:
-            delattr(m, POOL)
-    if getattr(obj, POOL, None) is pool:
-        delattr(obj, POOL)
-
-
-def route_through_pool(obj) -> None:
-    """Make `obj.to(device)` (a store-loaded pipeline, or a store-built module) go
-    through the device's residency pool first, so that tensors already resident are
-    shared, not copied again; a module's `.cuda()` too. The original `.to` then does
-    the rest (tensors not from the store). A dtype change bypasses the pool: it makes
-    new tensors anyway, which are never the store's again (`_casting`; a module's
-    `.half()`, `.float()` and `.bfloat16()` too). Inside a pipeline's move, its
-    modules' `.to` calls do not route again (one report per move).
-
-    Also `fuse_lora` and `unfuse_lora` (diffusers' pipelines and models): peft merges
-    a LoRA into the base weights through `weight.data += delta`, which torch's version
-    counters do not see, so the pool would go on serving the fused bytes as the
-    store's. After either call, the weights of every LoRA-wrapped layer count as
-    edited (`_mark_lora_merges`): never served again, private on later moves."""
-    obj.to = _Routed(obj, _routed_to)
-    if isinstance(obj, torch.nn.Module):
-        obj.cuda = _Routed(obj, _routed_cuda)
-        for name in ("half", "float", "bfloat16"):  # casts that do not go through `.to`
-            setattr(obj, name, _Routed(obj, functools.partial(_routed_cast, name)))
-    for name in ("fuse_lora", "unfuse_lora"):
-        if callable(getattr(type(obj), name, None)):
-            setattr(obj, name, _Routed(obj, functools.partial(_merging_lora, name)))
-
-
-def _merging_lora(name: str, obj, *args, **kwargs):
-    try:
-        return getattr(type(obj), name)(obj, *args, **kwargs)
-    finally:
-        _mark_lora_merges(obj)
-
-
-def _mark_lora_merges(obj) -> None:
-    """Bump the version counter of every base-layer tensor of every peft LoRA layer
-    in `obj` (a pipeline or a module). The pool's entries and the module's parameters
-    share that counter, so the pool drops those entries (`_resident_entry`) and every
-    module holding them moves them as private tensors from then on."""
-    try:
-        from peft.tuners.tuners_utils import BaseTunerLayer
-    except ImportError:  # no peft: diffusers fuses no LoRA
-        return
-    for module in _models(obj).values():
-        for layer in module.modules():
-            if isinstance(layer, BaseTunerLayer):
-                for t in layer.get_base_layer().parameters():
-                    torch.autograd.graph.increment_version(t)
-
-
-class _Routed:
-    """`obj.to` (or `.cuda`) in `obj`'s own `__dict__`, holding `obj` weakly: a bound
-    method there would be a reference cycle, which only the cyclic collector frees,
-    so a dropped pipeline (and its device tensors) would live on until the next full
-    collection instead of going at `del`. A deep copy of `obj` gets its own."""
-
-    def __init__(self, obj, method: Callable):
-        self._obj = weakref.ref(obj)
-        self._method = method
-
-    def __call__(self, *args, **kwargs):
-        return self._method(self._obj(), *args, **kwargs)
-
-    def __deepcopy__(self, memo):
-        twin = memo.get(id(self._obj()))  # the copy of `obj`, made before its attributes
-        return self if twin is None else _Routed(twin, self._method)
-
-
-def _routed_to(self, *args, **kwargs):
-    original_to = functools.partial(type(self).to, self)
-    dtype = kwargs.get("dtype", next((a for a in args if isinstance(a, torch.dtype)), None))
-    device = kwargs.get("device", next((a for a in args if isinstance(a, (str, torch.device))), None))
-    if _MOVING.get() or (dtype is None and device is None) or any(
-            not isinstance(a, (str, torch.device, torch.dtype)) for a in args):
-        return original_to(*args, **kwargs)  # inside a move, or `.to(tensor)` and the like
-    rest = {k: v for k, v in kwargs.items() if k not in ("device", "dtype")}
-    if dtype is not None:  # cast where it is, then move
-        out = _casting(self, functools.partial(original_to, dtype=dtype, **rest))
-        if device is None:
-            return out
-    own = getattr(self, POOL, None)
-    if torch.device(device).type == "cpu" and own is None:
-        return original_to(device, **rest)
-    token = _MOVING.set(True)
-    try:
-        if own and own.device != canonical_device(device):
-            _release(self, own)  # leaving its pool: those tensors are no longer used here
-            own = None
-        if torch.device(device).type != "cpu" or own:
-            to_device(self, device, pool=own)
-        return original_to(device, **rest)
-    finally:
-        _MOVING.reset(token)
-
-
-def _casting(obj, cast: Callable):
-    """`obj.to(dtype)`, past the pool. A cast gives a tensor new bytes but keeps its
-    version counter, and cast copies are not the store's (fp32 -> fp16 -> fp32 loses
-    bits): the names whose dtype it changed lose their store record (private on every
-    later move), and the module releases its pool tensors (idle: kept within the
-    budget, shared with later loads). SDXL's pipeline casts its VAE to fp32 and back
-    at every fp16 generation; without the release, the pool would hold the VAE's
-    old tensors in use for as long as the pipeline lives."""
-    modules = list(_models(obj).values())
-    before = [{name: t.dtype for name, _, _, t in named_tensors(m)} for m in modules]
-    token = _MOVING.set(True)  # a pipeline's modules: handled here, not again each
-    try:
-        out = cast()
-    finally:
-        _MOVING.reset(token)
-    for module, was in zip(modules, before):
-        keys = getattr(module, STORE_KEYS, None) or {}
-        changed = [name for name, _, _, t in named_tensors(module)
-                   if name in keys and t.dtype != was.get(name)]
-        for name in changed:
-            keys[name] = (*keys[name][:2], -1)  # matches no version: never the store's again
-        pool = getattr(module, POOL, None) or getattr(obj, POOL, None)
-        if changed and pool is not None:
-            pool.release(module)
-    return out
-
-
-def _routed_cast(name: str, obj, *args, **kwargs):
-    return _casting(obj, functools.partial(getattr(type(obj), name), obj, *args, **kwargs))
-
-
-def _routed_cuda(self, device=None):
-    return self.to(torch.device("cuda", device) if isinstance(device, int) else (device or "cuda"))
