@@ -314,9 +314,9 @@ def test_a_cast_is_never_the_stores_and_releases_the_pools_tensors(family_store,
         a.vae.half()
         a.vae.float()
     assert not torch.equal(a.vae.decoder.conv_out.weight, stored)
-    assert all(a.vae not in entry.owners for entry in pool._resident.values())  # idle now
-    assert all(a.unet in entry.owners for key, entry in pool._resident.items()
-               if key[:2] in {v[:2] for v in getattr(a.unet, STORE_KEYS).values()})
+    assert pool.keys_used_by(a.vae) == set()  # idle now
+    assert {key for key in pool._resident if key[:2] in {v[:2] for v in getattr(a.unet, STORE_KEYS).values()}} \
+        == pool.keys_used_by(a.unet)
     second = ResidencyPool("cpu", budget_bytes=1 << 40)  # stands for another device
     to_device(a, "cpu", pool=second)
     a2 = compstore.DiffusionPipeline.from_pretrained("A", store=family_store, pool=second)
@@ -335,8 +335,8 @@ def test_a_move_with_the_dtype_it_has_keeps_the_stores_tensors(family_store):
     for m in (a.unet, a.vae, a.text_encoder):
         keys = getattr(m, STORE_KEYS)
         assert all(t._version == keys[n][2] for n, t in m.state_dict(keep_vars=True).items() if n in keys)
-    assert all(a.vae in entry.owners for key, entry in pool._resident.items()
-               if key[:2] in {v[:2] for v in getattr(a.vae, STORE_KEYS).values()})
+    assert {key for key in pool._resident if key[:2] in {v[:2] for v in getattr(a.vae, STORE_KEYS).values()}} \
+        == pool.keys_used_by(a.vae)
 
 
 def test_private_copies_for_weight_editors(family_store):
@@ -708,6 +708,35 @@ def test_served_tensors_are_not_evicted_before_their_module_claims_them():
     gc.collect()
     pool.release(other)  # evicts again: nothing uses blob-a, blob-b or blob-c any more
     assert pool.resident_bytes == 0
+
+
+def test_each_user_counts_once_and_a_released_user_dying_counts_nothing_more():
+    """A tensor is in use while any module using it lives: moving a module twice, or
+    releasing it and then dropping it, must not count it twice, or a live module's
+    tensor could be evicted (counted down too far) or never be (counted too few)."""
+    def linear():
+        m = torch.nn.Linear(4, 4, bias=False)
+        m.weight.data = torch.ones(4, 4)
+        setattr(m, STORE_KEYS, {"weight": ("shared-blob", 64, m.weight._version)})
+        return m
+
+    pool = ResidencyPool("meta", budget_bytes=0, copier=CountingCopier())
+    first, second = linear(), linear()
+    pool.move(first)
+    pool.move(first)  # again: still one user
+    pool.move(second)
+    (key,) = pool._resident
+    assert pool._resident[key].users == 2 and pool.keys_used_by(first) == pool.keys_used_by(second) == {key}
+    pool.release(first)
+    assert pool._resident[key].users == 1 and pool.keys_used_by(first) == set()
+    del first
+    gc.collect()
+    assert pool.resident_bytes == 64 and pool.idle_bytes == 0  # second still uses it: kept at budget 0
+    assert pool._resident[key].users == 1
+    pool.move(second)
+    del second
+    gc.collect()
+    assert pool.idle_bytes == 64 and pool.trim() == 64 and pool.resident_bytes == 0
 
 
 def test_a_dropped_pipeline_is_freed_at_del_and_its_tensors_go_idle_at_once(family_store):

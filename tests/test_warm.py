@@ -150,11 +150,12 @@ def test_resident_switch_binds_the_resident_tensors_and_uploads_nothing(family_s
                for slot in MODELS}
     assert all(name in getattr(getattr(a, slot), STORE_KEYS) for slot in MODELS for name in tensors[slot])
     assert report.bytes_reused == sum(t.numel() * t.element_size() for ts in tensors.values() for t in ts.values())
-    entries = {e.tensor.data_ptr(): e for e in pool._resident.values()}
+    keys = {e.tensor.data_ptr(): key for key, e in pool._resident.items()}
     for slot in MODELS:
-        m = getattr(a, slot)
+        used = pool.keys_used_by(getattr(a, slot))
         for name, t in tensors[slot].items():
-            assert m in entries[t.data_ptr()].owners, name  # live: never evicted
+            assert keys[t.data_ptr()] in used, name  # live: never evicted
+            assert pool._resident[keys[t.data_ptr()]].users >= 1
     assert (image(a) == want).all()
     assert b.vae is not a.vae and b.vae.decoder.conv_out.weight.data_ptr() == a.vae.decoder.conv_out.weight.data_ptr()
 
