@@ -710,18 +710,20 @@ def test_served_tensors_are_not_evicted_before_their_module_claims_them():
     assert pool.resident_bytes == 0
 
 
+def shared_linear() -> torch.nn.Linear:
+    """A store-loaded stand-in: a 64-byte weight recorded as the blob "shared-blob"."""
+    m = torch.nn.Linear(4, 4, bias=False)
+    m.weight.data = torch.ones(4, 4)
+    setattr(m, STORE_KEYS, {"weight": ("shared-blob", 64, m.weight._version)})
+    return m
+
+
 def test_each_user_counts_once_and_a_released_user_dying_counts_nothing_more():
     """A tensor is in use while any module using it lives: moving a module twice, or
     releasing it and then dropping it, must not count it twice, or a live module's
     tensor could be evicted (counted down too far) or never be (counted too few)."""
-    def linear():
-        m = torch.nn.Linear(4, 4, bias=False)
-        m.weight.data = torch.ones(4, 4)
-        setattr(m, STORE_KEYS, {"weight": ("shared-blob", 64, m.weight._version)})
-        return m
-
     pool = ResidencyPool("meta", budget_bytes=0, copier=CountingCopier())
-    first, second = linear(), linear()
+    first, second = shared_linear(), shared_linear()
     pool.move(first)
     pool.move(first)  # again: still one user
     pool.move(second)
@@ -737,6 +739,37 @@ def test_each_user_counts_once_and_a_released_user_dying_counts_nothing_more():
     del second
     gc.collect()
     assert pool.idle_bytes == 64 and pool.trim() == 64 and pool.resident_bytes == 0
+
+
+def test_a_user_dying_while_another_thread_holds_the_pool_takes_no_lock():
+    """The last reference to a module may drop in any thread, e.g. the background
+    upload thread, which holds the upload lock the pool's holder may wait for: the
+    module's death only queues its entries, counted down by the next pool call."""
+    import threading
+    import time
+
+    pool = ResidencyPool("meta", budget_bytes=1 << 40, copier=CountingCopier())
+    module = shared_linear()
+    pool.move(module)
+    held, done = threading.Event(), threading.Event()
+
+    def hold():
+        with pool._lock:
+            held.set()
+            done.wait(10)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    held.wait()
+    try:
+        t0 = time.monotonic()
+        del module
+        gc.collect()
+        assert time.monotonic() - t0 < 5  # a finalizer taking the pool's lock would wait 10 s
+    finally:
+        done.set()
+        holder.join()
+    assert pool.idle_bytes == 64  # counted down on the next call
 
 
 def test_a_dropped_pipeline_is_freed_at_del_and_its_tensors_go_idle_at_once(family_store):
