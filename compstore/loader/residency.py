@@ -272,8 +272,7 @@ class ResidencyPool:
         compstore pipeline needs none, reference counting frees it)."""
         budget = self.budget_bytes if budget is None else budget
         if collect:
-            gc.collect()
-        self._count_gone()
+            gc.collect()  # what it frees is counted down by `idle_bytes`
         if self._resident_bytes <= budget:
             return 0
         idle = start = self.idle_bytes  # summed once (~2,600 entries), then counted down per eviction
@@ -421,17 +420,16 @@ class ResidencyPool:
 
     def _serve(self, keys: list[Key | None], likes: list[torch.Tensor],
                host: Callable[[list[int]], list[torch.Tensor]], rep: ComponentTransfer,
-               user, wait: bool) -> list[torch.Tensor]:
+               uses: set[_Entry], wait: bool) -> list[torch.Tensor]:
         """Device tensors for `keys` (None: not the store's, a private copy), each in
         the dtype and shape of its `likes` entry: resident ones are reused, the rest
         uploaded, each key once, in two batches (pinned tier, then host memory:
         see `upload.Uploader`). `host(indices)` gives the host tensors of those
-        indices that are neither resident nor pinned (store views, say). `user` (a
-        module, or a `Placement`) is marked as using every pooled tensor served.
+        indices that are neither resident nor pinned (store views, say). Every pooled
+        tensor served joins `uses`, the entries of its user (a module, or a `Placement`).
         `wait=False`: the copies from the pinned tier may still run on return
         (`Uploader.upload`); the caller's stream is ordered after them."""
         self._after_running_uploads()
-        uses = self._entries_of(user)
         served: list[torch.Tensor | None] = [None] * len(keys)
         same_as: dict[int, int] = {}  # identical bytes twice: share one upload
         pending: dict[Key, int] = {}  # keys uploading in this batch -> index
@@ -498,7 +496,7 @@ class ResidencyPool:
         keys = [None if blob is None else (*blob, _DTYPE_NAMES[like.dtype], self._device_name)
                 for blob, like in zip(blobs, likes)]
         placement = Placement(rep)
-        data = self._serve(keys, likes, host, rep, placement, wait)  # in use by the placement until `claim`
+        data = self._serve(keys, likes, host, rep, self._entries_of(placement), wait)  # in use by it until `claim`
         rep.seconds = round(time.perf_counter() - t0, 6)
         return data, placement
 
@@ -566,7 +564,7 @@ class ResidencyPool:
             places[id(tensor)] = [(owner, attr, tensor)]
             wanted.append(key)
             sources.append(tensor.detach())
-        served = self._serve(wanted, sources, lambda indices: [sources[i] for i in indices], rep, module, wait)
+        served = self._serve(wanted, sources, lambda indices: [sources[i] for i in indices], rep, uses, wait)
         for uses, data in zip(places.values(), served):
             old = uses[0][2]
             new = (torch.nn.Parameter(data, requires_grad=old.requires_grad)
