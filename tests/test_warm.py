@@ -351,10 +351,11 @@ def test_a_load_leaves_the_callers_frozen_objects_frozen():
     before = _Marker()
     gc.freeze()
     try:
-        frozen = gc.get_freeze_count()
         with gc_paused():
             made = _Marker()
-        assert gc.get_freeze_count() == frozen and _generation_of(before) is None
+        # Still frozen, not thawed into generation 2. (Not checked by the freeze count:
+        # reference counting frees frozen objects too, in the full suite other threads'.)
+        assert _generation_of(before) is None
         assert _generation_of(made) == 0  # not aged: that would have taken a thaw
     finally:
         gc.unfreeze()
