@@ -189,7 +189,7 @@ def main() -> None:
         def pool(budget_bytes=1 << 62):
             return ResidencyPool("meta", budget_bytes=budget_bytes, pinned_budget_bytes=1 << 62,
                                  uploader=Link(args.link_gbps),
-                                 offloader=lambda t: torch.empty(t.shape, dtype=t.dtype, device="meta"))
+                                 offloader=lambda hosts, tensors: None)  # meta: no bytes to copy back
 
         def load(ref, p):
             t = time.perf_counter()

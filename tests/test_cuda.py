@@ -50,14 +50,19 @@ def test_switches_on_the_gpu_move_only_the_delta_and_images_match_diffusers(fami
 
 
 def test_pinned_tier_on_the_gpu(family_store):
-    pool = ResidencyPool("cuda", budget_bytes=0, pinned_budget_bytes=1 << 30)
+    budget = 1 << 30
+    pool = ResidencyPool("cuda", budget_bytes=0, pinned_budget_bytes=budget)
     load = lambda n: compstore.DiffusionPipeline.from_pretrained(n, store=family_store)  # noqa: E731
-    to_device(load("B"), "cuda", pool=pool)
+    to_device(load("B"), "cuda", pool=pool)  # its staging buffers are pinned by now
     gc.collect()
+    pinned_before = torch.cuda.host_memory_stats()["active_bytes.current"]
     a = load("A")
-    to_device(a, "cuda", pool=pool)
-    assert pool.pinned_bytes > 0
-    assert all(t.is_pinned() for t in pool._pinned.values())
+    to_device(a, "cuda", pool=pool)  # evicts B's UNet into the tier
+    assert 0 < pool.pinned_bytes <= budget
+    assert all(t.is_pinned() for t in pool._tier.tensors())
+    # What the tier pins is its slabs, no more (one pinned allocation per tensor would
+    # be rounded up to a power of two each).
+    assert torch.cuda.host_memory_stats()["active_bytes.current"] - pinned_before == pool.pinned_bytes
     again = to_device(load("B"), "cuda", pool=pool)
     assert again.bytes_from_pinned > 0
 

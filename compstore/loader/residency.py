@@ -5,7 +5,7 @@ A `ResidencyPool` holds, per device, the store tensors already uploaded, keyed b
 pool uploads only the tensors not already resident; the rest are shared storage.
 Tensors of a module the user dropped stay resident within a byte budget (LRU,
 never evicting a tensor a live module uses), so A -> B -> A moves nearly nothing;
-with a pinned tier, evicted tensors wait in (pinned) host memory for a fast
+with a pinned tier (pinned.py), evicted tensors wait in pinned host memory for a fast
 re-upload. Every move returns a `TransferReport`: per component, bytes reused,
 bytes uploaded from the pinned tier and from the store, seconds. A module can
 also be built on the device in the first place: `serve` hands out the device
@@ -42,6 +42,7 @@ from accelerate.utils import convert_file_size_to_int
 
 from ..store import CompstoreError
 from ..store.settings import env_setting
+from .pinned import PinnedTier, copy_back
 from .upload import Uploader
 
 Key = tuple  # (xxh3, size, dtype name, device name)
@@ -156,14 +157,15 @@ class ResidencyPool:
         budget_bytes: bytes of tensors no live module uses that may stay resident
             (LRU). Default: `$COMPSTORE_VRAM_BUDGET`, else 50% of the device's free
             memory when the pool is made (unlimited for non-CUDA devices).
-        pinned_budget_bytes: bytes of evicted tensors kept in pinned host memory for
-            fast re-upload (default `$COMPSTORE_PINNED_BUDGET`, else 0: off).
+        pinned_budget_bytes: pinned host memory for evicted tensors, kept for a fast
+            re-upload (default `$COMPSTORE_PINNED_BUDGET`, else 0: off); counted in
+            whole slabs of up to 256 MiB (see pinned.py).
         Both variables take bytes or a size as accelerate's `max_memory` does
         ("10GiB", "500MB").
         copier: `(tensor, device) -> tensor`, one tensor's upload (default: batched
             through the uploader).
-        offloader: `tensor -> host tensor`, the copy into the pinned tier (default: a
-            pinned host buffer filled from the device tensor).
+        offloader: `(host tensors, device tensors) -> None`, one eviction's copies
+            into the pinned tier (default `pinned.copy_back`: one call, one wait).
         uploader: what uploads a batch of tensors (default: an `upload.Uploader`:
             pinned staging, side stream, several readers); a stand-in has its
             `upload(srcs, wait=...)`, `wait()` and `order_after_running()`.
@@ -175,7 +177,7 @@ class ResidencyPool:
     def __init__(self, device: str | torch.device, budget_bytes: int | None = None,
                  pinned_budget_bytes: int | None = None,
                  copier: Callable[[torch.Tensor, torch.device], torch.Tensor] | None = None,
-                 offloader: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 offloader: Callable[[list[torch.Tensor], list[torch.Tensor]], None] | None = None,
                  uploader: Uploader | None = None):
         self.device = canonical_device(device)
         self._device_name = str(self.device)  # part of every key: str() per tensor is slow
@@ -189,14 +191,12 @@ class ResidencyPool:
             if value < 0:
                 raise CompstoreError(f"{name}={value}: a budget is 0 bytes or more")
         self.budget_bytes = budget_bytes
-        self.pinned_budget_bytes = pinned_budget_bytes
         self.copier = copier
         self._uploader = uploader  # made on first use
-        self.offloader = offloader or self._pinned_copy
+        self._tier = PinnedTier(pinned_budget_bytes, pin=self.device.type == "cuda",
+                                copy_back=offloader or self._copy_back)
         self._resident: OrderedDict[Key, _Entry] = OrderedDict()
         self._resident_bytes = 0  # kept by _keep/_drop: summing ~3,000 entries per move is slow
-        self._pinned: OrderedDict[Key, torch.Tensor] = OrderedDict()
-        self._pinned_bytes = 0  # kept by _keep_pinned/_take_pinned, as _resident_bytes is
         self._prefetched: dict[Key, tuple[Future, int]] = {}  # uploading in the background
         # user (module or placement) -> the entries it uses. A user counts once in each
         # entry's `users`; a set per user, not a WeakSet per entry: one weak reference per
@@ -251,7 +251,16 @@ class ResidencyPool:
 
     @property
     def pinned_bytes(self) -> int:
-        return self._pinned_bytes
+        """Host memory the pinned tier holds (whole slabs)."""
+        return self._tier.held_bytes
+
+    @property
+    def pinned_budget_bytes(self) -> int:
+        return self._tier.budget_bytes
+
+    @pinned_budget_bytes.setter
+    def pinned_budget_bytes(self, value: int) -> None:
+        self._tier.budget_bytes = value
 
     def _keep(self, key: Key, entry: _Entry) -> None:
         self._drop(key)
@@ -278,21 +287,21 @@ class ResidencyPool:
         idle = start = self.idle_bytes  # summed once (~2,600 entries), then counted down per eviction
         if idle <= budget:
             return 0
-        for key in list(self._resident):
+        evicted = []
+        for key, entry in self._resident.items():
             if idle <= budget:
                 break
-            entry = self._resident[key]
-            if entry.users:
-                continue
-            self._evict_entry(key)
-            idle -= entry.nbytes
+            if not entry.users:
+                evicted.append(key)
+                idle -= entry.nbytes
+        self._evict_entries(evicted)
         return start - idle
 
-    def _evict_entry(self, key: Key) -> None:
-        """Drop one idle entry; to the pinned tier if it is still the store's tensor."""
-        entry = self._drop(key)
-        if entry is not None and entry.tensor._version == entry.version:
-            self._keep_pinned(key, entry.tensor)
+    def _evict_entries(self, keys: list[Key]) -> None:
+        """Drop idle entries; those still the store's tensors go to the pinned tier,
+        in one batch."""
+        dropped = [self._drop(key) for key in keys]
+        self._tier.keep([(e.key, e.tensor) for e in dropped if e is not None and e.tensor._version == e.version])
 
     @_locked
     def trim(self, idle_bytes: int = 0) -> int:
@@ -305,32 +314,15 @@ class ResidencyPool:
         """
         return self._evict(idle_bytes, collect=True)
 
-    def _pinned_copy(self, t: torch.Tensor) -> torch.Tensor:
-        self._after_running_uploads()  # `t` may be on its way still
-        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=self.device.type == "cuda")
-        return host.copy_(t)
+    def _copy_back(self, hosts: list[torch.Tensor], tensors: list[torch.Tensor]) -> None:
+        self._after_running_uploads()  # the tensors may be on their way still
+        copy_back(hosts, tensors)
 
     def _after_running_uploads(self) -> None:
         """Order this thread's stream after copies a `wait=False` upload left running:
         their tensors are resident already, and may be handed out or copied back."""
         if self._uploader is not None:
             self._uploader.order_after_running()
-
-    def _keep_pinned(self, key: Key, t: torch.Tensor) -> None:
-        nbytes = t.numel() * t.element_size()
-        if nbytes > self.pinned_budget_bytes:
-            return
-        self._take_pinned(key)
-        self._pinned[key] = host = self.offloader(t)
-        self._pinned_bytes += host.numel() * host.element_size()
-        while self._pinned_bytes > self.pinned_budget_bytes:
-            self._take_pinned(next(iter(self._pinned)))
-
-    def _take_pinned(self, key: Key) -> torch.Tensor | None:
-        host = self._pinned.pop(key, None)
-        if host is not None:
-            self._pinned_bytes -= host.numel() * host.element_size()
-        return host
 
     # -- moving ------------------------------------------------------------------
     def _upload(self, srcs: list[torch.Tensor], wait: bool = True) -> list[torch.Tensor]:
@@ -377,7 +369,7 @@ class ResidencyPool:
         wanted: dict[Key, torch.Tensor] = {}  # a repeated blob is uploaded once
         for blob, t in tensors:
             key = (*blob, _DTYPE_NAMES[t.dtype], self._device_name)
-            if key in wanted or key in self._prefetched or key in self._pinned or \
+            if key in wanted or key in self._prefetched or key in self._tier or \
                     self._resident_entry(key) is not None:
                 continue
             wanted[key] = t.detach()
@@ -446,7 +438,7 @@ class ResidencyPool:
             elif key is not None and key in pending:
                 same_as[i] = pending[key]
                 rep.bytes_reused += nbytes
-            elif key is not None and key in self._pinned:
+            elif key is not None and key in self._tier:
                 pinned.append((i, key))
                 pending[key] = i
                 rep.bytes_from_pinned += nbytes
@@ -459,7 +451,7 @@ class ResidencyPool:
                     from_host.append(i)
                 if key is not None:
                     pending[key] = i
-        from_pinned = [(i, key, self._take_pinned(key)) for i, key in pinned]  # before evicting trims the tier
+        from_pinned = [(i, key, self._tier.take(key)) for i, key in pinned]  # before evicting trims the tier
         if from_pinned or from_host:
             self._evict()  # make room first; what this call reuses has its user already
         uploads = []
@@ -591,8 +583,7 @@ class ResidencyPool:
         self._count_gone()
         freed = [entry.key for entry in uses if now and not entry.users and self._resident.get(entry.key) is entry]
         uses.clear()  # kept: the module's finalizer will count down this set
-        for key in freed:
-            self._evict_entry(key)
+        self._evict_entries(freed)
         self._evict()
 
 

@@ -1,0 +1,131 @@
+"""The pinned tier: evicted store tensors kept in host memory for a fast re-upload.
+
+A `ResidencyPool` evicts idle tensors, least recently used first. With a pinned
+budget, those still the store's wait here, in page-locked ("pinned") host memory,
+from which a re-upload runs at the link's speed with no staging
+(`upload.Uploader`). The tier drops its own oldest entries to stay within budget.
+
+Memory comes in slabs, each entry a view of one. torch's pinned allocator rounds
+every allocation up to a power of two (`CachingHostAllocator`) and keeps freed
+blocks cached by that size: one allocation per tensor would pin up to twice the
+tensors' bytes, more than the budget said. A slab is a power of two (`SLAB_BYTES`,
+or the next power of two of a larger tensor), filled front to back and never
+written twice: a region already handed out for an upload may still be copying to
+the device. A slab's memory goes back when no entry uses it any more. What the
+tier holds (`held_bytes`, bounded by the budget) counts whole slabs.
+
+An eviction's tensors come back in one batch (`keep`): one copy call and one wait,
+not a synchronous copy per tensor.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+SLAB_BYTES = 256 << 20
+ALIGN = 512  # where each entry starts in its slab: a multiple of every element size
+
+
+@dataclass(eq=False)
+class _Slab:
+    memory: torch.Tensor  # uint8
+    used: int = 0  # bytes handed out, from the front
+    live: int = 0  # entries in it
+
+
+def _power_of_two_at_least(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+def copy_back(dsts: list[torch.Tensor], srcs: list[torch.Tensor]) -> None:
+    """Copy device tensors into host ones, in one call, and wait for the copies."""
+    torch._foreach_copy_(dsts, srcs, non_blocking=True)
+    device = srcs[0].device
+    if device.type == "cuda":
+        torch.cuda.current_stream(device).synchronize()
+
+
+class PinnedTier:
+    """Host copies of evicted tensors by pool key, within `budget_bytes` of slabs.
+
+    Args:
+        budget_bytes: host memory the tier may hold, in whole slabs (0: off).
+        pin: page-lock the slabs (for a CUDA device).
+        copy_back: `(host tensors, device tensors) -> None`, one eviction's copies
+            (default `copy_back`; tests on the meta device pass one that copies nothing).
+
+    >>> tier = PinnedTier(8 << 30, pin=True)  # doctest: +SKIP
+    >>> tier.keep([(key, device_tensor)]); host = tier.take(key)  # doctest: +SKIP
+    """
+
+    def __init__(self, budget_bytes: int, pin: bool,
+                 copy_back: Callable[[list[torch.Tensor], list[torch.Tensor]], None] = copy_back):
+        self.budget_bytes = budget_bytes
+        self._pin = pin
+        self._copy_back = copy_back
+        self._entries: OrderedDict[tuple, tuple[torch.Tensor, _Slab]] = OrderedDict()  # oldest first
+        self._open: _Slab | None = None  # the slab being filled
+        self.held_bytes = 0  # slabs with an entry in them, and the open one
+
+    def __contains__(self, key: tuple) -> bool:
+        return key in self._entries
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [view for view, _ in self._entries.values()]
+
+    def keep(self, items: list[tuple[tuple, torch.Tensor]]) -> None:
+        """Copy `(key, device tensor)` pairs into the tier, in one batch; the oldest
+        entries go to make room, and a tensor the budget cannot hold is not kept."""
+        if not self.budget_bytes:  # off
+            return
+        dsts, srcs = [], []
+        for key, t in items:
+            self.take(key)
+            nbytes = t.numel() * t.element_size()
+            spot = self._spot(nbytes) if nbytes else None  # an empty tensor costs nothing to upload
+            if spot is None:
+                continue
+            host = spot.view(t.dtype).view(t.shape)
+            self._entries[key] = (host, self._open)
+            dsts.append(host)
+            srcs.append(t)
+        if dsts:
+            self._copy_back(dsts, srcs)
+
+    def take(self, key: tuple) -> torch.Tensor | None:
+        """Remove `key`'s host tensor from the tier and return it (None: not here)."""
+        found = self._entries.pop(key, None)
+        if found is None:
+            return None
+        host, slab = found
+        slab.live -= 1
+        if not slab.live:  # nothing of it is the tier's any more: its memory goes back
+            self.held_bytes -= slab.memory.numel()
+            if slab is self._open:
+                self._open = None
+        return host
+
+    def _spot(self, nbytes: int) -> torch.Tensor | None:
+        """Room for `nbytes` in the open slab, else in a new one (None: over budget)."""
+        size = -(-nbytes // ALIGN) * ALIGN
+        slab = self._open
+        if slab is None or slab.used + size > slab.memory.numel():
+            slab_bytes = max(self._slab_bytes(), _power_of_two_at_least(size))
+            if slab_bytes > self.budget_bytes:
+                return None  # more than the whole tier
+            while self.held_bytes + slab_bytes > self.budget_bytes:
+                self.take(next(iter(self._entries)))  # the oldest
+            slab = self._open = _Slab(torch.empty(slab_bytes, dtype=torch.uint8, pin_memory=self._pin))
+            self.held_bytes += slab_bytes
+        at = slab.used
+        slab.used += size
+        slab.live += 1
+        return slab.memory[at:at + nbytes]
+
+    def _slab_bytes(self) -> int:
+        """`SLAB_BYTES`, or the largest power of two within a smaller budget."""
+        return min(SLAB_BYTES, 1 << max(0, self.budget_bytes.bit_length() - 1))
