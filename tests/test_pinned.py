@@ -6,7 +6,7 @@ import gc
 import torch
 
 from compstore import ResidencyPool, to_device
-from compstore.loader.pinned import ALIGN, PinnedTier, copy_back
+from compstore.loader.pinned import ALIGN, SLAB_BYTES, PinnedTier, copy_back
 
 MiB = 1 << 20
 
@@ -44,6 +44,17 @@ def test_the_tier_keeps_to_its_budget_dropping_its_oldest_entries():
     kept = [i for i in range(12) if i in tier]
     assert kept == list(range(12 - len(kept), 12)) and len(kept) >= 2  # the newest stay
     assert all(torch.equal(tier.take(i), torch.full((MiB // 4,), float(i))) for i in kept)
+
+
+def test_a_lower_budget_drops_the_oldest_entries_at_once():
+    pool = ResidencyPool("cpu", budget_bytes=0, pinned_budget_bytes=1 << 30,
+                         offloader=lambda hosts, tensors: None)  # the bytes do not matter here
+    pool._tier.keep([(i, torch.empty(MiB, dtype=torch.float64)) for i in range(100)])  # 8 MiB each
+    assert pool.pinned_bytes == 4 * SLAB_BYTES  # 32 entries a slab, the last one 4
+    pool.pinned_budget_bytes = 2 * SLAB_BYTES
+    assert pool.pinned_bytes == 2 * SLAB_BYTES and [i for i in range(100) if i in pool._tier] == list(range(64, 100))
+    pool.pinned_budget_bytes = 0
+    assert pool.pinned_bytes == 0 and not pool._tier.tensors()
 
 
 def test_a_tensor_over_the_budget_is_not_kept_and_drops_nothing():

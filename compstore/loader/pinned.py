@@ -109,6 +109,12 @@ class PinnedTier:
                 self._open = None
         return host
 
+    def fit(self, extra: int = 0) -> None:
+        """Drop the oldest entries until the slabs held, and `extra` bytes more, fit
+        the budget (after the budget was lowered, say)."""
+        while self._entries and self.held_bytes + extra > self.budget_bytes:
+            self.take(next(iter(self._entries)))
+
     def _spot(self, nbytes: int) -> torch.Tensor | None:
         """Room for `nbytes` in the open slab, else in a new one (None: over budget)."""
         size = -(-nbytes // ALIGN) * ALIGN
@@ -117,8 +123,7 @@ class PinnedTier:
             slab_bytes = max(self._slab_bytes(), _power_of_two_at_least(size))
             if slab_bytes > self.budget_bytes:
                 return None  # more than the whole tier
-            while self.held_bytes + slab_bytes > self.budget_bytes:
-                self.take(next(iter(self._entries)))  # the oldest
+            self.fit(slab_bytes)
             slab = self._open = _Slab(torch.empty(slab_bytes, dtype=torch.uint8, pin_memory=self._pin))
             self.held_bytes += slab_bytes
         at = slab.used

@@ -259,8 +259,10 @@ class ResidencyPool:
         return self._tier.budget_bytes
 
     @pinned_budget_bytes.setter
+    @_locked
     def pinned_budget_bytes(self, value: int) -> None:
         self._tier.budget_bytes = value
+        self._tier.fit()
 
     def _keep(self, key: Key, entry: _Entry) -> None:
         self._drop(key)
