@@ -55,14 +55,16 @@ def test_pinned_tier_on_the_gpu(family_store):
     load = lambda n: compstore.DiffusionPipeline.from_pretrained(n, store=family_store)  # noqa: E731
     to_device(load("B"), "cuda", pool=pool)  # its staging buffers are pinned by now
     gc.collect()
+    torch.cuda.synchronize()
+    torch.empty(1, pin_memory=True)  # an allocation settles the pinned blocks freed before
     pinned_before = torch.cuda.host_memory_stats()["active_bytes.current"]
     a = load("A")
     to_device(a, "cuda", pool=pool)  # evicts B's UNet into the tier
     assert 0 < pool.pinned_bytes <= budget
     assert all(t.is_pinned() for t in pool._tier.tensors())
     # What the tier pins is its slabs, no more (one pinned allocation per tensor would
-    # be rounded up to a power of two each).
-    assert torch.cuda.host_memory_stats()["active_bytes.current"] - pinned_before == pool.pinned_bytes
+    # be rounded up to a power of two each, over the tensors' bytes).
+    assert 0 < torch.cuda.host_memory_stats()["active_bytes.current"] - pinned_before <= pool.pinned_bytes
     again = to_device(load("B"), "cuda", pool=pool)
     assert again.bytes_from_pinned > 0
 

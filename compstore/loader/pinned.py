@@ -69,7 +69,7 @@ class PinnedTier:
         self._copy_back = copy_back
         self._entries: OrderedDict[tuple, tuple[torch.Tensor, _Slab]] = OrderedDict()  # oldest first
         self._open: _Slab | None = None  # the slab being filled
-        self.held_bytes = 0  # slabs with an entry in them, and the open one
+        self.held_bytes = 0  # the slabs with an entry in them
 
     def __contains__(self, key: tuple) -> bool:
         return key in self._entries
