@@ -26,6 +26,8 @@ from typing import Callable
 
 import torch
 
+from .upload import _copy
+
 SLAB_BYTES = 256 << 20
 ALIGN = 512  # where each entry starts in its slab: a multiple of every element size
 
@@ -43,7 +45,7 @@ def _power_of_two_at_least(n: int) -> int:
 
 def copy_back(dsts: list[torch.Tensor], srcs: list[torch.Tensor]) -> None:
     """Copy device tensors into host ones, in one call, and wait for the copies."""
-    torch._foreach_copy_(dsts, srcs, non_blocking=True)
+    _copy(dsts, srcs, non_blocking=True)
     device = srcs[0].device
     if device.type == "cuda":
         torch.cuda.current_stream(device).synchronize()
