@@ -91,8 +91,9 @@ class PinnedTier:
             spot = self._spot(nbytes) if nbytes else None  # an empty tensor costs nothing to upload
             if spot is None:
                 continue
-            host = spot.view(t.dtype).view(t.shape)
-            self._entries[key] = (host, self._open)
+            slab, region = spot
+            host = region.view(t.dtype).view(t.shape)
+            self._entries[key] = (host, slab)
             dsts.append(host)
             srcs.append(t)
         if dsts:
@@ -117,8 +118,9 @@ class PinnedTier:
         while self._entries and self.held_bytes + extra > self.budget_bytes:
             self.take(next(iter(self._entries)))
 
-    def _spot(self, nbytes: int) -> torch.Tensor | None:
-        """Room for `nbytes` in the open slab, else in a new one (None: over budget)."""
+    def _spot(self, nbytes: int) -> tuple[_Slab, torch.Tensor] | None:
+        """A slab with room for `nbytes` (the open one, else a new one) and the region
+        there (None: over budget)."""
         size = -(-nbytes // ALIGN) * ALIGN
         slab = self._open
         if slab is None or slab.used + size > slab.memory.numel():
@@ -131,7 +133,7 @@ class PinnedTier:
         at = slab.used
         slab.used += size
         slab.live += 1
-        return slab.memory[at:at + nbytes]
+        return slab, slab.memory[at:at + nbytes]
 
     def _slab_bytes(self) -> int:
         """`SLAB_BYTES`, or the largest power of two within a smaller budget."""
