@@ -55,6 +55,16 @@ def test_a_negative_budget_argument_is_refused(argument):
         compstore.ResidencyPool("cpu", **{argument: -1})
 
 
+def test_a_negative_pinned_budget_set_later_is_refused_and_changes_nothing():
+    import torch
+
+    pool = compstore.ResidencyPool("cpu", budget_bytes=0, pinned_budget_bytes=1 << 20)
+    pool._tier.keep([("k", torch.ones(4))])
+    with pytest.raises(compstore.CompstoreError, match="^pinned_budget_bytes=-1: a budget is 0 bytes or more"):
+        pool.pinned_budget_bytes = -1
+    assert pool.pinned_budget_bytes == 1 << 20 and "k" in pool._tier and pool.pinned_bytes == 1 << 20
+
+
 def test_upload_readers_from_the_variable_or_refused(monkeypatch):
     monkeypatch.setenv("COMPSTORE_UPLOAD_READERS", "3")
     up = Uploader("cpu")

@@ -149,6 +149,12 @@ def _size(text: str) -> int:
     return int(text) if text.isdigit() else convert_file_size_to_int(text)
 
 
+def _budget(name: str, value: int) -> int:
+    if value < 0:
+        raise CompstoreError(f"{name}={value}: a budget is 0 bytes or more")
+    return value
+
+
 class ResidencyPool:
     """Store tensors resident on one device, shared by every module moved through it.
 
@@ -187,13 +193,10 @@ class ResidencyPool:
             budget_bytes = torch.cuda.mem_get_info(self.device)[0] // 2 if self.device.type == "cuda" else 1 << 62
         if pinned_budget_bytes is None:
             pinned_budget_bytes = env_setting("COMPSTORE_PINNED_BUDGET", 0, _size, expected=_A_SIZE)
-        for name, value in (("budget_bytes", budget_bytes), ("pinned_budget_bytes", pinned_budget_bytes)):
-            if value < 0:
-                raise CompstoreError(f"{name}={value}: a budget is 0 bytes or more")
-        self.budget_bytes = budget_bytes
+        self.budget_bytes = _budget("budget_bytes", budget_bytes)
         self.copier = copier
         self._uploader = uploader  # made on first use
-        self._tier = PinnedTier(pinned_budget_bytes, pin=self.device.type == "cuda",
+        self._tier = PinnedTier(_budget("pinned_budget_bytes", pinned_budget_bytes), pin=self.device.type == "cuda",
                                 copy_back=offloader or self._copy_back)
         self._resident: OrderedDict[Key, _Entry] = OrderedDict()
         self._resident_bytes = 0  # kept by _keep/_drop: summing ~3,000 entries per move is slow
@@ -261,7 +264,7 @@ class ResidencyPool:
     @pinned_budget_bytes.setter
     @_locked
     def pinned_budget_bytes(self, value: int) -> None:
-        self._tier.budget_bytes = value
+        self._tier.budget_bytes = _budget("pinned_budget_bytes", value)
         self._tier.fit()
 
     def _keep(self, key: Key, entry: _Entry) -> None:
