@@ -69,6 +69,26 @@ def test_pinned_tier_on_the_gpu(family_store):
     assert again.bytes_from_pinned > 0
 
 
+def test_copies_back_still_running_are_waited_for_on_the_device(family_store):
+    """An eviction's copies into the pinned tier run on a stream of their own, not
+    waited for on the host. Held back here behind a busy stream, the memory they
+    read is not handed to the next upload before they have read it, and an upload
+    from the tier waits for them: A's UNet comes back equal to the store's."""
+    pool = ResidencyPool("cuda", budget_bytes=1 << 40, pinned_budget_bytes=1 << 30)
+    load = lambda n: compstore.DiffusionPipeline.from_pretrained(n, store=family_store)  # noqa: E731
+    reference = {k: v.clone() for k, v in load("A").unet.state_dict().items()}
+    to_device(load("A"), "cuda", pool=pool)
+    gc.collect()
+    torch.cuda.synchronize()
+    torch.cuda._sleep(1 << 30)  # the current stream busy for ~0.5 s: the copies back queue behind it
+    assert pool.trim() > 0
+    to_device(load("B"), "cuda", pool=pool)  # B's UNet from the store, into new device memory
+    a = load("A")
+    assert to_device(a, "cuda", pool=pool).bytes_from_pinned > 0
+    state = a.unet.state_dict()
+    assert all(torch.equal(state[k].cpu(), v) for k, v in reference.items())
+
+
 @pytest.mark.parametrize("on_side_stream", [False, True])
 def test_a_switch_from_the_pinned_tier_gives_diffusers_images(family_store, family, on_side_stream):
     """B's delta comes back from the pinned tier in copies the load does not wait

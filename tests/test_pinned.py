@@ -6,7 +6,7 @@ import gc
 import torch
 
 from compstore import ResidencyPool, to_device
-from compstore.loader.pinned import ALIGN, SLAB_BYTES, PinnedTier, copy_back
+from compstore.loader.pinned import ALIGN, SLAB_BYTES, PinnedTier
 
 MiB = 1 << 20
 
@@ -16,7 +16,8 @@ def counting_copies():
 
     def copy(hosts, tensors):
         calls.append(len(hosts))
-        copy_back(hosts, tensors)
+        for host, t in zip(hosts, tensors):
+            host.copy_(t)
     return calls, copy
 
 
@@ -112,3 +113,25 @@ def test_an_eviction_copies_its_tensors_back_in_one_call(family_store):
     assert again.bytes_from_pinned == evicted
     state = a.unet.state_dict()
     assert all(torch.equal(state[k], v) for k, v in reference.items())
+
+
+def test_an_entry_names_the_copy_back_that_fills_it_until_taken():
+    """A copy back may still run when `keep` returns (on a GPU: its event); an
+    upload from the tier waits for the events `copies_of` names, each batch once."""
+    batches = iter(["first", "second"])
+
+    def queued(hosts, tensors):
+        for host, t in zip(hosts, tensors):
+            host.copy_(t)
+        return next(batches)
+
+    tier = PinnedTier(4 * MiB, pin=False, copy_back=queued)
+    tier.keep([("a", torch.ones(4)), ("b", torch.ones(4))])
+    tier.keep([("c", torch.ones(4))])
+    assert tier.copies_of(["a", "b", "c", "gone"]) == ["first", "second"]
+    assert tier.copies_of(["b"]) == ["first"]
+    tier.take("a")
+    assert tier.copies_of(["a"]) == []
+    plain = PinnedTier(4 * MiB, pin=False)  # the default: copied on return
+    plain.keep([("a", torch.ones(4))])
+    assert plain.copies_of(["a"]) == [] and torch.equal(plain.take("a"), torch.ones(4))

@@ -205,7 +205,7 @@ def test_the_pinned_tier_counts_its_bytes_and_keeps_to_its_budget(family_store):
     entry): it always equals the slabs the tier's tensors are in, and never exceeds
     the budget."""
     def held(pool):
-        slabs = {id(slab): slab.memory.numel() for _, slab in pool._tier._entries.values()}
+        slabs = {id(kept.slab): kept.slab.memory.numel() for kept in pool._tier._entries.values()}
         assert pinned_tensor_bytes(pool) <= sum(slabs.values())
         return sum(slabs.values())
 
@@ -480,14 +480,17 @@ class FakeStreams:
 
         monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: self.current)
         monkeypatch.setattr(torch.cuda, "stream", lambda stream: nullcontext())
+        self.streamed = []  # (stream, tensor) of each `record_stream`
         monkeypatch.setattr(torch.cuda, "Event", Event)
         monkeypatch.setattr(torch.Tensor, "is_pinned", lambda t: t.numel() != 5)
+        monkeypatch.setattr(torch.Tensor, "record_stream", lambda t, stream: self.streamed.append((stream.name, t)))
 
     def uploader(self, **kwargs):
         from compstore.loader.upload import Uploader
 
         up = Uploader("cpu", **kwargs)
         up._stream = self.Stream(self.log, "side")  # what a CUDA target has
+        up._back = self.Stream(self.log, "back")
         return up
 
 
@@ -518,9 +521,13 @@ def test_a_pinned_batch_uploaded_without_waiting_is_ordered_on_the_device(monkey
 
 
 def test_a_load_returns_after_its_pinned_tier_copies_ran_behind_its_python(family_store, family, monkeypatch):
-    """A switch whose delta waits in the pinned tier queues those copies
-    (`wait=False`) and builds the rest of the pipeline meanwhile; it returns only
-    after waiting for them on the host. The images equal plain diffusers'."""
+    """An eviction into the pinned tier is one batch of copies queued on the
+    copy-back stream, after the caller's stream; the host waits for none of it,
+    and the evicted device memory is held for that stream (`record_stream`). A
+    switch whose delta waits in the tier has its uploads wait for those copies on
+    the device, queues them (`wait=False`) and builds the rest of the pipeline
+    meanwhile; it returns only after waiting for them on the host. The images
+    equal plain diffusers'."""
     import diffusers
     import numpy as np
     from test_loader import image
@@ -531,14 +538,23 @@ def test_a_load_returns_after_its_pinned_tier_copies_ran_behind_its_python(famil
     b = load("B")
     del b
     gc.collect()
+    fake.log.clear()
     a = load("A")  # B's UNet tensors go to the pinned tier
     assert pool.pinned_bytes > 0
+    back = [entry for entry in fake.log if entry[0] == "back"]
+    assert [entry[:2] for entry in back] == [("back", "wait_stream"), ("back", "record")]  # one batch
+    assert back[0][2] == "default"
+    copied = back[1][2]
+    assert not any(entry[1] == "synchronize" for entry in fake.log if copied in entry or entry[0] == "back")
+    streamed = [name for name, _ in fake.streamed]  # every tensor copied back (A took some back since)
+    assert streamed == ["back"] * len(streamed) and len(streamed) >= len(pool._tier.tensors()) > 0
     fake.log.clear()
     b = load("B")
     assert compstore.last_transfer().bytes_from_pinned == family_store.diff("A", "B").delta_bytes > 0
+    assert fake.log[0] == ("default", "wait_event", copied)  # the uploads from the tier after the copies back
     queued = [entry[2] for entry in fake.log if entry[1] == "record"]
     assert len(queued) == 1  # one batch: the UNet's tensors from the pinned tier
-    assert fake.log.index(("default", "wait_event", *queued)) == 2  # right after it was queued
+    assert fake.log.index(("default", "wait_event", *queued)) == 3  # right after it was queued
     assert fake.log[-1] == ("host", "synchronize", *queued)  # the load's last word
     np.testing.assert_array_equal(image(b), image(diffusers.StableDiffusionPipeline.from_pretrained(family["B"])))
     del a

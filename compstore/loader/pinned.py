@@ -14,8 +14,10 @@ written twice: a region already handed out for an upload may still be copying to
 the device. A slab's memory goes back when no entry uses it any more. What the
 tier holds (`held_bytes`, bounded by the budget) counts whole slabs.
 
-An eviction's tensors come back in one batch (`keep`): one copy call and one wait,
-not a synchronous copy per tensor.
+An eviction's tensors come back in one batch (`keep`): one copy call, not a
+synchronous copy per tensor. On a GPU the host does not wait for it
+(`Uploader.copy_back`): each entry keeps its batch's event, which an upload
+from it waits for on the device (`copies_of`).
 """
 
 from __future__ import annotations
@@ -39,16 +41,15 @@ class _Slab:
     live: int = 0  # entries in it
 
 
+@dataclass(eq=False)
+class _Kept:
+    host: torch.Tensor  # a view of its slab
+    slab: _Slab
+    copy: object = None  # the event of the copy back that fills it (None: done on return)
+
+
 def _power_of_two_at_least(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
-
-
-def copy_back(dsts: list[torch.Tensor], srcs: list[torch.Tensor]) -> None:
-    """Copy device tensors into host ones, in one call, and wait for the copies."""
-    _copy(dsts, srcs, non_blocking=True)
-    device = srcs[0].device
-    if device.type == "cuda":
-        torch.cuda.current_stream(device).synchronize()
 
 
 class PinnedTier:
@@ -57,19 +58,21 @@ class PinnedTier:
     Args:
         budget_bytes: host memory the tier may hold, in whole slabs (0: off).
         pin: page-lock the slabs (for a CUDA device).
-        copy_back: `(host tensors, device tensors) -> None`, one eviction's copies
-            (default `copy_back`; tests on the meta device pass one that copies nothing).
+        copy_back: `(host tensors, device tensors) -> event or None`, one eviction's
+            copies; an event if they may still run on return (`Uploader.copy_back`).
+            Default: a plain copy, done on return (tests on the meta device pass one
+            that copies nothing).
 
     >>> tier = PinnedTier(8 << 30, pin=True)  # doctest: +SKIP
     >>> tier.keep([(key, device_tensor)]); host = tier.take(key)  # doctest: +SKIP
     """
 
     def __init__(self, budget_bytes: int, pin: bool,
-                 copy_back: Callable[[list[torch.Tensor], list[torch.Tensor]], None] = copy_back):
+                 copy_back: Callable[[list[torch.Tensor], list[torch.Tensor]], object] = _copy):
         self.budget_bytes = budget_bytes
         self._pin = pin
         self._copy_back = copy_back
-        self._entries: OrderedDict[tuple, tuple[torch.Tensor, _Slab]] = OrderedDict()  # oldest first
+        self._entries: OrderedDict[tuple, _Kept] = OrderedDict()  # oldest first
         self._open: _Slab | None = None  # the slab being filled
         self.held_bytes = 0  # the slabs with an entry in them
 
@@ -77,14 +80,15 @@ class PinnedTier:
         return key in self._entries
 
     def tensors(self) -> list[torch.Tensor]:
-        return [view for view, _ in self._entries.values()]
+        return [kept.host for kept in self._entries.values()]
 
     def keep(self, items: list[tuple[tuple, torch.Tensor]]) -> None:
         """Copy `(key, device tensor)` pairs into the tier, in one batch; the oldest
         entries go to make room, and a tensor the budget cannot hold is not kept."""
         if not self.budget_bytes:  # off
             return
-        dsts, srcs = [], []
+        placed: list[_Kept] = []
+        srcs = []
         for key, t in items:
             self.take(key)
             nbytes = t.numel() * t.element_size()
@@ -92,25 +96,33 @@ class PinnedTier:
             if spot is None:
                 continue
             slab, region = spot
-            host = region.view(t.dtype).view(t.shape)
-            self._entries[key] = (host, slab)
-            dsts.append(host)
+            kept = self._entries[key] = _Kept(region.view(t.dtype).view(t.shape), slab)
+            placed.append(kept)
             srcs.append(t)
-        if dsts:
-            self._copy_back(dsts, srcs)
+        if placed:
+            copy = self._copy_back([kept.host for kept in placed], srcs)
+            for kept in placed:
+                kept.copy = copy
 
     def take(self, key: tuple) -> torch.Tensor | None:
         """Remove `key`'s host tensor from the tier and return it (None: not here)."""
-        found = self._entries.pop(key, None)
-        if found is None:
+        kept = self._entries.pop(key, None)
+        if kept is None:
             return None
-        host, slab = found
+        slab = kept.slab
         slab.live -= 1
         if not slab.live:  # nothing of it is the tier's any more: its memory goes back
             self.held_bytes -= slab.memory.numel()
             if slab is self._open:
                 self._open = None
-        return host
+        return kept.host
+
+    def copies_of(self, keys: list[tuple]) -> list:
+        """The events of the copies back that fill `keys`' entries (each batch once),
+        for an upload from them to wait for on the device."""
+        copies = {id(kept.copy): kept.copy for key in keys
+                  if (kept := self._entries.get(key)) is not None and kept.copy is not None}
+        return list(copies.values())
 
     def fit(self, extra: int = 0) -> None:
         """Drop the oldest entries until the slabs held, and `extra` bytes more, fit

@@ -42,7 +42,7 @@ from accelerate.utils import convert_file_size_to_int
 
 from ..store import CompstoreError
 from ..store.settings import env_setting
-from .pinned import PinnedTier, copy_back
+from .pinned import PinnedTier
 from .upload import Uploader
 
 Key = tuple  # (xxh3, size, dtype name, device name)
@@ -170,11 +170,13 @@ class ResidencyPool:
         ("10GiB", "500MB").
         copier: `(tensor, device) -> tensor`, one tensor's upload (default: batched
             through the uploader).
-        offloader: `(host tensors, device tensors) -> None`, one eviction's copies
-            into the pinned tier (default `pinned.copy_back`: one call, one wait).
+        offloader: `(host tensors, device tensors) -> event or None`, one eviction's
+            copies into the pinned tier (default `Uploader.copy_back`: one call,
+            on a stream of its own, not waited for on the host).
         uploader: what uploads a batch of tensors (default: an `upload.Uploader`:
             pinned staging, side stream, several readers); a stand-in has its
-            `upload(srcs, wait=...)`, `wait()` and `order_after_running()`.
+            `upload(srcs, wait=...)`, `wait()`, `order_after_running()` and,
+            unless `offloader` is given, `copy_back(hosts, tensors)`.
 
     >>> pool = ResidencyPool("cuda")  # doctest: +SKIP
     >>> report = to_device(pipe, "cuda", pool=pool)  # doctest: +SKIP
@@ -195,7 +197,8 @@ class ResidencyPool:
             pinned_budget_bytes = env_setting("COMPSTORE_PINNED_BUDGET", 0, _size, expected=_A_SIZE)
         self.budget_bytes = _budget("budget_bytes", budget_bytes)
         self.copier = copier
-        self._uploader = uploader  # made on first use
+        self._uploader = uploader  # made on first use (`_transfers`)
+        self._making_uploader = threading.Lock()
         self._tier = PinnedTier(_budget("pinned_budget_bytes", pinned_budget_bytes), pin=self.device.type == "cuda",
                                 copy_back=offloader or self._copy_back)
         self._resident: OrderedDict[Key, _Entry] = OrderedDict()
@@ -319,9 +322,9 @@ class ResidencyPool:
         """
         return self._evict(idle_bytes, collect=True)
 
-    def _copy_back(self, hosts: list[torch.Tensor], tensors: list[torch.Tensor]) -> None:
+    def _copy_back(self, hosts: list[torch.Tensor], tensors: list[torch.Tensor]):
         self._after_running_uploads()  # the tensors may be on their way still
-        copy_back(hosts, tensors)
+        return self._transfers().copy_back(hosts, tensors)
 
     def _after_running_uploads(self) -> None:
         """Order this thread's stream after copies a `wait=False` upload left running:
@@ -330,13 +333,17 @@ class ResidencyPool:
             self._uploader.order_after_running()
 
     # -- moving ------------------------------------------------------------------
+    def _transfers(self) -> Uploader:
+        with self._making_uploader:  # uploads (a background one too) and copies back ask for it
+            if self._uploader is None:
+                self._uploader = Uploader(self.device)
+            return self._uploader
+
     def _upload(self, srcs: list[torch.Tensor], wait: bool = True) -> list[torch.Tensor]:
         with self._upload_lock:
             if self.copier is not None:
                 return [self.copier(t, self.device) for t in srcs]
-            if self._uploader is None:
-                self._uploader = Uploader(self.device)
-            return self._uploader.upload(srcs, wait=wait)
+            return self._transfers().upload(srcs, wait=wait)
 
     def wait_uploads(self) -> None:
         """Wait until the copies that `serve` or `move` with `wait=False` left running
@@ -456,6 +463,8 @@ class ResidencyPool:
                     from_host.append(i)
                 if key is not None:
                     pending[key] = i
+        for copy in self._tier.copies_of([key for _, key in pinned]):  # an eviction's copies may run still:
+            torch.cuda.current_stream(self.device).wait_event(copy)  # the uploads wait for them on the device
         from_pinned = [(i, key, self._tier.take(key)) for i, key in pinned]  # before evicting trims the tier
         if from_pinned or from_host:
             self._evict()  # make room first; what this call reuses has its user already

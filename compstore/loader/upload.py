@@ -23,6 +23,12 @@ the caller's stream waits for them on the device (an event), and the caller goes
 on with its Python work while they run, until `wait()`. (A staged batch is waited
 for: its staging buffers are reused by the next batch.)
 
+The way back (`copy_back`, an eviction into the pool's pinned tier) runs on a
+stream of its own, so that it overlaps the uploads that follow it (the link
+carries both directions at once), and the host does not wait for it: an upload
+from the tensors it fills waits for its event on the device, and the device
+memory it reads is not handed out again before it has (`record_stream`).
+
 For a CPU target the readers copy straight into the destination tensors, in
 parallel. `staged=True` forces the staging ring on CPU too, which is how its
 chunking and buffer reuse are tested without a GPU.
@@ -107,6 +113,7 @@ class Uploader:
         self._threads = ThreadPoolExecutor(self.readers, thread_name_prefix="compstore-upload")
         self._ring: list[torch.Tensor] = []  # pinned buffers, made on first use
         self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self._back = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None  # copies back
         self._in_flight: list[tuple] = []  # (event, sources) of queued batches: sources live until it fires
 
     def upload(self, srcs: list[torch.Tensor], *, wait: bool = True) -> list[torch.Tensor]:
@@ -185,6 +192,23 @@ class Uploader:
             if k + len(ring) < len(jobs):
                 filling[k + len(ring)] = self._threads.submit(fill, k + len(ring))
 
+    def copy_back(self, hosts: list[torch.Tensor], tensors: list[torch.Tensor]) -> "torch.cuda.Event | None":
+        """Copy device `tensors` into pinned `hosts`, in one call. On CUDA the copies are
+        only queued, on the copy-back stream after the work queued so far on this
+        thread's stream (the tensors' last uses); returns their event, which an
+        upload from `hosts` must wait for on the device. Elsewhere: copied on return, None."""
+        if self._back is None:
+            _copy(hosts, tensors)
+            return None
+        self._back.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self._back):
+            _copy(hosts, tensors, non_blocking=True)
+        for t in tensors:
+            t.record_stream(self._back)  # its memory is not handed out again before the copy has read it
+        done = torch.cuda.Event()
+        done.record(self._back)
+        return done
+
     def wait(self) -> None:
         """Wait for the batches `upload(wait=False)` left running."""
         for done, _ in self._in_flight:
@@ -201,6 +225,7 @@ class Uploader:
 
     def close(self) -> None:
         self._threads.shutdown(wait=True)
-        if self._stream is not None:
-            self._stream.synchronize()
+        for stream in (self._stream, self._back):
+            if stream is not None:
+                stream.synchronize()
         self._ring, self._in_flight = [], []
