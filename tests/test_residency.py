@@ -112,6 +112,30 @@ def test_eviction_respects_budget_and_never_touches_live_tensors(family_store):
     assert again.bytes_from_store > 0 and again.bytes_reused > 0  # A's UNet came back, VAE shared
 
 
+@pytest.mark.parametrize("how", ["to_device", "device load"])
+def test_a_budget_of_0_still_lets_the_next_pipeline_reuse_what_it_shares(family_store, how):
+    """A is dropped before B loads, and nothing idle may stay: B's VAE and text
+    encoder are still A's tensors, reused, since the budget is settled once B's
+    load or move ends, not after each of its models. Only B's delta moves, and
+    nothing idle stays after it."""
+    pool = ResidencyPool("meta", budget_bytes=0, copier=CountingCopier())
+
+    def switch(ref):
+        if how == "to_device":
+            pipe = load(family_store, ref)
+            return pipe, to_device(pipe, "meta", pool=pool)
+        pipe = compstore.DiffusionPipeline.from_pretrained(ref, store=family_store, pool=pool)
+        return pipe, pool.last_report
+
+    a, _ = switch("A")
+    del a
+    gc.collect()
+    b, report = switch("B")
+    moved = {c.component: c.bytes_from_pinned + c.bytes_from_store for c in report.components}
+    assert moved["vae"] == 0 and moved["unet"] == family_store.diff("A", "B").delta_bytes > 0
+    assert pool.idle_bytes == 0  # A's UNet went at the end
+
+
 def test_pinned_tier_serves_evicted_tensors(family_store):
     copier = CountingCopier()
     pool = ResidencyPool("meta", budget_bytes=0, pinned_budget_bytes=1 << 40, copier=copier,

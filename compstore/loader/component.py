@@ -95,6 +95,7 @@ def build_model(store: Store, component: dict, **kwargs: Any) -> torch.nn.Module
     both halves of `prepare_model` (which takes the same arguments) at once."""
     model = prepare_model(store, component, **kwargs)()
     if kwargs.get("pool") is not None:
+        kwargs["pool"].settle()
         kwargs["pool"].wait_uploads()
     return model
 
@@ -125,7 +126,8 @@ def prepare_model(
     caller that never calls the second half calls `pool.drop_prefetched()`.
     Copies from the pool's pinned tier may still run when the second half
     returns (`pool.serve` with `wait=False`: the Python work after it overlaps
-    them); the caller calls `pool.wait_uploads()` once it has built everything.
+    them); the caller calls `pool.settle()` and `pool.wait_uploads()` once it has
+    built everything.
     `private=True` builds anew and leaves no template.
     """
     from diffusers import ModelMixin

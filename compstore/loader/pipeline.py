@@ -190,7 +190,7 @@ def _assemble(store: Store, snapshot_id: str, label: str, *, dtype, variant: str
         for slot, finish in models.items():  # resident and uploaded tensors bound
             built[slot] = finish()
             if pool is not None:
-                report.components.append(pool.move(built[slot], slot, private=private, wait=False))
+                report.components.append(pool.move(built[slot], slot, private=private, wait=False, settle=False))
                 setattr(built[slot], POOL, pool)
 
     pipe = pipeline_cls.from_pretrained(skeleton, **built, **kwargs)
@@ -198,6 +198,7 @@ def _assemble(store: Store, snapshot_id: str, label: str, *, dtype, variant: str
     route_through_pool(pipe)
     if pool is not None:
         t0 = time.perf_counter()
+        pool.settle()  # only now: every model holds what it reuses
         pool.wait_uploads()  # copies from the pinned tier ran behind the Python work since
         setattr(pipe, POOL, pool)  # later pipe.to(device) moves go through it too
         report.seconds = round(sum(c.seconds for c in report.components) + time.perf_counter() - t0, 6)

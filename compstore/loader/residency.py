@@ -465,9 +465,7 @@ class ResidencyPool:
                     pending[key] = i
         for copy in self._tier.copies_of([key for _, key in pinned]):  # an eviction's copies may run still:
             torch.cuda.current_stream(self.device).wait_event(copy)  # the uploads wait for them on the device
-        from_pinned = [(i, key, self._tier.take(key)) for i, key in pinned]  # before evicting trims the tier
-        if from_pinned or from_host:
-            self._evict()  # make room first; what this call reuses has its user already
+        from_pinned = [(i, key, self._tier.take(key)) for i, key in pinned]
         uploads = []
         for i, src in zip(from_host, host(from_host) if from_host else []):
             if keys[i] is None and src.device == self.device:
@@ -518,10 +516,19 @@ class ResidencyPool:
         module.__dict__[_PLACED] = (self, placement.transfer)
 
     @_locked
+    def settle(self) -> int:
+        """Evict idle tensors over the budget, least recently used first; returns the
+        bytes evicted. A load or `to_device` of several modules calls it once, at its
+        end: evicting after each module would take idle tensors that a later module
+        of the same pipeline reuses (A's VAE, dropped just before loading B, say)."""
+        return self._evict()
+
+    @_locked
     def move(self, module: torch.nn.Module, component: str = "", private: bool = False,
-             wait: bool = True) -> ComponentTransfer:
+             wait: bool = True, settle: bool = True) -> ComponentTransfer:
         """Move one module to the pool's device; store tensors go through the pool.
-        `wait` as in `serve`.
+        `wait` as in `serve`; `settle=False` leaves the budget to the caller's
+        `settle()` (a move of one of several modules).
 
         Three steps: find every distinct tensor (a walk of the module tree) and
         keep those already where they belong, get device tensors for the others
@@ -582,7 +589,8 @@ class ResidencyPool:
                     owner._buffers[attr] = new
             for name in pooled_names.get(id(old), ()):  # still the store's, at the new tensor's version
                 keys[name] = (*keys[name][:2], new._version)
-        self._evict()
+        if settle:
+            self._evict()
         rep.seconds = round(time.perf_counter() - t0, 6)
         return rep
 
@@ -699,10 +707,11 @@ def to_device(pipe_or_module, device: str | torch.device, *, pool: ResidencyPool
                              f"pool_for({str(device)!r}) or leave pool out")
     report = TransferReport(str(device))
     for name, module in pipeline_modules(pipe_or_module).items():  # each module's Python runs behind the last one's copies
-        report.components.append(pool.move(module, name, private=private, wait=False))
+        report.components.append(pool.move(module, name, private=private, wait=False, settle=False))
         setattr(module, POOL, pool)  # its move elsewhere (`.to("cpu")`) releases what it holds
     if not isinstance(pipe_or_module, torch.nn.Module):
         setattr(pipe_or_module, POOL, pool)
+    pool.settle()  # every module holds what it reuses by now
     pool.wait_uploads()
     report.seconds = round(time.perf_counter() - t0, 6)
     record_report(pool, report)
