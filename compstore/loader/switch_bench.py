@@ -23,6 +23,10 @@ For each family (see `synthetic.switch_family`) it times, median of `repeat`:
                          store onto the device
     compstore cold pool, an empty pool, A loaded before in the process (templates and
       warm process       tokenizers known): all of A's bytes from the store
+    compstore pinned,    a budget of 0 and A dropped before the switch, as a service
+      A dropped first    short of memory runs: B's delta from the pinned tier while
+                         A's UNet / transformer goes there (its copies back queued
+                         at the load's end, not waited for)
     floor                delta bytes / host-to-device bandwidth from pinned memory,
                          measured in the same run (on a CPU target: memcpy bandwidth)
 
@@ -30,7 +34,9 @@ and checks that B's image after the switches equals plain diffusers' image
 (bitwise; on a CPU target diffusers' weights are first copied to aligned memory,
 as its own `.to("cuda")` does on a GPU). A
 "switch" includes `from_pretrained`: building the pipeline object is part of what
-a user waits for; the upload alone is reported beside it. Each compstore system
+a user waits for; the upload alone is reported beside it. It ends when the
+pipeline is ready on the caller's stream (that stream synchronised): copies
+back into the pinned tier, on a stream of their own, may still run. Each compstore system
 starts from `clear_caches()`, so module templates and tokenizers are warm only
 where its scenario loaded them. Writes report.json, report.md and switch.png into
 `out`, again after each system: a run stopped midway (a time limit) leaves the
@@ -87,8 +93,9 @@ class FamilyFigures:
 
 
 def _sync(device: torch.device) -> None:
+    """Wait for what the caller's stream has queued: a loaded pipeline is ready on it."""
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
+        torch.cuda.current_stream(device).synchronize()
 
 
 def _free(device: torch.device) -> None:
@@ -169,6 +176,7 @@ def _built_family(family: str, size: str, dtype: torch.dtype, work: Path, echo: 
 
 
 PARTLY_SHARED = "compstore A -> C (2/3 of the UNet shared)"
+PINNED_DROPPED = "compstore pinned, A dropped first"
 
 
 def bench_family(family: str, size: str, device: torch.device, dtype: torch.dtype, repeat: int,
@@ -256,6 +264,22 @@ def bench_family(family: str, size: str, device: torch.device, dtype: torch.dtyp
         _free(device)
         return s, rep
 
+    def pinned_dropped():
+        clear_caches()
+        pool = ResidencyPool(device, budget_bytes=0, pinned_budget_bytes=1 << 62)
+        b, _ = ours("B", pool)
+        del b
+        gc.collect()
+        a, _ = ours("A", pool)  # B's delta goes to the pinned tier
+        del a
+        gc.collect()  # A's idle tensors go there during the switch
+        b, rep, s = switch("B", pool)
+        assert rep.bytes_from_pinned > 0, "the pinned tier served nothing"
+        assert pool.idle_bytes == 0, "the switch left idle tensors on the device"
+        del b, pool
+        _free(device)
+        return s, rep
+
     def resident():
         clear_caches()  # what this process has loaded before: only what the scenario says
         pool = ResidencyPool(device, budget_bytes=1 << 62)
@@ -291,7 +315,8 @@ def bench_family(family: str, size: str, device: torch.device, dtype: torch.dtyp
             ("compstore resident (A->B->A)", resident)]
     if "C" in folders:
         plan.append((PARTLY_SHARED, partly_shared))
-    plan += [("compstore cold load", cold), ("compstore cold pool, warm process", cold_pool)]
+    plan += [("compstore cold load", cold), ("compstore cold pool, warm process", cold_pool),
+             (PINNED_DROPPED, pinned_dropped)]
     for name, fn in plan:
         echo(f"[{family}/{size}] {name} ...")
         system = _median_run(fn, repeat)
