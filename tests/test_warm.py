@@ -343,6 +343,18 @@ def test_what_a_load_made_joins_the_oldest_generation_and_cycles_still_go():
     assert gc.isenabled() and _generation_of(failed) == 0
 
 
+def test_the_few_objects_python_freezes_itself_do_not_stop_the_aging(monkeypatch):
+    """CPython 3.12 starts with a few hundred of its own tuples frozen: a load's
+    objects still join the oldest generation there."""
+    from compstore.loader import loading
+
+    frozen = gc.get_freeze_count
+    monkeypatch.setattr(gc, "get_freeze_count", lambda: frozen() + 375)  # as a 3.12 process starts
+    with loading.gc_paused():
+        kept = _Marker()
+    assert _generation_of(kept) == 2
+
+
 def test_a_load_leaves_the_callers_frozen_objects_frozen():
     """`gc.freeze()` before forking workers keeps the parent's objects out of every
     collection: aging a load's objects must not unfreeze them."""
