@@ -570,8 +570,7 @@ def test_a_load_returns_after_its_pinned_tier_copies_ran_behind_its_python(famil
     assert back[0][2] == "default"
     copied = back[1][2]
     assert not any(entry[1] == "synchronize" for entry in fake.log if copied in entry or entry[0] == "back")
-    streamed = [name for name, _ in fake.streamed]  # every tensor copied back (A took some back since)
-    assert streamed == ["back"] * len(streamed) and len(streamed) >= len(pool._tier.tensors()) > 0
+    assert [name for name, _ in fake.streamed] == ["back"] * len(pool._tier.tensors()) != []
     fake.log.clear()
     b = load("B")
     assert compstore.last_transfer().bytes_from_pinned == family_store.diff("A", "B").delta_bytes > 0
