@@ -91,7 +91,8 @@ def _copy(dsts: list[torch.Tensor], srcs: list[torch.Tensor], non_blocking: bool
 
 
 class Uploader:
-    """Copies host tensors to one device; see the module docstring.
+    """Copies host tensors to one device, and evicted ones back (`copy_back`); see the
+    module docstring.
 
     Args:
         device: the target.
