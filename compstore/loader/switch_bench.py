@@ -30,7 +30,8 @@ For each family (see `synthetic.switch_family`) it times, median of `repeat`:
     floor                delta bytes / host-to-device bandwidth from pinned memory,
                          measured in the same run (on a CPU target: memcpy bandwidth)
 
-and checks that B's image after the switches equals plain diffusers' image
+and checks, before timing anything (a run cut short by a time limit still has
+it), that B's image after A -> B -> A -> B equals plain diffusers' image
 (bitwise; on a CPU target diffusers' weights are first copied to aligned memory,
 as its own `.to("cuda")` does on a GPU). A
 "switch" includes `from_pretrained`: building the pipeline object is part of what
@@ -87,7 +88,7 @@ class FamilyFigures:
     delta_bytes: int  # B's tensor bytes that A lacks (compstore diff A B)
     h2d_bytes_per_s: float
     floor_seconds: float
-    image_equal: bool | None = None  # None: not checked yet (a report written midway)
+    image_equal: bool | None = None  # checked before any system is timed
     image_max_abs_diff: float | None = None
     systems: list[SystemFigures] = field(default_factory=list)
 
@@ -211,6 +212,29 @@ def bench_family(family: str, size: str, device: torch.device, dtype: torch.dtyp
                             delta.delta_bytes, h2d, floor)
     systems = figures.systems
 
+    # Images first (a run cut short by a time limit still has them): B after
+    # A -> B -> A -> B through one pool vs plain diffusers' B.
+    echo(f"[{family}/{size}] B's image after A -> B -> A -> B against diffusers' ...")
+    pool = ResidencyPool(device, budget_bytes=1 << 62)
+    a, _ = ours("A", pool)
+    b, _ = ours("B", pool)
+    a, _ = ours("A", pool)
+    b, _ = ours("B", pool)
+    mine = _image(b, family, device)
+    del a, b, pool
+    _free(device)
+    plain = theirs(folders["B"])
+    if device.type == "cpu":  # diffusers leaves CPU weights at unaligned file offsets, where
+        for m in plain.components.values():  # SIMD kernels sum in another order (~1e-7)
+            if isinstance(m, torch.nn.Module):
+                for t in list(m.parameters()) + list(m.buffers()):
+                    t.data = t.data.clone()
+    reference = _image(plain, family, device)
+    del plain
+    _free(device)
+
+    figures.image_equal = bool(np.array_equal(mine, reference))
+    figures.image_max_abs_diff = float(np.abs(mine.astype(np.float64) - reference).max())
     def naive():
         a = theirs(folders["A"])
         del a
@@ -327,27 +351,6 @@ def bench_family(family: str, size: str, device: torch.device, dtype: torch.dtyp
         figures.pipeline_bytes = systems[0].bytes_moved  # naive moves all of B
         save(figures)
 
-    # Images: B after A -> B -> A -> B through one pool vs plain diffusers' B.
-    pool = ResidencyPool(device, budget_bytes=1 << 62)
-    a, _ = ours("A", pool)
-    b, _ = ours("B", pool)
-    a, _ = ours("A", pool)
-    b, _ = ours("B", pool)
-    mine = _image(b, family, device)
-    del a, b, pool
-    _free(device)
-    plain = theirs(folders["B"])
-    if device.type == "cpu":  # diffusers leaves CPU weights at unaligned file offsets, where
-        for m in plain.components.values():  # SIMD kernels sum in another order (~1e-7)
-            if isinstance(m, torch.nn.Module):
-                for t in list(m.parameters()) + list(m.buffers()):
-                    t.data = t.data.clone()
-    reference = _image(plain, family, device)
-    del plain
-    _free(device)
-
-    figures.image_equal = bool(np.array_equal(mine, reference))
-    figures.image_max_abs_diff = float(np.abs(mine.astype(np.float64) - reference).max())
     systems.append(SystemFigures("floor", floor, None, delta.delta_bytes, [floor]))
     save(figures)
     store.close()
@@ -410,8 +413,7 @@ def markdown(report: dict) -> str:
     lines = [f"# Switch latency: A -> B ({report['device']}, torch {report['torch']}, "
              f"median of {report['repeat']})", ""]
     for f in report["families"]:
-        images = ("not checked yet (the run stopped before)" if f["image_equal"] is None else
-                  f"{f['image_equal']} (max abs diff {f['image_max_abs_diff']:.2g})")
+        images = f"{f['image_equal']} (max abs diff {f['image_max_abs_diff']:.2g})"
         lines += [f"## {f['family']} ({f['size']}, {f['dtype']} on {f['device']})", "",
                   f"B: {f['pipeline_bytes']:,} tensor bytes; delta (B's bytes A lacks): "
                   f"{f['delta_bytes']:,}; host-to-device {f['h2d_bytes_per_s'] / 1e9:.2f} GB/s "
