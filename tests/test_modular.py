@@ -160,3 +160,30 @@ def test_bad_modular_entries_are_refused(repos, store, tmp_path, field, value, m
     with pytest.raises(InvalidInputError, match=message):
         store.ingest(remix, "remix")
     assert store_state(store.home) == before
+
+
+def test_a_modular_pipelines_to_is_one_move_through_the_pool(repos, store, monkeypatch):
+    """`pipe.to(device)` of a store-loaded modular pipeline goes through the device's
+    pool as a classic pipeline's does: one report naming every model. The remix
+    re-publishes base's VAE and text encoders, so its move after base's uploads
+    only its own UNet; a budget of 0 still lets it reuse them."""
+    from compstore.loader import residency
+    from test_residency import CountingCopier
+
+    pool = residency.ResidencyPool("meta", budget_bytes=0, copier=CountingCopier())
+    monkeypatch.setattr(residency, "_POOLS", {"meta": pool})
+    for name in ("base", "remix"):
+        store.ingest(repos / name, name)
+
+    def moved(name):
+        pipe = compstore.ModularPipeline.from_pretrained(name, store=store)
+        pipe.load_components(torch_dtype=torch.float32)
+        pipe.to("meta")
+        report = compstore.last_transfer()
+        assert {c.component for c in report.components} == set(MODELS)
+        return {c.component: c.bytes_from_store for c in report.components}
+
+    first = moved("base")
+    assert all(first[slot] > 0 for slot in MODELS)
+    again = moved("remix")  # base's pipeline is gone: its tensors idle, over a budget of 0
+    assert again["unet"] > 0 and again["vae"] == 0

@@ -617,7 +617,7 @@ def test_a_components_to_goes_through_the_pool(family_store, monkeypatch):
     a.vae.to("meta")
     report = compstore.last_transfer()
     assert report.bytes_uploaded > 0 and b.vae.encoder.conv_in.weight.device.type == "cpu"
-    b.vae.to("meta")  # B's VAE is A's: nothing moves
+    b.vae.to("meta", None)  # as diffusers' pipelines call it; B's VAE is A's: nothing moves
     assert compstore.last_transfer().bytes_uploaded == 0
     assert same_storage(a.vae.encoder.conv_in.weight, b.vae.encoder.conv_in.weight)
     b.to("meta")  # the pipeline's move: one report, its modules' .to do not route again

@@ -7,7 +7,9 @@ The pipeline is diffusers' own (e.g. `StableDiffusionXLModularPipeline`), built
 from a skeleton folder whose index points every slot at the skeleton itself. Its
 `load_components` is replaced, on this instance only, by one that builds models
 from the store: a slot's own weights, or the component pinned for it when the
-repo pointed elsewhere. Tokenizers and schedulers load from the skeleton.
+repo pointed elsewhere. Tokenizers and schedulers load from the skeleton. After
+it, the pipeline's `.to(device)` goes through the residency pool as a classic
+pipeline's does: one move, one report, the budget settled once.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from ..store.modular import pins_of
 from .component import build_model, dtype_argument, is_model_class
 from .loading import exclusive_load
 from .pipeline import _skeleton_file, open_store, per_slot, resolve_snapshot
+from .routing import route_through_pool
 from .tensors import private_packs
 
 logger = logging.getLogger("compstore")
@@ -106,5 +109,6 @@ def _store_load_components(store: Store, snapshot_id: str, label: str):
                     except Exception as e:  # diffusers, too, only warns and goes on
                         logger.warning("Failed to create component %s: %s", name, e)
         self.register_components(**loaded)
+        route_through_pool(self)  # pipe.to("cuda"): one move of every model through the pool
 
     return load_components

@@ -103,6 +103,7 @@ class _Routed:
 
 def _routed_to(self, *args, **kwargs):
     original_to = functools.partial(type(self).to, self)
+    args = tuple(a for a in args if a is not None)  # diffusers' pipelines call `module.to(device, dtype)`, dtype None
     dtype = kwargs.get("dtype", next((a for a in args if isinstance(a, torch.dtype)), None))
     device = kwargs.get("device", next((a for a in args if isinstance(a, (str, torch.device))), None))
     if _MOVING.get() or (dtype is None and device is None) or any(
