@@ -235,6 +235,7 @@ def bench_family(family: str, size: str, device: torch.device, dtype: torch.dtyp
 
     figures.image_equal = bool(np.array_equal(mine, reference))
     figures.image_max_abs_diff = float(np.abs(mine.astype(np.float64) - reference).max())
+
     def naive():
         a = theirs(folders["A"])
         del a
