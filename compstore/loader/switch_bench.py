@@ -276,34 +276,30 @@ def bench_family(family: str, size: str, device: torch.device, dtype: torch.dtyp
 
     page_cache, partly_shared = from_page_cache("B"), from_page_cache("C")
 
-    def pinned():
-        clear_caches()  # what this process has loaded before: only what the scenario says
-        pool = ResidencyPool(device, budget_bytes=0, pinned_budget_bytes=1 << 62)
-        b, _ = ours("B", pool)
-        del b
-        gc.collect()
-        a, _ = ours("A", pool)  # evicts B's delta into the pinned tier
-        b, rep, s = switch("B", pool)
-        assert rep.bytes_from_pinned > 0, "the pinned tier served nothing"
-        del a, b, pool
-        _free(device)
-        return s, rep
+    def from_pinned(drop_a: bool):
+        """B (loaded once before) has its delta waiting in the pinned tier; A stays
+        resident, or is dropped first (`drop_a`: its idle tensors go to the tier
+        during the switch)."""
+        def run():
+            clear_caches()  # what this process has loaded before: only what the scenario says
+            pool = ResidencyPool(device, budget_bytes=0, pinned_budget_bytes=1 << 62)
+            b, _ = ours("B", pool)
+            del b
+            gc.collect()
+            a, _ = ours("A", pool)  # B's delta goes to the pinned tier
+            if drop_a:
+                a = None
+                gc.collect()
+            b, rep, s = switch("B", pool)
+            assert rep.bytes_from_pinned > 0, "the pinned tier served nothing"
+            if drop_a:
+                assert pool.idle_bytes == 0, "the switch left idle tensors on the device"
+            del a, b, pool
+            _free(device)
+            return s, rep
+        return run
 
-    def pinned_dropped():
-        clear_caches()
-        pool = ResidencyPool(device, budget_bytes=0, pinned_budget_bytes=1 << 62)
-        b, _ = ours("B", pool)
-        del b
-        gc.collect()
-        a, _ = ours("A", pool)  # B's delta goes to the pinned tier
-        del a
-        gc.collect()  # A's idle tensors go there during the switch
-        b, rep, s = switch("B", pool)
-        assert rep.bytes_from_pinned > 0, "the pinned tier served nothing"
-        assert pool.idle_bytes == 0, "the switch left idle tensors on the device"
-        del b, pool
-        _free(device)
-        return s, rep
+    pinned, pinned_dropped = from_pinned(False), from_pinned(True)
 
     def resident():
         clear_caches()  # what this process has loaded before: only what the scenario says
