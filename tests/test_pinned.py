@@ -7,6 +7,7 @@ import torch
 
 from compstore import ResidencyPool, to_device
 from compstore.loader.pinned import ALIGN, SLAB_BYTES, PinnedTier
+from compstore.loader.upload import _copy
 
 MiB = 1 << 20
 
@@ -16,8 +17,7 @@ def counting_copies():
 
     def copy(hosts, tensors):
         calls.append(len(hosts))
-        for host, t in zip(hosts, tensors):
-            host.copy_(t)
+        _copy(hosts, tensors)
     return calls, copy
 
 
@@ -121,8 +121,7 @@ def test_an_entry_names_the_copy_back_that_fills_it_until_taken():
     batches = iter(["first", "second"])
 
     def queued(hosts, tensors):
-        for host, t in zip(hosts, tensors):
-            host.copy_(t)
+        _copy(hosts, tensors)
         return next(batches)
 
     tier = PinnedTier(4 * MiB, pin=False, copy_back=queued)

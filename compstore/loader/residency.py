@@ -185,7 +185,7 @@ class ResidencyPool:
     def __init__(self, device: str | torch.device, budget_bytes: int | None = None,
                  pinned_budget_bytes: int | None = None,
                  copier: Callable[[torch.Tensor, torch.device], torch.Tensor] | None = None,
-                 offloader: Callable[[list[torch.Tensor], list[torch.Tensor]], None] | None = None,
+                 offloader: Callable[[list[torch.Tensor], list[torch.Tensor]], object] | None = None,
                  uploader: Uploader | None = None):
         self.device = canonical_device(device)
         self._device_name = str(self.device)  # part of every key: str() per tensor is slow
@@ -322,7 +322,7 @@ class ResidencyPool:
         """
         return self._evict(idle_bytes, collect=True)
 
-    def _copy_back(self, hosts: list[torch.Tensor], tensors: list[torch.Tensor]):
+    def _copy_back(self, hosts: list[torch.Tensor], tensors: list[torch.Tensor]) -> object:
         self._after_running_uploads()  # the tensors may be on their way still
         return self._transfers().copy_back(hosts, tensors)
 
