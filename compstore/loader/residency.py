@@ -175,8 +175,9 @@ class ResidencyPool:
             on a stream of its own, not waited for on the host).
         uploader: what uploads a batch of tensors (default: an `upload.Uploader`:
             pinned staging, side stream, several readers); a stand-in has its
-            `upload(srcs, wait=...)`, `wait()`, `order_after_running()` and,
-            unless `offloader` is given, `copy_back(hosts, tensors)`.
+            `upload(srcs, wait=...)`, `wait()`, `order_after_running()`, unless
+            `offloader` is given `copy_back(hosts, tensors)`, and where copies back
+            return events `order_after(events)`.
 
     >>> pool = ResidencyPool("cuda")  # doctest: +SKIP
     >>> report = to_device(pipe, "cuda", pool=pool)  # doctest: +SKIP
@@ -463,8 +464,9 @@ class ResidencyPool:
                     from_host.append(i)
                 if key is not None:
                     pending[key] = i
-        for copy in self._tier.copies_of([key for _, key in pinned]):  # an eviction's copies may run still:
-            torch.cuda.current_stream(self.device).wait_event(copy)  # the uploads wait for them on the device
+        copies = self._tier.copies_of([key for _, key in pinned])  # an eviction's copies may run still:
+        if copies:
+            self._transfers().order_after(copies)  # the uploads wait for them on the device
         from_pinned = [(i, key, self._tier.take(key)) for i, key in pinned]
         uploads = []
         for i, src in zip(from_host, host(from_host) if from_host else []):

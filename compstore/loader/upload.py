@@ -219,9 +219,14 @@ class Uploader:
     def order_after_running(self) -> None:
         """Make the current stream's next work wait, on the device, for the batches
         `upload(wait=False)` left running (another thread's, on another stream)."""
-        if self._in_flight:
+        self.order_after([done for done, _ in self._in_flight])
+
+    def order_after(self, events: list) -> None:
+        """Make the current stream's next work wait, on the device, for `events` (the
+        copies back into pinned memory that an upload is about to read, say)."""
+        if events:
             current = torch.cuda.current_stream(self.device)
-            for done, _ in self._in_flight:
+            for done in events:
                 current.wait_event(done)
 
     def close(self) -> None:
