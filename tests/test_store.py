@@ -10,7 +10,8 @@ import pytest
 from safetensors import safe_open
 
 from compstore import RefNotFoundError
-from compstore.store import objects
+from compstore.store import ingest, objects
+from compstore.store.ingest import Ingestor
 from conftest import store_state, tree_sha256
 
 
@@ -92,6 +93,93 @@ def test_same_content_under_two_refs_costs_nothing(store, family):
     assert r.status == "new" and r.written_bytes == 0
     assert store.du().physical_bytes == physical
     assert {x["name"] for x in store.ls()} == {"A", "A-again"}
+
+
+def recorded_sha256(store, ref: str) -> dict[str, str]:
+    return dict(store.db.execute(
+        "SELECT sf.path, f.sha256 FROM refs r JOIN snapshot_files sf ON sf.snapshot_id = r.snapshot_id "
+        "JOIN files f ON f.id = sf.file_id WHERE r.name = ?", [ref]).fetchall())
+
+
+def test_a_file_is_hashed_from_its_first_new_byte_and_a_held_one_never(store, family, monkeypatch):
+    """sha256, the slowest step of ingesting new bytes, starts on a side thread at a
+    file's first new byte, beside the writing of the rest; a file the store holds
+    whole takes its recorded sha256 without being read again."""
+    events: list = []
+    for name, event in (("ingest_file", lambda self, f: ["file", f.path]),
+                        ("put_blob", lambda self, data: "put"),
+                        ("_hash", lambda self, rec, mm: "hash")):
+        real = getattr(Ingestor, name)
+        monkeypatch.setattr(Ingestor, name, lambda self, *a, real=real, event=event:
+                            (events.append(event(self, *a)), real(self, *a))[1])
+
+    def per_file() -> dict[str, list]:
+        files, now = {}, None
+        for e in events:
+            if isinstance(e, list):
+                now = files[e[1]] = []
+            else:
+                now.append(e)
+        events.clear()
+        return files
+
+    store.ingest(family["A"], "A")
+    a = per_file()
+    weights = [p for p in a if p.endswith(".safetensors")]
+    assert weights and all(a[p][:3] == ["put", "hash", "put"] for p in weights)  # header, then hash
+    assert all(e.count("hash") == 1 for e in a.values())
+
+    store.ingest(family["B"], "B")
+    b = per_file()
+    held = {p for p, sha in tree_sha256(family["B"]).items() if sha in tree_sha256(family["A"]).values()}
+    assert held and "unet/diffusion_pytorch_model.safetensors" not in held
+    assert {p for p, e in b.items() if "hash" not in e} == held
+    unet = b["unet/diffusion_pytorch_model.safetensors"]
+    assert unet.count("hash") == 1 and unet[-1] == "put"  # started before the file's last blob
+
+    for ref in "AB":
+        assert recorded_sha256(store, ref) == tree_sha256(family[ref])
+
+
+def test_ingest_works_where_the_kernel_cannot_populate_a_mapping(store, family, monkeypatch, tmp_path):
+    """Ingest maps each range it writes in one madvise call (MADV_POPULATE_READ, Linux
+    5.14+); where that advice is unknown the call fails with EINVAL, and ingest goes
+    on without it."""
+    monkeypatch.setattr(ingest, "_POPULATE_MIN", 0)
+    monkeypatch.setattr(ingest, "_POPULATE_READ", 0x7fff)  # no such advice
+    store.ingest(family["A"], "A")
+    assert ingest._POPULATE_READ is None
+    store.export("A", tmp_path / "out")
+    assert tree_sha256(tmp_path / "out") == tree_sha256(family["A"])
+    assert recorded_sha256(store, "A") == tree_sha256(family["A"])
+
+
+@pytest.mark.skipif(os.uname().sysname != "Linux" or tuple(map(int, os.uname().release.split(".")[:2])) < (5, 14),
+                    reason="MADV_POPULATE_READ is Linux 5.14+")
+def test_the_kernel_takes_the_populate_advice(store, family, monkeypatch):
+    monkeypatch.setattr(ingest, "_POPULATE_MIN", 0)
+    store.ingest(family["A"], "A")
+    assert ingest._POPULATE_READ is not None  # not turned off by an EINVAL
+
+
+def test_a_sealed_pack_is_fsynced_beside_the_caller_and_takes_no_more_blobs(tmp_path, monkeypatch):
+    home = tmp_path / "store"
+    (home / "tmp").mkdir(parents=True)
+    (home / "objects" / "packs").mkdir(parents=True)
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd))[1])
+    writer = objects.PackWriter(home)
+    first, _ = writer.append(b"a" * 100)
+    writer.seal()
+    fd = writer.packs[0].fd
+    writer._syncs[0].result()
+    assert synced == [fd]  # started by seal(), before commit
+    second, offset = writer.append(b"b" * 100)
+    assert second != first and offset == 0
+    packs = writer.commit()
+    assert [n for n, _ in packs] == [first, second] and len(synced) == 3  # + the second pack, the folder
+    assert (home / "objects" / "packs" / f"{second}.pack").read_bytes() == b"b" * 100
 
 
 def test_du_unique_bytes_and_json_keys(family_store):

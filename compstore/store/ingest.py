@@ -9,9 +9,11 @@ transaction, under the store's write lock.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import mmap
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -141,6 +143,7 @@ class Ingestor:
     # -- files -------------------------------------------------------------------
     def ingest_file(self, f: ScannedFile) -> None:
         """Store the blobs of one file; its sha256 is settled later by `finish()`."""
+        rec = _FileRecord(0, "", f.size, "safetensors" if f.header is not None else "raw", None, None)
         with open(f.source, "rb") as fh:
             mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) if f.size else None
             if mm is not None and hasattr(mmap, "MADV_SEQUENTIAL"):
@@ -148,23 +151,19 @@ class Ingestor:
             data = memoryview(mm) if mm is not None else memoryview(b"")
             if len(data) != f.size:
                 raise InvalidInputError(f.path, "file changed size while being ingested")
-            written_before = self.stats.written_bytes
-            header_blob = raw_blob = None
             keys: list[tuple[str, str, str, int]] = []
             if f.header is not None:
-                header_blob = self.put_blob(data[: f.header.data_start])
+                rec.header_blob = self._put_range(rec, mm, data, 0, f.header.data_start)
                 start = f.header.data_start
                 for t in f.header.tensors:
-                    a, b = start + t.begin, start + t.end
-                    blob = self.put_blob(data[a:b])
+                    blob = self._put_range(rec, mm, data, start + t.begin, start + t.end)
                     keys.append((t.name, t.dtype, json.dumps(list(t.shape)), blob))
                     self.on_bytes(t.nbytes)
                 self.on_bytes(start)
             else:
-                raw_blob = self.put_blob(data)
+                rec.raw_blob = self._put_range(rec, mm, data, 0, f.size)
                 self.on_bytes(f.size)
-        kind = "safetensors" if f.header is not None else "raw"
-        rec = _FileRecord(0, "", f.size, kind, header_blob, raw_blob)
+            del data
         rec.tensor_keys = keys
         rec.tensor_ids = [self.tensor_id(*k) for k in keys]
         self.files[f.path] = rec
@@ -172,22 +171,40 @@ class Ingestor:
         self.stats.tensors += len(keys)
         self.stats.logical_bytes += f.size
 
-        # Every byte of this file was just confirmed equal to stored blobs; if a stored
-        # file has exactly this composition, its recorded sha256 is this file's sha256.
-        known = self.stats.written_bytes == written_before and self._known_file(rec)
+        # No new byte (so no sha256 started): every byte was just confirmed equal to
+        # stored blobs. If a stored file has exactly this composition, its recorded
+        # sha256 is this file's sha256.
+        started = self._hashing(rec)
+        known = not started and self._known_file(rec)
         if known:
             rec.id, rec.sha256, rec.is_new = known
-            del data
             if mm is not None:
                 mm.close()
-        else:
-            # The hash gets the mapping, not `data`: a pool worker holds its call's
-            # arguments for a moment after the result is set, and a view it held
-            # then would make `_settle`'s close fail ("exported pointers exist").
-            del data
-            self._pending_sha.append((rec, mm, self._sha_pool.submit(_sha256, b"" if mm is None else mm)))
-            while len(self._pending_sha) > 4:  # bound the mapped files held open
-                self._settle(self._pending_sha.pop(0))
+        elif not started:
+            self._hash(rec, mm)
+        while len(self._pending_sha) > 4:  # bound the mapped files held open
+            self._settle(self._pending_sha.pop(0))
+
+    def _put_range(self, rec: _FileRecord, mm: mmap.mmap | None, data: memoryview,
+                   a: int, b: int) -> int:
+        """`put_blob` of bytes [a, b) of the file being ingested. The file's sha256
+        starts at its first new byte, to run on a side thread beside the writing of
+        the rest (a file the store holds whole is never hashed)."""
+        _populate(mm, a, b)
+        written = self.stats.written_bytes
+        blob = self.put_blob(data[a:b])
+        if self.stats.written_bytes != written and not self._hashing(rec):
+            self._hash(rec, mm)
+        return blob
+
+    def _hashing(self, rec: _FileRecord) -> bool:
+        return bool(self._pending_sha) and self._pending_sha[-1][0] is rec
+
+    def _hash(self, rec: _FileRecord, mm: mmap.mmap | None) -> None:
+        # The hash gets the mapping, not a view of it: a pool worker holds its call's
+        # arguments for a moment after the result is set, and a view it held then
+        # would make `_settle`'s close fail ("exported pointers exist").
+        self._pending_sha.append((rec, mm, self._sha_pool.submit(_sha256, b"" if mm is None else mm)))
 
     def _known_file(self, rec: _FileRecord) -> tuple[int, str, bool] | None:
         for fid, sha in self.db.execute(
@@ -245,6 +262,24 @@ def insert_blob_rows(db: sqlite_utils.Database, ing: Ingestor, packs: list[tuple
     db["blobs"].insert_all(
         ({"id": b.id, "xxh3": b.xxh3, "size": b.size, "pack": b.pack, "offset": b.offset}
          for b in ing.new_blobs), batch_size=1000)
+
+
+# Linux 5.14+: map a range of a file in one call. `write()` from a mapping that
+# faults in page by page runs at half speed (1 GiB: 0.55 s, 0.24 s populated first).
+_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22) if sys.platform == "linux" else None
+_POPULATE_MIN = 1 << 16  # smaller ranges fault in a few pages; not worth a call
+
+
+def _populate(mm: mmap.mmap | None, a: int, b: int) -> None:
+    global _POPULATE_READ
+    if mm is None or _POPULATE_READ is None or b - a < _POPULATE_MIN:
+        return
+    start = a - a % mmap.PAGESIZE
+    try:
+        mm.madvise(_POPULATE_READ, start, b - start)
+    except OSError as e:  # an older kernel: EINVAL; anything else shows at the read
+        if e.errno == errno.EINVAL:
+            _POPULATE_READ = None
 
 
 def _sha256(buffer) -> str:

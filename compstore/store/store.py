@@ -370,6 +370,7 @@ class Store:
                         Ingestor(self.db, self.packs, writer, bar.update) as ing:
                     for f in sorted(scan.files.values(), key=lambda f: f.path):
                         ing.ingest_file(f)
+                    writer.seal()  # the last pack's fsync runs beside the last sha256s
                     ing.finish()
                 components, comp_tensors, slots = component_rows(scan, ing)
                 snap = snapshot_id(scan, ing, pins)
