@@ -7,7 +7,8 @@ component: ~1,700 tensors per GB), then in one run times, median of --repeat:
   cp -r                    folder -> a new folder on the same disk
   ingest (new content)     folder -> an empty store (hash, byte-confirm, write, fsync)
   ingest (already held)    the same folder again under a new ref (hash + byte-confirm only)
-and prints MB/s and the ratio ingest / cp (goal: >= 0.5 for both). Ingest fsyncs
+and prints MB/s (of the median round, and of the fastest) and the ratio ingest / cp
+(goal: >= 0.5 for both). Ingest fsyncs
 its pack before the catalog commits; plain `cp -r` leaves its bytes in the page
 cache, so `cp -r && sync` is timed too, as the like-for-like durable copy.
 """
@@ -57,12 +58,27 @@ def timed(fn) -> float:
     return time.perf_counter() - t0
 
 
+def ingest_only(src: Path, nbytes: int, home: Path, repeat: int) -> None:
+    times = []
+    for _ in range(repeat):
+        shutil.rmtree(home, ignore_errors=True)
+        subprocess.run(["sync"], check=True)
+        with Store(home) as store:
+            times.append(timed(lambda: store.ingest(src, "first")))
+    shutil.rmtree(home)
+    print(f"ingest, new content: {nbytes / 2**20:.0f} MiB; seconds, fastest first: "
+          f"{', '.join(f'{t:.3f}' for t in sorted(times))}; median {nbytes / 1e6 / statistics.median(times):.1f} MB/s")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size-mb", type=int, default=1024)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--workdir", default=None, help="on the disk to measure [default: a temp dir]")
     ap.add_argument("--json", dest="json_out", default=None, help="also write the figures here")
+    ap.add_argument("--ingest-only", action="store_true",
+                    help="time only ingests of new content, each into an emptied store after a sync "
+                         "(no copies beside them: on a shared VM their writes slow the next ones)")
     args = ap.parse_args()
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="compstore-bench-"))
@@ -76,6 +92,10 @@ def main() -> None:
         subprocess.run(["cp", "-r", str(src), str(dst)], check=True)
         if sync:  # the same durability as ingest, which fsyncs its pack
             subprocess.run(["sync"], check=True)
+
+    if args.ingest_only:
+        ingest_only(src, nbytes, work / "store", args.repeat)
+        return
 
     cp, cp_sync, new, held = [], [], [], []
     for r in range(args.repeat):
@@ -94,25 +114,25 @@ def main() -> None:
         shutil.rmtree(home)
 
     mb = nbytes / 1e6
-    figures = {
-        "bytes": nbytes,
-        "cp_r_mb_s": round(mb / statistics.median(cp), 1),
-        "cp_r_sync_mb_s": round(mb / statistics.median(cp_sync), 1),
-        "ingest_new_mb_s": round(mb / statistics.median(new), 1),
-        "ingest_held_mb_s": round(mb / statistics.median(held), 1),
-    }
+    figures = {"bytes": nbytes}
+    for key, times in (("cp_r", cp), ("cp_r_sync", cp_sync), ("ingest_new", new), ("ingest_held", held)):
+        figures[f"{key}_mb_s"] = round(mb / statistics.median(times), 1)
+        # The fastest round: on a shared VM, the one least slowed by its neighbours.
+        figures[f"{key}_best_mb_s"] = round(mb / min(times), 1)
     figures["ratio_new"] = round(figures["ingest_new_mb_s"] / figures["cp_r_mb_s"], 2)
     figures["ratio_held"] = round(figures["ingest_held_mb_s"] / figures["cp_r_mb_s"], 2)
     figures["ratio_new_vs_cp_sync"] = round(figures["ingest_new_mb_s"] / figures["cp_r_sync_mb_s"], 2)
     print(f"folder: {nbytes / 2**20:.0f} MiB in {len(list(src.iterdir()))} files, page-cache warm; "
-          f"median of {args.repeat}; ratios are ingest / cp -r")
-    print(f"  cp -r                   {figures['cp_r_mb_s']:8.1f} MB/s   (page cache, not durable)")
-    print(f"  cp -r && sync           {figures['cp_r_sync_mb_s']:8.1f} MB/s   (durable, like ingest)")
-    print(f"  ingest, new content     {figures['ingest_new_mb_s']:8.1f} MB/s   "
-          f"ratio {figures['ratio_new']:.2f} (vs cp -r && sync: "
-          f"{figures['ratio_new_vs_cp_sync']:.2f})")
-    print(f"  ingest, already held    {figures['ingest_held_mb_s']:8.1f} MB/s   "
-          f"ratio {figures['ratio_held']:.2f}")
+          f"MB/s of the median and of the best of {args.repeat}; ratios (of medians) are ingest / cp -r")
+
+    def row(label: str, key: str, note: str) -> None:
+        print(f"  {label:22s} {figures[key + '_mb_s']:8.1f} MB/s  best {figures[key + '_best_mb_s']:8.1f}   {note}")
+
+    row("cp -r", "cp_r", "(page cache, not durable)")
+    row("cp -r && sync", "cp_r_sync", "(durable, like ingest)")
+    row("ingest, new content", "ingest_new",
+        f"ratio {figures['ratio_new']:.2f} (vs cp -r && sync: {figures['ratio_new_vs_cp_sync']:.2f})")
+    row("ingest, already held", "ingest_held", f"ratio {figures['ratio_held']:.2f}")
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(figures, indent=2))
     if not args.workdir:
