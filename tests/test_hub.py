@@ -86,6 +86,45 @@ def test_tampered_download_is_rejected_and_nothing_enters_the_store(hub, store, 
     assert store_state(store.home)[:2] == before[:2]
 
 
+def test_a_download_is_hashed_once_by_its_check_against_the_hub(hub, store, family, monkeypatch):
+    """The pull checks each LFS file against the Hub's sha256; the ingest takes that
+    sha256 instead of hashing the file a second time."""
+    from compstore.store import hub as hub_module, ingest
+
+    checked, hashed = [], []
+    real_check, real_hash = hub_module.file_sha256, ingest._sha256
+    monkeypatch.setattr(hub_module, "file_sha256", lambda p: (checked.append(Path(p).name), real_check(p))[1])
+    monkeypatch.setattr(ingest, "_sha256", lambda buf: (hashed.append(len(buf)), real_hash(buf))[1])
+    store.pull("org/A")
+    weights = [p for p in files_of(family["A"]) if p.endswith(".safetensors")]
+    assert weights and sorted(checked) == sorted(Path(p).name for p in weights)
+    assert len(hashed) == len(files_of(family["A"])) - len(weights)  # only the git files
+    snap = store.resolve("org/A")
+    recorded = dict(store.db.execute(
+        "SELECT sf.path, f.sha256 FROM snapshot_files sf JOIN files f ON f.id = sf.file_id "
+        "WHERE sf.snapshot_id = ?", [snap]).fetchall())
+    assert recorded == tree_sha256(family["A"])
+
+
+def test_a_file_left_by_a_pull_stopped_before_its_check_is_checked(hub, store, family):
+    """A download renamed into place, then the process killed before the sha256 check:
+    the next pull checks the file it finds, and refuses a wrong one."""
+    from conftest import store_state
+
+    path = "unet/diffusion_pytorch_model.safetensors"
+    commit = hub.repos["org/A"].refs["main"]
+    left = store.home / "downloads" / "org--A" / commit / path
+    left.parent.mkdir(parents=True)
+    good = (family["A"] / path).read_bytes()
+    left.write_bytes(good[:-1] + bytes([good[-1] ^ 1]))
+    before = store_state(store.home)
+    with pytest.raises(HubError, match="do not match the Hub's sha256; nothing was stored"):
+        store.pull("org/A")
+    assert store_state(store.home)[:2] == before[:2] and not left.exists()
+    store.pull("org/A")  # the retry downloads it
+    assert store.verify().ok and store.resolve("org/A")
+
+
 @pytest.mark.parametrize("repo,revision,message", [
     ("org/missing", None, "was not found on the Hub, or it is private"),
     ("org/private", None, "was not found on the Hub, or it is private"),

@@ -106,7 +106,7 @@ def test_a_file_is_hashed_from_its_first_new_byte_and_a_held_one_never(store, fa
     file's first new byte, beside the writing of the rest; a file the store holds
     whole takes its recorded sha256 without being read again."""
     events: list = []
-    for name, event in (("ingest_file", lambda self, f: ["file", f.path]),
+    for name, event in (("ingest_file", lambda self, f, *_: ["file", f.path]),
                         ("put_blob", lambda self, data: "put"),
                         ("_hash", lambda self, rec, mm: "hash")):
         real = getattr(Ingestor, name)

@@ -224,6 +224,7 @@ def pull(store: "Store", repo_id: str, *, revision: str | None = None,
     xet_chunks: dict[str, list] = {}
     n_xet = n_http = chunk_fetched = chunk_reused = xet_bytes = 0
     manifest: dict | None = None
+    checked: dict[str, str] = {}  # path -> the Hub's sha256, checked against the bytes: not hashed again
     entries.sort(key=lambda f: f.path != MANIFEST)  # the manifest first: it steers the rest
     held_by_path = {f.path: _held_file(store, f.size, f.lfs.sha256 if f.lfs else None,
                                        None if f.lfs else f.blob_id, f.xet_hash) for f in entries}
@@ -249,6 +250,7 @@ def pull(store: "Store", repo_id: str, *, revision: str | None = None,
                 except NETWORK_ERRORS as e:
                     raise translate(e) from None
                 if fetched is not None:  # else: the manifest lied; download the whole file
+                    checked[f.path] = sha.lower()
                     downloaded += fetched
                     bar.update(f.size)
                     n_down += 1
@@ -257,6 +259,7 @@ def pull(store: "Store", repo_id: str, *, revision: str | None = None,
             if use_xet and not target.exists():
                 try:
                     got = pull_xet_file(store, xet, f.xet_hash.lower(), f.size, sha, target, bar.update)
+                    checked[f.path] = sha.lower()
                     xet_chunks[f.path] = got.chunks
                     downloaded += got.fetched_bytes
                     chunk_fetched += got.fetched_bytes
@@ -275,18 +278,20 @@ def pull(store: "Store", repo_id: str, *, revision: str | None = None,
                                          build_hf_headers(token=token), target, f.size, bar.update)
                 except NETWORK_ERRORS as e:
                     raise translate(e) from None
-                if sha and file_sha256(target) != sha.lower():
+                n_http += 1
+            if sha and f.path not in checked:  # downloaded now, or by a pull stopped before this
+                if file_sha256(target) != sha.lower():
                     target.unlink()
                     raise HubError(f"{repo_id}/{f.path}@{commit[:12]}: the downloaded bytes do not "
                                    "match the Hub's sha256; nothing was stored (retry the pull)")
-                n_http += 1
+                checked[f.path] = sha.lower()
             if f.path == MANIFEST:
                 manifest = parse_manifest(target.read_bytes())
             n_down += 1
 
     ref = name or default_ref
     result: IngestResult = store.ingest(folder, ref, source=repo_id, revision=commit,
-                                        repin=repin, progress=progress)
+                                        repin=repin, progress=progress, checked_sha256=checked)
     if name is None and not variant and not include:
         store.tag(repo_id, result.snapshot)  # `org/name` follows the latest full pull
     record_xet_hashes(store, result.snapshot, {f.path: f.xet_hash for f in entries})

@@ -141,9 +141,13 @@ class Ingestor:
         return tid
 
     # -- files -------------------------------------------------------------------
-    def ingest_file(self, f: ScannedFile) -> None:
-        """Store the blobs of one file; its sha256 is settled later by `finish()`."""
-        rec = _FileRecord(0, "", f.size, "safetensors" if f.header is not None else "raw", None, None)
+    def ingest_file(self, f: ScannedFile, sha256: str | None = None) -> None:
+        """Store the blobs of one file; its sha256 is settled later by `finish()`.
+
+        `sha256`: the file's, computed by the caller from these very bytes (a pull
+        checks every download against the Hub's); taken as is, not hashed again."""
+        rec = _FileRecord(0, sha256 or "", f.size, "safetensors" if f.header is not None else "raw",
+                          None, None)
         with open(f.source, "rb") as fh:
             mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) if f.size else None
             if mm is not None and hasattr(mmap, "MADV_SEQUENTIAL"):
@@ -178,22 +182,24 @@ class Ingestor:
         known = not started and self._known_file(rec)
         if known:
             rec.id, rec.sha256, rec.is_new = known
-            if mm is not None:
-                mm.close()
+        elif rec.sha256:
+            self._name(rec)
         elif not started:
             self._hash(rec, mm)
+        if mm is not None and not self._hashing(rec):  # else the hash closes it
+            mm.close()
         while len(self._pending_sha) > 4:  # bound the mapped files held open
             self._settle(self._pending_sha.pop(0))
 
     def _put_range(self, rec: _FileRecord, mm: mmap.mmap | None, data: memoryview,
                    a: int, b: int) -> int:
-        """`put_blob` of bytes [a, b) of the file being ingested. The file's sha256
-        starts at its first new byte, to run on a side thread beside the writing of
-        the rest (a file the store holds whole is never hashed)."""
+        """`put_blob` of bytes [a, b) of the file being ingested. The file's sha256,
+        unless given, starts at its first new byte, to run on a side thread beside
+        the writing of the rest (a file the store holds whole is never hashed)."""
         _populate(mm, a, b)
         written = self.stats.written_bytes
         blob = self.put_blob(data[a:b])
-        if self.stats.written_bytes != written and not self._hashing(rec):
+        if self.stats.written_bytes != written and not (rec.sha256 or self._hashing(rec)):
             self._hash(rec, mm)
         return blob
 
@@ -222,6 +228,11 @@ class Ingestor:
         rec.sha256 = future.result()
         if mm is not None:
             mm.close()
+        self._name(rec)
+
+    def _name(self, rec: _FileRecord) -> None:
+        """Give a file whose sha256 is known its id: a stored file's, a file's of this
+        run with the same bytes, or a new one."""
         row = self.db.execute(
             "SELECT id FROM files WHERE sha256 = ? AND size = ?", [rec.sha256, rec.size]
         ).fetchone()

@@ -344,6 +344,7 @@ class Store:
         revision: str | None = None,
         repin: bool = False,
         progress: bool = False,
+        checked_sha256: dict[str, str] | None = None,
     ) -> IngestResult:
         """Ingest a pipeline folder or a single component folder under ref `name`.
 
@@ -352,7 +353,10 @@ class Store:
         a no-op (`status == "unchanged"`). Bad input raises `InvalidInputError` and
         leaves the store as it was. A modular pipeline's entries that point at other
         folders or refs are pinned (see `modular.py`); if a pinned source changed
-        since, `PinChangedError` is raised unless `repin=True`.
+        since, `PinChangedError` is raised unless `repin=True`. `checked_sha256`
+        (path in the folder -> sha256) gives files' sha256 the caller has just computed
+        from the very same bytes (a pull checks each download against the Hub's);
+        those files are not hashed again, and a wrong value is recorded as given.
 
         >>> Store().ingest("./tiny-sd", name="tiny-sd").status  # doctest: +SKIP
         'new'
@@ -369,7 +373,7 @@ class Store:
                 with progress_bar(scan.total_bytes, f"ingest {ref}", progress) as bar, \
                         Ingestor(self.db, self.packs, writer, bar.update) as ing:
                     for f in sorted(scan.files.values(), key=lambda f: f.path):
-                        ing.ingest_file(f)
+                        ing.ingest_file(f, (checked_sha256 or {}).get(f.path))
                     writer.seal()  # the last pack's fsync runs beside the last sha256s
                     ing.finish()
                 components, comp_tensors, slots = component_rows(scan, ing)
