@@ -11,6 +11,7 @@ import torch
 
 import compstore
 from compstore import ResidencyPool, to_device
+from test_modular import repos  # noqa: F401  (a fixture: tiny modular SDXL repos)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -185,3 +186,33 @@ def test_pipe_to_cpu_and_back_reuses_the_resident_tensors(family_store):
     pipe.to("cpu")
     pipe.to("cuda")
     assert compstore.last_transfer().bytes_uploaded == 77 * 8  # CLIP's position_ids only
+
+
+def test_a_modular_remix_on_the_gpu_uploads_only_its_delta_and_images_match(repos, store, monkeypatch):
+    """The remix re-publishes base's VAE and text encoders: with base on the GPU, the
+    remix's `pipe.to("cuda")` reuses them and uploads only the UNet tensors base lacks;
+    both pipelines give diffusers' images."""
+    from compstore.loader import residency
+    from test_modular import MODELS, image, load_theirs
+
+    monkeypatch.setattr(residency, "_POOLS", {})  # a fresh pool, default budgets
+    for name in ("base", "remix"):
+        store.ingest(repos / name, name)
+    pipes, moved = {}, {}
+    for name in ("base", "remix"):
+        pipes[name] = compstore.ModularPipeline.from_pretrained(name, store=store)
+        pipes[name].load_components(torch_dtype=torch.float32)
+        pipes[name].to("cuda")
+        moved[name] = {c.component: c for c in compstore.last_transfer().components}
+        assert set(moved[name]) == set(MODELS)
+    assert all(moved["base"][slot].bytes_from_store > 0 for slot in MODELS)
+    remix = moved["remix"]
+    assert sum(c.bytes_from_store for c in remix.values()) == store.diff("base", "remix").delta_bytes
+    for slot in ("vae", "text_encoder", "text_encoder_2"):
+        assert remix[slot].bytes_from_store == remix[slot].bytes_from_pinned == 0, slot
+        base = moved["base"][slot]
+        assert remix[slot].bytes_reused == base.bytes_reused + base.bytes_from_store, slot
+    for name, pipe in pipes.items():
+        theirs = load_theirs(repos / name)
+        theirs.to("cuda")
+        np.testing.assert_array_equal(image(pipe), image(theirs))
