@@ -56,6 +56,7 @@ class Repo:
     # try Xet transfers, which this emulator does not serve (issue 8).
     xet_hashes: bool = False
     cuts: dict[str, list[int]] = field(default_factory=dict)  # path -> per GET: bytes sent, then a drop
+    ignore_range: bool = False  # serve whole files, 200, whatever Range asks (as some mirrors do)
     xet_files: dict[str, dict[str, str]] = field(default_factory=dict)  # commit -> path -> Xet hash
 
 
@@ -207,7 +208,7 @@ class HubEmulator:
                         else git_blob_sha1(data))
                 body = repo.tampered.get(file_path, data)
                 start, end = 0, len(body) - 1
-                rng = self.headers.get("Range")
+                rng = None if repo.ignore_range else self.headers.get("Range")
                 if rng:
                     m = re.match(r"bytes=(\d+)-(\d*)", rng)
                     start = int(m.group(1))

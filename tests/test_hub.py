@@ -86,19 +86,44 @@ def test_tampered_download_is_rejected_and_nothing_enters_the_store(hub, store, 
     assert store_state(store.home)[:2] == before[:2]
 
 
-def test_a_download_is_hashed_once_by_its_check_against_the_hub(hub, store, family, monkeypatch):
-    """The pull checks each LFS file against the Hub's sha256; the ingest takes that
-    sha256 instead of hashing the file a second time."""
-    from compstore.store import hub as hub_module, ingest
+@pytest.fixture
+def sha256_fed(monkeypatch) -> list[int]:
+    """The sizes of the buffers the pull feeds to sha256, in order."""
+    import hashlib as real_hashlib
+    import types
 
-    checked, hashed = [], []
-    real_check, real_hash = hub_module.file_sha256, ingest._sha256
-    monkeypatch.setattr(hub_module, "file_sha256", lambda p: (checked.append(Path(p).name), real_check(p))[1])
+    from compstore.store import hub as hub_module
+
+    fed: list[int] = []
+
+    class Counting:
+        def __init__(self):
+            self.h = real_hashlib.sha256()
+
+        def update(self, data):
+            fed.append(len(data))
+            self.h.update(data)
+
+        def hexdigest(self):
+            return self.h.hexdigest()
+
+    monkeypatch.setattr(hub_module, "hashlib", types.SimpleNamespace(sha256=Counting))
+    return fed
+
+
+def test_a_download_is_hashed_once_as_it_arrives(hub, store, family, monkeypatch, sha256_fed):
+    """The pull hashes each file as its bytes arrive, to check it against the Hub's
+    sha256 (LFS files); the ingest records that sha256 instead of hashing again."""
+    from compstore.store import ingest
+
+    hashed = []
+    real_hash = ingest._sha256
     monkeypatch.setattr(ingest, "_sha256", lambda buf: (hashed.append(len(buf)), real_hash(buf))[1])
     store.pull("org/A")
-    weights = [p for p in files_of(family["A"]) if p.endswith(".safetensors")]
-    assert weights and sorted(checked) == sorted(Path(p).name for p in weights)
-    assert len(hashed) == len(files_of(family["A"])) - len(weights)  # only the git files
+    files = files_of(family["A"])
+    weights = [p for p in files if p.endswith(".safetensors")]
+    assert weights and sum(sha256_fed) == sum(len(b) for b in files.values())  # each byte once
+    assert hashed == []  # not again by the ingest
     snap = store.resolve("org/A")
     recorded = dict(store.db.execute(
         "SELECT sf.path, f.sha256 FROM snapshot_files sf JOIN files f ON f.id = sf.file_id "
@@ -243,7 +268,24 @@ def test_an_interrupted_download_resumes_where_it_stopped(hub, store, family):
     assert hub.served_bytes == total  # the rest came with a Range request, nothing twice
 
 
-def test_a_failed_pull_resumes_on_the_next_one(hub, store, family):
+def test_a_resume_the_server_ignores_starts_the_file_over(hub, store, family, tmp_path, sha256_fed):
+    """A server that answers a Range request with the whole file (200): the download
+    starts over, its hash too, and the file, its check and its recorded sha256 are
+    right."""
+    path = "unet/diffusion_pytorch_model.safetensors"
+    repo = hub.repos["org/A"]
+    repo.cuts[path] = [1 << 20]
+    repo.ignore_range = True
+    store.pull("org/A")
+    total = sum(len(b) for b in files_of(family["A"]).values())
+    assert hub.served_per_file[path] == (1 << 20) + (family["A"] / path).stat().st_size
+    assert sum(sha256_fed) == (1 << 20) + total  # what came, once: no file read back
+    store.export("org/A", tmp_path / "A")
+    assert tree_sha256(tmp_path / "A") == tree_sha256(family["A"])
+    assert store.verify().ok
+
+
+def test_a_failed_pull_resumes_on_the_next_one(hub, store, family, sha256_fed):
     path = "unet/diffusion_pytorch_model.safetensors"
     size = (family["A"] / path).stat().st_size
     hub.repos["org/A"].cuts[path] = [1 << 20] + [0] * 20  # 1 MiB, then every retry fails
@@ -252,7 +294,15 @@ def test_a_failed_pull_resumes_on_the_next_one(hub, store, family):
     assert store.ls() == []
     hub.repos["org/A"].cuts[path] = []
     hub.reset_counts()
+    left = set(files_of(next((store.home / "downloads").glob("*/*"))))  # the first pull's
+    assert path + ".partial" in left
+    sha256_fed.clear()
     store.pull("org/A")
+    # Each file hashed once: on arrival, or read back (the first pull's LFS files, and
+    # the UNet's kept MiB); the first pull's git files have no Hub sha256 to check.
+    files = files_of(family["A"])
+    assert sum(sha256_fed) == sum(len(b) for p, b in files.items()
+                                  if p not in left or p.endswith(".safetensors"))
     assert hub.served_files.count(path) == 1
     assert hub.served_per_file[path] == size - (1 << 20)  # only what the first pull did not get
     assert store.verify().ok

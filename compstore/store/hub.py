@@ -224,7 +224,7 @@ def pull(store: "Store", repo_id: str, *, revision: str | None = None,
     xet_chunks: dict[str, list] = {}
     n_xet = n_http = chunk_fetched = chunk_reused = xet_bytes = 0
     manifest: dict | None = None
-    checked: dict[str, str] = {}  # path -> the Hub's sha256, checked against the bytes: not hashed again
+    checked: dict[str, str] = {}  # path -> sha256 of the bytes in place, hashed by this pull
     entries.sort(key=lambda f: f.path != MANIFEST)  # the manifest first: it steers the rest
     held_by_path = {f.path: _held_file(store, f.size, f.lfs.sha256 if f.lfs else None,
                                        None if f.lfs else f.blob_id, f.xet_hash) for f in entries}
@@ -274,17 +274,22 @@ def pull(store: "Store", repo_id: str, *, revision: str | None = None,
                                    f.path, str(e).splitlines()[0])
             if not target.exists():
                 try:
-                    downloaded += _fetch(hf_hub_url(repo_id, f.path, revision=commit, endpoint=endpoint),
-                                         build_hf_headers(token=token), target, f.size, bar.update)
+                    fetched, got = _fetch(hf_hub_url(repo_id, f.path, revision=commit, endpoint=endpoint),
+                                          build_hf_headers(token=token), target, f.size, bar.update)
                 except NETWORK_ERRORS as e:
                     raise translate(e) from None
+                downloaded += fetched
                 n_http += 1
-            if sha and f.path not in checked:  # downloaded now, or by a pull stopped before this
-                if file_sha256(target) != sha.lower():
+            else:
+                got = None  # a pull stopped before its check left it here
+            if sha and f.path not in checked:
+                if (got or file_sha256(target)) != sha.lower():
                     target.unlink()
                     raise HubError(f"{repo_id}/{f.path}@{commit[:12]}: the downloaded bytes do not "
                                    "match the Hub's sha256; nothing was stored (retry the pull)")
                 checked[f.path] = sha.lower()
+            elif got:
+                checked[f.path] = got  # a git file: no Hub sha256 to check it against
             if f.path == MANIFEST:
                 manifest = parse_manifest(target.read_bytes())
             n_down += 1
@@ -366,9 +371,11 @@ def record_xet_hashes(store: "Store", snapshot_id: str, xet_by_path: dict[str, s
 
 
 def _fetch(url: str, headers: dict, target: Path, size: int, on_bytes=lambda n: None,
-           retries: int = 3) -> int:
+           retries: int = 3) -> tuple[int, str]:
     """Download `url` to `target` through huggingface_hub's HTTP session, resuming from
-    `target`'s `.partial` file (kept by an interrupted pull). Returns bytes fetched.
+    `target`'s `.partial` file (kept by an interrupted pull). Returns the bytes fetched
+    and the file's sha256, hashed as the bytes arrive (a resumed file's kept bytes
+    are read back once).
 
     Not hf_hub_download: huggingface_hub 2.4 writes each download to a new,
     process-unique temporary file, so an interrupted download starts over."""
@@ -379,6 +386,7 @@ def _fetch(url: str, headers: dict, target: Path, size: int, on_bytes=lambda n: 
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = _partial(target)
     fetched = 0
+    h, hashed = hashlib.sha256(), 0  # `h` covers the first `hashed` bytes of `partial`
     for attempt in range(retries + 1):
         have = partial.stat().st_size if partial.exists() else 0
         if have > size:
@@ -394,9 +402,13 @@ def _fetch(url: str, headers: dict, target: Path, size: int, on_bytes=lambda n: 
                 hf_raise_for_status(r)
                 if have and r.status_code != 206:  # the server ignored the range: start over
                     have = 0
+                if hashed != have:
+                    h, hashed = _sha256_of_start(partial, have), have
                 with open(partial, "ab" if have else "wb") as out:
                     for chunk in r.iter_bytes(1 << 20):
                         out.write(chunk)  # each chunk kept at once: a drop loses nothing
+                        h.update(chunk)
+                        hashed += len(chunk)
                         fetched += len(chunk)
                         on_bytes(len(chunk))
         except (http.TransportError, http.RemoteProtocolError):
@@ -404,8 +416,10 @@ def _fetch(url: str, headers: dict, target: Path, size: int, on_bytes=lambda n: 
                 raise
     if partial.stat().st_size != size:
         raise OSError(f"{target.name}: got {partial.stat().st_size} bytes, expected {size}")
+    if hashed != size:
+        h = _sha256_of_start(partial, size)
     os.replace(partial, target)
-    return fetched
+    return fetched, h.hexdigest()
 
 
 def _http_library():
@@ -423,8 +437,17 @@ def _partial(target: Path) -> Path:
 
 
 def file_sha256(path: str | os.PathLike) -> str:
+    return _sha256_of_start(path, os.path.getsize(path)).hexdigest()
+
+
+def _sha256_of_start(path: str | os.PathLike, n: int):
+    """A sha256 object fed the first `n` bytes of the file at `path`."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
+        while n > 0:
+            chunk = f.read(min(n, 1 << 24))
+            if not chunk:
+                break
             h.update(chunk)
-    return h.hexdigest()
+            n -= len(chunk)
+    return h
