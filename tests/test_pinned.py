@@ -24,6 +24,7 @@ def counting_copies():
 def test_kept_tensors_come_back_equal_in_one_copy_call():
     torch.manual_seed(0)
     tensors = [torch.randn(1000, 3), torch.randn(7).half(), torch.tensor(2.5, dtype=torch.float64),
+               torch.randn(2, 3, 4, 5).bfloat16(),
                torch.rand(33) > 0.5, torch.randint(0, 9, (5, 5), dtype=torch.int64).t()]  # .t(): not contiguous
     calls, copy = counting_copies()
     tier = PinnedTier(64 * MiB, pin=False, copy_back=copy)
@@ -33,6 +34,7 @@ def test_kept_tensors_come_back_equal_in_one_copy_call():
     for i, t in enumerate(tensors):
         host = tier.take(("k", i))
         assert host.dtype == t.dtype and host.shape == t.shape and torch.equal(host, t)
+        assert host.is_contiguous()  # a plain buffer for the upload, whatever the source's layout
         assert host.storage_offset() * host.element_size() % ALIGN == 0  # where it starts in its slab
     assert tier.take(("k", 0)) is None and tier.held_bytes == 0  # the slab went back with its last entry
 

@@ -23,7 +23,7 @@ from it waits for on the device (`copies_of`).
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -39,6 +39,15 @@ class _Slab:
     memory: torch.Tensor  # uint8
     used: int = 0  # bytes handed out, from the front
     live: int = 0  # entries in it
+    typed: dict = field(default_factory=dict)  # dtype -> `memory` viewed as it
+
+    def region(self, at: int, like: torch.Tensor) -> torch.Tensor:
+        """A contiguous tensor of `like`'s dtype and shape at byte `at`: one
+        `as_strided` call (an eviction makes ~1,700 of these for an SDXL UNet)."""
+        typed = self.typed.get(like.dtype)
+        if typed is None:
+            typed = self.typed[like.dtype] = self.memory.view(like.dtype)
+        return typed.as_strided(like.shape, _contiguous_strides(like.shape), at // like.element_size())
 
 
 @dataclass(eq=False)
@@ -46,6 +55,14 @@ class _Kept:
     host: torch.Tensor  # a view of its slab
     slab: _Slab
     copy: object = None  # the event of the copy back that fills it (None: done on return)
+
+
+def _contiguous_strides(shape: torch.Size) -> list[int]:
+    strides, step = [], 1
+    for n in reversed(shape):
+        strides.append(step)
+        step *= n
+    return strides[::-1]
 
 
 def _power_of_two_at_least(n: int) -> int:
@@ -95,8 +112,8 @@ class PinnedTier:
             spot = self._spot(nbytes) if nbytes else None  # an empty tensor costs nothing to upload
             if spot is None:
                 continue
-            slab, region = spot
-            kept = self._entries[key] = _Kept(region.view(t.dtype).view(t.shape), slab)
+            slab, at = spot
+            kept = self._entries[key] = _Kept(slab.region(at, t), slab)
             placed.append(kept)
             srcs.append(t)
         if placed:
@@ -130,9 +147,9 @@ class PinnedTier:
         while self._entries and self.held_bytes + extra > self.budget_bytes:
             self.take(next(iter(self._entries)))
 
-    def _spot(self, nbytes: int) -> tuple[_Slab, torch.Tensor] | None:
-        """A slab with room for `nbytes` (the open one, else a new one) and the region
-        there (None: over budget)."""
+    def _spot(self, nbytes: int) -> tuple[_Slab, int] | None:
+        """A slab with room for `nbytes` (the open one, else a new one) and the byte
+        offset of the region there (None: over budget)."""
         size = -(-nbytes // ALIGN) * ALIGN
         slab = self._open
         if slab is None or slab.used + size > slab.memory.numel():
@@ -145,7 +162,7 @@ class PinnedTier:
         at = slab.used
         slab.used += size
         slab.live += 1
-        return slab, slab.memory[at:at + nbytes]
+        return slab, at
 
     def _slab_bytes(self) -> int:
         """`SLAB_BYTES`, or the largest power of two within a smaller budget."""
