@@ -60,6 +60,13 @@ def tree_sha256(folder: Path) -> dict[str, str]:
     }
 
 
+def recorded_sha256(store: Store, ref: str) -> dict[str, str]:
+    """path -> the sha256 the catalog records for each file of `ref`'s snapshot."""
+    return dict(store.db.execute(
+        "SELECT sf.path, f.sha256 FROM snapshot_files sf JOIN files f ON f.id = sf.file_id "
+        "WHERE sf.snapshot_id = ?", [store.resolve(ref)]).fetchall())
+
+
 def store_state(home: Path) -> tuple:
     """Everything observable about a store: catalog rows and payload files."""
     con = sqlite3.connect(home / "catalog.db")

@@ -8,7 +8,7 @@ import torch
 
 import compstore
 from compstore import HubError, Store
-from conftest import tree_sha256, use_hub
+from conftest import recorded_sha256, tree_sha256, use_hub
 from hub_emulator import HubEmulator
 
 
@@ -124,11 +124,7 @@ def test_a_download_is_hashed_once_as_it_arrives(hub, store, family, monkeypatch
     weights = [p for p in files if p.endswith(".safetensors")]
     assert weights and sum(sha256_fed) == sum(len(b) for b in files.values())  # each byte once
     assert hashed == []  # not again by the ingest
-    snap = store.resolve("org/A")
-    recorded = dict(store.db.execute(
-        "SELECT sf.path, f.sha256 FROM snapshot_files sf JOIN files f ON f.id = sf.file_id "
-        "WHERE sf.snapshot_id = ?", [snap]).fetchall())
-    assert recorded == tree_sha256(family["A"])
+    assert recorded_sha256(store, "org/A") == tree_sha256(family["A"])
 
 
 def test_a_file_left_by_a_pull_stopped_before_its_check_is_checked(hub, store, family):

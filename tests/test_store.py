@@ -12,7 +12,7 @@ from safetensors import safe_open
 from compstore import RefNotFoundError
 from compstore.store import ingest, objects
 from compstore.store.ingest import Ingestor
-from conftest import store_state, tree_sha256
+from conftest import recorded_sha256, store_state, tree_sha256
 
 
 def distinct_content_bytes(folders) -> int:
@@ -93,12 +93,6 @@ def test_same_content_under_two_refs_costs_nothing(store, family):
     assert r.status == "new" and r.written_bytes == 0
     assert store.du().physical_bytes == physical
     assert {x["name"] for x in store.ls()} == {"A", "A-again"}
-
-
-def recorded_sha256(store, ref: str) -> dict[str, str]:
-    return dict(store.db.execute(
-        "SELECT sf.path, f.sha256 FROM refs r JOIN snapshot_files sf ON sf.snapshot_id = r.snapshot_id "
-        "JOIN files f ON f.id = sf.file_id WHERE r.name = ?", [ref]).fetchall())
 
 
 def test_a_file_is_hashed_from_its_first_new_byte_and_a_held_one_never(store, family, monkeypatch):

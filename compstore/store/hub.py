@@ -272,24 +272,23 @@ def pull(store: "Store", repo_id: str, *, revision: str | None = None,
                 except (XetError, *NETWORK_ERRORS) as e:
                     logger.warning("%s: Xet download failed (%s); downloading over HTTP",
                                    f.path, str(e).splitlines()[0])
+            digest = None  # of a file downloaded below, hashed as its bytes arrived
             if not target.exists():
                 try:
-                    fetched, got = _fetch(hf_hub_url(repo_id, f.path, revision=commit, endpoint=endpoint),
-                                          build_hf_headers(token=token), target, f.size, bar.update)
+                    fetched, digest = _fetch(hf_hub_url(repo_id, f.path, revision=commit, endpoint=endpoint),
+                                             build_hf_headers(token=token), target, f.size, bar.update)
                 except NETWORK_ERRORS as e:
                     raise translate(e) from None
                 downloaded += fetched
                 n_http += 1
-            else:
-                got = None  # a pull stopped before its check left it here
-            if sha and f.path not in checked:
-                if (got or file_sha256(target)) != sha.lower():
+            if sha and f.path not in checked:  # downloaded now, or left by a pull stopped before its check
+                if (digest or file_sha256(target)) != sha.lower():
                     target.unlink()
                     raise HubError(f"{repo_id}/{f.path}@{commit[:12]}: the downloaded bytes do not "
                                    "match the Hub's sha256; nothing was stored (retry the pull)")
                 checked[f.path] = sha.lower()
-            elif got:
-                checked[f.path] = got  # a git file: no Hub sha256 to check it against
+            elif digest:
+                checked[f.path] = digest  # a git file: no Hub sha256 to check it against
             if f.path == MANIFEST:
                 manifest = parse_manifest(target.read_bytes())
             n_down += 1
