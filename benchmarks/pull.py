@@ -10,6 +10,8 @@ the emulator served. Last, the Xet path: a 64 MB UNet and a partial fine-tune of
 it (a third of its large tensors changed) published as two Xet repos; the
 fine-tune is pulled after the base and the CAS's xorb bytes are compared with the
 changed tensor bytes and with the bytes of the chunks the base does not share.
+Last, a far Hub: every file request answered after 50 ms, org/A pulled over HTTP
+into empty stores one file at a time and $COMPSTORE_PULL_WORKERS (8) at a time.
 """
 
 from __future__ import annotations
@@ -71,6 +73,7 @@ def main() -> None:
           f"{(published / 'compstore.manifest.json').stat().st_size:,} B; Hub served "
           f"{hub.served_bytes:,} B (the rest: new safetensors headers and index files)")
     xet_partial_finetune(hub, work)
+    far_hub(hub, work, family["A"])
     hub.close()
     shutil.rmtree(work, ignore_errors=True)
 
@@ -115,6 +118,25 @@ def xet_partial_finetune(hub: HubEmulator, work: Path) -> None:
           f"{hub.xet_served_bytes / new_chunks:.3f}x the new chunks; reused from the store "
           f"{r.chunk_reused_bytes:,} B (dedup {r.chunk_dedup_ratio:.1%}); Hub served "
           f"{hub.served_bytes:,} B over plain HTTP")
+
+
+def far_hub(hub: HubEmulator, work: Path, folder: Path, latency: float = 0.05) -> None:
+    from compstore.store.hub import PULL_WORKERS
+
+    files = sum(1 for p in folder.rglob("*") if p.is_file())
+    hub.latency, seconds = latency, {}
+    for workers in (1, PULL_WORKERS, 1, PULL_WORKERS):  # alternated: the faster of two each
+        os.environ["COMPSTORE_PULL_WORKERS"] = str(workers)
+        with Store(work / f"far-{workers}") as store:
+            r = store.pull("org/A")
+            assert r.http_files == files
+            seconds[workers] = min(seconds.get(workers, float("inf")), r.seconds)
+        shutil.rmtree(work / f"far-{workers}")
+    del os.environ["COMPSTORE_PULL_WORKERS"]
+    hub.latency = 0.0
+    print(f"a far Hub ({latency * 1000:.0f} ms per file request): org/A, {files} files over HTTP")
+    print(f"  1 at a time {seconds[1]:.2f} s; {PULL_WORKERS} at a time {seconds[PULL_WORKERS]:.2f} s "
+          f"({seconds[1] / seconds[PULL_WORKERS]:.1f}x faster)")
 
 
 if __name__ == "__main__":

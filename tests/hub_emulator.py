@@ -73,6 +73,8 @@ class HubEmulator:
         self.served_bytes = 0
         self.served_files: list[str] = []
         self.served_per_file: dict[str, int] = {}
+        self.latency = 0.0  # seconds each file GET waits before its answer, as a far server would
+        self.in_flight = self.max_in_flight = 0  # file GETs being answered: now, and at most
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
@@ -103,6 +105,7 @@ class HubEmulator:
             self.served_per_file = {}
             self.xet_served_bytes = 0
             self.xet_requests = []
+            self.max_in_flight = 0
 
     def _handler(self):
         hub = self
@@ -203,7 +206,20 @@ class HubEmulator:
                 files = repo.commits[commit]
                 if file_path not in files:
                     return self._error(404, "EntryNotFound", commit)
-                data = files[file_path]
+                if head:
+                    return self._answer(repo, commit, repo_id, file_path, head)
+                with hub._lock:
+                    hub.in_flight += 1
+                    hub.max_in_flight = max(hub.max_in_flight, hub.in_flight)
+                try:
+                    time.sleep(hub.latency)
+                    self._answer(repo, commit, repo_id, file_path, head)
+                finally:
+                    with hub._lock:
+                        hub.in_flight -= 1
+
+            def _answer(self, repo, commit, repo_id, file_path, head: bool) -> None:
+                data = repo.commits[commit][file_path]
                 etag = (hashlib.sha256(data).hexdigest() if file_path.endswith(LFS_SUFFIXES)
                         else git_blob_sha1(data))
                 body = repo.tampered.get(file_path, data)

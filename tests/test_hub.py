@@ -86,6 +86,58 @@ def test_tampered_download_is_rejected_and_nothing_enters_the_store(hub, store, 
     assert store_state(store.home)[:2] == before[:2]
 
 
+@pytest.mark.parametrize("workers", [1, 4])
+def test_http_downloads_run_the_set_number_at_a_time(hub, store, family, monkeypatch, tmp_path, workers):
+    """Files fetched over HTTP are downloaded $COMPSTORE_PULL_WORKERS at a time, so a
+    far server's latency is paid per batch of files, not per file."""
+    monkeypatch.setenv("COMPSTORE_PULL_WORKERS", str(workers))
+    hub.latency = 0.2  # long enough that files queued together overlap on the server
+    r = store.pull("org/A")
+    assert r.http_files == r.downloaded_files == len(files_of(family["A"]))
+    assert (hub.max_in_flight == 1) if workers == 1 else (2 <= hub.max_in_flight <= workers)
+    store.export("org/A", tmp_path / "A")
+    assert tree_sha256(tmp_path / "A") == tree_sha256(family["A"])
+    assert store.verify().ok
+
+
+@pytest.mark.parametrize("value", ["0", "many"])
+def test_a_bad_pull_workers_setting_is_refused_before_any_download(hub, store, monkeypatch, value):
+    from conftest import store_state
+
+    from compstore import SettingError
+
+    monkeypatch.setenv("COMPSTORE_PULL_WORKERS", value)
+    before = store_state(store.home)
+    with pytest.raises(SettingError, match=f"^COMPSTORE_PULL_WORKERS='{value}': expected a whole number, at least 1"):
+        store.pull("org/A")
+    assert hub.served_files == [] and store_state(store.home) == before
+
+
+def test_a_file_failing_its_check_beside_other_downloads_costs_only_itself(hub, store, family):
+    """One download fails its sha256 check while others run: the pull fails, nothing is
+    stored, and the files that arrived are kept, so the next pull fetches each other
+    file at most once in all."""
+    from conftest import store_state
+
+    bad = "unet/diffusion_pytorch_model.safetensors"
+    repo = hub.repos["org/A"]
+    good = repo.commits[repo.refs["main"]][bad]
+    repo.tampered[bad] = good[:-1] + bytes([good[-1] ^ 1])
+    hub.latency = 0.05
+    before = store_state(store.home)
+    with pytest.raises(HubError, match="do not match the Hub's sha256; nothing was stored"):
+        store.pull("org/A")
+    assert store_state(store.home)[:2] == before[:2]
+    first = dict(hub.served_per_file)
+    del repo.tampered[bad]
+    hub.reset_counts()
+    store.pull("org/A")
+    for path, data in files_of(family["A"]).items():
+        served = first.get(path, 0) + hub.served_per_file.get(path, 0)
+        assert served == (2 * len(data) if path == bad else len(data)), path
+    assert store.verify().ok
+
+
 @pytest.fixture
 def sha256_fed(monkeypatch) -> list[int]:
     """The sizes of the buffers the pull feeds to sha256, in order."""

@@ -32,7 +32,9 @@ import logging
 import os
 import re
 import shutil
+import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -42,6 +44,7 @@ from pathlib import PurePosixPath
 from .errors import CompstoreError
 from .progress import progress_bar
 from .scan import PICKLE_SUFFIXES, variant_of
+from .settings import env_setting
 from .export import file_pieces, write_file
 from .manifest import FILENAME as MANIFEST
 from .manifest import parse_manifest
@@ -81,6 +84,7 @@ class PullResult:
         return asdict(self)
 
 
+PULL_WORKERS = 8  # HTTP downloads at a time, as huggingface_hub's snapshot_download: $COMPSTORE_PULL_WORKERS
 NOT_PULLED = PICKLE_SUFFIXES + (".msgpack", ".h5", ".onnx", ".onnx_data", ".pb", ".mlmodel")
 
 
@@ -178,7 +182,9 @@ def pull(store: "Store", repo_id: str, *, revision: str | None = None,
     or `name`) and, for a full pull, `repo_id` (moved to this commit).
     Pickle checkpoints and other frameworks' weights (.bin, .ckpt, .msgpack, .onnx, ...)
     are not pulled. With `variant`, a folder's weights of that variant are pulled
-    where it has them, its default weights elsewhere (as diffusers does).
+    where it has them, its default weights elsewhere (as diffusers does). Files
+    fetched over plain HTTP are downloaded `$COMPSTORE_PULL_WORKERS` (default 8)
+    at a time.
 
     >>> Store().pull("stabilityai/sdxl-turbo", include=["*.json", "unet/*"])  # doctest: +SKIP
     """
@@ -189,6 +195,7 @@ def pull(store: "Store", repo_id: str, *, revision: str | None = None,
 
     NETWORK_ERRORS = (huggingface_hub.errors.HfHubHTTPError, _http_library().HTTPError, OSError)
     t0 = time.perf_counter()
+    workers = env_setting("COMPSTORE_PULL_WORKERS", PULL_WORKERS, minimum=1)
     endpoint = os.environ.get("HF_ENDPOINT") or None
     api = HfApi(endpoint=endpoint, token=token)
     translate = _hub_errors(repo_id, revision)
@@ -228,70 +235,103 @@ def pull(store: "Store", repo_id: str, *, revision: str | None = None,
     entries.sort(key=lambda f: f.path != MANIFEST)  # the manifest first: it steers the rest
     held_by_path = {f.path: _held_file(store, f.size, f.lfs.sha256 if f.lfs else None,
                                        None if f.lfs else f.blob_id, f.xet_hash) for f in entries}
-    with progress_bar(sum(f.size for f in entries if held_by_path[f.path] is None),
-                      f"pull {repo_id}", progress) as bar:
-        for f in entries:
-            target = folder / f.path
-            sha = f.lfs.sha256 if f.lfs else None
-            held = held_by_path[f.path]
-            if held is not None:
-                if not target.exists():
-                    with store.reading():
-                        write_file(store, held[0], held[1], target)
+    bar_lock = threading.Lock()  # tqdm's counter is not thread-safe; downloads run on a pool
+
+    def check(f: RepoFile, target: Path, digest: str | None) -> None:
+        """Check a downloaded (or left in place) file against the Hub's sha256; record it."""
+        sha = f.lfs.sha256.lower() if f.lfs else None
+        if sha and f.path not in checked:  # downloaded now, or left by a pull stopped before its check
+            if (digest or file_sha256(target)) != sha:
+                target.unlink()
+                raise HubError(f"{repo_id}/{f.path}@{commit[:12]}: the downloaded bytes do not "
+                               "match the Hub's sha256; nothing was stored (retry the pull)")
+            checked[f.path] = sha
+        elif digest:
+            checked[f.path] = digest  # a git file: no Hub sha256 to check it against
+
+    def wait_for(job: Future) -> tuple[int, str]:
+        try:
+            return job.result()
+        except NETWORK_ERRORS as e:
+            raise translate(e) from None
+
+    # HTTP downloads run `workers` at a time, beside the Xet transfers and store reads
+    # of the loop; a failure waits for the running ones (their bytes are kept for the
+    # next pull to resume) and drops the queued ones.
+    downloads = ThreadPoolExecutor(workers, thread_name_prefix="compstore-pull")
+    in_flight: dict[Future, RepoFile] = {}
+    try:
+        with progress_bar(sum(f.size for f in entries if held_by_path[f.path] is None),
+                          f"pull {repo_id}", progress) as bar:
+            def on_bytes(n: int) -> None:
+                with bar_lock:
+                    bar.update(n)
+
+            for f in entries:
+                target = folder / f.path
+                sha = f.lfs.sha256 if f.lfs else None
+                held = held_by_path[f.path]
+                if held is not None:
+                    if not target.exists():
+                        with store.reading():
+                            write_file(store, held[0], held[1], target)
+                    if f.path == MANIFEST:
+                        manifest = parse_manifest(target.read_bytes())
+                    skipped += f.size
+                    n_skip += 1
+                    continue
+                plan = manifest.get(f.path) if manifest else None
+                if plan and sha and plan["sha256"] == sha.lower() and plan["size"] == f.size:
+                    try:
+                        fetched = _assemble(store, repo_id, f.path, commit, endpoint, token, plan, target)
+                    except NETWORK_ERRORS as e:
+                        raise translate(e) from None
+                    if fetched is not None:  # else: the manifest lied; download the whole file
+                        checked[f.path] = sha.lower()
+                        downloaded += fetched
+                        on_bytes(f.size)
+                        n_down += 1
+                        continue
+                use_xet = xet and f.xet_hash and sha and f.size and not _partial(target).exists()
+                if use_xet and not target.exists():
+                    try:
+                        got = pull_xet_file(store, xet, f.xet_hash.lower(), f.size, sha, target, on_bytes)
+                        checked[f.path] = sha.lower()
+                        xet_chunks[f.path] = got.chunks
+                        downloaded += got.fetched_bytes
+                        chunk_fetched += got.fetched_bytes
+                        chunk_reused += got.reused_bytes
+                        xet_bytes += f.size
+                        n_xet += 1
+                    except XetUnavailable as e:  # this repo has no Xet service: HTTP from now on
+                        logger.info("%s: %s; downloading over HTTP", repo_id, e)
+                        xet = None
+                    except (XetError, *NETWORK_ERRORS) as e:
+                        logger.warning("%s: Xet download failed (%s); downloading over HTTP",
+                                       f.path, str(e).splitlines()[0])
+                n_down += 1
+                if target.exists():  # fetched above, or left in place by an earlier pull
+                    check(f, target, None)
+                else:
+                    n_http += 1
+                    job = downloads.submit(
+                        _fetch, hf_hub_url(repo_id, f.path, revision=commit, endpoint=endpoint),
+                        build_hf_headers(token=token), target, f.size, on_bytes)
+                    if f.path != MANIFEST:
+                        in_flight[job] = f
+                        continue
+                    fetched, digest = wait_for(job)  # the manifest steers the rest: wait for it
+                    downloaded += fetched
+                    check(f, target, digest)
                 if f.path == MANIFEST:
                     manifest = parse_manifest(target.read_bytes())
-                skipped += f.size
-                n_skip += 1
-                continue
-            plan = manifest.get(f.path) if manifest else None
-            if plan and sha and plan["sha256"] == sha.lower() and plan["size"] == f.size:
-                try:
-                    fetched = _assemble(store, repo_id, f.path, commit, endpoint, token, plan, target)
-                except NETWORK_ERRORS as e:
-                    raise translate(e) from None
-                if fetched is not None:  # else: the manifest lied; download the whole file
-                    checked[f.path] = sha.lower()
-                    downloaded += fetched
-                    bar.update(f.size)
-                    n_down += 1
-                    continue
-            use_xet = xet and f.xet_hash and sha and f.size and not _partial(target).exists()
-            if use_xet and not target.exists():
-                try:
-                    got = pull_xet_file(store, xet, f.xet_hash.lower(), f.size, sha, target, bar.update)
-                    checked[f.path] = sha.lower()
-                    xet_chunks[f.path] = got.chunks
-                    downloaded += got.fetched_bytes
-                    chunk_fetched += got.fetched_bytes
-                    chunk_reused += got.reused_bytes
-                    xet_bytes += f.size
-                    n_xet += 1
-                except XetUnavailable as e:  # this repo has no Xet service: HTTP from now on
-                    logger.info("%s: %s; downloading over HTTP", repo_id, e)
-                    xet = None
-                except (XetError, *NETWORK_ERRORS) as e:
-                    logger.warning("%s: Xet download failed (%s); downloading over HTTP",
-                                   f.path, str(e).splitlines()[0])
-            digest = None  # of a file downloaded below, hashed as its bytes arrived
-            if not target.exists():
-                try:
-                    fetched, digest = _fetch(hf_hub_url(repo_id, f.path, revision=commit, endpoint=endpoint),
-                                             build_hf_headers(token=token), target, f.size, bar.update)
-                except NETWORK_ERRORS as e:
-                    raise translate(e) from None
+            for job in as_completed(in_flight):
+                f = in_flight[job]
+                fetched, digest = wait_for(job)
                 downloaded += fetched
-                n_http += 1
-            if sha and f.path not in checked:  # downloaded now, or left by a pull stopped before its check
-                if (digest or file_sha256(target)) != sha.lower():
-                    target.unlink()
-                    raise HubError(f"{repo_id}/{f.path}@{commit[:12]}: the downloaded bytes do not "
-                                   "match the Hub's sha256; nothing was stored (retry the pull)")
-                checked[f.path] = sha.lower()
-            elif digest:
-                checked[f.path] = digest  # a git file: no Hub sha256 to check it against
-            if f.path == MANIFEST:
-                manifest = parse_manifest(target.read_bytes())
-            n_down += 1
+                check(f, folder / f.path, digest)
+    finally:
+        downloads.shutdown(wait=True, cancel_futures=True)
 
     ref = name or default_ref
     result: IngestResult = store.ingest(folder, ref, source=repo_id, revision=commit,
