@@ -138,6 +138,60 @@ def test_a_file_failing_its_check_beside_other_downloads_costs_only_itself(hub, 
     assert store.verify().ok
 
 
+def pull_side_by_side(hub, home: Path, repos: list[str]) -> list:
+    """Pull `repos` into the store at `home` from threads, each with its own Store
+    (as separate processes would be), each started once the one before it has a
+    file download in flight."""
+    import threading
+    import time
+
+    results: list = [None] * len(repos)
+
+    def run(i: int) -> None:
+        with Store(home) as s:
+            try:
+                results[i] = s.pull(repos[i])
+            except Exception as e:  # reported by the assertion below
+                results[i] = e
+
+    threads = []
+    for i in range(len(repos)):
+        if threads:
+            deadline = time.monotonic() + 10
+            while hub.in_flight == 0 and threads[-1].is_alive() and time.monotonic() < deadline:
+                time.sleep(0.005)
+            assert hub.in_flight > 0, "the pull before did not get to download"
+        threads.append(threading.Thread(target=run, args=(i,)))
+        threads[-1].start()
+    for t in threads:
+        t.join()
+    assert not [r for r in results if isinstance(r, Exception)], results
+    return results
+
+
+def test_pulls_of_one_repo_side_by_side_download_it_once(hub, store, family):
+    """A second pull started while the first downloads waits for it, then finds the
+    commit in the store (several workers of one service calling from_pretrained at
+    once): each file is served once."""
+    hub.latency = 0.2
+    first, second, third = pull_side_by_side(hub, store.home, ["org/A"] * 3)
+    assert first.status == "new" and second.status == third.status == "unchanged"
+    assert second.downloaded_bytes == third.downloaded_bytes == 0
+    assert hub.served_bytes == sum(len(b) for b in files_of(family["A"]).values())
+    assert sorted(hub.served_files) == sorted(files_of(family["A"]))
+    assert store.verify().ok
+
+
+def test_pulls_of_two_fine_tunes_side_by_side_fetch_what_they_share_once(hub, store, family):
+    """A and B share the VAE, text encoder, tokenizer and configs: pulled at once,
+    the second waits for the first and downloads only what it lacks."""
+    hub.latency = 0.2
+    a, b = pull_side_by_side(hub, store.home, ["org/A", "org/B"])
+    assert a.status == b.status == "new"
+    assert hub.served_bytes == lacking_bytes([], family["A"]) + lacking_bytes([family["A"]], family["B"])
+    assert b.skipped_files > 0 and store.verify().ok
+
+
 @pytest.fixture
 def sha256_fed(monkeypatch) -> list[int]:
     """The sizes of the buffers the pull feeds to sha256, in order."""

@@ -35,20 +35,19 @@ import shutil
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import asdict, dataclass, field
+from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
 
-from pathlib import PurePosixPath
-
 from .errors import CompstoreError
-from .progress import progress_bar
-from .scan import PICKLE_SUFFIXES, variant_of
-from .settings import env_setting
 from .export import file_pieces, write_file
+from .lock import pull_lock
 from .manifest import FILENAME as MANIFEST
 from .manifest import parse_manifest
 from .modular import pins_of
+from .progress import progress_bar
+from .scan import PICKLE_SUFFIXES, variant_of
+from .settings import env_setting
 from .xet import XetError, XetSource, XetUnavailable, record_chunks
 from .xet import pull_file as pull_xet_file
 
@@ -184,16 +183,14 @@ def pull(store: "Store", repo_id: str, *, revision: str | None = None,
     are not pulled. With `variant`, a folder's weights of that variant are pulled
     where it has them, its default weights elsewhere (as diffusers does). Files
     fetched over plain HTTP are downloaded `$COMPSTORE_PULL_WORKERS` (default 8)
-    at a time.
+    at a time. Pulls into one store take turns (`pull_lock`): a second one waits,
+    then fetches only what the first did not bring.
 
     >>> Store().pull("stabilityai/sdxl-turbo", include=["*.json", "unet/*"])  # doctest: +SKIP
     """
-    import huggingface_hub
-    from huggingface_hub import HfApi, constants, hf_hub_url
+    from huggingface_hub import HfApi
     from huggingface_hub.hf_api import RepoFile
-    from huggingface_hub.utils import build_hf_headers
 
-    NETWORK_ERRORS = (huggingface_hub.errors.HfHubHTTPError, _http_library().HTTPError, OSError)
     t0 = time.perf_counter()
     workers = env_setting("COMPSTORE_PULL_WORKERS", PULL_WORKERS, minimum=1)
     endpoint = os.environ.get("HF_ENDPOINT") or None
@@ -201,21 +198,26 @@ def pull(store: "Store", repo_id: str, *, revision: str | None = None,
     translate = _hub_errors(repo_id, revision)
     try:
         commit = api.model_info(repo_id, revision=revision).sha
-        entries = [f for f in api.list_repo_tree(repo_id, revision=commit, recursive=True)
-                   if isinstance(f, RepoFile)]
-    except NETWORK_ERRORS as e:
+        listed = [f for f in api.list_repo_tree(repo_id, revision=commit, recursive=True)
+                  if isinstance(f, RepoFile)]
+    except _network_errors() as e:
         raise translate(e) from None
     default_ref = f"{repo_id}@{commit}" + (f"[{variant}]" if variant else "")
-    if (name is None and not include and not repin and store.has_ref(default_ref)
-            and not pins_of(store, store.resolve(default_ref))):
-        # This commit is already in the store: nothing to fetch or ingest. (A modular
-        # repo is ingested again: what its pointers name may have changed.)
-        ref = default_ref
+
+    def already_here() -> PullResult | None:
+        """This commit is in the store: nothing to fetch or ingest. (A modular repo is
+        ingested again: what its pointers name may have changed.)"""
+        if (name is not None or include or repin or not store.has_ref(default_ref)
+                or pins_of(store, store.resolve(default_ref))):
+            return None
         if not variant:
-            store.tag(repo_id, store.resolve(ref))
-        return PullResult(repo_id, commit, ref, len(entries), 0, 0, len(entries),
-                          sum(f.size for f in entries), "unchanged", round(time.perf_counter() - t0, 3))
-    entries = [f for f in entries if not f.path.lower().endswith(NOT_PULLED)]
+            store.tag(repo_id, store.resolve(default_ref))
+        return PullResult(repo_id, commit, default_ref, len(listed), 0, 0, len(listed),
+                          sum(f.size for f in listed), "unchanged", round(time.perf_counter() - t0, 3))
+
+    if (done := already_here()) is not None:
+        return done
+    entries = [f for f in listed if not f.path.lower().endswith(NOT_PULLED)]
     entries = _pick_variant(entries, variant)
     if include:
         entries = [f for f in entries if any(fnmatch.fnmatch(f.path, g) for g in include)]
@@ -223,21 +225,63 @@ def pull(store: "Store", repo_id: str, *, revision: str | None = None,
         raise HubError(f"{repo_id}@{commit}: no files to pull (check --include)")
 
     store._writable()
-    folder = store.home / "downloads" / repo_id.replace("/", "--") / commit
+    with pull_lock(store.home):
+        if (done := already_here()) is not None:  # brought by the pull this one waited for
+            return done
+        folder = store.home / "downloads" / repo_id.replace("/", "--") / commit
+        got = _download(store, repo_id, commit, entries, folder, endpoint=endpoint, token=token,
+                        workers=workers, translate=translate, progress=progress)
+        ref = name or default_ref
+        result: IngestResult = store.ingest(folder, ref, source=repo_id, revision=commit,
+                                            repin=repin, progress=progress, checked_sha256=got.checked)
+        if name is None and not variant and not include:
+            store.tag(repo_id, result.snapshot)  # `org/name` follows the latest full pull
+        record_xet_hashes(store, result.snapshot, {f.path: f.xet_hash for f in entries})
+        record_chunks(store, result.snapshot, got.xet_chunks)
+        shutil.rmtree(folder, ignore_errors=True)
+    return PullResult(repo_id, commit, ref, len(entries), got.files, got.bytes, got.skipped_files,
+                      got.skipped_bytes, result.status, round(time.perf_counter() - t0, 3),
+                      got.xet_files, got.http_files, got.chunk_fetched, got.chunk_reused,
+                      round(got.chunk_reused / got.xet_bytes, 4) if got.xet_bytes else 0.0)
+
+
+@dataclass
+class _Downloaded:
+    """What `_download` put in the pull's folder, and how."""
+
+    files: int = 0  # downloaded (whole, by Xet chunks, or by manifest pieces)
+    bytes: int = 0  # fetched from the Hub
+    skipped_files: int = 0  # rebuilt from the store
+    skipped_bytes: int = 0
+    xet_files: int = 0
+    http_files: int = 0
+    chunk_fetched: int = 0
+    chunk_reused: int = 0
+    xet_bytes: int = 0  # size of the files that came through Xet
+    checked: dict[str, str] = field(default_factory=dict)  # path -> sha256, hashed by this pull
+    xet_chunks: dict[str, list] = field(default_factory=dict)  # path -> its chunks (record_chunks)
+
+
+def _download(store: "Store", repo_id: str, commit: str, entries: list, folder: Path, *,
+              endpoint: str | None, token, workers: int, translate, progress: bool) -> _Downloaded:
+    """Fill `folder` with `entries`: files the store holds are rebuilt from it, the
+    rest come by manifest pieces, Xet chunks or HTTP, each checked against the Hub's
+    sha256. Under `pull_lock`: nothing else writes to `folder`."""
+    from huggingface_hub import constants, hf_hub_url
+    from huggingface_hub.utils import build_hf_headers
+
+    network_errors = _network_errors()
     folder.mkdir(parents=True, exist_ok=True)
-    downloaded = skipped = 0
-    n_down = n_skip = 0
+    got = _Downloaded()
     xet = XetSource(endpoint or constants.ENDPOINT, repo_id, commit, build_hf_headers(token=token))
-    xet_chunks: dict[str, list] = {}
-    n_xet = n_http = chunk_fetched = chunk_reused = xet_bytes = 0
     manifest: dict | None = None
-    checked: dict[str, str] = {}  # path -> sha256 of the bytes in place, hashed by this pull
-    entries.sort(key=lambda f: f.path != MANIFEST)  # the manifest first: it steers the rest
+    checked = got.checked
+    entries = sorted(entries, key=lambda f: f.path != MANIFEST)  # the manifest first: it steers the rest
     held_by_path = {f.path: _held_file(store, f.size, f.lfs.sha256 if f.lfs else None,
                                        None if f.lfs else f.blob_id, f.xet_hash) for f in entries}
     bar_lock = threading.Lock()  # tqdm's counter is not thread-safe; downloads run on a pool
 
-    def check(f: RepoFile, target: Path, digest: str | None) -> None:
+    def check(f, target: Path, digest: str | None) -> None:
         """Check a downloaded (or left in place) file against the Hub's sha256; record it."""
         sha = f.lfs.sha256.lower() if f.lfs else None
         if sha and f.path not in checked:  # downloaded now, or left by a pull stopped before its check
@@ -252,14 +296,14 @@ def pull(store: "Store", repo_id: str, *, revision: str | None = None,
     def wait_for(job: Future) -> tuple[int, str]:
         try:
             return job.result()
-        except NETWORK_ERRORS as e:
+        except network_errors as e:
             raise translate(e) from None
 
     # HTTP downloads run `workers` at a time, beside the Xet transfers and store reads
     # of the loop; a failure waits for the running ones (their bytes are kept for the
     # next pull to resume) and drops the queued ones.
     downloads = ThreadPoolExecutor(workers, thread_name_prefix="compstore-pull")
-    in_flight: dict[Future, RepoFile] = {}
+    in_flight: dict[Future, object] = {}
     try:
         with progress_bar(sum(f.size for f in entries if held_by_path[f.path] is None),
                           f"pull {repo_id}", progress) as bar:
@@ -277,43 +321,43 @@ def pull(store: "Store", repo_id: str, *, revision: str | None = None,
                             write_file(store, held[0], held[1], target)
                     if f.path == MANIFEST:
                         manifest = parse_manifest(target.read_bytes())
-                    skipped += f.size
-                    n_skip += 1
+                    got.skipped_bytes += f.size
+                    got.skipped_files += 1
                     continue
                 plan = manifest.get(f.path) if manifest else None
                 if plan and sha and plan["sha256"] == sha.lower() and plan["size"] == f.size:
                     try:
                         fetched = _assemble(store, repo_id, f.path, commit, endpoint, token, plan, target)
-                    except NETWORK_ERRORS as e:
+                    except network_errors as e:
                         raise translate(e) from None
                     if fetched is not None:  # else: the manifest lied; download the whole file
                         checked[f.path] = sha.lower()
-                        downloaded += fetched
+                        got.bytes += fetched
                         on_bytes(f.size)
-                        n_down += 1
+                        got.files += 1
                         continue
                 use_xet = xet and f.xet_hash and sha and f.size and not _partial(target).exists()
                 if use_xet and not target.exists():
                     try:
-                        got = pull_xet_file(store, xet, f.xet_hash.lower(), f.size, sha, target, on_bytes)
+                        x = pull_xet_file(store, xet, f.xet_hash.lower(), f.size, sha, target, on_bytes)
                         checked[f.path] = sha.lower()
-                        xet_chunks[f.path] = got.chunks
-                        downloaded += got.fetched_bytes
-                        chunk_fetched += got.fetched_bytes
-                        chunk_reused += got.reused_bytes
-                        xet_bytes += f.size
-                        n_xet += 1
+                        got.xet_chunks[f.path] = x.chunks
+                        got.bytes += x.fetched_bytes
+                        got.chunk_fetched += x.fetched_bytes
+                        got.chunk_reused += x.reused_bytes
+                        got.xet_bytes += f.size
+                        got.xet_files += 1
                     except XetUnavailable as e:  # this repo has no Xet service: HTTP from now on
                         logger.info("%s: %s; downloading over HTTP", repo_id, e)
                         xet = None
-                    except (XetError, *NETWORK_ERRORS) as e:
+                    except (XetError, *network_errors) as e:
                         logger.warning("%s: Xet download failed (%s); downloading over HTTP",
                                        f.path, str(e).splitlines()[0])
-                n_down += 1
+                got.files += 1
                 if target.exists():  # fetched above, or left in place by an earlier pull
                     check(f, target, None)
                 else:
-                    n_http += 1
+                    got.http_files += 1
                     job = downloads.submit(
                         _fetch, hf_hub_url(repo_id, f.path, revision=commit, endpoint=endpoint),
                         build_hf_headers(token=token), target, f.size, on_bytes)
@@ -321,29 +365,26 @@ def pull(store: "Store", repo_id: str, *, revision: str | None = None,
                         in_flight[job] = f
                         continue
                     fetched, digest = wait_for(job)  # the manifest steers the rest: wait for it
-                    downloaded += fetched
+                    got.bytes += fetched
                     check(f, target, digest)
                 if f.path == MANIFEST:
                     manifest = parse_manifest(target.read_bytes())
             for job in as_completed(in_flight):
                 f = in_flight[job]
                 fetched, digest = wait_for(job)
-                downloaded += fetched
+                got.bytes += fetched
                 check(f, folder / f.path, digest)
     finally:
         downloads.shutdown(wait=True, cancel_futures=True)
+    return got
 
-    ref = name or default_ref
-    result: IngestResult = store.ingest(folder, ref, source=repo_id, revision=commit,
-                                        repin=repin, progress=progress, checked_sha256=checked)
-    if name is None and not variant and not include:
-        store.tag(repo_id, result.snapshot)  # `org/name` follows the latest full pull
-    record_xet_hashes(store, result.snapshot, {f.path: f.xet_hash for f in entries})
-    record_chunks(store, result.snapshot, xet_chunks)
-    shutil.rmtree(folder, ignore_errors=True)
-    return PullResult(repo_id, commit, ref, len(entries), n_down, downloaded, n_skip, skipped,
-                      result.status, round(time.perf_counter() - t0, 3), n_xet, n_http,
-                      chunk_fetched, chunk_reused, round(chunk_reused / xet_bytes, 4) if xet_bytes else 0.0)
+
+def _network_errors() -> tuple[type[Exception], ...]:
+    """What a failed Hub request raises: huggingface_hub's HTTP errors, its HTTP
+    library's (transport, protocol), and OSError."""
+    import huggingface_hub
+
+    return (huggingface_hub.errors.HfHubHTTPError, _http_library().HTTPError, OSError)
 
 
 def _assemble(store: "Store", repo_id: str, path: str, commit: str, endpoint: str | None,

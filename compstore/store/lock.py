@@ -5,6 +5,10 @@ by SIGKILL), so a crashed process never leaves the store locked.
 - `<store>/readers.lock`: readers that follow the catalog to pack files (load,
   export, verify) hold it shared for the duration; gc takes it exclusively only to
   unlink packs the catalog no longer names. Readers never wait for writers.
+- `<store>/pull.lock`: one Hub pull at a time. A second pull waits, for as long as
+  the first runs, then downloads only what the first did not bring: bytes two
+  pulls share (one repo, or a base's VAE in two fine-tunes) are fetched once, and
+  no two pulls write one download folder.
 - `<store>/tmp/<prefix>*/.lock`: a scratch folder of a process that holds no write
   lock (a push writing its packs), locked through that file while in use. A writer
   clears tmp/ when it starts, all but the folders still locked: a crashed
@@ -14,9 +18,11 @@ by SIGKILL), so a crashed process never leaves the store locked.
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import shutil
 import tempfile
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,6 +32,8 @@ from .errors import StoreBusyError
 from .settings import env_setting
 
 DEFAULT_TIMEOUT_S = 600.0
+
+logger = logging.getLogger("compstore")
 
 
 @contextmanager
@@ -47,6 +55,36 @@ def shared_readers(home: Path) -> Iterator[None]:
 def exclusive_readers(home: Path) -> Iterator[None]:
     with _flock(home / "readers.lock", fcntl.LOCK_EX, None, "a reader is loading from it"):
         yield
+
+
+_pulling = threading.local()  # the stores whose pull.lock this thread holds
+
+
+@contextmanager
+def pull_lock(home: Path) -> Iterator[None]:
+    """Held by a pull from its first download to its ingest. No timeout: a pull may
+    download for an hour, and the kernel drops the lock if its holder dies. Taken
+    again by the thread that holds it, it lets it through: a modular repo's ingest
+    pulls the repos its entries point at."""
+    held: set = _pulling.__dict__.setdefault("homes", set())
+    key = os.path.realpath(home)
+    if key in held:
+        yield
+        return
+    fd = os.open(home / "pull.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            logger.info("store %s: waiting for another pull to finish", home)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        held.add(key)
+        try:
+            yield
+        finally:
+            held.discard(key)
+    finally:
+        os.close(fd)  # releases the lock
 
 
 @contextmanager
