@@ -11,7 +11,8 @@ it (a third of its large tensors changed) published as two Xet repos; the
 fine-tune is pulled after the base and the CAS's xorb bytes are compared with the
 changed tensor bytes and with the bytes of the chunks the base does not share.
 Last, a far Hub: every file request answered after 50 ms, org/A pulled over HTTP
-into empty stores one file at a time and $COMPSTORE_PULL_WORKERS (8) at a time.
+into empty stores one file at a time and $COMPSTORE_PULL_WORKERS (8) at a time,
+then three pulls of it started at once into one store (they take turns).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import os
 import shutil
 import sys
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -133,10 +135,22 @@ def far_hub(hub: HubEmulator, work: Path, folder: Path, latency: float = 0.05) -
             seconds[workers] = min(seconds.get(workers, float("inf")), r.seconds)
         shutil.rmtree(work / f"far-{workers}")
     del os.environ["COMPSTORE_PULL_WORKERS"]
+    hub.reset_counts()
+    with ThreadPoolExecutor(3) as pool:  # three workers of a service, each with its own Store
+        statuses = list(pool.map(lambda i: _pull_alone(work / "far-together", "org/A"), range(3)))
+    together = hub.served_bytes
     hub.latency = 0.0
     print(f"a far Hub ({latency * 1000:.0f} ms per file request): org/A, {files} files over HTTP")
     print(f"  1 at a time {seconds[1]:.2f} s; {PULL_WORKERS} at a time {seconds[PULL_WORKERS]:.2f} s "
           f"({seconds[1] / seconds[PULL_WORKERS]:.1f}x faster)")
+    size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+    print(f"  3 pulls of org/A started at once into one store: {sorted(statuses)}; Hub served "
+          f"{together:,} B = {together / size:.2f}x the repo")
+
+
+def _pull_alone(home: Path, repo: str) -> str:
+    with Store(home) as store:
+        return store.pull(repo).status
 
 
 if __name__ == "__main__":

@@ -87,6 +87,34 @@ def test_two_processes_ingesting_the_same_folder_store_one_copy(big_component, t
         assert {r["name"] for r in du.refs} == {"p0", "p1"}
 
 
+def test_many_openers_of_a_new_store_all_get_it(tmp_path):
+    """Workers of a service starting at once on a fresh machine open the same new
+    store: one makes the catalog, the others wait for it (each thread has its own
+    SQLite connection and lock file descriptor, as a process would). Unlocked, most
+    of them failed with 'database is locked' or 'table already exists'."""
+    import threading
+
+    for round in range(5):
+        home = tmp_path / f"store{round}"
+        start, errors = threading.Barrier(8), []
+
+        def open_it():
+            start.wait()
+            try:
+                Store(home).close()
+            except Exception as e:  # reported by the assertion below
+                errors.append(e)
+
+        threads = [threading.Thread(target=open_it) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert errors == []
+        with Store(home) as s:
+            assert s.db.journal_mode == "wal" and s.ls() == [] and s.verify().ok
+
+
 def test_busy_store_waits_then_fails_clearly(family, tmp_path, monkeypatch):
     monkeypatch.setenv("COMPSTORE_LOCK_TIMEOUT", "0.3")
     with Store(tmp_path / "s") as s, write_lock(s.home):

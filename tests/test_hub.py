@@ -169,12 +169,16 @@ def pull_side_by_side(hub, home: Path, repos: list[str]) -> list:
     return results
 
 
-def test_pulls_of_one_repo_side_by_side_download_it_once(hub, store, family):
+def test_pulls_of_one_repo_side_by_side_download_it_once(hub, store, family, caplog):
     """A second pull started while the first downloads waits for it, then finds the
     commit in the store (several workers of one service calling from_pretrained at
     once): each file is served once."""
+    import logging
+
     hub.latency = 0.2
-    first, second, third = pull_side_by_side(hub, store.home, ["org/A"] * 3)
+    with caplog.at_level(logging.INFO, logger="compstore"):
+        first, second, third = pull_side_by_side(hub, store.home, ["org/A"] * 3)
+    assert caplog.text.count("waiting for another pull into it to finish") == 2
     assert first.status == "new" and second.status == third.status == "unchanged"
     assert second.downloaded_bytes == third.downloaded_bytes == 0
     assert hub.served_bytes == sum(len(b) for b in files_of(family["A"]).values())

@@ -39,15 +39,19 @@ def open_catalog(path: Path, timeout_s: float = 60.0, read_only: bool = False) -
         return sqlite_utils.Database(conn)
     conn = sqlite3.connect(str(path), timeout=timeout_s, isolation_level=None)
     conn.execute("PRAGMA foreign_keys = ON")
-    db = sqlite_utils.Database(conn)
-    if db.journal_mode != "wal":
-        db.enable_wal()
     conn.execute("PRAGMA synchronous = FULL")
-    return db
+    return sqlite_utils.Database(conn)
+
+
+def schema_ready(db: sqlite_utils.Database) -> bool:
+    """Whether the catalog has every table: if not, `ensure_schema` must write, under
+    the store's write lock (processes opening a new store at once would race)."""
+    return {"meta", "xet_chunks"} <= set(db.table_names())
 
 
 def ensure_schema(db: sqlite_utils.Database, read_only: bool = False) -> None:
-    """Create the tables if this is a new store; refuse a newer schema."""
+    """Create the tables if this is a new store (WAL mode first); refuse a newer
+    schema. Creating them, the caller holds the store's write lock."""
     if "meta" in db.table_names():
         if not read_only and "xet_chunks" not in db.table_names():
             _create_xet_chunks(db)  # added within schema 1: older readers ignore it
@@ -60,6 +64,8 @@ def ensure_schema(db: sqlite_utils.Database, read_only: bool = False) -> None:
                 f"(expects {SCHEMA_VERSION}); upgrade compstore"
             )
         return
+    if db.journal_mode != "wal":  # kept in the file: every later connection is in WAL mode
+        db.enable_wal()
     with db.atomic():
         db["packs"].create({"name": str, "size": int}, pk="name")
         db["blobs"].create(

@@ -45,7 +45,7 @@ from .lock import pull_lock
 from .manifest import FILENAME as MANIFEST
 from .manifest import parse_manifest
 from .modular import pins_of
-from .progress import progress_bar
+from .progress import progress_bar, say
 from .scan import PICKLE_SUFFIXES, variant_of
 from .settings import env_setting
 from .xet import XetError, XetSource, XetUnavailable, record_chunks
@@ -225,7 +225,7 @@ def pull(store: "Store", repo_id: str, *, revision: str | None = None,
         raise HubError(f"{repo_id}@{commit}: no files to pull (check --include)")
 
     store._writable()
-    with pull_lock(store.home):
+    with pull_lock(store.home, on_wait=say if progress else logger.info):
         if (done := already_here()) is not None:  # brought by the pull this one waited for
             return done
         folder = store.home / "downloads" / repo_id.replace("/", "--") / commit

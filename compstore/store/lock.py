@@ -26,7 +26,7 @@ import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from .errors import StoreBusyError
 from .settings import env_setting
@@ -61,11 +61,11 @@ _pulling = threading.local()  # the stores whose pull.lock this thread holds
 
 
 @contextmanager
-def pull_lock(home: Path) -> Iterator[None]:
+def pull_lock(home: Path, on_wait: Callable[[str], None] = logger.info) -> Iterator[None]:
     """Held by a pull from its first download to its ingest. No timeout: a pull may
     download for an hour, and the kernel drops the lock if its holder dies. Taken
     again by the thread that holds it, it lets it through: a modular repo's ingest
-    pulls the repos its entries point at."""
+    pulls the repos its entries point at. `on_wait` gets a line to show if it waits."""
     held: set = _pulling.__dict__.setdefault("homes", set())
     key = os.path.realpath(home)
     if key in held:
@@ -76,7 +76,7 @@ def pull_lock(home: Path) -> Iterator[None]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            logger.info("store %s: waiting for another pull to finish", home)
+            on_wait(f"store {home}: waiting for another pull into it to finish")
             fcntl.flock(fd, fcntl.LOCK_EX)
         held.add(key)
         try:

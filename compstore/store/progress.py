@@ -19,3 +19,8 @@ def progress_bar(total: int, desc: str, enabled: bool) -> Iterator[tqdm]:
     with tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024,
               disable=not enabled, leave=False, file=sys.stderr) as bar:
         yield bar
+
+
+def say(line: str) -> None:
+    """A line for the person watching the bars, printed above them."""
+    tqdm.write(line, file=sys.stderr)

@@ -26,7 +26,7 @@ from typing import Callable, NamedTuple
 import sqlite_utils
 
 from . import reports
-from .catalog import ensure_schema, open_catalog
+from .catalog import ensure_schema, open_catalog, schema_ready
 from .errors import CompstoreError, InvalidInputError, ReadOnlyStoreError, RefNotFoundError
 from .export import (ExportResult, file_pieces, flattened_files, flattened_index, snapshot_files,
                      write_file)
@@ -121,6 +121,9 @@ class Store:
             (self.home / "objects" / "packs").mkdir(parents=True, exist_ok=True)
             (self.home / "tmp").mkdir(exist_ok=True)
             self.db = open_catalog(self.home / "catalog.db")
+            if not schema_ready(self.db):  # a new store: one process makes the catalog, the others wait
+                with write_lock(self.home):
+                    ensure_schema(self.db)
         ensure_schema(self.db, read_only=read_only)
         self.packs = PackFiles(self.home / "objects" / "packs")
 
