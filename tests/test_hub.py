@@ -414,6 +414,56 @@ def test_a_failed_pull_resumes_on_the_next_one(hub, store, family, sha256_fed):
     assert store.verify().ok
 
 
+def test_gc_removes_what_failed_pulls_left_unless_a_pull_is_running(hub, store, family, tmp_path):
+    import json
+    import threading
+
+    from click.testing import CliRunner
+
+    from compstore.cli.main import cli
+    from compstore.store.lock import pull_lock
+
+    path = "unet/diffusion_pytorch_model.safetensors"
+    hub.repos["org/A"].cuts[path] = [1 << 20] + [0] * 20  # 1 MiB, then every retry fails
+    with pytest.raises(HubError):
+        store.pull("org/A")
+    downloads = store.home / "downloads"
+    left = sum(f.stat().st_size for f in downloads.rglob("*") if f.is_file())
+    assert left >= 1 << 20
+
+    held, release = threading.Event(), threading.Event()
+
+    def another_pull():  # holds the lock as a running pull in another process would
+        with pull_lock(store.home):
+            held.set()
+            release.wait(10)
+
+    t = threading.Thread(target=another_pull)
+    t.start()
+    held.wait(10)
+    try:
+        assert store.gc().downloads_freed_bytes == 0  # gc does not wait for the pull
+        assert sum(f.stat().st_size for f in downloads.rglob("*") if f.is_file()) == left
+    finally:
+        release.set()
+        t.join()
+
+    assert store.gc(dry_run=True).downloads_freed_bytes == left
+    assert downloads.exists()
+    r = CliRunner().invoke(cli, ["--store", str(store.home), "gc", "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["downloads_freed_bytes"] == left
+    assert not downloads.exists()
+    r = CliRunner().invoke(cli, ["--store", str(store.home), "gc"])
+    assert "downloads/" not in r.output  # nothing left to mention
+
+    hub.repos["org/A"].cuts[path] = []
+    hub.reset_counts()
+    store.pull("org/A")  # starts over, and gets there
+    assert hub.served_bytes == sum(len(b) for b in files_of(family["A"]).values())
+    assert store.verify().ok
+
+
 def test_modular_repo_pointing_at_hub_repos_pins_their_commit(hub, store, family, tmp_path):
     import json
     import shutil

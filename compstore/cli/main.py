@@ -232,7 +232,8 @@ def gc(ctx, dry_run, as_json):
     emit(as_json, r.to_dict(),
          f"{verb} {human(r.freed_bytes)}: {r.objects_removed} objects, {r.snapshots_removed} "
          f"snapshots, {r.packs_removed} packs removed, {r.packs_compacted} compacted "
-         f"({r.seconds:.2f} s)")
+         f"({r.seconds:.2f} s)" + (f"; and {human(r.downloads_freed_bytes)} that failed pulls "
+                                   "left in downloads/" if r.downloads_freed_bytes else ""))
 
 
 @cli.command()

@@ -14,6 +14,9 @@ Crash safety, in order:
    writer removes them.
 Mappings already made (a loaded pipeline) survive the unlink: Linux keeps the
 bytes of an unlinked, mapped file.
+
+`downloads/` holds what failed pulls left for the next pull to resume; gc removes
+it too, unless a pull is running (it holds `pull.lock`; gc does not wait for it).
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
-from .lock import exclusive_readers, write_lock
+from .lock import exclusive_readers, pull_lock, write_lock
 from .objects import PackWriter, fsync_dir
 
 if TYPE_CHECKING:
@@ -39,6 +42,8 @@ class GcReport:
     packs_removed: int
     packs_compacted: int
     seconds: float
+    downloads_freed_bytes: int = 0  # files failed pulls left in downloads/ for a resume
+
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -71,6 +76,7 @@ def gc(store: "Store", *, dry_run: bool = False) -> GcReport:
     packs_dir = store.home / "objects" / "packs"
     with write_lock(store.home):
         store._clean_leftovers()
+        downloads_freed = _unfinished_downloads(store, dry_run)
         live_snaps = _ids(store, "SELECT id FROM snaps")
         live_comps = _ids(store, "SELECT id FROM comps")
         live_files = _ids(store, "SELECT id FROM fls")
@@ -96,7 +102,7 @@ def gc(store: "Store", *, dry_run: bool = False) -> GcReport:
             kept = sum(b[3] for p in partial for b in by_pack[p] if b[0] in live_blobs)
             freed = sum(pack_sizes[p] for p in dead_packs + partial) - kept
             return GcReport(True, freed, len(dead_blobs), len(dead_snaps), len(dead_packs),
-                            len(partial), round(time.perf_counter() - t0, 3))
+                            len(partial), round(time.perf_counter() - t0, 3), downloads_freed)
 
         # 1. copy the live blobs of partly dead packs into new packs
         writer = PackWriter(store.home)
@@ -145,7 +151,19 @@ def gc(store: "Store", *, dry_run: bool = False) -> GcReport:
         fsync_dir(packs_dir)
         freed -= sum(s for _, s in new_packs)
     return GcReport(False, freed, len(dead_blobs), len(dead_snaps), len(dead_packs), len(partial),
-                    round(time.perf_counter() - t0, 3))
+                    round(time.perf_counter() - t0, 3), downloads_freed)
+
+
+def _unfinished_downloads(store: "Store", dry_run: bool) -> int:
+    """Bytes in downloads/, removed unless `dry_run` or a pull is running (0 then)."""
+    folder = store.home / "downloads"
+    with pull_lock(store.home, wait=False) as idle:
+        if not idle or not folder.exists():
+            return 0
+        size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file() and not f.is_symlink())
+        if not dry_run:
+            shutil.rmtree(folder)
+        return size
 
 
 def _delete_not_in(db, table: str, column: str, keep: set) -> None:

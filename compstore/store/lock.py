@@ -61,26 +61,31 @@ _pulling = threading.local()  # the stores whose pull.lock this thread holds
 
 
 @contextmanager
-def pull_lock(home: Path, on_wait: Callable[[str], None] = logger.info) -> Iterator[None]:
+def pull_lock(home: Path, on_wait: Callable[[str], None] = logger.info,
+              wait: bool = True) -> Iterator[bool]:
     """Held by a pull from its first download to its ingest. No timeout: a pull may
     download for an hour, and the kernel drops the lock if its holder dies. Taken
     again by the thread that holds it, it lets it through: a modular repo's ingest
-    pulls the repos its entries point at. `on_wait` gets a line to show if it waits."""
+    pulls the repos its entries point at. `on_wait` gets a line to show if it waits;
+    with `wait=False` it yields False at once instead (gc: a pull is running)."""
     held: set = _pulling.__dict__.setdefault("homes", set())
     key = os.path.realpath(home)
     if key in held:
-        yield
+        yield True
         return
     fd = os.open(home / "pull.lock", os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            if not wait:
+                yield False
+                return
             on_wait(f"store {home}: waiting for another pull into it to finish")
             fcntl.flock(fd, fcntl.LOCK_EX)
         held.add(key)
         try:
-            yield
+            yield True
         finally:
             held.discard(key)
     finally:
