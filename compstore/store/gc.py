@@ -44,7 +44,6 @@ class GcReport:
     seconds: float
     downloads_freed_bytes: int = 0  # files failed pulls left in downloads/ for a resume
 
-
     def to_dict(self) -> dict:
         return asdict(self)
 
