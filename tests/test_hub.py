@@ -175,7 +175,7 @@ def test_pulls_of_one_repo_side_by_side_download_it_once(hub, store, family, cap
     once): each file is served once."""
     import logging
 
-    hub.latency = 0.2
+    hub.latency = 0.5  # the first pull downloads for ~1 s: the others start, and wait, meanwhile
     with caplog.at_level(logging.INFO, logger="compstore"):
         first, second, third = pull_side_by_side(hub, store.home, ["org/A"] * 3)
     assert caplog.text.count("waiting for another pull into it to finish") == 2
