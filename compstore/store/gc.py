@@ -26,6 +26,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
+from .errors import StoreBusyError
 from .lock import exclusive_readers, pull_lock, write_lock
 from .objects import PackWriter, fsync_dir
 
@@ -156,13 +157,16 @@ def gc(store: "Store", *, dry_run: bool = False) -> GcReport:
 def _unfinished_downloads(store: "Store", dry_run: bool) -> int:
     """Bytes in downloads/, removed unless `dry_run` or a pull is running (0 then)."""
     folder = store.home / "downloads"
-    with pull_lock(store.home, wait=False) as idle:
-        if not idle or not folder.exists():
-            return 0
-        size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file() and not f.is_symlink())
-        if not dry_run:
-            shutil.rmtree(folder)
-        return size
+    try:
+        with pull_lock(store.home, wait=False):
+            if not folder.exists():
+                return 0
+            size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file() and not f.is_symlink())
+            if not dry_run:
+                shutil.rmtree(folder)
+            return size
+    except StoreBusyError:  # a pull is running: its folder stays
+        return 0
 
 
 def _delete_not_in(db, table: str, column: str, keep: set) -> None:

@@ -275,7 +275,6 @@ def _download(store: "Store", repo_id: str, commit: str, entries: list, folder: 
     got = _Downloaded()
     xet = XetSource(endpoint or constants.ENDPOINT, repo_id, commit, build_hf_headers(token=token))
     manifest: dict | None = None
-    checked = got.checked
     entries = sorted(entries, key=lambda f: f.path != MANIFEST)  # the manifest first: it steers the rest
     held_by_path = {f.path: _held_file(store, f.size, f.lfs.sha256 if f.lfs else None,
                                        None if f.lfs else f.blob_id, f.xet_hash) for f in entries}
@@ -284,14 +283,14 @@ def _download(store: "Store", repo_id: str, commit: str, entries: list, folder: 
     def check(f, target: Path, digest: str | None) -> None:
         """Check a downloaded (or left in place) file against the Hub's sha256; record it."""
         sha = f.lfs.sha256.lower() if f.lfs else None
-        if sha and f.path not in checked:  # downloaded now, or left by a pull stopped before its check
+        if sha and f.path not in got.checked:  # downloaded now, or left by a pull stopped before its check
             if (digest or file_sha256(target)) != sha:
                 target.unlink()
                 raise HubError(f"{repo_id}/{f.path}@{commit[:12]}: the downloaded bytes do not "
                                "match the Hub's sha256; nothing was stored (retry the pull)")
-            checked[f.path] = sha
+            got.checked[f.path] = sha
         elif digest:
-            checked[f.path] = digest  # a git file: no Hub sha256 to check it against
+            got.checked[f.path] = digest  # a git file: no Hub sha256 to check it against
 
     def wait_for(job: Future) -> tuple[int, str]:
         try:
@@ -331,7 +330,7 @@ def _download(store: "Store", repo_id: str, commit: str, entries: list, folder: 
                     except network_errors as e:
                         raise translate(e) from None
                     if fetched is not None:  # else: the manifest lied; download the whole file
-                        checked[f.path] = sha.lower()
+                        got.checked[f.path] = sha.lower()
                         got.bytes += fetched
                         on_bytes(f.size)
                         got.files += 1
@@ -340,7 +339,7 @@ def _download(store: "Store", repo_id: str, commit: str, entries: list, folder: 
                 if use_xet and not target.exists():
                     try:
                         x = pull_xet_file(store, xet, f.xet_hash.lower(), f.size, sha, target, on_bytes)
-                        checked[f.path] = sha.lower()
+                        got.checked[f.path] = sha.lower()
                         got.xet_chunks[f.path] = x.chunks
                         got.bytes += x.fetched_bytes
                         got.chunk_fetched += x.fetched_bytes

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import fcntl
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -62,45 +63,37 @@ _pulling = threading.local()  # the stores whose pull.lock this thread holds
 
 @contextmanager
 def pull_lock(home: Path, on_wait: Callable[[str], None] = logger.info,
-              wait: bool = True) -> Iterator[bool]:
+              wait: bool = True) -> Iterator[None]:
     """Held by a pull from its first download to its ingest. No timeout: a pull may
     download for an hour, and the kernel drops the lock if its holder dies. Taken
     again by the thread that holds it, it lets it through: a modular repo's ingest
     pulls the repos its entries point at. `on_wait` gets a line to show if it waits;
-    with `wait=False` it yields False at once instead (gc: a pull is running)."""
+    with `wait=False` it raises `StoreBusyError` at once instead (gc: a pull is running)."""
     held: set = _pulling.__dict__.setdefault("homes", set())
     key = os.path.realpath(home)
     if key in held:
-        yield True
+        yield
         return
-    fd = os.open(home / "pull.lock", os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            if not wait:
-                yield False
-                return
-            on_wait(f"store {home}: waiting for another pull into it to finish")
-            fcntl.flock(fd, fcntl.LOCK_EX)
+    with _flock(home / "pull.lock", fcntl.LOCK_EX, math.inf if wait else 0, "a pull is running",
+                on_wait=lambda: on_wait(f"store {home}: waiting for another pull into it to finish")):
         held.add(key)
         try:
-            yield True
+            yield
         finally:
             held.discard(key)
-    finally:
-        os.close(fd)  # releases the lock
 
 
 @contextmanager
-def _flock(path: Path, mode: int, timeout_s: float | None, holder: str) -> Iterator[None]:
+def _flock(path: Path, mode: int, timeout_s: float | None, holder: str,
+           on_wait: Callable[[], None] | None = None) -> Iterator[None]:
+    """`flock(path, mode)` for the duration, polling up to `timeout_s` (None: the
+    `COMPSTORE_LOCK_TIMEOUT` setting); `on_wait` is called once if it has to wait."""
     if timeout_s is None:
         timeout_s = env_setting("COMPSTORE_LOCK_TIMEOUT", DEFAULT_TIMEOUT_S, float, expected="seconds")
-    timeout = timeout_s
     home = path.parent
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + timeout_s
         while True:
             try:
                 fcntl.flock(fd, mode | fcntl.LOCK_NB)
@@ -108,9 +101,12 @@ def _flock(path: Path, mode: int, timeout_s: float | None, holder: str) -> Itera
             except BlockingIOError:
                 if time.monotonic() >= deadline:
                     raise StoreBusyError(
-                        f"store {home} is busy: {holder} (waited {timeout:.0f} s); retry when "
+                        f"store {home} is busy: {holder} (waited {timeout_s:.0f} s); retry when "
                         "it finishes, or raise COMPSTORE_LOCK_TIMEOUT"
                     ) from None
+                if on_wait is not None:
+                    on_wait()
+                    on_wait = None
                 time.sleep(0.05)
         yield
     finally:
