@@ -3,7 +3,11 @@
     python benchmarks/pull.py
 
 Serves the tiny A/B/C/D family from tests/hub_emulator.py on 127.0.0.1 and pulls
-A, B, C, D in that order into one store; then publishes C with a compstore
+A, B, C, D in that order into one store, as published (`--all`: D's fp16 files
+too). Then a repo published with more than its pipeline (D with a single-file
+checkpoint at its root and a VAE folder its model_index.json does not name):
+what a default pull fetches beside what diffusers' own `from_pretrained`
+downloads and the whole repo. Then publishes C with a compstore
 manifest and pulls it into a store that holds only A. Prints, per pull, what the
 store lacked (whole files by sha256; tensors by the catalog's diff) beside what
 the emulator served. Last, the Xet path: a 64 MB UNet and a partial fine-tune of
@@ -46,17 +50,19 @@ def main() -> None:
     for name, folder in family.items():
         hub.add_repo(f"org/{name}", folder)
 
-    print("whole-file pulls, in order, into one store")
+    print("whole-file pulls of the repos as published (--all), in order, into one store")
     store, seen = Store(work / "store"), set()
     for name, folder in family.items():
         files = [p.read_bytes() for p in folder.rglob("*") if p.is_file()]
         lacked = sum(len(b) for b in files if hashlib.sha256(b).hexdigest() not in seen)
         seen |= {hashlib.sha256(b).hexdigest() for b in files}
         hub.reset_counts()
-        r = store.pull(f"org/{name}")
+        r = store.pull(f"org/{name}", all_files=True)
         print(f"  org/{name}: repo {sum(map(len, files)):>9,} B  store lacked {lacked:>9,} B  "
               f"Hub served {hub.served_bytes:>9,} B  files downloaded {r.downloaded_files}, "
               f"skipped {r.skipped_files}")
+
+    published_repo(hub, work, family)
 
     with Store(work / "publisher") as pub:
         pub.ingest(family["A"], "A")
@@ -78,6 +84,36 @@ def main() -> None:
     far_hub(hub, work, family["A"])
     hub.close()
     shutil.rmtree(work, ignore_errors=True)
+
+
+def published_repo(hub: HubEmulator, work: Path, family: dict[str, Path]) -> None:
+    import diffusers
+    from huggingface_hub import hf_api
+
+    repo = work / "X"
+    shutil.copytree(family["D"], repo)
+    shutil.copy(family["B"] / "unet/diffusion_pytorch_model.safetensors", repo / "x_1.0.safetensors")
+    shutil.copytree(family["B"] / "vae", repo / "vae_1_0")
+    hub.add_repo("org/X", repo)
+    # huggingface_hub read HF_ENDPOINT when it was imported, before main() set it.
+    constants = huggingface_hub.constants
+    constants.ENDPOINT = hf_api.api.endpoint = hub.url
+    constants.HUGGINGFACE_CO_URL_TEMPLATE = hub.url + "/{repo_id}/resolve/{revision}/{filename}"
+    size = sum(p.stat().st_size for p in repo.rglob("*") if p.is_file())
+    print(f"org/X: D with a single-file checkpoint and an unnamed VAE folder, {size:,} B as published")
+    for variant in (None, "fp16"):
+        theirs = Path(diffusers.DiffusionPipeline.download("org/X", variant=variant,
+                                                           cache_dir=str(work / f"hf-{variant}")))
+        theirs_bytes = sum(p.stat().st_size for p in theirs.rglob("*") if p.is_file())
+        with Store(work / f"X-{variant}") as store:
+            hub.reset_counts()
+            store.pull("org/X", variant=variant)
+        print(f"  variant={variant}: compstore pull fetched {hub.served_bytes:,} B; diffusers' "
+              f"from_pretrained downloads {theirs_bytes:,} B")
+    with Store(work / "X-all") as store:
+        hub.reset_counts()
+        store.pull("org/X", all_files=True)
+    print(f"  --all: compstore pull fetched {hub.served_bytes:,} B")
 
 
 def xet_partial_finetune(hub: HubEmulator, work: Path) -> None:

@@ -42,9 +42,9 @@ def test_pull_serves_only_the_files_the_store_lacks(hub, store, family, tmp_path
     store.export("org/A", tmp_path / "A")
     assert tree_sha256(tmp_path / "A") == tree_sha256(family["A"])
 
-    for name in "BCD":
+    for name in "BCD":  # D as published: its fp16 files too
         hub.reset_counts()
-        r = store.pull(f"org/{name}")
+        r = store.pull(f"org/{name}", all_files=True)
         expected = lacking_bytes([family[n] for n in "ABCD" if n < name], family[name])
         assert hub.served_bytes == r.downloaded_bytes == expected, name
         assert r.skipped_bytes > 0
@@ -296,9 +296,9 @@ def test_cli_pull_json(hub, tmp_path):
                                  "tokenizer/*", "--include", "scheduler/*", "--json"])
     assert r.exit_code == 0, r.stderr
     doc = json.loads(r.stdout)
-    assert doc["downloaded_bytes"] == hub.served_bytes and doc["files"] == doc["downloaded_files"] == 3
+    assert doc["downloaded_bytes"] == hub.served_bytes and doc["files"] == doc["downloaded_files"] == 4
     assert set(hub.served_files) == {"tokenizer/tokenizer.json", "tokenizer/tokenizer_config.json",
-                                     "scheduler/scheduler_config.json"}
+                                     "scheduler/scheduler_config.json", "model_index.json"}
     r = CliRunner().invoke(cli, ["--store", str(tmp_path / "s"), "pull", "org/nope"])
     assert r.exit_code == 1 and r.stderr.startswith("Error: org/nope was not found")
 
@@ -477,14 +477,21 @@ def test_modular_repo_pointing_at_hub_repos_pins_their_commit(hub, store, family
     remix = tmp_path / "remix"
     save_modular(tiny_sdxl_pipeline(seed=3), remix)
     index = json.loads((remix / "modular_model_index.json").read_text())
-    index["vae"][2].update(pretrained_model_name_or_path="org/sdxl-base", subfolder="vae", revision=None)
-    shutil.rmtree(remix / "vae")
+    for slot in ("vae", "text_encoder"):
+        index[slot][2].update(pretrained_model_name_or_path="org/sdxl-base", subfolder=slot,
+                              revision=None)
+        shutil.rmtree(remix / slot)
     (remix / "modular_model_index.json").write_text(json.dumps(index))
     hub.add_repo("org/remix", remix)
 
     store.pull("org/remix")  # pulls and pins org/sdxl-base on the way
-    pin = next(p for p in store.show("org/remix")["pins"] if p["slot"] == "vae")
+    pins = {p["slot"]: p for p in store.show("org/remix")["pins"]}
+    pin = pins["vae"]
     assert pin["source"].startswith("org/sdxl-base@") and pin["revision"]
+    # One pull of org/sdxl-base, of the folders pointed at: not its UNet, nor its other text encoder.
+    assert pins["text_encoder"]["source"] == pin["source"]
+    pulled = {row[0] for row in store.snapshot_files(store.resolve(pin["source"]))}
+    assert {p.split("/")[0] for p in pulled} == {"modular_model_index.json", "vae", "text_encoder"}
     pipe = compstore.ModularPipeline.from_pretrained("org/remix", store=store, local_files_only=True)
     pipe.load_components(names=["vae"])
 
@@ -541,6 +548,123 @@ def test_xet_hashes_from_the_hub_are_kept_beside_sha256(hub, store, family):
     by_sha = {hashlib.sha256(p.read_bytes()).hexdigest(): xet_hash(p.read_bytes())
               for p in Path(family["A"]).rglob("*.safetensors")}
     assert rows and all(xet == by_sha[sha] for sha, xet, _ in rows)
+
+
+@pytest.fixture
+def published(hub, family, tmp_path):
+    """org/X: D (fp16 files beside the default ones) as repos are published, with a
+    single-file checkpoint and a LoRA at its root, a VAE folder its model_index.json
+    does not name (as SDXL base 1.0's vae_1_0), an OpenVINO file, a README."""
+    import shutil
+
+    repo = tmp_path / "X"
+    shutil.copytree(family["D"], repo)
+    shutil.copy(family["B"] / "unet/diffusion_pytorch_model.safetensors", repo / "x_1.0.safetensors")
+    shutil.copy(family["C"] / "text_encoder/model.safetensors", repo / "x_lora.safetensors")
+    shutil.copytree(family["B"] / "vae", repo / "vae_1_0")
+    (repo / "unet" / "openvino_model.xml").write_text("<net/>\n")  # OpenVINO: another framework's
+    (repo / "README.md").write_text("# X\n")
+    hub.add_repo("org/X", repo)
+    return repo
+
+
+def diffusers_download(hub, variant, cache_dir, monkeypatch) -> set[str]:
+    """The files diffusers' own `from_pretrained` downloads from the emulated Hub."""
+    import diffusers
+    import huggingface_hub.constants as constants
+    from huggingface_hub import hf_api
+
+    # huggingface_hub read HF_ENDPOINT when it was imported; compstore reads it per pull.
+    monkeypatch.setattr(constants, "ENDPOINT", hub.url)
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE",
+                        hub.url + "/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.setattr(hf_api.api, "endpoint", hub.url)
+    folder = diffusers.DiffusionPipeline.download("org/X", variant=variant, cache_dir=str(cache_dir))
+    return set(files_of(Path(folder)))
+
+
+@pytest.mark.parametrize("variant", [None, "fp16"])
+def test_a_pull_fetches_what_from_pretrained_loads(hub, store, published, tmp_path, monkeypatch,
+                                                  variant):
+    """Not the other variant's weights, nor the single-file checkpoint, the LoRA or the
+    folder model_index.json does not name: the files diffusers downloads (less
+    vae_1_0's weights, which diffusers takes as it takes every `diffusion_pytorch_model`
+    file one folder deep, and its pipeline never loads), and the README at the root.
+    The pipeline loads as diffusers loads the folder."""
+    import diffusers
+
+    theirs = diffusers_download(hub, variant, tmp_path / "hf", monkeypatch)
+    hub.reset_counts()
+    r = store.pull("org/X", variant=variant)
+    ours = {row[0] for row in store.snapshot_files(store.resolve(r.ref))}
+    assert ours == {p for p in theirs if not p.startswith("vae_1_0/")} | {"README.md"}
+    assert r.files == r.downloaded_files == len(ours) and hub.served_bytes == r.downloaded_bytes
+    pipe = compstore.DiffusionPipeline.from_pretrained("org/X", store=store, variant=variant)
+    reference = diffusers.DiffusionPipeline.from_pretrained(published, variant=variant)
+    for slot in ("unet", "vae", "text_encoder"):
+        mine, want = getattr(pipe, slot).state_dict(), getattr(reference, slot).state_dict()
+        assert mine.keys() == want.keys() and all(torch.equal(mine[k], want[k]) for k in want), slot
+    hub.reset_counts()
+    assert store.pull("org/X", variant=variant).status == "unchanged" and hub.served_bytes == 0
+
+
+def test_pull_all_fetches_the_repo_as_published(hub, store, published, tmp_path):
+    store.pull("org/X")
+    r = store.pull("org/X", all_files=True)  # adds the rest to the commit's ref
+    assert r.status == "updated" and store.resolve("org/X") == store.resolve(r.ref)
+    store.export(r.ref, tmp_path / "out")
+    expected = tree_sha256(published)
+    del expected["unet/openvino_model.xml"]  # another framework's weights: never pulled
+    assert tree_sha256(tmp_path / "out") == expected
+    hub.reset_counts()
+    assert store.pull("org/X").status == "unchanged" and hub.served_bytes == 0  # held: all of it
+
+
+def test_pull_all_with_a_variant_is_refused(hub, store, published):
+    from click.testing import CliRunner
+
+    from compstore.cli import cli
+    from conftest import store_state
+
+    before = store_state(store.home)
+    r = CliRunner().invoke(cli, ["--store", str(store.home), "pull", "org/X", "--all", "--variant", "fp16"])
+    assert r.exit_code == 1 and "--all) takes every variant" in r.stderr
+    assert hub.served_bytes == 0 and store_state(store.home) == before
+
+
+def test_an_include_pull_then_a_full_one_fetches_the_rest(hub, store, family, tmp_path):
+    """An `include` pull holds part of a commit (and its model_index.json); a later
+    pull of that commit adds what it lacks to it, and the pipeline loads."""
+    first = store.pull("org/A", include=["unet/*"])
+    assert {row[0] for row in store.snapshot_files(store.resolve(first.ref))} == {
+        "model_index.json", "unet/config.json", "unet/diffusion_pytorch_model.safetensors"}
+    hub.reset_counts()
+    r = store.pull("org/A")
+    unet = (family["A"] / "unet/diffusion_pytorch_model.safetensors").stat().st_size
+    total = sum(len(b) for b in files_of(family["A"]).values())
+    assert (r.status, r.ref) == ("updated", first.ref)
+    assert hub.served_bytes == r.downloaded_bytes == total - unet - sum(
+        (family["A"] / p).stat().st_size for p in ("model_index.json", "unet/config.json"))
+    store.export("org/A", tmp_path / "A")
+    assert tree_sha256(tmp_path / "A") == tree_sha256(family["A"])
+    compstore.DiffusionPipeline.from_pretrained("org/A", store=store)
+
+
+def test_a_pipeline_index_that_is_not_json_is_refused_before_any_weight_is_fetched(hub, store, family,
+                                                                                   tmp_path):
+    import shutil
+
+    from conftest import store_state
+
+    repo = tmp_path / "bad"
+    shutil.copytree(family["A"], repo)
+    (repo / "model_index.json").write_text("{not json")
+    hub.add_repo("org/bad", repo)
+    before = store_state(store.home)
+    with pytest.raises(compstore.InvalidInputError, match="model_index.json: not a JSON object"):
+        store.pull("org/bad")
+    assert set(hub.served_files) == {"model_index.json"}
+    assert store_state(store.home) == before
 
 
 def test_pull_a_variant_and_skip_pickles(hub, store, family, tmp_path):

@@ -56,17 +56,21 @@ def ingest(ctx, path, name, allow_pickle, exclude, repin, as_json):
 @cli.command()
 @click.argument("repo_id")
 @click.option("--revision", help="Branch, tag or commit [default: main].")
-@click.option("--include", multiple=True, metavar="GLOB", help="Pull only matching files.")
+@click.option("--include", multiple=True, metavar="GLOB",
+              help="Pull only matching files, from every folder of the repo.")
 @click.option("--variant", help="Weights variant, e.g. fp16 (default weights where absent).")
+@click.option("--all", "all_files", is_flag=True,
+              help="The repo as published: every variant, every folder, single-file checkpoints "
+                   "(never pickles). Default: what from_pretrained loads.")
 @click.option("--name", help="Ref to record it under [default: REPO_ID@COMMIT, and REPO_ID].")
 @click.option("--repin", is_flag=True,
               help="Modular repos: accept new content at the repos its components point at.")
 @json_option
 @click.pass_context
-def pull(ctx, repo_id, revision, include, variant, name, repin, as_json):
+def pull(ctx, repo_id, revision, include, variant, all_files, name, repin, as_json):
     """Pull a Hub repo, downloading only what the store lacks (whole files; Xet chunks)."""
     r = open_store(ctx).pull(repo_id, revision=revision, include=list(include) or None,
-                             variant=variant, name=name, repin=repin,
+                             variant=variant, name=name, repin=repin, all_files=all_files,
                              progress=want_progress(as_json))
     emit(as_json, r.to_dict(),
          f"{r.ref}: {r.status}; downloaded {r.downloaded_files} files ({human(r.downloaded_bytes)}), "

@@ -26,8 +26,8 @@ took 4.5 s for a 1.6 GB UNet here (~370 MB/s), too slow for every ingest.
 
 from __future__ import annotations
 
-import fnmatch
 import hashlib
+import json
 import logging
 import os
 import re
@@ -35,18 +35,18 @@ import shutil
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
-from dataclasses import asdict, dataclass, field
-from pathlib import Path, PurePosixPath
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .errors import CompstoreError
+from .errors import CompstoreError, InvalidInputError
 from .export import file_pieces, write_file
 from .lock import pull_lock
 from .manifest import FILENAME as MANIFEST
 from .manifest import parse_manifest
 from .modular import pins_of
 from .progress import progress_bar, say
-from .scan import PICKLE_SUFFIXES, variant_of
+from .selection import pipeline_index_path, select_files
 from .settings import env_setting
 from .xet import XetError, XetSource, XetUnavailable, record_chunks
 from .xet import pull_file as pull_xet_file
@@ -84,32 +84,6 @@ class PullResult:
 
 
 PULL_WORKERS = 8  # HTTP downloads at a time, as huggingface_hub's snapshot_download: $COMPSTORE_PULL_WORKERS
-NOT_PULLED = PICKLE_SUFFIXES + (".msgpack", ".h5", ".onnx", ".onnx_data", ".pb", ".mlmodel")
-
-
-def _pick_variant(entries: list, variant: str | None) -> list:
-    """Per folder: the weights of `variant` where it has any, else the default ones.
-    Without a variant, every variant is pulled (the repo as published)."""
-    if not variant:
-        return entries
-
-    def is_weights(path: str) -> bool:
-        return path.endswith(".safetensors") or ".safetensors.index" in path
-
-    folders: dict[str, set[str]] = {}
-    for f in entries:
-        if is_weights(f.path):
-            folders.setdefault(str(PurePosixPath(f.path).parent), set()).add(variant_of(f.path))
-    keep = []
-    for f in entries:
-        if not is_weights(f.path):
-            keep.append(f)
-            continue
-        have = folders[str(PurePosixPath(f.path).parent)]
-        want = variant if variant in have else ""
-        if variant_of(f.path) == want or (want not in have and len(have) == 1):
-            keep.append(f)
-    return keep
 
 
 REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
@@ -174,23 +148,34 @@ def _hub_errors(repo_id: str, revision: str | None):
 
 def pull(store: "Store", repo_id: str, *, revision: str | None = None,
          include: list[str] | None = None, variant: str | None = None, name: str | None = None,
-         token: str | bool | None = None, repin: bool = False, progress: bool = False) -> PullResult:
+         token: str | bool | None = None, repin: bool = False, all_files: bool = False,
+         progress: bool = False) -> PullResult:
     """Pull `repo_id` at `revision` into the store; download only what it lacks.
 
-    Creates the refs `repo_id@<commit>` (`repo_id@<commit>[variant]` with a variant,
-    or `name`) and, for a full pull, `repo_id` (moved to this commit).
-    Pickle checkpoints and other frameworks' weights (.bin, .ckpt, .msgpack, .onnx, ...)
-    are not pulled. With `variant`, a folder's weights of that variant are pulled
-    where it has them, its default weights elsewhere (as diffusers does). Files
-    fetched over plain HTTP are downloaded `$COMPSTORE_PULL_WORKERS` (default 8)
-    at a time. Pulls into one store take turns (`pull_lock`): a second one waits,
-    then fetches only what the first did not bring.
+    Pulls what `from_pretrained` loads (selection.py): of a pipeline repo, the
+    folders its index names, and in each folder one variant's weights (`variant`'s
+    where it has them, else the default ones, as diffusers picks them); not the
+    other variants, nor single-file checkpoints at the root. `include` globs choose
+    from every folder; `all_files=True` pulls the repo as published. Pickle
+    checkpoints and other frameworks' weights (.bin, .ckpt, .msgpack, .onnx, ...)
+    are never pulled.
 
-    >>> Store().pull("stabilityai/sdxl-turbo", include=["*.json", "unet/*"])  # doctest: +SKIP
+    Creates the refs `repo_id@<commit>` (`repo_id@<commit>[variant]` with a variant,
+    or `name`) and, unless `include` or `variant`, `repo_id` (moved to this commit).
+    A pull whose files that ref already holds downloads nothing ("unchanged"); one
+    that wants more adds them to what the ref holds. Files fetched over plain HTTP
+    are downloaded `$COMPSTORE_PULL_WORKERS` (default 8) at a time. Pulls into one
+    store take turns (`pull_lock`): a second one waits, then fetches only what the
+    first did not bring.
+
+    >>> Store().pull("stabilityai/sdxl-turbo", variant="fp16")  # doctest: +SKIP
     """
     from huggingface_hub import HfApi
     from huggingface_hub.hf_api import RepoFile
 
+    if all_files and variant:
+        raise CompstoreError(f"pull {repo_id}: all_files (--all) takes every variant as published; "
+                             f"leave out variant={variant!r}, or all_files to pull that variant")
     t0 = time.perf_counter()
     workers = env_setting("COMPSTORE_PULL_WORKERS", PULL_WORKERS, minimum=1)
     endpoint = os.environ.get("HF_ENDPOINT") or None
@@ -203,34 +188,59 @@ def pull(store: "Store", repo_id: str, *, revision: str | None = None,
     except _network_errors() as e:
         raise translate(e) from None
     default_ref = f"{repo_id}@{commit}" + (f"[{variant}]" if variant else "")
+    # A pipeline repo's index names the folders to pull: it is read first.
+    index_path = None if include or all_files else pipeline_index_path({f.path for f in listed})
+
+    def wanted_given(index: dict | None) -> list:
+        wanted = select_files(listed, index=index, variant=variant, include=include,
+                              all_files=all_files)
+        if not wanted:
+            raise HubError(f"{repo_id}@{commit}: no files to pull (check --include)")
+        return wanted
+
+    def held_paths() -> set[str]:
+        """The files of this commit that its ref holds (none for a `name`d pull)."""
+        if name is not None or not store.has_ref(default_ref):
+            return set()
+        return {row[0] for row in store.snapshot_files(store.resolve(default_ref))}
 
     def already_here() -> PullResult | None:
-        """This commit is in the store: nothing to fetch or ingest. (A modular repo is
+        """The ref holds every file wanted: nothing to fetch or ingest. (A modular repo is
         ingested again: what its pointers name may have changed.)"""
-        if (name is not None or include or repin or not store.has_ref(default_ref)
-                or pins_of(store, store.resolve(default_ref))):
+        if name is not None or repin or not (have := held_paths()):
             return None
-        if not variant:
-            store.tag(repo_id, store.resolve(default_ref))
-        return PullResult(repo_id, commit, default_ref, len(listed), 0, 0, len(listed),
-                          sum(f.size for f in listed), "unchanged", round(time.perf_counter() - t0, 3))
+        snapshot = store.resolve(default_ref)
+        if (index_path and index_path not in have) or pins_of(store, snapshot):
+            return None
+        index = _parse_index(store.read_file(snapshot, index_path), repo_id, commit, index_path) \
+            if index_path else None
+        wanted = wanted_given(index)
+        if not {f.path for f in wanted} <= have:
+            return None
+        if not variant and not include:
+            store.tag(repo_id, snapshot)
+        return PullResult(repo_id, commit, default_ref, len(wanted), 0, 0, len(wanted),
+                          sum(f.size for f in wanted), "unchanged", round(time.perf_counter() - t0, 3))
 
     if (done := already_here()) is not None:
         return done
-    entries = [f for f in listed if not f.path.lower().endswith(NOT_PULLED)]
-    entries = _pick_variant(entries, variant)
-    if include:
-        entries = [f for f in entries if any(fnmatch.fnmatch(f.path, g) for g in include)]
-    if not entries:
-        raise HubError(f"{repo_id}@{commit}: no files to pull (check --include)")
-
     store._writable()
     with pull_lock(store.home, on_wait=say if progress else logger.info):
         if (done := already_here()) is not None:  # brought by the pull this one waited for
             return done
         folder = store.home / "downloads" / repo_id.replace("/", "--") / commit
-        got = _download(store, repo_id, commit, entries, folder, endpoint=endpoint, token=token,
-                        workers=workers, translate=translate, progress=progress)
+
+        def fetch(files: list, progress: bool) -> _Downloaded:
+            return _download(store, repo_id, commit, files, folder=folder, endpoint=endpoint,
+                             token=token, workers=workers, translate=translate, progress=progress)
+
+        got, index = _Downloaded(), None
+        if index_path:
+            got = fetch([f for f in listed if f.path == index_path], progress=False)
+            index = _parse_index((folder / index_path).read_bytes(), repo_id, commit, index_path)
+        keep = {f.path for f in wanted_given(index)} | held_paths()  # what the ref holds stays in it
+        entries = [f for f in listed if f.path in keep]
+        got.add(fetch([f for f in entries if f.path != index_path], progress=progress))
         ref = name or default_ref
         result: IngestResult = store.ingest(folder, ref, source=repo_id, revision=commit,
                                             repin=repin, progress=progress, checked_sha256=got.checked)
@@ -243,6 +253,19 @@ def pull(store: "Store", repo_id: str, *, revision: str | None = None,
                       got.skipped_bytes, result.status, round(time.perf_counter() - t0, 3),
                       got.xet_files, got.http_files, got.chunk_fetched, got.chunk_reused,
                       round(got.chunk_reused / got.xet_bytes, 4) if got.xet_bytes else 0.0)
+
+
+def _parse_index(data: bytes | None, repo_id: str, commit: str, path: str) -> dict:
+    """A pipeline index, which says which folders a pull fetches."""
+    try:
+        index = json.loads(data or b"")
+    except ValueError:
+        index = None
+    if not isinstance(index, dict):
+        raise InvalidInputError(f"{repo_id}@{commit[:12]}/{path}",
+                                "not a JSON object, so which files the pipeline needs is not known; "
+                                "nothing was stored")
+    return index
 
 
 @dataclass
@@ -260,6 +283,14 @@ class _Downloaded:
     xet_bytes: int = 0  # size of the files that came through Xet
     checked: dict[str, str] = field(default_factory=dict)  # path -> sha256, hashed by this pull
     xet_chunks: dict[str, list] = field(default_factory=dict)  # path -> its chunks (record_chunks)
+
+    def add(self, other: "_Downloaded") -> None:
+        for f in fields(self):
+            mine = getattr(self, f.name)
+            if isinstance(mine, dict):
+                mine.update(getattr(other, f.name))
+            else:
+                setattr(self, f.name, mine + getattr(other, f.name))
 
 
 def _download(store: "Store", repo_id: str, commit: str, entries: list, folder: Path, *,

@@ -122,6 +122,7 @@ def resolve_pointers(store: "Store", scan: FolderScan) -> list[Pin]:
                 f"--name {_candidate_refs(p)[0]}")
 
     pins = []
+    pulled: dict[tuple, str] = {}  # (repo, revision, variant) -> the ref its one pull made
     for p in pointers:
         folder = Path(p.source).expanduser()
         if folder.is_dir():
@@ -130,8 +131,15 @@ def resolve_pointers(store: "Store", scan: FolderScan) -> list[Pin]:
             source, revision = str(target), None
         else:
             if hub_reachable() and is_repo_id(p.source):
-                # A Hub repo: pull (only what the store lacks) and pin the commit it names now.
-                ref = store.pull(p.source, revision=p.revision).ref
+                # A Hub repo: pull the folders the pointers name in it (only what the
+                # store lacks), and pin the commit it names now.
+                key = (p.source, p.revision, p.variant)
+                if key not in pulled:
+                    folders = {q.subfolder for q in pointers if (q.source, q.revision, q.variant) == key}
+                    include = None if "" in folders else [f"{f}/*" for f in sorted(folders)]
+                    pulled[key] = store.pull(p.source, revision=p.revision, variant=p.variant,
+                                             include=include).ref
+                ref = pulled[key]
             else:
                 ref = _refs_for(store, p)[0]
             snap = store.resolve(ref)

@@ -25,7 +25,7 @@ PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl", ".pickle")
 SKIPPED_DIRS = {".git", ".cache"}
 PIPELINE_INDEXES = ("model_index.json", "modular_model_index.json")
 _INDEX_RE = re.compile(r"^(?P<stem>.+)\.safetensors\.index(?:\.(?P<variant>[^.]+))?\.json$")
-_SHARD_RE = re.compile(r"-\d{5}-of-\d{5}$")
+SHARD_RE = re.compile(r"-\d{5}-of-\d{5}$")
 
 
 @dataclass
@@ -142,10 +142,10 @@ def variant_of(filename: str, index_variants: dict[str, str] | None = None) -> s
     if m:
         return m.group("variant") or ""
     base = PurePosixPath(filename).name[: -len(".safetensors")]
-    base = _SHARD_RE.sub("", base)
+    base = SHARD_RE.sub("", base)
     parts = base.split(".")
     if len(parts) >= 2:
-        return _SHARD_RE.sub("", parts[-1])
+        return SHARD_RE.sub("", parts[-1])
     return ""
 
 
@@ -220,6 +220,16 @@ def _component_class(config: dict | None) -> tuple[str | None, str | None]:
     return None, None
 
 
+def index_entries(index: dict):
+    """(slot, library, class) of each component a pipeline index names; slots the
+    pipeline leaves empty (`[null, null]`, e.g. safety_checker) are not named."""
+    for key, value in index.items():
+        if key.startswith("_") or not isinstance(value, list) or len(value) < 2:
+            continue
+        if value[0] is not None and value[1] is not None:
+            yield key, value[0], value[1]
+
+
 def _slots(files: dict[str, ScannedFile]) -> tuple[str, dict[str, tuple[str | None, str | None]]]:
     """The folder's kind and its slots: slot name -> (library, class)."""
     for index_name in PIPELINE_INDEXES:
@@ -227,12 +237,7 @@ def _slots(files: dict[str, ScannedFile]) -> tuple[str, dict[str, tuple[str | No
         if index is None:
             continue
         slots: dict[str, tuple[str | None, str | None]] = {}
-        for key, value in index.items():
-            if key.startswith("_") or not isinstance(value, list) or len(value) < 2:
-                continue
-            library, cls = value[0], value[1]
-            if library is None or cls is None:
-                continue  # a slot the pipeline leaves empty (e.g. safety_checker)
+        for key, library, cls in index_entries(index):
             if not isinstance(library, str) or not isinstance(cls, str):
                 raise InvalidInputError(index_name, f"entry {key!r}: library and class must be "
                                                     f"strings, not {library!r}, {cls!r}")

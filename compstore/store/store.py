@@ -184,13 +184,16 @@ class Store:
 
     def pull(self, repo_id: str, *, revision: str | None = None, include: list[str] | None = None,
              variant: str | None = None, name: str | None = None, token: str | bool | None = None,
-             repin: bool = False, progress: bool = False) -> PullResult:
-        """Pull a Hub repo, downloading only the files whose content the store lacks.
+             repin: bool = False, all_files: bool = False, progress: bool = False) -> PullResult:
+        """Pull a Hub repo, downloading only the files whose content the store lacks:
+        what `from_pretrained` loads, or with `all_files=True` the repo as published
+        (see `hub.pull`).
 
         >>> Store().pull("org/tiny-sd", revision="main").downloaded_bytes  # doctest: +SKIP
         """
         return pull_repo(self, repo_id, revision=revision, include=include, variant=variant,
-                         name=name, token=token, repin=repin, progress=progress)
+                         name=name, token=token, repin=repin, all_files=all_files,
+                         progress=progress)
 
     def xet_index(self, ref: str, *, token: str | bool | None = None) -> dict:
         """Index the Xet chunks of `ref`'s files that were not pulled through Xet
