@@ -1,11 +1,13 @@
 """Pull a repo from the Hugging Face Hub into the store, fetching only what it lacks.
 
 Metadata first: `model_info` pins the revision to a commit, `list_repo_tree` gives
-every file's size, LFS sha256 and git blob id. A file whose content the store
-already holds, from any repo, is not downloaded at all: it is rebuilt from the
-store into the pull's folder. The rest is downloaded into `<store>/downloads/`, which a crashed
-pull leaves in place so the next one resumes, is checked against the Hub's sha256,
-ingested, and removed.
+every file's size, LFS sha256 and git blob id, and the pipeline index (read first)
+says which files `from_pretrained` loads: those are pulled (selection.py), not the
+repo as published. A file whose content the store already holds, from any repo,
+is not downloaded at all: it is rebuilt from the store into the pull's folder.
+The rest is downloaded into `<store>/downloads/`, which a crashed pull leaves in
+place so the next one resumes, is checked against the Hub's sha256, ingested,
+and removed.
 
 Files the Hub stores in Xet go through compstore's own Xet client (xet.py): only
 the chunks the store lacks are downloaded, the rest is read from the store. Files
@@ -212,8 +214,10 @@ def pull(store: "Store", repo_id: str, *, revision: str | None = None,
         snapshot = store.resolve(default_ref)
         if (index_path and index_path not in have) or pins_of(store, snapshot):
             return None
-        index = _parse_index(store.read_file(snapshot, index_path), repo_id, commit, index_path) \
-            if index_path else None
+        index = None
+        if index_path:
+            with store.reading():
+                index = _parse_index(store.read_file(snapshot, index_path), repo_id, commit, index_path)
         wanted = wanted_given(index)
         if not {f.path for f in wanted} <= have:
             return None
