@@ -285,6 +285,15 @@ def test_private_repo_with_a_token(hub, store):
     assert r.downloaded_files > 0
 
 
+def test_from_pretrained_passes_its_token_to_the_pull(hub, store):
+    with pytest.raises(HubError, match="not found on the Hub, or it is private"):
+        compstore.DiffusionPipeline.from_pretrained("org/private", store=store)
+    pipe = compstore.DiffusionPipeline.from_pretrained("org/private", store=store, token=hub.token)
+    assert pipe.unet is not None
+    unet = compstore.load_component("org/private", "unet", store=store, token=hub.token)
+    assert unet.config == pipe.unet.config
+
+
 def test_cli_pull_json(hub, tmp_path):
     import json
 

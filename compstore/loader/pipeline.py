@@ -58,9 +58,11 @@ def resolve_snapshot(
     revision: str | None = None,
     local_files_only: bool | None = None,
     variant: str | None = None,
+    token: str | bool | None = None,
     **_: Any,
 ) -> tuple[str, str]:
-    """(snapshot id, label) for a local folder (ingested on the way) or a store ref."""
+    """(snapshot id, label) for a local folder (ingested on the way), a Hub repo id
+    (pulled on the way, with `token` if given) or a store ref."""
     label = os.fspath(name_or_path)
     path = Path(label).expanduser()
     if path.is_dir():
@@ -70,7 +72,8 @@ def resolve_snapshot(
     candidates = [f"{label}@{revision}", label] if revision else [label]
     if is_repo_id(label) and not local_files_only and hub_reachable():
         # A repo id: the Hub names the commit; only what the store lacks is downloaded.
-        return store.resolve(store.pull(label, revision=revision, variant=variant).ref), label
+        pulled = store.pull(label, revision=revision, variant=variant, token=token)
+        return store.resolve(pulled.ref), label
     for ref in candidates:
         if store.has_ref(ref):
             return store.resolve(ref), label
@@ -140,7 +143,8 @@ class DiffusionPipeline:
         kwargs.pop("low_cpu_mem_usage", None)  # binding store tensors is always low-memory
         snapshot_id, label = resolve_snapshot(  # an ingest or a download: other threads' loads go on
             store, pretrained_model_name_or_path, revision=kwargs.pop("revision", None),
-            local_files_only=kwargs.pop("local_files_only", None), variant=variant)
+            local_files_only=kwargs.pop("local_files_only", None), variant=variant,
+            token=kwargs.get("token"))
         with exclusive_load():  # one load at a time per process, the collector paused (loading.py)
             return _assemble(store, snapshot_id, label, dtype=dtype, variant=variant, verify=verify,
                              private=private, pool=pool, kwargs=kwargs)
