@@ -515,6 +515,30 @@ def test_modular_repo_pointing_at_hub_repos_pins_their_commit(hub, store, family
     assert new_pin["component_id"] != pin["component_id"]
 
 
+def test_a_modular_repo_pointing_at_a_private_repo_pulls_it_with_the_token(hub, store, tmp_path):
+    import json
+    import shutil
+
+    from compstore.loader.synthetic import tiny_sdxl_pipeline
+    from test_modular import save_modular
+
+    save_modular(tiny_sdxl_pipeline(seed=0), tmp_path / "base")
+    hub.add_repo("org/private-base", tmp_path / "base", private=True)
+    remix = tmp_path / "remix"
+    save_modular(tiny_sdxl_pipeline(seed=3), remix)
+    index = json.loads((remix / "modular_model_index.json").read_text())
+    index["vae"][2].update(pretrained_model_name_or_path="org/private-base", subfolder="vae", revision=None)
+    shutil.rmtree(remix / "vae")
+    (remix / "modular_model_index.json").write_text(json.dumps(index))
+    hub.add_repo("org/remix", remix)
+
+    with pytest.raises(HubError, match="org/private-base was not found on the Hub, or it is private"):
+        store.pull("org/remix")
+    store.pull("org/remix", token=hub.token)  # the pointer's pull too (it had no token before)
+    pins = store.show("org/remix")["pins"]
+    assert [p["source"].split("@")[0] for p in pins] == ["org/private-base"]
+
+
 def test_adopt_a_hugging_face_cache_and_reclaim_it(hub, store, family, tmp_path):
     from huggingface_hub import scan_cache_dir, snapshot_download
 

@@ -67,7 +67,7 @@ def resolve_snapshot(
     path = Path(label).expanduser()
     if path.is_dir():
         ref = str(path.resolve())
-        result = store.ingest(path, ref)
+        result = store.ingest(path, ref, token=token)  # a modular folder's pointers may be pulled
         return result.snapshot, label
     candidates = [f"{label}@{revision}", label] if revision else [label]
     if is_repo_id(label) and not local_files_only and hub_reachable():

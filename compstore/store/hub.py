@@ -246,8 +246,8 @@ def pull(store: "Store", repo_id: str, *, revision: str | None = None,
         entries = [f for f in listed if f.path in keep]
         got.add(fetch([f for f in entries if f.path != index_path], progress=progress))
         ref = name or default_ref
-        result: IngestResult = store.ingest(folder, ref, source=repo_id, revision=commit,
-                                            repin=repin, progress=progress, checked_sha256=got.checked)
+        result: IngestResult = store.ingest(folder, ref, source=repo_id, revision=commit, repin=repin,
+                                            progress=progress, checked_sha256=got.checked, token=token)
         if name is None and not variant and not include:
             store.tag(repo_id, result.snapshot)  # `org/name` follows the latest full pull
         record_xet_hashes(store, result.snapshot, {f.path: f.xet_hash for f in entries})

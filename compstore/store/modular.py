@@ -92,7 +92,7 @@ def external_pointers(scan: FolderScan) -> list[Pointer]:
     return out
 
 
-def resolve_pointers(store: "Store", scan: FolderScan) -> list[Pin]:
+def resolve_pointers(store: "Store", scan: FolderScan, *, token: str | bool | None = None) -> list[Pin]:
     """Pin every external pointer: a local folder is ingested (ref = its absolute path),
     a Hub repo id is pulled (ref = `repo@commit`), anything else must already be a
     ref of the store (`name@revision` or `name`).
@@ -138,7 +138,7 @@ def resolve_pointers(store: "Store", scan: FolderScan) -> list[Pin]:
                     folders = {q.subfolder for q in pointers if (q.source, q.revision, q.variant) == key}
                     include = None if "" in folders else [f"{f}/*" for f in sorted(folders)]
                     pulled[key] = store.pull(p.source, revision=p.revision, variant=p.variant,
-                                             include=include).ref
+                                             include=include, token=token).ref
                 ref = pulled[key]
             else:
                 ref = _refs_for(store, p)[0]

@@ -351,6 +351,7 @@ class Store:
         repin: bool = False,
         progress: bool = False,
         checked_sha256: dict[str, str] | None = None,
+        token: str | bool | None = None,
     ) -> IngestResult:
         """Ingest a pipeline folder or a single component folder under ref `name`.
 
@@ -363,6 +364,7 @@ class Store:
         (path in the folder -> sha256) gives files' sha256 the caller has just computed
         from the very same bytes (a pull checks each download against the Hub's);
         those files are not hashed again, and a wrong value is recorded as given.
+        `token`: for the pulls of Hub repos that a modular pipeline's entries point at.
 
         >>> Store().ingest("./tiny-sd", name="tiny-sd").status  # doctest: +SKIP
         'new'
@@ -371,7 +373,7 @@ class Store:
         t0 = time.perf_counter()
         scan = scan_folder(path, allow_pickle=allow_pickle, exclude=exclude)
         ref = check_ref_name(Path(scan.root).name if name is None else name)
-        pins = resolve_pointers(self, scan)
+        pins = resolve_pointers(self, scan, token=token)
         with write_lock(self.home):
             self._clean_leftovers()
             writer = PackWriter(self.home)
