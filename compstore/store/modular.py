@@ -92,7 +92,8 @@ def external_pointers(scan: FolderScan) -> list[Pointer]:
     return out
 
 
-def resolve_pointers(store: "Store", scan: FolderScan, *, token: str | bool | None = None) -> list[Pin]:
+def resolve_pointers(store: "Store", scan: FolderScan, *,
+                     token: str | bool | None = None) -> list[Pin]:
     """Pin every external pointer: a local folder is ingested (ref = its absolute path),
     a Hub repo id is pulled (ref = `repo@commit`), anything else must already be a
     ref of the store (`name@revision` or `name`).
@@ -135,7 +136,8 @@ def resolve_pointers(store: "Store", scan: FolderScan, *, token: str | bool | No
                 # store lacks), and pin the commit it names now.
                 key = (p.source, p.revision, p.variant)
                 if key not in pulled:
-                    folders = {q.subfolder for q in pointers if (q.source, q.revision, q.variant) == key}
+                    folders = {q.subfolder for q in pointers
+                               if (q.source, q.revision, q.variant) == key}
                     include = None if "" in folders else [f"{f}/*" for f in sorted(folders)]
                     pulled[key] = store.pull(p.source, revision=p.revision, variant=p.variant,
                                              include=include, token=token).ref
