@@ -5,7 +5,8 @@
 Serves the tiny A/B/C/D family from tests/hub_emulator.py on 127.0.0.1 and pulls
 A, B, C, D in that order into one store, as published (`--all`: D's fp16 files
 too). Then a repo published with more than its pipeline (D with a single-file
-checkpoint at its root and a VAE folder its model_index.json does not name):
+checkpoint and a LoRA at its root, a VAE folder its model_index.json does not
+name, an OpenVINO file: `hub_emulator.publish_with_extras`):
 what a default pull fetches beside what diffusers' own `from_pretrained`
 downloads and the whole repo. Then publishes C with a compstore
 manifest and pulls it into a store that holds only A. Prints, per pull, what the
@@ -37,7 +38,7 @@ import huggingface_hub.constants  # noqa: E402
 
 from compstore import Store  # noqa: E402
 from compstore.loader.synthetic import build_family  # noqa: E402
-from hub_emulator import HubEmulator  # noqa: E402
+from hub_emulator import HubEmulator, huggingface_hub_default_endpoint, publish_with_extras  # noqa: E402
 from xet_cas import chunk_boundaries, chunk_hash  # noqa: E402
 
 
@@ -88,22 +89,16 @@ def main() -> None:
 
 def published_repo(hub: HubEmulator, work: Path, family: dict[str, Path]) -> None:
     import diffusers
-    from huggingface_hub import hf_api
 
-    repo = work / "X"
-    shutil.copytree(family["D"], repo)
-    shutil.copy(family["B"] / "unet/diffusion_pytorch_model.safetensors", repo / "x_1.0.safetensors")
-    shutil.copytree(family["B"] / "vae", repo / "vae_1_0")
+    repo = publish_with_extras(family, work / "X")
     hub.add_repo("org/X", repo)
-    # huggingface_hub read HF_ENDPOINT when it was imported, before main() set it.
-    constants = huggingface_hub.constants
-    constants.ENDPOINT = hf_api.api.endpoint = hub.url
-    constants.HUGGINGFACE_CO_URL_TEMPLATE = hub.url + "/{repo_id}/resolve/{revision}/{filename}"
     size = sum(p.stat().st_size for p in repo.rglob("*") if p.is_file())
-    print(f"org/X: D with a single-file checkpoint and an unnamed VAE folder, {size:,} B as published")
+    print(f"org/X: D with a published repo's extras (a single-file checkpoint, a LoRA, an unnamed "
+          f"VAE folder, an OpenVINO file, a README), {size:,} B as published")
     for variant in (None, "fp16"):
-        theirs = Path(diffusers.DiffusionPipeline.download("org/X", variant=variant,
-                                                           cache_dir=str(work / f"hf-{variant}")))
+        with huggingface_hub_default_endpoint(hub.url):
+            theirs = Path(diffusers.DiffusionPipeline.download("org/X", variant=variant,
+                                                               cache_dir=str(work / f"hf-{variant}")))
         theirs_bytes = sum(p.stat().st_size for p in theirs.rglob("*") if p.is_file())
         with Store(work / f"X-{variant}") as store:
             hub.reset_counts()
@@ -113,7 +108,7 @@ def published_repo(hub: HubEmulator, work: Path, family: dict[str, Path]) -> Non
     with Store(work / "X-all") as store:
         hub.reset_counts()
         store.pull("org/X", all_files=True)
-    print(f"  --all: compstore pull fetched {hub.served_bytes:,} B")
+    print(f"  --all: compstore pull fetched {hub.served_bytes:,} B (never the OpenVINO file)")
 
 
 def xet_partial_finetune(hub: HubEmulator, work: Path) -> None:

@@ -26,14 +26,45 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import shutil
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 LFS_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt")
+
+
+def publish_with_extras(family: dict[str, Path], repo: Path) -> Path:
+    """D (fp16 files beside the default ones) laid out as pipeline repos are published:
+    a single-file checkpoint and a LoRA at its root, a VAE folder its model_index.json
+    does not name (as SDXL base 1.0's vae_1_0), an OpenVINO file, a README."""
+    shutil.copytree(family["D"], repo)
+    shutil.copy(family["B"] / "unet/diffusion_pytorch_model.safetensors", repo / "x_1.0.safetensors")
+    shutil.copy(family["C"] / "text_encoder/model.safetensors", repo / "x_lora.safetensors")
+    shutil.copytree(family["B"] / "vae", repo / "vae_1_0")
+    (repo / "unet" / "openvino_model.xml").write_text("<net/>\n")  # OpenVINO: another framework's
+    (repo / "README.md").write_text("# X\n")
+    return repo
+
+
+@contextmanager
+def huggingface_hub_default_endpoint(url: str):
+    """huggingface_hub's own functions (those diffusers calls) at `url`, for the duration:
+    they read HF_ENDPOINT when huggingface_hub was imported (compstore reads it per pull)."""
+    import huggingface_hub.constants as constants
+    from huggingface_hub import hf_api
+
+    saved = constants.ENDPOINT, constants.HUGGINGFACE_CO_URL_TEMPLATE, hf_api.api.endpoint
+    constants.ENDPOINT = hf_api.api.endpoint = url
+    constants.HUGGINGFACE_CO_URL_TEMPLATE = url + "/{repo_id}/resolve/{revision}/{filename}"
+    try:
+        yield
+    finally:
+        constants.ENDPOINT, constants.HUGGINGFACE_CO_URL_TEMPLATE, hf_api.api.endpoint = saved
 
 
 def xet_hash(data: bytes) -> str:

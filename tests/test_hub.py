@@ -585,40 +585,26 @@ def test_xet_hashes_from_the_hub_are_kept_beside_sha256(hub, store, family):
 
 @pytest.fixture
 def published(hub, family, tmp_path):
-    """org/X: D (fp16 files beside the default ones) as repos are published, with a
-    single-file checkpoint and a LoRA at its root, a VAE folder its model_index.json
-    does not name (as SDXL base 1.0's vae_1_0), an OpenVINO file, a README."""
-    import shutil
+    """org/X: D with a published repo's extras (`hub_emulator.publish_with_extras`)."""
+    from hub_emulator import publish_with_extras
 
-    repo = tmp_path / "X"
-    shutil.copytree(family["D"], repo)
-    shutil.copy(family["B"] / "unet/diffusion_pytorch_model.safetensors", repo / "x_1.0.safetensors")
-    shutil.copy(family["C"] / "text_encoder/model.safetensors", repo / "x_lora.safetensors")
-    shutil.copytree(family["B"] / "vae", repo / "vae_1_0")
-    (repo / "unet" / "openvino_model.xml").write_text("<net/>\n")  # OpenVINO: another framework's
-    (repo / "README.md").write_text("# X\n")
+    repo = publish_with_extras(family, tmp_path / "X")
     hub.add_repo("org/X", repo)
     return repo
 
 
-def diffusers_download(hub, variant, cache_dir, monkeypatch) -> set[str]:
+def diffusers_download(hub, variant, cache_dir) -> set[str]:
     """The files diffusers' own `from_pretrained` downloads from the emulated Hub."""
     import diffusers
-    import huggingface_hub.constants as constants
-    from huggingface_hub import hf_api
+    from hub_emulator import huggingface_hub_default_endpoint
 
-    # huggingface_hub read HF_ENDPOINT when it was imported; compstore reads it per pull.
-    monkeypatch.setattr(constants, "ENDPOINT", hub.url)
-    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE",
-                        hub.url + "/{repo_id}/resolve/{revision}/{filename}")
-    monkeypatch.setattr(hf_api.api, "endpoint", hub.url)
-    folder = diffusers.DiffusionPipeline.download("org/X", variant=variant, cache_dir=str(cache_dir))
+    with huggingface_hub_default_endpoint(hub.url):
+        folder = diffusers.DiffusionPipeline.download("org/X", variant=variant, cache_dir=str(cache_dir))
     return set(files_of(Path(folder)))
 
 
 @pytest.mark.parametrize("variant", [None, "fp16"])
-def test_a_pull_fetches_what_from_pretrained_loads(hub, store, published, tmp_path, monkeypatch,
-                                                  variant):
+def test_a_pull_fetches_what_from_pretrained_loads(hub, store, published, tmp_path, variant):
     """Not the other variant's weights, nor the single-file checkpoint, the LoRA or the
     folder model_index.json does not name: the files diffusers downloads (less
     vae_1_0's weights, which diffusers takes as it takes every `diffusion_pytorch_model`
@@ -626,7 +612,7 @@ def test_a_pull_fetches_what_from_pretrained_loads(hub, store, published, tmp_pa
     The pipeline loads as diffusers loads the folder."""
     import diffusers
 
-    theirs = diffusers_download(hub, variant, tmp_path / "hf", monkeypatch)
+    theirs = diffusers_download(hub, variant, tmp_path / "hf")
     hub.reset_counts()
     r = store.pull("org/X", variant=variant)
     ours = {row[0] for row in store.snapshot_files(store.resolve(r.ref))}
