@@ -24,6 +24,7 @@ from .store import (
     SettingError,
     Store,
     StoreBusyError,
+    VariantNotFoundError,
 )
 
 __version__ = "0.1.0"
@@ -43,6 +44,6 @@ def __getattr__(name: str):
 __all__ = [
     "Store", "CompstoreError", "ComponentNotFoundError", "CorruptStoreError", "ExportError",
     "InvalidInputError", "PickleRefusedError", "PinChangedError", "RefNotFoundError", "StoreBusyError",
-    "DiskFullError", "ReadOnlyStoreError", "SettingError", "HubError",
+    "DiskFullError", "ReadOnlyStoreError", "SettingError", "HubError", "VariantNotFoundError",
     *sorted(_LOADER_NAMES),
 ]

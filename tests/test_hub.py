@@ -473,26 +473,34 @@ def test_gc_removes_what_failed_pulls_left_unless_a_pull_is_running(hub, store, 
     assert store.verify().ok
 
 
-def test_modular_repo_pointing_at_hub_repos_pins_their_commit(hub, store, family, tmp_path):
+def publish_remix(hub, tmp_path, base: str, slots: tuple[str, ...], *, private: bool = False,
+                  **pointer) -> None:
+    """org/remix: a modular tiny SDXL whose `slots` point at `base` (a modular tiny
+    SDXL published too) instead of folders of its own."""
     import json
     import shutil
 
-    from compstore import PinChangedError
     from compstore.loader.synthetic import tiny_sdxl_pipeline
     from test_modular import save_modular
 
     save_modular(tiny_sdxl_pipeline(seed=0), tmp_path / "base")
-    hub.add_repo("org/sdxl-base", tmp_path / "base")
+    hub.add_repo(base, tmp_path / "base", private=private)
     remix = tmp_path / "remix"
     save_modular(tiny_sdxl_pipeline(seed=3), remix)
     index = json.loads((remix / "modular_model_index.json").read_text())
-    for slot in ("vae", "text_encoder"):
-        index[slot][2].update(pretrained_model_name_or_path="org/sdxl-base", subfolder=slot,
-                              revision=None)
+    for slot in slots:
+        index[slot][2].update(pretrained_model_name_or_path=base, subfolder=slot, revision=None,
+                              **pointer)
         shutil.rmtree(remix / slot)
     (remix / "modular_model_index.json").write_text(json.dumps(index))
     hub.add_repo("org/remix", remix)
 
+
+def test_modular_repo_pointing_at_hub_repos_pins_their_commit(hub, store, tmp_path):
+    from compstore import PinChangedError
+    from compstore.loader.synthetic import tiny_sdxl_pipeline
+
+    publish_remix(hub, tmp_path, "org/sdxl-base", ("vae", "text_encoder"))
     store.pull("org/remix")  # pulls and pins org/sdxl-base on the way
     pins = {p["slot"]: p for p in store.show("org/remix")["pins"]}
     pin = pins["vae"]
@@ -515,23 +523,21 @@ def test_modular_repo_pointing_at_hub_repos_pins_their_commit(hub, store, family
     assert new_pin["component_id"] != pin["component_id"]
 
 
+def test_a_modular_pointer_in_a_variant_its_repo_lacks_pins_the_default_weights(hub, store, tmp_path,
+                                                                              caplog):
+    import logging
+
+    publish_remix(hub, tmp_path, "org/sdxl-base", ("vae",), variant="fp16")
+    with caplog.at_level(logging.WARNING, logger="compstore"):
+        store.pull("org/remix")
+    assert "vae: no 'fp16' variant stored, loading the default weights" in caplog.text
+    [pin] = store.show("org/remix")["pins"]
+    assert pin["source"].startswith("org/sdxl-base@") and pin["variant"] == ""
+    assert "vae/diffusion_pytorch_model.safetensors" in hub.served_files
+
+
 def test_a_modular_repo_pointing_at_a_private_repo_pulls_it_with_the_token(hub, store, tmp_path):
-    import json
-    import shutil
-
-    from compstore.loader.synthetic import tiny_sdxl_pipeline
-    from test_modular import save_modular
-
-    save_modular(tiny_sdxl_pipeline(seed=0), tmp_path / "base")
-    hub.add_repo("org/private-base", tmp_path / "base", private=True)
-    remix = tmp_path / "remix"
-    save_modular(tiny_sdxl_pipeline(seed=3), remix)
-    index = json.loads((remix / "modular_model_index.json").read_text())
-    index["vae"][2].update(pretrained_model_name_or_path="org/private-base", subfolder="vae", revision=None)
-    shutil.rmtree(remix / "vae")
-    (remix / "modular_model_index.json").write_text(json.dumps(index))
-    hub.add_repo("org/remix", remix)
-
+    publish_remix(hub, tmp_path, "org/private-base", ("vae",), private=True)
     with pytest.raises(HubError, match="org/private-base was not found on the Hub, or it is private"):
         store.pull("org/remix")
     store.pull("org/remix", token=hub.token)  # the pointer's pull too (it had no token before)
@@ -684,6 +690,44 @@ def test_a_pipeline_index_that_is_not_json_is_refused_before_any_weight_is_fetch
         store.pull("org/bad")
     assert set(hub.served_files) == {"model_index.json"}
     assert store_state(store.home) == before
+
+
+def test_a_variant_no_folder_has_is_refused_before_any_weight_is_fetched(hub, store):
+    """diffusers' download refuses it too, rather than fetching the default weights."""
+    from click.testing import CliRunner
+
+    from compstore.cli import cli
+    from conftest import store_state
+
+    before = store_state(store.home)
+    with pytest.raises(compstore.VariantNotFoundError,
+                       match=r"org/A@\w+ has no 'fp16' weights \(the weights come as: default\); "
+                             r"pull it without --variant"):
+        store.pull("org/A", variant="fp16")
+    assert set(hub.served_files) == {"model_index.json"}
+    with pytest.raises(ValueError):  # from_pretrained pulls first: the same refusal
+        compstore.DiffusionPipeline.from_pretrained("org/A", store=store, variant="fp16")
+    r = CliRunner().invoke(cli, ["--store", str(store.home), "pull", "org/A", "--variant", "fp16"])
+    assert r.exit_code == 1 and "has no 'fp16' weights" in r.stderr
+    assert set(hub.served_files) == {"model_index.json"}
+    assert store_state(store.home) == before
+
+
+def test_a_variant_pull_is_found_offline(hub, store):
+    """A pull in a variant moves `repo[variant]`, where offline loads in it look."""
+    r = store.pull("org/D", variant="fp16")
+    assert store.resolve("org/D[fp16]") == store.resolve(r.ref) and not store.has_ref("org/D")
+    hub.reset_counts()
+    pipe = compstore.DiffusionPipeline.from_pretrained("org/D", store=store, variant="fp16",
+                                                       local_files_only=True)
+    assert pipe.text_encoder.dtype == torch.float16 and hub.served_bytes == 0
+
+
+def test_load_component_pulls_the_variant_it_asks_for(hub, store):
+    te = compstore.load_component("org/D", "text_encoder", store=store, variant="fp16")
+    assert te.dtype == torch.float16
+    assert "text_encoder/model.fp16.safetensors" in hub.served_files
+    assert "text_encoder/model.safetensors" not in hub.served_files
 
 
 def test_pull_a_variant_and_skip_pickles(hub, store, family, tmp_path):

@@ -227,3 +227,34 @@ def test_a_tied_pair_stored_under_its_target_name_only_ties_to_the_stored_bytes(
         ours = compstore.load_component(str(folder), store=store)
         same_state(ours, theirs)
         assert torch.equal(ours.shared.weight, embed) and ours.shared.weight is ours.encoder.embed_tokens.weight
+
+
+def test_a_variant_no_model_has_is_refused_as_diffusers_refuses_it(family_store, family):
+    """diffusers raises a ValueError rather than loading the default weights; so does
+    compstore (`VariantNotFoundError` is a ValueError), and one model without the
+    variant is refused as transformers/diffusers refuse it (an OSError there)."""
+    with pytest.raises(ValueError, match="no such modeling files"):
+        diffusers.DiffusionPipeline.from_pretrained(family["A"], variant="fp16")
+    with pytest.raises(compstore.VariantNotFoundError,
+                       match=r"A has no 'fp16' weights \(its weights come as: default\)"):
+        compstore.DiffusionPipeline.from_pretrained("A", store=family_store, variant="fp16")
+    with pytest.raises(OSError):
+        diffusers.UNet2DConditionModel.from_pretrained(family["A"] / "unet", variant="fp16")
+    with pytest.raises(compstore.VariantNotFoundError, match="slot 'unet' has no 'fp16' weights"):
+        compstore.load_component("A", "unet", store=family_store, variant="fp16")
+
+
+def test_a_variant_some_models_lack_loads_their_default_weights_as_diffusers(store, family, tmp_path,
+                                                                            caplog):
+    import shutil
+
+    mixed = tmp_path / "mixed"
+    shutil.copytree(family["D"], mixed)
+    (mixed / "vae" / "diffusion_pytorch_model.fp16.safetensors").unlink()
+    theirs = diffusers.DiffusionPipeline.from_pretrained(mixed, variant="fp16")
+    with caplog.at_level(logging.WARNING, logger="compstore"):
+        ours = compstore.DiffusionPipeline.from_pretrained(str(mixed), store=store, variant="fp16")
+    assert "vae: no 'fp16' variant stored, loading the default weights" in caplog.text
+    for slot in ("unet", "vae", "text_encoder"):
+        same_state(getattr(ours, slot), getattr(theirs, slot))
+    assert ours.text_encoder.dtype == torch.float16 and ours.vae.dtype == torch.float32

@@ -58,11 +58,13 @@ def ingest(ctx, path, name, allow_pickle, exclude, repin, as_json):
 @click.option("--revision", help="Branch, tag or commit [default: main].")
 @click.option("--include", multiple=True, metavar="GLOB",
               help="Pull only matching files, from every folder of the repo.")
-@click.option("--variant", help="Weights variant, e.g. fp16 (default weights where absent).")
+@click.option("--variant", help="Weights variant, e.g. fp16: the default weights in folders "
+              "without it; refused when no folder has it.")
 @click.option("--all", "all_files", is_flag=True,
               help="The repo as published: every variant, every folder, single-file checkpoints "
                    "(never pickles). Default: what from_pretrained loads.")
-@click.option("--name", help="Ref to record it under [default: REPO_ID@COMMIT, and REPO_ID].")
+@click.option("--name", help="Ref to record it under [default: REPO_ID@COMMIT and REPO_ID, "
+              "each followed by [V] with --variant V].")
 @click.option("--repin", is_flag=True,
               help="Modular repos: accept new content at the repos its components point at.")
 @json_option

@@ -455,8 +455,8 @@ def load_component(
     dtype = dtype_argument({"dtype": dtype, "torch_dtype": torch_dtype})
     store = open_store(store)
     verify = kwargs.pop("verify", False)
-    snapshot_id, label = resolve_snapshot(store, name_or_path, **kwargs)  # other loads go on
-    comp = pick_component(store.components_of(snapshot_id), slot, variant)
+    snapshot_id, label = resolve_snapshot(store, name_or_path, variant=variant, **kwargs)  # others go on
+    comp = pick_component(store.components_of(snapshot_id), slot, variant, fallback=False)
     name = f"{label}/{slot}" if slot else label
     with exclusive_load(), store.reading():  # one load at a time (loading.py); gc unlinks no pack
         return build_model(store, comp, dtype=dtype, name_or_path=name,

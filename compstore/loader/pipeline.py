@@ -34,7 +34,7 @@ import torch
 
 from ..store import CompstoreError, RefNotFoundError, Store
 from ..store.hub import hub_reachable, is_repo_id
-from ..store.components import pick_component
+from ..store.components import pick_component, require_variant
 from . import warm
 from .component import dtype_argument, is_model_class, prepare_model, resolve_class
 from .loading import exclusive_load
@@ -70,6 +70,8 @@ def resolve_snapshot(
         result = store.ingest(path, ref, token=token)  # a modular folder's pointers may be pulled
         return result.snapshot, label
     candidates = [f"{label}@{revision}", label] if revision else [label]
+    if variant:  # a pull in that variant made `repo@commit[variant]` and `repo[variant]`
+        candidates = [ref for c in candidates for ref in (f"{c}[{variant}]", c)]
     if is_repo_id(label) and not local_files_only and hub_reachable():
         # A repo id: the Hub names the commit; only what the store lacks is downloaded.
         pulled = store.pull(label, revision=revision, variant=variant, token=token)
@@ -170,6 +172,7 @@ def _assemble(store: Store, snapshot_id: str, label: str, *, dtype, variant: str
             "fix _class_name in the pipeline's model_index.json and ingest it again")
 
     rows = store.components_of(snapshot_id)
+    require_variant(rows, variant, label)
     packs = private_packs(store)  # one set of copy-on-write mappings for this pipeline
     skeleton = store.materialize(snapshot_id, _skeleton_file)
     built: dict[str, Any] = {}

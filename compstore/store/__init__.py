@@ -16,6 +16,7 @@ from .errors import (
     RefNotFoundError,
     SettingError,
     StoreBusyError,
+    VariantNotFoundError,
 )
 from .hub import HubError, PullResult
 from .modular import PinChangedError
@@ -26,7 +27,7 @@ from .store import IngestResult, Store, default_home
 __all__ = [
     "Store", "IngestResult", "default_home", "CompstoreError", "ComponentNotFoundError",
     "CorruptStoreError", "ExportError", "InvalidInputError", "PickleRefusedError",
-    "RefNotFoundError", "StoreBusyError", "PinChangedError", "DiskFullError", "ReadOnlyStoreError", "SettingError", "HubError",
+    "RefNotFoundError", "StoreBusyError", "PinChangedError", "DiskFullError", "ReadOnlyStoreError", "SettingError", "HubError", "VariantNotFoundError",
     "PullResult",
     "Remote", "RemoteError", "RemoteBusyError", "PushResult", "FetchResult",
 ]

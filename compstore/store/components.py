@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import logging
 
-from .errors import ComponentNotFoundError
+from .errors import ComponentNotFoundError, VariantNotFoundError
 
 logger = logging.getLogger("compstore")
 
 
-def pick_component(components: list[dict], slot: str, variant: str | None) -> dict:
-    """The (slot, variant) row of `Store.components_of`, falling back to the default
-    weights when that variant is absent (with a warning), as diffusers does.
+def pick_component(components: list[dict], slot: str, variant: str | None,
+                   *, fallback: bool = True) -> dict:
+    """The (slot, variant) row of `Store.components_of`. Where the slot lacks that
+    variant: its default weights, with a warning, as diffusers loads a pipeline
+    whose other folders have the variant; with `fallback=False` a
+    `VariantNotFoundError`, as diffusers loads one model.
 
     >>> pick_component(store.components_of(snap), "unet", "fp16")  # doctest: +SKIP
     """
@@ -21,6 +24,9 @@ def pick_component(components: list[dict], slot: str, variant: str | None) -> di
                                      f"{sorted({c['slot'] for c in components})})")
     if variant and variant in in_slot:
         return in_slot[variant]
+    if variant and not fallback:
+        raise VariantNotFoundError(f"slot {slot!r} has no {variant!r} weights (it has: "
+                                   f"{', '.join(sorted(v or 'default' for v in in_slot))})")
     if "" in in_slot:
         if variant:
             logger.warning("%s: no %r variant stored, loading the default weights", slot, variant)
@@ -29,3 +35,13 @@ def pick_component(components: list[dict], slot: str, variant: str | None) -> di
         return next(iter(in_slot.values()))
     raise ComponentNotFoundError(
         f"slot {slot!r} has no default weights; pass variant= one of {sorted(in_slot)}")
+
+
+def require_variant(components: list[dict], variant: str | None, label: str) -> None:
+    """Refuse a `variant` that none of a snapshot's models come in: diffusers raises
+    a ValueError there too, rather than loading the default weights instead."""
+    if variant and not any(c["variant"] == variant for c in components):
+        kinds = sorted({c["variant"] or "default" for c in components})
+        raise VariantNotFoundError(
+            f"{label} has no {variant!r} weights (its weights come as: {', '.join(kinds)}); "
+            "load it without variant= for the default weights")

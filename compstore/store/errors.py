@@ -41,6 +41,11 @@ class ComponentNotFoundError(CompstoreError):
     """The ref has no component in that slot (or not in that variant)."""
 
 
+class VariantNotFoundError(ComponentNotFoundError, ValueError):
+    """A `variant` was asked for that none of the weights come in. diffusers, too,
+    refuses it (a ValueError) rather than loading other weights silently."""
+
+
 class StoreBusyError(CompstoreError):
     """Another process holds the store's write lock for longer than the timeout."""
 

@@ -41,7 +41,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .errors import CompstoreError, InvalidInputError
+from .errors import CompstoreError, InvalidInputError, VariantNotFoundError
 from .export import file_pieces, write_file
 from .lock import pull_lock
 from .manifest import FILENAME as MANIFEST
@@ -163,7 +163,9 @@ def pull(store: "Store", repo_id: str, *, revision: str | None = None,
     are never pulled.
 
     Creates the refs `repo_id@<commit>` (`repo_id@<commit>[variant]` with a variant,
-    or `name`) and, unless `include` or `variant`, `repo_id` (moved to this commit).
+    or `name`) and, unless `include`, `repo_id` (`repo_id[variant]`), moved to this
+    commit. A `variant` that none of the weights come in raises `VariantNotFoundError`
+    before any weight is fetched.
     A pull whose files that ref already holds downloads nothing ("unchanged"); one
     that wants more adds them to what the ref holds. Files fetched over plain HTTP
     are downloaded `$COMPSTORE_PULL_WORKERS` (default 8) at a time. Pulls into one
@@ -190,12 +192,19 @@ def pull(store: "Store", repo_id: str, *, revision: str | None = None,
     except _network_errors() as e:
         raise translate(e) from None
     default_ref = f"{repo_id}@{commit}" + (f"[{variant}]" if variant else "")
+    # `repo_id` (`repo_id[variant]`) follows the latest pull of the pipeline (in that
+    # variant): offline loads find it there.
+    latest_ref = None if include else repo_id + (f"[{variant}]" if variant else "")
     # A pipeline repo's index names the folders to pull: it is read first.
     index_path = None if include or all_files else pipeline_index_path({f.path for f in listed})
 
     def wanted_given(index: dict | None) -> list:
-        wanted = select_files(listed, index=index, variant=variant, include=include,
-                              all_files=all_files)
+        try:
+            wanted = select_files(listed, index=index, variant=variant, include=include,
+                                  all_files=all_files)
+        except VariantNotFoundError as e:
+            raise VariantNotFoundError(f"{repo_id}@{commit} has {e}; pull it without "
+                                       f"--variant (variant=None) for the default weights") from None
         if not wanted:
             raise HubError(f"{repo_id}@{commit}: no files to pull (check --include)")
         return wanted
@@ -221,8 +230,8 @@ def pull(store: "Store", repo_id: str, *, revision: str | None = None,
         wanted = wanted_given(index)
         if not {f.path for f in wanted} <= have:
             return None
-        if not variant and not include:
-            store.tag(repo_id, snapshot)
+        if latest_ref:
+            store.tag(latest_ref, snapshot)
         return PullResult(repo_id, commit, default_ref, len(wanted), 0, 0, len(wanted),
                           sum(f.size for f in wanted), "unchanged", round(time.perf_counter() - t0, 3))
 
@@ -248,8 +257,8 @@ def pull(store: "Store", repo_id: str, *, revision: str | None = None,
         ref = name or default_ref
         result: IngestResult = store.ingest(folder, ref, source=repo_id, revision=commit, repin=repin,
                                             progress=progress, checked_sha256=got.checked, token=token)
-        if name is None and not variant and not include:
-            store.tag(repo_id, result.snapshot)  # `org/name` follows the latest full pull
+        if name is None and latest_ref:
+            store.tag(latest_ref, result.snapshot)
         record_xet_hashes(store, result.snapshot, {f.path: f.xet_hash for f in entries})
         record_chunks(store, result.snapshot, got.xet_chunks)
         shutil.rmtree(folder, ignore_errors=True)

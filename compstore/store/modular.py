@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .components import pick_component
-from .errors import CompstoreError, ComponentNotFoundError, InvalidInputError
+from .errors import CompstoreError, ComponentNotFoundError, InvalidInputError, VariantNotFoundError
 from .scan import FolderScan, safe_relpath
 
 if TYPE_CHECKING:
@@ -139,8 +139,12 @@ def resolve_pointers(store: "Store", scan: FolderScan, *,
                     folders = {q.subfolder for q in pointers
                                if (q.source, q.revision, q.variant) == key}
                     include = None if "" in folders else [f"{f}/*" for f in sorted(folders)]
-                    pulled[key] = store.pull(p.source, revision=p.revision, variant=p.variant,
-                                             include=include, token=token).ref
+                    try:
+                        pulled[key] = store.pull(p.source, revision=p.revision, variant=p.variant,
+                                                 include=include, token=token).ref
+                    except VariantNotFoundError:  # pinned below: the default weights, with a warning
+                        pulled[key] = store.pull(p.source, revision=p.revision, include=include,
+                                                 token=token).ref
                 ref = pulled[key]
             else:
                 ref = _refs_for(store, p)[0]

@@ -17,7 +17,9 @@ index does not name, which it never loads); a pull downloads the pipeline:
    included), one variant's: `variant`'s where the folder has it, else the default
    weights, else all the folder has (no default to fall back on). Other weights
    beside loadable ones (a LoRA, a single-file checkpoint) are left out; a folder
-   with none loadable keeps its own.
+   with none loadable keeps its own. A `variant` that no folder has is refused
+   (`VariantNotFoundError`), as diffusers refuses it, rather than pulling default
+   weights the caller did not ask for.
 
 `all_files` drops rules 2 and 3: the repo as published, less rule 1.
 """
@@ -28,6 +30,7 @@ import fnmatch
 from pathlib import PurePosixPath
 from typing import Protocol, TypeVar
 
+from .errors import VariantNotFoundError
 from .scan import PICKLE_SUFFIXES, PIPELINE_INDEXES, SHARD_RE, index_entries, variant_of
 
 # Other frameworks' weights: Flax, Keras, ONNX, TensorFlow, Core ML, OpenVINO (.xml + .bin).
@@ -58,6 +61,7 @@ def select_files(files: list[F], *, index: dict | None, variant: str | None = No
                  include: list[str] | None = None, all_files: bool = False) -> list[F]:
     """The files (anything with a `.path`) a pull fetches, in their order; see the
     module docstring. `index`: the repo's pipeline index (None: not a pipeline repo).
+    Raises `VariantNotFoundError` when `variant` is given and no folder has it.
 
     >>> [f.path for f in select_files(listed, index={"unet": ["diffusers", "UNet2DConditionModel"]},
     ...                               variant="fp16")]  # doctest: +SKIP
@@ -77,6 +81,9 @@ def select_files(files: list[F], *, index: dict | None, variant: str | None = No
     for f in chosen:
         if is_weights(f.path) and _loadable(f.path):
             loadable.setdefault(_folder(f.path), set()).add(variant_of(f.path))
+    if variant and loadable and not any(variant in have for have in loadable.values()):
+        kinds = sorted({v or "default" for have in loadable.values() for v in have})
+        raise VariantNotFoundError(f"no {variant!r} weights (the weights come as: {', '.join(kinds)})")
     picked = {folder: ({variant} & have) or ({""} & have) or have for folder, have in loadable.items()}
 
     def keep(path: str) -> bool:
