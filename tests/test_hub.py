@@ -675,6 +675,27 @@ def test_an_include_pull_then_a_full_one_fetches_the_rest(hub, store, family, tm
     compstore.DiffusionPipeline.from_pretrained("org/A", store=store)
 
 
+def test_files_the_index_lists_in_ignore_files_are_not_pulled(hub, store, family, tmp_path):
+    """diffusers' download leaves out the files model_index.json lists in `_ignore_files`."""
+    import json
+    import shutil
+
+    repo = tmp_path / "ignoring"
+    shutil.copytree(family["A"], repo)
+    (repo / "unet" / "training_notes.txt").write_text("not for download\n" * 1000)
+    index = json.loads((repo / "model_index.json").read_text())
+    (repo / "model_index.json").write_text(json.dumps({**index, "_ignore_files": [
+        "unet/training_notes.txt"]}))
+    hub.add_repo("org/X", repo)
+    theirs = diffusers_download(hub, None, tmp_path / "hf")
+    hub.reset_counts()
+    r = store.pull("org/X")
+    ours = {row[0] for row in store.snapshot_files(store.resolve(r.ref))}
+    assert "unet/training_notes.txt" not in theirs | ours | set(hub.served_files)
+    assert ours == theirs
+    compstore.DiffusionPipeline.from_pretrained("org/X", store=store, local_files_only=True)
+
+
 def test_a_pipeline_index_that_is_not_json_is_refused_before_any_weight_is_fetched(hub, store, family,
                                                                                    tmp_path):
     import shutil

@@ -10,7 +10,8 @@ index does not name, which it never loads); a pull downloads the pipeline:
 1. Never: pickle checkpoints and other frameworks' weights (`NOT_PULLED`).
 2. A pipeline repo (a `model_index.json` or `modular_model_index.json` at its
    root): the folders its index names, and the files at its root that are not
-   weights. `include` globs choose from every folder instead (the index comes
+   weights, less the files its index lists in `_ignore_files` (as diffusers).
+   `include` globs choose from every folder instead (the index comes
    along: the folders pulled are still the pipeline's).
 3. In each folder, of the weights that diffusers and transformers load
    (`diffusion_pytorch_model…` and `model…` safetensors, shards and index json
@@ -73,8 +74,10 @@ def select_files(files: list[F], *, index: dict | None, variant: str | None = No
         chosen = [f for f in chosen if f.path in matched or (matched and f.path in PIPELINE_INDEXES)]
     elif index is not None and not all_files:
         slots = {slot for slot, _, _ in index_entries(index)}
-        chosen = [f for f in chosen if f.path.partition("/")[0] in slots
-                  or ("/" not in f.path and not is_weights(f.path))]
+        ignored = index.get("_ignore_files")  # what the publisher keeps out of downloads
+        ignored = set(ignored) if isinstance(ignored, list) else set()
+        chosen = [f for f in chosen if f.path not in ignored and (
+            f.path.partition("/")[0] in slots or ("/" not in f.path and not is_weights(f.path)))]
     if all_files:
         return chosen
     loadable: dict[str, set[str]] = {}  # folder -> the variants of its loadable weights
