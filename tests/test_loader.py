@@ -121,6 +121,28 @@ def test_load_component_matches_diffusers_and_transformers(family_store, family)
     assert all(torch.equal(a, b) for a, b in zip(te.state_dict().values(), ref_te.state_dict().values()))
 
 
+@pytest.mark.parametrize("dtype", [None, torch.float16])
+def test_sd15_layout_with_a_safety_checker_loads_as_diffusers(store, tmp_path, caplog, dtype):
+    """SD 1.5's model_index names its safety checker by a diffusers pipeline module,
+    ["stable_diffusion", "StableDiffusionSafetyChecker"]: it is built from the store
+    too (it was left to diffusers, which found no weights in the skeleton), and
+    diffusers' "cannot verify" warning, with the module printed whole, is not shown."""
+    import logging
+
+    from compstore.loader.synthetic import tiny_sd15_layout
+
+    folder = tmp_path / "sd15"
+    tiny_sd15_layout(seed=0).save_pretrained(folder)
+    theirs = diffusers.DiffusionPipeline.from_pretrained(folder, dtype=dtype)
+    with caplog.at_level(logging.WARNING):
+        ours = compstore.DiffusionPipeline.from_pretrained(str(folder), store=store, dtype=dtype)
+    assert "non-standard module" not in caplog.text
+    assert_same_pipeline(ours, theirs, slots=("unet", "vae", "text_encoder", "safety_checker"))
+    assert type(ours.feature_extractor) is type(theirs.feature_extractor)
+    assert ours.feature_extractor.to_dict() == theirs.feature_extractor.to_dict()
+    assert np.array_equal(image(ours), image(theirs))
+
+
 def test_single_component_ref_and_local_folder(store, family):
     vae = compstore.load_component(str(family["A"] / "vae"), store=store)
     assert type(vae).__name__ == "AutoencoderKL"

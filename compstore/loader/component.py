@@ -34,11 +34,17 @@ logger = logging.getLogger("compstore")
 
 
 def resolve_class(library: str | None, class_name: str | None):
-    """The Python class a model_index entry names, e.g. ("diffusers", "AutoencoderKL")."""
+    """The Python class a model_index entry names, e.g. ("diffusers", "AutoencoderKL"),
+    or ("stable_diffusion", "StableDiffusionSafetyChecker"): a diffusers pipeline
+    module, as SD 1.5 names its safety checker."""
     if not library or not class_name:
         return None
     if library.startswith("diffusers.pipelines"):
         library = "diffusers"
+    from diffusers import pipelines
+
+    if hasattr(pipelines, library):  # diffusers' own rule (pipeline_loading_utils)
+        return getattr(getattr(pipelines, library), class_name, None)
     try:
         module = importlib.import_module(library)
     except ImportError:
@@ -165,7 +171,9 @@ def prepare_model(
         # transformers: dtype=None means "auto", the checkpoint's own dtype.
         target = dtype or _auto_dtype(config, locations)
         config_obj = cls.config_class.from_dict(config)
-        config_obj.dtype = target
+        for c in [config_obj] + [getattr(config_obj, k, None) for k in getattr(config_obj, "sub_configs", {})]:
+            if c is not None:  # as transformers: the dtype on the config and its sub-configs
+                c.dtype = target
         config_obj._name_or_path = name_or_path
         keep = list(getattr(cls, "_keep_in_fp32_modules", None) or []) if target == torch.float16 else []
         keep += list(getattr(cls, "_keep_in_fp32_modules_strict", None) or []) if target in (

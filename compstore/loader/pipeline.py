@@ -200,7 +200,8 @@ def _assemble(store: Store, snapshot_id: str, label: str, *, dtype, variant: str
                 report.components.append(pool.move(built[slot], slot, private=private, wait=False, settle=False))
                 setattr(built[slot], POOL, pool)
 
-    pipe = pipeline_cls.from_pretrained(skeleton, **built, **kwargs)
+    with _unverifiable_module_warning_dropped(list(built.values())):
+        pipe = pipeline_cls.from_pretrained(skeleton, **built, **kwargs)
     pipe.register_to_config(_name_or_path=label)
     route_through_pool(pipe)
     if pool is not None:
@@ -211,6 +212,27 @@ def _assemble(store: Store, snapshot_id: str, label: str, *, dtype, variant: str
         report.seconds = round(sum(c.seconds for c in report.components) + time.perf_counter() - t0, 6)
         record_report(pool, report)
     return pipe
+
+
+@contextlib.contextmanager
+def _unverifiable_module_warning_dropped(ours: list):
+    """diffusers warns that it "cannot verify" a component passed in whose class is
+    in a pipeline module (SD 1.5's safety checker), and prints the whole module. The
+    class is the one the index names, built here: that warning is dropped (a user's
+    own component passed in keeps it)."""
+    diffusers_logger = logging.getLogger("diffusers.pipelines.pipeline_loading_utils")
+
+    def keep(record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not (message.startswith("You have passed a non-standard module")
+                    and any(message.startswith(f"You have passed a non-standard module {m}.")
+                            for m in ours))
+
+    diffusers_logger.addFilter(keep)
+    try:
+        yield
+    finally:
+        diffusers_logger.removeFilter(keep)
 
 
 def target_pool(device_map, pool: ResidencyPool | None) -> ResidencyPool | None:

@@ -107,6 +107,25 @@ def _sd_pipeline(unet, vae, text_encoder):
     )
 
 
+def tiny_sd15_layout(seed: int = 0):
+    """`tiny_sd_pipeline` as SD 1.5 publishes it: with a safety checker, whose
+    model_index entry names a diffusers pipeline module ("stable_diffusion"), and a
+    CLIP image processor."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import CLIPConfig, CLIPImageProcessor
+
+    base = tiny_sd_pipeline(seed)
+    tower = dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2)
+    torch.manual_seed(seed + 3)
+    checker = StableDiffusionSafetyChecker(CLIPConfig(
+        text_config={**tower, "vocab_size": 1000},
+        vision_config={**tower, "image_size": 32, "patch_size": 4}, projection_dim=32))
+    return StableDiffusionPipeline(**{**base.components, "safety_checker": checker.eval(),
+                                      "feature_extractor": CLIPImageProcessor(crop_size=32, size=32),
+                                      "requires_safety_checker": True})
+
+
 def perturb_fraction(module: torch.nn.Module, fraction: float, seed: int) -> int:
     """Change every k-th parameter so that about `fraction` of them differ; return the count."""
     g = torch.Generator().manual_seed(seed)
