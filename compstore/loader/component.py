@@ -14,6 +14,7 @@ import functools
 import importlib
 import logging
 import re
+import types
 from contextlib import contextmanager
 from typing import Any, Callable
 
@@ -26,6 +27,7 @@ from ..store.objects import blob_hash
 from ..store.objects import PackFiles
 from . import warm
 from .loading import exclusive_load
+from .names import checkpoint_renames
 from .residency import STORE_KEYS, ResidencyPool, as_shape, named_tensors, record_store_keys
 from .routing import route_through_pool
 from .tensors import TORCH_DTYPES, private_packs, state_dict, stored_tensor
@@ -182,16 +184,19 @@ def prepare_model(
     sd = state_dict(packs, locations, target, keep)
     if pool is not None and not private:  # the upload runs while the constructors do
         pool.prefetch([(blobs[name], t) for name, t in sd.items() if name in blobs])
-    model, on_meta = _instantiate(make, sd, target)  # patches process-wide state: see loading.py
+    model, on_meta, renames = _instantiate(make, sd, target)  # patches process-wide state: see loading.py
+    if renames:  # from here on, tensors go by the names the model loads them under
+        blobs = {renames.get(name, name): blob for name, blob in blobs.items()}
     adoptable = (on_meta and not (private or verify) and _loads_the_default_way(model)
                  # a pair the checkpoint has both of: the library compares their bytes to tie
                  and not any(t in sd and s in sd for t, s in _tied_pairs(model).items()))
     if adoptable:
         # The constructed tree, bound to meta stand-ins, becomes the template; the
         # model handed out is its first clone, as every later load's is.
-        template = _adopt(key, model, sd, blobs, arch, cls, name_or_path)
+        template = _adopt(key, model, sd, blobs, arch, cls, name_or_path, renames)
         if template is not None:
-            return functools.partial(_from_template, template, lambda: sd, pool, name_or_path)
+            return functools.partial(_from_template, template, lambda: _by_stored_name(sd, renames),
+                                     pool, name_or_path)
     _bind(model, sd, cls, name_or_path, warn=not adoptable)  # (else _adopt's bind warned)
     missing = [name for name, _, _, t in named_tensors(model) if t.device.type == "meta"]
     if missing:  # a bug, not a user error: _instantiate should have built it for real
@@ -204,7 +209,7 @@ def prepare_model(
 
 
 def _adopt(key: tuple, model: torch.nn.Module, sd: dict[str, torch.Tensor], blobs: dict,
-           arch: str, cls, name_or_path: str) -> warm.Template | None:
+           arch: str, cls, name_or_path: str, renames: dict[str, str]) -> warm.Template | None:
     """Make a freshly constructed (meta) `model`, one that loads the default way, the
     template of its component: bound to meta stand-ins of its store tensors `sd` the
     way `_bind` binds them (the library's warnings included), then kept by
@@ -213,7 +218,15 @@ def _adopt(key: tuple, model: torch.nn.Module, sd: dict[str, torch.Tensor], blob
     model, still meta, is then the caller's to bind."""
     _bind(model, {name: t.to("meta") for name, t in sd.items()}, cls, name_or_path, default_way=True)
     model.eval()
-    return warm.adopt(key, model, blobs, arch)
+    return warm.adopt(key, model, blobs, arch, renames)
+
+
+def _by_stored_name(sd: dict[str, torch.Tensor], renames: dict[str, str]) -> dict[str, torch.Tensor]:
+    """`sd` (by the model's names) by the store's names again, as `_from_template` reads it."""
+    if not renames:
+        return sd
+    stored = {model: name for name, model in renames.items()}
+    return {stored.get(name, name): t for name, t in sd.items()}
 
 
 def _stored_views(store: Store, cid: str, packs: PackFiles,
@@ -244,8 +257,9 @@ def _from_template(template: warm.Template, views: Callable[[], dict[str, torch.
     def host(indices: list[int]) -> list[torch.Tensor]:
         stored = {}
         if any(template.blobs[i] is not None for i in indices):
-            sd = views()
-            stored = {i: sd[name] for name, i in template.names.items() if name in sd}  # tied: any name
+            sd = views()  # by stored name
+            stored = {i: sd[template.stored_name(name)] for name, i in template.names.items()
+                      if template.stored_name(name) in sd}  # tied: any name
         out = []
         for i in indices:
             like = likes[i]
@@ -279,19 +293,26 @@ def check_tensors(packs: PackFiles, locations, what: str) -> None:
                 f"{loc.pack}); run `compstore verify` and re-ingest the affected refs")
 
 
-def _instantiate(make, sd: dict[str, torch.Tensor], dtype: torch.dtype) -> tuple[torch.nn.Module, bool]:
+def _instantiate(make, sd: dict[str, torch.Tensor],
+                 dtype: torch.dtype) -> tuple[torch.nn.Module, bool, dict[str, str]]:
     """The model with empty (meta) weights, or, when the checkpoint lacks weights it
     needs, built for real so they get their initial values: diffusers and transformers
     both initialise missing weights (with a warning) rather than refuse. The flag
-    says whether the weights are meta."""
+    says whether the weights are meta. `sd` is renamed in place to the names the
+    model loads its tensors under (`names.checkpoint_renames`, returned)."""
     from accelerate import init_empty_weights
 
     with init_empty_weights(), _no_init_on_meta():
         model = make()
+    renames = checkpoint_renames(model, list(sd))
+    if renames:
+        renamed = {renames.get(name, name): t for name, t in sd.items()}
+        sd.clear()
+        sd.update(renamed)
     if not _missing_after_ties(model, sd):
-        return model, True
+        return model, True, renames
     with torch_default_dtype(dtype if dtype.is_floating_point else torch.float32):
-        return make(), False
+        return make(), False, renames
 
 
 _INIT_FUNCTIONS = ("uniform_", "normal_", "constant_", "ones_", "zeros_", "eye_", "dirac_",
@@ -376,8 +397,7 @@ def _bind(model: torch.nn.Module, sd: dict[str, torch.Tensor], cls, name_or_path
     `_loads_the_default_way(model)`, where the caller has it already."""
     slots = _state_slots(model)
     unexpected = [k for k in sd if k not in slots]
-    ignore = getattr(cls, "_keys_to_ignore_on_load_unexpected", None) or []
-    reported = [k for k in unexpected if not any(re.search(p, k) for p in ignore)]
+    reported = _not_ignored(model, cls, unexpected=unexpected)
     if reported and warn:
         logger.warning("Some weights of the checkpoint at %s were not used when initializing "
                        "%s: %s", name_or_path, cls.__name__, reported)
@@ -409,10 +429,24 @@ def _bind(model: torch.nn.Module, sd: dict[str, torch.Tensor], cls, name_or_path
     elif hasattr(model, "tie_weights"):
         model.tie_weights()
     given = _given_by_ties(model, sd)
-    newly = [k for k in initialised if k not in given]
+    newly = _not_ignored(model, cls, missing=[k for k in initialised if k not in given])
     if newly and warn:
         logger.warning("Some weights of %s were not initialized from the model checkpoint at "
                        "%s and are newly initialized: %s", cls.__name__, name_or_path, newly)
+
+
+def _not_ignored(model: torch.nn.Module, cls, *, unexpected: list[str] = (),
+                 missing: list[str] = ()) -> list[str]:
+    """The unexpected or missing keys the library would warn about: transformers' own
+    rules (`_keys_to_ignore_on_load_*`, and old checkpoints' `position_ids` and
+    `inv_freq` buffers), else the class's `_keys_to_ignore_on_load_unexpected`."""
+    adjust = getattr(model, "_adjust_missing_and_unexpected_keys", None)
+    if adjust is not None:
+        info = types.SimpleNamespace(missing_keys=set(missing), unexpected_keys=set(unexpected))
+        adjust(info)
+        return [k for k in [*unexpected, *missing] if k in info.unexpected_keys | info.missing_keys]
+    ignore = getattr(cls, "_keys_to_ignore_on_load_unexpected", None) or []
+    return [*[k for k in unexpected if not any(re.search(p, k) for p in ignore)], *missing]
 
 
 def _state_slots(model: torch.nn.Module) -> dict[str, tuple[torch.nn.Module, str, str]]:

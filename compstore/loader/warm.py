@@ -194,6 +194,15 @@ class Template:
     plan: Plan  # of the template's own tree
     blobs: list[tuple[str, int] | None]  # per tensor of `plan.tensors`: its blob, None if not the store's
     names: dict[str, int]  # every name of a store tensor (tied ones too) -> its index in `plan.tensors`
+    renames: dict[str, str] = dataclasses.field(default_factory=dict)  # stored name -> name in `names`
+
+    @functools.cached_property
+    def _stored(self) -> dict[str, str]:
+        return {model: stored for stored, model in self.renames.items()}
+
+    def stored_name(self, name: str) -> str:
+        """The store's name of the tensor the model calls `name` (see loader/names.py)."""
+        return self._stored.get(name, name)
 
     @property
     def module(self) -> torch.nn.Module:
@@ -244,7 +253,7 @@ def architecture(class_name: str, dtype: str, config: dict | None, locations) ->
 def sibling(key: tuple, arch: str, blobs: dict[str, tuple[str, int]]) -> Template | None:
     """A template for `key` from another component's of the same architecture: that
     template's module tree (shared: templates are never changed), this component's
-    blobs (`blobs`: name -> blob). Building B's UNet after A's, both fine-tunes of one
+    blobs (`blobs`: stored name -> blob). Building B's UNet after A's, both fine-tunes of one
     base, is then a clone, not a rebuild (~0.2 s of constructors for SDXL's).
     The template is kept under `key` too."""
     found = _TEMPLATES.get(_BY_ARCHITECTURE.get(arch))
@@ -252,11 +261,11 @@ def sibling(key: tuple, arch: str, blobs: dict[str, tuple[str, int]]) -> Templat
         return None
     mine: list[tuple[str, int] | None] = [None] * len(found.blobs)
     for name, i in found.names.items():
-        blob = blobs.get(name)
+        blob = blobs.get(found.stored_name(name))  # `blobs`: by stored name
         if blob is None or mine[i] not in (None, blob):
             return None  # tied in the model but stored twice, differently: build anew
         mine[i] = blob
-    _keep(key, Template(found.plan, mine, found.names))
+    _keep(key, Template(found.plan, mine, found.names, found.renames))
     return _TEMPLATES[key]
 
 
@@ -268,10 +277,11 @@ def _keep(key: tuple, template: Template) -> None:
 
 
 def adopt(key: tuple, model: torch.nn.Module, blobs: dict[str, tuple[str, int]],
-          arch: str | None = None) -> Template | None:
+          arch: str | None = None, renames: dict[str, str] | None = None) -> Template | None:
     """Keep `model` itself as the template for `key`, and for components of its
     architecture `arch` (see `sibling`): a freshly constructed model whose store
-    tensors are meta stand-ins (`blobs`: name -> blob of each store tensor), never
+    tensors are meta stand-ins (`blobs`: name -> blob of each store tensor; `renames`:
+    stored name -> that name, where they differ), never
     handed out. None, and nothing kept, when a parameter is not the store's (newly
     initialised: each build draws its own), a meta tensor has no blob, or tied
     names hold different bytes."""
@@ -287,7 +297,7 @@ def adopt(key: tuple, model: torch.nn.Module, blobs: dict[str, tuple[str, int]],
     plan = clone_plan(model)
     index = {id(t): i for i, (_, t) in enumerate(plan.tensors)}
     found = Template(plan, [blob_of.get(id(t)) for _, t in plan.tensors],
-                     {name: index[id(t)] for name, _, _, t in named if name in blobs})
+                     {name: index[id(t)] for name, _, _, t in named if name in blobs}, renames or {})
     _keep(key, found)
     if arch is not None:
         _BY_ARCHITECTURE[arch] = key

@@ -1,0 +1,65 @@
+"""Checkpoint names -> the names a model loads them under.
+
+A stored tensor keeps the name its file gave it (exports stay byte-identical), but
+the libraries rename some names on load:
+
+- diffusers: the weights of its deprecated attention blocks (`query`, `key`,
+  `value`, `proj_attn` -> `to_q`, `to_k`, `to_v`, `to_out.0`), as SD 1.x and 2.x
+  VAEs are published (`ModelMixin._fix_state_dict_keys_on_load`);
+- transformers 5: each model's conversion mapping, e.g. CLIPTextModel no longer
+  has its `text_model.` level, which every published CLIP text encoder's names
+  start with; legacy `LayerNorm.gamma`/`beta`; adding or removing the
+  `base_model_prefix` (`transformers.core_model_loading.rename_source_key`).
+
+Both are asked of the library itself, on the model built on meta, so that names
+bind as `from_pretrained` binds them. transformers' conversions that merge or
+split tensors (fused MoE experts, qkv) make new tensors: those are refused.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from ..store import CompstoreError
+
+_DEPRECATED_ATTENTION = re.compile(r"\.(query|key|value|proj_attn)\.(weight|bias)$")
+
+
+def checkpoint_renames(model: torch.nn.Module, names: list[str]) -> dict[str, str]:
+    """{stored name: model name} of the `names` the library loads under another name.
+
+    >>> checkpoint_renames(clip_text_model_on_meta, ["text_model.final_layer_norm.weight"])  # doctest: +SKIP
+    {'text_model.final_layer_norm.weight': 'final_layer_norm.weight'}
+    """
+    from diffusers import ModelMixin
+
+    if isinstance(model, ModelMixin):
+        if not any(_DEPRECATED_ATTENTION.search(name) for name in names):
+            return {}
+        renamed = model._fix_state_dict_keys_on_load({name: name for name in names})  # new -> stored
+        return {old: new for new, old in renamed.items() if old != new}
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+    except ImportError:  # transformers 4: no conversion mapping
+        return {}
+    transforms = get_model_conversion_mapping(model)
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    own = model.state_dict()
+    prefix = model.base_model_prefix
+    out = {}
+    for name in names:  # as transformers' convert_and_load_state_dict_in_model
+        new, converted = rename_source_key(name, renamings, converters, prefix, own)
+        if new not in own and name in own:
+            new, converted = rename_source_key(name, [], [], base_model_prefix=prefix, meta_state_dict=own)
+        if converted is not None:
+            raise CompstoreError(
+                f"{type(model).__name__}: transformers converts the stored tensor {name!r} into "
+                f"another ({converted!r} -> {new!r}), which compstore does not do; load this "
+                "component with transformers' own from_pretrained")
+        if new != name:
+            out[name] = new
+    return out
