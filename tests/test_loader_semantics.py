@@ -261,35 +261,12 @@ def test_a_variant_some_models_lack_loads_their_default_weights_as_diffusers(sto
     assert ours.text_encoder.dtype == torch.float16 and ours.vae.dtype == torch.float32
 
 
-def publish_as_the_hub_has_it(pipe, folder) -> None:
-    """Save `pipe` with tensor names as SD 1.x/2.x repos publish them, which today's
-    libraries rename on load: the CLIP text encoder's under `text_model.` (with its
-    `position_ids`), and the VAE's attention weights as diffusers' deprecated
-    attention blocks named them (query, key, value, proj_attn)."""
-    from safetensors.torch import load_file, save_file
-
-    pipe.save_pretrained(folder)
-    te = folder / "text_encoder" / "model.safetensors"
-    sd = {f"text_model.{name}": t for name, t in load_file(te).items()}
-    sd["text_model.embeddings.position_ids"] = torch.arange(77)[None]
-    save_file(sd, te, metadata={"format": "pt"})
-    vae = folder / "vae" / "diffusion_pytorch_model.safetensors"
-    old = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
-    renamed = {}
-    for name, t in load_file(vae).items():
-        for new, was in old.items():
-            if ".mid_block.attentions." in name and f".{new}." in name:
-                name = name.replace(f".{new}.", f".{was}.")
-        renamed[name] = t
-    assert any(".query." in name for name in renamed)
-    save_file(renamed, vae, metadata={"format": "pt"})
-
-
 def test_a_pipeline_as_published_loads_as_diffusers(store, tmp_path, caplog):
     """Names the libraries rename on load bind as they bind them: in a first build, a
     second load of it (the template) and another pipeline of the same architecture
     (a sibling); nothing is left newly initialised, and the images are diffusers'."""
     from compstore.loader.synthetic import tiny_sd_pipeline
+    from conftest import publish_as_the_hub_has_it
     from test_loader import image
 
     for seed in (0, 100):

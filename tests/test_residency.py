@@ -60,7 +60,24 @@ def unkeyed_bytes(pipe):
     return total
 
 
-def test_switch_uploads_only_the_delta(family_store):
+@pytest.fixture
+def published_family_store(store, family, tmp_path):
+    """A and B as the Hub has such repos: names the libraries rename on load."""
+    import diffusers
+
+    from conftest import publish_as_the_hub_has_it
+
+    for name in "AB":
+        publish_as_the_hub_has_it(diffusers.DiffusionPipeline.from_pretrained(family[name]),
+                                  tmp_path / name)
+        store.ingest(tmp_path / name, name)
+    return store
+
+
+@pytest.mark.parametrize("layout", ["as saved", "as published"])
+def test_switch_uploads_only_the_delta(request, layout):
+    family_store = request.getfixturevalue("family_store" if layout == "as saved" else
+                                           "published_family_store")
     copier = CountingCopier()
     pool = ResidencyPool("meta", budget_bytes=1 << 40, copier=copier)
     a = load(family_store, "A")
