@@ -284,3 +284,16 @@ def test_a_pipeline_as_published_loads_as_diffusers(store, tmp_path, caplog):
 
     te = compstore.load_component(str(tmp_path / "sd100"), "text_encoder", store=store)
     same_state(te, CLIPTextModel.from_pretrained(tmp_path / "sd100" / "text_encoder"))
+
+
+def test_a_checkpoint_transformers_must_convert_is_refused_clearly(store, tmp_path):
+    """Mixtral's per-expert weights are fused into new tensors on load: compstore does
+    not make tensors, and says so rather than binding nothing (random experts)."""
+    from transformers import MixtralConfig, MixtralModel
+
+    MixtralModel(MixtralConfig(vocab_size=100, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                               num_attention_heads=2, num_key_value_heads=1, num_local_experts=2,
+                               num_experts_per_tok=1)).save_pretrained(tmp_path / "moe")
+    with pytest.raises(compstore.CompstoreError, match=r"transformers converts the stored tensor "
+                       r"'layers\.0\.block_sparse_moe\.experts\.0\.w1\.weight'.*own from_pretrained"):
+        compstore.load_component(str(tmp_path / "moe"), store=store)

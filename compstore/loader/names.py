@@ -42,24 +42,44 @@ def checkpoint_renames(model: torch.nn.Module, names: list[str]) -> dict[str, st
         return {old: new for new, old in renamed.items() if old != new}
     try:
         from transformers.conversion_mapping import get_model_conversion_mapping
-        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+        from transformers.core_model_loading import WeightConverter, WeightRenaming
     except ImportError:  # transformers 4: no conversion mapping
         return {}
-    transforms = get_model_conversion_mapping(model)
-    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
-    converters = [t for t in transforms if isinstance(t, WeightConverter)]
     own = model.state_dict()
-    prefix = model.base_model_prefix
+    if all(name in own for name in names):  # a checkpoint in today's names (conversions leave them)
+        return {}
+    try:
+        transforms = get_model_conversion_mapping(model)
+        renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+        converters = [t for t in transforms if isinstance(t, WeightConverter)]
+        renamed = {name: _renamed(name, renamings, converters, model.base_model_prefix, own)
+                   for name in names}
+    except (TypeError, AttributeError) as e:  # another transformers 5 release's internals
+        import transformers
+
+        raise CompstoreError(
+            f"{type(model).__name__}: its stored names need transformers' renaming on load, and "
+            f"transformers {transformers.__version__}'s internals are not the ones compstore uses "
+            f"({e}); install transformers 5.23") from None
     out = {}
-    for name in names:  # as transformers' convert_and_load_state_dict_in_model
-        new, converted = rename_source_key(name, renamings, converters, prefix, own)
-        if new not in own and name in own:
-            new, converted = rename_source_key(name, [], [], base_model_prefix=prefix, meta_state_dict=own)
+    for name, (new, converted) in renamed.items():
         if converted is not None:
             raise CompstoreError(
                 f"{type(model).__name__}: transformers converts the stored tensor {name!r} into "
                 f"another ({converted!r} -> {new!r}), which compstore does not do; load this "
-                "component with transformers' own from_pretrained")
+                "model with transformers' own from_pretrained (and pass it to the pipeline as a "
+                "keyword argument)")
         if new != name:
             out[name] = new
     return out
+
+
+def _renamed(name, renamings, converters, prefix, own):
+    """(new name, converter pattern or None), as transformers'
+    `convert_and_load_state_dict_in_model` renames a checkpoint key."""
+    from transformers.core_model_loading import rename_source_key
+
+    new, converted = rename_source_key(name, renamings, converters, prefix, own)
+    if new not in own and name in own:
+        new, converted = rename_source_key(name, [], [], base_model_prefix=prefix, meta_state_dict=own)
+    return new, converted
