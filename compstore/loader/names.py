@@ -36,9 +36,10 @@ def checkpoint_renames(model: torch.nn.Module, names: list[str]) -> dict[str, st
     from diffusers import ModelMixin
 
     if isinstance(model, ModelMixin):
-        if not any(_DEPRECATED_ATTENTION.search(name) for name in names):
+        fix = getattr(model, "_fix_state_dict_keys_on_load", None)  # as diffusers 0.42 names it
+        if fix is None or not any(_DEPRECATED_ATTENTION.search(name) for name in names):
             return {}
-        renamed = model._fix_state_dict_keys_on_load({name: name for name in names})  # new -> stored
+        renamed = fix({name: name for name in names})  # new name -> stored name
         return {old: new for new, old in renamed.items() if old != new}
     try:
         from transformers.conversion_mapping import get_model_conversion_mapping
