@@ -191,3 +191,37 @@ def test_use_safetensors_false_and_missing_slot(family_store):
         compstore.DiffusionPipeline.from_pretrained("A", store=family_store, use_safetensors=False)
     with pytest.raises(compstore.ComponentNotFoundError, match="no component in slot 'transformer'"):
         compstore.load_component("A", "transformer", store=family_store)
+
+
+def test_load_component_takes_diffusers_arguments(family_store):
+    """`subfolder` as diffusers names the slot; arguments about fetching files are
+    accepted and ignored; `use_safetensors=False` and unknown ones are refused,
+    before anything is ingested."""
+    from conftest import store_state
+
+    sub = compstore.load_component("A", subfolder="vae", store=family_store, cache_dir="/nowhere",
+                                   low_cpu_mem_usage=True, force_download=True)
+    slot = compstore.load_component("A", "vae", store=family_store)
+    assert all(torch.equal(a, b) for a, b in zip(sub.state_dict().values(), slot.state_dict().values()))
+    before = store_state(family_store.home)
+    with pytest.raises(CompstoreError, match="slot='unet' and subfolder='vae' disagree"):
+        compstore.load_component("A", "unet", subfolder="vae", store=family_store)
+    with pytest.raises(CompstoreError, match="pickle checkpoints are never loaded"):
+        compstore.load_component("A", "vae", store=family_store, use_safetensors=False)
+    with pytest.raises(TypeError, match=r"unexpected keyword arguments \['output_loading_info'\]"):
+        compstore.load_component("A", "vae", store=family_store, output_loading_info=True)
+    assert store_state(family_store.home) == before
+
+
+def test_load_component_onto_a_device_goes_through_its_pool(family_store):
+    from compstore import ResidencyPool
+    from test_residency import CountingCopier
+
+    pool = ResidencyPool("meta", budget_bytes=1 << 40, copier=CountingCopier())
+    vae = compstore.load_component("A", "vae", store=family_store, pool=pool)
+    assert {p.device.type for p in vae.parameters()} == {"meta"}
+    first = compstore.last_transfer()
+    assert first.bytes_uploaded > 0
+    compstore.load_component("B", "vae", store=family_store, pool=pool)  # B's VAE is A's
+    again = compstore.last_transfer()
+    assert again.bytes_uploaded == 0 and again.bytes_reused == first.bytes_uploaded + first.bytes_reused

@@ -28,7 +28,7 @@ from ..store.objects import PackFiles
 from . import warm
 from .loading import exclusive_load
 from .names import checkpoint_renames
-from .residency import STORE_KEYS, ResidencyPool, as_shape, named_tensors, record_store_keys
+from .residency import STORE_KEYS, ResidencyPool, as_shape, named_tensors, record_store_keys, to_device
 from .routing import route_through_pool
 from .tensors import TORCH_DTYPES, private_packs, state_dict, stored_tensor
 
@@ -475,6 +475,19 @@ def _loads_the_default_way(model: torch.nn.Module) -> bool:
                for m in model.modules())
 
 
+def refuse_pickle_loading(use_safetensors) -> None:
+    """`use_safetensors=False` asks for pickle checkpoints, which compstore never loads."""
+    if use_safetensors is False:
+        raise CompstoreError("use_safetensors=False: compstore stores and loads safetensors "
+                             "only (pickle checkpoints are never loaded)")
+
+
+# diffusers/transformers `from_pretrained` arguments about fetching or reading files,
+# which the store decides: accepted and ignored, so that calls carry over unchanged.
+_IGNORED_ARGUMENTS = ("cache_dir", "force_download", "proxies", "low_cpu_mem_usage", "disable_mmap",
+                      "use_safetensors")
+
+
 def load_component(
     name_or_path: str,
     slot: str = "",
@@ -483,23 +496,45 @@ def load_component(
     torch_dtype: torch.dtype | None = None,
     variant: str | None = None,
     store: Store | str | None = None,
+    device_map: str | torch.device | None = None,
+    pool: ResidencyPool | None = None,
+    verify: bool = False,
+    subfolder: str | None = None,
+    revision: str | None = None,
+    local_files_only: bool | None = None,
+    token: str | bool | None = None,
     **kwargs: Any,
 ) -> torch.nn.Module:
-    """Load one model from a ref (or a folder, ingested on the way) without the pipeline.
+    """Load one model from a ref (or a folder, ingested on the way, or a Hub repo id,
+    pulled on the way) without the pipeline.
 
-    `verify=True` re-hashes its tensors first and raises `CorruptStoreError` on damage.
+    `slot` (or diffusers' `subfolder`) names the model in a pipeline. `device_map`
+    (or `pool`) puts it on a device through its residency pool, as `to_device`
+    does. `verify=True` re-hashes its tensors first and raises `CorruptStoreError`
+    on damage. Arguments about fetching files (`cache_dir`, `force_download`, ...)
+    are accepted and ignored; any other raises a TypeError.
 
     >>> unet = compstore.load_component("sdxl-base", "unet", dtype=torch.float16)  # doctest: +SKIP
-    >>> vae = compstore.load_component("my-vae")          # a single-component ref  # doctest: +SKIP
+    >>> vae = compstore.load_component("my-vae", device_map="cuda")  # a single-component ref  # doctest: +SKIP
     """
-    from .pipeline import resolve_snapshot, open_store
+    from .pipeline import open_store, resolve_snapshot, target_pool
 
+    if subfolder is not None and slot and subfolder != slot:
+        raise CompstoreError(f"load_component: slot={slot!r} and subfolder={subfolder!r} disagree")
+    slot = slot or subfolder or ""
+    refuse_pickle_loading(kwargs.get("use_safetensors"))
+    unknown = sorted(set(kwargs) - set(_IGNORED_ARGUMENTS))
+    if unknown:
+        raise TypeError(f"load_component() got unexpected keyword arguments {unknown}")
     dtype = dtype_argument({"dtype": dtype, "torch_dtype": torch_dtype})
+    pool = target_pool(device_map, pool)
     store = open_store(store)
-    verify = kwargs.pop("verify", False)
-    snapshot_id, label = resolve_snapshot(store, name_or_path, variant=variant, **kwargs)  # others go on
+    snapshot_id, label = resolve_snapshot(store, name_or_path, revision=revision, variant=variant,
+                                          local_files_only=local_files_only, token=token)
     comp = pick_component(store.components_of(snapshot_id), slot, variant, fallback=False)
     name = f"{label}/{slot}" if slot else label
     with exclusive_load(), store.reading():  # one load at a time (loading.py); gc unlinks no pack
-        return build_model(store, comp, dtype=dtype, name_or_path=name,
-                           verify=verify)
+        model = build_model(store, comp, dtype=dtype, name_or_path=name, verify=verify)
+    if pool is not None:
+        to_device(model, pool.device, pool=pool)
+    return model

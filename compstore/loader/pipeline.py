@@ -36,7 +36,8 @@ from ..store import CompstoreError, RefNotFoundError, Store
 from ..store.hub import hub_reachable, is_repo_id
 from ..store.components import pick_component, require_variant
 from . import warm
-from .component import dtype_argument, is_model_class, prepare_model, resolve_class
+from .component import (dtype_argument, is_model_class, prepare_model, refuse_pickle_loading,
+                        resolve_class)
 from .loading import exclusive_load
 from .residency import POOL, ResidencyPool, TransferReport, pool_for, record_report, usable_device
 from .routing import route_through_pool
@@ -139,9 +140,7 @@ class DiffusionPipeline:
         verify = kwargs.pop("verify", False)
         private = kwargs.pop("private", False)
         pool = target_pool(kwargs.pop("device_map", None), kwargs.pop("pool", None))
-        if kwargs.pop("use_safetensors", None) is False:
-            raise CompstoreError("use_safetensors=False: compstore stores and loads safetensors "
-                                 "only (pickle checkpoints are never loaded)")
+        refuse_pickle_loading(kwargs.pop("use_safetensors", None))
         kwargs.pop("low_cpu_mem_usage", None)  # binding store tensors is always low-memory
         snapshot_id, label = resolve_snapshot(  # an ingest or a download: other threads' loads go on
             store, pretrained_model_name_or_path, revision=kwargs.pop("revision", None),
