@@ -199,7 +199,8 @@ def _assemble(store: Store, snapshot_id: str, label: str, *, dtype, variant: str
                 report.components.append(pool.move(built[slot], slot, private=private, wait=False, settle=False))
                 setattr(built[slot], POOL, pool)
 
-    with _unverifiable_module_warning_dropped(list(built.values())):
+    with _unverifiable_module_warning_dropped(
+            [m for m in built.values() if type(m).__module__.startswith("diffusers.pipelines.")]):
         pipe = pipeline_cls.from_pretrained(skeleton, **built, **kwargs)
     pipe.register_to_config(_name_or_path=label)
     route_through_pool(pipe)
