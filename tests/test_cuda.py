@@ -188,6 +188,16 @@ def test_pipe_to_cpu_and_back_reuses_the_resident_tensors(family_store):
     assert compstore.last_transfer().bytes_uploaded == 77 * 8  # CLIP's position_ids only
 
 
+def test_load_component_with_device_map_puts_the_model_on_the_gpu(family_store, family):
+    import diffusers
+
+    vae = compstore.load_component("B", "vae", store=family_store, device_map="cuda")
+    theirs = diffusers.AutoencoderKL.from_pretrained(family["B"] / "vae").to("cuda")
+    assert {t.device.type for t in [*vae.parameters(), *vae.buffers()]} == {"cuda"}
+    assert all(torch.equal(a, b) for a, b in zip(vae.state_dict().values(), theirs.state_dict().values()))
+    assert compstore.last_transfer().device.startswith("cuda")
+
+
 def test_a_modular_remix_on_the_gpu_uploads_only_its_delta_and_images_match(repos, store, monkeypatch):
     """The remix re-publishes base's VAE and text encoders: with base on the GPU, the
     remix's `pipe.to("cuda")` reuses them and uploads only the UNet tensors base lacks;
