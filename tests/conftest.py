@@ -82,25 +82,15 @@ def store_state(home: Path) -> tuple:
 
 
 def publish_as_the_hub_has_it(pipe, folder) -> None:
-    """Save `pipe` with tensor names as SD 1.x/2.x repos publish them, which today's
-    libraries rename on load: the CLIP text encoder's under `text_model.` (with its
-    `position_ids`), and the VAE's attention weights as diffusers' deprecated
-    attention blocks named them (query, key, value, proj_attn)."""
-    import torch
-    from safetensors.torch import load_file, save_file
+    """Save `pipe` with tensor names as SD 1.x/2.x repos publish them
+    (`compstore.loader.synthetic.rename_as_published`)."""
+    from compstore.loader.synthetic import rename_as_published
+
+    from safetensors import safe_open
 
     pipe.save_pretrained(folder)
-    te = folder / "text_encoder" / "model.safetensors"
-    sd = {f"text_model.{name}": t for name, t in load_file(te).items()}
-    sd["text_model.embeddings.position_ids"] = torch.arange(77)[None]
-    save_file(sd, te, metadata={"format": "pt"})
-    vae = folder / "vae" / "diffusion_pytorch_model.safetensors"
-    old = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
-    renamed = {}
-    for name, t in load_file(vae).items():
-        for new, was in old.items():
-            if ".mid_block.attentions." in name and f".{new}." in name:
-                name = name.replace(f".{new}.", f".{was}.")
-        renamed[name] = t
-    assert any(".query." in name for name in renamed)
-    save_file(renamed, vae, metadata={"format": "pt"})
+    rename_as_published(folder)
+    with safe_open(folder / "vae" / "diffusion_pytorch_model.safetensors", "pt") as f:
+        assert any(".query." in name for name in f.keys())
+    with safe_open(folder / "text_encoder" / "model.safetensors", "pt") as f:
+        assert all(name.startswith("text_model.") for name in f.keys())

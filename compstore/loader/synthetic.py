@@ -366,3 +366,27 @@ def _switch_family(kind: str, tiny: bool, root: Path, tok_dir: Path, dtype: torc
             shutil.rmtree(folder / slot)
             shutil.copytree(source, folder / slot)
     return out
+
+
+def rename_as_published(folder: str | os.PathLike) -> None:
+    """Rewrite a saved SD pipeline's tensor names as SD 1.x/2.x repos publish them,
+    names today's libraries rename on load (see loader/names.py): the CLIP text
+    encoder's under `text_model.` (with its `position_ids`), and the VAE's attention
+    weights as diffusers' deprecated attention blocks named them (query, key,
+    value, proj_attn)."""
+    from safetensors.torch import load_file, save_file
+
+    folder = Path(folder)
+    te = folder / "text_encoder" / "model.safetensors"
+    sd = {f"text_model.{name}": t for name, t in load_file(te).items()}
+    sd["text_model.embeddings.position_ids"] = torch.arange(77)[None]
+    save_file(sd, te, metadata={"format": "pt"})
+    vae = folder / "vae" / "diffusion_pytorch_model.safetensors"
+    old = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
+    renamed = {}
+    for name, t in load_file(vae).items():
+        for new, was in old.items():
+            if ".mid_block.attentions." in name and f".{new}." in name:
+                name = name.replace(f".{new}.", f".{was}.")
+        renamed[name] = t
+    save_file(renamed, vae, metadata={"format": "pt"})
