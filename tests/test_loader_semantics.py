@@ -297,3 +297,23 @@ def test_a_checkpoint_transformers_must_convert_is_refused_clearly(store, tmp_pa
     with pytest.raises(compstore.CompstoreError, match=r"transformers converts the stored tensor "
                        r"'layers\.0\.block_sparse_moe\.experts\.0\.w1\.weight'.*own from_pretrained"):
         compstore.load_component(str(tmp_path / "moe"), store=store)
+
+
+def test_transformers_internals_of_another_release_are_a_clear_error(store, tmp_path, monkeypatch):
+    """compstore renames through transformers' `rename_source_key`; where another
+    release's differs, a checkpoint that needs renaming is refused with the version
+    named, not bound to nothing."""
+    import transformers.core_model_loading as loading
+    from compstore.loader.synthetic import tiny_sd_pipeline
+    from conftest import publish_as_the_hub_has_it
+
+    publish_as_the_hub_has_it(tiny_sd_pipeline(0), tmp_path / "sd")
+
+    def other_release(source_key, weight_renamings):  # not the signature compstore calls
+        return source_key, None
+
+    monkeypatch.setattr(loading, "rename_source_key", other_release)
+    with pytest.raises(compstore.CompstoreError, match=r"CLIPTextModel: its stored names need "
+                       r"transformers' renaming on load, and transformers 5\.\d+\.\d+'s internals"):
+        compstore.load_component(str(tmp_path / "sd"), "text_encoder", store=store)
+    compstore.load_component(str(tmp_path / "sd"), "unet", store=store)  # its names need nothing
