@@ -173,7 +173,8 @@ def prepare_model(
         # transformers: dtype=None means "auto", the checkpoint's own dtype.
         target = dtype or _auto_dtype(config, locations)
         config_obj = cls.config_class.from_dict(config)
-        for c in [config_obj] + [getattr(config_obj, k, None) for k in getattr(config_obj, "sub_configs", {})]:
+        subs = [getattr(config_obj, k, None) for k in getattr(config_obj, "sub_configs", {})]
+        for c in [config_obj, *subs]:
             if c is not None:  # as transformers: the dtype on the config and its sub-configs
                 c.dtype = target
         config_obj._name_or_path = name_or_path
@@ -515,7 +516,7 @@ def load_component(
     are accepted and ignored; any other raises a TypeError.
 
     >>> unet = compstore.load_component("sdxl-base", "unet", dtype=torch.float16)  # doctest: +SKIP
-    >>> vae = compstore.load_component("my-vae", device_map="cuda")  # a single-component ref  # doctest: +SKIP
+    >>> vae = compstore.load_component("my-vae", device_map="cuda")  # doctest: +SKIP
     """
     from .pipeline import open_store, resolve_snapshot, target_pool
 
