@@ -313,6 +313,7 @@ def test_transformers_internals_of_another_release_are_a_clear_error(store, tmp_
         return source_key, None
 
     monkeypatch.setattr(loading, "rename_source_key", other_release)
+    compstore.loader.warm.clear_caches()  # a template from an earlier test would skip the renaming
     with pytest.raises(compstore.CompstoreError, match=r"CLIPTextModel: its stored names need "
                        r"transformers' renaming on load, and transformers 5\.\d+\.\d+'s internals"):
         compstore.load_component(str(tmp_path / "sd"), "text_encoder", store=store)
