@@ -269,19 +269,22 @@ def test_a_pipeline_as_published_loads_as_diffusers(store, tmp_path, caplog):
     from conftest import publish_as_the_hub_has_it
     from test_loader import image
 
+    from transformers import CLIPTextModel
+
     for seed in (0, 100):
         publish_as_the_hub_has_it(tiny_sd_pipeline(seed), tmp_path / f"sd{seed}")
+    _, info = CLIPTextModel.from_pretrained(tmp_path / "sd0" / "text_encoder", output_loading_info=True)
     for seed in (0, 0, 100):
         theirs = diffusers.DiffusionPipeline.from_pretrained(tmp_path / f"sd{seed}")
         caplog.clear()
         with caplog.at_level(logging.WARNING):
             ours = compstore.DiffusionPipeline.from_pretrained(str(tmp_path / f"sd{seed}"), store=store)
-        assert "newly initialized" not in caplog.text and "were not used" not in caplog.text
+        assert "newly initialized" not in caplog.text
+        # The old position_ids buffer: transformers 5.2x ignores it, 5.0 reports it; as it does.
+        assert ("were not used" in caplog.text) <= bool(info["unexpected_keys"])
         for slot in ("unet", "vae", "text_encoder"):
             same_state(getattr(ours, slot), getattr(theirs, slot))
         assert np.array_equal(image(ours), image(theirs))
-    from transformers import CLIPTextModel
-
     te = compstore.load_component(str(tmp_path / "sd100"), "text_encoder", store=store)
     same_state(te, CLIPTextModel.from_pretrained(tmp_path / "sd100" / "text_encoder"))
 

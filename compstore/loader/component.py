@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 
 import importlib
+import inspect
 import logging
 import re
 import types
@@ -178,9 +179,7 @@ def prepare_model(
             if c is not None:  # as transformers: the dtype on the config and its sub-configs
                 c.dtype = target
         config_obj._name_or_path = name_or_path
-        keep = list(getattr(cls, "_keep_in_fp32_modules", None) or []) if target == torch.float16 else []
-        keep += list(getattr(cls, "_keep_in_fp32_modules_strict", None) or []) if target in (
-            torch.float16, torch.bfloat16) else []
+        keep = _kept_in_fp32(cls, target)
         make = functools.partial(cls, config_obj)
     sd = state_dict(packs, locations, target, keep)
     if pool is not None and not private:  # the upload runs while the constructors do
@@ -207,6 +206,18 @@ def prepare_model(
     record_store_keys(model, blobs)  # the blob of each tensor lets the pool share it on a device
     route_through_pool(model)  # model.to("cuda") / .cuda() go through it
     return lambda: model  # bound to store views: the caller's pool.move takes the prefetched uploads
+
+
+def _kept_in_fp32(cls, dtype: torch.dtype) -> list[str]:
+    """The modules a transformers model keeps in fp32 when loaded in `dtype`, as the
+    installed transformers decides: 5.2x's `_get_dtype_plan` (`_keep_in_fp32_modules`
+    for fp16, `_keep_in_fp32_modules_strict` for fp16 and bf16); 5.0 keeps both
+    lists in fp32 whatever the dtype."""
+    plan = getattr(cls, "_get_dtype_plan", None)
+    if plan is not None:
+        return list(plan(cls, dtype))  # reads class attributes only
+    return [*(getattr(cls, "_keep_in_fp32_modules", None) or []),
+            *(getattr(cls, "_keep_in_fp32_modules_strict", None) or [])]
 
 
 def _adopt(key: tuple, model: torch.nn.Module, sd: dict[str, torch.Tensor], blobs: dict,
@@ -443,9 +454,13 @@ def _not_ignored(model: torch.nn.Module, cls, *, unexpected: list[str] = (),
     `inv_freq` buffers), else the class's `_keys_to_ignore_on_load_unexpected`."""
     adjust = getattr(model, "_adjust_missing_and_unexpected_keys", None)
     if adjust is not None:
-        info = types.SimpleNamespace(missing_keys=set(missing), unexpected_keys=set(unexpected))
-        adjust(info)
-        return [k for k in [*unexpected, *missing] if k in info.unexpected_keys | info.missing_keys]
+        if len(inspect.signature(adjust).parameters) == 1:  # transformers 5.2x: one info object
+            info = types.SimpleNamespace(missing_keys=set(missing), unexpected_keys=set(unexpected))
+            adjust(info)
+            kept = info.missing_keys | info.unexpected_keys
+        else:  # transformers 5.0: (missing, unexpected) -> (missing, unexpected)
+            kept = set().union(*adjust(set(missing), set(unexpected)))
+        return [k for k in [*unexpected, *missing] if k in kept]
     ignore = getattr(cls, "_keys_to_ignore_on_load_unexpected", None) or []
     return [*[k for k in unexpected if not any(re.search(p, k) for p in ignore)], *missing]
 

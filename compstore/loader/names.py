@@ -82,5 +82,5 @@ def _renamed(name, renamings, converters, prefix, own):
 
     new, converted = rename_source_key(name, renamings, converters, prefix, own)
     if new not in own and name in own:
-        new, converted = rename_source_key(name, [], [], base_model_prefix=prefix, meta_state_dict=own)
+        new, converted = rename_source_key(name, [], [], prefix, own)  # positional: 5.0 names them otherwise
     return new, converted

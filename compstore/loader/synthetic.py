@@ -378,7 +378,8 @@ def rename_as_published(folder: str | os.PathLike) -> None:
 
     folder = Path(folder)
     te = folder / "text_encoder" / "model.safetensors"
-    sd = {f"text_model.{name}": t for name, t in load_file(te).items()}
+    sd = {name if name.startswith("text_model.") else f"text_model.{name}": t  # (transformers < 5.2x
+          for name, t in load_file(te).items()}                                  # saves it so already)
     sd["text_model.embeddings.position_ids"] = torch.arange(77)[None]
     save_file(sd, te, metadata={"format": "pt"})
     vae = folder / "vae" / "diffusion_pytorch_model.safetensors"
