@@ -210,9 +210,9 @@ def prepare_model(
 
 def _kept_in_fp32(cls, dtype: torch.dtype) -> list[str]:
     """The modules a transformers model keeps in fp32 when loaded in `dtype`, as the
-    installed transformers decides: 5.2x's `_get_dtype_plan` (`_keep_in_fp32_modules`
-    for fp16, `_keep_in_fp32_modules_strict` for fp16 and bf16); 5.0 keeps both
-    lists in fp32 whatever the dtype."""
+    installed transformers decides: 5.17 and 5.23 by `_get_dtype_plan`
+    (`_keep_in_fp32_modules` for fp16, `_keep_in_fp32_modules_strict` for fp16 and
+    bf16); 5.0 keeps both lists in fp32 whatever the dtype."""
     plan = getattr(cls, "_get_dtype_plan", None)
     if plan is not None:
         return list(plan(cls, dtype))  # reads class attributes only
@@ -454,7 +454,7 @@ def _not_ignored(model: torch.nn.Module, cls, *, unexpected: list[str] = (),
     `inv_freq` buffers), else the class's `_keys_to_ignore_on_load_unexpected`."""
     adjust = getattr(model, "_adjust_missing_and_unexpected_keys", None)
     if adjust is not None:
-        if len(inspect.signature(adjust).parameters) == 1:  # transformers 5.2x: one info object
+        if len(inspect.signature(adjust).parameters) == 1:  # transformers 5.17, 5.23: one info object
             info = types.SimpleNamespace(missing_keys=set(missing), unexpected_keys=set(unexpected))
             adjust(info)
             kept = info.missing_keys | info.unexpected_keys

@@ -378,7 +378,7 @@ def rename_as_published(folder: str | os.PathLike) -> None:
 
     folder = Path(folder)
     te = folder / "text_encoder" / "model.safetensors"
-    sd = {name if name.startswith("text_model.") else f"text_model.{name}": t  # (transformers < 5.2x
+    sd = {name if name.startswith("text_model.") else f"text_model.{name}": t  # (transformers 5.0
           for name, t in load_file(te).items()}                                  # saves it so already)
     sd["text_model.embeddings.position_ids"] = torch.arange(77)[None]
     save_file(sd, te, metadata={"format": "pt"})
