@@ -151,7 +151,8 @@ def prepare_model(
     key = (cid, f"{cls.__module__}.{cls.__qualname__}", str(dtype))
     template = None if private or verify else warm.template(key)
     if template is not None:
-        return functools.partial(_from_template, template, _stored_views(store, cid, packs), pool, name_or_path)
+        return functools.partial(_from_template, template, _stored_views(store, cid, packs, template),
+                                 pool, name_or_path)
     config = store.component_config(cid)
     if config is None:
         raise ComponentNotFoundError(f"component {cid[:12]} has no config.json")
@@ -162,8 +163,8 @@ def prepare_model(
     arch = warm.architecture(key[1], key[2], config, locations)
     template = None if private or verify else warm.sibling(key, arch, blobs)
     if template is not None:  # another component of this architecture was built before
-        return functools.partial(_from_template, template, _stored_views(store, cid, packs, locations), pool,
-                                 name_or_path)
+        return functools.partial(_from_template, template,
+                                 _stored_views(store, cid, packs, template, locations), pool, name_or_path)
 
     if issubclass(cls, ModelMixin):
         # diffusers: weights cast to `dtype`, else to the default dtype (fp32).
@@ -195,8 +196,7 @@ def prepare_model(
         # model handed out is its first clone, as every later load's is.
         template = _adopt(key, model, sd, blobs, arch, cls, name_or_path, renames)
         if template is not None:
-            return functools.partial(_from_template, template, lambda: _by_stored_name(sd, renames),
-                                     pool, name_or_path)
+            return functools.partial(_from_template, template, lambda: sd, pool, name_or_path)
     _bind(model, sd, cls, name_or_path, warn=not adoptable)  # (else _adopt's bind warned)
     missing = [name for name, _, _, t in named_tensors(model) if t.device.type == "meta"]
     if missing:  # a bug, not a user error: _instantiate should have built it for real
@@ -233,18 +233,13 @@ def _adopt(key: tuple, model: torch.nn.Module, sd: dict[str, torch.Tensor], blob
     return warm.adopt(key, model, blobs, arch, renames)
 
 
-def _by_stored_name(sd: dict[str, torch.Tensor], renames: dict[str, str]) -> dict[str, torch.Tensor]:
-    """`sd` (by the model's names) by the store's names again, as `_from_template` reads it."""
-    if not renames:
-        return sd
-    stored = {model: name for name, model in renames.items()}
-    return {stored.get(name, name): t for name, t in sd.items()}
-
-
-def _stored_views(store: Store, cid: str, packs: PackFiles,
+def _stored_views(store: Store, cid: str, packs: PackFiles, template: warm.Template,
                   locations=None) -> Callable[[], dict[str, torch.Tensor]]:
-    """`views` for `_from_template`: the component's store views (stored dtypes) by name."""
-    return lambda: {loc.name: stored_tensor(packs, loc) for loc in locations or store.tensor_locations(cid)}
+    """`views` for `_from_template`: the component's store views (stored dtypes), by
+    the names the template's model loads them under."""
+    renames = template.renames
+    return lambda: {renames.get(loc.name, loc.name): stored_tensor(packs, loc)
+                    for loc in locations or store.tensor_locations(cid)}
 
 
 def _name(model: torch.nn.Module, name_or_path: str) -> None:
@@ -269,9 +264,8 @@ def _from_template(template: warm.Template, views: Callable[[], dict[str, torch.
     def host(indices: list[int]) -> list[torch.Tensor]:
         stored = {}
         if any(template.blobs[i] is not None for i in indices):
-            sd = views()  # by stored name
-            stored = {i: sd[template.stored_name(name)] for name, i in template.names.items()
-                      if template.stored_name(name) in sd}  # tied: any name
+            sd = views()
+            stored = {i: sd[name] for name, i in template.names.items() if name in sd}  # tied: any name
         out = []
         for i in indices:
             like = likes[i]

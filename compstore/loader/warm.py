@@ -196,14 +196,6 @@ class Template:
     names: dict[str, int]  # every name of a store tensor (tied ones too) -> its index in `plan.tensors`
     renames: dict[str, str] = dataclasses.field(default_factory=dict)  # stored name -> name in `names`
 
-    @functools.cached_property
-    def _stored(self) -> dict[str, str]:
-        return {model: stored for stored, model in self.renames.items()}
-
-    def stored_name(self, name: str) -> str:
-        """The store's name of the tensor the model calls `name` (see loader/names.py)."""
-        return self._stored.get(name, name)
-
     @property
     def module(self) -> torch.nn.Module:
         return self.plan.steps[0].module
@@ -259,9 +251,10 @@ def sibling(key: tuple, arch: str, blobs: dict[str, tuple[str, int]]) -> Templat
     found = _TEMPLATES.get(_BY_ARCHITECTURE.get(arch))
     if found is None:
         return None
+    blobs = {found.renames.get(name, name): blob for name, blob in blobs.items()}  # loader/names.py
     mine: list[tuple[str, int] | None] = [None] * len(found.blobs)
     for name, i in found.names.items():
-        blob = blobs.get(found.stored_name(name))  # `blobs`: by stored name
+        blob = blobs.get(name)
         if blob is None or mine[i] not in (None, blob):
             return None  # tied in the model but stored twice, differently: build anew
         mine[i] = blob
