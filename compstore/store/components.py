@@ -26,7 +26,7 @@ def pick_component(components: list[dict], slot: str, variant: str | None,
         return in_slot[variant]
     if variant and not fallback:
         raise VariantNotFoundError(f"slot {slot!r} has no {variant!r} weights (it has: "
-                                   f"{', '.join(sorted(v or 'default' for v in in_slot))})")
+                                   f"{variant_names(in_slot)})")
     if "" in in_slot:
         if variant:
             logger.warning("%s: no %r variant stored, loading the default weights", slot, variant)
@@ -41,7 +41,12 @@ def require_variant(components: list[dict], variant: str | None, label: str) -> 
     """Refuse a `variant` that none of a snapshot's models come in: diffusers raises
     a ValueError there too, rather than loading the default weights instead."""
     if variant and not any(c["variant"] == variant for c in components):
-        kinds = sorted({c["variant"] or "default" for c in components})
         raise VariantNotFoundError(
-            f"{label} has no {variant!r} weights (its weights come as: {', '.join(kinds)}); "
+            f"{label} has no {variant!r} weights (its weights come as: "
+            f"{variant_names(c['variant'] for c in components)}); "
             "load it without variant= for the default weights")
+
+
+def variant_names(variants) -> str:
+    """Variants as an error message lists them: "default, fp16"."""
+    return ", ".join(sorted({v or "default" for v in variants}))

@@ -31,6 +31,7 @@ import fnmatch
 from pathlib import PurePosixPath
 from typing import Protocol, TypeVar
 
+from .components import variant_names
 from .errors import VariantNotFoundError
 from .scan import PICKLE_SUFFIXES, PIPELINE_INDEXES, SHARD_RE, index_entries, variant_of
 
@@ -85,8 +86,8 @@ def select_files(files: list[F], *, index: dict | None, variant: str | None = No
         if is_weights(f.path) and _loadable(f.path):
             loadable.setdefault(_folder(f.path), set()).add(variant_of(f.path))
     if variant and loadable and not any(variant in have for have in loadable.values()):
-        kinds = sorted({v or "default" for have in loadable.values() for v in have})
-        raise VariantNotFoundError(f"no {variant!r} weights (the weights come as: {', '.join(kinds)})")
+        kinds = variant_names(v for have in loadable.values() for v in have)
+        raise VariantNotFoundError(f"no {variant!r} weights (the weights come as: {kinds})")
     picked = {folder: ({variant} & have) or ({""} & have) or have for folder, have in loadable.items()}
 
     def keep(path: str) -> bool:
