@@ -6,7 +6,7 @@ Serves the tiny A/B/C/D family from tests/hub_emulator.py on 127.0.0.1 and pulls
 A, B, C, D in that order into one store, as published (`--all`: D's fp16 files
 too). Then a repo published with more than its pipeline (D with a single-file
 checkpoint and a LoRA at its root, a VAE folder its model_index.json does not
-name, an OpenVINO file: `hub_emulator.publish_with_extras`):
+name, an OpenVINO file, a README, a sample image: `hub_emulator.publish_with_extras`):
 what a default pull fetches beside what diffusers' own `from_pretrained`
 downloads and the whole repo. Then publishes C with a compstore
 manifest and pulls it into a store that holds only A. Prints, per pull, what the
@@ -94,7 +94,7 @@ def published_repo(hub: HubEmulator, work: Path, family: dict[str, Path]) -> Non
     hub.add_repo("org/X", repo)
     size = sum(p.stat().st_size for p in repo.rglob("*") if p.is_file())
     print(f"org/X: D with a published repo's extras (a single-file checkpoint, a LoRA, an unnamed "
-          f"VAE folder, an OpenVINO file, a README), {size:,} B as published")
+          f"VAE folder, an OpenVINO file, a README, a sample image), {size:,} B as published")
     for variant in (None, "fp16"):
         with huggingface_hub_default_endpoint(hub.url):
             theirs = Path(diffusers.DiffusionPipeline.download("org/X", variant=variant,

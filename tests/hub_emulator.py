@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import shutil
 import threading
@@ -41,13 +42,15 @@ LFS_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt")
 def publish_with_extras(family: dict[str, Path], repo: Path) -> Path:
     """D (fp16 files beside the default ones) laid out as pipeline repos are published:
     a single-file checkpoint and a LoRA at its root, a VAE folder its model_index.json
-    does not name (as SDXL base 1.0's vae_1_0), an OpenVINO file, a README."""
+    does not name (as SDXL base 1.0's vae_1_0), an OpenVINO file, a README and the
+    model card's sample image."""
     shutil.copytree(family["D"], repo)
     shutil.copy(family["B"] / "unet/diffusion_pytorch_model.safetensors", repo / "x_1.0.safetensors")
     shutil.copy(family["C"] / "text_encoder/model.safetensors", repo / "x_lora.safetensors")
     shutil.copytree(family["B"] / "vae", repo / "vae_1_0")
     (repo / "unet" / "openvino_model.xml").write_text("<net/>\n")  # OpenVINO: another framework's
     (repo / "README.md").write_text("# X\n")
+    (repo / "grid.jpg").write_bytes(os.urandom(300_000))  # as FLUX.1-dev's dev_grid.jpg
     return repo
 
 

@@ -614,7 +614,8 @@ def test_a_pull_fetches_what_from_pretrained_loads(hub, store, published, tmp_pa
     """Not the other variant's weights, nor the single-file checkpoint, the LoRA or the
     folder model_index.json does not name: the files diffusers downloads (less
     vae_1_0's weights, which diffusers takes as it takes every `diffusion_pytorch_model`
-    file one folder deep, and its pipeline never loads), and the README at the root.
+    file one folder deep, and its pipeline never loads), and the README at the root
+    (but not the model card's image: diffusers leaves both).
     The pipeline loads as diffusers loads the folder."""
     import diffusers
 
@@ -623,6 +624,7 @@ def test_a_pull_fetches_what_from_pretrained_loads(hub, store, published, tmp_pa
     r = store.pull("org/X", variant=variant)
     ours = {row[0] for row in store.snapshot_files(store.resolve(r.ref))}
     assert ours == {p for p in theirs if not p.startswith("vae_1_0/")} | {"README.md"}
+    assert "grid.jpg" not in theirs | ours | set(hub.served_files)
     assert r.files == r.downloaded_files == len(ours) and hub.served_bytes == r.downloaded_bytes
     pipe = compstore.DiffusionPipeline.from_pretrained("org/X", store=store, variant=variant)
     reference = diffusers.DiffusionPipeline.from_pretrained(published, variant=variant)

@@ -9,8 +9,10 @@ index does not name, which it never loads); a pull downloads the pipeline:
 
 1. Never: pickle checkpoints and other frameworks' weights (`NOT_PULLED`).
 2. A pipeline repo (a `model_index.json` or `modular_model_index.json` at its
-   root): the folders its index names, and the files at its root that are not
-   weights, less the files its index lists in `_ignore_files` (as diffusers).
+   root): the folders its index names, and the files at its root that are
+   neither weights nor the model card's media (sample images and videos, often
+   megabytes: `MEDIA`), less the files its index lists in `_ignore_files` (as
+   diffusers). The README, license and any custom pipeline code come along.
    `include` globs choose from every folder instead (the index comes
    along: the folders pulled are still the pipeline's).
 3. In each folder, of the weights that diffusers and transformers load
@@ -38,6 +40,9 @@ from .scan import PICKLE_SUFFIXES, PIPELINE_INDEXES, SHARD_RE, index_entries, va
 # Other frameworks' weights: Flax, Keras, ONNX, TensorFlow, Core ML, OpenVINO (.xml + .bin).
 NOT_PULLED = PICKLE_SUFFIXES + (".msgpack", ".h5", ".onnx", ".onnx_data", ".pb", ".mlmodel", ".xml")
 LOADABLE = ("diffusion_pytorch_model", "model")  # weight names `from_pretrained` reads
+# What a model card shows at a repo's root (FLUX.1-dev's `dev_grid.jpg`, SDXL's `01.png`).
+MEDIA = (".png", ".jpg", ".jpeg", ".gif", ".webp", ".bmp", ".tif", ".tiff", ".svg", ".pdf",
+         ".mp4", ".webm", ".mov", ".avi", ".mkv", ".wav", ".mp3", ".flac")
 
 
 class _HasPath(Protocol):
@@ -49,6 +54,10 @@ F = TypeVar("F", bound=_HasPath)
 
 def is_weights(path: str) -> bool:
     return path.endswith(".safetensors") or ".safetensors.index" in path
+
+
+def _weights_or_media(path: str) -> bool:
+    return is_weights(path) or path.lower().endswith(MEDIA)
 
 
 def _loadable(path: str) -> bool:
@@ -78,7 +87,7 @@ def select_files(files: list[F], *, index: dict | None, variant: str | None = No
         ignored = index.get("_ignore_files")  # what the publisher keeps out of downloads
         ignored = set(ignored) if isinstance(ignored, list) else set()
         chosen = [f for f in chosen if f.path not in ignored and (
-            f.path.partition("/")[0] in slots or ("/" not in f.path and not is_weights(f.path)))]
+            f.path.partition("/")[0] in slots or ("/" not in f.path and not _weights_or_media(f.path)))]
     if all_files:
         return chosen
     loadable: dict[str, set[str]] = {}  # folder -> the variants of its loadable weights
