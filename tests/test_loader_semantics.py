@@ -321,3 +321,54 @@ def test_transformers_internals_of_another_release_are_a_clear_error(store, tmp_
                        r"transformers' renaming on load, and transformers 5\.\d+\.\d+'s internals"):
         compstore.load_component(str(tmp_path / "sd"), "text_encoder", store=store)
     compstore.load_component(str(tmp_path / "sd"), "unet", store=store)  # its names need nothing
+
+
+def qwen2_5_vl():
+    """Qwen-Image's text encoder, tiny; published (Qwen2.5-VL-7B) as `model.layers...`, `visual...`."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=128, bos_token_id=1, eos_token_id=2,
+                rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]})
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=32,
+                  fullatt_block_indexes=[1])
+    model = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(text_config=text, vision_config=vision))
+    return model, [("model.language_model.", "model."), ("model.visual.", "visual.")]
+
+
+def mistral3():
+    """FLUX.2's text encoder, tiny; published (Mistral Small 3.1) as `language_model.model...`."""
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration
+
+    text = dict(model_type="mistral", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, vocab_size=128, head_dim=8)
+    vision = dict(model_type="pixtral", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, head_dim=8, image_size=32, patch_size=8)
+    model = Mistral3ForConditionalGeneration(Mistral3Config(text_config=text, vision_config=vision))
+    return model, [("model.language_model.", "language_model.model."), ("lm_head.", "language_model.lm_head."),
+                   ("model.vision_tower.", "vision_tower."),
+                   ("model.multi_modal_projector.", "multi_modal_projector.")]
+
+
+@pytest.mark.parametrize("build", [qwen2_5_vl, mistral3])
+def test_recent_text_encoders_as_published_bind_every_weight_as_transformers(store, tmp_path, build):
+    """Vision-language text encoders of recent pipelines are published in names that
+    transformers 5 loads under others (`model.layers` -> `model.language_model.layers`):
+    every weight binds, as transformers binds it, none is left random."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    model, published_as = build()
+    folder = tmp_path / "text_encoder"
+    model.save_pretrained(folder)
+    for f in folder.glob("*.safetensors"):
+        f.unlink()
+    published = {}
+    for name, tensor in model.state_dict().items():
+        now, then = next(((now, then) for now, then in published_as if name.startswith(now)), ("", ""))
+        published[then + name[len(now):]] = tensor.clone()
+    assert published.keys() != model.state_dict().keys()  # the names differ from the model's
+    save_file(published, folder / "model.safetensors", metadata={"format": "pt"})
+    ours = compstore.load_component(str(folder), store=store)
+    same_state(ours, type(model).from_pretrained(folder))
+    same_state(ours, model)
