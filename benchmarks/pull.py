@@ -17,7 +17,9 @@ fine-tune is pulled after the base and the CAS's xorb bytes are compared with th
 changed tensor bytes and with the bytes of the chunks the base does not share.
 Last, a far Hub: every file request answered after 50 ms, org/A pulled over HTTP
 into empty stores one file at a time and $COMPSTORE_PULL_WORKERS (8) at a time,
-then three pulls of it started at once into one store (they take turns).
+then three pulls of it started at once into one store (they take turns), and a
+pull of a repo that shares no weights with org/A, alone and while a pull of
+org/A downloads a large file into the same store (it does not wait for it).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import hashlib
 import json
 import os
 import shutil
+import time
 import sys
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
@@ -177,6 +180,38 @@ def far_hub(hub: HubEmulator, work: Path, folder: Path, latency: float = 0.05) -
     size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
     print(f"  3 pulls of org/A started at once into one store: {sorted(statuses)}; Hub served "
           f"{together:,} B = {together / size:.2f}x the repo")
+    beside_a_large_pull(hub, work, latency)
+
+
+def beside_a_large_pull(hub: HubEmulator, work: Path, latency: float, held_s: float = 2.0) -> None:
+    """org/U (other weights than org/A, the same configs) pulled alone, then while a
+    pull of org/A downloads a large file (its UNet GET held up `held_s`), each pull
+    with its own Store, as two processes would."""
+    import threading
+
+    from compstore.loader.synthetic import tiny_sd_pipeline
+
+    tiny_sd_pipeline(7).save_pretrained(work / "U")
+    hub.add_repo("org/U", work / "U")
+    hub.latency = latency
+    t0 = time.perf_counter()
+    _pull_alone(work / "U-alone", "org/U")
+    alone = time.perf_counter() - t0
+    gate = hub.gates["org/A", "unet/diffusion_pytorch_model.safetensors"] = threading.Event()
+    timer = threading.Timer(held_s, gate.set)
+    big = threading.Thread(target=_pull_alone, args=(work / "beside", "org/A"))
+    timer.start()
+    big.start()
+    while hub.in_flight == 0:
+        time.sleep(0.005)
+    t0 = time.perf_counter()
+    _pull_alone(work / "beside", "org/U")
+    beside = time.perf_counter() - t0
+    big.join()
+    del hub.gates["org/A", "unet/diffusion_pytorch_model.safetensors"]
+    hub.latency = 0.0
+    print(f"  org/U (no weights in common with org/A) alone: {alone:.2f} s; while a pull of org/A "
+          f"into the same store downloads a large file ({held_s:.0f} s): {beside:.2f} s")
 
 
 def _pull_alone(home: Path, repo: str) -> str:

@@ -178,7 +178,7 @@ def test_pulls_of_one_repo_side_by_side_download_it_once(hub, store, family, cap
     hub.latency = 0.5  # the first pull downloads for ~1 s: the others start, and wait, meanwhile
     with caplog.at_level(logging.INFO, logger="compstore"):
         first, second, third = pull_side_by_side(hub, store.home, ["org/A"] * 3)
-    assert caplog.text.count("waiting for another pull into it to finish") == 2
+    assert caplog.text.count("waiting for another pull of org/A to finish") == 2
     assert first.status == "new" and second.status == third.status == "unchanged"
     assert second.downloaded_bytes == third.downloaded_bytes == 0
     assert hub.served_bytes == sum(len(b) for b in files_of(family["A"]).values())
@@ -186,14 +186,50 @@ def test_pulls_of_one_repo_side_by_side_download_it_once(hub, store, family, cap
     assert store.verify().ok
 
 
-def test_pulls_of_two_fine_tunes_side_by_side_fetch_what_they_share_once(hub, store, family):
+def test_pulls_of_two_fine_tunes_side_by_side_fetch_what_they_share_once(hub, store, family, caplog):
     """A and B share the VAE, text encoder, tokenizer and configs: pulled at once,
     the second waits for the first and downloads only what it lacks."""
+    import logging
+
     hub.latency = 0.2
-    a, b = pull_side_by_side(hub, store.home, ["org/A", "org/B"])
+    with caplog.at_level(logging.INFO, logger="compstore"):
+        a, b = pull_side_by_side(hub, store.home, ["org/A", "org/B"])
+    assert "waiting for other pulls fetching files this one wants to finish" in caplog.text
     assert a.status == b.status == "new"
     assert hub.served_bytes == lacking_bytes([], family["A"]) + lacking_bytes([family["A"]], family["B"])
     assert b.skipped_files > 0 and store.verify().ok
+
+
+def test_pulls_that_share_no_large_file_run_side_by_side(hub, store, tmp_path, caplog):
+    """A small pull does not wait out a large one it shares no weights with: org/U
+    is pulled while org/A's UNet download is held up, and A then completes."""
+    import logging
+    import threading
+    import time
+
+    from compstore.loader.synthetic import tiny_sd_pipeline
+
+    tiny_sd_pipeline(7).save_pretrained(tmp_path / "U")  # other weights; the same configs
+    hub.add_repo("org/U", tmp_path / "U")
+    gate = hub.gates["org/A", "unet/diffusion_pytorch_model.safetensors"] = threading.Event()
+    results = {}
+
+    def pull_a():  # its own Store, as another process's
+        with Store(store.home) as s:
+            results["A"] = s.pull("org/A")
+
+    t = threading.Thread(target=pull_a)
+    t.start()
+    while hub.in_flight == 0 and t.is_alive():  # A is downloading, and holds its locks
+        time.sleep(0.005)
+    with caplog.at_level(logging.INFO, logger="compstore"), Store(store.home) as s:
+        u = s.pull("org/U")
+    held_up = t.is_alive() and not gate.is_set()  # A still waits for its UNet (at most 10 s)
+    gate.set()
+    t.join()
+    assert held_up and "waiting for" not in caplog.text
+    assert results["A"].status == u.status == "new" and store.verify().ok
+    compstore.DiffusionPipeline.from_pretrained("org/U", store=store, local_files_only=True)
 
 
 @pytest.fixture
@@ -430,7 +466,7 @@ def test_gc_removes_what_failed_pulls_left_unless_a_pull_is_running(hub, store, 
     from click.testing import CliRunner
 
     from compstore.cli.main import cli
-    from compstore.store.lock import pull_lock
+    from compstore.store.lock import pulls_running
 
     path = "unet/diffusion_pytorch_model.safetensors"
     hub.repos["org/A"].cuts[path] = [1 << 20] + [0] * 20  # 1 MiB, then every retry fails
@@ -443,7 +479,7 @@ def test_gc_removes_what_failed_pulls_left_unless_a_pull_is_running(hub, store, 
     held, release = threading.Event(), threading.Event()
 
     def another_pull():  # holds the lock as a running pull in another process would
-        with pull_lock(store.home):
+        with pulls_running(store.home):
             held.set()
             release.wait(10)
 
@@ -453,6 +489,7 @@ def test_gc_removes_what_failed_pulls_left_unless_a_pull_is_running(hub, store, 
     try:
         assert store.gc().downloads_freed_bytes == 0  # gc does not wait for the pull
         assert sum(f.stat().st_size for f in downloads.rglob("*") if f.is_file()) == left
+        assert list((store.home / "pulls").glob("*.lock"))  # the failed pull's: kept meanwhile
     finally:
         release.set()
         t.join()
@@ -462,7 +499,7 @@ def test_gc_removes_what_failed_pulls_left_unless_a_pull_is_running(hub, store, 
     r = CliRunner().invoke(cli, ["--store", str(store.home), "gc", "--json"])
     assert r.exit_code == 0, r.output
     assert json.loads(r.output)["downloads_freed_bytes"] == left
-    assert not downloads.exists()
+    assert not downloads.exists() and not (store.home / "pulls").exists()
     r = CliRunner().invoke(cli, ["--store", str(store.home), "gc"])
     assert "downloads/" not in r.output  # nothing left to mention
 

@@ -16,7 +16,8 @@ Mappings already made (a loaded pipeline) survive the unlink: Linux keeps the
 bytes of an unlinked, mapped file.
 
 `downloads/` holds what failed pulls left for the next pull to resume; gc removes
-it too, unless a pull is running (it holds `pull.lock`; gc does not wait for it).
+it too, and the pulls' lock files (`pulls/`), unless a pull is running (it holds
+`pull.lock`; gc does not wait for it).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
 from .errors import StoreBusyError
-from .lock import exclusive_readers, pull_lock, write_lock
+from .lock import exclusive_readers, no_pull_running, write_lock
 from .objects import PackWriter, fsync_dir
 
 if TYPE_CHECKING:
@@ -155,10 +156,13 @@ def gc(store: "Store", *, dry_run: bool = False) -> GcReport:
 
 
 def _unfinished_downloads(store: "Store", dry_run: bool) -> int:
-    """Bytes in downloads/, removed unless `dry_run` or a pull is running (0 then)."""
+    """Bytes in downloads/, removed (with pulls/) unless `dry_run` or a pull is running
+    (0 then)."""
     folder = store.home / "downloads"
     try:
-        with pull_lock(store.home, wait=False):
+        with no_pull_running(store.home):
+            if not dry_run:
+                shutil.rmtree(store.home / "pulls", ignore_errors=True)
             if not folder.exists():
                 return 0
             size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file() and not f.is_symlink())

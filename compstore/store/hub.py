@@ -36,6 +36,7 @@ import re
 import shutil
 import threading
 import time
+from contextlib import ExitStack
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -43,9 +44,10 @@ from typing import TYPE_CHECKING
 
 from .errors import CompstoreError, InvalidInputError, VariantNotFoundError
 from .export import file_pieces, write_file
-from .lock import pull_lock
+from .lock import pull_lock, pulls_running
 from .manifest import FILENAME as MANIFEST
 from .manifest import parse_manifest
+from .modular import INDEX as MODULAR_INDEX
 from .modular import pins_of
 from .progress import progress_bar, say
 from .selection import pipeline_index_path, select_files
@@ -168,9 +170,10 @@ def pull(store: "Store", repo_id: str, *, revision: str | None = None,
     before any weight is fetched.
     A pull whose files that ref already holds downloads nothing ("unchanged"); one
     that wants more adds them to what the ref holds. Files fetched over plain HTTP
-    are downloaded `$COMPSTORE_PULL_WORKERS` (default 8) at a time. Pulls into one
-    store take turns (`pull_lock`): a second one waits, then fetches only what the
-    first did not bring.
+    are downloaded `$COMPSTORE_PULL_WORKERS` (default 8) at a time. Two pulls of one
+    repo take turns, and a pull that wants a large file another pull is fetching
+    waits for it (`lock.pull_lock`): the second fetches only what the first did not
+    bring. Pulls that share no large file run side by side.
 
     >>> Store().pull("stabilityai/sdxl-turbo", variant="fp16")  # doctest: +SKIP
     """
@@ -238,7 +241,10 @@ def pull(store: "Store", repo_id: str, *, revision: str | None = None,
     if (done := already_here()) is not None:
         return done
     store._writable()
-    with pull_lock(store.home, on_wait=say if progress else logger.info):
+    on_wait = say if progress else logger.info
+    with pulls_running(store.home), ExitStack() as locks:
+        locks.enter_context(pull_lock(store.home, "repo--" + repo_id.replace("/", "--"),
+                                      f"another pull of {repo_id} to finish", on_wait))
         if (done := already_here()) is not None:  # brought by the pull this one waited for
             return done
         folder = store.home / "downloads" / repo_id.replace("/", "--") / commit
@@ -253,7 +259,20 @@ def pull(store: "Store", repo_id: str, *, revision: str | None = None,
             index = _parse_index((folder / index_path).read_bytes(), repo_id, commit, index_path)
         keep = {f.path for f in wanted_given(index)} | held_paths()  # what the ref holds stays in it
         entries = [f for f in listed if f.path in keep]
+        content = locks.enter_context(ExitStack())
+        said: list[str] = []
+
+        def say_once(line: str) -> None:  # however many of its files other pulls are fetching
+            if not said:
+                said.append(line)
+                on_wait(line)
+
+        for key in _content_keys(store, entries):
+            content.enter_context(pull_lock(store.home, key, "other pulls fetching files this one "
+                                            "wants to finish", say_once))
         got.add(fetch([f for f in entries if f.path != index_path], progress=progress))
+        if index_path == MODULAR_INDEX:  # its ingest pulls the repos it points at, and a pull
+            content.close()              # of one of them may be waiting for these locks
         ref = name or default_ref
         result: IngestResult = store.ingest(folder, ref, source=repo_id, revision=commit, repin=repin,
                                             progress=progress, checked_sha256=got.checked, token=token)
@@ -266,6 +285,18 @@ def pull(store: "Store", repo_id: str, *, revision: str | None = None,
                       got.skipped_bytes, result.status, round(time.perf_counter() - t0, 3),
                       got.xet_files, got.http_files, got.chunk_fetched, got.chunk_reused,
                       round(got.chunk_reused / got.xet_bytes, 4) if got.xet_bytes else 0.0)
+
+
+def _content_keys(store: "Store", entries: list) -> list[str]:
+    """The `pull_lock` keys of the large (LFS) files of `entries` the store lacks, in
+    the order they are taken (sorted: two pulls never wait for each other). A key is
+    a prefix of the file's sha256: at most 65,536 lock files, and a pull of more than
+    256 files holds at most 256 (two unrelated files may share a key; then one pull
+    waits for the other, as if they shared the file)."""
+    shas = {f.lfs.sha256.lower() for f in entries if f.lfs
+            and _held_file(store, f.size, f.lfs.sha256, None, f.xet_hash) is None}
+    width = 4 if len(shas) <= 256 else 2
+    return sorted({f"sha256-{sha[:width]}" for sha in shas})
 
 
 def _parse_index(data: bytes | None, repo_id: str, commit: str, path: str) -> dict:
@@ -310,7 +341,7 @@ def _download(store: "Store", repo_id: str, commit: str, entries: list, folder: 
               endpoint: str | None, token, workers: int, translate, progress: bool) -> _Downloaded:
     """Fill `folder` with `entries`: files the store holds are rebuilt from it, the
     rest come by manifest pieces, Xet chunks or HTTP, each checked against the Hub's
-    sha256. Under `pull_lock`: nothing else writes to `folder`."""
+    sha256. Under the repo's `pull_lock`: nothing else writes to `folder`."""
     from huggingface_hub import constants, hf_hub_url
     from huggingface_hub.utils import build_hf_headers
 

@@ -5,10 +5,15 @@ by SIGKILL), so a crashed process never leaves the store locked.
 - `<store>/readers.lock`: readers that follow the catalog to pack files (load,
   export, verify) hold it shared for the duration; gc takes it exclusively only to
   unlink packs the catalog no longer names. Readers never wait for writers.
-- `<store>/pull.lock`: one Hub pull at a time. A second pull waits, for as long as
-  the first runs, then downloads only what the first did not bring: bytes two
-  pulls share (one repo, or a base's VAE in two fine-tunes) are fetched once, and
-  no two pulls write one download folder.
+- `<store>/pull.lock`: held shared by every running pull, waits included; gc
+  takes it exclusively, without waiting, to clear what pulls leave (downloads/,
+  pulls/) only when none runs.
+- `<store>/pulls/<key>.lock`: what a pull fetches. A repo's (two pulls of one repo
+  take turns: the second downloads only what the first did not bring), and, for
+  each large file it downloads, its sha256's (`sha256-<prefix>`): a pull that
+  wants bytes another pull is fetching (a base's VAE in two fine-tunes pulled at
+  once) waits for that pull, then finds them in the store. Pulls that share no
+  large file run side by side.
 - `<store>/tmp/<prefix>*/.lock`: a scratch folder of a process that holds no write
   lock (a push writing its packs), locked through that file while in use. A writer
   clears tmp/ when it starts, all but the folders still locked: a crashed
@@ -58,29 +63,44 @@ def exclusive_readers(home: Path) -> Iterator[None]:
         yield
 
 
-_pulling = threading.local()  # the stores whose pull.lock this thread holds
+_pulling = threading.local()  # the (store, key) pull locks this thread holds
 
 
 @contextmanager
-def pull_lock(home: Path, on_wait: Callable[[str], None] = logger.info,
-              wait: bool = True) -> Iterator[None]:
-    """Held by a pull from its first download to its ingest. No timeout: a pull may
-    download for an hour, and the kernel drops the lock if its holder dies. Taken
-    again by the thread that holds it, it lets it through: a modular repo's ingest
-    pulls the repos its entries point at. `on_wait` gets a line to show if it waits;
-    with `wait=False` it raises `StoreBusyError` at once instead (gc: a pull is running)."""
-    held: set = _pulling.__dict__.setdefault("homes", set())
-    key = os.path.realpath(home)
-    if key in held:
+def pulls_running(home: Path) -> Iterator[None]:
+    """Held (shared) by a pull for its whole run, its waits included."""
+    with _flock(home / "pull.lock", fcntl.LOCK_SH, math.inf, "gc is clearing what pulls left"):
+        yield
+
+
+@contextmanager
+def no_pull_running(home: Path) -> Iterator[None]:
+    """Held (exclusive) while no pull runs; raises `StoreBusyError` at once if one does."""
+    with _flock(home / "pull.lock", fcntl.LOCK_EX, 0, "a pull is running"):
+        yield
+
+
+@contextmanager
+def pull_lock(home: Path, key: str, waiting_for: str,
+              on_wait: Callable[[str], None] = logger.info) -> Iterator[None]:
+    """`pulls/<key>.lock`, held exclusively, under `pulls_running`. No timeout: a pull
+    may download for an hour, and the kernel drops the lock if its holder dies.
+    Taken again by the thread that holds it, it lets it through: a modular repo's
+    ingest pulls the repos its entries point at. `on_wait` gets a line to show if
+    it waits ("... waiting for `waiting_for`")."""
+    held: set = _pulling.__dict__.setdefault("keys", set())
+    token = (os.path.realpath(home), key)
+    if token in held:
         yield
         return
-    with _flock(home / "pull.lock", fcntl.LOCK_EX, math.inf if wait else 0, "a pull is running",
-                on_wait=lambda: on_wait(f"store {home}: waiting for another pull into it to finish")):
-        held.add(key)
+    (home / "pulls").mkdir(exist_ok=True)
+    with _flock(home / "pulls" / f"{key}.lock", fcntl.LOCK_EX, math.inf, waiting_for,
+                on_wait=lambda: on_wait(f"store {home}: waiting for {waiting_for}")):
+        held.add(token)
         try:
             yield
         finally:
-            held.discard(key)
+            held.discard(token)
 
 
 @contextmanager
