@@ -533,6 +533,47 @@ def publish_remix(hub, tmp_path, base: str, slots: tuple[str, ...], *, private: 
     hub.add_repo("org/remix", remix)
 
 
+def test_a_modular_pull_and_a_pull_of_the_repo_it_points_at_both_finish(hub, store, tmp_path, caplog):
+    """org/remix re-publishes org/sdxl-base's UNet file and points at its VAE. Its pull
+    downloads the UNet; a pull of org/sdxl-base then waits for that file. The remix's
+    ingest pulls org/sdxl-base, which that pull holds: the remix lets its file locks
+    go before its ingest, or each pull would wait for the other for ever."""
+    import logging
+    import shutil
+    import threading
+    import time
+
+    publish_remix(hub, tmp_path, "org/sdxl-base", ("vae",))
+    shutil.rmtree(tmp_path / "remix" / "unet")
+    shutil.copytree(tmp_path / "base" / "unet", tmp_path / "remix" / "unet")
+    hub.add_repo("org/remix", tmp_path / "remix")
+    gate = hub.gates["org/remix", "unet/diffusion_pytorch_model.safetensors"] = threading.Event()
+    results = {}
+
+    def pull(repo):
+        with Store(store.home) as s:
+            results[repo] = s.pull(repo)
+
+    threads = {repo: threading.Thread(target=pull, args=(repo,), daemon=True)
+               for repo in ("org/remix", "org/sdxl-base")}
+    with caplog.at_level(logging.INFO, logger="compstore"):
+        threads["org/remix"].start()
+        while hub.in_flight == 0:  # the remix downloads its UNet, and holds its lock
+            time.sleep(0.005)
+        threads["org/sdxl-base"].start()
+        deadline = time.monotonic() + 10
+        while "waiting for other pulls fetching" not in caplog.text and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert "waiting for other pulls fetching" in caplog.text  # the base waits for the UNet
+        gate.set()
+        for t in threads.values():
+            t.join(30)
+    assert not any(t.is_alive() for t in threads.values()), "the two pulls wait for each other"
+    assert set(results) == {"org/remix", "org/sdxl-base"} and store.verify().ok
+    pins = {p["slot"]: p for p in store.show("org/remix")["pins"]}
+    assert pins["vae"]["source"].startswith("org/sdxl-base@")
+
+
 def test_modular_repo_pointing_at_hub_repos_pins_their_commit(hub, store, tmp_path):
     from compstore import PinChangedError
     from compstore.loader.synthetic import tiny_sdxl_pipeline
