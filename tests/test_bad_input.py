@@ -270,3 +270,22 @@ def test_a_config_that_disagrees_with_its_weights_is_a_clear_error(store, pipeli
                                              r"\(.*\) in the UNet2DConditionModel.*disagree"):
         compstore.DiffusionPipeline.from_pretrained("odd", store=store)
     assert store_state(store.home) == before and store.verify().ok
+
+
+@pytest.mark.parametrize("load, message", [
+    (lambda c, folder, store: c.load_component(folder, "unet", variant="fp16", store=store),
+     "slot 'unet' has no 'fp16' weights"),
+    (lambda c, folder, store: c.load_component(folder, "nothing", store=store),
+     r"no component in slot 'nothing' \(slots: \['scheduler', 'text_encoder'"),
+    (lambda c, folder, store: c.DiffusionPipeline.from_pretrained(folder, variant="fp16", store=store),
+     "has no 'fp16' weights"),
+], ids=["component variant", "component slot", "pipeline variant"])
+def test_a_refused_load_of_a_folder_leaves_the_store_as_it_was(load, message, store, family):
+    """A folder is ingested on the way to a load, but not when the load is refused
+    for what the folder lacks: the check runs on the folder first."""
+    import compstore
+
+    before = store_state(store.home)
+    with pytest.raises(compstore.ComponentNotFoundError, match=message):
+        load(compstore, str(family["A"]), store)
+    assert store_state(store.home) == before and store.ls() == []

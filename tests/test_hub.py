@@ -846,3 +846,27 @@ def test_pull_a_variant_and_skip_pickles(hub, store, family, tmp_path):
     assert not any(p.endswith(".bin") for p in served)
     pipe = compstore.DiffusionPipeline.from_pretrained(r.ref, store=store, variant="fp16")
     assert pipe.unet.dtype == torch.float32 and pipe.text_encoder.dtype == torch.float16  # as diffusers
+
+
+def test_load_component_from_the_hub_pulls_that_folder_alone(hub, store, family):
+    """As diffusers' `subfolder=` downloads one folder: org/A's UNet costs its folder
+    (and the index), not the pipeline. Offline, it is found again; a later pull of
+    the pipeline fetches the rest only; a folder the repo lacks is a clear error."""
+    import diffusers
+
+    theirs = diffusers.UNet2DConditionModel.from_pretrained(family["A"], subfolder="unet").state_dict()
+    unet_files = {"unet/config.json", "unet/diffusion_pytorch_model.safetensors"}
+    for local_files_only in (False, True):
+        hub.reset_counts()
+        unet = compstore.load_component("org/A", "unet", store=store, local_files_only=local_files_only)
+        ours = unet.state_dict()
+        assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in theirs)
+        assert set(hub.served_files) == (set() if local_files_only else {"model_index.json"} | unet_files)
+    with pytest.raises(compstore.RefNotFoundError):  # the pipeline was not pulled
+        compstore.DiffusionPipeline.from_pretrained("org/A", store=store, local_files_only=True)
+    hub.reset_counts()
+    store.pull("org/A")
+    assert hub.served_files and not set(hub.served_files) & unet_files
+    compstore.DiffusionPipeline.from_pretrained("org/A", store=store, local_files_only=True)
+    with pytest.raises(HubError, match="no files to pull: none matches nothing/"):
+        compstore.load_component("org/A", "nothing", store=store)

@@ -516,7 +516,7 @@ def load_component(
     **kwargs: Any,
 ) -> torch.nn.Module:
     """Load one model from a ref (or a folder, ingested on the way, or a Hub repo id,
-    pulled on the way) without the pipeline.
+    of which only the model's folder is pulled on the way) without the pipeline.
 
     `slot` (or diffusers' `subfolder`) names the model in a pipeline. `device_map`
     (or `pool`) puts it on a device through its residency pool, as `to_device`
@@ -539,8 +539,9 @@ def load_component(
     dtype = dtype_argument({"dtype": dtype, "torch_dtype": torch_dtype})
     pool = target_pool(device_map, pool)
     store = open_store(store)
-    snapshot_id, label = resolve_snapshot(store, name_or_path, revision=revision, variant=variant,
-                                          local_files_only=local_files_only, token=token)
+    snapshot_id, label = resolve_snapshot(  # a Hub repo: only the slot's folder is pulled
+        store, name_or_path, revision=revision, variant=variant, local_files_only=local_files_only,
+        token=token, slot=slot, check=lambda rows: pick_component(rows, slot, variant, fallback=False))
     comp = pick_component(store.components_of(snapshot_id), slot, variant, fallback=False)
     name = f"{label}/{slot}" if slot else label
     with exclusive_load(), store.reading():  # one load at a time (loading.py); gc unlinks no pack

@@ -28,12 +28,13 @@ import os
 import re
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from ..store import CompstoreError, RefNotFoundError, Store
 from ..store.hub import hub_reachable, is_repo_id
+from ..store.scan import scan_folder
 from ..store.components import pick_component, require_variant
 from . import warm
 from .component import (dtype_argument, is_model_class, prepare_model, refuse_pickle_loading,
@@ -60,26 +61,58 @@ def resolve_snapshot(
     local_files_only: bool | None = None,
     variant: str | None = None,
     token: str | bool | None = None,
+    slot: str | None = None,
+    check: Callable[[list[dict]], object] | None = None,
     **_: Any,
 ) -> tuple[str, str]:
     """(snapshot id, label) for a local folder (ingested on the way), a Hub repo id
-    (pulled on the way, with `token` if given) or a store ref."""
+    (pulled on the way, with `token` if given) or a store ref.
+
+    `slot`: only that model of a pipeline is wanted, so a pull fetches its folder
+    alone (as diffusers' `subfolder=` downloads it alone). `check(components)` (rows
+    as `Store.components_of` gives them) raises for what the caller refuses, a
+    variant or a slot the pipeline lacks; a folder's is checked before its ingest,
+    so that a refused load leaves the store as it was.
+    """
     label = os.fspath(name_or_path)
     path = Path(label).expanduser()
     if path.is_dir():
         ref = str(path.resolve())
-        result = store.ingest(path, ref, token=token)  # a modular folder's pointers may be pulled
-        return result.snapshot, label
+        if check is not None:
+            scan = scan_folder(path)
+            if scan.kind != "modular":  # a modular folder's components are known once its pointers are
+                check([{"slot": c.slot, "variant": c.variant} for c in scan.components])
+        snapshot_id = store.ingest(path, ref, token=token).snapshot  # a modular folder's pointers may be pulled
+    elif is_repo_id(label) and not local_files_only and hub_reachable():
+        # A repo id: the Hub names the commit; only what the store lacks is downloaded.
+        pulled = store.pull(label, revision=revision, variant=variant, token=token,
+                            include=[f"{slot}/*"] if slot else None)
+        snapshot_id = store.resolve(pulled.ref)
+    else:
+        snapshot_id = _stored_snapshot(store, label, revision, variant, slot)
+    if check is not None:
+        check(store.components_of(snapshot_id))
+    return snapshot_id, label
+
+
+def _stored_snapshot(store: Store, label: str, revision: str | None, variant: str | None,
+                     slot: str | None) -> str:
+    """The snapshot of a ref named `label`, as pulls name them: `label@revision`, the
+    latest pull's `label` (`label[variant]` for a variant), and, for one `slot`, the
+    latest pull of that folder alone (`label@<commit>`)."""
     candidates = [f"{label}@{revision}", label] if revision else [label]
     if variant:  # a pull in that variant made `repo@commit[variant]` and `repo[variant]`
         candidates = [ref for c in candidates for ref in (f"{c}[{variant}]", c)]
-    if is_repo_id(label) and not local_files_only and hub_reachable():
-        # A repo id: the Hub names the commit; only what the store lacks is downloaded.
-        pulled = store.pull(label, revision=revision, variant=variant, token=token)
-        return store.resolve(pulled.ref), label
     for ref in candidates:
         if store.has_ref(ref):
-            return store.resolve(ref), label
+            return store.resolve(ref)
+    if slot and not revision:
+        suffix = f"[{variant}]" if variant else ""
+        for name, snapshot_id in store.db.execute(
+                "SELECT name, snapshot_id FROM refs WHERE substr(name, 1, ?) = ? ORDER BY updated DESC",
+                [len(label) + 1, f"{label}@"]).fetchall():
+            if name.endswith(suffix) and any(c["slot"] == slot for c in store.components_of(snapshot_id)):
+                return snapshot_id
     raise RefNotFoundError(label, str(store.home))
 
 
@@ -142,10 +175,11 @@ class DiffusionPipeline:
         pool = target_pool(kwargs.pop("device_map", None), kwargs.pop("pool", None))
         refuse_pickle_loading(kwargs.pop("use_safetensors", None))
         kwargs.pop("low_cpu_mem_usage", None)  # binding store tensors is always low-memory
+        label = os.fspath(pretrained_model_name_or_path)
         snapshot_id, label = resolve_snapshot(  # an ingest or a download: other threads' loads go on
-            store, pretrained_model_name_or_path, revision=kwargs.pop("revision", None),
+            store, label, revision=kwargs.pop("revision", None),
             local_files_only=kwargs.pop("local_files_only", None), variant=variant,
-            token=kwargs.get("token"))
+            token=kwargs.get("token"), check=lambda rows: require_variant(rows, variant, label))
         with exclusive_load():  # one load at a time per process, the collector paused (loading.py)
             return _assemble(store, snapshot_id, label, dtype=dtype, variant=variant, verify=verify,
                              private=private, pool=pool, kwargs=kwargs)
@@ -171,7 +205,6 @@ def _assemble(store: Store, snapshot_id: str, label: str, *, dtype, variant: str
             "fix _class_name in the pipeline's model_index.json and ingest it again")
 
     rows = store.components_of(snapshot_id)
-    require_variant(rows, variant, label)
     packs = private_packs(store)  # one set of copy-on-write mappings for this pipeline
     skeleton = store.materialize(snapshot_id, _skeleton_file)
     built: dict[str, Any] = {}

@@ -209,7 +209,8 @@ def pull(store: "Store", repo_id: str, *, revision: str | None = None,
             raise VariantNotFoundError(f"{repo_id}@{commit} has {e}; pull it without "
                                        f"--variant (variant=None) for the default weights") from None
         if not wanted:
-            raise HubError(f"{repo_id}@{commit}: no files to pull (check --include)")
+            raise HubError(f"{repo_id}@{commit}: no files to pull" + (
+                f": none matches {', '.join(include)}" if include else ""))
         return wanted
 
     def held_paths() -> set[str]:
