@@ -870,3 +870,40 @@ def test_load_component_from_the_hub_pulls_that_folder_alone(hub, store, family)
     compstore.DiffusionPipeline.from_pretrained("org/A", store=store, local_files_only=True)
     with pytest.raises(HubError, match="no files to pull: none matches nothing/"):
         compstore.load_component("org/A", "nothing", store=store)
+
+
+def test_components_passed_in_are_not_pulled(hub, store, family):
+    """As diffusers' download leaves out the folders of the components passed in:
+    with vae= given, org/A's vae/ is not fetched, online or offline the pipeline
+    loads with it, and its image is diffusers'."""
+    import diffusers
+    import numpy as np
+    from test_loader import image
+
+    vae = diffusers.AutoencoderKL.from_pretrained(family["A"], subfolder="vae")
+    for local_files_only in (False, True):
+        hub.reset_counts()
+        pipe = compstore.DiffusionPipeline.from_pretrained(
+            "org/A", store=store, vae=vae, safety_checker=None, local_files_only=local_files_only)
+        assert pipe.vae is vae and bool(hub.served_files) != local_files_only
+        assert not [p for p in hub.served_files if p.startswith("vae/")]
+    theirs = diffusers.DiffusionPipeline.from_pretrained(family["A"], vae=vae, safety_checker=None)
+    assert np.array_equal(image(pipe), image(theirs))
+    with pytest.raises(compstore.RefNotFoundError):  # the pipeline with its own VAE was not pulled
+        compstore.DiffusionPipeline.from_pretrained("org/A", store=store, local_files_only=True)
+
+
+def test_pull_exclude_leaves_files_out(hub, store, family):
+    import json
+
+    from click.testing import CliRunner
+
+    from compstore.cli import cli
+
+    r = CliRunner().invoke(cli, ["--store", str(store.home), "pull", "org/A", "--exclude", "vae/*",
+                                 "--exclude", "text_encoder/*", "--json"])
+    assert r.exit_code == 0, r.output
+    held = {row[0] for row in store.snapshot_files(store.resolve(json.loads(r.output)["ref"]))}
+    assert held == set(files_of(family["A"])) - {p for p in files_of(family["A"])
+                                                  if p.startswith(("vae/", "text_encoder/"))}
+    assert set(hub.served_files) == held and not store.has_ref("org/A")  # `org/A`: whole pulls only

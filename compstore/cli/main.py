@@ -58,6 +58,8 @@ def ingest(ctx, path, name, allow_pickle, exclude, repin, as_json):
 @click.option("--revision", help="Branch, tag or commit [default: main].")
 @click.option("--include", multiple=True, metavar="GLOB",
               help="Pull only matching files, from every folder of the repo.")
+@click.option("--exclude", multiple=True, metavar="GLOB",
+              help="Leave matching files out, e.g. 'safety_checker/*'.")
 @click.option("--variant", help="Weights variant, e.g. fp16: the default weights in folders "
               "without it; refused when no folder has it.")
 @click.option("--all", "all_files", is_flag=True,
@@ -69,9 +71,10 @@ def ingest(ctx, path, name, allow_pickle, exclude, repin, as_json):
               help="Modular repos: accept new content at the repos its components point at.")
 @json_option
 @click.pass_context
-def pull(ctx, repo_id, revision, include, variant, all_files, name, repin, as_json):
+def pull(ctx, repo_id, revision, include, exclude, variant, all_files, name, repin, as_json):
     """Pull a Hub repo, downloading only what the store lacks (whole files; Xet chunks)."""
     r = open_store(ctx).pull(repo_id, revision=revision, include=list(include) or None,
+                             exclude=list(exclude) or None,
                              variant=variant, name=name, repin=repin, all_files=all_files,
                              progress=want_progress(as_json))
     emit(as_json, r.to_dict(),

@@ -28,13 +28,13 @@ import os
 import re
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import torch
 
 from ..store import CompstoreError, RefNotFoundError, Store
 from ..store.hub import hub_reachable, is_repo_id
-from ..store.scan import scan_folder
+from ..store.scan import index_entries, scan_folder
 from ..store.components import pick_component, require_variant
 from . import warm
 from .component import (dtype_argument, is_model_class, prepare_model, refuse_pickle_loading,
@@ -62,6 +62,7 @@ def resolve_snapshot(
     variant: str | None = None,
     token: str | bool | None = None,
     slot: str | None = None,
+    skip: Iterable[str] = (),
     check: Callable[[list[dict]], object] | None = None,
     **_: Any,
 ) -> tuple[str, str]:
@@ -69,7 +70,9 @@ def resolve_snapshot(
     (pulled on the way, with `token` if given) or a store ref.
 
     `slot`: only that model of a pipeline is wanted, so a pull fetches its folder
-    alone (as diffusers' `subfolder=` downloads it alone). `check(components)` (rows
+    alone (as diffusers' `subfolder=` downloads it alone). `skip`: folders not
+    wanted, the components a load is given (or given None): a pull leaves them out,
+    as diffusers' download does. `check(components)` (rows
     as `Store.components_of` gives them) raises for what the caller refuses, a
     variant or a slot the pipeline lacks; a folder's is checked before its ingest,
     so that a refused load leaves the store as it was.
@@ -86,34 +89,45 @@ def resolve_snapshot(
     elif is_repo_id(label) and not local_files_only and hub_reachable():
         # A repo id: the Hub names the commit; only what the store lacks is downloaded.
         pulled = store.pull(label, revision=revision, variant=variant, token=token,
-                            include=[f"{slot}/*"] if slot else None)
+                            include=[f"{slot}/*"] if slot else None,
+                            exclude=[f"{s}/*" for s in skip] or None)
         snapshot_id = store.resolve(pulled.ref)
     else:
-        snapshot_id = _stored_snapshot(store, label, revision, variant, slot)
+        snapshot_id = _stored_snapshot(store, label, revision, variant, slot, set(skip))
     if check is not None:
         check(store.components_of(snapshot_id))
     return snapshot_id, label
 
 
 def _stored_snapshot(store: Store, label: str, revision: str | None, variant: str | None,
-                     slot: str | None) -> str:
+                     slot: str | None, skip: set[str]) -> str:
     """The snapshot of a ref named `label`, as pulls name them: `label@revision`, the
-    latest pull's `label` (`label[variant]` for a variant), and, for one `slot`, the
-    latest pull of that folder alone (`label@<commit>`)."""
+    latest pull's `label` (`label[variant]` for a variant), and, for a load that
+    wants part of a pipeline (one `slot`, or all but `skip`), the latest pull of
+    that part (`label@<commit>`, which such pulls make and do not move `label`)."""
     candidates = [f"{label}@{revision}", label] if revision else [label]
     if variant:  # a pull in that variant made `repo@commit[variant]` and `repo[variant]`
         candidates = [ref for c in candidates for ref in (f"{c}[{variant}]", c)]
     for ref in candidates:
         if store.has_ref(ref):
             return store.resolve(ref)
-    if slot and not revision:
+    if (slot or skip) and not revision:
         suffix = f"[{variant}]" if variant else ""
         for name, snapshot_id in store.db.execute(
                 "SELECT name, snapshot_id FROM refs WHERE substr(name, 1, ?) = ? ORDER BY updated DESC",
                 [len(label) + 1, f"{label}@"]).fetchall():
-            if name.endswith(suffix) and any(c["slot"] == slot for c in store.components_of(snapshot_id)):
+            if name.endswith(suffix) and _holds(store, snapshot_id, slot, skip):
                 return snapshot_id
     raise RefNotFoundError(label, str(store.home))
+
+
+def _holds(store: Store, snapshot_id: str, slot: str | None, skip: set[str]) -> bool:
+    """Whether a snapshot holds `slot`, or else every folder of its pipeline but `skip`."""
+    have = {c["slot"] for c in store.components_of(snapshot_id)}
+    if slot:
+        return slot in have
+    raw = store.read_file(snapshot_id, "model_index.json")
+    return raw is not None and {s for s, _, _ in index_entries(json.loads(raw))} - skip <= have
 
 
 def per_slot(value, slot: str):
@@ -179,7 +193,8 @@ class DiffusionPipeline:
         snapshot_id, label = resolve_snapshot(  # an ingest or a download: other threads' loads go on
             store, label, revision=kwargs.pop("revision", None),
             local_files_only=kwargs.pop("local_files_only", None), variant=variant,
-            token=kwargs.get("token"), check=lambda rows: require_variant(rows, variant, label))
+            token=kwargs.get("token"), skip=kwargs,  # components passed in: not pulled
+            check=lambda rows: require_variant(rows, variant, label))
         with exclusive_load():  # one load at a time per process, the collector paused (loading.py)
             return _assemble(store, snapshot_id, label, dtype=dtype, variant=variant, verify=verify,
                              private=private, pool=pool, kwargs=kwargs)

@@ -28,6 +28,7 @@ took 4.5 s for a 1.6 GB UNet here (~370 MB/s), too slow for every ingest.
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
 import logging
@@ -151,7 +152,8 @@ def _hub_errors(repo_id: str, revision: str | None):
 
 
 def pull(store: "Store", repo_id: str, *, revision: str | None = None,
-         include: list[str] | None = None, variant: str | None = None, name: str | None = None,
+         include: list[str] | None = None, exclude: list[str] | None = None,
+         variant: str | None = None, name: str | None = None,
          token: str | bool | None = None, repin: bool = False, all_files: bool = False,
          progress: bool = False) -> PullResult:
     """Pull `repo_id` at `revision` into the store; download only what it lacks.
@@ -160,13 +162,15 @@ def pull(store: "Store", repo_id: str, *, revision: str | None = None,
     folders its index names, and in each folder one variant's weights (`variant`'s
     where it has them, else the default ones, as diffusers picks them); not the
     other variants, nor single-file checkpoints at the root. `include` globs choose
-    from every folder; `all_files=True` pulls the repo as published. Pickle
+    from every folder; `exclude` globs leave files out (the components a load is
+    given, as diffusers leaves out their folders); `all_files=True` pulls the repo
+    as published. Pickle
     checkpoints and other frameworks' weights (.bin, .ckpt, .msgpack, .onnx, ...)
     are never pulled.
 
     Creates the refs `repo_id@<commit>` (`repo_id@<commit>[variant]` with a variant,
-    or `name`) and, unless `include`, `repo_id` (`repo_id[variant]`), moved to this
-    commit. A `variant` that none of the weights come in raises `VariantNotFoundError`
+    or `name`) and, unless `include` or `exclude`, `repo_id` (`repo_id[variant]`),
+    moved to this commit. A `variant` that none of the weights come in raises `VariantNotFoundError`
     before any weight is fetched.
     A pull whose files that ref already holds downloads nothing ("unchanged"); one
     that wants more adds them to what the ref holds. Files fetched over plain HTTP
@@ -197,7 +201,7 @@ def pull(store: "Store", repo_id: str, *, revision: str | None = None,
     default_ref = f"{repo_id}@{commit}" + (f"[{variant}]" if variant else "")
     # `repo_id` (`repo_id[variant]`) follows the latest pull of the pipeline (in that
     # variant): offline loads find it there.
-    latest_ref = None if include else repo_id + (f"[{variant}]" if variant else "")
+    latest_ref = None if include or exclude else repo_id + (f"[{variant}]" if variant else "")
     # A pipeline repo's index names the folders to pull: it is read first.
     index_path = None if include or all_files else pipeline_index_path({f.path for f in listed})
 
@@ -208,6 +212,9 @@ def pull(store: "Store", repo_id: str, *, revision: str | None = None,
         except VariantNotFoundError as e:
             raise VariantNotFoundError(f"{repo_id}@{commit} has {e}; pull it without "
                                        f"--variant (variant=None) for the default weights") from None
+        if exclude:  # never the index: it says what the snapshot is
+            wanted = [f for f in wanted if f.path == index_path
+                      or not any(fnmatch.fnmatch(f.path, g) for g in exclude)]
         if not wanted:
             raise HubError(f"{repo_id}@{commit}: no files to pull" + (
                 f": none matches {', '.join(include)}" if include else ""))

@@ -183,15 +183,17 @@ class Store:
         self.db.execute("UPDATE refs SET created = coalesce(created, updated) WHERE name = ?", [ref])
 
     def pull(self, repo_id: str, *, revision: str | None = None, include: list[str] | None = None,
-             variant: str | None = None, name: str | None = None, token: str | bool | None = None,
-             repin: bool = False, all_files: bool = False, progress: bool = False) -> PullResult:
+             exclude: list[str] | None = None, variant: str | None = None, name: str | None = None,
+             token: str | bool | None = None, repin: bool = False, all_files: bool = False,
+             progress: bool = False) -> PullResult:
         """Pull a Hub repo, downloading only the files whose content the store lacks:
         what `from_pretrained` loads, or with `all_files=True` the repo as published
         (see `hub.pull`).
 
         >>> Store().pull("org/tiny-sd", revision="main").downloaded_bytes  # doctest: +SKIP
         """
-        return pull_repo(self, repo_id, revision=revision, include=include, variant=variant,
+        return pull_repo(self, repo_id, revision=revision, include=include, exclude=exclude,
+                         variant=variant,
                          name=name, token=token, repin=repin, all_files=all_files,
                          progress=progress)
 
