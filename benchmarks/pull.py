@@ -8,7 +8,9 @@ too). Then a repo published with more than its pipeline (D with a single-file
 checkpoint and a LoRA at its root, a VAE folder its model_index.json does not
 name, an OpenVINO file, a README, a sample image: `hub_emulator.publish_with_extras`):
 what a default pull fetches beside what diffusers' own `from_pretrained`
-downloads and the whole repo. Then publishes C with a compstore
+downloads and the whole repo; and part of it (`load_component(..., "vae")`,
+`from_pretrained(..., unet=unet)`) beside diffusers' `subfolder=` and passed-in
+downloads. Then publishes C with a compstore
 manifest and pulls it into a store that holds only A. Prints, per pull, what the
 store lacked (whole files by sha256; tensors by the catalog's diff) beside what
 the emulator served. Last, the Xet path: a 64 MB UNet and a partial fine-tune of
@@ -112,6 +114,36 @@ def published_repo(hub: HubEmulator, work: Path, family: dict[str, Path]) -> Non
         hub.reset_counts()
         store.pull("org/X", all_files=True)
     print(f"  --all: compstore pull fetched {hub.served_bytes:,} B (never the OpenVINO file)")
+    part_of_a_pipeline(hub, work)
+
+
+def part_of_a_pipeline(hub: HubEmulator, work: Path) -> None:
+    """One model of org/X (`load_component(..., "vae")`), and the pipeline with its
+    UNet passed in, each into an empty store, beside what diffusers downloads for
+    the same calls."""
+    import compstore
+    import diffusers
+
+    def hf_bytes(folder: Path) -> int:
+        return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file() and not p.is_symlink())
+
+    with huggingface_hub_default_endpoint(hub.url):
+        diffusers.AutoencoderKL.from_pretrained("org/X", subfolder="vae", cache_dir=str(work / "hf-vae"))
+        unet = diffusers.UNet2DConditionModel.from_pretrained("org/X", subfolder="unet",
+                                                              cache_dir=str(work / "hf-unet"))
+        diffusers.DiffusionPipeline.from_pretrained("org/X", unet=unet, cache_dir=str(work / "hf-nounet"))
+    with Store(work / "X-vae") as store:
+        hub.reset_counts()
+        compstore.load_component("org/X", "vae", store=store)
+        vae = hub.served_bytes
+    with Store(work / "X-nounet") as store:
+        hub.reset_counts()
+        compstore.DiffusionPipeline.from_pretrained("org/X", unet=unet, store=store)
+        no_unet = hub.served_bytes
+    print(f"  load_component(\"org/X\", \"vae\"): compstore fetched {vae:,} B; diffusers' "
+          f"subfolder=\"vae\" downloads {hf_bytes(work / 'hf-vae'):,} B")
+    print(f"  from_pretrained(\"org/X\", unet=unet): compstore fetched {no_unet:,} B; diffusers "
+          f"downloads {hf_bytes(work / 'hf-nounet'):,} B")
 
 
 def xet_partial_finetune(hub: HubEmulator, work: Path) -> None:
