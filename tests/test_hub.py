@@ -907,3 +907,17 @@ def test_pull_exclude_leaves_files_out(hub, store, family):
     assert held == set(files_of(family["A"])) - {p for p in files_of(family["A"])
                                                   if p.startswith(("vae/", "text_encoder/"))}
     assert set(hub.served_files) == held and not store.has_ref("org/A")  # `org/A`: whole pulls only
+
+
+def test_load_component_of_a_modular_repo_follows_its_pointer(hub, store, tmp_path):
+    """org/remix's VAE is an entry pointing at org/sdxl-base: one model of it pulls
+    the remix's index and what its entries point at, not the remix's own UNet (a
+    pinned model was not found by load_component before: "no component in slot")."""
+    import diffusers
+
+    publish_remix(hub, tmp_path, "org/sdxl-base", ("vae", "text_encoder"))
+    vae = compstore.load_component("org/remix", "vae", store=store)
+    theirs = diffusers.AutoencoderKL.from_pretrained(tmp_path / "base", subfolder="vae").state_dict()
+    ours = vae.state_dict()
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in theirs)
+    assert not [p for p in hub.served_files if p.startswith("unet/")]

@@ -24,6 +24,7 @@ from torch.nn.parameter import is_lazy
 
 from ..store import CompstoreError, ComponentNotFoundError, CorruptStoreError, Store
 from ..store.components import pick_component
+from ..store.modular import components_with_pins
 from ..store.objects import blob_hash
 from ..store.objects import PackFiles
 from . import warm
@@ -518,7 +519,8 @@ def load_component(
     """Load one model from a ref (or a folder, ingested on the way, or a Hub repo id,
     of which only the model's folder is pulled on the way) without the pipeline.
 
-    `slot` (or diffusers' `subfolder`) names the model in a pipeline. `device_map`
+    `slot` (or diffusers' `subfolder`) names the model in a pipeline (in a modular
+    one whose entry points at another repo, the model pinned for it). `device_map`
     (or `pool`) puts it on a device through its residency pool, as `to_device`
     does. `verify=True` re-hashes its tensors first and raises `CorruptStoreError`
     on damage. Arguments about fetching files (`cache_dir`, `force_download`, ...)
@@ -542,7 +544,7 @@ def load_component(
     snapshot_id, label = resolve_snapshot(  # a Hub repo: only the slot's folder is pulled
         store, name_or_path, revision=revision, variant=variant, local_files_only=local_files_only,
         token=token, slot=slot, check=lambda rows: pick_component(rows, slot, variant, fallback=False))
-    comp = pick_component(store.components_of(snapshot_id), slot, variant, fallback=False)
+    comp = pick_component(components_with_pins(store, snapshot_id), slot, variant, fallback=False)
     name = f"{label}/{slot}" if slot else label
     with exclusive_load(), store.reading():  # one load at a time (loading.py); gc unlinks no pack
         model = build_model(store, comp, dtype=dtype, name_or_path=name, verify=verify)

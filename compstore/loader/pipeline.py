@@ -34,6 +34,7 @@ import torch
 
 from ..store import CompstoreError, RefNotFoundError, Store
 from ..store.hub import hub_reachable, is_repo_id
+from ..store.modular import components_with_pins
 from ..store.scan import index_entries, scan_folder
 from ..store.components import pick_component, require_variant
 from . import warm
@@ -95,7 +96,7 @@ def resolve_snapshot(
     else:
         snapshot_id = _stored_snapshot(store, label, revision, variant, slot, set(skip))
     if check is not None:
-        check(store.components_of(snapshot_id))
+        check(components_with_pins(store, snapshot_id))
     return snapshot_id, label
 
 
@@ -123,7 +124,7 @@ def _stored_snapshot(store: Store, label: str, revision: str | None, variant: st
 
 def _holds(store: Store, snapshot_id: str, slot: str | None, skip: set[str]) -> bool:
     """Whether a snapshot holds `slot`, or else every folder of its pipeline but `skip`."""
-    have = {c["slot"] for c in store.components_of(snapshot_id)}
+    have = {c["slot"] for c in components_with_pins(store, snapshot_id)}
     if slot:
         return slot in have
     raw = store.read_file(snapshot_id, "model_index.json")

@@ -187,3 +187,12 @@ def check_pins(store: "Store", ref: str, pins: list[Pin], repin_command: str, re
 def pins_of(store: "Store", snapshot_id: str) -> list[dict]:
     return [dict(r) for r in store.db.query(
         "SELECT * FROM pins WHERE snapshot_id = ? ORDER BY slot", [snapshot_id])]
+
+
+def components_with_pins(store: "Store", snapshot_id: str) -> list[dict]:
+    """A snapshot's components as a load finds them (rows of `Store.components_of`):
+    its own, and those its modular entries are pinned to, in their slots (such an
+    entry has no folder of its own)."""
+    pinned = pins_of(store, snapshot_id)
+    slots = {p["slot"] for p in pinned}
+    return [c for c in store.components_of(snapshot_id) if c["slot"] not in slots] + pinned

@@ -14,7 +14,8 @@ index does not name, which it never loads); a pull downloads the pipeline:
    megabytes: `MEDIA`), less the files its index lists in `_ignore_files` (as
    diffusers). The README, license and any custom pipeline code come along.
    `include` globs choose from every folder instead (the index comes
-   along: the folders pulled are still the pipeline's).
+   along: the folders pulled are still the pipeline's; a modular index always,
+   since the folders asked for may be its entries' pointers to other repos).
 3. In each folder, of the weights that diffusers and transformers load
    (`diffusion_pytorch_model…` and `model…` safetensors, shards and index json
    included), one variant's: `variant`'s where the folder has it, else the default
@@ -81,7 +82,10 @@ def select_files(files: list[F], *, index: dict | None, variant: str | None = No
     chosen = [f for f in files if not f.path.lower().endswith(NOT_PULLED)]
     if include:
         matched = {f.path for f in chosen if any(fnmatch.fnmatch(f.path, g) for g in include)}
-        chosen = [f for f in chosen if f.path in matched or (matched and f.path in PIPELINE_INDEXES)]
+        # The index comes along: the pipeline's, with what matched; a modular one always,
+        # as its entries may point at the matched folders in other repos.
+        chosen = [f for f in chosen if f.path in matched or f.path == PIPELINE_INDEXES[1]
+                  or (matched and f.path in PIPELINE_INDEXES)]
     elif index is not None and not all_files:
         slots = {slot for slot, _, _ in index_entries(index)}
         ignored = index.get("_ignore_files")  # what the publisher keeps out of downloads
