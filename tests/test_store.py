@@ -255,6 +255,26 @@ def test_single_component_folder(store, family):
     assert r.written_bytes > 0
 
 
+def test_models_in_folders_without_an_index(store, family, tmp_path):
+    """`vae/` and `text_encoder/` alone, as diffusers' `subfolder=` downloads leave
+    them: each folder is a component in its slot (the folder was one component with
+    no class, in slot ""), the same component as in the whole pipeline."""
+    import shutil
+
+    for slot in ("vae", "text_encoder"):
+        shutil.copytree(family["A"] / slot, tmp_path / "part" / slot)
+    r = store.ingest(tmp_path / "part", "part")
+    assert r.kind == "components"
+    parts = {c["slot"]: c for c in store.show("part")["components"]}
+    assert {s: c["class_name"] for s, c in parts.items()} == {"vae": "AutoencoderKL",
+                                                             "text_encoder": "CLIPTextModel"}
+    store.ingest(family["A"], "A")
+    full = {c["slot"]: c for c in store.show("A")["components"]}
+    assert all(parts[s]["id"] == full[s]["id"] for s in parts)
+    store.export("part", tmp_path / "out")
+    assert tree_sha256(tmp_path / "out") == tree_sha256(tmp_path / "part")
+
+
 def test_hf_cache_snapshot_symlinks_into_blobs_are_followed(store, family, tmp_path):
     repo = tmp_path / "hub" / "models--org--tiny"
     snap = repo / "snapshots" / "0123abcd"

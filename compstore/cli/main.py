@@ -126,9 +126,9 @@ def manifest(ctx, ref, output, as_json):
 def adopt(ctx, cache_dir, reclaim, as_json):
     """Ingest every diffusers snapshot of a Hugging Face cache."""
     r = open_store(ctx).adopt(cache_dir, reclaim=reclaim, progress=want_progress(as_json))
-    rows = [[a["ref"], a["status"], human(a["bytes"])] + ([a["verified"]] if reclaim else [])
-            for a in r.adopted]
-    text = (tabulate(rows, ["ref", "status", "size"] + (["verified"] if reclaim else []))
+    rows = [[a["ref"], a["status"], "whole" if a["whole"] else "part", human(a["bytes"])]
+            + ([a["verified"]] if reclaim else []) for a in r.adopted]
+    text = (tabulate(rows, ["ref", "status", "pipeline", "size"] + (["verified"] if reclaim else []))
             if rows else "(no diffusers snapshots found)")
     text += f"\n\n{len(r.skipped)} other revisions skipped"
     if reclaim:

@@ -34,8 +34,8 @@ import torch
 
 from ..store import CompstoreError, RefNotFoundError, Store
 from ..store.hub import hub_reachable, is_repo_id
-from ..store.modular import components_with_pins
-from ..store.scan import index_entries, scan_folder
+from ..store.modular import components_with_pins, missing_slots
+from ..store.scan import scan_folder
 from ..store.components import pick_component, require_variant
 from . import warm
 from .component import (dtype_argument, is_model_class, prepare_model, refuse_pickle_loading,
@@ -123,12 +123,11 @@ def _stored_snapshot(store: Store, label: str, revision: str | None, variant: st
 
 
 def _holds(store: Store, snapshot_id: str, slot: str | None, skip: set[str]) -> bool:
-    """Whether a snapshot holds `slot`, or else every folder of its pipeline but `skip`."""
-    have = {c["slot"] for c in components_with_pins(store, snapshot_id)}
+    """Whether a snapshot holds `slot`, or else its pipeline but (at most) `skip`."""
     if slot:
-        return slot in have
-    raw = store.read_file(snapshot_id, "model_index.json")
-    return raw is not None and {s for s, _, _ in index_entries(json.loads(raw))} - skip <= have
+        return any(c["slot"] == slot for c in components_with_pins(store, snapshot_id))
+    return (store.read_file(snapshot_id, "model_index.json") is not None
+            and missing_slots(store, snapshot_id) <= skip)
 
 
 def per_slot(value, slot: str):

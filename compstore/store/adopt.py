@@ -3,7 +3,11 @@
 Every revision of every model repo in the cache (old layout and huggingface_hub
 2.4's shared blob store alike: a snapshot's files are links that `scan_folder`
 follows into the cache's own blobs) that holds a diffusers pipeline or component
-is ingested as `repo@commit`, and `repo` points at the newest. The tree listing
+is ingested as `repo@commit`, and `repo` points at the newest whole one: a
+pipeline with every folder its index names, or a component. A revision holding
+part of a pipeline (`vae/` alone, from diffusers' `subfolder="vae"`; a pipeline
+loaded with a component passed in) is adopted as `repo@commit` only; loads of that
+part find it there offline (`load_component(repo, "vae")`). The tree listing
 huggingface_hub keeps beside a snapshot (`trees/<commit>.json`: size, git blob id,
 LFS sha256, Xet hash per file) gives each file's Xet hash, recorded beside its
 sha256. With `reclaim`, a revision is deleted from the cache through
@@ -24,6 +28,7 @@ from typing import TYPE_CHECKING
 from .errors import CompstoreError
 from .export import file_pieces
 from .hub import file_sha256, record_xet_hashes
+from .modular import missing_slots
 
 if TYPE_CHECKING:
     from .store import Store
@@ -44,13 +49,17 @@ class AdoptReport:
 
 
 def _is_diffusers(snapshot: Path) -> bool:
+    """A pipeline, a diffusers component, or diffusers components in folders of
+    their own (what `subfolder=` downloads)."""
     if (snapshot / "model_index.json").exists() or (snapshot / "modular_model_index.json").exists():
         return True
-    config = snapshot / "config.json"
-    if not config.exists():
-        return False
+    return any(_names_a_diffusers_class(config)
+               for config in (snapshot / "config.json", *snapshot.glob("*/config.json")))
+
+
+def _names_a_diffusers_class(config: Path) -> bool:
     try:
-        return "_class_name" in json.loads(config.read_text())
+        return config.is_file() and "_class_name" in json.loads(config.read_text())
     except (ValueError, OSError):
         return False
 
@@ -108,10 +117,12 @@ def adopt(store: "Store", cache_dir: str | os.PathLike | None = None, *, reclaim
             ref = f"{repo.repo_id}@{rev.commit_hash}"
             r = store.ingest(snap, ref, source=repo.repo_id, revision=rev.commit_hash,
                              progress=progress)
-            store.tag(repo.repo_id, r.snapshot)  # the newest revision wins: sorted above
+            whole = r.kind != "components" and not missing_slots(store, r.snapshot)
+            if whole:  # the newest whole revision wins: sorted above
+                store.tag(repo.repo_id, r.snapshot)
             _record_tree_hashes(store, r.snapshot, _tree_listing(Path(repo.repo_path), rev.commit_hash))
             entry = {"repo": repo.repo_id, "commit": rev.commit_hash, "ref": ref,
-                     "status": r.status, "bytes": r.logical_bytes}
+                     "status": r.status, "bytes": r.logical_bytes, "whole": whole}
             if reclaim:
                 with store.reading():
                     entry["verified"] = _same_bytes_as_cache(store, r.snapshot, snap)

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from .components import pick_component
 from .errors import CompstoreError, ComponentNotFoundError, InvalidInputError, VariantNotFoundError
-from .scan import FolderScan, safe_relpath
+from .scan import PIPELINE_INDEXES, FolderScan, index_entries, safe_relpath
 
 if TYPE_CHECKING:
     from .store import Store
@@ -196,3 +196,14 @@ def components_with_pins(store: "Store", snapshot_id: str) -> list[dict]:
     pinned = pins_of(store, snapshot_id)
     slots = {p["slot"] for p in pinned}
     return [c for c in store.components_of(snapshot_id) if c["slot"] not in slots] + pinned
+
+
+def missing_slots(store: "Store", snapshot_id: str) -> set[str]:
+    """The entries of a snapshot's pipeline index it holds no model or folder for
+    (a pull or a download that left them out); none for a whole pipeline."""
+    for name in PIPELINE_INDEXES:
+        raw = store.read_file(snapshot_id, name)
+        if raw is not None:
+            have = {c["slot"] for c in components_with_pins(store, snapshot_id)}
+            return {slot for slot, _, _ in index_entries(json.loads(raw))} - have
+    return set()

@@ -53,7 +53,7 @@ class ScannedComponent:
 @dataclass
 class FolderScan:
     root: str
-    kind: str  # "pipeline" | "modular" | "component" | "files"
+    kind: str  # "pipeline" | "modular" | "component" | "components" (folders, no index) | "files"
     files: dict[str, ScannedFile]
     components: list[ScannedComponent]
 
@@ -209,6 +209,13 @@ def _read_json(files: dict[str, ScannedFile], path: str) -> dict | None:
     return value
 
 
+def _json_or_none(files: dict[str, ScannedFile], path: str) -> dict | None:
+    try:
+        return _read_json(files, path)
+    except InvalidInputError:  # not a model's config: the folder is plain files
+        return None
+
+
 def _component_class(config: dict | None) -> tuple[str | None, str | None]:
     if not config:
         return None, None
@@ -245,7 +252,16 @@ def _slots(files: dict[str, ScannedFile]) -> tuple[str, dict[str, tuple[str | No
             slots[key] = (library, cls)
         return ("pipeline" if index_name == "model_index.json" else "modular"), slots
     config = _read_json(files, "config.json")
-    if config is not None or any(f.is_safetensors for f in files.values()):
+    if config is not None or any(f.is_safetensors and "/" not in p for p, f in files.items()):
+        return "component", {"": _component_class(config)}
+    # Models in folders of their own, no index: what diffusers' `subfolder="vae"`
+    # downloads (a Hugging Face cache snapshot holding `vae/` alone).
+    slots = {p.partition("/")[0]: _component_class(_json_or_none(files, p)) for p in files
+             if p.count("/") == 1 and p.endswith("/config.json")}
+    slots = {slot: named for slot, named in slots.items() if named[1]}
+    if slots:
+        return "components", slots
+    if any(f.is_safetensors for f in files.values()):
         return "component", {"": _component_class(config)}
     return "files", {}
 
