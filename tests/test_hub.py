@@ -952,3 +952,55 @@ def test_load_component_of_a_modular_repo_follows_its_pointer(hub, store, tmp_pa
     ours = vae.state_dict()
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in theirs)
     assert not [p for p in hub.served_files if p.startswith("unet/")]
+
+
+def test_a_pull_needs_the_disk_of_one_copy_of_what_it_downloads(hub, store, family, monkeypatch):
+    """Each downloaded weights file is deleted once its bytes are in the store's new
+    packs: while the pull ingests, its downloads and the packs do not hold the
+    weights twice (they did: up to twice the new bytes)."""
+    from compstore.store import ingest
+
+    held = []
+
+    def on_disk() -> int:
+        return sum(p.stat().st_size for d in ("downloads", "tmp") for p in (store.home / d).rglob("*")
+                   if p.is_file())
+
+    real = ingest.Ingestor.ingest_file
+    monkeypatch.setattr(ingest.Ingestor, "ingest_file",
+                        lambda self, f, sha256=None: (held.append(on_disk()), real(self, f, sha256))[1])
+    store.pull("org/A")
+    total = sum(len(b) for b in files_of(family["A"]).values())
+    assert len(held) == len(files_of(family["A"])) and held[0] >= total  # all downloaded first
+    assert max(held) <= total * 1.02  # pack alignment aside
+    assert not [p for p in (store.home / "downloads").rglob("*") if p.is_file()] and store.verify().ok
+
+
+def test_a_pull_whose_ingest_fails_gets_there_next_time(hub, store, family, monkeypatch):
+    """The weights files ingested before the failure are gone from downloads/ (their
+    bytes were in packs the failure dropped): the next pull fetches those again,
+    and only those."""
+    from compstore import DiskFullError
+    from compstore.store import ingest
+    from conftest import store_state
+
+    before = store_state(store.home)
+    real, calls = ingest.Ingestor.ingest_file, []
+
+    def fails_after_a_weights_file(self, f, sha256=None):
+        if any(p.endswith(".safetensors") for p in calls):
+            raise DiskFullError("disk full (test)")
+        calls.append(f.path)
+        return real(self, f, sha256)
+
+    monkeypatch.setattr(ingest.Ingestor, "ingest_file", fails_after_a_weights_file)
+    with pytest.raises(DiskFullError):
+        store.pull("org/A")
+    assert store_state(store.home) == before
+    monkeypatch.setattr(ingest.Ingestor, "ingest_file", real)
+    hub.reset_counts()
+    store.pull("org/A")
+    consumed = [p for p in calls if p.endswith(".safetensors")]
+    assert len(consumed) == 1 and hub.served_files == consumed and store.verify().ok
+    store.export("org/A", store.home.parent / "out")
+    assert tree_sha256(store.home.parent / "out") == tree_sha256(family["A"])

@@ -283,7 +283,8 @@ def pull(store: "Store", repo_id: str, *, revision: str | None = None,
             content.close()              # of one of them may be waiting for these locks
         ref = name or default_ref
         result: IngestResult = store.ingest(folder, ref, source=repo_id, revision=commit, repin=repin,
-                                            progress=progress, checked_sha256=got.checked, token=token)
+                                            progress=progress, checked_sha256=got.checked, token=token,
+                                            consume_weights=True)  # the disk of one copy, not two
         if name is None and latest_ref:
             store.tag(latest_ref, result.snapshot)
         record_xet_hashes(store, result.snapshot, {f.path: f.xet_hash for f in entries})

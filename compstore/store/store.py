@@ -354,6 +354,7 @@ class Store:
         progress: bool = False,
         checked_sha256: dict[str, str] | None = None,
         token: str | bool | None = None,
+        consume_weights: bool = False,
     ) -> IngestResult:
         """Ingest a pipeline folder or a single component folder under ref `name`.
 
@@ -367,6 +368,10 @@ class Store:
         from the very same bytes (a pull checks each download against the Hub's);
         those files are not hashed again, and a wrong value is recorded as given.
         `token`: for the pulls of Hub repos that a modular pipeline's entries point at.
+        `consume_weights` (a pull's downloads): each safetensors file of `path` is
+        deleted once its bytes are in the store's new packs, so that the ingest
+        needs the disk of the largest file beside the downloads, not of all of them;
+        if it then fails, those files must be fetched again.
 
         >>> Store().ingest("./tiny-sd", name="tiny-sd").status  # doctest: +SKIP
         'new'
@@ -378,18 +383,20 @@ class Store:
         pins = resolve_pointers(self, scan, token=token)
         with write_lock(self.home):
             self._clean_leftovers()
+            check_pins(self, ref, pins, f"compstore pull {source} --repin" if revision else
+                       f"compstore ingest {scan.root} --name {ref} --repin", repin)
             writer = PackWriter(self.home)
             try:
                 with progress_bar(scan.total_bytes, f"ingest {ref}", progress) as bar, \
                         Ingestor(self.db, self.packs, writer, bar.update) as ing:
                     for f in sorted(scan.files.values(), key=lambda f: f.path):
                         ing.ingest_file(f, (checked_sha256 or {}).get(f.path))
+                        if consume_weights and f.header is not None:
+                            os.unlink(f.source)  # its bytes are in the packs (an mmap still open keeps them)
                     writer.seal()  # the last pack's fsync runs beside the last sha256s
                     ing.finish()
                 components, comp_tensors, slots = component_rows(scan, ing)
                 snap = snapshot_id(scan, ing, pins)
-                check_pins(self, ref, pins, f"compstore pull {source} --repin" if revision else
-                           f"compstore ingest {scan.root} --name {ref} --repin", repin)
                 old = self.db.execute("SELECT snapshot_id FROM refs WHERE name = ?", [ref]).fetchone()
                 status = "new" if old is None else ("unchanged" if old[0] == snap else "updated")
 
