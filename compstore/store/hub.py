@@ -290,6 +290,10 @@ def pull(store: "Store", repo_id: str, *, revision: str | None = None,
         record_xet_hashes(store, result.snapshot, {f.path: f.xet_hash for f in entries})
         record_chunks(store, result.snapshot, got.xet_chunks)
         shutil.rmtree(folder, ignore_errors=True)
+        try:
+            folder.parent.rmdir()  # downloads/<repo>/, under the repo's lock
+        except OSError:  # a failed pull of another commit left a folder in it
+            pass
     return PullResult(repo_id, commit, ref, len(entries), got.files, got.bytes, got.skipped_files,
                       got.skipped_bytes, result.status, round(time.perf_counter() - t0, 3),
                       got.xet_files, got.http_files, got.chunk_fetched, got.chunk_reused,
