@@ -922,6 +922,8 @@ def test_components_passed_in_are_not_pulled(hub, store, family):
     assert np.array_equal(image(pipe), image(theirs))
     with pytest.raises(compstore.RefNotFoundError):  # the pipeline with its own VAE was not pulled
         compstore.DiffusionPipeline.from_pretrained("org/A", store=store, local_files_only=True)
+    compstore.DiffusionPipeline.from_pretrained("org/A", store=store, token=None)  # no component
+    assert store.has_ref("org/A")  # so the whole pipeline: `org/A` names it
 
 
 def test_pull_exclude_leaves_files_out(hub, store, family):

@@ -169,8 +169,8 @@ def pull(store: "Store", repo_id: str, *, revision: str | None = None,
     are never pulled.
 
     Creates the refs `repo_id@<commit>` (`repo_id@<commit>[variant]` with a variant,
-    or `name`) and, unless `include` or `exclude`, `repo_id` (`repo_id[variant]`),
-    moved to this commit. A `variant` that none of the weights come in raises `VariantNotFoundError`
+    or `name`) and, unless `include` or an `exclude` that leaves files out, `repo_id`
+    (`repo_id[variant]`), moved to this commit. A `variant` that none of the weights come in raises `VariantNotFoundError`
     before any weight is fetched.
     A pull whose files that ref already holds downloads nothing ("unchanged"); one
     that wants more adds them to what the ref holds. Files fetched over plain HTTP
@@ -199,13 +199,15 @@ def pull(store: "Store", repo_id: str, *, revision: str | None = None,
     except _network_errors() as e:
         raise translate(e) from None
     default_ref = f"{repo_id}@{commit}" + (f"[{variant}]" if variant else "")
-    # `repo_id` (`repo_id[variant]`) follows the latest pull of the pipeline (in that
-    # variant): offline loads find it there.
-    latest_ref = None if include or exclude else repo_id + (f"[{variant}]" if variant else "")
+    # `repo_id` (`repo_id[variant]`) follows the latest pull of the whole pipeline (in
+    # that variant): offline loads find it there. A pull that leaves out what `exclude`
+    # matches is of part of it (`wanted_given` clears this then).
+    latest_ref = None if include else repo_id + (f"[{variant}]" if variant else "")
     # A pipeline repo's index names the folders to pull: it is read first.
     index_path = None if include or all_files else pipeline_index_path({f.path for f in listed})
 
     def wanted_given(index: dict | None) -> list:
+        nonlocal latest_ref
         try:
             wanted = select_files(listed, index=index, variant=variant, include=include,
                                   all_files=all_files)
@@ -213,8 +215,10 @@ def pull(store: "Store", repo_id: str, *, revision: str | None = None,
             raise VariantNotFoundError(f"{repo_id}@{commit} has {e}; pull it without "
                                        f"--variant (variant=None) for the default weights") from None
         if exclude:  # never the index: it says what the snapshot is
-            wanted = [f for f in wanted if f.path == index_path
-                      or not any(fnmatch.fnmatch(f.path, g) for g in exclude)]
+            kept = [f for f in wanted if f.path == index_path
+                    or not any(fnmatch.fnmatch(f.path, g) for g in exclude)]
+            if len(kept) < len(wanted):
+                latest_ref, wanted = None, kept
         if not wanted:
             raise HubError(f"{repo_id}@{commit}: no files to pull" + (
                 f": none matches {', '.join(include)}" if include else ""))
