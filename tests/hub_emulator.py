@@ -109,7 +109,7 @@ class HubEmulator:
         self.served_per_file: dict[str, int] = {}
         self.latency = 0.0  # seconds each file GET waits before its answer, as a far server would
         self.in_flight = self.max_in_flight = 0  # file GETs being answered: now, and at most
-        self.gates: dict[tuple[str, str], threading.Event] = {}  # (repo, path) -> GETs wait for it (10 s)
+        self.gates: dict[tuple[str, str], threading.Event] = {}  # (repo, path) -> its GETs wait (30 s at most)
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
@@ -248,7 +248,7 @@ class HubEmulator:
                     hub.max_in_flight = max(hub.max_in_flight, hub.in_flight)
                 try:
                     if (repo_id, file_path) in hub.gates:
-                        hub.gates[repo_id, file_path].wait(10)
+                        hub.gates[repo_id, file_path].wait(30)
                     time.sleep(hub.latency)
                     self._answer(repo, commit, repo_id, file_path, head)
                 finally:

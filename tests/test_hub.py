@@ -224,7 +224,7 @@ def test_pulls_that_share_no_large_file_run_side_by_side(hub, store, tmp_path, c
         time.sleep(0.005)
     with caplog.at_level(logging.INFO, logger="compstore"), Store(store.home) as s:
         u = s.pull("org/U")
-    held_up = t.is_alive() and not gate.is_set()  # A still waits for its UNet (at most 10 s)
+    held_up = t.is_alive() and not gate.is_set()  # A still waits for its UNet (at most 30 s)
     gate.set()
     t.join()
     assert held_up and "waiting for" not in caplog.text

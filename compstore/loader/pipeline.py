@@ -84,9 +84,9 @@ def resolve_snapshot(
         ref = str(path.resolve())
         if check is not None:
             scan = scan_folder(path)
-            if scan.kind != "modular":  # a modular folder's components are known once its pointers are
+            if scan.kind != "modular":  # a modular one's are known once its pointers are pulled
                 check([{"slot": c.slot, "variant": c.variant} for c in scan.components])
-        snapshot_id = store.ingest(path, ref, token=token).snapshot  # a modular folder's pointers may be pulled
+        snapshot_id = store.ingest(path, ref, token=token).snapshot
     elif is_repo_id(label) and not local_files_only and hub_reachable():
         # A repo id: the Hub names the commit; only what the store lacks is downloaded.
         pulled = store.pull(label, revision=revision, variant=variant, token=token,
