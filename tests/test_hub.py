@@ -647,23 +647,29 @@ def test_adopt_a_hugging_face_cache_and_reclaim_it(hub, store, family, tmp_path)
 
 
 def test_adopt_takes_revisions_holding_part_of_a_pipeline(hub, store, family, tmp_path):
-    """What diffusers leaves in a cache for `subfolder="vae"` (vae/ alone), and for a
-    pipeline loaded with its VAE passed in (all but vae/), is adopted as `repo@commit`
-    (it was skipped: "not a diffusers pipeline or component"), loads offline, and
-    does not become `repo`, which names whole pipelines."""
+    """What diffusers and transformers leave in a cache for `subfolder=` (vae/ alone,
+    text_encoder/ alone), and for a pipeline loaded with its VAE passed in (all but
+    vae/), is adopted as `repo@commit` (the first two were skipped: "not a diffusers
+    pipeline or component"), loads offline, and does not become `repo`, which names
+    whole pipelines."""
     import diffusers
     from hub_emulator import huggingface_hub_default_endpoint
+
+    from transformers import CLIPTextModel
 
     cache = tmp_path / "hf-cache"
     with huggingface_hub_default_endpoint(hub.url):
         vae = diffusers.AutoencoderKL.from_pretrained("org/A", subfolder="vae", cache_dir=cache)
         diffusers.DiffusionPipeline.from_pretrained("org/B", vae=vae, cache_dir=cache)
+        text_encoder = CLIPTextModel.from_pretrained("org/C", subfolder="text_encoder", cache_dir=cache)
     report = store.adopt(cache)
-    assert {(a["repo"], a["whole"]) for a in report.adopted} == {("org/A", False), ("org/B", False)}
-    assert not report.skipped and not store.has_ref("org/A") and not store.has_ref("org/B")
-    ours = compstore.load_component("org/A", "vae", store=store, local_files_only=True).state_dict()
-    theirs = vae.state_dict()
-    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in theirs)
+    assert {(a["repo"], a["whole"]) for a in report.adopted} == {
+        ("org/A", False), ("org/B", False), ("org/C", False)}
+    assert not report.skipped and not {"org/A", "org/B", "org/C"} & {r["name"] for r in store.ls()}
+    for repo, slot, model in (("org/A", "vae", vae), ("org/C", "text_encoder", text_encoder)):
+        ours = compstore.load_component(repo, slot, store=store, local_files_only=True).state_dict()
+        theirs = model.state_dict()
+        assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in theirs)
     pipe = compstore.DiffusionPipeline.from_pretrained("org/B", vae=vae, store=store, local_files_only=True)
     assert pipe.vae is vae and type(pipe.unet).__name__ == "UNet2DConditionModel"
     with pytest.raises(compstore.RefNotFoundError):  # the whole pipeline was never in the cache
@@ -674,7 +680,7 @@ def test_adopt_takes_revisions_holding_part_of_a_pipeline(hub, store, family, tm
 
     r = CliRunner().invoke(cli, ["--store", str(store.home), "adopt", "--cache-dir", str(cache)])
     assert r.exit_code == 0 and [line.split()[2] for line in r.output.splitlines()
-                                 if line.startswith("org/")] == ["part", "part"], r.output
+                                 if line.startswith("org/")] == ["part"] * 3, r.output
 
 
 def test_adopt_without_a_cache_is_a_clear_error(store, tmp_path):

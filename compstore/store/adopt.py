@@ -5,7 +5,7 @@ Every revision of every model repo in the cache (old layout and huggingface_hub
 follows into the cache's own blobs) that holds a diffusers pipeline or component
 is ingested as `repo@commit`, and `repo` points at the newest whole one: a
 pipeline with every folder its index names, or a component. A revision holding
-part of a pipeline (`vae/` alone, from diffusers' `subfolder="vae"`; a pipeline
+part of a pipeline (`vae/` or `text_encoder/` alone, from `subfolder=`; a pipeline
 loaded with a component passed in) is adopted as `repo@commit` only; loads of that
 part find it there offline (`load_component(repo, "vae")`). The tree listing
 huggingface_hub keeps beside a snapshot (`trees/<commit>.json`: size, git blob id,
@@ -33,7 +33,8 @@ from .modular import missing_slots
 if TYPE_CHECKING:
     from .store import Store
 
-_PIPELINE_MARKERS = ("model_index.json", "modular_model_index.json", "config.json")
+# Folders of a diffusers pipeline that hold transformers models (`text_encoder_2/`).
+ENCODER_FOLDERS = ("text_encoder", "image_encoder")
 
 
 @dataclass
@@ -49,19 +50,23 @@ class AdoptReport:
 
 
 def _is_diffusers(snapshot: Path) -> bool:
-    """A pipeline, a diffusers component, or diffusers components in folders of
-    their own (what `subfolder=` downloads)."""
+    """A pipeline, a diffusers component, or models in folders of their own, as a
+    pipeline's `subfolder=` downloads leave them: a diffusers class, or transformers'
+    in a folder named as pipelines name their encoders (`text_encoder_2/`)."""
     if (snapshot / "model_index.json").exists() or (snapshot / "modular_model_index.json").exists():
         return True
-    return any(_names_a_diffusers_class(config)
-               for config in (snapshot / "config.json", *snapshot.glob("*/config.json")))
+    configs = [snapshot / "config.json", *snapshot.glob("*/config.json")]
+    return any("_class_name" in c for c in map(_config, configs)) or any(
+        "architectures" in _config(c) for c in snapshot.glob("*/config.json")
+        if c.parent.name.startswith(ENCODER_FOLDERS))
 
 
-def _names_a_diffusers_class(config: Path) -> bool:
+def _config(path: Path) -> dict:
     try:
-        return config.is_file() and "_class_name" in json.loads(config.read_text())
+        value = json.loads(path.read_text()) if path.is_file() else {}
     except (ValueError, OSError):
-        return False
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 def _tree_listing(repo_path: Path, commit: str) -> dict:
