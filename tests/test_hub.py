@@ -1012,3 +1012,21 @@ def test_a_pull_whose_ingest_fails_gets_there_next_time(hub, store, family, monk
     assert len(consumed) == 1 and hub.served_files == consumed and store.verify().ok
     store.export("org/A", store.home.parent / "out")
     assert tree_sha256(store.home.parent / "out") == tree_sha256(family["A"])
+
+
+def test_a_pull_of_many_files_may_open_a_lock_for_each():
+    """A pull holds one lock file open per large file it fetches: it raises the
+    process's soft limit on open files as far as the hard one lets it."""
+    import resource
+
+    from compstore.store.hub import _may_open
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 2048:
+        pytest.skip(f"hard limit {hard}: too low to raise the soft one here")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (512, hard))
+    try:
+        assert _may_open(2048) and resource.getrlimit(resource.RLIMIT_NOFILE)[0] == 2048
+        assert hard == resource.RLIM_INFINITY or not _may_open(hard + 1)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

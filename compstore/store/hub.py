@@ -307,13 +307,30 @@ def pull(store: "Store", repo_id: str, *, revision: str | None = None,
 def _content_keys(store: "Store", entries: list) -> list[str]:
     """The `pull_lock` keys of the large (LFS) files of `entries` the store lacks, in
     the order they are taken (sorted: two pulls never wait for each other). A key is
-    a prefix of the file's sha256: at most 65,536 lock files, and a pull of more than
-    256 files holds at most 256 (two unrelated files may share a key; then one pull
-    waits for the other, as if they shared the file)."""
+    the first 4 hex digits of the file's sha256: at most 65,536 lock files (two
+    unrelated files may share a key; then one pull waits for the other, as if they
+    shared the file). A pull holds one open file per key: where the process may not
+    open that many, it may open more, up to its hard limit; a pull of more files
+    than that (none seen) takes 2 digits, 256 keys, which pulls that take 4 do not
+    wait for."""
     shas = {f.lfs.sha256.lower() for f in entries if f.lfs
             and _held_file(store, f.size, f.lfs.sha256, None, f.xet_hash) is None}
-    width = 4 if len(shas) <= 256 else 2
+    width = 4 if _may_open(len(shas) + 256) else 2
     return sorted({f"sha256-{sha[:width]}" for sha in shas})
+
+
+def _may_open(files: int) -> bool:
+    """Whether this process may have `files` files open, raising its soft limit up to
+    its hard one if that is what it takes."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or files <= soft:
+        return True
+    if hard != resource.RLIM_INFINITY and files > hard:
+        return False
+    resource.setrlimit(resource.RLIMIT_NOFILE, (files, hard))
+    return True
 
 
 def _parse_index(data: bytes | None, repo_id: str, commit: str, path: str) -> dict:
