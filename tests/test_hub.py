@@ -1030,3 +1030,21 @@ def test_a_pull_of_many_files_may_open_a_lock_for_each():
         assert hard == resource.RLIM_INFINITY or not _may_open(hard + 1)
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_a_disk_that_fills_up_during_a_download_is_named_as_such(hub, store, monkeypatch):
+    """A full disk is not a Hub failure: the error says so, and what to do."""
+    import errno
+
+    from compstore import DiskFullError
+    from compstore.store import hub as hub_module
+    from conftest import store_state
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(hub_module, "_fetch", full)
+    before = store_state(store.home)
+    with pytest.raises(DiskFullError, match="org/A: the disk filled up while downloading: free space"):
+        store.pull("org/A")
+    assert store_state(store.home) == before

@@ -28,6 +28,7 @@ took 4.5 s for a 1.6 GB UNet here (~370 MB/s), too slow for every ingest.
 
 from __future__ import annotations
 
+import errno
 import fnmatch
 import hashlib
 import json
@@ -43,7 +44,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .errors import CompstoreError, InvalidInputError, VariantNotFoundError
+from .errors import CompstoreError, DiskFullError, InvalidInputError, VariantNotFoundError
 from .export import file_pieces, write_file
 from .lock import pull_lock, pulls_running
 from .manifest import FILENAME as MANIFEST
@@ -134,7 +135,10 @@ def _held_file(store: "Store", size: int, sha256: str | None, git_oid: str | Non
 def _hub_errors(repo_id: str, revision: str | None):
     from huggingface_hub import errors
 
-    def translate(e: Exception) -> HubError:
+    def translate(e: Exception) -> CompstoreError:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):  # here, not the Hub
+            return DiskFullError(f"{repo_id}: the disk filled up while downloading: free space "
+                                 "and retry; what was downloaded is kept and the next pull resumes")
         if isinstance(e, errors.GatedRepoError):
             return HubError(f"{repo_id} is gated: accept its conditions on the Hub, then log in "
                             "(`hf auth login` or HF_TOKEN)")
