@@ -307,13 +307,17 @@ def test_hub_errors_are_clear(hub, store, repo, revision, message):
     assert store.ls() == [] and store_state(store.home) == before
 
 
-def test_an_include_matching_nothing_is_a_clear_error(hub, store):
+@pytest.mark.parametrize("kwargs, message", [
+    ({"include": ["nothing/*"]}, "no files to pull: none matches nothing/"),
+    ({"exclude": ["*"]}, r"no files to pull: every one matches \*"),
+])
+def test_an_include_or_exclude_leaving_nothing_is_a_clear_error(hub, store, kwargs, message):
     from conftest import store_state
 
     before = store_state(store.home)
-    with pytest.raises(HubError, match="no files to pull"):
-        store.pull("org/A", include=["nothing/*"])
-    assert store_state(store.home) == before
+    with pytest.raises(HubError, match=message):
+        store.pull("org/A", **kwargs)
+    assert store_state(store.home) == before and set(hub.served_files) <= {"model_index.json"}
 
 
 def test_private_repo_with_a_token(hub, store):

@@ -223,6 +223,9 @@ def pull(store: "Store", repo_id: str, *, revision: str | None = None,
                     or not any(fnmatch.fnmatch(f.path, g) for g in exclude)]
             if len(kept) < len(wanted):
                 latest_ref, wanted = None, kept
+            if {f.path for f in kept} <= {index_path}:
+                raise HubError(f"{repo_id}@{commit}: no files to pull: every one matches "
+                               f"{', '.join(exclude)}")
         if not wanted:
             raise HubError(f"{repo_id}@{commit}: no files to pull" + (
                 f": none matches {', '.join(include)}" if include else ""))
