@@ -67,6 +67,16 @@ def recorded_sha256(store: Store, ref: str) -> dict[str, str]:
         "WHERE sf.snapshot_id = ?", [store.resolve(ref)]).fetchall())
 
 
+def same_state(a, b) -> None:
+    """Two models hold the same tensors: names, dtypes and bytes."""
+    import torch
+
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]), k
+
+
 def store_state(home: Path) -> tuple:
     """Everything observable about a store: catalog rows and payload files."""
     con = sqlite3.connect(home / "catalog.db")

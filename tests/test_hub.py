@@ -8,7 +8,7 @@ import torch
 
 import compstore
 from compstore import HubError, Store
-from conftest import recorded_sha256, tree_sha256, use_hub
+from conftest import recorded_sha256, same_state, tree_sha256, use_hub
 from hub_emulator import HubEmulator
 
 
@@ -671,9 +671,7 @@ def test_adopt_takes_revisions_holding_part_of_a_pipeline(hub, store, family, tm
         ("org/A", False), ("org/B", False), ("org/C", False)}
     assert not report.skipped and not {"org/A", "org/B", "org/C"} & {r["name"] for r in store.ls()}
     for repo, slot, model in (("org/A", "vae", vae), ("org/C", "text_encoder", text_encoder)):
-        ours = compstore.load_component(repo, slot, store=store, local_files_only=True).state_dict()
-        theirs = model.state_dict()
-        assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in theirs)
+        same_state(compstore.load_component(repo, slot, store=store, local_files_only=True), model)
     pipe = compstore.DiffusionPipeline.from_pretrained("org/B", vae=vae, store=store, local_files_only=True)
     assert pipe.vae is vae and type(pipe.unet).__name__ == "UNet2DConditionModel"
     with pytest.raises(compstore.RefNotFoundError):  # the whole pipeline was never in the cache
@@ -748,8 +746,7 @@ def test_a_pull_fetches_what_from_pretrained_loads(hub, store, published, tmp_pa
     pipe = compstore.DiffusionPipeline.from_pretrained("org/X", store=store, variant=variant)
     reference = diffusers.DiffusionPipeline.from_pretrained(published, variant=variant)
     for slot in ("unet", "vae", "text_encoder"):
-        mine, want = getattr(pipe, slot).state_dict(), getattr(reference, slot).state_dict()
-        assert mine.keys() == want.keys() and all(torch.equal(mine[k], want[k]) for k in want), slot
+        same_state(getattr(pipe, slot), getattr(reference, slot))
     hub.reset_counts()
     assert store.pull("org/X", variant=variant).status == "unchanged" and hub.served_bytes == 0
 
@@ -895,13 +892,12 @@ def test_load_component_from_the_hub_pulls_that_folder_alone(hub, store, family)
     the pipeline fetches the rest only; a folder the repo lacks is a clear error."""
     import diffusers
 
-    theirs = diffusers.UNet2DConditionModel.from_pretrained(family["A"], subfolder="unet").state_dict()
+    theirs = diffusers.UNet2DConditionModel.from_pretrained(family["A"], subfolder="unet")
     unet_files = {"unet/config.json", "unet/diffusion_pytorch_model.safetensors"}
     for local_files_only in (False, True):
         hub.reset_counts()
-        unet = compstore.load_component("org/A", "unet", store=store, local_files_only=local_files_only)
-        ours = unet.state_dict()
-        assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in theirs)
+        same_state(compstore.load_component("org/A", "unet", store=store,
+                                            local_files_only=local_files_only), theirs)
         assert set(hub.served_files) == (set() if local_files_only else {"model_index.json"} | unet_files)
     with pytest.raises(compstore.RefNotFoundError):  # the pipeline was not pulled
         compstore.DiffusionPipeline.from_pretrained("org/A", store=store, local_files_only=True)
@@ -959,10 +955,8 @@ def test_load_component_of_a_modular_repo_follows_its_pointer(hub, store, tmp_pa
     import diffusers
 
     publish_remix(hub, tmp_path, "org/sdxl-base", ("vae", "text_encoder"))
-    vae = compstore.load_component("org/remix", "vae", store=store)
-    theirs = diffusers.AutoencoderKL.from_pretrained(tmp_path / "base", subfolder="vae").state_dict()
-    ours = vae.state_dict()
-    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in theirs)
+    same_state(compstore.load_component("org/remix", "vae", store=store),
+               diffusers.AutoencoderKL.from_pretrained(tmp_path / "base", subfolder="vae"))
     assert not [p for p in hub.served_files if p.startswith("unet/")]
 
 

@@ -11,6 +11,7 @@ import torch
 from transformers import T5Config, T5EncoderModel
 
 import compstore
+from conftest import same_state
 
 
 @pytest.fixture(scope="module")
@@ -21,14 +22,6 @@ def t5_folder(tmp_path_factory):
     T5EncoderModel(T5Config(vocab_size=1000, d_model=32, d_kv=8, d_ff=37, num_layers=2,
                             num_heads=4)).save_pretrained(folder)
     return folder
-
-
-def same_state(a, b):
-    sa, sb = a.state_dict(), b.state_dict()
-    assert sa.keys() == sb.keys()
-    for k in sa:
-        assert sa[k].dtype == sb[k].dtype, k
-        assert torch.equal(sa[k], sb[k]), k
 
 
 @pytest.mark.parametrize("dtype", [None, torch.float16, torch.bfloat16])

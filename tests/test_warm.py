@@ -17,7 +17,7 @@ import compstore
 from compstore import CompstoreError, ResidencyPool
 from compstore.loader import synthetic, warm
 from compstore.loader.residency import STORE_KEYS
-from conftest import store_state
+from conftest import same_state, store_state
 from test_residency import CountingCopier
 
 MODELS = ("unet", "vae", "text_encoder")
@@ -67,13 +67,6 @@ def shared_mutables(a: torch.nn.Module, b: torch.nn.Module) -> list[str]:
 
 def config(m: torch.nn.Module) -> dict:
     return m.config.to_dict() if hasattr(m.config, "to_dict") else dict(m.config)
-
-
-def same_state(a: torch.nn.Module, b: torch.nn.Module) -> None:
-    sa, sb = a.state_dict(), b.state_dict()
-    assert sa.keys() == sb.keys()
-    for k in sa:
-        assert sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]), k
 
 
 def test_a_second_load_is_a_clone_sharing_nothing_mutable(family_store):
