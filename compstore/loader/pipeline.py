@@ -126,8 +126,7 @@ def _holds(store: Store, snapshot_id: str, slot: str | None, skip: set[str]) -> 
     """Whether a snapshot holds `slot`, or else its pipeline but (at most) `skip`."""
     if slot:
         return any(c["slot"] == slot for c in components_with_pins(store, snapshot_id))
-    return (store.read_file(snapshot_id, "model_index.json") is not None
-            and missing_slots(store, snapshot_id) <= skip)
+    return store.snapshot(snapshot_id)["kind"] == "pipeline" and missing_slots(store, snapshot_id) <= skip
 
 
 def per_slot(value, slot: str):

@@ -55,10 +55,10 @@ def _is_diffusers(snapshot: Path) -> bool:
     in a folder named as pipelines name their encoders (`text_encoder_2/`)."""
     if (snapshot / "model_index.json").exists() or (snapshot / "modular_model_index.json").exists():
         return True
-    configs = [snapshot / "config.json", *snapshot.glob("*/config.json")]
-    return any("_class_name" in c for c in map(_config, configs)) or any(
-        "architectures" in _config(c) for c in snapshot.glob("*/config.json")
-        if c.parent.name.startswith(ENCODER_FOLDERS))
+    folders = {c.parent.name: _config(c) for c in snapshot.glob("*/config.json")}
+    return "_class_name" in _config(snapshot / "config.json") or any(
+        "_class_name" in c or ("architectures" in c and folder.startswith(ENCODER_FOLDERS))
+        for folder, c in folders.items())
 
 
 def _config(path: Path) -> dict:
