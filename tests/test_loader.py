@@ -187,10 +187,14 @@ def test_a_dtype_may_be_given_by_name(family_store):
 
 
 def test_use_safetensors_false_and_missing_slot(family_store):
+    from conftest import store_state
+
+    before = store_state(family_store.home)
     with pytest.raises(CompstoreError, match="pickle checkpoints are never loaded"):
         compstore.DiffusionPipeline.from_pretrained("A", store=family_store, use_safetensors=False)
     with pytest.raises(compstore.ComponentNotFoundError, match="no component in slot 'transformer'"):
         compstore.load_component("A", "transformer", store=family_store)
+    assert store_state(family_store.home) == before
 
 
 def test_load_component_takes_diffusers_arguments(family_store):
