@@ -24,7 +24,6 @@ from torch.nn.parameter import is_lazy
 
 from ..store import CompstoreError, ComponentNotFoundError, CorruptStoreError, Store
 from ..store.components import pick_component
-from ..store.modular import components_with_pins
 from ..store.objects import blob_hash
 from ..store.objects import PackFiles
 from . import warm
@@ -541,10 +540,12 @@ def load_component(
     dtype = dtype_argument({"dtype": dtype, "torch_dtype": torch_dtype})
     pool = target_pool(device_map, pool)
     store = open_store(store)
+    picked: list[dict] = []  # check's last call is on the stored snapshot's rows
     snapshot_id, label = resolve_snapshot(  # a Hub repo: only the slot's folder is pulled
         store, name_or_path, revision=revision, variant=variant, local_files_only=local_files_only,
-        token=token, slot=slot, check=lambda rows: pick_component(rows, slot, variant, fallback=False))
-    comp = pick_component(components_with_pins(store, snapshot_id), slot, variant, fallback=False)
+        token=token, slot=slot,
+        check=lambda rows: picked.append(pick_component(rows, slot, variant, fallback=False)))
+    comp = picked[-1]
     name = f"{label}/{slot}" if slot else label
     with exclusive_load(), store.reading():  # one load at a time (loading.py); gc unlinks no pack
         model = build_model(store, comp, dtype=dtype, name_or_path=name, verify=verify)

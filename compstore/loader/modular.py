@@ -21,7 +21,7 @@ from typing import Any
 
 from ..store import Store
 from ..store.components import pick_component
-from ..store.modular import pins_of
+from ..store.modular import components_with_pins
 from .component import build_model, dtype_argument, is_model_class
 from .loading import exclusive_load
 from .pipeline import _skeleton_file, open_store, per_slot, resolve_snapshot
@@ -29,14 +29,6 @@ from .routing import route_through_pool
 from .tensors import private_packs
 
 logger = logging.getLogger("compstore")
-
-
-def slot_component(store: Store, snapshot_id: str, slot: str, variant: str | None) -> dict:
-    """The store component for a slot: the snapshot's own, else the one pinned for it."""
-    for pin in pins_of(store, snapshot_id):
-        if pin["slot"] == slot:
-            return pin
-    return pick_component(store.components_of(snapshot_id), slot, variant)
 
 
 class ModularPipeline:
@@ -95,12 +87,13 @@ def _store_load_components(store: Store, snapshot_id: str, label: str):
         packs = private_packs(store)
         loaded = {}
         with store.reading():  # gc unlinks no pack while the catalog is being followed
+            rows = components_with_pins(store, snapshot_id)  # a slot's own model, else its pin
             for name in names:
                 spec = specs.get(name)
                 if spec is None:
                     continue
                 if is_model_class(spec.type_hint):
-                    comp = slot_component(store, snapshot_id, name, per_slot(variant, name))
+                    comp = pick_component(rows, name, per_slot(variant, name))
                     loaded[name] = build_model(store, comp, dtype=per_slot(dtype, name),
                                                name_or_path=f"{label}/{name}", packs=packs)
                 elif spec.pretrained_model_name_or_path:
