@@ -7,6 +7,8 @@ component: ~1,700 tensors per GB), then in one run times, median of --repeat:
   cp -r                    folder -> a new folder on the same disk
   ingest (new content)     folder -> an empty store (hash, byte-confirm, write, fsync)
   ingest (already held)    the same folder again under a new ref (hash + byte-confirm only)
+  ingest (unchanged)       the same folder again under that ref: its stat cache matches
+                           (stat_cache.py), so no payload byte is read
 and prints MB/s (of the median round, and of the fastest) and the ratio ingest / cp
 (goal: >= 0.5 for both). Ingest fsyncs
 its pack before the catalog commits; plain `cp -r` leaves its bytes in the page
@@ -97,7 +99,7 @@ def main() -> None:
         ingest_only(src, nbytes, work / "store", args.repeat)
         return
 
-    cp, cp_sync, new, held = [], [], [], []
+    cp, cp_sync, new, held, again = [], [], [], [], []
     for r in range(args.repeat):
         dst, home = work / f"cp-{r}", work / f"store-{r}"
         for p in (dst, home):
@@ -110,12 +112,14 @@ def main() -> None:
         with Store(home) as store:
             new.append(timed(lambda: store.ingest(src, "first")))
             held.append(timed(lambda: store.ingest(src, "second")))
+            again.append(timed(lambda: store.ingest(src, "second")))
         shutil.rmtree(dst)
         shutil.rmtree(home)
 
     mb = nbytes / 1e6
     figures = {"bytes": nbytes}
-    for key, times in (("cp_r", cp), ("cp_r_sync", cp_sync), ("ingest_new", new), ("ingest_held", held)):
+    for key, times in (("cp_r", cp), ("cp_r_sync", cp_sync), ("ingest_new", new), ("ingest_held", held),
+                        ("ingest_again", again)):
         figures[f"{key}_mb_s"] = round(mb / statistics.median(times), 1)
         # The fastest round: on a shared VM, the one least slowed by its neighbours.
         figures[f"{key}_best_mb_s"] = round(mb / min(times), 1)
@@ -133,6 +137,7 @@ def main() -> None:
     row("ingest, new content", "ingest_new",
         f"ratio {figures['ratio_new']:.2f} (vs cp -r && sync: {figures['ratio_new_vs_cp_sync']:.2f})")
     row("ingest, already held", "ingest_held", f"ratio {figures['ratio_held']:.2f}")
+    row("ingest, unchanged", "ingest_again", "(same folder and ref: stat cache, nothing read)")
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(figures, indent=2))
     if not args.workdir:

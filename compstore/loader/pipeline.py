@@ -35,7 +35,7 @@ import torch
 from ..store import CompstoreError, RefNotFoundError, Store
 from ..store.hub import hub_reachable, is_repo_id
 from ..store.modular import components_with_pins, missing_slots
-from ..store.scan import scan_folder
+from ..store.scan import FolderScan
 from ..store.components import pick_component, require_variant
 from . import warm
 from .component import (dtype_argument, is_model_class, prepare_model, refuse_pickle_loading,
@@ -76,17 +76,17 @@ def resolve_snapshot(
     as diffusers' download does. `check(components)` (rows
     as `Store.components_of` gives them) raises for what the caller refuses, a
     variant or a slot the pipeline lacks; a folder's is checked before its ingest,
-    so that a refused load leaves the store as it was.
+    so that a refused load leaves the store as it was. Its last call is always on
+    the rows of the snapshot returned, pinned models included.
     """
     label = os.fspath(name_or_path)
     path = Path(label).expanduser()
     if path.is_dir():
-        ref = str(path.resolve())
-        if check is not None:
-            scan = scan_folder(path)
-            if scan.kind != "modular":  # a modular one's are known once its pointers are pulled
+        def check_folder(scan: FolderScan) -> None:
+            if check is not None and scan.kind != "modular":  # a modular one's: once its pointers are pulled
                 check([{"slot": c.slot, "variant": c.variant} for c in scan.components])
-        snapshot_id = store.ingest(path, ref, token=token).snapshot
+
+        snapshot_id = store.ingest(path, str(path.resolve()), token=token, check=check_folder).snapshot
     elif is_repo_id(label) and not local_files_only and hub_reachable():
         # A repo id: the Hub names the commit; only what the store lacks is downloaded.
         pulled = store.pull(label, revision=revision, variant=variant, token=token,

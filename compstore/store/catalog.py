@@ -17,6 +17,9 @@
     xet_chunks(xorb, chunk_index, file_id, offset, length)
                                                        Xet chunk index: which bytes of a stored
                                                        file a Xet chunk produced (see xet.py)
+    stat_cache(ref, stamp, snapshot_id, counts)        the folder a ref was ingested from, as
+                                                       its files' stat describes them
+                                                       (see stat_cache.py)
     meta(key, value)                                   schema version
 
 Only `Store` writes here, under the store's write lock and in one transaction per
@@ -46,15 +49,15 @@ def open_catalog(path: Path, timeout_s: float = 60.0, read_only: bool = False) -
 def schema_ready(db: sqlite_utils.Database) -> bool:
     """Whether the catalog has every table: if not, `ensure_schema` must write, under
     the store's write lock (processes opening a new store at once would race)."""
-    return {"meta", "xet_chunks"} <= set(db.table_names())
+    return {"meta", *_LATER_TABLES} <= set(db.table_names())
 
 
 def ensure_schema(db: sqlite_utils.Database, read_only: bool = False) -> None:
     """Create the tables if this is a new store (WAL mode first); refuse a newer
     schema. Creating them, the caller holds the store's write lock."""
     if "meta" in db.table_names():
-        if not read_only and "xet_chunks" not in db.table_names():
-            _create_xet_chunks(db)  # added within schema 1: older readers ignore it
+        if not read_only and not schema_ready(db):
+            _create_later_tables(db)  # added within schema 1: older readers ignore them
         version = int(db["meta"].get("schema_version")["value"])
         if version != SCHEMA_VERSION:
             from .errors import CompstoreError
@@ -134,17 +137,24 @@ def ensure_schema(db: sqlite_utils.Database, read_only: bool = False) -> None:
         )
         db["meta"].create({"key": str, "value": str}, pk="key")
         db["meta"].insert({"key": "schema_version", "value": str(SCHEMA_VERSION)})
-        _create_xet_chunks(db)
+        _create_later_tables(db)
 
 
-def _create_xet_chunks(db: sqlite_utils.Database) -> None:
-    """No foreign key on file_id: gc deletes rows of dead files, and a row that outlives
-    its file (an older compstore's gc) only costs a sha256 mismatch and a re-fetch."""
+_LATER_TABLES = ("xet_chunks", "stat_cache")
+
+
+def _create_later_tables(db: sqlite_utils.Database) -> None:
+    """Tables added within schema 1. No foreign keys: gc deletes the rows of dead
+    files and refs, and a row that outlives them (an older compstore's gc or rm)
+    costs a sha256 mismatch and a re-fetch (xet_chunks), or nothing (stat_cache:
+    it is trusted only while its ref points at its snapshot)."""
     with db.atomic():
         db["xet_chunks"].create(
             {"xorb": str, "chunk_index": int, "file_id": int, "offset": int, "length": int},
             pk=("xorb", "chunk_index", "file_id"), if_not_exists=True)
         db["xet_chunks"].create_index(["file_id"], if_not_exists=True)
+        db["stat_cache"].create({"ref": str, "stamp": str, "snapshot_id": str, "counts": str},
+                                pk="ref", if_not_exists=True)
 
 
 def blobs_of_snapshot(db: sqlite_utils.Database, snapshot_id: str) -> dict[int, int]:

@@ -47,7 +47,8 @@ from .remote import DEFAULT_GRACE_S, Remote, RemoteError, RemoteGcReport
 from .remote_sync import FetchResult, PushResult
 from .remote_sync import fetch as fetch_ref
 from .remote_sync import push as push_ref
-from .scan import scan_folder
+from . import stat_cache
+from .scan import FolderScan, scan_folder
 from .verify import VerifyReport
 from .verify import verify as verify_store
 
@@ -167,6 +168,7 @@ class Store:
             snap = self.resolve(ref)
             with self.db.atomic():
                 self.db.execute("DELETE FROM refs WHERE name = ?", [ref])
+                self.db.execute("DELETE FROM stat_cache WHERE ref = ?", [ref])
         return {"removed": ref, "snapshot": snap}
 
     def tag(self, ref: str, snapshot_id: str) -> None:
@@ -355,6 +357,7 @@ class Store:
         checked_sha256: dict[str, str] | None = None,
         token: str | bool | None = None,
         consume_weights: bool = False,
+        check: Callable[[FolderScan], object] | None = None,
     ) -> IngestResult:
         """Ingest a pipeline folder or a single component folder under ref `name`.
 
@@ -371,15 +374,30 @@ class Store:
         `consume_weights` (a pull's downloads): each safetensors file of `path` is
         deleted once its bytes are in the store's new packs, so that the ingest
         needs the disk of the largest file beside the downloads, not of all of them;
-        if it then fails, those files must be fetched again.
+        if it then fails, those files must be fetched again. `check(scan)` is called
+        once the folder is read and validated, before anything is written: what it
+        raises refuses the ingest.
+
+        A folder whose files' size, mtime, ctime and inode are as when `name` was
+        last ingested from it, while `name` still points at what that ingest made,
+        is "unchanged" without a payload byte read (stat_cache.py).
 
         >>> Store().ingest("./tiny-sd", name="tiny-sd").status  # doctest: +SKIP
         'new'
         """
         self._writable()
-        t0 = time.perf_counter()
+        t0, started_ns = time.perf_counter(), time.time_ns()
         scan = scan_folder(path, allow_pickle=allow_pickle, exclude=exclude)
         ref = check_ref_name(Path(scan.root).name if name is None else name)
+        if check is not None:
+            check(scan)
+        # A modular folder's pointers are followed again (what they name may have moved);
+        # a pull's downloads are new files, deleted as they go.
+        stamp = None if scan.kind == "modular" or consume_weights else stat_cache.stamp(scan, started_ns)
+        if stamp is not None and (hit := stat_cache.unchanged(self.db, ref, stamp)) is not None:
+            snap, c = hit
+            return IngestResult(ref, snap, "unchanged", scan.kind, c.files, c.tensors, c.components,
+                                c.logical_bytes, 0, c.reused_bytes, round(time.perf_counter() - t0, 3))
         pins = resolve_pointers(self, scan, token=token)
         with write_lock(self.home):
             self._clean_leftovers()
@@ -409,7 +427,9 @@ class Store:
             except BaseException:
                 writer.abort()
                 raise
-        s = ing.stats
+            s = ing.stats
+            stat_cache.record(self.db, ref, stamp, snap, stat_cache.Counts(  # as a re-ingest counts
+                s.files, s.tensors, len(slots), s.logical_bytes, s.written_bytes + s.reused_bytes))
         return IngestResult(ref, snap, status, scan.kind, s.files, s.tensors, len(slots),
                             s.logical_bytes, s.written_bytes, s.reused_bytes,
                             round(time.perf_counter() - t0, 3))
