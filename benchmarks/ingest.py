@@ -120,6 +120,7 @@ def main() -> None:
     figures = {"bytes": nbytes}
     for key, times in (("cp_r", cp), ("cp_r_sync", cp_sync), ("ingest_new", new), ("ingest_held", held),
                         ("ingest_again", again)):
+        figures[f"{key}_s"] = round(statistics.median(times), 4)
         figures[f"{key}_mb_s"] = round(mb / statistics.median(times), 1)
         # The fastest round: on a shared VM, the one least slowed by its neighbours.
         figures[f"{key}_best_mb_s"] = round(mb / min(times), 1)
@@ -130,7 +131,8 @@ def main() -> None:
           f"MB/s of the median and of the best of {args.repeat}; ratios (of medians) are ingest / cp -r")
 
     def row(label: str, key: str, note: str) -> None:
-        print(f"  {label:22s} {figures[key + '_mb_s']:8.1f} MB/s  best {figures[key + '_best_mb_s']:8.1f}   {note}")
+        print(f"  {label:22s} {figures[key + '_s']:7.4f} s {figures[key + '_mb_s']:9.1f} MB/s  "
+              f"best {figures[key + '_best_mb_s']:9.1f}   {note}")
 
     row("cp -r", "cp_r", "(page cache, not durable)")
     row("cp -r && sync", "cp_r_sync", "(durable, like ingest)")
