@@ -187,3 +187,18 @@ def test_a_modular_pipelines_to_is_one_move_through_the_pool(repos, store, monke
     assert all(first[slot] > 0 for slot in MODELS)
     again = moved("remix")  # base's pipeline is gone: its tensors idle, over a budget of 0
     assert again["unet"] > 0 and again["vae"] == 0
+
+
+def test_a_variant_the_pin_lacks_loads_it_with_a_warning_as_an_own_slot(repos, store, caplog):
+    """A pinned model is picked by the rule the repo's own models are: a variant it
+    lacks loads its default weights, with the warning (it was loaded silently)."""
+    store.ingest(repos / "remix", "remix")
+    ours = compstore.ModularPipeline.from_pretrained("remix", store=store)
+    with caplog.at_level("WARNING", logger="compstore"):
+        ours.load_components(torch_dtype=torch.float32, variant="fp16")
+    warned = {r.getMessage().split(":")[0] for r in caplog.records if "no 'fp16' variant" in r.getMessage()}
+    assert warned == set(MODELS)  # unet its own, the rest pinned
+    theirs = load_theirs(repos / "remix")
+    for slot in MODELS:
+        a, b = getattr(ours, slot).state_dict(), getattr(theirs, slot).state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in a), slot
