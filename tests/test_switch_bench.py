@@ -46,26 +46,32 @@ def test_bench_switch_tiny_sdxl_report(tmp_path):
     assert systems["diffusers naive"]["transfer"] is None
 
 
-def test_a_run_stopped_midway_leaves_the_figures_it_took(tmp_path, monkeypatch):
+@pytest.mark.parametrize("finished", [0, 2])
+def test_a_run_stopped_midway_leaves_the_figures_it_took(tmp_path, monkeypatch, finished):
+    """Stopped (a time limit, say) after `finished` systems: the report has them, and
+    B's image check, which runs before any system (before the fix, a run stopped in
+    the first system wrote no report at all)."""
     from compstore.loader import switch_bench
 
     timed = []
     median_run = switch_bench._median_run
 
-    def stop_at_the_third(fn, repeat):
-        if len(timed) == 2:
-            raise KeyboardInterrupt  # a time limit, say
+    def stop(fn, repeat):
+        if len(timed) == finished:
+            raise KeyboardInterrupt
         timed.append(fn)
         return median_run(fn, repeat)
 
-    monkeypatch.setattr(switch_bench, "_median_run", stop_at_the_third)
+    monkeypatch.setattr(switch_bench, "_median_run", stop)
     out = tmp_path / "report"
     with pytest.raises(KeyboardInterrupt):
         switch_bench.run_switch_bench(size="tiny", families=("sdxl",), repeat=1, out=out,
                                       workdir=tmp_path, echo=lambda _: None)
     (fam,) = json.loads((out / "report.json").read_text())["families"]
-    assert [s["name"] for s in fam["systems"]] == ["diffusers naive", "diffusers expert"]
-    assert fam["pipeline_bytes"] > fam["delta_bytes"] > 0
+    assert [s["name"] for s in fam["systems"]] == ["diffusers naive", "diffusers expert"][:finished]
+    assert fam["delta_bytes"] > 0
+    if finished:
+        assert fam["pipeline_bytes"] > fam["delta_bytes"]
     assert fam["image_equal"] and "equals plain diffusers': True" in (out / "report.md").read_text()
 
 
@@ -116,3 +122,23 @@ def test_a_repeat_below_one_is_a_one_line_error(repeat, tmp_path):
     (line,) = r.stderr.strip().splitlines()
     assert line == f"Error: --repeat {repeat}: a median needs at least 1 timed run"
     assert not (tmp_path / "out").exists() and not (tmp_path / "work").exists()
+
+
+def test_images_with_nan_in_the_same_places_are_equal_and_others_are_not():
+    """Random 16-bit weights can overflow to NaN: the image check compares NaN
+    positions and the finite values, where NaN != NaN would call them different."""
+    import numpy as np
+
+    from compstore.loader.switch_bench import compare_images, markdown
+
+    ref = np.array([[0.25, np.nan], [1.0, 0.5]])
+    assert compare_images(ref.copy(), ref) == (True, 0.0, 1)
+    moved = np.array([[np.nan, 0.25], [1.0, 0.5]])
+    assert compare_images(moved, ref)[0] is False
+    assert compare_images(ref + 0.125, ref) == (False, 0.125, 1)
+    family = {"family": "sdxl", "size": "full", "device": "cuda:0", "dtype": "float16",
+              "pipeline_bytes": 1, "delta_bytes": 1, "h2d_bytes_per_s": 1e9, "floor_seconds": 1.0,
+              "image_equal": True, "image_max_abs_diff": 0.0, "image_nan_values": 3072,
+              "systems": []}  # a run stopped before its first system
+    text = markdown({"device": "H100", "torch": "2.11", "repeat": 3, "families": [family]})
+    assert "equals plain diffusers': True (max abs diff 0; 3,072 NaN values in diffusers' image)" in text

@@ -89,7 +89,8 @@ class FamilyFigures:
     h2d_bytes_per_s: float
     floor_seconds: float
     image_equal: bool | None = None  # checked before any system is timed
-    image_max_abs_diff: float | None = None
+    image_max_abs_diff: float | None = None  # over the values finite in both
+    image_nan_values: int | None = None  # NaN in diffusers' image (16-bit overflow), where equality wants NaN too
     systems: list[SystemFigures] = field(default_factory=list)
 
 
@@ -139,6 +140,20 @@ def _image(pipe, family: str, device: torch.device) -> np.ndarray:
                                                                    max_sequence_length=32)
     return pipe("a photo of a cat", num_inference_steps=2, output_type="np",
                 generator=torch.Generator(device="cpu").manual_seed(0), **kw).images
+
+
+def compare_images(mine: np.ndarray, reference: np.ndarray) -> tuple[bool, float, int]:
+    """(equal, max abs diff, NaN values in `reference`). Random 16-bit weights can
+    overflow to NaN; NaN != NaN would call two identical images different, so
+    equal means the same NaN positions and the same other values.
+
+    >>> compare_images(np.array([0.5, np.nan]), np.array([0.5, np.nan]))
+    (True, 0.0, 1)
+    """
+    equal = bool(np.array_equal(mine, reference, equal_nan=True))
+    diff = np.abs(mine.astype(np.float64) - reference)
+    finite = np.isfinite(diff)
+    return equal, float(diff[finite].max()) if finite.any() else 0.0, int(np.isnan(reference).sum())
 
 
 def _median_run(fn: Callable[[], tuple[float, "TransferReport | int"]], repeat: int) -> SystemFigures:
@@ -233,8 +248,8 @@ def bench_family(family: str, size: str, device: torch.device, dtype: torch.dtyp
     del plain
     _free(device)
 
-    figures.image_equal = bool(np.array_equal(mine, reference))
-    figures.image_max_abs_diff = float(np.abs(mine.astype(np.float64) - reference).max())
+    figures.image_equal, figures.image_max_abs_diff, figures.image_nan_values = compare_images(mine, reference)
+    save(figures)  # a run stopped before the first system still reports the check
 
     def naive():
         a = theirs(folders["A"])
@@ -410,7 +425,9 @@ def markdown(report: dict) -> str:
     lines = [f"# Switch latency: A -> B ({report['device']}, torch {report['torch']}, "
              f"median of {report['repeat']})", ""]
     for f in report["families"]:
-        images = f"{f['image_equal']} (max abs diff {f['image_max_abs_diff']:.2g})"
+        nan = f.get("image_nan_values") or 0
+        images = f"{f['image_equal']} (max abs diff {f['image_max_abs_diff']:.2g}" + \
+            (f"; {nan:,} NaN values in diffusers' image)" if nan else ")")
         lines += [f"## {f['family']} ({f['size']}, {f['dtype']} on {f['device']})", "",
                   f"B: {f['pipeline_bytes']:,} tensor bytes; delta (B's bytes A lacks): "
                   f"{f['delta_bytes']:,}; host-to-device {f['h2d_bytes_per_s'] / 1e9:.2f} GB/s "
@@ -418,7 +435,7 @@ def markdown(report: dict) -> str:
                   f"A->B->A->B equals plain diffusers': {images}.", "",
                   "| system | switch s | upload s | bytes moved | vs naive | vs floor |",
                   "|---|---|---|---|---|---|"]
-        naive = f["systems"][0]["seconds"]
+        naive = f["systems"][0]["seconds"] if f["systems"] else None
         for s in f["systems"]:
             up = "-" if s["upload_seconds"] is None else f"{s['upload_seconds']:.4f}"
             floor = s.get("floor_seconds") or f["floor_seconds"]
