@@ -88,6 +88,29 @@ def test_keep_reuses_a_built_family(tmp_path, monkeypatch):
     store.close()
 
 
+def test_build_only_builds_what_a_kept_run_then_reuses(tmp_path, monkeypatch):
+    """`--build-only` (a GPU session builds while its tests run) leaves the family
+    where `--keep` looks for it: the timed run that follows builds nothing."""
+    from compstore.loader import switch_bench
+
+    monkeypatch.chdir(tmp_path)  # where the default --out would be
+    args = ["bench", "switch", "--size", "tiny", "--family", "sdxl", "--workdir", str(tmp_path)]
+    r = CliRunner().invoke(cli, [*args, "--build-only", "--json"])
+    assert r.exit_code == 0, r.output
+    (built,) = json.loads(r.stdout).values()
+    assert sorted(built) == ["A", "B", "C"] and all((tmp_path / p).is_dir() for p in built.values())
+    assert not (tmp_path / "switch-report").exists()  # nothing timed, no report
+
+    def stop(fn, repeat):
+        raise KeyboardInterrupt  # the first system: the build is what this test is about
+
+    monkeypatch.setattr(switch_bench, "switch_family", lambda *a, **k: pytest.fail("built again"))
+    monkeypatch.setattr(switch_bench, "_median_run", stop)
+    with pytest.raises(KeyboardInterrupt):
+        switch_bench.run_switch_bench(size="tiny", families=("sdxl",), repeat=1, out=tmp_path / "r",
+                                      workdir=tmp_path, keep=True, echo=lambda _: None)
+
+
 @pytest.mark.parametrize("device", ["gpu", "cuda:7"])
 def test_a_device_torch_cannot_use_is_a_one_line_error(device, tmp_path):
     if device == "cuda:7" and torch.cuda.device_count() > 7:

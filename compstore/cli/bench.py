@@ -29,18 +29,26 @@ def bench():
               help="Where the families and stores are built [default: the temp dir].")
 @click.option("--keep", is_flag=True,
               help="Keep the built families and stores in the workdir and reuse them next time.")
+@click.option("--build-only", is_flag=True,
+              help="Only build the families into the workdir, as --keep keeps them; time nothing.")
 @json_option
-def switch(size, families, device, dtype, repeat, out, workdir, keep, as_json):
+def switch(size, families, device, dtype, repeat, out, workdir, keep, build_only, as_json):
     """Time A -> B switches: diffusers naive/expert, compstore, the hardware floor.
 
     The report files are written again after each system, so a run stopped
     midway leaves the figures it took."""
-    from ..loader.switch_bench import markdown, run_switch_bench
+    from ..loader.switch_bench import build_switch_families, markdown, run_switch_bench
 
-    report = run_switch_bench(size=size, families=tuple(families) or ("sdxl", "flux"),
-                              device=device, dtype=dtype, repeat=repeat, out=out, workdir=workdir,
-                              keep=keep,
-                              echo=(lambda s: None) if as_json else
-                              (lambda s: click.echo(s, err=True)))
+    families = tuple(families) or ("sdxl", "flux")
+    echo = (lambda s: None) if as_json else (lambda s: click.echo(s, err=True))
+    if build_only:
+        built = build_switch_families(size=size, families=families, device=device, dtype=dtype,
+                                      workdir=workdir, echo=echo)
+        click.echo(json.dumps(built, indent=2) if as_json else
+                   "\n".join(f"{f} {name}: {folder}" for f, names in built.items()
+                             for name, folder in names.items()))
+        return
+    report = run_switch_bench(size=size, families=families, device=device, dtype=dtype,
+                              repeat=repeat, out=out, workdir=workdir, keep=keep, echo=echo)
     click.echo(json.dumps(report, indent=2) if as_json else
                markdown(report) + f"\n(report.json, report.md, switch.png in {out})")
