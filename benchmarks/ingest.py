@@ -9,6 +9,11 @@ component: ~1,700 tensors per GB), then in one run times, median of --repeat:
   ingest (already held)    the same folder again under a new ref (hash + byte-confirm only)
   ingest (unchanged)       the same folder again under that ref: its stat cache matches
                            (stat_cache.py), so no payload byte is read
+  ingest (1 file changed)  config.json edited, or a byte of one 256 MB shard changed, and
+                           the folder again under that ref: only that file is read;
+                           beside each, the same change ingested under a new ref, which
+                           reads every file (as every ingest did before the per-file stat
+                           cache)
 and prints MB/s (of the median round, and of the fastest) and the ratio ingest / cp
 (goal: >= 0.5 for both). Ingest fsyncs
 its pack before the catalog commits; plain `cp -r` leaves its bytes in the page
@@ -52,6 +57,15 @@ def make_folder(folder: Path, size_mb: int, shard_mb: int = 256) -> int:
         save_file(tensors, str(folder / f"model-{shard:05d}.safetensors"))
     (folder / "config.json").write_text('{"_class_name": "Synthetic"}')
     return sum(p.stat().st_size for p in folder.iterdir())
+
+
+def flip(path: Path, from_end: int) -> None:
+    """Change one byte of a tensor near the end of `path`, in place (same size)."""
+    with open(path, "r+b") as f:
+        f.seek(-from_end, 2)
+        byte = f.read(1)
+        f.seek(-from_end, 2)
+        f.write(bytes([byte[0] ^ 0xFF]))
 
 
 def timed(fn) -> float:
@@ -100,6 +114,10 @@ def main() -> None:
         return
 
     cp, cp_sync, new, held, again = [], [], [], [], []
+    changed = {key: [] for key in ("config_changed", "config_changed_new_ref", "shard_changed",
+                                   "shard_changed_new_ref")}
+    shard, config = sorted(src.glob("*.safetensors"))[0], src / "config.json"
+    config_text = config.read_text()
     for r in range(args.repeat):
         dst, home = work / f"cp-{r}", work / f"store-{r}"
         for p in (dst, home):
@@ -113,13 +131,24 @@ def main() -> None:
             new.append(timed(lambda: store.ingest(src, "first")))
             held.append(timed(lambda: store.ingest(src, "second")))
             again.append(timed(lambda: store.ingest(src, "second")))
+            # Each change is new content for both ingests of it: one under the ref
+            # (reads the changed file), one under a new ref (reads every file).
+            for key, change in (("config", lambda i: config.write_text(config_text[:-1] + f', "v": {i}}}')),
+                                ("shard", lambda i: flip(shard, i))):
+                change(1)
+                changed[f"{key}_changed_new_ref"].append(timed(lambda: store.ingest(src, f"{key}-{r}")))
+                change(2)
+                changed[f"{key}_changed"].append(timed(lambda: store.ingest(src, "second")))
+            config.write_text(config_text)  # the folder as made, for the next round
+            flip(shard, 1), flip(shard, 2)
         shutil.rmtree(dst)
         shutil.rmtree(home)
 
     mb = nbytes / 1e6
     figures = {"bytes": nbytes}
     for key, times in (("cp_r", cp), ("cp_r_sync", cp_sync), ("ingest_new", new), ("ingest_held", held),
-                        ("ingest_again", again)):
+                        ("ingest_again", again),
+                        *((f"ingest_{key}", times) for key, times in changed.items())):
         figures[f"{key}_s"] = round(statistics.median(times), 4)
         figures[f"{key}_mb_s"] = round(mb / statistics.median(times), 1)
         # The fastest round: on a shared VM, the one least slowed by its neighbours.
@@ -131,7 +160,7 @@ def main() -> None:
           f"MB/s of the median and of the best of {args.repeat}; ratios (of medians) are ingest / cp -r")
 
     def row(label: str, key: str, note: str) -> None:
-        print(f"  {label:22s} {figures[key + '_s']:7.4f} s {figures[key + '_mb_s']:9.1f} MB/s  "
+        print(f"  {label:28s} {figures[key + '_s']:7.4f} s {figures[key + '_mb_s']:9.1f} MB/s  "
               f"best {figures[key + '_best_mb_s']:9.1f}   {note}")
 
     row("cp -r", "cp_r", "(page cache, not durable)")
@@ -140,6 +169,10 @@ def main() -> None:
         f"ratio {figures['ratio_new']:.2f} (vs cp -r && sync: {figures['ratio_new_vs_cp_sync']:.2f})")
     row("ingest, already held", "ingest_held", f"ratio {figures['ratio_held']:.2f}")
     row("ingest, unchanged", "ingest_again", "(same folder and ref: stat cache, nothing read)")
+    n = len(list(src.iterdir()))
+    for label, key in (("config.json", "config"), ("a shard", "shard")):
+        row(f"ingest, {label} changed", f"ingest_{key}_changed", f"(same ref: 1 of {n} files read)")
+        row("  same change, new ref", f"ingest_{key}_changed_new_ref", f"(all {n} files read)")
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(figures, indent=2))
     if not args.workdir:

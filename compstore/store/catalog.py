@@ -20,6 +20,9 @@
     stat_cache(ref, stamp, snapshot_id, counts)        the folder a ref was ingested from, as
                                                        its files' stat describes them
                                                        (see stat_cache.py)
+    stat_cache_files(ref, path, stamp, sha256, snapshot_id)
+                                                       each of its files' stat, and the sha256
+                                                       of the bytes read then
     meta(key, value)                                   schema version
 
 Only `Store` writes here, under the store's write lock and in one transaction per
@@ -140,14 +143,15 @@ def ensure_schema(db: sqlite_utils.Database, read_only: bool = False) -> None:
         _create_later_tables(db)
 
 
-_LATER_TABLES = ("xet_chunks", "stat_cache")
+_LATER_TABLES = ("xet_chunks", "stat_cache", "stat_cache_files")
 
 
 def _create_later_tables(db: sqlite_utils.Database) -> None:
     """Tables added within schema 1. No foreign keys: gc deletes the rows of dead
     files and refs, and a row that outlives them (an older compstore's gc or rm)
     costs a sha256 mismatch and a re-fetch (xet_chunks), or nothing (stat_cache:
-    it is trusted only while its ref points at its snapshot)."""
+    it is trusted only while its ref points at its snapshot; stat_cache_files: a
+    file whose sha256 the store no longer holds is read)."""
     with db.atomic():
         db["xet_chunks"].create(
             {"xorb": str, "chunk_index": int, "file_id": int, "offset": int, "length": int},
@@ -155,6 +159,8 @@ def _create_later_tables(db: sqlite_utils.Database) -> None:
         db["xet_chunks"].create_index(["file_id"], if_not_exists=True)
         db["stat_cache"].create({"ref": str, "stamp": str, "snapshot_id": str, "counts": str},
                                 pk="ref", if_not_exists=True)
+        db["stat_cache_files"].create({"ref": str, "path": str, "stamp": str, "sha256": str,
+                                       "snapshot_id": str}, pk=("ref", "path"), if_not_exists=True)
 
 
 def blobs_of_snapshot(db: sqlite_utils.Database, snapshot_id: str) -> dict[int, int]:

@@ -133,6 +133,7 @@ def gc(store: "Store", *, dry_run: bool = False) -> GcReport:
             _delete_not_in(db, "files", "id", live_files)
             _delete_not_in(db, "xet_chunks", "file_id", live_files)
             _delete_not_in(db, "stat_cache", "snapshot_id", live_snaps)
+            _delete_not_in(db, "stat_cache_files", "snapshot_id", live_snaps)
             _delete_not_in(db, "tensors", "id", live_tensors)
             _delete_not_in(db, "blobs", "id", live_blobs)
             for p in dead_packs + partial:

@@ -191,6 +191,30 @@ class Ingestor:
         while len(self._pending_sha) > 4:  # bound the mapped files held open
             self._settle(self._pending_sha.pop(0))
 
+    def reuse_file(self, f: ScannedFile, sha256: str) -> bool:
+        """Take `f` as the stored file with this sha256, without reading it: the stat
+        cache vouches that its bytes are those the sha256 was taken of (stat_cache.py).
+        False, and nothing taken, when the store holds no such file or the stored one
+        lists other tensors than `f`'s header: then `f` must be read."""
+        row = self.db.execute("SELECT id, kind, header_blob, raw_blob FROM files "
+                              "WHERE sha256 = ? AND size = ?", [sha256, f.size]).fetchone()
+        if row is None or row[1] != ("safetensors" if f.header is not None else "raw"):
+            return False
+        rows = self.db.execute(
+            "SELECT t.id, t.name, t.dtype, t.shape, t.blob_id FROM file_tensors ft "
+            "JOIN tensors t ON t.id = ft.tensor_id WHERE ft.file_id = ? ORDER BY ft.pos", [row[0]]).fetchall()
+        listed = [(t.name, t.dtype, json.dumps(list(t.shape))) for t in f.header.tensors] if f.header else []
+        if [tuple(r[1:4]) for r in rows] != listed:
+            return False
+        self.files[f.path] = _FileRecord(row[0], sha256, f.size, row[1], row[2], row[3],
+                                         [r[0] for r in rows], [tuple(r[1:]) for r in rows], is_new=False)
+        self.stats.files += 1
+        self.stats.tensors += len(rows)
+        self.stats.logical_bytes += f.size
+        self.stats.reused_bytes += f.size
+        self.on_bytes(f.size)
+        return True
+
     def _put_range(self, rec: _FileRecord, mm: mmap.mmap | None, data: memoryview,
                    a: int, b: int) -> int:
         """`put_blob` of bytes [a, b) of the file being ingested. The file's sha256,

@@ -13,9 +13,15 @@ every safetensors header validated (scan.py): only the payload reads are skipped
 
 Timestamps are trusted once settled: a file changed shortly before the ingest
 started could change again within the same timestamp tick, unseen (git's "racy"
-entries), so such a folder gets no stamp and its next ingest reads it. ctime
-cannot be set by users (`touch -d`, `cp -p` and `rsync -t` set mtime), so bytes
-replaced under an old size and mtime still change the stamp.
+entries), so such a file is read by the next ingest too. ctime cannot be set by
+users (`touch -d`, `cp -p` and `rsync -t` set mtime), so bytes replaced under an
+old size and mtime still change the stamp.
+
+A folder that changed in part (`unet.save_pretrained("./my-pipe/unet")`) is read
+in part: each file's own digest is kept too (`stat_cache_files`), with the sha256
+its bytes had, and a file whose digest is as recorded is taken as the stored file
+of that sha256 without being read (`Ingestor.reuse_file`). Only the files that
+changed are read.
 """
 
 from __future__ import annotations
@@ -47,10 +53,20 @@ class Counts:
     reused_bytes: int
 
 
-def stamp(scan: FolderScan, started_ns: int) -> str | None:
-    """A digest of what the filesystem says of every file of `scan`; None when one
-    changed too recently (before `started_ns`, `time.time_ns()` when the ingest
-    began) for its timestamps to be trusted, or changed since the scan."""
+@dataclass(frozen=True)
+class FolderStamp:
+    """What the filesystem says of a folder's files. `files`: path -> a digest of that
+    file's path, target, device, inode, size, mtime and ctime, for each file whose
+    timestamps are settled. `whole`: one digest of them all, None when a file is not
+    settled."""
+    whole: str | None
+    files: dict[str, str]
+
+
+def stamp(scan: FolderScan, started_ns: int) -> FolderStamp | None:
+    """The stamp of the files of `scan`; None when a file changed size or went away
+    since the scan. A file changed too recently (before `started_ns`, `time.time_ns()`
+    when the ingest began) for its timestamps to be trusted gets no digest."""
     stats = []
     for path, f in sorted(scan.files.items()):
         try:
@@ -63,13 +79,12 @@ def stamp(scan: FolderScan, started_ns: int) -> str | None:
     whole = all(st.st_mtime_ns % 1_000_000_000 == 0 and st.st_ctime_ns % 1_000_000_000 == 0
                 for _, _, st in stats)
     settled = started_ns - (SETTLED_WHOLE_SECONDS_NS if whole else SETTLED_NS)
-    if any(max(st.st_mtime_ns, st.st_ctime_ns) >= settled for _, _, st in stats):
-        return None
-    digest = hashlib.sha256()
-    for path, source, st in stats:
-        digest.update(json.dumps([path, source, st.st_dev, st.st_ino, st.st_size,
-                                  st.st_mtime_ns, st.st_ctime_ns]).encode() + b"\n")
-    return digest.hexdigest()
+    files = {path: hashlib.sha256(json.dumps([path, source, st.st_dev, st.st_ino, st.st_size,
+                                              st.st_mtime_ns, st.st_ctime_ns]).encode()).hexdigest()
+             for path, source, st in stats if max(st.st_mtime_ns, st.st_ctime_ns) < settled}
+    if len(files) < len(stats):
+        return FolderStamp(None, files)
+    return FolderStamp(hashlib.sha256("\n".join(files.values()).encode()).hexdigest(), files)
 
 
 def unchanged(db: sqlite_utils.Database, ref: str, folder_stamp: str) -> tuple[str, Counts] | None:
@@ -82,13 +97,32 @@ def unchanged(db: sqlite_utils.Database, ref: str, folder_stamp: str) -> tuple[s
     return None if row is None else (row[0], Counts(**json.loads(row[1])))
 
 
-def record(db: sqlite_utils.Database, ref: str, folder_stamp: str | None, snapshot_id: str,
-           counts: Counts) -> None:
-    """Remember the folder `ref` was ingested from (under the store's write lock);
-    with no stamp, forget it."""
+def known_files(db: sqlite_utils.Database, ref: str, folder: FolderStamp) -> dict[str, str]:
+    """path -> sha256 of the files of `folder` whose digest is the one recorded when
+    `ref` was last ingested: their bytes are those that sha256 was taken of."""
+    rows = db.execute("SELECT path, stamp, sha256 FROM stat_cache_files WHERE ref = ?", [ref])
+    return {path: sha256 for path, digest, sha256 in rows if folder.files.get(path) == digest}
+
+
+def record(db: sqlite_utils.Database, ref: str, folder: FolderStamp | None, snapshot_id: str,
+           counts: Counts, sha256s: dict[str, str]) -> None:
+    """Remember the folder `ref` was just ingested from, with `sha256s` (path -> the
+    sha256 of the bytes read) of its files (under the store's write lock); with no
+    stamp, forget it."""
     with db.atomic():
-        if folder_stamp is None:
-            db.execute("DELETE FROM stat_cache WHERE ref = ?", [ref])
-        else:
-            db["stat_cache"].upsert({"ref": ref, "stamp": folder_stamp, "snapshot_id": snapshot_id,
-                                     "counts": json.dumps(counts.__dict__)}, pk="ref")
+        forget(db, ref)
+        if folder is None:
+            return
+        if folder.whole is not None:
+            db["stat_cache"].insert({"ref": ref, "stamp": folder.whole, "snapshot_id": snapshot_id,
+                                     "counts": json.dumps(counts.__dict__)})
+        db["stat_cache_files"].insert_all(
+            ({"ref": ref, "path": path, "stamp": digest, "sha256": sha256s[path],
+              "snapshot_id": snapshot_id} for path, digest in folder.files.items()), batch_size=1000)
+
+
+def forget(db: sqlite_utils.Database, ref: str) -> None:
+    """Drop what was recorded of `ref`'s folder."""
+    with db.atomic():
+        db.execute("DELETE FROM stat_cache WHERE ref = ?", [ref])
+        db.execute("DELETE FROM stat_cache_files WHERE ref = ?", [ref])

@@ -168,7 +168,7 @@ class Store:
             snap = self.resolve(ref)
             with self.db.atomic():
                 self.db.execute("DELETE FROM refs WHERE name = ?", [ref])
-                self.db.execute("DELETE FROM stat_cache WHERE ref = ?", [ref])
+                stat_cache.forget(self.db, ref)
         return {"removed": ref, "snapshot": snap}
 
     def tag(self, ref: str, snapshot_id: str) -> None:
@@ -380,7 +380,8 @@ class Store:
 
         A folder whose files' size, mtime, ctime and inode are as when `name` was
         last ingested from it, while `name` still points at what that ingest made,
-        is "unchanged" without a payload byte read (stat_cache.py).
+        is "unchanged" without a payload byte read; of a folder changed in part,
+        only the files changed are read (stat_cache.py).
 
         >>> Store().ingest("./tiny-sd", name="tiny-sd").status  # doctest: +SKIP
         'new'
@@ -394,7 +395,8 @@ class Store:
         # A modular folder's pointers are followed again (what they name may have moved);
         # a pull's downloads are new files, deleted as they go.
         stamp = None if scan.kind == "modular" or consume_weights else stat_cache.stamp(scan, started_ns)
-        if stamp is not None and (hit := stat_cache.unchanged(self.db, ref, stamp)) is not None:
+        if stamp is not None and stamp.whole is not None and \
+                (hit := stat_cache.unchanged(self.db, ref, stamp.whole)) is not None:
             snap, c = hit
             return IngestResult(ref, snap, "unchanged", scan.kind, c.files, c.tensors, c.components,
                                 c.logical_bytes, 0, c.reused_bytes, round(time.perf_counter() - t0, 3))
@@ -407,7 +409,10 @@ class Store:
             try:
                 with progress_bar(scan.total_bytes, f"ingest {ref}", progress) as bar, \
                         Ingestor(self.db, self.packs, writer, bar.update) as ing:
+                    known = stat_cache.known_files(self.db, ref, stamp) if stamp is not None else {}
                     for f in sorted(scan.files.values(), key=lambda f: f.path):
+                        if f.path in known and ing.reuse_file(f, known[f.path]):
+                            continue  # unchanged since the ref's last ingest: not read
                         ing.ingest_file(f, (checked_sha256 or {}).get(f.path))
                         if consume_weights and f.header is not None:
                             os.unlink(f.source)  # its bytes are in the packs (an mmap still open keeps them)
@@ -429,7 +434,8 @@ class Store:
                 raise
             s = ing.stats
             stat_cache.record(self.db, ref, stamp, snap, stat_cache.Counts(  # as a re-ingest counts
-                s.files, s.tensors, len(slots), s.logical_bytes, s.written_bytes + s.reused_bytes))
+                s.files, s.tensors, len(slots), s.logical_bytes, s.written_bytes + s.reused_bytes),
+                {path: r.sha256 for path, r in ing.files.items()})
         return IngestResult(ref, snap, status, scan.kind, s.files, s.tensors, len(slots),
                             s.logical_bytes, s.written_bytes, s.reused_bytes,
                             round(time.perf_counter() - t0, 3))
