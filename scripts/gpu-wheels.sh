@@ -9,5 +9,5 @@ PY=${PY:-.venv/bin/python}
 "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
     -d .whl diffusers==0.42.1 sqlite-utils==4.2.1 sqlite-fts4==1.0.3 click-default-group==1.2.4 \
-    importlib_metadata==10.2.0
+    importlib_metadata==10.2.0 lazy-importer==0.1.0
 ls .whl
