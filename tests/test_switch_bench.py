@@ -26,6 +26,10 @@ def test_bench_switch_tiny_sdxl_report(tmp_path):
     assert systems["compstore page cache"]["bytes_moved"] == delta
     assert systems["compstore pinned"]["bytes_moved"] == delta
     assert systems["compstore resident (A->B->A)"]["bytes_moved"] == 0
+    # The issue's goals are checked in every report; a tiny CPU run is not what they apply to.
+    resident = next(g for g in fam["goals"] if g["goal"] == "A -> B -> A, the second switch")
+    assert resident["value"] == round(systems["compstore resident (A->B->A)"]["seconds"], 4)
+    assert not resident["applies"] and "a yardstick only" in (out / "report.md").read_text()
     # A dropped first, a budget of 0: B still reuses A's VAE and text encoders
     dropped = systems["compstore pinned, A dropped first"]
     assert dropped["bytes_moved"] == dropped["transfer"]["bytes_from_pinned"] == delta
@@ -165,3 +169,27 @@ def test_images_with_nan_in_the_same_places_are_equal_and_others_are_not():
               "systems": []}  # a run stopped before its first system
     text = markdown({"device": "H100", "torch": "2.11", "repeat": 3, "families": [family]})
     assert "equals plain diffusers': True (max abs diff 0; 3,072 NaN values in diffusers' image)" in text
+
+
+def test_the_report_checks_the_issues_goals_where_they_apply():
+    from compstore.loader.switch_bench import goals, markdown
+
+    def system(name, seconds, moved=1):
+        return {"name": name, "seconds": seconds, "upload_seconds": None, "bytes_moved": moved}
+
+    family = {"family": "sdxl", "size": "full", "device": "cuda:0", "dtype": "float16",
+              "pipeline_bytes": 6, "delta_bytes": 5, "h2d_bytes_per_s": 5e10, "floor_seconds": 0.1,
+              "image_equal": True, "image_max_abs_diff": 0.0, "image_nan_values": 0,
+              "systems": [system("diffusers naive", 2.0), system("compstore page cache", 0.44),
+                          system("compstore pinned", 0.16), system("compstore resident (A->B->A)", 0.01, 5)]}
+    found = {g["goal"]: g for g in goals(family)}
+    assert [g["met"] for g in found.values()] == [True, False, False, None, True]
+    assert found["A -> B, B's delta in the pinned tier, vs the floor"]["value"] == 1.6
+    assert found["cold load of A onto the device"]["value"] is None  # not timed (yet)
+    assert all(g["applies"] for g in found.values())
+    text = markdown({"device": "H100", "torch": "2.11", "repeat": 3,
+                     "families": [{**family, "goals": goals(family)}]})
+    assert "this run is one" in text and "| A -> B -> A, the second switch | 0.01 | " \
+        "<= 0.05 s, 0 bytes moved | no |" in text
+    assert [g["applies"] for g in goals({**family, "size": "tiny"})] == [False] * 5
+    assert goals({**family, "family": "flux"}) == []

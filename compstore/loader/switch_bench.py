@@ -39,7 +39,8 @@ a user waits for; the upload alone is reported beside it. It ends when the
 pipeline is ready on the caller's stream (that stream synchronised): copies
 back into the pinned tier, on a stream of their own, may still run. Each compstore system
 starts from `clear_caches()`, so module templates and tokenizers are warm only
-where its scenario loaded them. Writes report.json, report.md and switch.png into
+where its scenario loaded them. The SDXL figures are set against the issue's
+goals (`goals`), a verdict only where the run is `--size full` on a GPU. Writes report.json, report.md and switch.png into
 `out`, again after each system: a run stopped midway (a time limit) leaves the
 figures it took. `keep=True` keeps the built families and their stores under
 `workdir` and reuses them next time (a full-size family takes minutes to write).
@@ -193,6 +194,39 @@ def _built_family(family: str, size: str, dtype: torch.dtype, work: Path, echo: 
 
 PARTLY_SHARED = "compstore A -> C (2/3 of the UNet shared)"
 PINNED_DROPPED = "compstore pinned, A dropped first"
+PAGE_CACHE, PINNED, RESIDENT, COLD = ("compstore page cache", "compstore pinned",
+                                      "compstore resident (A->B->A)", "compstore cold load")
+
+
+def goals(family: dict) -> list[dict]:
+    """The issue's "done when" goals for the SDXL-size pair (measured with `--size
+    full` on an H100-class GPU), each with the figure this run has for it (None: not
+    timed yet) and whether it is met; [] for another family. Where a run is not that,
+    they are a yardstick, no verdict: `applies` says which.
+
+    >>> goals({"family": "flux", "size": "full", "device": "cuda:0", "systems": []})
+    []
+    """
+    if family["family"] != "sdxl":
+        return []
+    by_name = {s["name"]: s for s in family["systems"]}
+
+    def seconds(name: str) -> float | None:
+        return round(by_name[name]["seconds"], 4) if name in by_name else None
+
+    pinned = seconds(PINNED)
+    rows = [("A -> B, B's delta in the page cache", seconds(PAGE_CACHE), "<= 0.45 s",
+             lambda v: v <= 0.45),
+            ("A -> B, B's delta in the pinned tier, vs the floor",
+             None if pinned is None else round(pinned / family["floor_seconds"], 2), "<= 1.5x",
+             lambda v: v <= 1.5),
+            ("A -> B -> A, the second switch", seconds(RESIDENT), "<= 0.05 s, 0 bytes moved",
+             lambda v: v <= 0.05 and by_name[RESIDENT]["bytes_moved"] == 0),
+            ("cold load of A onto the device", seconds(COLD), "<= 0.6 s", lambda v: v <= 0.6),
+            ("B's image equals diffusers'", family.get("image_equal"), "True", lambda v: v is True)]
+    applies = family["size"] == "full" and family["device"].startswith("cuda")
+    return [{"goal": goal, "value": value, "limit": limit, "applies": applies,
+             "met": None if value is None else bool(met(value))} for goal, value, limit, met in rows]
 
 
 def bench_family(family: str, size: str, device: torch.device, dtype: torch.dtype, repeat: int,
@@ -347,11 +381,10 @@ def bench_family(family: str, size: str, device: torch.device, dtype: torch.dtyp
         return s, rep
 
     plan = [("diffusers naive", naive), ("diffusers expert", expert),
-            ("compstore page cache", page_cache), ("compstore pinned", pinned),
-            ("compstore resident (A->B->A)", resident)]
+            (PAGE_CACHE, page_cache), (PINNED, pinned), (RESIDENT, resident)]
     if "C" in folders:
         plan.append((PARTLY_SHARED, partly_shared))
-    plan += [("compstore cold load", cold), ("compstore cold pool, warm process", cold_pool),
+    plan += [(COLD, cold), ("compstore cold pool, warm process", cold_pool),
              (PINNED_DROPPED, pinned_dropped)]
     for name, fn in plan:
         echo(f"[{family}/{size}] {name} ...")
@@ -424,7 +457,8 @@ def run_switch_bench(*, size: str = "tiny", families: tuple[str, ...] = ("sdxl",
               "torch": torch.__version__, "repeat": repeat, "families": []}
 
     def save(figures: FamilyFigures) -> None:
-        report["families"][-1] = asdict(figures)
+        family = report["families"][-1] = asdict(figures)
+        family["goals"] = goals(family)
         (out / "report.json").write_text(json.dumps(report, indent=2))
         (out / "report.md").write_text(markdown(report))
 
@@ -474,6 +508,14 @@ def markdown(report: dict) -> str:
             lines.append(f"| {s['name']} | {s['seconds']:.4f} | {up} | {s['bytes_moved']:,} | "
                          f"{s['seconds'] / naive:.2f}x | {s['seconds'] / floor:.1f}x |")
         lines.append("")
+        if f.get("goals"):
+            where = "this run is one" if f["goals"][0]["applies"] else \
+                "a yardstick only: this run is not one"
+            lines += [f"Goals (#5's done-when, for `--size full` on an H100-class GPU; {where}):", "",
+                      "| goal | this run | limit | met |", "|---|---|---|---|"]
+            lines += [f"| {g['goal']} | {'-' if g['value'] is None else g['value']} | {g['limit']} | "
+                      f"{'-' if g['met'] is None else ('yes' if g['met'] else 'no')} |" for g in f["goals"]]
+            lines.append("")
     return "\n".join(lines)
 
 
