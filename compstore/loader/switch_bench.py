@@ -33,17 +33,18 @@ For each family (see `synthetic.switch_family`) it times, median of `repeat`:
 and checks, before timing anything (a run cut short by a time limit still has
 it), that B's image after A -> B -> A -> B equals plain diffusers' image
 (bitwise; on a CPU target diffusers' weights are first copied to aligned memory,
-as its own `.to("cuda")` does on a GPU). A
-"switch" includes `from_pretrained`: building the pipeline object is part of what
-a user waits for; the upload alone is reported beside it. It ends when the
-pipeline is ready on the caller's stream (that stream synchronised): copies
-back into the pinned tier, on a stream of their own, may still run. Each compstore system
-starts from `clear_caches()`, so module templates and tokenizers are warm only
-where its scenario loaded them. The SDXL figures are set against the issue's
-goals (`goals`), a verdict only where the run is `--size full` on a GPU. Writes report.json, report.md and switch.png into
-`out`, again after each system: a run stopped midway (a time limit) leaves the
-figures it took. `keep=True` keeps the built families and their stores under
-`workdir` and reuses them next time (a full-size family takes minutes to write).
+as its own `.to("cuda")` does on a GPU). A "switch" includes `from_pretrained`:
+building the pipeline object is part of what a user waits for; the upload alone
+is reported beside it. It ends when the pipeline is ready on the caller's stream
+(that stream synchronised): copies back into the pinned tier, on a stream of
+their own, may still run. Each compstore system starts from `clear_caches()`, so
+module templates and tokenizers are warm only where its scenario loaded them.
+The SDXL figures are set against the issue's goals (`goals`), a verdict only
+where the run is `--size full` on a GPU. Writes report.json, report.md and
+switch.png into `out`, again after each system: a run stopped midway (a time
+limit) leaves the figures it took. `keep=True` keeps the built families and
+their stores under `workdir` and reuses them next time (a full-size family takes
+minutes to write; `build_switch_families` builds them alone).
 """
 
 from __future__ import annotations
@@ -91,7 +92,7 @@ class FamilyFigures:
     floor_seconds: float
     image_equal: bool | None = None  # checked before any system is timed
     image_max_abs_diff: float | None = None  # over the values finite in both
-    image_nan_values: int | None = None  # NaN in diffusers' image (16-bit overflow), where equality wants NaN too
+    image_nan_values: int | None = None  # NaN in diffusers' image (16-bit overflow): equal wants them too
     systems: list[SystemFigures] = field(default_factory=list)
 
 
@@ -220,7 +221,8 @@ def goals(family: dict) -> list[dict]:
     rows = [("A -> B, B's delta in the page cache", seconds(PAGE_CACHE), "<= 0.45 s",
              lambda v: v <= 0.45),
             ("A -> B, B's delta in the pinned tier, vs the floor",
-             None if pinned is None else round(pinned / family["floor_seconds"], 2), "<= 1.5x",
+             None if pinned is None or not family["floor_seconds"] else
+             round(pinned / family["floor_seconds"], 2), "<= 1.5x",
              lambda v: v <= 1.5),
             ("A -> B -> A, the second switch", seconds(RESIDENT), "<= 0.05 s, 0 bytes moved",
              lambda v: v <= 0.05 and by_name[RESIDENT]["bytes_moved"] == 0),
@@ -284,7 +286,8 @@ def bench_family(family: str, size: str, device: torch.device, dtype: torch.dtyp
     del plain
     _free(device)
 
-    figures.image_equal, figures.image_max_abs_diff, figures.image_nan_values = compare_images(mine, reference)
+    figures.image_equal, figures.image_max_abs_diff, figures.image_nan_values = \
+        compare_images(mine, reference)
     save(figures)  # a run stopped before the first system still reports the check
 
     def naive():
@@ -428,7 +431,7 @@ def build_switch_families(*, size: str = "tiny", families: tuple[str, ...] = ("s
     session runs this beside its tests, so that the benchmark starts on built
     families (a full-size SDXL family took 134 s on a 2-core VM).
 
-    >>> build_switch_families(size="full", families=("sdxl",), device="cuda", workdir="bench-out")  # doctest: +SKIP
+    >>> build_switch_families(size="full", families=("sdxl",), workdir="bench-out")  # doctest: +SKIP
     """
     _, dt = _target(device, dtype)  # the device decides the default dtype, which names the build
     work, built = _kept(workdir), {}
