@@ -15,7 +15,8 @@ component: ~1,700 tensors per GB), then in one run times, median of --repeat:
                            reads every file (as every ingest did before the per-file stat
                            cache)
 and prints MB/s (of the median round, and of the fastest) and the ratio ingest / cp
-(goal: >= 0.5 for both). Ingest fsyncs
+(goal: >= 0.5 for both). `--drop-caches` (root, Linux) empties the page cache
+before each ingest of a changed folder: what a load after a reboot reads from disk. Ingest fsyncs
 its pack before the catalog commits; plain `cp -r` leaves its bytes in the page
 cache, so `cp -r && sync` is timed too, as the like-for-like durable copy.
 """
@@ -68,6 +69,12 @@ def flip(path: Path, from_end: int) -> None:
         f.write(bytes([byte[0] ^ 0xFF]))
 
 
+def drop_caches() -> None:
+    """Empty the page cache (root only): the next reads come from the disk."""
+    subprocess.run(["sync"], check=True)
+    Path("/proc/sys/vm/drop_caches").write_text("1\n")
+
+
 def timed(fn) -> float:
     t0 = time.perf_counter()
     fn()
@@ -92,6 +99,8 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--workdir", default=None, help="on the disk to measure [default: a temp dir]")
     ap.add_argument("--json", dest="json_out", default=None, help="also write the figures here")
+    ap.add_argument("--drop-caches", action="store_true",
+                    help="empty the page cache before each ingest of a changed folder (root)")
     ap.add_argument("--ingest-only", action="store_true",
                     help="time only ingests of new content, each into an emptied store after a sync "
                          "(no copies beside them: on a shared VM their writes slow the next ones)")
@@ -102,7 +111,10 @@ def main() -> None:
     if src.exists():
         shutil.rmtree(src)
     nbytes = make_folder(src, args.size_mb)
-    subprocess.run(["cat", *map(str, src.iterdir())], stdout=subprocess.DEVNULL, check=True)  # warm
+    def warm() -> None:
+        subprocess.run(["cat", *map(str, src.iterdir())], stdout=subprocess.DEVNULL, check=True)
+
+    warm()
 
     def cp_r(dst: Path, sync: bool) -> None:
         subprocess.run(["cp", "-r", str(src), str(dst)], check=True)
@@ -135,12 +147,16 @@ def main() -> None:
             # (reads the changed file), one under a new ref (reads every file).
             for key, change in (("config", lambda i: config.write_text(config_text[:-1] + f', "v": {i}}}')),
                                 ("shard", lambda i: flip(shard, i))):
+                cold = drop_caches if args.drop_caches else (lambda: None)
                 change(1)
+                cold()
                 changed[f"{key}_changed_new_ref"].append(timed(lambda: store.ingest(src, f"{key}-{r}")))
                 change(2)
+                cold()
                 changed[f"{key}_changed"].append(timed(lambda: store.ingest(src, "second")))
             config.write_text(config_text)  # the folder as made, for the next round
             flip(shard, 1), flip(shard, 2)
+            warm()  # the next round's copies and ingests start from the page cache, as this one's
         shutil.rmtree(dst)
         shutil.rmtree(home)
 
@@ -156,7 +172,8 @@ def main() -> None:
     figures["ratio_new"] = round(figures["ingest_new_mb_s"] / figures["cp_r_mb_s"], 2)
     figures["ratio_held"] = round(figures["ingest_held_mb_s"] / figures["cp_r_mb_s"], 2)
     figures["ratio_new_vs_cp_sync"] = round(figures["ingest_new_mb_s"] / figures["cp_r_sync_mb_s"], 2)
-    print(f"folder: {nbytes / 2**20:.0f} MiB in {len(list(src.iterdir()))} files, page-cache warm; "
+    print(f"folder: {nbytes / 2**20:.0f} MiB in {len(list(src.iterdir()))} files, page-cache warm"
+          f"{' (cold for the changed folders)' if args.drop_caches else ''}; "
           f"MB/s of the median and of the best of {args.repeat}; ratios (of medians) are ingest / cp -r")
 
     def row(label: str, key: str, note: str) -> None:
