@@ -146,7 +146,7 @@ class Ingestor:
 
         `sha256`: the file's, computed by the caller from these very bytes (a pull
         checks every download against the Hub's); taken as is, not hashed again."""
-        rec = _FileRecord(0, sha256 or "", f.size, "safetensors" if f.header is not None else "raw",
+        rec = _FileRecord(0, sha256 or "", f.size, _kind(f),
                           None, None)
         with open(f.source, "rb") as fh:
             mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) if f.size else None
@@ -161,7 +161,7 @@ class Ingestor:
                 start = f.header.data_start
                 for t in f.header.tensors:
                     blob = self._put_range(rec, mm, data, start + t.begin, start + t.end)
-                    keys.append((t.name, t.dtype, json.dumps(list(t.shape)), blob))
+                    keys.append((*_listed(t), blob))
                     self.on_bytes(t.nbytes)
                 self.on_bytes(start)
             else:
@@ -198,12 +198,12 @@ class Ingestor:
         lists other tensors than `f`'s header: then `f` must be read."""
         row = self.db.execute("SELECT id, kind, header_blob, raw_blob FROM files "
                               "WHERE sha256 = ? AND size = ?", [sha256, f.size]).fetchone()
-        if row is None or row[1] != ("safetensors" if f.header is not None else "raw"):
+        if row is None or row[1] != _kind(f):
             return False
         rows = self.db.execute(
             "SELECT t.id, t.name, t.dtype, t.shape, t.blob_id FROM file_tensors ft "
             "JOIN tensors t ON t.id = ft.tensor_id WHERE ft.file_id = ? ORDER BY ft.pos", [row[0]]).fetchall()
-        listed = [(t.name, t.dtype, json.dumps(list(t.shape))) for t in f.header.tensors] if f.header else []
+        listed = [_listed(t) for t in f.header.tensors] if f.header else []
         if [tuple(r[1:4]) for r in rows] != listed:
             return False
         self.files[f.path] = _FileRecord(row[0], sha256, f.size, row[1], row[2], row[3],
@@ -303,6 +303,16 @@ def insert_blob_rows(db: sqlite_utils.Database, ing: Ingestor, packs: list[tuple
 # faults in page by page runs at half speed (1 GiB: 0.55 s, 0.24 s populated first).
 _POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22) if sys.platform == "linux" else None
 _POPULATE_MIN = 1 << 16  # smaller ranges fault in a few pages; not worth a call
+
+
+def _kind(f: ScannedFile) -> str:
+    """A file's kind in the catalog."""
+    return "safetensors" if f.header is not None else "raw"
+
+
+def _listed(t) -> tuple[str, str, str]:
+    """A header entry as the catalog's tensors rows hold it: name, dtype, shape (JSON)."""
+    return t.name, t.dtype, json.dumps(list(t.shape))
 
 
 def _populate(mm: mmap.mmap | None, a: int, b: int) -> None:
