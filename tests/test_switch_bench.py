@@ -193,3 +193,18 @@ def test_the_report_checks_the_issues_goals_where_they_apply():
         "<= 0.05 s, 0 bytes moved | no |" in text
     assert [g["applies"] for g in goals({**family, "size": "tiny"})] == [False] * 5
     assert goals({**family, "family": "flux"}) == []
+
+
+@pytest.mark.parametrize("option", ["--device", "--workdir"])
+def test_build_only_refuses_a_bad_device_or_workdir_in_one_line(option, tmp_path):
+    (tmp_path / "a-file").write_text("not a folder")
+    bad = {"--device": "gpu", "--workdir": str(tmp_path / "a-file" / "sub")}[option]
+    args = ["bench", "switch", "--build-only", "--size", "tiny", "--family", "sdxl", option, bad]
+    if option == "--device":
+        args += ["--workdir", str(tmp_path / "work")]
+    r = CliRunner().invoke(cli, args)
+    assert r.exit_code == 1 and "Traceback" not in r.output
+    (line,) = r.stderr.strip().splitlines()
+    assert line.startswith({"--device": "Error: --device 'gpu' is not a device this torch can use",
+                            "--workdir": f"Error: --workdir {bad!r} cannot be a folder here"}[option])
+    assert (tmp_path / "a-file").read_text() == "not a folder" and not (tmp_path / "work").exists()
