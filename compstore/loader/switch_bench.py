@@ -116,7 +116,8 @@ def _module_bytes(pipe) -> int:
 def _h2d_bandwidth(device: torch.device, nbytes: int) -> float:
     """Bytes/s of a host-to-device copy from pinned memory (CPU target: a memcpy), of
     `nbytes` but 256 MiB to 1 GiB: a tiny family's few MB would fit in the CPU's
-    caches (a 93 GB/s "memcpy" on the VM) or pay a GPU copy's fixed latency."""
+    caches (1.3 to 113 GB/s "memcpy" from run to run on the VM) or pay a GPU copy's
+    fixed latency."""
     nbytes = max(256 << 20, min(nbytes, 1 << 30))
     src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=device.type == "cuda")
     dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
