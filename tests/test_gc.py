@@ -170,3 +170,34 @@ def test_read_only_store_loads_but_refuses_writes(family_store, family, tmp_path
         with pytest.raises(ReadOnlyStoreError, match="read-only"):
             write()
     assert store_state(home) == before
+
+
+def test_read_only_loads_share_one_skeleton_folder_removed_at_exit(family_store, tmp_path, monkeypatch):
+    """A read-only store's skeletons go in one folder per process, not one per load
+    left in the temporary folder for good."""
+    import tempfile
+
+    import compstore.store.store as store_module
+
+    home = family_store.home
+    family_store.close()
+    system_tmp = tmp_path / "system-tmp"
+    system_tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(system_tmp))
+    monkeypatch.setattr(store_module, "_private_skeletons", None)
+    ro = Store(home, read_only=True)
+    before = store_state(home)
+    for _ in range(2):
+        compstore.DiffusionPipeline.from_pretrained("A", store=ro)
+    [folder] = system_tmp.iterdir()
+    assert [p.name for p in folder.iterdir()] == [ro.resolve("A")]
+    assert store_state(home) == before
+    store_module._private_skeletons.cleanup()
+
+    # ... and gone when the process exits
+    code = ("import sys; from compstore import Store; s = Store(sys.argv[1], read_only=True); "
+            "print(s.materialize(s.resolve('A'), lambda path: True))")
+    out = subprocess.run([sys.executable, "-c", code, str(home)], capture_output=True, text=True,
+                         env={**os.environ, "TMPDIR": str(system_tmp)}, check=True).stdout
+    assert out.strip().startswith(str(system_tmp))
+    assert list(system_tmp.iterdir()) == []

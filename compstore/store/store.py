@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 import time
 import uuid
 from dataclasses import asdict, dataclass
@@ -59,6 +60,22 @@ def default_home() -> Path:
     """`$COMPSTORE_HOME`, else `~/.cache/compstore`."""
     env = os.environ.get("COMPSTORE_HOME")
     return Path(env).expanduser() if env else Path.home() / ".cache" / "compstore"
+
+
+_private_skeletons: tempfile.TemporaryDirectory | None = None
+_private_skeletons_lock = threading.Lock()
+
+
+def private_skeletons() -> Path:
+    """Where a read-only store's skeletons go: one folder per process, in the system's
+    temporary folder, shared by every read-only store (a snapshot id names its content)
+    and removed when the process exits. (A folder per load, kept, as until 2026-12-07,
+    left one behind in /tmp at every load.)"""
+    global _private_skeletons
+    with _private_skeletons_lock:
+        if _private_skeletons is None:
+            _private_skeletons = tempfile.TemporaryDirectory(prefix="compstore-skeletons-")
+        return Path(_private_skeletons.name)
 
 
 def check_ref_name(name: str) -> str:
@@ -526,17 +543,18 @@ class Store:
         """A folder holding the snapshot's files for which `keep(path)` is true.
 
         A modular snapshot is flattened: pinned components' files under their slots,
-        the index rewritten to point at this folder. Built once per snapshot under `<store>/skeletons/` (tmp + rename, so a
-        half-written one is never seen) and reused: snapshots are immutable.
+        the index rewritten to point at this folder. Built once per snapshot under
+        `<store>/skeletons/` (a read-only store's: `private_skeletons()`), tmp + rename
+        so that a half-written one is never seen, and reused: snapshots are immutable.
         """
-        dest = self.home / "skeletons" / snapshot_id
-        if self.read_only:  # nothing may be written in the store: a private copy
-            dest = Path(tempfile.mkdtemp(prefix="compstore-skeleton-")) / snapshot_id
+        # A read-only store: nothing may be written in it, so the process's own folder.
+        root = private_skeletons() if self.read_only else self.home / "skeletons"
+        dest = root / snapshot_id
         if dest.exists():
             return dest
         # Built beside its final place, not in tmp/: readers hold no lock, and a
         # writer clears tmp/ at start. A crash leaves a .building-* folder for gc.
-        tmp = self.home / "skeletons" / f".building-{snapshot_id}-{uuid.uuid4().hex[:8]}"
+        tmp = root / f".building-{snapshot_id}-{uuid.uuid4().hex[:8]}"
         with self.reading():
             for path, file_id, sha256, size in flattened_files(self, snapshot_id):
                 if keep(path):
