@@ -6,6 +6,7 @@ import struct
 from pathlib import Path
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 from compstore import InvalidInputError, PickleRefusedError
@@ -289,3 +290,57 @@ def test_a_refused_load_of_a_folder_leaves_the_store_as_it_was(load, message, st
     with pytest.raises(compstore.ComponentNotFoundError, match=message):
         load(compstore, str(family["A"]), store)
     assert store_state(store.home) == before and store.ls() == []
+
+
+def _quantization_configs():
+    from diffusers import GGUFQuantizationConfig
+    from diffusers.quantizers import PipelineQuantizationConfig
+
+    return (PipelineQuantizationConfig(quant_backend="bitsandbytes_4bit", quant_kwargs={"load_in_4bit": True},
+                                       components_to_quantize=["unet"]),
+            GGUFQuantizationConfig(compute_dtype=torch.bfloat16))
+
+
+def test_quantization_config_is_refused_not_dropped(store, family):
+    """diffusers quantizes while it loads; compstore binds the stored weights, so a
+    quantization_config would load the model unquantized: refused, nothing ingested."""
+    import compstore
+
+    pipeline_config, model_config = _quantization_configs()
+    before = store_state(store.home)
+    with pytest.raises(compstore.CompstoreError, match="does not quantize them yet.*transformer=model"):
+        compstore.DiffusionPipeline.from_pretrained(str(family["A"]), store=store,
+                                                    quantization_config=pipeline_config)
+    with pytest.raises(compstore.CompstoreError, match="does not quantize them yet"):
+        compstore.load_component(str(family["A"]), "unet", store=store, quantization_config=model_config)
+    assert store_state(store.home) == before and store.ls() == []
+    compstore.DiffusionPipeline.from_pretrained(str(family["A"]), store=store, quantization_config=None)
+
+
+def test_a_model_saved_quantized_is_refused_by_name(store, pipeline_copy):
+    """A model whose config.json says it was saved quantized (a bitsandbytes 4-bit
+    repo) is built by no compstore load: a folder is refused before its ingest, a
+    stored ref at the build. Passed in, or another slot, it loads."""
+    import compstore
+
+    folder = pipeline_copy("A")
+    config_path = folder / "unet" / "config.json"
+    config = json.loads(config_path.read_text())
+    config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
+    config_path.write_text(json.dumps(config))
+    before = store_state(store.home)
+    message = r"copy-A/unet: its config.json says it was saved quantized \(bitsandbytes\)"
+    with pytest.raises(compstore.CompstoreError, match=message):
+        compstore.DiffusionPipeline.from_pretrained(str(folder), store=store)
+    with pytest.raises(compstore.CompstoreError, match=message):
+        compstore.load_component(str(folder), "unet", store=store)
+    assert store_state(store.home) == before and store.ls() == []
+
+    vae = compstore.load_component(str(folder), "vae", store=store)  # another slot: loads
+    unet = compstore.load_component(str(pipeline_copy("B")), "unet", store=store)
+    pipe = compstore.DiffusionPipeline.from_pretrained(str(folder), store=store, unet=unet)
+    assert pipe.unet is unet and torch.equal(pipe.vae.decoder.conv_out.weight, vae.decoder.conv_out.weight)
+
+    store.ingest(folder, "quantized")  # the store holds it as published ...
+    with pytest.raises(compstore.CompstoreError, match=r"quantized/unet: .*saved quantized \(bitsandbytes\)"):
+        compstore.DiffusionPipeline.from_pretrained("quantized", store=store)  # ... and builds none of it

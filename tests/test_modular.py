@@ -202,3 +202,15 @@ def test_a_variant_the_pin_lacks_loads_it_with_a_warning_as_an_own_slot(repos, s
     for slot in MODELS:
         a, b = getattr(ours, slot).state_dict(), getattr(theirs, slot).state_dict()
         assert all(torch.equal(a[k], b[k]) for k in a), slot
+
+
+def test_load_components_refuses_quantization_config(repos, store):
+    from diffusers.quantizers import PipelineQuantizationConfig
+
+    store.ingest(repos / "remix", "remix")
+    pipe = compstore.ModularPipeline.from_pretrained("remix", store=store)
+    config = PipelineQuantizationConfig(quant_backend="bitsandbytes_4bit", quant_kwargs={"load_in_4bit": True},
+                                        components_to_quantize=["unet"])
+    with pytest.raises(compstore.CompstoreError, match="does not quantize them yet"):
+        pipe.load_components(torch_dtype=torch.float32, quantization_config=config)
+    assert pipe.unet is None  # nothing was loaded

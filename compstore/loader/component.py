@@ -156,6 +156,7 @@ def prepare_model(
     config = store.component_config(cid)
     if config is None:
         raise ComponentNotFoundError(f"component {cid[:12]} has no config.json")
+    refuse_quantized(config, name_or_path or component["class_name"])
     locations = store.tensor_locations(cid)
     if verify:
         check_tensors(packs, locations, component["class_name"])
@@ -492,6 +493,29 @@ def refuse_pickle_loading(use_safetensors) -> None:
                              "only (pickle checkpoints are never loaded)")
 
 
+def refuse_quantization(kwargs: dict[str, Any]) -> None:
+    """compstore binds the stored weights as they are. A `quantization_config`, which
+    diffusers applies while it loads, would be silently dropped: it is refused."""
+    if kwargs.get("quantization_config") is not None:
+        raise CompstoreError(
+            "quantization_config: compstore loads weights as stored and does not quantize "
+            "them yet; load a model to quantize with diffusers' or transformers' "
+            "from_pretrained (a pipeline takes it as a component, transformer=model, and "
+            "loads the others from the store)")
+
+
+def refuse_quantized(config: dict, name: str) -> None:
+    """A model saved quantized (`quantization_config` in its config.json: bitsandbytes,
+    torchao, GGUF ...) is stored as published, but compstore builds unquantized modules."""
+    saved = config.get("quantization_config")
+    if saved:
+        method = saved.get("quant_method", "unknown method") if isinstance(saved, dict) else "unknown method"
+        raise CompstoreError(
+            f"{name}: its config.json says it was saved quantized ({method}); compstore "
+            "loads unquantized weights only: load this model with diffusers or transformers, "
+            "and pass it in where a pipeline needs it")
+
+
 # diffusers/transformers `from_pretrained` arguments about fetching or reading files,
 # which the store decides: accepted and ignored, so that calls carry over unchanged.
 _IGNORED_ARGUMENTS = ("cache_dir", "force_download", "proxies", "low_cpu_mem_usage", "disable_mmap",
@@ -534,6 +558,7 @@ def load_component(
         raise CompstoreError(f"load_component: slot={slot!r} and subfolder={subfolder!r} disagree")
     slot = slot or subfolder or ""
     refuse_pickle_loading(kwargs.get("use_safetensors"))
+    refuse_quantization(kwargs)
     unknown = sorted(set(kwargs) - set(_IGNORED_ARGUMENTS))
     if unknown:
         raise TypeError(f"load_component() got unexpected keyword arguments {unknown}")

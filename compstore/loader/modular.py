@@ -22,7 +22,7 @@ from typing import Any
 from ..store import Store
 from ..store.components import pick_component
 from ..store.modular import components_with_pins
-from .component import build_model, dtype_argument, is_model_class
+from .component import build_model, dtype_argument, is_model_class, refuse_quantization
 from .loading import exclusive_load
 from .pipeline import _skeleton_file, open_store, per_slot, resolve_snapshot
 from .routing import route_through_pool
@@ -71,6 +71,7 @@ def _store_load_components(store: Store, snapshot_id: str, label: str):
         """Load components as diffusers' `load_components` does, models from the store."""
         if workflow is not None and names is not None:
             raise ValueError("Pass either `names` or `workflow`, not both.")
+        refuse_quantization(kwargs)
         specs = self._component_specs
         if names is None:
             names = [n for n, spec in specs.items()

@@ -39,7 +39,7 @@ from ..store.scan import FolderScan
 from ..store.components import pick_component, require_variant
 from . import warm
 from .component import (dtype_argument, is_model_class, prepare_model, refuse_pickle_loading,
-                        resolve_class)
+                        refuse_quantization, refuse_quantized, resolve_class)
 from .loading import exclusive_load
 from .residency import POOL, ResidencyPool, TransferReport, pool_for, record_report, usable_device
 from .routing import route_through_pool
@@ -76,14 +76,22 @@ def resolve_snapshot(
     as diffusers' download does. `check(components)` (rows
     as `Store.components_of` gives them) raises for what the caller refuses, a
     variant or a slot the pipeline lacks; a folder's is checked before its ingest,
-    so that a refused load leaves the store as it was. Its last call is always on
+    as is whether a model to build was saved quantized, so that a refused load
+    leaves the store as it was. Its last call is always on
     the rows of the snapshot returned, pinned models included.
     """
     label = os.fspath(name_or_path)
     path = Path(label).expanduser()
     if path.is_dir():
+        skipped = set(skip)
+
         def check_folder(scan: FolderScan) -> None:
-            if check is not None and scan.kind != "modular":  # a modular one's: once its pointers are pulled
+            if scan.kind == "modular":  # checked once its pointers are pulled, its models as built
+                return
+            for c in scan.components:  # the models to build: none saved quantized
+                if c.weight_files and c.slot not in skipped and (not slot or c.slot == slot):
+                    refuse_quantized(scan.config(c.slot) or {}, f"{label}/{c.slot}" if c.slot else label)
+            if check is not None:
                 check([{"slot": c.slot, "variant": c.variant} for c in scan.components])
 
         snapshot_id = store.ingest(path, str(path.resolve()), token=token, check=check_folder).snapshot
@@ -187,6 +195,7 @@ class DiffusionPipeline:
         private = kwargs.pop("private", False)
         pool = target_pool(kwargs.pop("device_map", None), kwargs.pop("pool", None))
         refuse_pickle_loading(kwargs.pop("use_safetensors", None))
+        refuse_quantization(kwargs)
         kwargs.pop("low_cpu_mem_usage", None)  # binding store tensors is always low-memory
         label = os.fspath(pretrained_model_name_or_path)
         snapshot_id, label = resolve_snapshot(  # an ingest or a download: other threads' loads go on

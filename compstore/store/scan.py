@@ -61,6 +61,10 @@ class FolderScan:
     def total_bytes(self) -> int:
         return sum(f.size for f in self.files.values())
 
+    def config(self, slot: str) -> dict | None:
+        """The config.json of a slot ("" for a single component's), None if it has none."""
+        return _read_json(self.files, f"{slot}/config.json" if slot else "config.json")
+
 
 def _allowed_roots(root: str) -> list[str]:
     roots = [root]
