@@ -17,6 +17,7 @@ from .store import (
     DiskFullError,
     ExportError,
     HubError,
+    HubUnavailableError,
     InvalidInputError,
     PickleRefusedError,
     ReadOnlyStoreError,
@@ -44,6 +45,7 @@ def __getattr__(name: str):
 __all__ = [
     "Store", "CompstoreError", "ComponentNotFoundError", "CorruptStoreError", "ExportError",
     "InvalidInputError", "PickleRefusedError", "PinChangedError", "RefNotFoundError", "StoreBusyError",
-    "DiskFullError", "ReadOnlyStoreError", "SettingError", "HubError", "VariantNotFoundError",
+    "DiskFullError", "ReadOnlyStoreError", "SettingError", "HubError", "HubUnavailableError",
+    "VariantNotFoundError",
     *sorted(_LOADER_NAMES),
 ]

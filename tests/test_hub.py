@@ -1046,3 +1046,56 @@ def test_a_disk_that_fills_up_during_a_download_is_named_as_such(hub, store, mon
     with pytest.raises(DiskFullError, match="org/A: the disk filled up while downloading: free space"):
         store.pull("org/A")
     assert store_state(store.home) == before
+
+
+def test_a_load_falls_back_to_the_store_when_the_hub_is_unreachable(hub, store, family, caplog):
+    """As diffusers falls back to its cache: with the network down, a repo the store
+    holds loads from it, with a warning naming the failure and the commit; one it
+    lacks is a clear error, and the store is left as it was."""
+    from conftest import store_state
+
+    pulled = store.pull("org/A")
+    store.pull("org/B", include=["vae/*"])
+    theirs = compstore.DiffusionPipeline.from_pretrained("org/A", store=store, local_files_only=True)
+    hub.close()  # connection refused from here on
+    before = store_state(store.home)
+    with caplog.at_level("WARNING", logger="compstore"):
+        ours = compstore.DiffusionPipeline.from_pretrained("org/A", store=store)
+    same_state(ours.unet, theirs.unet)
+    assert "the Hub request failed ([Errno 111] Connection refused); nothing was downloaded" in caplog.text
+    assert f"Loading the store's org/A (commit {pulled.commit}) instead" in caplog.text
+    same_state(compstore.load_component("org/B", "vae", store=store),
+               compstore.load_component(str(family["B"]), "vae", store=Store(store.home.parent / "other")))
+    with pytest.raises(compstore.HubUnavailableError, match="org/C: the Hub request failed"):
+        compstore.DiffusionPipeline.from_pretrained("org/C", store=store)
+    with pytest.raises(compstore.HubUnavailableError, match="org/B: the Hub request failed"):
+        compstore.DiffusionPipeline.from_pretrained("org/B", store=store)  # it holds B's vae alone
+    assert store_state(store.home) == before
+
+
+def test_an_offline_load_at_a_revision_gets_that_commit_or_an_error(hub, store, family):
+    """A pull at a tag records it (`org/V@v1.0`), so an offline load at that tag gets
+    that commit. A revision the store holds no pull of is an error, never the
+    latest pull of another commit, as it was until 2026-12-07."""
+    old = hub.add_repo("org/V", family["A"])
+    hub.repos["org/V"].refs["v1.0"] = old
+    new = hub.add_repo("org/V", family["B"])  # main moves on
+    store.pull("org/V", revision="v1.0")
+    store.pull("org/V")
+    assert {"org/V", f"org/V@{old}", f"org/V@{new}", "org/V@v1.0"} == {r["name"] for r in store.ls()}
+    a = compstore.load_component(str(family["A"]), "unet", store=Store(store.home.parent / "a"))
+    b = compstore.load_component(str(family["B"]), "unet", store=Store(store.home.parent / "b"))
+
+    def unet(revision, **kwargs):
+        return compstore.DiffusionPipeline.from_pretrained("org/V", store=store, revision=revision,
+                                                           **kwargs).unet
+
+    for revision, expected in [("v1.0", a), (old, a), (old[:7], a), (new[:7], b), ("main", b), (None, b)]:
+        same_state(unet(revision, local_files_only=True), expected)
+    for revision in ("0" * 40, "0" * 7, "v2.0"):
+        with pytest.raises(compstore.RefNotFoundError, match=f"no ref named 'org/V@{revision}'"):
+            unet(revision, local_files_only=True)
+    hub.close()  # the Hub down: the same, with a warning, and its error where the store lacks it
+    same_state(unet("v1.0"), a)
+    with pytest.raises(compstore.HubUnavailableError, match="org/V: the Hub request failed"):
+        unet("v2.0")

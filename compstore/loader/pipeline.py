@@ -33,7 +33,7 @@ from typing import Any, Callable, Iterable
 import torch
 
 from ..store import CompstoreError, RefNotFoundError, Store
-from ..store.hub import hub_reachable, is_repo_id
+from ..store.hub import HubUnavailableError, hub_reachable, is_repo_id
 from ..store.modular import components_with_pins, missing_slots
 from ..store.scan import FolderScan
 from ..store.components import pick_component, require_variant
@@ -68,7 +68,8 @@ def resolve_snapshot(
     **_: Any,
 ) -> tuple[str, str]:
     """(snapshot id, label) for a local folder (ingested on the way), a Hub repo id
-    (pulled on the way, with `token` if given) or a store ref.
+    (pulled on the way, with `token` if given; if the Hub gives no metadata for it,
+    the store's copy, with a warning) or a store ref.
 
     `slot`: only that model of a pipeline is wanted, so a pull fetches its folder
     alone (as diffusers' `subfolder=` downloads it alone). `skip`: folders not
@@ -97,10 +98,18 @@ def resolve_snapshot(
         snapshot_id = store.ingest(path, str(path.resolve()), token=token, check=check_folder).snapshot
     elif is_repo_id(label) and not local_files_only and hub_reachable():
         # A repo id: the Hub names the commit; only what the store lacks is downloaded.
-        pulled = store.pull(label, revision=revision, variant=variant, token=token,
-                            include=[f"{slot}/*"] if slot else None,
-                            exclude=[f"{s}/*" for s in skip] or None)
-        snapshot_id = store.resolve(pulled.ref)
+        try:
+            pulled = store.pull(label, revision=revision, variant=variant, token=token,
+                                include=[f"{slot}/*"] if slot else None,
+                                exclude=[f"{s}/*" for s in skip] or None)
+            snapshot_id = store.resolve(pulled.ref)
+        except HubUnavailableError as e:  # as diffusers falls back to its cache
+            try:
+                snapshot_id = _stored_snapshot(store, label, revision, variant, slot, set(skip))
+            except RefNotFoundError:
+                raise e from None
+            logger.warning("%s\nLoading the store's %s (commit %s) instead.", e, label,
+                           store.snapshot(snapshot_id)["revision"] or "unknown")
     else:
         snapshot_id = _stored_snapshot(store, label, revision, variant, slot, set(skip))
     if check is not None:
@@ -113,13 +122,26 @@ def _stored_snapshot(store: Store, label: str, revision: str | None, variant: st
     """The snapshot of a ref named `label`, as pulls name them: `label@revision`, the
     latest pull's `label` (`label[variant]` for a variant), and, for a load that
     wants part of a pipeline (one `slot`, or all but `skip`), the latest pull of
-    that part (`label@<commit>`, which such pulls make and do not move `label`)."""
+    that part (`label@<commit>`, which such pulls make and do not move `label`).
+    With a `revision`, `label` only if it was pulled at that commit, or the revision
+    is "main" (a pull without one), and for a short commit the pull of the commit it
+    starts: never another commit than the one asked for."""
     candidates = [f"{label}@{revision}", label] if revision else [label]
     if variant:  # a pull in that variant made `repo@commit[variant]` and `repo[variant]`
         candidates = [ref for c in candidates for ref in (f"{c}[{variant}]", c)]
     for ref in candidates:
         if store.has_ref(ref):
-            return store.resolve(ref)
+            snapshot_id = store.resolve(ref)
+            if (ref.startswith(f"{label}@") or revision in (None, "main")
+                    or (store.snapshot(snapshot_id)["revision"] or "").startswith(revision)):
+                return snapshot_id
+    if revision and re.fullmatch(r"[0-9a-f]{7,39}", revision):  # a short commit: its pull's ref
+        whole = re.compile(r"[0-9a-f]{40}" + (rf"(\[{re.escape(variant)}\])?" if variant else ""))
+        rows = store.db.execute("SELECT name, snapshot_id FROM refs WHERE substr(name, 1, ?) = ? "
+                                "ORDER BY name DESC", [len(label) + 1 + len(revision), f"{label}@{revision}"])
+        for name, snapshot_id in rows.fetchall():  # `[variant]` sorts first
+            if whole.fullmatch(name[len(label) + 1:]):
+                return snapshot_id
     if (slot or skip) and not revision:
         suffix = f"[{variant}]" if variant else ""
         for name, snapshot_id in store.db.execute(
@@ -127,7 +149,7 @@ def _stored_snapshot(store: Store, label: str, revision: str | None, variant: st
                 [len(label) + 1, f"{label}@"]).fetchall():
             if name.endswith(suffix) and _holds(store, snapshot_id, slot, skip):
                 return snapshot_id
-    raise RefNotFoundError(label, str(store.home))
+    raise RefNotFoundError(f"{label}@{revision}" if revision else label, str(store.home))
 
 
 def _holds(store: Store, snapshot_id: str, slot: str | None, skip: set[str]) -> bool:

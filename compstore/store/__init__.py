@@ -18,7 +18,7 @@ from .errors import (
     StoreBusyError,
     VariantNotFoundError,
 )
-from .hub import HubError, PullResult
+from .hub import HubError, HubUnavailableError, PullResult
 from .modular import PinChangedError
 from .remote import Remote, RemoteBusyError, RemoteError
 from .remote_sync import FetchResult, PushResult
@@ -27,7 +27,7 @@ from .store import IngestResult, Store, default_home
 __all__ = [
     "Store", "IngestResult", "default_home", "CompstoreError", "ComponentNotFoundError",
     "CorruptStoreError", "ExportError", "InvalidInputError", "PickleRefusedError",
-    "RefNotFoundError", "StoreBusyError", "PinChangedError", "DiskFullError", "ReadOnlyStoreError", "SettingError", "HubError", "VariantNotFoundError",
+    "RefNotFoundError", "StoreBusyError", "PinChangedError", "DiskFullError", "ReadOnlyStoreError", "SettingError", "HubError", "HubUnavailableError", "VariantNotFoundError",
     "PullResult",
     "Remote", "RemoteError", "RemoteBusyError", "PushResult", "FetchResult",
 ]

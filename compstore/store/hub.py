@@ -67,6 +67,12 @@ class HubError(CompstoreError):
     """The Hub refused or could not serve the request (missing, private, gated, network)."""
 
 
+class HubUnavailableError(HubError):
+    """A pull got no metadata for the repo (no network, the Hub down, the repo missing
+    or refused to you), so it fetched nothing. A load then falls back to the store's
+    copy, as diffusers falls back to its cache."""
+
+
 @dataclass
 class PullResult:
     repo_id: str
@@ -135,7 +141,8 @@ def _held_file(store: "Store", size: int, sha256: str | None, git_oid: str | Non
 def _hub_errors(repo_id: str, revision: str | None):
     from huggingface_hub import errors
 
-    def translate(e: Exception) -> CompstoreError:
+    def translate(e: Exception, then: str = "retry: what was downloaded is kept and the next "
+                  "pull resumes") -> CompstoreError:
         if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):  # here, not the Hub
             return DiskFullError(f"{repo_id}: the disk filled up while downloading: free space "
                                  "and retry; what was downloaded is kept and the next pull resumes")
@@ -149,8 +156,7 @@ def _hub_errors(repo_id: str, revision: str | None):
             return HubError(f"{repo_id} has no revision {revision!r}")
         if isinstance(e, errors.RemoteEntryNotFoundError):
             return HubError(f"{repo_id}: a file listed by the Hub could not be downloaded ({e})")
-        return HubError(f"{repo_id}: the Hub request failed ({str(e).splitlines()[0]}); retry: "
-                        "what was downloaded is kept and the next pull resumes")
+        return HubError(f"{repo_id}: the Hub request failed ({str(e).splitlines()[0]}); {then}")
 
     return translate
 
@@ -174,7 +180,8 @@ def pull(store: "Store", repo_id: str, *, revision: str | None = None,
 
     Creates the refs `repo_id@<commit>` (`repo_id@<commit>[variant]` with a variant,
     or `name`) and, unless `include` or an `exclude` that leaves files out, `repo_id`
-    (`repo_id[variant]`), moved to this commit. A `variant` that none of the weights
+    (`repo_id[variant]`), moved to this commit, and so is `repo_id@<revision>` for a
+    `revision` other than the full commit (a branch, a tag). A `variant` that none of the weights
     come in raises `VariantNotFoundError` before any weight is fetched.
     A pull whose files that ref already holds downloads nothing ("unchanged"); one
     that wants more adds them to what the ref holds. Files fetched over plain HTTP
@@ -201,7 +208,7 @@ def pull(store: "Store", repo_id: str, *, revision: str | None = None,
         listed = [f for f in api.list_repo_tree(repo_id, revision=commit, recursive=True)
                   if isinstance(f, RepoFile)]
     except _network_errors() as e:
-        raise translate(e) from None
+        raise HubUnavailableError(str(translate(e, then="nothing was downloaded"))) from None
     default_ref = f"{repo_id}@{commit}" + (f"[{variant}]" if variant else "")
     # `repo_id` (`repo_id[variant]`) follows the latest pull of the whole pipeline (in
     # that variant): offline loads find it there. A pull that leaves out what `exclude`
@@ -231,6 +238,15 @@ def pull(store: "Store", repo_id: str, *, revision: str | None = None,
                 f": none matches {', '.join(include)}" if include else ""))
         return wanted
 
+    def tag_latest(snapshot: str) -> None:
+        """`repo_id` follows the latest pull of the whole pipeline, and `repo_id@<revision>`
+        the latest at a revision named otherwise than by its full commit (a branch, a
+        tag): offline loads look there."""
+        if latest_ref:
+            store.tag(latest_ref, snapshot)
+            if revision and revision != commit:
+                store.tag(f"{repo_id}@{revision}" + latest_ref[len(repo_id):], snapshot)
+
     def held_paths() -> set[str]:
         """The files of this commit that its ref holds (none for a `name`d pull)."""
         if name is not None or not store.has_ref(default_ref):
@@ -252,8 +268,7 @@ def pull(store: "Store", repo_id: str, *, revision: str | None = None,
         wanted = wanted_given(index)
         if not {f.path for f in wanted} <= have:
             return None
-        if latest_ref:
-            store.tag(latest_ref, snapshot)
+        tag_latest(snapshot)
         return PullResult(repo_id, commit, default_ref, len(wanted), 0, 0, len(wanted),
                           sum(f.size for f in wanted), "unchanged", round(time.perf_counter() - t0, 3))
 
@@ -296,8 +311,8 @@ def pull(store: "Store", repo_id: str, *, revision: str | None = None,
         result: IngestResult = store.ingest(folder, ref, source=repo_id, revision=commit, repin=repin,
                                             progress=progress, checked_sha256=got.checked, token=token,
                                             consume_weights=True)  # the disk of one copy, not two
-        if name is None and latest_ref:
-            store.tag(latest_ref, result.snapshot)
+        if name is None:
+            tag_latest(result.snapshot)
         record_xet_hashes(store, result.snapshot, {f.path: f.xet_hash for f in entries})
         record_chunks(store, result.snapshot, got.xet_chunks)
         shutil.rmtree(folder, ignore_errors=True)
