@@ -209,8 +209,8 @@ def test_load_components_refuses_quantization_config(repos, store):
 
     store.ingest(repos / "remix", "remix")
     pipe = compstore.ModularPipeline.from_pretrained("remix", store=store)
-    config = PipelineQuantizationConfig(quant_backend="bitsandbytes_4bit", quant_kwargs={"load_in_4bit": True},
-                                        components_to_quantize=["unet"])
+    config = PipelineQuantizationConfig(quant_backend="bitsandbytes_4bit",
+                                        quant_kwargs={"load_in_4bit": True}, components_to_quantize=["unet"])
     with pytest.raises(compstore.CompstoreError, match="does not quantize them yet"):
         pipe.load_components(torch_dtype=torch.float32, quantization_config=config)
     assert pipe.unet is None  # nothing was loaded

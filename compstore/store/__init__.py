@@ -27,7 +27,8 @@ from .store import IngestResult, Store, default_home
 __all__ = [
     "Store", "IngestResult", "default_home", "CompstoreError", "ComponentNotFoundError",
     "CorruptStoreError", "ExportError", "InvalidInputError", "PickleRefusedError",
-    "RefNotFoundError", "StoreBusyError", "PinChangedError", "DiskFullError", "ReadOnlyStoreError", "SettingError", "HubError", "HubUnavailableError", "VariantNotFoundError",
+    "RefNotFoundError", "StoreBusyError", "PinChangedError", "DiskFullError", "ReadOnlyStoreError",
+    "SettingError", "HubError", "HubUnavailableError", "VariantNotFoundError",
     "PullResult",
     "Remote", "RemoteError", "RemoteBusyError", "PushResult", "FetchResult",
 ]

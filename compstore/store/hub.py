@@ -181,8 +181,9 @@ def pull(store: "Store", repo_id: str, *, revision: str | None = None,
     Creates the refs `repo_id@<commit>` (`repo_id@<commit>[variant]` with a variant,
     or `name`) and, unless `include` or an `exclude` that leaves files out, `repo_id`
     (`repo_id[variant]`), moved to this commit, and so is `repo_id@<revision>` for a
-    `revision` other than the full commit (a branch, a tag). A `variant` that none of the weights
-    come in raises `VariantNotFoundError` before any weight is fetched.
+    `revision` other than the full commit (a branch, a tag). A `variant` that none of
+    the weights come in raises `VariantNotFoundError` before any weight is fetched.
+    A pull that gets no metadata from the Hub raises `HubUnavailableError`.
     A pull whose files that ref already holds downloads nothing ("unchanged"); one
     that wants more adds them to what the ref holds. Files fetched over plain HTTP
     are downloaded `$COMPSTORE_PULL_WORKERS` (default 8) at a time. Two pulls of one
