@@ -89,12 +89,30 @@ def mapped_pack_ranges(store) -> list[tuple[int, int]]:
     return ranges
 
 
-def test_weights_are_zero_copy_views_of_the_store(family_store):
-    pipe = compstore.DiffusionPipeline.from_pretrained("A", store=family_store)
+@pytest.mark.parametrize("private", [False, True])
+def test_weights_are_zero_copy_views_of_the_store_and_never_alias(family_store, private):
+    """Each blob a load binds is a view of the store's pack once; another tensor of
+    the same bytes (the tiny family's norm weights of ones, in the UNet and the VAE
+    alike) is a copy. No two weights share memory, as in diffusers: an in-place edit
+    of one never changes another (until 2026-12-07 it did, private=True too)."""
+    from compstore.loader.residency import STORE_KEYS
+
+    pipe = compstore.DiffusionPipeline.from_pretrained("A", store=family_store, private=private)
     ranges = mapped_pack_ranges(family_store)
-    params = list(pipe.unet.parameters()) + list(pipe.text_encoder.parameters())
-    inside = [any(lo <= p.data_ptr() < hi for lo, hi in ranges) for p in params]
-    assert all(inside)
+    params = [(getattr(m, STORE_KEYS)[name][:2], p) for m in (pipe.unet, pipe.vae, pipe.text_encoder)
+              for name, p in m.named_parameters()]
+    viewed: dict[tuple, int] = {}
+    for blob, p in params:
+        viewed[blob] = viewed.get(blob, 0) + any(lo <= p.data_ptr() < hi for lo, hi in ranges)
+    assert len(viewed) < len(params)  # some blobs are bound more than once
+    assert set(viewed.values()) == {1}  # ... and each is viewed in place exactly once
+    assert len({p.data_ptr() for _, p in params}) == len(params)
+    unet_norm = pipe.unet.down_blocks[0].resnets[0].norm1.weight
+    vae_norm = pipe.vae.decoder.up_blocks[1].resnets[1].norm1.weight
+    assert torch.equal(unet_norm, vae_norm)
+    with torch.no_grad():
+        vae_norm.mul_(2.0)
+    assert torch.equal(unet_norm, torch.ones_like(unet_norm))
 
 
 def test_in_place_edits_never_reach_the_store(family_store):

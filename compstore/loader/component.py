@@ -25,13 +25,12 @@ from torch.nn.parameter import is_lazy
 from ..store import CompstoreError, ComponentNotFoundError, CorruptStoreError, Store
 from ..store.components import pick_component
 from ..store.objects import blob_hash
-from ..store.objects import PackFiles
 from . import warm
 from .loading import exclusive_load
 from .names import checkpoint_renames
 from .residency import STORE_KEYS, ResidencyPool, as_shape, named_tensors, record_store_keys, to_device
 from .routing import route_through_pool
-from .tensors import TORCH_DTYPES, private_packs, state_dict, stored_tensor
+from .tensors import TORCH_DTYPES, LoadMappings, private_packs, state_dict, stored_tensor
 
 logger = logging.getLogger("compstore")
 
@@ -115,7 +114,7 @@ def prepare_model(
     *,
     dtype: torch.dtype | None = None,
     name_or_path: str = "",
-    packs: PackFiles | None = None,
+    packs: LoadMappings | None = None,
     verify: bool = False,
     pool: ResidencyPool | None = None,
     private: bool = False,
@@ -234,7 +233,7 @@ def _adopt(key: tuple, model: torch.nn.Module, sd: dict[str, torch.Tensor], blob
     return warm.adopt(key, model, blobs, arch, renames)
 
 
-def _stored_views(store: Store, cid: str, packs: PackFiles, template: warm.Template,
+def _stored_views(store: Store, cid: str, packs: LoadMappings, template: warm.Template,
                   locations=None) -> Callable[[], dict[str, torch.Tensor]]:
     """`views` for `_from_template`: the component's store views (stored dtypes), by
     the names the template's model loads them under."""
@@ -291,7 +290,7 @@ def _from_template(template: warm.Template, views: Callable[[], dict[str, torch.
     return model
 
 
-def check_tensors(packs: PackFiles, locations, what: str) -> None:
+def check_tensors(packs: LoadMappings, locations, what: str) -> None:
     """Re-hash each tensor's stored bytes; refuse the component on any mismatch."""
     for loc in locations:
         if blob_hash(packs.view(loc.pack, loc.offset, loc.size)) != loc.xxh3:

@@ -3,7 +3,8 @@
 On CPU with the stored dtype a tensor is a zero-copy view of the pack file, mapped
 copy-on-write (MAP_PRIVATE): an in-place edit copies the touched page into the
 process and never reaches the store. A dtype change happens tensor by tensor, so
-a pipeline is never held twice.
+a pipeline is never held twice. A blob one load binds twice is viewed once and
+copied once: no two tensors of a pipeline share memory that diffusers would not.
 """
 
 from __future__ import annotations
@@ -24,23 +25,45 @@ TORCH_DTYPES: dict[str, torch.dtype] = {
 if hasattr(torch, "float8_e8m0fnu"):
     TORCH_DTYPES["F8_E8M0"] = torch.float8_e8m0fnu
 
-def private_packs(store: Store) -> PackFiles:
+class LoadMappings(PackFiles):
+    """One load's copy-on-write mappings of the store's packs, which also remember the
+    blobs they have handed out as tensors. Two tensors of one pipeline with the same
+    bytes (a VAE's and a UNet's norm weights of ones, zero biases) are one blob: a
+    second view of it would be the same memory, so that an in-place edit of one
+    tensor (`fuse_lora`, an optimizer step) changed the other, where diffusers loads
+    two tensors. The second gets a copy."""
+
+    def __init__(self, packs_dir):
+        super().__init__(packs_dir, private=True)
+        self._handed_out: set[tuple[str, int]] = set()
+
+    def first_view(self, loc: TensorLocation) -> bool:
+        """Whether this is the first tensor of this load on `loc`'s blob (and now it is not)."""
+        place = (loc.pack, loc.offset)
+        first = place not in self._handed_out
+        self._handed_out.add(place)
+        return first
+
+
+def private_packs(store: Store) -> LoadMappings:
     """Fresh copy-on-write mappings of the store's packs, for one load.
 
     Each load maps anew: an in-place edit in one pipeline (fuse_lora, say) must
     not show in a pipeline loaded later. Unwritten pages stay shared with the page
     cache, so two loads of the same tensor still use its RAM once.
     """
-    return PackFiles(store.home / "objects" / "packs", private=True)
+    return LoadMappings(store.home / "objects" / "packs")
 
 
-def stored_tensor(packs: PackFiles, loc: TensorLocation) -> torch.Tensor:
-    """A zero-copy, copy-on-write view of one stored tensor (it keeps its mapping alive).
-    `packs` are `private_packs`: writable, so torch has no read-only buffer to warn of."""
+def stored_tensor(packs: LoadMappings, loc: TensorLocation) -> torch.Tensor:
+    """A zero-copy, copy-on-write view of one stored tensor (it keeps its mapping alive),
+    or a copy where this load has viewed the same blob before (`LoadMappings`).
+    `packs` are writable, so torch has no read-only buffer to warn of."""
     dtype = TORCH_DTYPES[loc.dtype]
     if loc.size == 0:
         return torch.empty(loc.shape, dtype=dtype)
-    return torch.frombuffer(packs.view(loc.pack, loc.offset, loc.size), dtype=dtype).view(loc.shape)
+    t = torch.frombuffer(packs.view(loc.pack, loc.offset, loc.size), dtype=dtype).view(loc.shape)
+    return t if packs.first_view(loc) else t.clone()
 
 
 def keeps_fp32(name: str, keep_in_fp32: list[str] | None) -> bool:
@@ -52,7 +75,7 @@ def keeps_fp32(name: str, keep_in_fp32: list[str] | None) -> bool:
 
 
 def state_dict(
-    packs: PackFiles,
+    packs: LoadMappings,
     locations: list[TensorLocation],
     dtype: torch.dtype | None = None,
     keep_in_fp32: list[str] | None = None,

@@ -1,0 +1,185 @@
+"""Random sequences of switches through one residency pool, each step checked against
+plain diffusers.
+
+A pool with CPU memory as its device, under a budget that holds about one pipeline
+and a pinned tier that holds less, so that loads reuse, evict, re-upload from the
+tier and from the store. Every live pipeline has a twin: the same pipeline loaded by
+plain diffusers, to which every step does what it does to ours (a cast there and
+back, components passed between pipelines, in-place edits of private copies). After
+each step the weights of every pipeline equal its twin's, bit for bit, and now and
+then its image does too. An in-place edit of a shared (pooled) tensor reaches the
+live pipelines that share it, as the pool documents; from then on those are not
+compared, but every later load must get the store's bytes again.
+"""
+
+import gc
+import random
+
+import diffusers
+import numpy as np
+import pytest
+import torch
+
+import compstore
+from compstore import ResidencyPool, to_device
+from conftest import store_state
+
+MODELS = ("unet", "vae", "text_encoder")
+NAMES = "ABCD"  # C shares two thirds of A's UNet; D's default weights are A's, but
+# its text encoder's config says float16 (dtype None loads it so): loaded as float32
+DTYPES = {"D": torch.float32}
+
+
+def image(pipe) -> np.ndarray:
+    return pipe("a cat", num_inference_steps=2, generator=torch.Generator().manual_seed(0),
+                output_type="np", height=32, width=32).images
+
+
+class Live:
+    """A pipeline of ours and its diffusers twin."""
+
+    def __init__(self, name: str, ours, twin, private: bool):
+        self.name, self.ours, self.twin, self.private = name, ours, twin, private
+        self.compared = True  # False once a shared tensor of it was edited in place
+
+    def assert_same_weights(self) -> None:
+        for slot in MODELS:
+            a, b = getattr(self.ours, slot).state_dict(), getattr(self.twin, slot).state_dict()
+            assert a.keys() == b.keys(), (self.name, slot)
+            for k in a:
+                assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), (self.name, slot, k)
+
+
+def model_bytes(pipe) -> int:
+    return sum(t.numel() * t.element_size() for slot in MODELS
+               for t in [*getattr(pipe, slot).parameters(), *getattr(pipe, slot).buffers()])
+
+
+class Sequence:
+    def __init__(self, store, family, seed: int):
+        self.store, self.family, self.rng = store, family, random.Random(seed)
+        one = model_bytes(diffusers.StableDiffusionPipeline.from_pretrained(family["A"]))
+        self.pool = ResidencyPool("cpu", budget_bytes=one // 2, pinned_budget_bytes=one // 2)
+        self.live: list[Live] = []
+        self.log: list[str] = []  # the steps so far: the failure message names them
+        self.moved = {"reused": 0, "from pinned": 0, "from store": 0}  # what the loads did, in all
+
+    def twin(self, name: str, **components):
+        return diffusers.StableDiffusionPipeline.from_pretrained(self.family[name], dtype=DTYPES.get(name),
+                                                                 **components)
+
+    def ours(self, name: str, **kwargs):
+        return compstore.DiffusionPipeline.from_pretrained(name, store=self.store, dtype=DTYPES.get(name),
+                                                           **kwargs)
+
+    # -- the steps -------------------------------------------------------------------
+    def load(self) -> None:
+        """A load onto the pool's device (or a CPU load moved there), maybe private."""
+        name, private = self.rng.choice(NAMES), self.rng.random() < 0.25
+        moved_after = self.rng.random() < 0.3
+        self.log.append(f"load {name} private={private} moved_after={moved_after}")
+        if moved_after:
+            ours = self.ours(name, private=private)
+            report = to_device(ours, "cpu", pool=self.pool, private=private)
+        else:
+            ours = self.ours(name, pool=self.pool, private=private)
+            report = compstore.last_transfer()
+        moved = report.bytes_reused + report.bytes_uploaded
+        for what, n in zip(self.moved, (report.bytes_reused, report.bytes_from_pinned, report.bytes_from_store)):
+            self.moved[what] += n
+        assert moved <= model_bytes(ours) and (private or moved > 0.99 * model_bytes(ours))
+        if private:
+            assert report.bytes_reused == 0
+        self.live.append(Live(name, ours, self.twin(name), private))
+        self.assert_settled()
+
+    def load_passing(self) -> None:
+        """A load given a live pipeline's component, as the expert switch does."""
+        if not self.live:
+            return self.load()
+        giver, slot, name = self.rng.choice(self.live), self.rng.choice(["vae", "text_encoder"]), \
+            self.rng.choice(NAMES)
+        self.log.append(f"load {name} with {slot} of a live {giver.name}")
+        ours = self.ours(name, pool=self.pool, **{slot: getattr(giver.ours, slot)})
+        twin = self.twin(name, **{slot: getattr(giver.twin, slot)})
+        live = Live(name, ours, twin, private=False)  # its own models are the pool's
+        live.compared = giver.compared
+        self.live.append(live)
+        self.assert_settled()
+
+    def drop(self) -> None:
+        if self.live:
+            dropped = self.live.pop(self.rng.randrange(len(self.live)))
+            collect = self.rng.random() < 0.5
+            self.log.append(f"drop {dropped.name} collect={collect}")
+            del dropped
+            if collect:
+                gc.collect()
+
+    def cast_there_and_back(self) -> None:
+        """fp16 and back: new bytes (fp32 -> fp16 loses bits), never the store's."""
+        if self.live:
+            live = self.rng.choice(self.live)
+            self.log.append(f"cast {live.name} to fp16 and back")
+            for pipe in (live.ours, live.twin):
+                pipe.to(torch.float16)
+                pipe.to(torch.float32)
+
+    def edit(self) -> None:
+        """An in-place edit: of a private copy, only that pipeline (and the twin)
+        changes; of a pooled tensor, every live pipeline sharing it may."""
+        if not self.live:
+            return
+        live = self.rng.choice(self.live)
+        slot = self.rng.choice(MODELS)
+        name, _ = self.rng.choice(sorted(getattr(live.ours, slot).named_parameters()))
+        self.log.append(f"edit {live.name}.{slot}.{name} private={live.private}")
+        with torch.no_grad():
+            for pipe in (live.ours, live.twin):
+                getattr(pipe, slot).get_parameter(name).mul_(1.5)
+        if not live.private:
+            for other in self.live:
+                if not other.private:
+                    other.compared = False
+
+    def trim(self) -> None:
+        keep = self.rng.choice([0, self.pool.budget_bytes // 2])
+        self.log.append(f"trim to {keep}")
+        self.pool.trim(keep)
+        assert self.pool.idle_bytes <= keep
+
+    # -- the checks ------------------------------------------------------------------
+    def assert_settled(self) -> None:
+        """What a load leaves: idle bytes within the budget, the tier within its own."""
+        assert self.pool.idle_bytes <= self.pool.budget_bytes
+        assert self.pool.pinned_bytes <= self.pool.pinned_budget_bytes
+
+    def check(self, images: bool) -> None:
+        for live in self.live:
+            if live.compared:
+                live.assert_same_weights()
+        if images:
+            compared = [live for live in self.live if live.compared]
+            if compared:
+                live = self.rng.choice(compared)
+                np.testing.assert_array_equal(image(live.ours), image(live.twin), err_msg=live.name)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_random_switch_sequences_match_plain_diffusers(family_store, family, seed):
+    run = Sequence(family_store, family, seed)
+    before = store_state(family_store.home)
+    steps = [run.load] * 4 + [run.load_passing] + [run.drop] * 3 + [run.cast_there_and_back, run.edit,
+                                                                  run.trim]
+    try:
+        for i in range(36):
+            run.rng.choice(steps)()
+            run.check(images=i % 5 == 4)
+    except Exception as e:
+        raise AssertionError(f"seed {seed}, after: {'; '.join(run.log)}") from e
+    assert all(run.moved.values()), run.moved  # every way to the device was taken
+    run.live.clear()
+    gc.collect()
+    run.pool.trim(0)
+    assert run.pool.resident_bytes == 0
+    assert store_state(family_store.home) == before and family_store.verify().ok
