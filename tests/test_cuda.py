@@ -226,3 +226,12 @@ def test_a_modular_remix_on_the_gpu_uploads_only_its_delta_and_images_match(repo
         theirs = load_theirs(repos / name)
         theirs.to("cuda")
         np.testing.assert_array_equal(image(pipe), image(theirs))
+
+
+def test_random_switch_sequences_on_the_gpu_match_diffusers(family_store, family):
+    """tests/test_switch_sequences.py's random steps (loads, components passed, drops,
+    casts there and back, in-place edits, trims) through a GPU pool with a pinned
+    tier, each checked against plain diffusers on the GPU."""
+    from test_switch_sequences import run
+
+    run(family_store, family, seed=0, device="cuda")

@@ -56,17 +56,17 @@ def model_bytes(pipe) -> int:
 
 
 class Sequence:
-    def __init__(self, store, family, seed: int):
-        self.store, self.family, self.rng = store, family, random.Random(seed)
+    def __init__(self, store, family, seed: int, device: str):
+        self.store, self.family, self.rng, self.device = store, family, random.Random(seed), device
         one = model_bytes(diffusers.StableDiffusionPipeline.from_pretrained(family["A"]))
-        self.pool = ResidencyPool("cpu", budget_bytes=one // 2, pinned_budget_bytes=one // 2)
+        self.pool = ResidencyPool(device, budget_bytes=one // 2, pinned_budget_bytes=one // 2)
         self.live: list[Live] = []
         self.log: list[str] = []  # the steps so far: the failure message names them
         self.moved = {"reused": 0, "from pinned": 0, "from store": 0}  # what the loads did, in all
 
     def twin(self, name: str, **components):
         return diffusers.StableDiffusionPipeline.from_pretrained(self.family[name], dtype=DTYPES.get(name),
-                                                                 **components)
+                                                                 **components).to(self.device)
 
     def ours(self, name: str, **kwargs):
         return compstore.DiffusionPipeline.from_pretrained(name, store=self.store, dtype=DTYPES.get(name),
@@ -80,7 +80,7 @@ class Sequence:
         self.log.append(f"load {name} private={private} moved_after={moved_after}")
         if moved_after:
             ours = self.ours(name, private=private)
-            report = to_device(ours, "cpu", pool=self.pool, private=private)
+            report = to_device(ours, self.device, pool=self.pool, private=private)
         else:
             ours = self.ours(name, pool=self.pool, private=private)
             report = compstore.last_transfer()
@@ -165,21 +165,26 @@ class Sequence:
                 np.testing.assert_array_equal(image(live.ours), image(live.twin), err_msg=live.name)
 
 
+def run(store, family, seed: int, device: str = "cpu", steps: int = 36) -> None:
+    """`steps` random steps on `device` (tests/test_cuda.py runs them on a GPU)."""
+    seq = Sequence(store, family, seed, device)
+    before = store_state(store.home)
+    choices = [seq.load] * 4 + [seq.load_passing] + [seq.drop] * 3 + [seq.cast_there_and_back, seq.edit,
+                                                                    seq.trim]
+    try:
+        for i in range(steps):
+            seq.rng.choice(choices)()
+            seq.check(images=i % 5 == 4)
+    except Exception as e:
+        raise AssertionError(f"seed {seed}, after: {'; '.join(seq.log)}") from e
+    assert all(seq.moved.values()), seq.moved  # every way to the device was taken
+    seq.live.clear()
+    gc.collect()
+    seq.pool.trim(0)
+    assert seq.pool.resident_bytes == 0
+    assert store_state(store.home) == before and store.verify().ok
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_random_switch_sequences_match_plain_diffusers(family_store, family, seed):
-    run = Sequence(family_store, family, seed)
-    before = store_state(family_store.home)
-    steps = [run.load] * 4 + [run.load_passing] + [run.drop] * 3 + [run.cast_there_and_back, run.edit,
-                                                                  run.trim]
-    try:
-        for i in range(36):
-            run.rng.choice(steps)()
-            run.check(images=i % 5 == 4)
-    except Exception as e:
-        raise AssertionError(f"seed {seed}, after: {'; '.join(run.log)}") from e
-    assert all(run.moved.values()), run.moved  # every way to the device was taken
-    run.live.clear()
-    gc.collect()
-    run.pool.trim(0)
-    assert run.pool.resident_bytes == 0
-    assert store_state(family_store.home) == before and family_store.verify().ok
+    run(family_store, family, seed)
