@@ -31,7 +31,7 @@ from .store import (
 __version__ = "0.1.0"
 
 _LOADER_NAMES = {"DiffusionPipeline", "ModularPipeline", "ResidencyPool", "TransferReport",
-                 "last_transfer", "load_component", "pool_for", "to_device"}
+                 "exclusive_load", "last_transfer", "load_component", "pool_for", "to_device"}
 
 
 def __getattr__(name: str):

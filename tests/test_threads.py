@@ -1,5 +1,6 @@
 """Loads and moves from several threads (docs/gpu-residency.md, "Threads")."""
 
+import contextlib
 import sys
 import threading
 
@@ -83,3 +84,29 @@ def test_an_ingest_goes_on_while_another_thread_loads(family_store, family):
         assert not done.wait(0.5)  # ... and its load waits for this one
     thread.join(120)
     assert done.is_set() and result["pipe"].unet is not None
+
+
+def test_other_libraries_loads_take_turns_under_exclusive_load():
+    """While a load builds a model, accelerate's init_empty_weights (compstore's, as
+    diffusers' and transformers' own) puts every thread's new parameters on meta. A
+    model built in another thread meanwhile comes out on meta; under
+    `compstore.exclusive_load()` it waits for the load, and comes out real."""
+    from accelerate import init_empty_weights
+
+    built = {}
+
+    def build(name, turns):
+        with turns():
+            built[name] = torch.nn.Linear(4, 4)
+
+    bare = threading.Thread(target=build, args=("bare", contextlib.nullcontext))
+    taking_turns = threading.Thread(target=build, args=("turns", compstore.exclusive_load))
+    with compstore.exclusive_load(), init_empty_weights():  # what a load holds while it builds
+        bare.start()
+        bare.join(30)
+        taking_turns.start()
+        taking_turns.join(0.5)
+        assert "turns" not in built  # it waits for the load
+    taking_turns.join(30)
+    assert built["bare"].weight.device.type == "meta"
+    assert built["turns"].weight.device.type == "cpu"

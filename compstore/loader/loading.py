@@ -86,8 +86,15 @@ def exclusive_load():
     """A load: wait for any other thread's load to finish, then run with the
     collector paused. Also usable as a decorator.
 
-    >>> @exclusive_load()  # doctest: +SKIP
-    ... def from_pretrained(...): ...
+    Public as `compstore.exclusive_load` for the other loads of a process that
+    loads from several threads: diffusers and transformers build models under
+    accelerate's `init_empty_weights` too, which patches torch for every thread,
+    so a plain `from_pretrained` beside a compstore load can come out with weights
+    on the meta device (or make the compstore load's do so). Under it they take
+    turns with compstore's.
+
+    >>> with compstore.exclusive_load():  # doctest: +SKIP
+    ...     controlnet = diffusers.ControlNetModel.from_pretrained("./my-controlnet")
     """
     with _LOADS, gc_paused():
         yield
