@@ -1,5 +1,5 @@
 """Random sequences of pulls from an emulated Hub, with loads, removals, collections
-and new commits in between.
+and new commits in between; two of the repos are served the Xet way too.
 
 Pulls ask for whole pipelines, one folder (`include`), all but one (`exclude`), or
 the fp16 variant; repos get new commits. After each pull no file was downloaded
@@ -21,6 +21,7 @@ from conftest import recorded_sha256, store_state, use_hub
 from hub_emulator import HubEmulator, publish_with_extras
 
 SLOTS = ("unet", "vae", "text_encoder")
+XET = {"org/B", "org/D"}  # their weights come through compstore's Xet client
 
 
 class Sequence:
@@ -33,12 +34,13 @@ class Sequence:
             self.publish(f"org/{name}", family[name])
         self.publish("org/D", publish_with_extras(family, tmp_path / "D"))  # fp16 files and extras
         self.log: list[str] = []
+        self.via = {"xet": 0, "http": 0}  # files downloaded each way, in all
 
     def close(self) -> None:
         self.hub.close()
 
     def publish(self, repo: str, folder) -> None:
-        self.folder_of[self.hub.add_repo(repo, folder)] = folder
+        self.folder_of[self.hub.add_repo(repo, folder, xet=repo in XET)] = folder
 
     def repo(self) -> str:
         return self.rng.choice(sorted(self.hub.repos))
@@ -50,8 +52,8 @@ class Sequence:
         return {row[0] for row in self.store.db.execute("SELECT sha256 FROM files")}
 
     # -- the steps ---------------------------------------------------------------------
-    def pull(self) -> None:
-        repo, slot = self.repo(), self.rng.choice(SLOTS)
+    def pull(self, repo: str | None = None) -> None:
+        repo, slot = repo or self.repo(), self.rng.choice(SLOTS)
         kwargs = self.rng.choice([{}, {}, {"include": [f"{slot}/*"]}, {"exclude": [f"{slot}/*"]}])
         if self.rng.random() < 0.3:
             kwargs["variant"] = "fp16"
@@ -70,7 +72,12 @@ class Sequence:
         files = self.hub_files(repo, commit)
         fetched_again = [p for p in self.hub.served_files if files[p] in held]
         assert not fetched_again, f"downloaded again: {fetched_again}"
-        assert result.downloaded_files == len(self.hub.served_files)
+        assert result.http_files == len(self.hub.served_files)
+        self.via["xet"] += result.xet_files
+        self.via["http"] += result.http_files
+        new = {p for p, sha in recorded_sha256(self.store, result.ref).items() if sha not in held}
+        if not new & set(self.hub.repos[repo].xet_files.get(commit, {})):
+            assert self.hub.xet_served_bytes == 0  # no Xet file it lacked: no chunk fetched
 
     def load_component(self) -> None:
         """Online: pulls the folder (if the store lacks it) and loads it."""
@@ -130,6 +137,7 @@ def test_random_pulls_fetch_what_the_store_lacks_once_and_load_as_diffusers(stor
     run = Sequence(store, family, tmp_path, monkeypatch, seed)
     steps = [run.pull] * 4 + [run.load_component, run.load_offline, run.new_commit, run.rm, run.gc]
     try:
+        run.pull("org/D")  # a Xet repo first, so that every run takes both ways
         for _ in range(30):
             run.rng.choice(steps)()
             run.check()
@@ -137,3 +145,4 @@ def test_random_pulls_fetch_what_the_store_lacks_once_and_load_as_diffusers(stor
         raise AssertionError(f"seed {seed}, after: {'; '.join(run.log)}") from e
     finally:
         run.close()
+    assert all(run.via.values()), run.via  # both ways were taken
