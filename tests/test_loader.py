@@ -44,6 +44,8 @@ CASES = {
     "variant=fp16,dtype=fp32": ("D", {"variant": "fp16", "dtype": torch.float32}),
     "sharded": ("C", {}),
     "per-slot dtype": ("A", {"dtype": {"unet": torch.float16, "default": torch.float32}}),
+    # a slot the dict leaves out loads as float32, though D's text encoder config says float16
+    "per-slot dtype, no default": ("D", {"dtype": {"vae": torch.float16}}),
 }
 
 

@@ -159,10 +159,14 @@ def _holds(store: Store, snapshot_id: str, slot: str | None, skip: set[str]) -> 
     return store.snapshot(snapshot_id)["kind"] == "pipeline" and missing_slots(store, snapshot_id) <= skip
 
 
-def per_slot(value, slot: str):
-    """A per-slot argument as diffusers takes it: a value, or {"unet": v, "default": w}."""
+def per_slot(value, slot: str, missing=None):
+    """A per-slot argument as diffusers takes it: a value, or {"unet": v, "default": w}.
+    A dict that names neither the slot nor "default" gives `missing`: None (the
+    library's own default) for a modular pipeline's `load_components`, as diffusers'
+    does; a classic pipeline passes float32 for `dtype`, as diffusers' `from_pretrained`
+    does (a text encoder whose config says float16 then loads as float32, not float16)."""
     if isinstance(value, dict):
-        return value.get(slot, value.get("default"))
+        return value.get(slot, value.get("default", missing))
     return value
 
 
@@ -262,7 +266,7 @@ def _assemble(store: Store, snapshot_id: str, label: str, *, dtype, variant: str
                  if not (slot.startswith("_") or slot in kwargs or not isinstance(entry, list)
                          or entry[0] is None)}
         models = {slot: prepare_model(  # with a pool, each fresh build starts its upload ...
-            store, pick_component(rows, slot, variant), dtype=per_slot(dtype, slot),
+            store, pick_component(rows, slot, variant), dtype=per_slot(dtype, slot, torch.float32),
             name_or_path=f"{label}/{slot}", packs=packs, verify=verify, pool=pool, private=private)
             for slot, cls in slots.items() if is_model_class(cls)}
         for slot, cls in slots.items():  # ... which runs on while tokenizers, schedulers load
