@@ -297,6 +297,9 @@ def test_a_file_left_by_a_pull_stopped_before_its_check_is_checked(hub, store, f
     ("org/private", None, "was not found on the Hub, or it is private"),
     ("org/gated", None, "is gated: accept its conditions"),
     ("org/A", "no-such-branch", "has no revision 'no-such-branch'"),
+    ("../x", None, "'../x' is not a Hub repo id"),  # refused before any request
+    ("a/b/c", None, "'a/b/c' is not a Hub repo id"),
+    ("", None, "'' is not a Hub repo id"),
 ])
 def test_hub_errors_are_clear(hub, store, repo, revision, message):
     from conftest import store_state

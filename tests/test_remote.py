@@ -285,6 +285,10 @@ def test_bad_remote_input(family, tmp_path):
         s.remote_add("r", "relative/path")
     with pytest.raises(RemoteError, match="cannot open remote"):
         s.remote_add("r", "nosuchproto://x")
+    with pytest.raises(RemoteError, match="cannot open remote ftp://nonexistent.invalid/p"):
+        s.remote_add("r", "ftp://nonexistent.invalid/p")  # fsspec connects at once: an OSError
+    with pytest.raises(RemoteError, match="cannot open remote"):
+        s.push("A", to="ftp://nonexistent.invalid/p")
     with pytest.raises(RemoteError, match="name the remote"):
         s.push("A")
     with pytest.raises(RemoteError, match="no remote named 'nope'"):

@@ -194,6 +194,7 @@ def pull(store: "Store", repo_id: str, *, revision: str | None = None,
     >>> Store().pull("stabilityai/sdxl-turbo", variant="fp16")  # doctest: +SKIP
     """
     from huggingface_hub import HfApi
+    from huggingface_hub.errors import HFValidationError
     from huggingface_hub.hf_api import RepoFile
 
     if all_files and variant:
@@ -208,6 +209,8 @@ def pull(store: "Store", repo_id: str, *, revision: str | None = None,
         commit = api.model_info(repo_id, revision=revision).sha
         listed = [f for f in api.list_repo_tree(repo_id, revision=commit, recursive=True)
                   if isinstance(f, RepoFile)]
+    except HFValidationError as e:  # checked before any request
+        raise HubError(f"{repo_id!r} is not a Hub repo id: {str(e).splitlines()[0]}") from None
     except _network_errors() as e:
         raise HubUnavailableError(str(translate(e, then="nothing was downloaded"))) from None
     default_ref = f"{repo_id}@{commit}" + (f"[{variant}]" if variant else "")

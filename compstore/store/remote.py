@@ -82,8 +82,8 @@ class Remote:
         self.url = url
         try:
             self.fs, root = fsspec.core.url_to_fs(url, **storage_options)
-        except (ImportError, ValueError) as e:
-            raise RemoteError(f"cannot open remote {url}: {e}") from None
+        except (ImportError, ValueError, TypeError, OSError) as e:  # OSError: a filesystem that
+            raise RemoteError(f"cannot open remote {url}: {e}") from None  # connects (ftp://)
         self.root = root.rstrip("/")
         self.local = isinstance(self.fs, LocalFileSystem)
         self.sent_bytes = 0  # every byte this object PUT to the remote
