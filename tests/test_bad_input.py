@@ -344,3 +344,12 @@ def test_a_model_saved_quantized_is_refused_by_name(store, pipeline_copy):
     store.ingest(folder, "quantized")  # the store holds it as published ...
     with pytest.raises(compstore.CompstoreError, match=r"quantized/unet: .*saved quantized \(bitsandbytes\)"):
         compstore.DiffusionPipeline.from_pretrained("quantized", store=store)  # ... and builds none of it
+
+
+def test_an_error_naming_input_with_a_newline_stays_one_line(tmp_path):
+    r = CliRunner().invoke(cli, ["--store", str(tmp_path / "s"), "show", "a\nb"])
+    assert r.exit_code == 1 and r.stderr.count("\n") == 1 and "'a\\nb'" in r.stderr
+    r = CliRunner().invoke(cli, ["--store", str(tmp_path / "s"), "pull", "x\ny", "--all", "--variant", "fp16"])
+    assert r.exit_code == 1 and r.stderr == ("Error: pull x\\ny: all_files (--all) takes every variant as "
+                                             "published; leave out variant='fp16', or all_files to pull "
+                                             "that variant\n")

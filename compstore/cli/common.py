@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
 import sys
 
@@ -26,6 +27,12 @@ def emit(as_json: bool, doc, text: str) -> None:
         click.echo(text)
 
 
+def one_line(message: str) -> str:
+    """`message` with its control characters escaped: a ref or repo id given with a
+    newline in it is named in the error, and the error stays one line."""
+    return re.sub(r"[\x00-\x1f\x7f]", lambda m: repr(m.group())[1:-1], message)
+
+
 json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
 
 
@@ -36,7 +43,7 @@ class Group(click.Group):
         try:
             return super().invoke(ctx)
         except CompstoreError as e:
-            click.echo(f"Error: {e}", err=True)
+            click.echo(f"Error: {one_line(str(e))}", err=True)
             sys.exit(e.exit_code)
         except sqlite3.OperationalError as e:
             if "locked" not in str(e) and "busy" not in str(e):
