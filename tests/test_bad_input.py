@@ -353,3 +353,29 @@ def test_an_error_naming_input_with_a_newline_stays_one_line(tmp_path):
     assert r.exit_code == 1 and r.stderr == ("Error: pull x\\ny: all_files (--all) takes every variant as "
                                              "published; leave out variant='fp16', or all_files to pull "
                                              "that variant\n")
+
+
+def test_a_folder_that_is_no_pipeline_or_an_empty_name_is_refused_before_it_is_read(store, tmp_path):
+    """`from_pretrained("")` named the working folder, and a folder of other files (a
+    home folder, "/") was walked and ingested before the load found no model_index.json."""
+    import compstore
+
+    junk = tmp_path / "junk"
+    (junk / "sub").mkdir(parents=True)
+    (junk / "notes.txt").write_text("x")
+    (junk / "sub" / "data.bin2").write_bytes(b"y")
+    before = store_state(store.home)
+    for load, message in [
+        (lambda: compstore.DiffusionPipeline.from_pretrained(str(junk), store=store),
+         "junk: not a diffusers pipeline folder: it holds no model_index.json$"),
+        (lambda: compstore.ModularPipeline.from_pretrained(str(junk), store=store),
+         "it holds no modular_model_index.json or model_index.json"),
+        (lambda: compstore.DiffusionPipeline.from_pretrained("", store=store), "'': an empty name"),
+        (lambda: compstore.load_component(" ", "unet", store=store), "' ': an empty name"),
+    ]:
+        with pytest.raises(InvalidInputError, match=message):
+            load()
+    (junk / "modular_model_index.json").write_text("{}")
+    with pytest.raises(InvalidInputError, match=r"\(it is a modular pipeline: use compstore.ModularPipeline\)"):
+        compstore.DiffusionPipeline.from_pretrained(str(junk), store=store)
+    assert store_state(store.home) == before and store.ls() == []

@@ -56,7 +56,8 @@ class ModularPipeline:
         store = open_store(store)
         snapshot_id, label = resolve_snapshot(
             store, pretrained_model_name_or_path, revision=kwargs.pop("revision", None),
-            local_files_only=kwargs.pop("local_files_only", None), token=kwargs.get("token"))
+            local_files_only=kwargs.pop("local_files_only", None), token=kwargs.get("token"),
+            index=("modular_model_index.json", "model_index.json"))
         skeleton = store.materialize(snapshot_id, _skeleton_file)
         with exclusive_load():  # diffusers resolves the blocks' classes (lazy imports)
             pipe = diffusers.ModularPipeline.from_pretrained(str(skeleton), **kwargs)

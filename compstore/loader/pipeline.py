@@ -32,7 +32,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-from ..store import CompstoreError, RefNotFoundError, Store
+from ..store import CompstoreError, InvalidInputError, RefNotFoundError, Store
 from ..store.hub import HubUnavailableError, hub_reachable, is_repo_id
 from ..store.modular import components_with_pins, missing_slots
 from ..store.scan import FolderScan
@@ -65,6 +65,7 @@ def resolve_snapshot(
     slot: str | None = None,
     skip: Iterable[str] = (),
     check: Callable[[list[dict]], object] | None = None,
+    index: tuple[str, ...] = (),
     **_: Any,
 ) -> tuple[str, str]:
     """(snapshot id, label) for a local folder (ingested on the way), a Hub repo id
@@ -79,10 +80,19 @@ def resolve_snapshot(
     variant or a slot the pipeline lacks; a folder's is checked before its ingest,
     as is whether a model to build was saved quantized, so that a refused load
     leaves the store as it was. Its last call is always on
-    the rows of the snapshot returned, pinned models included.
+    the rows of the snapshot returned, pinned models included. `index`: a folder
+    must hold one of these files at its root (a pipeline's model_index.json), or it
+    is refused before it is even walked.
     """
     label = os.fspath(name_or_path)
+    if not label.strip():  # Path("") is the working folder: never ingest that by accident
+        raise InvalidInputError(repr(label), "an empty name: pass a store ref, a folder or a Hub repo id")
     path = Path(label).expanduser()
+    if path.is_dir() and index and not any((path / name).is_file() for name in index):
+        hint = (" (it is a modular pipeline: use compstore.ModularPipeline)"
+                if (path / "modular_model_index.json").is_file() else "")
+        raise InvalidInputError(label, f"not a diffusers pipeline folder: it holds no "
+                                f"{' or '.join(index)}{hint}")
     if path.is_dir():
         skipped = set(skip)
 
@@ -228,7 +238,7 @@ class DiffusionPipeline:
             store, label, revision=kwargs.pop("revision", None),
             local_files_only=kwargs.pop("local_files_only", None), variant=variant,
             token=kwargs.get("token"), skip=kwargs,  # components passed in: not pulled
-            check=lambda rows: require_variant(rows, variant, label))
+            check=lambda rows: require_variant(rows, variant, label), index=("model_index.json",))
         with exclusive_load():  # one load at a time per process, the collector paused (loading.py)
             return _assemble(store, snapshot_id, label, dtype=dtype, variant=variant, verify=verify,
                              private=private, pool=pool, kwargs=kwargs)
