@@ -375,6 +375,8 @@ def test_a_folder_that_is_no_pipeline_or_an_empty_name_is_refused_before_it_is_r
     ]:
         with pytest.raises(InvalidInputError, match=message):
             load()
+    with pytest.raises(InvalidInputError, match=r"'': an empty path: name the folder \(\".\" for this one\)"):
+        store.ingest("", "x")
     (junk / "modular_model_index.json").write_text("{}")
     with pytest.raises(InvalidInputError, match=r"\(it is a modular pipeline: use compstore.ModularPipeline\)"):
         compstore.DiffusionPipeline.from_pretrained(str(junk), store=store)

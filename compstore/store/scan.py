@@ -279,6 +279,8 @@ def scan_folder(
     >>> [(c.slot, c.variant) for c in scan.components]  # doctest: +SKIP
     [('text_encoder', ''), ('unet', ''), ('unet', 'fp16'), ...]
     """
+    if not os.fspath(root).strip():  # "" would be the working folder
+        raise InvalidInputError(repr(os.fspath(root)), "an empty path: name the folder (\".\" for this one)")
     root_str = os.path.realpath(os.fspath(root))
     if not os.path.isdir(root_str):
         raise InvalidInputError(os.fspath(root), "not a directory")
