@@ -381,3 +381,20 @@ def test_a_folder_that_is_no_pipeline_or_an_empty_name_is_refused_before_it_is_r
     with pytest.raises(InvalidInputError, match=r"\(it is a modular pipeline: use compstore.ModularPipeline\)"):
         compstore.DiffusionPipeline.from_pretrained(str(junk), store=store)
     assert store_state(store.home) == before and store.ls() == []
+
+
+def test_odd_load_arguments_are_clear_errors(family_store):
+    """Found by an exploratory run of odd `from_pretrained` arguments: each ended in a
+    torch or Python error from deep inside (NotImplementedError from the MPS backend,
+    "Only Tensors of floating point ... can require gradients", AttributeError)."""
+    import compstore
+
+    before = store_state(family_store.home)
+    cases = [({"dtype": torch.int8}, "dtype=torch.int8 is not a floating-point dtype"),
+             ({"pool": "x"}, "pool='x' is not a ResidencyPool")]
+    if not torch.backends.mps.is_available():
+        cases.append(({"device_map": "mps"}, "device_map='mps' is not a device this torch can use"))
+    for kwargs, message in cases:
+        with pytest.raises(compstore.CompstoreError, match=message):
+            compstore.DiffusionPipeline.from_pretrained("A", store=family_store, **kwargs)
+    assert store_state(family_store.home) == before

@@ -70,7 +70,7 @@ def dtype_argument(kwargs: dict[str, Any]):
 
     Raises:
         CompstoreError: a value that names no torch dtype (plain diffusers would
-            ignore it and load float32).
+            ignore it and load float32), or a dtype that is not floating-point.
     """
     value = kwargs.pop("dtype", None)
     older = kwargs.pop("torch_dtype", None)
@@ -81,6 +81,9 @@ def dtype_argument(kwargs: dict[str, Any]):
         if v is not None and not isinstance(found, torch.dtype):
             raise CompstoreError(f"dtype={v!r} is not a torch dtype: pass one such as torch.float16 "
                                  "(or its name, \"float16\")")
+        if found is not None and not found.is_floating_point:  # weights are cast to it
+            raise CompstoreError(f"dtype={v!r} is not a floating-point dtype: pass one such as "
+                                 "torch.float16, torch.bfloat16 or torch.float32")
         return found
 
     return {slot: one(v) for slot, v in value.items()} if isinstance(value, dict) else one(value)

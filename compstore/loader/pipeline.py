@@ -336,6 +336,9 @@ def target_pool(device_map, pool: ResidencyPool | None) -> ResidencyPool | None:
                                  "device such as 'cuda'")
         device_map = usable_device(device_map, "device_map=")
     if pool is not None:
+        if not isinstance(pool, ResidencyPool):
+            raise CompstoreError(f"pool={pool!r} is not a ResidencyPool: pass compstore.pool_for(device) "
+                                 "or your own ResidencyPool(device)")
         if device_map is not None and device_map != pool.device:
             raise CompstoreError(f"device_map={str(device_map)!r} and pool (on {pool.device}) disagree")
         return pool

@@ -659,8 +659,11 @@ def usable_device(device: str | torch.device, label: str) -> torch.device:
         found = canonical_device(device)
         if found.type == "cuda":
             torch.cuda.get_device_name(found)  # raises for a GPU that is not there
-    except (RuntimeError, AssertionError) as e:  # torch asserts for a backend it was built without
-        raise CompstoreError(f"{label}{device!r} is not a device this torch can use: {e}") from None
+        elif found.type not in ("cpu", "meta"):
+            torch.empty(0, device=found)  # mps, xpu ...: raises for a backend that is not there
+    except (RuntimeError, AssertionError, NotImplementedError) as e:  # torch asserts for a backend
+        first = str(e).splitlines()[0]                                # it was built without
+        raise CompstoreError(f"{label}{device!r} is not a device this torch can use: {first}") from None
     return found
 
 
