@@ -99,10 +99,14 @@ def test_changed_source_is_never_loaded_silently(repos, store, tmp_path):
     # The pointed-to repo changes its VAE.
     other = tiny_sdxl_pipeline(seed=99)
     other.vae.save_pretrained(base / "vae")
+    before = store_state(store.home)
     with pytest.raises(PinChangedError) as e:
         store.ingest(remix, "remix")
     msg = str(e.value)
     assert "'vae'" in msg and "--repin" in msg and "now" in msg and "pinned" in msg
+    # "nothing was changed": the folder pointed at was not ingested first (until 2026-12-07
+    # it was, under its own ref, before the pins were compared)
+    assert store_state(store.home) == before
 
     ours = compstore.ModularPipeline.from_pretrained("remix", store=store)
     ours.load_components(torch_dtype=torch.float32)
@@ -214,3 +218,17 @@ def test_load_components_refuses_quantization_config(repos, store):
     with pytest.raises(compstore.CompstoreError, match="does not quantize them yet"):
         pipe.load_components(torch_dtype=torch.float32, quantization_config=config)
     assert pipe.unet is None  # nothing was loaded
+
+
+def test_a_components_id_computed_without_writing_is_the_one_an_ingest_gives(repos, store, family):
+    """`refuse_changed_folder_pins` compares pins with ids computed from a folder's
+    bytes without ingesting it: they must be the ingest's own, for models in one file,
+    in shards, in variants, and for tokenizers and schedulers."""
+    from compstore.store.ingest import component_id_unwritten
+    from compstore.store.scan import scan_folder
+
+    for folder in (repos / "base", family["C"], family["D"]):
+        scan = scan_folder(folder)
+        snapshot = store.ingest(folder, folder.name).snapshot
+        stored = {(c["slot"], c["variant"]): c["component_id"] for c in store.components_of(snapshot)}
+        assert {(c.slot, c.variant): component_id_unwritten(scan, c) for c in scan.components} == stored

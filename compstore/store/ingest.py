@@ -23,7 +23,7 @@ import sqlite_utils
 
 from .errors import InvalidInputError
 from .objects import PackFiles, PackWriter, blob_hash, same_bytes
-from .scan import FolderScan, ScannedFile
+from .scan import FolderScan, ScannedComponent, ScannedFile
 
 # Config keys that record who saved a file, not what the model is: an identical VAE
 # saved by two diffusers versions is still one component.
@@ -338,11 +338,6 @@ def component_rows(scan: FolderScan, ing: Ingestor) -> tuple[list[dict], list[di
         prefix = f"{c.slot}/" if c.slot else ""
         config_path = f"{prefix}config.json"
         config_blob = ing.files[config_path].raw_blob if config_path in ing.files else None
-        config = None
-        if config_path in scan.files:
-            with open(scan.files[config_path].source, "rb") as fh:
-                config = json.loads(fh.read())
-            config = {k: v for k, v in config.items() if k not in VOLATILE_CONFIG_KEYS}
         tensors: dict[str, int] = {}
         records = []
         for path in c.weight_files:
@@ -354,16 +349,8 @@ def component_rows(scan: FolderScan, ing: Ingestor) -> tuple[list[dict], list[di
                 tensors[key[0]] = tid
                 records.append(key)
         blob_hashes = _blob_hashes(ing, {k[3] for k in records})
-        records.sort()
-        identity = {
-            "library": c.library, "class": c.class_name, "config": config,
-            "tensors": [[n, d, s, blob_hashes[b]] for n, d, s, b in records],
-        }
-        if not records:  # tokenizer, scheduler...: identified by their files
-            identity["files"] = sorted(
-                [p[len(prefix):], ing.files[p].sha256] for p in c.files
-            )
-        cid = canonical_sha256(identity)
+        cid = component_id(scan, c, [[n, d, s, blob_hashes[b]] for n, d, s, b in records],
+                           lambda path: ing.files[path].sha256)
         tensor_bytes = sum(ing.blob_size(k[3]) for k in records)
         components.append({
             "id": cid, "library": c.library, "class_name": c.class_name,
@@ -376,6 +363,43 @@ def component_rows(scan: FolderScan, ing: Ingestor) -> tuple[list[dict], list[di
         slots.append({"slot": c.slot, "variant": c.variant, "component_id": cid,
                       "library": c.library, "class_name": c.class_name})
     return components, comp_tensors, slots
+
+
+def component_id(scan: FolderScan, c: ScannedComponent, tensors: list[list[str]],
+                 file_sha256: Callable[[str], str]) -> str:
+    """A component's id: the Merkle hash of its class, its config (less the keys that
+    name a library version or a path) and its tensors ([name, dtype, shape, "xxh3:size"]);
+    a component with no tensor (tokenizer, scheduler) by its files' sha256."""
+    prefix = f"{c.slot}/" if c.slot else ""
+    config = None
+    if f"{prefix}config.json" in scan.files:
+        with open(scan.files[f"{prefix}config.json"].source, "rb") as fh:
+            config = json.loads(fh.read())
+        config = {k: v for k, v in config.items() if k not in VOLATILE_CONFIG_KEYS}
+    identity = {"library": c.library, "class": c.class_name, "config": config, "tensors": sorted(tensors)}
+    if not tensors:  # tokenizer, scheduler...: identified by their files
+        identity["files"] = sorted([p[len(prefix):], file_sha256(p)] for p in c.files)
+    return canonical_sha256(identity)
+
+
+def component_id_unwritten(scan: FolderScan, c: ScannedComponent) -> str:
+    """The id an ingest of `scan` would give `c`, from its files' bytes, writing
+    nothing (each tensor's bytes hashed as `put_blob` hashes a blob)."""
+    tensors = []
+    for path in c.weight_files:
+        f = scan.files[path]
+        with open(f.source, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+            view = memoryview(mm)
+            for t in f.header.tensors:
+                a, b = f.header.data_start + t.begin, f.header.data_start + t.end
+                tensors.append([*_listed(t), f"{blob_hash(view[a:b])}:{b - a}"])
+            del view
+
+    def file_sha256(path: str) -> str:
+        with open(scan.files[path].source, "rb") as fh:
+            return hashlib.file_digest(fh, "sha256").hexdigest()
+
+    return component_id(scan, c, tensors, file_sha256)
 
 
 def _blob_hashes(ing: Ingestor, ids: set[int]) -> dict[int, str]:

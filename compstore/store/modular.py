@@ -12,6 +12,7 @@ ingest of the modular repo refuses until the user re-pins (`--repin`).
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -177,11 +178,51 @@ def check_pins(store: "Store", ref: str, pins: list[Pin], repin_command: str, re
         before = old.get(pin.slot)
         same_pointer = before and (before["pointer"], before["subfolder"]) == (pin.pointer, pin.subfolder)
         if same_pointer and before["component_id"] != pin.component_id:
-            raise PinChangedError(
-                f"modular component {pin.slot!r} of {ref}: {pin.source}"
-                f"{'/' + pin.subfolder if pin.subfolder else ''} changed since it was pinned "
-                f"(pinned {before['component_id'][:12]}, now {pin.component_id[:12]}); nothing was "
-                f"loaded or changed. To use the new content, re-pin: {repin_command}")
+            raise _changed(ref, pin.slot, pin.source, pin.subfolder, before["component_id"],
+                           pin.component_id, repin_command)
+
+
+def refuse_changed_folder_pins(store: "Store", ref: str, scan: FolderScan, repin_command: str) -> None:
+    """`check_pins` for the pointers to local folders, before they are ingested: a
+    re-ingest refused for a folder whose pinned component changed leaves the store as
+    it was (the folder is not ingested under its own ref first). A folder unchanged
+    since its last ingest is not read (its stat stamp); a changed one is read and
+    hashed, not written."""
+    from . import stat_cache
+    from .ingest import component_id_unwritten
+    from .scan import scan_folder
+
+    if not store.has_ref(ref):
+        return
+    old = {p["slot"]: p for p in pins_of(store, store.resolve(ref))}
+    for p in external_pointers(scan):
+        before, folder = old.get(p.slot), Path(p.source).expanduser()
+        if not (before and folder.is_dir() and (before["pointer"], before["subfolder"]) == (p.source, p.subfolder)):
+            continue
+        target = folder.resolve()
+        there = scan_folder(target)
+        stamp = stat_cache.stamp(there, time.time_ns())
+        hit = stamp and stamp.whole and stat_cache.unchanged(store.db, str(target), stamp.whole)
+        if hit:
+            rows = store.components_of(hit[0])
+        else:
+            rows = [{"slot": c.slot, "variant": c.variant, "component": c} for c in there.components]
+        in_slot = {r["variant"]: r for r in rows if r["slot"] == p.subfolder}
+        row = in_slot.get(p.variant or "") or in_slot.get("") or (  # as pick_component picks
+            next(iter(in_slot.values())) if p.variant is None and len(in_slot) == 1 else None)
+        if row is None:
+            continue  # resolve_pointers names the problem
+        now = row["component_id"] if hit else component_id_unwritten(there, row["component"])
+        if now != before["component_id"]:
+            raise _changed(ref, p.slot, str(target), p.subfolder, before["component_id"], now, repin_command)
+
+
+def _changed(ref: str, slot: str, source: str, subfolder: str, pinned: str, now: str,
+             repin_command: str) -> PinChangedError:
+    return PinChangedError(
+        f"modular component {slot!r} of {ref}: {source}{'/' + subfolder if subfolder else ''} "
+        f"changed since it was pinned (pinned {pinned[:12]}, now {now[:12]}); nothing was "
+        f"loaded or changed. To use the new content, re-pin: {repin_command}")
 
 
 def pins_of(store: "Store", snapshot_id: str) -> list[dict]:

@@ -41,7 +41,7 @@ from .hub import PullResult
 from .hub import pull as pull_repo
 from .gc import GcReport
 from .gc import gc as collect_garbage
-from .modular import check_pins, resolve_pointers
+from .modular import check_pins, refuse_changed_folder_pins, resolve_pointers
 from .objects import PackFiles, PackWriter, fsync_dir
 from .progress import progress_bar
 from .remote import DEFAULT_GRACE_S, Remote, RemoteError, RemoteGcReport
@@ -417,11 +417,14 @@ class Store:
             snap, c = hit
             return IngestResult(ref, snap, "unchanged", scan.kind, c.files, c.tensors, c.components,
                                 c.logical_bytes, 0, c.reused_bytes, round(time.perf_counter() - t0, 3))
+        repin_command = (f"compstore pull {source} --repin" if revision else
+                         f"compstore ingest {scan.root} --name {ref} --repin")
+        if scan.kind == "modular" and not repin:  # before a pointed-to folder is ingested
+            refuse_changed_folder_pins(self, ref, scan, repin_command)
         pins = resolve_pointers(self, scan, token=token)
         with write_lock(self.home):
             self._clean_leftovers()
-            check_pins(self, ref, pins, f"compstore pull {source} --repin" if revision else
-                       f"compstore ingest {scan.root} --name {ref} --repin", repin)
+            check_pins(self, ref, pins, repin_command, repin)
             writer = PackWriter(self.home)
             try:
                 with progress_bar(scan.total_bytes, f"ingest {ref}", progress) as bar, \
