@@ -53,6 +53,17 @@ def use_hub(monkeypatch, hub) -> None:
     monkeypatch.setattr(constants, "HF_TOKEN_PATH", "/nonexistent/token")
 
 
+def run_random_steps(rng, steps: list, n: int, log: list[str], check=lambda i: None, label: str = "") -> None:
+    """`n` steps drawn by `rng` from `steps`, `check(i)` after each; a failure is raised
+    with `log`, the steps taken so far, so that a random sequence can be replayed."""
+    try:
+        for i in range(n):
+            rng.choice(steps)()
+            check(i)
+    except Exception as e:
+        raise AssertionError(f"{label}after: {'; '.join(log)}") from e
+
+
 def tree_sha256(folder: Path) -> dict[str, str]:
     return {
         p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()

@@ -17,7 +17,7 @@ import torch
 import compstore
 from compstore import PinChangedError, Store
 from compstore.loader.synthetic import tiny_sdxl_pipeline
-from conftest import store_state
+from conftest import run_random_steps, store_state
 from test_modular import load_theirs, repos  # noqa: F401  (repos: a module fixture)
 
 PINNED = ("vae", "text_encoder", "text_encoder_2")
@@ -109,9 +109,7 @@ def test_random_changes_repins_and_collections_keep_pins_exact(repos, alternativ
     run = Sequence(repos, alternatives, tmp_path, seed)
     steps = [run.change] * 2 + [run.ingest] * 2 + [run.repin, run.load, run.export_flat, run.ingest_base,
                                                    run.rm_base, run.gc]
-    try:
-        for _ in range(25):
-            run.rng.choice(steps)()
-            assert run.store.verify().ok
-    except Exception as e:
-        raise AssertionError(f"seed {seed}, after: {'; '.join(run.log)}") from e
+    def verified(i):
+        assert run.store.verify().ok
+
+    run_random_steps(run.rng, steps, 25, run.log, verified, f"seed {seed}, ")

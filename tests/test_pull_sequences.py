@@ -17,7 +17,7 @@ import torch
 
 import compstore
 from compstore import VariantNotFoundError
-from conftest import recorded_sha256, store_state, use_hub
+from conftest import recorded_sha256, run_random_steps, store_state, use_hub
 from hub_emulator import HubEmulator, publish_with_extras
 
 SLOTS = ("unet", "vae", "text_encoder")
@@ -46,7 +46,8 @@ class Sequence:
         return self.rng.choice(sorted(self.hub.repos))
 
     def hub_files(self, repo: str, commit: str) -> dict[str, str]:
-        return {p: hashlib.sha256(data).hexdigest() for p, data in self.hub.repos[repo].commits[commit].items()}
+        files = self.hub.repos[repo].commits[commit]
+        return {p: hashlib.sha256(data).hexdigest() for p, data in files.items()}
 
     def held(self) -> set[str]:
         return {row[0] for row in self.store.db.execute("SELECT sha256 FROM files")}
@@ -138,11 +139,7 @@ def test_random_pulls_fetch_what_the_store_lacks_once_and_load_as_diffusers(stor
     steps = [run.pull] * 4 + [run.load_component, run.load_offline, run.new_commit, run.rm, run.gc]
     try:
         run.pull("org/D")  # a Xet repo first, so that every run takes both ways
-        for _ in range(30):
-            run.rng.choice(steps)()
-            run.check()
-    except Exception as e:
-        raise AssertionError(f"seed {seed}, after: {'; '.join(run.log)}") from e
+        run_random_steps(run.rng, steps, 30, run.log, lambda i: run.check(), f"seed {seed}, ")
     finally:
         run.close()
     assert all(run.via.values()), run.via  # both ways were taken

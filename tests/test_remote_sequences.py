@@ -15,7 +15,7 @@ import pytest
 from compstore import Store
 from compstore.store.remote import Remote
 from compstore.store.remote_sync import _closure, document_blob_keys, snapshot_document
-from conftest import recorded_sha256, tree_sha256
+from conftest import recorded_sha256, run_random_steps, tree_sha256
 
 
 def reached(store: Store, ref: str) -> dict[str, int]:
@@ -131,9 +131,5 @@ def test_random_pushes_and_fetches_move_only_what_is_lacking(family, tmp_path, s
     run = Sequence(family, tmp_path, seed)
     steps = ([run.ingest] * 2 + [run.push] * 3 + [run.fetch] * 3
              + [run.rm, run.gc, run.remote_rm, run.remote_gc])
-    try:
-        for i in range(40):
-            run.rng.choice(steps)()
-            run.check(fetch_all=i % 10 == 9)
-    except Exception as e:
-        raise AssertionError(f"seed {seed}, after: {'; '.join(run.log)}") from e
+    run_random_steps(run.rng, steps, 40, run.log, lambda i: run.check(fetch_all=i % 10 == 9),
+                     f"seed {seed}, ")

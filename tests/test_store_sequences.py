@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import compstore
-from conftest import recorded_sha256, tree_sha256
+from conftest import recorded_sha256, run_random_steps, tree_sha256
 
 
 class Sequence:
@@ -153,12 +153,7 @@ def test_random_edits_ingests_and_collections_keep_every_ref_exact(store, family
     run = Sequence(store, family, tmp_path, seed)
     steps = ([run.edit_config, run.edit_tensor, run.replace_file, run.touch] + [run.ingest] * 4
              + [run.load, run.rm, run.gc])
-    try:
-        for i in range(60):
-            run.rng.choice(steps)()
-            run.check(export=i % 8 == 7)
-    except Exception as e:
-        raise AssertionError(f"seed {seed}, after: {'; '.join(run.log)}") from e
+    run_random_steps(run.rng, steps, 60, run.log, lambda i: run.check(export=i % 8 == 7), f"seed {seed}, ")
     assert reused  # the stat cache took part
     for ref in list(run.expected):
         store.rm(ref)

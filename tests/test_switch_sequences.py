@@ -22,7 +22,7 @@ import torch
 
 import compstore
 from compstore import ResidencyPool, to_device
-from conftest import store_state
+from conftest import run_random_steps, store_state
 
 MODELS = ("unet", "vae", "text_encoder")
 NAMES = "ABCD"  # C shares two thirds of A's UNet; D's default weights are A's, but
@@ -85,7 +85,8 @@ class Sequence:
             ours = self.ours(name, pool=self.pool, private=private)
             report = compstore.last_transfer()
         moved = report.bytes_reused + report.bytes_uploaded
-        for what, n in zip(self.moved, (report.bytes_reused, report.bytes_from_pinned, report.bytes_from_store)):
+        moved_now = (report.bytes_reused, report.bytes_from_pinned, report.bytes_from_store)
+        for what, n in zip(self.moved, moved_now):
             self.moved[what] += n
         assert moved <= model_bytes(ours) and (private or moved > 0.99 * model_bytes(ours))
         if private:
@@ -171,12 +172,8 @@ def run(store, family, seed: int, device: str = "cpu", steps: int = 36) -> None:
     before = store_state(store.home)
     choices = [seq.load] * 4 + [seq.load_passing] + [seq.drop] * 3 + [seq.cast_there_and_back, seq.edit,
                                                                     seq.trim]
-    try:
-        for i in range(steps):
-            seq.rng.choice(choices)()
-            seq.check(images=i % 5 == 4)
-    except Exception as e:
-        raise AssertionError(f"seed {seed}, after: {'; '.join(seq.log)}") from e
+    run_random_steps(seq.rng, choices, steps, seq.log, lambda i: seq.check(images=i % 5 == 4),
+                     f"seed {seed}, ")
     assert all(seq.moved.values()), seq.moved  # every way to the device was taken
     seq.live.clear()
     gc.collect()
