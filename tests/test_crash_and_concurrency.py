@@ -182,3 +182,49 @@ def test_ingest_closes_each_mapping_though_the_hash_worker_lets_go_late(tmp_path
         assert store.has_ref("tiny") and store.verify().ok
     finally:
         store.close()
+
+
+def test_a_load_that_gc_overtakes_is_a_clear_error(family_store, monkeypatch):
+    """A ref removed and collected between a load's lookup of its name and its reads
+    of the catalog: the load raises RefNotFoundError (three processes loading, rm-ing
+    and collecting at once saw a KeyError from inside the template clone)."""
+    import compstore
+    from compstore import RefNotFoundError
+    from compstore.loader import pipeline
+
+    compstore.DiffusionPipeline.from_pretrained("A", store=family_store)  # a template for A's models
+    real = pipeline.resolve_snapshot
+
+    def resolved_then_collected(store, label, **kwargs):
+        found = real(store, label, **kwargs)
+        store.rm("A"), store.rm("D")  # D holds A's content too
+        store.gc()
+        return found
+
+    monkeypatch.setattr(pipeline, "resolve_snapshot", resolved_then_collected)
+    with pytest.raises(RefNotFoundError, match="no ref named 'A'"):
+        compstore.DiffusionPipeline.from_pretrained("A", store=family_store)
+
+
+def test_gc_deletes_no_row_while_a_load_reads(family_store):
+    """gc waits for readers before its catalog transaction, not only before it unlinks
+    packs: a load in progress finds every row of the snapshot it resolved."""
+    import threading
+
+    snapshot = family_store.resolve("B")
+    family_store.rm("B")
+    done = threading.Event()
+
+    def collect():
+        with Store(family_store.home) as other:
+            other.gc()
+        done.set()
+
+    with family_store.reading():  # what a load holds from its first catalog read to its end
+        thread = threading.Thread(target=collect)
+        thread.start()
+        assert not done.wait(1.0)
+        unet = next(c for c in family_store.components_of(snapshot) if c["slot"] == "unet")
+        assert family_store.has_snapshot(snapshot) and family_store.tensor_locations(unet["component_id"])
+    thread.join(60)
+    assert done.is_set() and not family_store.has_snapshot(snapshot)

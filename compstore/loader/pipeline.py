@@ -244,8 +244,19 @@ class DiffusionPipeline:
                              private=private, pool=pool, kwargs=kwargs)
 
 
-def _assemble(store: Store, snapshot_id: str, label: str, *, dtype, variant: str | None,
-              verify: bool, private: bool, pool: ResidencyPool | None, kwargs: dict[str, Any]):
+def _assemble(store: Store, snapshot_id: str, label: str, **options: Any):
+    """The pipeline of a snapshot (`_build`), read under `store.reading()` from start to
+    end: meanwhile gc deletes neither the snapshot's catalog rows nor its packs or
+    skeleton. One removed (rm, then gc) since its name was resolved is a
+    `RefNotFoundError`: before, the load failed wherever it next read the catalog."""
+    with store.reading():
+        if not store.has_snapshot(snapshot_id):
+            raise RefNotFoundError(label, str(store.home))
+        return _build(store, snapshot_id, label, **options)
+
+
+def _build(store: Store, snapshot_id: str, label: str, *, dtype, variant: str | None,
+           verify: bool, private: bool, pool: ResidencyPool | None, kwargs: dict[str, Any]):
     """The pipeline of a snapshot: its models built (onto `pool`'s device, if any),
     its small parts loaded, and diffusers' own class putting them together."""
     import diffusers
@@ -269,7 +280,7 @@ def _assemble(store: Store, snapshot_id: str, label: str, *, dtype, variant: str
     built: dict[str, Any] = {}
     files = None  # the snapshot's (path, file id, sha256, size), read when first needed
     report = TransferReport(str(pool.device)) if pool else None
-    with store.reading(), contextlib.ExitStack() as cleanup:  # store.reading: gc unlinks no pack
+    with contextlib.ExitStack() as cleanup:
         if pool is not None:  # uploads a failed load started are dropped
             cleanup.callback(pool.drop_prefetched)
         slots = {slot: resolve_class(*entry[:2]) for slot, entry in index.items()

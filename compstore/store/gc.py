@@ -7,11 +7,13 @@ Crash safety, in order:
 1. live blobs of partly dead packs are copied into new packs (tmp/, fsync, rename):
    unreferenced until step 2, so a crash leaves only garbage the next writer removes;
 2. one catalog transaction deletes the dead rows and points moved blobs at their
-   new packs;
-3. dead pack files are unlinked, once no reader that might still follow the old
-   catalog is running (readers hold `readers.lock` shared; see `Store.reading`).
-   A crash before the unlink leaves packs the catalog no longer names: the next
-   writer removes them.
+   new packs. It waits for the readers (loads in progress hold `readers.lock` shared; see
+   `Store.reading`): a load finds the rows of the snapshot it resolved until it is
+   done (until 2026-12-07 only the unlink waited, and a load that gc overtook
+   failed wherever it next read the catalog);
+3. dead pack files are unlinked, still before any reader comes back. A crash
+   before the unlink leaves packs the catalog no longer names: the next writer
+   removes them.
 Mappings already made (a loaded pipeline) survive the unlink: Linux keeps the
 bytes of an unlinked, mapped file.
 
@@ -119,30 +121,31 @@ def gc(store: "Store", *, dry_run: bool = False) -> GcReport:
             writer.abort()
             raise
 
-        # 2. one transaction: dead rows out, moved blobs repointed
-        with db.atomic():
-            db["packs"].insert_all({"name": n, "size": s} for n, s in new_packs)
-            db.conn.executemany("UPDATE blobs SET pack = ?, offset = ? WHERE id = ?",
-                           [(p, o, b) for b, p, o in moves])
-            for table in ("pins", "snapshot_components", "snapshot_files"):
-                _delete_not_in(db, table, "snapshot_id", live_snaps)
-            _delete_not_in(db, "snapshots", "id", live_snaps)
-            _delete_not_in(db, "component_tensors", "component_id", live_comps)
-            _delete_not_in(db, "components", "id", live_comps)
-            _delete_not_in(db, "file_tensors", "file_id", live_files)
-            _delete_not_in(db, "files", "id", live_files)
-            _delete_not_in(db, "xet_chunks", "file_id", live_files)
-            _delete_not_in(db, "stat_cache", "snapshot_id", live_snaps)
-            _delete_not_in(db, "stat_cache_files", "snapshot_id", live_snaps)
-            _delete_not_in(db, "tensors", "id", live_tensors)
-            _delete_not_in(db, "blobs", "id", live_blobs)
-            for p in dead_packs + partial:
-                db.execute("DELETE FROM packs WHERE name = ?", [p])
-
-        # 3. unlink what the catalog no longer names, once readers of the old one are gone
+        # 2. Loads in progress are waited for: a load follows the catalog from the
+        # snapshot it resolved, and finds its rows and packs until it is done.
         store.packs.close()
-        freed = 0
         with exclusive_readers(store.home):
+            with db.atomic():  # one transaction: dead rows out, moved blobs repointed
+                db["packs"].insert_all({"name": n, "size": s} for n, s in new_packs)
+                db.conn.executemany("UPDATE blobs SET pack = ?, offset = ? WHERE id = ?",
+                                    [(p, o, b) for b, p, o in moves])
+                for table in ("pins", "snapshot_components", "snapshot_files"):
+                    _delete_not_in(db, table, "snapshot_id", live_snaps)
+                _delete_not_in(db, "snapshots", "id", live_snaps)
+                _delete_not_in(db, "component_tensors", "component_id", live_comps)
+                _delete_not_in(db, "components", "id", live_comps)
+                _delete_not_in(db, "file_tensors", "file_id", live_files)
+                _delete_not_in(db, "files", "id", live_files)
+                _delete_not_in(db, "xet_chunks", "file_id", live_files)
+                _delete_not_in(db, "stat_cache", "snapshot_id", live_snaps)
+                _delete_not_in(db, "stat_cache_files", "snapshot_id", live_snaps)
+                _delete_not_in(db, "tensors", "id", live_tensors)
+                _delete_not_in(db, "blobs", "id", live_blobs)
+                for p in dead_packs + partial:
+                    db.execute("DELETE FROM packs WHERE name = ?", [p])
+
+            # 3. unlink what the catalog no longer names
+            freed = 0
             for p in dead_packs + partial:
                 path = packs_dir / f"{p}.pack"
                 if path.exists():

@@ -498,9 +498,12 @@ class Store:
 
     # -- reading for the loader ---------------------------------------------------
     def reading(self):
-        """Context manager held while following the catalog to pack files, so that gc
-        does not unlink a pack between a catalog read and the pack's opening."""
+        """Context manager held while following the catalog to pack files: gc deletes no
+        catalog row and unlinks no pack while any reader holds it (it waits)."""
         return contextlib.nullcontext() if self.read_only else shared_readers(self.home)
+
+    def has_snapshot(self, snapshot_id: str) -> bool:
+        return self.db.execute("SELECT 1 FROM snapshots WHERE id = ?", [snapshot_id]).fetchone() is not None
 
     def snapshot(self, snapshot_id: str) -> dict:
         """A snapshot's row: id, source, revision, kind, created."""
