@@ -1,6 +1,7 @@
 """`pull` against a Hub emulated on 127.0.0.1: only what the store lacks is served."""
 
 import hashlib
+import threading
 from pathlib import Path
 
 import pytest
@@ -1102,3 +1103,55 @@ def test_an_offline_load_at_a_revision_gets_that_commit_or_an_error(hub, store, 
     same_state(unet("v1.0"), a)
     with pytest.raises(compstore.HubUnavailableError, match="org/V: the Hub request failed"):
         unet("v2.0")
+
+
+def _collect_beside(store, refs: list[str], wait_s: float = 1.0) -> threading.Event:
+    """rm `refs` and gc in another thread, as another process would; wait up to
+    `wait_s` for it (a gc that waits for this thread's reading takes longer)."""
+    done = threading.Event()
+
+    def collect():
+        with Store(store.home) as other:
+            for ref in refs:
+                if other.has_ref(ref):
+                    other.rm(ref)
+            other.gc()
+        done.set()
+
+    threading.Thread(target=collect, daemon=True).start()
+    done.wait(wait_s)
+    return done
+
+
+def test_a_pull_that_a_gc_overtakes_rebuilds_held_files_or_fetches_them(hub, store, family, monkeypatch):
+    """Three processes pulling, removing and collecting at once saw pulls fail: a file
+    found held was gone when it was written out (TypeError), a stored index read as
+    None ('not a JSON object'), a snapshot gone when its ref was moved. The lookups
+    and what follows them now run under `store.reading()`, which gc waits for."""
+    import compstore.store.hub as hub_module
+
+    a = store.pull("org/A")
+    store.rm(a.ref), store.rm("org/A")  # A's files stay until a gc: B finds its index, VAE ... held
+    real_reading, collected = store.reading, []
+
+    def reading_after_a_gc():  # the pull's first reading: a gc comes first, or waits for it
+        if not collected:
+            collected.append(_collect_beside(store, []))
+        return real_reading()
+
+    monkeypatch.setattr(store, "reading", reading_after_a_gc)
+    b = store.pull("org/B")
+    assert collected and recorded_sha256(store, b.ref) == tree_sha256(family["B"])
+    collected[0].wait(30)
+    monkeypatch.setattr(store, "reading", real_reading)
+    assert store.verify().ok
+
+    real_pins = hub_module.pins_of
+
+    def pins_then_collected(store_, snapshot):  # `already_here` has resolved the ref
+        _collect_beside(store, [b.ref, "org/B"])
+        return real_pins(store_, snapshot)
+
+    monkeypatch.setattr(hub_module, "pins_of", pins_then_collected)
+    again = store.pull("org/B")  # found held, then removed: fetched again
+    assert recorded_sha256(store, again.ref) == tree_sha256(family["B"]) and store.verify().ok

@@ -44,9 +44,9 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .errors import CompstoreError, DiskFullError, InvalidInputError, VariantNotFoundError
+from .errors import CompstoreError, DiskFullError, InvalidInputError, RefNotFoundError, VariantNotFoundError
 from .export import file_pieces, write_file
-from .lock import pull_lock, pulls_running
+from .lock import pull_lock, pulls_running, write_lock
 from .manifest import FILENAME as MANIFEST
 from .manifest import parse_manifest
 from .modular import INDEX as MODULAR_INDEX
@@ -242,14 +242,16 @@ def pull(store: "Store", repo_id: str, *, revision: str | None = None,
                 f": none matches {', '.join(include)}" if include else ""))
         return wanted
 
-    def tag_latest(snapshot: str) -> None:
+    def tag_latest(snapshot: str) -> bool:
         """`repo_id` follows the latest pull of the whole pipeline, and `repo_id@<revision>`
         the latest at a revision named otherwise than by its full commit (a branch, a
-        tag): offline loads look there."""
+        tag): offline loads look there. False when gc removed `snapshot` meanwhile."""
         if latest_ref:
-            store.tag(latest_ref, snapshot)
+            if not store.tag(latest_ref, snapshot, missing_ok=True):
+                return False
             if revision and revision != commit:
-                store.tag(f"{repo_id}@{revision}" + latest_ref[len(repo_id):], snapshot)
+                store.tag(f"{repo_id}@{revision}" + latest_ref[len(repo_id):], snapshot, missing_ok=True)
+        return True
 
     def held_paths() -> set[str]:
         """The files of this commit that its ref holds (none for a `name`d pull)."""
@@ -259,20 +261,24 @@ def pull(store: "Store", repo_id: str, *, revision: str | None = None,
 
     def already_here() -> PullResult | None:
         """The ref holds every file wanted: nothing to fetch or ingest. (A modular repo is
-        ingested again: what its pointers name may have changed.)"""
-        if name is not None or repin or not (have := held_paths()):
+        ingested again: what its pointers name may have changed.) Read under
+        `store.reading()`: a `rm` + `gc` in another process waits, or came first."""
+        if name is not None or repin:
             return None
-        snapshot = store.resolve(default_ref)
-        if (index_path and index_path not in have) or pins_of(store, snapshot):
-            return None
-        index = None
-        if index_path:
-            with store.reading():
+        with store.reading():
+            try:
+                have = held_paths()
+                snapshot = store.resolve(default_ref) if have else None
+            except RefNotFoundError:  # removed since `has_ref`
+                return None
+            if snapshot is None or (index_path and index_path not in have) or pins_of(store, snapshot):
+                return None
+            index = None
+            if index_path:
                 index = _parse_index(store.read_file(snapshot, index_path), repo_id, commit, index_path)
         wanted = wanted_given(index)
-        if not {f.path for f in wanted} <= have:
+        if not {f.path for f in wanted} <= have or not tag_latest(snapshot):
             return None
-        tag_latest(snapshot)
         return PullResult(repo_id, commit, default_ref, len(wanted), 0, 0, len(wanted),
                           sum(f.size for f in wanted), "unchanged", round(time.perf_counter() - t0, 3))
 
@@ -411,8 +417,12 @@ def _download(store: "Store", repo_id: str, commit: str, entries: list, folder: 
     xet = XetSource(endpoint or constants.ENDPOINT, repo_id, commit, build_hf_headers(token=token))
     manifest: dict | None = None
     entries = sorted(entries, key=lambda f: f.path != MANIFEST)  # the manifest first: it steers the rest
-    held_by_path = {f.path: _held_file(store, f.size, f.lfs.sha256 if f.lfs else None,
-                                       None if f.lfs else f.blob_id, f.xet_hash) for f in entries}
+    with store.reading():  # found and written out before a gc in another process may drop them
+        held_by_path = {f.path: _held_file(store, f.size, f.lfs.sha256 if f.lfs else None,
+                                           None if f.lfs else f.blob_id, f.xet_hash) for f in entries}
+        for f in entries:
+            if held_by_path[f.path] is not None and not (folder / f.path).exists():
+                write_file(store, *held_by_path[f.path], folder / f.path)
     bar_lock = threading.Lock()  # tqdm's counter is not thread-safe; downloads run on a pool
 
     def check(f, target: Path, digest: str | None) -> None:
@@ -448,11 +458,7 @@ def _download(store: "Store", repo_id: str, commit: str, entries: list, folder: 
             for f in entries:
                 target = folder / f.path
                 sha = f.lfs.sha256 if f.lfs else None
-                held = held_by_path[f.path]
-                if held is not None:
-                    if not target.exists():
-                        with store.reading():
-                            write_file(store, held[0], held[1], target)
+                if held_by_path[f.path] is not None:  # written out above
                     if f.path == MANIFEST:
                         manifest = parse_manifest(target.read_bytes())
                     got.skipped_bytes += f.size
@@ -527,6 +533,12 @@ def _assemble(store: "Store", repo_id: str, path: str, commit: str, endpoint: st
 
     Returns the bytes fetched, or None if the result does not match the Hub's sha256
     (the partial file is removed; the caller downloads the file whole)."""
+    with store.reading():  # the pieces found stay where they are until written out
+        return _assemble_reading(store, repo_id, path, commit, endpoint, token, plan, target)
+
+
+def _assemble_reading(store: "Store", repo_id: str, path: str, commit: str, endpoint: str | None,
+                      token, plan: dict, target: Path) -> int | None:
     from huggingface_hub import hf_hub_url
     from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
 
@@ -557,7 +569,7 @@ def _assemble(store: "Store", repo_id: str, path: str, commit: str, endpoint: st
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_name(target.name + ".compstore-partial")
     h = hashlib.sha256()
-    with open(partial, "wb") as out, store.reading():
+    with open(partial, "wb") as out:
         for begin, end, row in pieces:
             if row is not None:
                 data = store.packs.view(row[0], row[1], end - begin)
@@ -578,7 +590,7 @@ def record_xet_hashes(store: "Store", snapshot_id: str, xet_by_path: dict[str, s
     rows = [(x.lower(), snapshot_id, path) for path, x in xet_by_path.items()
             if isinstance(x, str) and len(x) == 64 and all(c in "0123456789abcdef" for c in x.lower())]
     if rows:
-        with store.db.atomic():
+        with write_lock(store.home), store.db.atomic():  # every catalog writer holds it
             store.db.conn.executemany(
                 "UPDATE files SET xet_hash = ? WHERE id = (SELECT file_id FROM snapshot_files "
                 "WHERE snapshot_id = ? AND path = ?)", rows)

@@ -188,13 +188,17 @@ class Store:
                 stat_cache.forget(self.db, ref)
         return {"removed": ref, "snapshot": snap}
 
-    def tag(self, ref: str, snapshot_id: str) -> None:
-        """Point `ref` at an existing snapshot (create or move it)."""
+    def tag(self, ref: str, snapshot_id: str, *, missing_ok: bool = False) -> bool:
+        """Point `ref` at an existing snapshot (create or move it). `missing_ok`: return
+        False, and change nothing, if the snapshot is gone (a gc came first)."""
         self._writable()
         check_ref_name(ref)
         with write_lock(self.home), self.db.atomic():
+            if missing_ok and not self.has_snapshot(snapshot_id):
+                return False
             self.snapshot(snapshot_id)  # must exist
             self._set_ref(ref, snapshot_id)
+        return True
 
     def _set_ref(self, ref: str, snapshot_id: str) -> None:
         """Create or move a ref (inside the caller's transaction and write lock)."""

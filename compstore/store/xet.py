@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Callable
 
 from .errors import CompstoreError
 from .export import file_pieces
+from .lock import write_lock
 from .settings import env_setting
 from .xet_chunking import stream_boundaries
 
@@ -279,12 +280,12 @@ def pull_file(store: "Store", source: XetSource, xet_hash: str, size: int, sha25
     for reuse in (True, False):
         fetched_before = source.fetched_bytes
         recon = source.reconstruction(xet_hash)
-        segments = _plan(store, recon, reuse)
         target.parent.mkdir(parents=True, exist_ok=True)
         partial = target.with_name(target.name + ".compstore-partial")
         h, chunks, reused = hashlib.sha256(), [], 0
         files = _StoredFiles(store)
-        with open(partial, "wb") as out, store.reading():
+        with open(partial, "wb") as out, store.reading():  # the chunks planned stay until read
+            segments = _plan(store, recon, reuse)
             for seg in segments:
                 if seg[0] == "store":
                     _, a, b, (xorb, idx, fid, offset) = seg
@@ -324,7 +325,7 @@ def record_chunks(store: "Store", snapshot_id: str, chunks_by_path: dict[str, li
 
 def _insert_chunks(store: "Store", rows: list[dict]) -> None:
     if rows:
-        with store.db.atomic():
+        with write_lock(store.home), store.db.atomic():  # every catalog writer holds it
             store.db["xet_chunks"].insert_all(rows, ignore=True, batch_size=1000)
 
 
