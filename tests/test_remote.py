@@ -370,3 +370,48 @@ def test_two_nodes_pushing_at_once_leave_a_complete_remote(family, tmp_path, s3_
     assert tree_sha256(tmp_path / "out-A") == tree_sha256(family["A"])
     assert tree_sha256(tmp_path / "out-B") == tree_sha256(family["B"])
     assert tree_sha256(tmp_path / "out-same") in (tree_sha256(family["A"]), tree_sha256(family["B"]))
+
+
+def test_a_push_that_a_gc_overtakes_is_a_clear_error(family, tmp_path, monkeypatch):
+    """A ref removed and collected by another process as a push begins: RefNotFoundError
+    (it was "snapshot ... is not in store": the push resolved the ref before it held
+    the readers' lock that gc waits for). Found by processes pushing, fetching and
+    collecting at once."""
+    import threading
+
+    from compstore import RefNotFoundError
+
+    n1 = node(tmp_path, "n1", (tmp_path / "remote").as_uri())
+    n1.ingest(family["B"], "B")
+    real_reading, done = n1.reading, threading.Event()
+
+    def reading_after_a_gc():  # another process removes B and collects, just before
+        def collect():
+            with Store(n1.home) as other:
+                other.rm("B")
+                other.gc()
+            done.set()
+        if not done.is_set():
+            threading.Thread(target=collect, daemon=True).start()
+            done.wait(10)
+        return real_reading()
+
+    monkeypatch.setattr(n1, "reading", reading_after_a_gc)
+    with pytest.raises(RefNotFoundError, match="no ref named 'B'"):
+        n1.push("B")
+
+
+def test_remote_gc_leaves_a_lease_being_written(pushed, tmp_path):
+    """A lease is written to a temporary name, then renamed: with `--grace 0` a remote
+    gc deleted it under the push's feet (FileNotFoundError in the push)."""
+    n1, remote = pushed
+    locks = tmp_path / "remote" / "locks"
+    locks.mkdir(exist_ok=True)
+    writing = locks / "push-1234.json.tmp-abcd"
+    writing.write_text("")
+    remote.gc(grace_s=0)
+    assert writing.exists()
+    old = time.time() - 2 * 600  # older than a lease lasts: its writer crashed
+    os.utime(writing, (old, old))
+    remote.gc(grace_s=0)
+    assert not writing.exists()

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import time
 
-from .remote import Remote, RemoteGcReport, split_key
+from .remote import LEASE_S, Remote, RemoteGcReport, split_key
 from .remote_sync import document_blob_keys
 
 
@@ -86,6 +86,11 @@ def _collect(remote: Remote, dry_run: bool, grace_s: float, t0: float) -> Remote
             snapshots_removed += 1
     locks_removed = 0
     for name, mtime, size in remote.listdir("locks"):
+        if ".tmp-" in name:  # a lease being written (whatever the grace: a push may be starting)
+            stale = mtime < now - LEASE_S
+            if stale:
+                deletions.append((f"locks/{name}", size))
+            continue
         try:
             stale = json.loads(remote.get_bytes(f"locks/{name}")).get("expires", 0) < now
         except (FileNotFoundError, ValueError):

@@ -152,8 +152,8 @@ def _closure(first: str, load) -> dict[str, dict]:
 def push(store: "Store", ref: str, remote: Remote, remote_ref: str, *,
          progress: bool = False) -> PushResult:
     t0 = time.perf_counter()
-    snap = store.resolve(ref)
-    with store.reading():
+    with store.reading():  # a gc in another process waits: the snapshot resolved stays
+        snap = store.resolve(ref)
         docs = _closure(snap, lambda s: snapshot_document(store, s))
         remote.ensure_format(create=True)
         with remote.lease("push") as lease:

@@ -253,7 +253,8 @@ class Store:
     def manifest(self, ref: str) -> dict:
         """The tensor manifest of `ref` (commit it to the repo as compstore.manifest.json)
         so that pulls of it fetch only the tensors a store lacks; see `manifest.py`."""
-        return build_manifest(self, ref)
+        with self.reading():
+            return build_manifest(self, ref)
 
     # -- remotes -------------------------------------------------------------------
     def remote_add(self, name: str, url: str, **storage_options) -> dict:
@@ -581,21 +582,27 @@ class Store:
         return dest
 
     # -- reading: each report lives in its own module --------------------------
+    # Each under `reading()`: a gc in another process waits, so the rows of the
+    # snapshots a report resolved are there until it is done.
     def ls(self) -> list[dict]:
         """Every ref with its snapshot, kind, source, file count and logical bytes."""
-        return reports.ls(self)
+        with self.reading():
+            return reports.ls(self)
 
     def show(self, ref: str) -> dict:
         """One ref: files, components (ids, sizes) and which other refs share each."""
-        return reports.show(self, ref)
+        with self.reading():
+            return reports.show(self, ref)
 
     def du(self) -> reports.DuReport:
         """Logical vs physical bytes, dedup ratio, and per ref the bytes only it holds."""
-        return reports.du(self)
+        with self.reading():
+            return reports.du(self)
 
     def diff(self, a: str, b: str) -> reports.DiffReport:
         """Per component, what B shares with A; `delta_bytes` is what A -> B must move."""
-        return reports.diff(self, a, b)
+        with self.reading():
+            return reports.diff(self, a, b)
 
     def export(self, ref: str, dest: str | os.PathLike, *, flatten: bool = False,
                progress: bool = False) -> ExportResult:
