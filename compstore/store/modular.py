@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .components import pick_component
-from .errors import CompstoreError, ComponentNotFoundError, InvalidInputError, VariantNotFoundError
+from .errors import (CompstoreError, ComponentNotFoundError, InvalidInputError, RefNotFoundError,
+                     VariantNotFoundError)
 from .scan import PIPELINE_INDEXES, FolderScan, index_entries, safe_relpath
 
 if TYPE_CHECKING:
@@ -192,12 +193,14 @@ def refuse_changed_folder_pins(store: "Store", ref: str, scan: FolderScan, repin
     from .ingest import component_id_unwritten
     from .scan import scan_folder
 
-    if not store.has_ref(ref):
+    try:
+        old = {p["slot"]: p for p in pins_of(store, store.resolve(ref))}
+    except RefNotFoundError:  # a first ingest (or its ref just removed): nothing pinned yet
         return
-    old = {p["slot"]: p for p in pins_of(store, store.resolve(ref))}
     for p in external_pointers(scan):
         before, folder = old.get(p.slot), Path(p.source).expanduser()
-        if not (before and folder.is_dir() and (before["pointer"], before["subfolder"]) == (p.source, p.subfolder)):
+        same_pointer = before and (before["pointer"], before["subfolder"]) == (p.source, p.subfolder)
+        if not (same_pointer and folder.is_dir()):
             continue
         target = folder.resolve()
         there = scan_folder(target)
