@@ -22,7 +22,7 @@ from typing import Any, Callable
 import torch
 from torch.nn.parameter import is_lazy
 
-from ..store import CompstoreError, ComponentNotFoundError, CorruptStoreError, RefNotFoundError, Store
+from ..store import CompstoreError, ComponentNotFoundError, CorruptStoreError, Store
 from ..store.components import pick_component
 from ..store.objects import blob_hash
 from . import warm
@@ -574,9 +574,7 @@ def load_component(
         check=lambda rows: picked.append(pick_component(rows, slot, variant, fallback=False)))
     comp = picked[-1]
     name = f"{label}/{slot}" if slot else label
-    with exclusive_load(), store.reading():  # one load at a time (loading.py); gc waits
-        if not store.has_snapshot(snapshot_id):  # removed (rm, then gc) since it was resolved
-            raise RefNotFoundError(label, str(store.home))
+    with exclusive_load(), store.reading_snapshot(snapshot_id, label):  # one load at a time; gc waits
         model = build_model(store, comp, dtype=dtype, name_or_path=name, verify=verify)
     if pool is not None:
         to_device(model, pool.device, pool=pool)

@@ -19,7 +19,7 @@ import os
 from types import MethodType
 from typing import Any
 
-from ..store import RefNotFoundError, Store
+from ..store import Store
 from ..store.components import pick_component
 from ..store.modular import components_with_pins
 from .component import build_model, dtype_argument, is_model_class, refuse_quantization
@@ -88,9 +88,7 @@ def _store_load_components(store: Store, snapshot_id: str, label: str):
         variant = kwargs.pop("variant", None)
         packs = private_packs(store)
         loaded = {}
-        with store.reading():  # gc deletes no row and unlinks no pack meanwhile
-            if not store.has_snapshot(snapshot_id):  # removed (rm, then gc) since from_pretrained
-                raise RefNotFoundError(label, str(store.home))
+        with store.reading_snapshot(snapshot_id, label):  # gc deletes no row, unlinks no pack
             rows = components_with_pins(store, snapshot_id)  # a slot's own model, else its pin
             for name in names:
                 spec = specs.get(name)

@@ -249,9 +249,7 @@ def _assemble(store: Store, snapshot_id: str, label: str, **options: Any):
     end: meanwhile gc deletes neither the snapshot's catalog rows nor its packs or
     skeleton. One removed (rm, then gc) since its name was resolved is a
     `RefNotFoundError`: before, the load failed wherever it next read the catalog."""
-    with store.reading():
-        if not store.has_snapshot(snapshot_id):
-            raise RefNotFoundError(label, str(store.home))
+    with store.reading_snapshot(snapshot_id, label):
         return _build(store, snapshot_id, label, **options)
 
 

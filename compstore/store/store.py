@@ -507,6 +507,15 @@ class Store:
         catalog row and unlinks no pack while any reader holds it (it waits)."""
         return contextlib.nullcontext() if self.read_only else shared_readers(self.home)
 
+    @contextlib.contextmanager
+    def reading_snapshot(self, snapshot_id: str, name: str):
+        """`reading()`, for a snapshot resolved from `name` before: `RefNotFoundError` if
+        a `rm` and a gc removed it since (else its rows stay until the block ends)."""
+        with self.reading():
+            if not self.has_snapshot(snapshot_id):
+                raise RefNotFoundError(name, str(self.home))
+            yield
+
     def has_snapshot(self, snapshot_id: str) -> bool:
         return self.db.execute("SELECT 1 FROM snapshots WHERE id = ?", [snapshot_id]).fetchone() is not None
 
