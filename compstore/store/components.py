@@ -10,11 +10,12 @@ logger = logging.getLogger("compstore")
 
 
 def pick_component(components: list[dict], slot: str, variant: str | None,
-                   *, fallback: bool = True) -> dict:
+                   *, fallback: bool = True, warn: bool = True) -> dict:
     """The (slot, variant) row of `Store.components_of`. Where the slot lacks that
-    variant: its default weights, with a warning, as diffusers loads a pipeline
-    whose other folders have the variant; with `fallback=False` a
-    `VariantNotFoundError`, as diffusers loads one model.
+    variant: its default weights, with a warning (unless `warn=False`: a look ahead
+    of the pick that will warn), as diffusers loads a pipeline whose other folders
+    have the variant; with `fallback=False` a `VariantNotFoundError`, as diffusers
+    loads one model.
 
     >>> pick_component(store.components_of(snap), "unet", "fp16")  # doctest: +SKIP
     """
@@ -28,7 +29,7 @@ def pick_component(components: list[dict], slot: str, variant: str | None,
         raise VariantNotFoundError(f"slot {slot!r} has no {variant!r} weights (it has: "
                                    f"{variant_names(in_slot)})")
     if "" in in_slot:
-        if variant:
+        if variant and warn:
             logger.warning("%s: no %r variant stored, loading the default weights", slot, variant)
         return in_slot[""]
     if variant is None and len(in_slot) == 1:

@@ -210,10 +210,9 @@ def refuse_changed_folder_pins(store: "Store", ref: str, scan: FolderScan, repin
             rows = store.components_of(hit[0])
         else:
             rows = [{"slot": c.slot, "variant": c.variant, "component": c} for c in there.components]
-        in_slot = {r["variant"]: r for r in rows if r["slot"] == p.subfolder}
-        row = in_slot.get(p.variant or "") or in_slot.get("") or (  # as pick_component picks
-            next(iter(in_slot.values())) if p.variant is None and len(in_slot) == 1 else None)
-        if row is None:
+        try:  # resolve_pointers picks (and warns) again
+            row = pick_component(rows, p.subfolder, p.variant, warn=False)
+        except ComponentNotFoundError:
             continue  # resolve_pointers names the problem
         now = row["component_id"] if hit else component_id_unwritten(there, row["component"])
         if now != before["component_id"]:
