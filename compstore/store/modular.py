@@ -204,8 +204,7 @@ def refuse_changed_folder_pins(store: "Store", ref: str, scan: FolderScan, repin
             continue
         target = folder.resolve()
         there = scan_folder(target)
-        stamp = stat_cache.stamp(there, time.time_ns())
-        hit = stamp and stamp.whole and stat_cache.unchanged(store.db, str(target), stamp.whole)
+        hit = stat_cache.unchanged(store.db, str(target), stat_cache.stamp(there, time.time_ns()))
         if hit:
             rows = store.components_of(hit[0])
         else:

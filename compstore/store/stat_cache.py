@@ -87,13 +87,15 @@ def stamp(scan: FolderScan, started_ns: int) -> FolderStamp | None:
     return FolderStamp(hashlib.sha256("\n".join(files.values()).encode()).hexdigest(), files)
 
 
-def unchanged(db: sqlite_utils.Database, ref: str, folder_stamp: str) -> tuple[str, Counts] | None:
-    """(snapshot id, counts) when `ref` was ingested from a folder with this stamp and
-    still points at what that ingest made."""
+def unchanged(db: sqlite_utils.Database, ref: str, folder: FolderStamp | None) -> tuple[str, Counts] | None:
+    """(snapshot id, counts) when `ref` was ingested from a folder with this stamp (a
+    whole one: every file settled) and still points at what that ingest made."""
+    if folder is None or folder.whole is None:
+        return None
     row = db.execute(
         "SELECT c.snapshot_id, c.counts FROM stat_cache c JOIN refs r "
         "ON r.name = c.ref AND r.snapshot_id = c.snapshot_id WHERE c.ref = ? AND c.stamp = ?",
-        [ref, folder_stamp]).fetchone()
+        [ref, folder.whole]).fetchone()
     return None if row is None else (row[0], Counts(**json.loads(row[1])))
 
 

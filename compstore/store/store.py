@@ -417,8 +417,7 @@ class Store:
         # A modular folder's pointers are followed again (what they name may have moved);
         # a pull's downloads are new files, deleted as they go.
         stamp = None if scan.kind == "modular" or consume_weights else stat_cache.stamp(scan, started_ns)
-        if stamp is not None and stamp.whole is not None and \
-                (hit := stat_cache.unchanged(self.db, ref, stamp.whole)) is not None:
+        if (hit := stat_cache.unchanged(self.db, ref, stamp)) is not None:
             snap, c = hit
             return IngestResult(ref, snap, "unchanged", scan.kind, c.files, c.tensors, c.components,
                                 c.logical_bytes, 0, c.reused_bytes, round(time.perf_counter() - t0, 3))
