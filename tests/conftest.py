@@ -53,6 +53,27 @@ def use_hub(monkeypatch, hub) -> None:
     monkeypatch.setattr(constants, "HF_TOKEN_PATH", "/nonexistent/token")
 
 
+def collect_beside(store: Store, refs: list[str] = (), wait_s: float = 1.0):
+    """rm `refs` and gc from another thread with its own `Store`, as another process
+    would; wait up to `wait_s` for it (a gc waiting for this thread's `reading()` takes
+    longer) and return the thread's done Event."""
+    import threading
+
+    done = threading.Event()
+
+    def collect():
+        with Store(store.home) as other:
+            for ref in refs:
+                if other.has_ref(ref):
+                    other.rm(ref)
+            other.gc()
+        done.set()
+
+    threading.Thread(target=collect, daemon=True).start()
+    done.wait(wait_s)
+    return done
+
+
 def run_random_steps(rng, steps: list, n: int, log: list[str], check=lambda i: None, label: str = "") -> None:
     """`n` steps drawn by `rng` from `steps`, `check(i)` after each; a failure is raised
     with `log`, the steps taken so far, so that a random sequence can be replayed."""

@@ -13,7 +13,7 @@ from safetensors.numpy import save_file
 
 from compstore import Store, StoreBusyError
 from compstore.store.lock import write_lock
-from conftest import store_state, tree_sha256
+from conftest import collect_beside, store_state, tree_sha256
 
 
 @pytest.fixture(scope="module")
@@ -209,22 +209,10 @@ def test_a_load_that_gc_overtakes_is_a_clear_error(family_store, monkeypatch):
 def test_gc_deletes_no_row_while_a_load_reads(family_store):
     """gc waits for readers before its catalog transaction, not only before it unlinks
     packs: a load in progress finds every row of the snapshot it resolved."""
-    import threading
-
     snapshot = family_store.resolve("B")
-    family_store.rm("B")
-    done = threading.Event()
-
-    def collect():
-        with Store(family_store.home) as other:
-            other.gc()
-        done.set()
-
     with family_store.reading():  # what a load holds from its first catalog read to its end
-        thread = threading.Thread(target=collect)
-        thread.start()
-        assert not done.wait(1.0)
+        done = collect_beside(family_store, ["B"], wait_s=1.0)
+        assert not done.is_set()
         unet = next(c for c in family_store.components_of(snapshot) if c["slot"] == "unet")
         assert family_store.has_snapshot(snapshot) and family_store.tensor_locations(unet["component_id"])
-    thread.join(60)
-    assert done.is_set() and not family_store.has_snapshot(snapshot)
+    assert done.wait(60) and not family_store.has_snapshot(snapshot)

@@ -1,7 +1,6 @@
 """`pull` against a Hub emulated on 127.0.0.1: only what the store lacks is served."""
 
 import hashlib
-import threading
 from pathlib import Path
 
 import pytest
@@ -9,7 +8,7 @@ import torch
 
 import compstore
 from compstore import HubError, Store
-from conftest import recorded_sha256, same_state, tree_sha256, use_hub
+from conftest import collect_beside, recorded_sha256, same_state, tree_sha256, use_hub
 from hub_emulator import HubEmulator
 
 
@@ -1105,24 +1104,6 @@ def test_an_offline_load_at_a_revision_gets_that_commit_or_an_error(hub, store, 
         unet("v2.0")
 
 
-def _collect_beside(store, refs: list[str], wait_s: float = 1.0) -> threading.Event:
-    """rm `refs` and gc in another thread, as another process would; wait up to
-    `wait_s` for it (a gc that waits for this thread's reading takes longer)."""
-    done = threading.Event()
-
-    def collect():
-        with Store(store.home) as other:
-            for ref in refs:
-                if other.has_ref(ref):
-                    other.rm(ref)
-            other.gc()
-        done.set()
-
-    threading.Thread(target=collect, daemon=True).start()
-    done.wait(wait_s)
-    return done
-
-
 def test_a_pull_that_a_gc_overtakes_rebuilds_held_files_or_fetches_them(hub, store, family, monkeypatch):
     """Three processes pulling, removing and collecting at once saw pulls fail: a file
     found held was gone when it was written out (TypeError), a stored index read as
@@ -1136,7 +1117,7 @@ def test_a_pull_that_a_gc_overtakes_rebuilds_held_files_or_fetches_them(hub, sto
 
     def reading_after_a_gc():  # the pull's first reading: a gc comes first, or waits for it
         if not collected:
-            collected.append(_collect_beside(store, []))
+            collected.append(collect_beside(store))
         return real_reading()
 
     monkeypatch.setattr(store, "reading", reading_after_a_gc)
@@ -1149,7 +1130,7 @@ def test_a_pull_that_a_gc_overtakes_rebuilds_held_files_or_fetches_them(hub, sto
     real_pins = hub_module.pins_of
 
     def pins_then_collected(store_, snapshot):  # `already_here` has resolved the ref
-        _collect_beside(store, [b.ref, "org/B"])
+        collect_beside(store, [b.ref, "org/B"])
         return real_pins(store_, snapshot)
 
     monkeypatch.setattr(hub_module, "pins_of", pins_then_collected)

@@ -22,7 +22,7 @@ from compstore import Store
 from compstore.cli.main import cli
 from compstore.store.remote import Remote, RemoteBusyError, RemoteError
 from compstore.store.remote_sync import _closure, document_blob_keys, snapshot_document
-from conftest import store_state, tree_sha256
+from conftest import collect_beside, store_state, tree_sha256
 from test_modular import repos  # noqa: F401  (a module fixture: modular repos with pins)
 
 
@@ -377,23 +377,15 @@ def test_a_push_that_a_gc_overtakes_is_a_clear_error(family, tmp_path, monkeypat
     (it was "snapshot ... is not in store": the push resolved the ref before it held
     the readers' lock that gc waits for). Found by processes pushing, fetching and
     collecting at once."""
-    import threading
-
     from compstore import RefNotFoundError
 
     n1 = node(tmp_path, "n1", (tmp_path / "remote").as_uri())
     n1.ingest(family["B"], "B")
-    real_reading, done = n1.reading, threading.Event()
+    real_reading, collected = n1.reading, []
 
     def reading_after_a_gc():  # another process removes B and collects, just before
-        def collect():
-            with Store(n1.home) as other:
-                other.rm("B")
-                other.gc()
-            done.set()
-        if not done.is_set():
-            threading.Thread(target=collect, daemon=True).start()
-            done.wait(10)
+        if not collected:
+            collected.append(collect_beside(n1, ["B"], wait_s=10))
         return real_reading()
 
     monkeypatch.setattr(n1, "reading", reading_after_a_gc)
