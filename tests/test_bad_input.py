@@ -342,17 +342,24 @@ def test_a_model_saved_quantized_is_refused_by_name(store, pipeline_copy):
     assert pipe.unet is unet and torch.equal(pipe.vae.decoder.conv_out.weight, vae.decoder.conv_out.weight)
 
     store.ingest(folder, "quantized")  # the store holds it as published ...
+    before = store_state(store.home)
     with pytest.raises(compstore.CompstoreError, match=r"quantized/unet: .*saved quantized \(bitsandbytes\)"):
         compstore.DiffusionPipeline.from_pretrained("quantized", store=store)  # ... and builds none of it
+    assert store_state(store.home) == before
 
 
 def test_an_error_naming_input_with_a_newline_stays_one_line(tmp_path):
+    from compstore import Store
+
+    Store(tmp_path / "s").close()
+    before = store_state(tmp_path / "s")
     r = CliRunner().invoke(cli, ["--store", str(tmp_path / "s"), "show", "a\nb"])
     assert r.exit_code == 1 and r.stderr.count("\n") == 1 and "'a\\nb'" in r.stderr
     r = CliRunner().invoke(cli, ["--store", str(tmp_path / "s"), "pull", "x\ny", "--all", "--variant", "fp16"])
     assert r.exit_code == 1 and r.stderr == ("Error: pull x\\ny: all_files (--all) takes every variant as "
                                              "published; leave out variant='fp16', or all_files to pull "
                                              "that variant\n")
+    assert store_state(tmp_path / "s") == before
 
 
 def test_a_folder_that_is_no_pipeline_or_an_empty_name_is_refused_before_it_is_read(store, tmp_path):

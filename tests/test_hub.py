@@ -8,7 +8,7 @@ import torch
 
 import compstore
 from compstore import HubError, Store
-from conftest import collect_beside, recorded_sha256, same_state, tree_sha256, use_hub
+from conftest import collect_beside, recorded_sha256, same_state, store_state, tree_sha256, use_hub
 from hub_emulator import HubEmulator
 
 
@@ -1095,9 +1095,11 @@ def test_an_offline_load_at_a_revision_gets_that_commit_or_an_error(hub, store, 
 
     for revision, expected in [("v1.0", a), (old, a), (old[:7], a), (new[:7], b), ("main", b), (None, b)]:
         same_state(unet(revision, local_files_only=True), expected)
+    before = store_state(store.home)
     for revision in ("0" * 40, "0" * 7, "v2.0"):
         with pytest.raises(compstore.RefNotFoundError, match=f"no ref named 'org/V@{revision}'"):
             unet(revision, local_files_only=True)
+    assert store_state(store.home) == before
     hub.close()  # the Hub down: the same, with a warning, and its error where the store lacks it
     same_state(unet("v1.0"), a)
     with pytest.raises(compstore.HubUnavailableError, match="org/V: the Hub request failed"):

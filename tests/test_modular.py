@@ -215,9 +215,10 @@ def test_load_components_refuses_quantization_config(repos, store):
     pipe = compstore.ModularPipeline.from_pretrained("remix", store=store)
     config = PipelineQuantizationConfig(quant_backend="bitsandbytes_4bit",
                                         quant_kwargs={"load_in_4bit": True}, components_to_quantize=["unet"])
+    before = store_state(store.home)
     with pytest.raises(compstore.CompstoreError, match="does not quantize them yet"):
         pipe.load_components(torch_dtype=torch.float32, quantization_config=config)
-    assert pipe.unet is None  # nothing was loaded
+    assert pipe.unet is None and store_state(store.home) == before  # nothing was loaded
 
 
 def test_a_components_id_computed_without_writing_is_the_one_an_ingest_gives(repos, store, family):
