@@ -285,11 +285,11 @@ class HubEmulator:
                     if cut is not None:  # an interrupted transfer: some bytes, then the drop
                         chunk = chunk[:cut]
                         self.close_connection = True
-                    self.wfile.write(chunk)
-                    with hub._lock:
+                    with hub._lock:  # counted first: the client may look once it has the bytes
                         hub.served_bytes += len(chunk)
                         hub.served_files.append(file_path)
                         hub.served_per_file[file_path] = hub.served_per_file.get(file_path, 0) + len(chunk)
+                    self.wfile.write(chunk)
 
             # -- Xet ---------------------------------------------------------------------
             def _xet_token(self, repo_id: str, rev: str) -> None:
@@ -339,9 +339,9 @@ class HubEmulator:
                     self.send_header("Content-Length", str(len(body)))
                     self.end_headers()
                     if not head:
-                        self.wfile.write(body)
-                        with hub._lock:
+                        with hub._lock:  # counted first, as above
                             hub.xet_served_bytes += len(body)
+                        self.wfile.write(body)
                     return
                 self._error(404, "NotFound")
 

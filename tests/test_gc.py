@@ -172,6 +172,18 @@ def test_read_only_store_loads_but_refuses_writes(family_store, family, tmp_path
     assert store_state(home) == before
 
 
+def test_read_only_store_sees_what_a_live_writer_left_in_its_wal(family_store):
+    """A writer still running keeps its latest commits in catalog.db-wal; an immutable
+    open (compstore before 2026-12-07) read the main file alone and missed them."""
+    family_store.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    family_store.tag("late", family_store.resolve("A"))  # only in the WAL now
+    assert (family_store.home / "catalog.db-wal").stat().st_size > 0
+    with Store(family_store.home, read_only=True) as ro:
+        assert ro.resolve("late") == family_store.resolve("A")
+        pipe = compstore.DiffusionPipeline.from_pretrained("late", store=ro)
+        assert type(pipe).__name__ == "StableDiffusionPipeline"
+
+
 def test_read_only_loads_share_one_skeleton_folder_removed_at_exit(family_store, tmp_path, monkeypatch):
     """A read-only store's skeletons go in one folder per process, not one per load
     left in the temporary folder for good."""

@@ -44,12 +44,14 @@ def ingest(ctx, path, name, allow_pickle, exclude, repin, as_json):
     """Ingest a pipeline folder or a single component folder."""
     r = open_store(ctx).ingest(path, name, allow_pickle=allow_pickle, exclude=list(exclude),
                                repin=repin, progress=want_progress(as_json))
-    if r.status == "unchanged":
+    if r.status == "unchanged" and not r.written_bytes:
         text = f"{r.ref}: unchanged, the store already holds this exact content (nothing written)"
     else:
         text = (f"{r.ref}: {r.status} ({r.kind}), {r.files} files, {r.tensors} tensors, "
                 f"{r.components} components, {human(r.logical_bytes)}; wrote "
                 f"{human(r.written_bytes)} new, reused {human(r.reused_bytes)} in {r.seconds:.2f} s")
+    if r.healed_bytes:
+        text += f"; healed {human(r.healed_bytes)} of damaged payloads"
     emit(as_json, r.to_dict(), text)
 
 
@@ -222,11 +224,15 @@ def verify(ctx, as_json):
     for p in r.problems:
         lines.append(f"  blob {p['blob']} in pack {p['pack']}: {p['problem']}; refs: "
                      f"{', '.join(p['refs']) or '-'}; files: {', '.join(p['files']) or '-'}")
+    if not r.ok and not r.recorded and not as_json:
+        lines.append("  (not recorded: another process was writing to the store; run verify "
+                     "again before ingesting a source under its own ref to heal it)")
     emit(as_json, r.to_dict(), "\n".join(lines))
     if not r.ok:
         if not as_json:
-            click.echo("Error: the store has corrupt or missing payloads (refs listed above)",
-                       err=True)
+            click.echo("Error: the store has corrupt or missing payloads (refs listed above); "
+                       "ingest or pull their sources again (or fetch them from a remote) to heal "
+                       "them, or `compstore rm` those refs and `compstore gc`", err=True)
         sys.exit(1)
 
 

@@ -23,6 +23,10 @@
     stat_cache_files(ref, path, stamp, sha256, snapshot_id)
                                                        each of its files' stat, and the sha256
                                                        of the bytes read then
+    damaged_blobs(blob_id, xxh3, pack, offset, problem)
+                                                       what the last `verify` found damaged;
+                                                       an ingest, pull or fetch that brings
+                                                       those bytes again heals them
     meta(key, value)                                   schema version
 
 Only `Store` writes here, under the store's write lock and in one transaction per
@@ -31,6 +35,7 @@ operation.
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from pathlib import Path
 
@@ -40,8 +45,17 @@ SCHEMA_VERSION = 1
 
 
 def open_catalog(path: Path, timeout_s: float = 60.0, read_only: bool = False) -> sqlite_utils.Database:
-    if read_only:  # immutable: SQLite writes no -wal/-shm beside a read-only catalog
-        conn = sqlite3.connect(f"file:{path}?mode=ro&immutable=1", uri=True, isolation_level=None)
+    if read_only:
+        # A writer that has the catalog open (or was killed) left its latest commits in
+        # the -wal file: read-only, SQLite reads them through the -shm it left too. With
+        # neither beside it (a clean close) and no right to make them, only an immutable
+        # open works, and then there is no WAL to miss.
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None)
+        try:
+            conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        except sqlite3.OperationalError:
+            conn.close()
+            conn = sqlite3.connect(f"file:{path}?mode=ro&immutable=1", uri=True, isolation_level=None)
         return sqlite_utils.Database(conn)
     conn = sqlite3.connect(str(path), timeout=timeout_s, isolation_level=None)
     conn.execute("PRAGMA foreign_keys = ON")
@@ -143,7 +157,7 @@ def ensure_schema(db: sqlite_utils.Database, read_only: bool = False) -> None:
         _create_later_tables(db)
 
 
-_LATER_TABLES = ("xet_chunks", "stat_cache", "stat_cache_files")
+_LATER_TABLES = ("xet_chunks", "stat_cache", "stat_cache_files", "damaged_blobs")
 
 
 def _create_later_tables(db: sqlite_utils.Database) -> None:
@@ -151,7 +165,8 @@ def _create_later_tables(db: sqlite_utils.Database) -> None:
     files and refs, and a row that outlives them (an older compstore's gc or rm)
     costs a sha256 mismatch and a re-fetch (xet_chunks), or nothing (stat_cache:
     it is trusted only while its ref points at its snapshot; stat_cache_files: a
-    file whose sha256 the store no longer holds is read)."""
+    file whose sha256 the store no longer holds is read; damaged_blobs: a row is
+    trusted only while its blob is still where verify found it)."""
     with db.atomic():
         db["xet_chunks"].create(
             {"xorb": str, "chunk_index": int, "file_id": int, "offset": int, "length": int},
@@ -161,6 +176,8 @@ def _create_later_tables(db: sqlite_utils.Database) -> None:
                                 pk="ref", if_not_exists=True)
         db["stat_cache_files"].create({"ref": str, "path": str, "stamp": str, "sha256": str,
                                        "snapshot_id": str}, pk=("ref", "path"), if_not_exists=True)
+        db["damaged_blobs"].create({"blob_id": int, "xxh3": str, "pack": str, "offset": int,
+                                    "problem": str}, pk="blob_id", if_not_exists=True)
 
 
 def blobs_of_snapshot(db: sqlite_utils.Database, snapshot_id: str) -> dict[int, int]:
@@ -191,3 +208,32 @@ def tensor_blobs_of_snapshot(db: sqlite_utils.Database, snapshot_id: str) -> dic
     JOIN tensors t ON t.id = ft.tensor_id JOIN blobs b ON b.id = t.blob_id
     WHERE sf.snapshot_id = ?"""
     return {row[0]: row[1] for row in db.execute(sql, [snapshot_id])}
+
+
+def damaged_blob_ids(db: sqlite_utils.Database) -> set[int]:
+    """The blobs the last `verify` found damaged and nothing has healed since: ids whose
+    row still names the copy verify read (a healed blob points at a new copy)."""
+    if "damaged_blobs" not in db.table_names():  # a read-only catalog of an older compstore
+        return set()
+    return {r[0] for r in db.execute(
+        "SELECT d.blob_id FROM damaged_blobs d JOIN blobs b ON b.id = d.blob_id "
+        "AND b.xxh3 = d.xxh3 AND b.pack = d.pack AND b.offset = d.offset")}
+
+
+def damaged_files(db: sqlite_utils.Database) -> set[tuple[int, str]]:
+    """(id, sha256) of the stored files any of whose bytes are in damaged blobs."""
+    damaged = damaged_blob_ids(db)
+    if not damaged:
+        return set()
+    return {tuple(r) for r in db.execute(
+        """WITH b(id) AS (SELECT value FROM json_each(:ids)),
+                f(id) AS (SELECT id FROM files WHERE header_blob IN b OR raw_blob IN b
+                          UNION SELECT ft.file_id FROM file_tensors ft
+                          JOIN tensors t ON t.id = ft.tensor_id WHERE t.blob_id IN b)
+           SELECT id, sha256 FROM files WHERE id IN f""", {"ids": json.dumps(sorted(damaged))})}
+
+
+def snapshot_is_damaged(db: sqlite_utils.Database, snapshot_id: str) -> bool:
+    """Whether a snapshot reaches a blob the last `verify` found damaged."""
+    damaged = damaged_blob_ids(db)
+    return bool(damaged) and not damaged.isdisjoint(blobs_of_snapshot(db, snapshot_id))

@@ -50,9 +50,8 @@ def file_pieces(store: "Store", file_id: int) -> Iterator[memoryview]:
         pack, offset, size = locs[bid]
         try:
             yield store.packs.view(pack, offset, size)
-        except (OSError, ValueError) as e:
-            raise CorruptStoreError(
-                f"blob {bid} (pack {pack}) cannot be read: {e}; run `compstore verify`") from None
+        except (OSError, CorruptStoreError) as e:
+            raise CorruptStoreError(f"blob {bid} cannot be read: {e}") from None
 
 
 def snapshot_files(store: "Store", snapshot_id: str) -> list[tuple[str, int, str, int]]:

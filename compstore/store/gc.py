@@ -17,6 +17,11 @@ Crash safety, in order:
 Mappings already made (a loaded pipeline) survive the unlink: Linux keeps the
 bytes of an unlinked, mapped file.
 
+A pack is compacted when it holds dead blobs or bytes no blob names (the old copy
+of a blob an ingest healed; see verify.py). A pack whose live blobs cannot be read
+(missing, short) is left as it is, for `compstore verify` to name and an ingest to
+heal: gc never turns damage into an error of its own.
+
 `downloads/` holds what failed pulls left for the next pull to resume; gc removes
 it too, and the pulls' lock files (`pulls/`), unless a pull is running (it holds
 `pull.lock`; gc does not wait for it).
@@ -31,7 +36,7 @@ from typing import TYPE_CHECKING
 
 from .errors import StoreBusyError
 from .lock import exclusive_readers, no_pull_running, write_lock
-from .objects import PackWriter, fsync_dir
+from .objects import ALIGN, PackWriter, fsync_dir
 
 if TYPE_CHECKING:
     from .store import Store
@@ -97,7 +102,9 @@ def gc(store: "Store", *, dry_run: bool = False) -> GcReport:
         pack_sizes = {name: size for name, size in db.execute("SELECT name, size FROM packs")}
         dead_packs = [p for p in pack_sizes if not any(b[0] in live_blobs for b in by_pack.get(p, []))]
         partial = [p for p in pack_sizes if p not in dead_packs
-                   and any(b[0] not in live_blobs for b in by_pack.get(p, []))]
+                   and (any(b[0] not in live_blobs for b in by_pack[p])
+                        or _unnamed_bytes(by_pack[p], pack_sizes[p]))
+                   and all(store.packs.readable(*b[1:]) for b in by_pack[p] if b[0] in live_blobs)]
         dead_blobs = [b[0] for b in blobs if b[0] not in live_blobs]
         dead_snaps = [r[0] for r in db.execute("SELECT id FROM snapshots") if r[0] not in live_snaps]
 
@@ -141,6 +148,7 @@ def gc(store: "Store", *, dry_run: bool = False) -> GcReport:
                 _delete_not_in(db, "stat_cache_files", "snapshot_id", live_snaps)
                 _delete_not_in(db, "tensors", "id", live_tensors)
                 _delete_not_in(db, "blobs", "id", live_blobs)
+                _delete_not_in(db, "damaged_blobs", "blob_id", live_blobs)
                 for p in dead_packs + partial:
                     db.execute("DELETE FROM packs WHERE name = ?", [p])
 
@@ -158,6 +166,16 @@ def gc(store: "Store", *, dry_run: bool = False) -> GcReport:
         freed -= sum(s for _, s in new_packs)
     return GcReport(False, freed, len(dead_blobs), len(dead_snaps), len(dead_packs), len(partial),
                     round(time.perf_counter() - t0, 3), downloads_freed)
+
+
+def _unnamed_bytes(blobs: list[tuple], pack_size: int) -> bool:
+    """Whether a pack holds a run of bytes no blob names, beyond alignment padding."""
+    end = 0
+    for _, _, offset, size in blobs:  # by offset
+        if offset - end >= ALIGN:
+            return True
+        end = max(end, offset + size)
+    return pack_size - end >= ALIGN
 
 
 def _unfinished_downloads(store: "Store", dry_run: bool) -> int:

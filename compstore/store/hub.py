@@ -44,6 +44,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .catalog import damaged_blob_ids, damaged_files, snapshot_is_damaged
 from .errors import CompstoreError, DiskFullError, InvalidInputError, RefNotFoundError, VariantNotFoundError
 from .export import file_pieces, write_file
 from .lock import pull_lock, pulls_running, write_lock
@@ -119,19 +120,23 @@ def _git_blob_sha1(data: bytes) -> str:
 
 def _held_file(store: "Store", size: int, sha256: str | None, git_oid: str | None,
                xet_hash: str | None = None) -> tuple | None:
-    """(file id, sha256) of a stored file with this content, if the store holds one."""
+    """(file id, sha256) of a stored file with this content, if the store holds one
+    intact (a file stored with damaged bytes is downloaded again, and heals them)."""
+    damaged = {fid for fid, _ in damaged_files(store.db)}
     if xet_hash:
         row = store.db.execute("SELECT id, sha256 FROM files WHERE xet_hash = ? AND size = ?",
                                [xet_hash.lower(), size]).fetchone()
         if row:
-            return tuple(row)
+            return None if row[0] in damaged else tuple(row)
     if sha256:
         row = store.db.execute("SELECT id, sha256 FROM files WHERE sha256 = ? AND size = ?",
                                [sha256.lower(), size]).fetchone()
-        return tuple(row) if row else None
+        return tuple(row) if row and row[0] not in damaged else None
     if git_oid and size <= 10 << 20:  # small files: compare git blob ids of same-size ones
         for fid, sha in store.db.execute(
                 "SELECT id, sha256 FROM files WHERE size = ? AND kind = 'raw'", [size]).fetchall():
+            if fid in damaged:
+                continue
             data = b"".join(bytes(p) for p in file_pieces(store, fid))
             if _git_blob_sha1(data) == git_oid:
                 return fid, sha
@@ -271,7 +276,8 @@ def pull(store: "Store", repo_id: str, *, revision: str | None = None,
                 snapshot = store.resolve(default_ref) if have else None
             except RefNotFoundError:  # removed since `has_ref`
                 return None
-            if snapshot is None or (index_path and index_path not in have) or pins_of(store, snapshot):
+            if (snapshot is None or (index_path and index_path not in have) or pins_of(store, snapshot)
+                    or snapshot_is_damaged(store.db, snapshot)):  # pulled again, to heal it
                 return None
             index = None
             if index_path:
@@ -543,10 +549,13 @@ def _assemble_reading(store: "Store", repo_id: str, path: str, commit: str, endp
     from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
 
     pieces = []
+    damaged = damaged_blob_ids(store.db)
     for begin, end, xxh3 in plan["pieces"]:
-        row = store.db.execute("SELECT pack, offset FROM blobs WHERE xxh3 = ? AND size = ?",
+        row = store.db.execute("SELECT id, pack, offset FROM blobs WHERE xxh3 = ? AND size = ?",
                                [xxh3, end - begin]).fetchone()
-        pieces.append((begin, end, row))
+        if row and (row[0] in damaged or not store.packs.readable(*row[1:], end - begin)):
+            row = None  # fetched from the Hub instead
+        pieces.append((begin, end, row[1:] if row else None))
     ranges: list[list[int]] = []  # coalesced [begin, end) of the pieces the store lacks
     for begin, end, row in pieces:
         if row is None:

@@ -47,6 +47,7 @@ class IngestStats:
     logical_bytes: int = 0  # bytes of the input files
     written_bytes: int = 0  # new payload bytes appended to the store
     reused_bytes: int = 0  # payload bytes the store already held (confirmed byte-for-byte)
+    healed_bytes: int = 0  # of written_bytes: fresh copies of stored blobs found damaged
 
 
 @dataclass
@@ -88,17 +89,33 @@ class Ingestor:
         self._next_tensor = (db.execute("SELECT max(id) FROM tensors").fetchone()[0] or 0) + 1
         self._next_file = (db.execute("SELECT max(id) FROM files").fetchone()[0] or 0) + 1
         self.blob_sizes: dict[int, int] = {}
+        self.healed: dict[int, tuple[str, int]] = {}  # blob id -> its fresh copy (pack, offset)
 
     # -- blobs -------------------------------------------------------------------
     def put_blob(self, data) -> int:
-        """Return the id of a blob holding exactly `data`, appending it if new."""
+        """Return the id of a blob holding exactly `data`, appending it if new.
+
+        A stored blob with this hash whose stored bytes are damaged (they no longer
+        hash to it, or their pack is missing or short) is healed: `data` is written
+        again and the blob keeps its id, pointed at the fresh copy on commit."""
         size = len(data)
         key = (blob_hash(data), size)
         for bid, pack, offset in self.db.execute(
             "SELECT id, pack, offset FROM blobs WHERE xxh3 = ? AND size = ?", key
         ):
-            if same_bytes(self.packs.view(pack, offset, size), data):
+            if bid in self.healed:
+                stored = self.writer.read(*self.healed[bid], size)
+            elif self.packs.readable(pack, offset, size):
+                stored = self.packs.view(pack, offset, size)
+            else:
+                stored = None
+            if stored is not None and same_bytes(stored, data):
                 self.stats.reused_bytes += size
+                return bid
+            if stored is None or blob_hash(stored) != key[0]:
+                self.healed[bid] = self.writer.append(data)
+                self.stats.written_bytes += size
+                self.stats.healed_bytes += size
                 return bid
         for blob in self._pending_blobs.get(key, []):
             if same_bytes(self.writer.read(blob.pack, blob.offset, size), data):
@@ -292,11 +309,16 @@ class Ingestor:
 
 
 def insert_blob_rows(db: sqlite_utils.Database, ing: Ingestor, packs: list[tuple[str, int]]) -> None:
-    """The rows of the packs a run wrote and of its new blobs (in the caller's transaction)."""
+    """The rows of the packs a run wrote and of its new blobs, and healed blobs pointed
+    at their fresh copies (in the caller's transaction: the old copies are left to gc)."""
     db["packs"].insert_all({"name": name, "size": size} for name, size in packs)
     db["blobs"].insert_all(
         ({"id": b.id, "xxh3": b.xxh3, "size": b.size, "pack": b.pack, "offset": b.offset}
          for b in ing.new_blobs), batch_size=1000)
+    db.conn.executemany("UPDATE blobs SET pack = ?, offset = ? WHERE id = ?",
+                        [(p, o, b) for b, (p, o) in ing.healed.items()])
+    if ing.healed and "damaged_blobs" in db.table_names():
+        db.conn.executemany("DELETE FROM damaged_blobs WHERE blob_id = ?", [(b,) for b in ing.healed])
 
 
 # Linux 5.14+: map a range of a file in one call. `write()` from a mapping that

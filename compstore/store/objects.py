@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import xxhash
 
-from .errors import DiskFullError
+from .errors import CorruptStoreError, DiskFullError
 
 ALIGN = 64  # so that tensors mapped straight from a pack are aligned for any dtype
 _ZEROS = bytes(ALIGN)
@@ -202,10 +202,23 @@ class PackFiles:
         return m
 
     def view(self, pack: str, offset: int, size: int) -> memoryview:
-        m = self.map(pack)
+        """The bytes of a blob; `CorruptStoreError` when its pack is missing or short."""
+        try:
+            m = self.map(pack)
+        except FileNotFoundError:
+            raise CorruptStoreError(f"pack {pack} is missing; run `compstore verify`") from None
         if offset + size > len(m):
-            raise ValueError(f"pack {pack} is {len(m)} bytes, blob needs {offset + size}")
+            raise CorruptStoreError(f"pack {pack} is {len(m)} bytes, a blob needs {offset + size}; "
+                                    "run `compstore verify`")
         return memoryview(m)[offset : offset + size]
+
+    def readable(self, pack: str, offset: int, size: int) -> bool:
+        """Whether a blob's pack is there and long enough (else: damage `verify` names)."""
+        try:
+            self.view(pack, offset, size)
+        except CorruptStoreError:
+            return False
+        return True
 
     def close(self) -> None:
         for m in self._maps.values():

@@ -18,6 +18,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable
 
+from .catalog import damaged_blob_ids
+from .errors import CorruptStoreError
 from .ingest import Ingestor, canonical_sha256, insert_blob_rows, now
 from .lock import scratch_folder, write_lock
 from .objects import PACK_TARGET, PackWriter, blob_hash, fsync_dir
@@ -194,6 +196,20 @@ def _local_blobs(store: "Store", keys: Iterable[str]) -> dict[str, tuple[int, st
     return out
 
 
+def _intact(store: "Store", key: str, location: tuple[str, int, int]) -> memoryview:
+    """A blob's stored bytes (pack, offset, size), checked against its hash: a push
+    never spreads damage."""
+    try:
+        data = store.packs.view(*location)
+        if blob_hash(data) == split_key(key)[0]:
+            return data
+    except CorruptStoreError:  # its pack is missing or short
+        pass
+    raise CorruptStoreError(f"blob {key} is damaged in this store (pack {location[0]}): nothing "
+                            "more was pushed; run `compstore verify`, then ingest or pull the "
+                            "source it names again, and push again")
+
+
 def _upload_packs(store: "Store", remote: Remote, keys: list[str], locations, lease: Lease,
                   on_bytes) -> int:
     """Write the blobs into ~PACK_TARGET packs, each uploaded before its index."""
@@ -214,7 +230,7 @@ def _upload_packs(store: "Store", remote: Remote, keys: list[str], locations, le
             digest, entries, offset = hashlib.sha256(), [], 0
             with open(path, "wb") as f:
                 for key in batch:
-                    data = store.packs.view(*locations[key])
+                    data = _intact(store, key, locations[key])
                     f.write(data)
                     digest.update(data)
                     entries.append([key, offset])
@@ -240,7 +256,8 @@ def fetch(store: "Store", remote: Remote, remote_ref: str, name: str, *,
     keys = set().union(*(document_blob_keys(d) for d in docs.values()))
     with write_lock(store.home):
         store._clean_leftovers()
-        blob_ids = {k: v[0] for k, v in _local_blobs(store, keys).items()}
+        damaged = damaged_blob_ids(store.db)  # fetched again: their fresh bytes heal them
+        blob_ids = {k: v[0] for k, v in _local_blobs(store, keys).items() if v[0] not in damaged}
         lacking = sorted(k for k in keys if k not in blob_ids)
         where = remote.blob_index() if lacking else {}
         missing = [k for k in lacking if k not in where]

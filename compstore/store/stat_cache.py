@@ -33,6 +33,7 @@ from dataclasses import dataclass
 
 import sqlite_utils
 
+from .catalog import damaged_files, snapshot_is_damaged
 from .scan import FolderScan
 
 # How long before an ingest's start a file's last change must lie for its
@@ -89,21 +90,27 @@ def stamp(scan: FolderScan, started_ns: int) -> FolderStamp | None:
 
 def unchanged(db: sqlite_utils.Database, ref: str, folder: FolderStamp | None) -> tuple[str, Counts] | None:
     """(snapshot id, counts) when `ref` was ingested from a folder with this stamp (a
-    whole one: every file settled) and still points at what that ingest made."""
+    whole one: every file settled) and still points at what that ingest made, and
+    none of it was found damaged since (then the folder is read again, to heal it)."""
     if folder is None or folder.whole is None:
         return None
     row = db.execute(
         "SELECT c.snapshot_id, c.counts FROM stat_cache c JOIN refs r "
         "ON r.name = c.ref AND r.snapshot_id = c.snapshot_id WHERE c.ref = ? AND c.stamp = ?",
         [ref, folder.whole]).fetchone()
-    return None if row is None else (row[0], Counts(**json.loads(row[1])))
+    if row is None or snapshot_is_damaged(db, row[0]):
+        return None
+    return row[0], Counts(**json.loads(row[1]))
 
 
 def known_files(db: sqlite_utils.Database, ref: str, folder: FolderStamp) -> dict[str, str]:
     """path -> sha256 of the files of `folder` whose digest is the one recorded when
-    `ref` was last ingested: their bytes are those that sha256 was taken of."""
+    `ref` was last ingested: their bytes are those that sha256 was taken of. Files
+    stored with damaged bytes are left out: read again, they heal the store."""
     rows = db.execute("SELECT path, stamp, sha256 FROM stat_cache_files WHERE ref = ?", [ref])
-    return {path: sha256 for path, digest, sha256 in rows if folder.files.get(path) == digest}
+    damaged = {sha256 for _, sha256 in damaged_files(db)}
+    return {path: sha256 for path, digest, sha256 in rows
+            if folder.files.get(path) == digest and sha256 not in damaged}
 
 
 def record(db: sqlite_utils.Database, ref: str, folder: FolderStamp | None, snapshot_id: str,

@@ -11,6 +11,7 @@ export, verify, and the loader) never wait for it.
 
 from __future__ import annotations
 
+import hashlib
 import contextlib
 import json
 import os
@@ -28,7 +29,8 @@ import sqlite_utils
 
 from . import reports
 from .catalog import ensure_schema, open_catalog, schema_ready
-from .errors import CompstoreError, InvalidInputError, ReadOnlyStoreError, RefNotFoundError
+from .errors import (CompstoreError, CorruptStoreError, InvalidInputError, ReadOnlyStoreError,
+                     RefNotFoundError, StoreBusyError)
 from .export import (ExportResult, file_pieces, flattened_files, flattened_index, snapshot_files,
                      write_file)
 from .export import export as export_ref
@@ -42,7 +44,7 @@ from .hub import pull as pull_repo
 from .gc import GcReport
 from .gc import gc as collect_garbage
 from .modular import check_pins, refuse_changed_folder_pins, resolve_pointers
-from .objects import PackFiles, PackWriter, fsync_dir
+from .objects import PackFiles, PackWriter, blob_hash, fsync_dir
 from .progress import progress_bar
 from .remote import DEFAULT_GRACE_S, Remote, RemoteError, RemoteGcReport
 from .remote_sync import FetchResult, PushResult
@@ -51,7 +53,7 @@ from .remote_sync import push as push_ref
 from . import stat_cache
 from .scan import FolderScan, scan_folder
 from .verify import VerifyReport
-from .verify import verify as verify_store
+from .verify import record_damage, verify as verify_store
 
 _REF_RE = re.compile(r"^(?!\s)[^\x00-\x1f\x7f]{1,1024}(?<!\s)$")
 
@@ -110,6 +112,7 @@ class IngestResult:
     written_bytes: int
     reused_bytes: int
     seconds: float
+    healed_bytes: int = 0  # of written_bytes: fresh copies of blobs `verify` found damaged
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -462,7 +465,7 @@ class Store:
                 {path: r.sha256 for path, r in ing.files.items()})
         return IngestResult(ref, snap, status, scan.kind, s.files, s.tensors, len(slots),
                             s.logical_bytes, s.written_bytes, s.reused_bytes,
-                            round(time.perf_counter() - t0, 3))
+                            round(time.perf_counter() - t0, 3), s.healed_bytes)
 
     def _commit(self, ing: Ingestor, packs, components, comp_tensors, slots, pins,
                 scan, snap, ref, source, revision) -> None:
@@ -532,9 +535,15 @@ class Store:
     def read_file(self, snapshot_id: str, path: str) -> bytes | None:
         """The bytes of one (small) file of a snapshot, or None if it has no such file."""
         row = self.db.execute(
-            "SELECT file_id FROM snapshot_files WHERE snapshot_id = ? AND path = ?",
-            [snapshot_id, path]).fetchone()
-        return None if row is None else b"".join(bytes(p) for p in file_pieces(self, row[0]))
+            "SELECT f.id, f.sha256 FROM snapshot_files sf JOIN files f ON f.id = sf.file_id "
+            "WHERE sf.snapshot_id = ? AND sf.path = ?", [snapshot_id, path]).fetchone()
+        if row is None:
+            return None
+        data = b"".join(bytes(p) for p in file_pieces(self, row[0]))
+        if hashlib.sha256(data).hexdigest() != row[1]:  # small files: checked at every read
+            raise CorruptStoreError(f"{path}: stored bytes do not match the recorded sha256; "
+                                    "run `compstore verify`")
+        return data
 
     def components_of(self, snapshot_id: str) -> list[dict]:
         """slot, variant, component id, library, class_name of each component of a snapshot."""
@@ -545,9 +554,15 @@ class Store:
     def component_config(self, component_id: str) -> dict | None:
         """The stored config.json of a component, parsed (None for config-less ones)."""
         row = self.db.execute(
-            """SELECT b.pack, b.offset, b.size FROM components c JOIN blobs b
+            """SELECT b.pack, b.offset, b.size, b.xxh3 FROM components c JOIN blobs b
                ON b.id = c.config_blob WHERE c.id = ?""", [component_id]).fetchone()
-        return None if row is None else json.loads(bytes(self.packs.view(*row)))
+        if row is None:
+            return None
+        data = bytes(self.packs.view(*row[:3]))
+        if blob_hash(data) != row[3]:
+            raise CorruptStoreError(f"the stored config of component {component_id[:12]} does not "
+                                    "match its hash; run `compstore verify`")
+        return json.loads(data)
 
     def tensor_locations(self, component_id: str) -> list[TensorLocation]:
         """Where each tensor of a component lives: name, dtype, shape, pack, offset, size."""
@@ -620,6 +635,22 @@ class Store:
             return export_ref(self, ref, dest, flatten=flatten, progress=progress)
 
     def verify(self, *, progress: bool = False) -> VerifyReport:
-        """Re-hash every payload; `ok` is False and the refs are named on any problem."""
+        """Re-hash every payload; `ok` is False and the refs are named on any problem.
+
+        The damaged blobs are recorded (`recorded`: in a writable store no other
+        process is writing to): ingesting or pulling their sources again, or
+        fetching them from a remote, writes them afresh.
+
+        >>> Store().verify().problems  # doctest: +SKIP
+        []
+        """
         with self.reading():
-            return verify_store(self, progress=progress)
+            report = verify_store(self, progress=progress)
+        if not self.read_only:  # after reading(): a writer never waits for gc while reading
+            try:
+                with write_lock(self.home, timeout_s=0):  # a reader: it never waits for writers
+                    record_damage(self.db, report.problems)
+                    report.recorded = True
+            except StoreBusyError:
+                pass  # the next verify records it
+        return report

@@ -1,4 +1,7 @@
-"""Re-hash every stored payload and name the refs that any problem touches."""
+"""Re-hash every stored payload, name the refs that any problem touches, and record
+the damaged blobs: an ingest, pull or fetch that brings their bytes again heals them
+(`Ingestor.put_blob`), and until then the shortcuts that would skip those bytes
+(the stat cache, a pull's "already held") do not."""
 
 from __future__ import annotations
 
@@ -6,6 +9,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
+from .errors import CorruptStoreError
 from .objects import blob_hash
 from .progress import progress_bar
 
@@ -19,7 +23,9 @@ class VerifyReport:
     blobs_checked: int
     bytes_checked: int
     seconds: float
-    problems: list[dict] = field(default_factory=list)  # blob, pack, problem, files, refs
+    problems: list[dict] = field(default_factory=list)  # blob, xxh3, pack, offset, problem,
+                                                        # files, refs
+    recorded: bool = False  # the store now knows these problems (the heals need it)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -45,7 +51,7 @@ def verify(store: "Store", *, progress: bool = False) -> VerifyReport:
     """
     t0 = time.perf_counter()
     packs_dir = store.home / "objects" / "packs"
-    bad: list[tuple[int, str, str]] = []
+    bad: list[tuple[int, str, str, int, str]] = []  # blob, xxh3, pack, offset, problem
     checked = nbytes = 0
     total = store.db.execute("SELECT coalesce(sum(size), 0) FROM blobs").fetchone()[0]
     with progress_bar(total, "verify", progress) as bar:
@@ -55,24 +61,37 @@ def verify(store: "Store", *, progress: bool = False) -> VerifyReport:
             ).fetchall()
             path = packs_dir / f"{pack}.pack"
             if not path.exists():
-                bad.extend((b[0], pack, "pack file missing") for b in blobs)
+                bad.extend((b[0], b[1], pack, b[3], "pack file missing") for b in blobs)
                 continue
             size = path.stat().st_size
             for bid, xxh3, bsize, offset in blobs:
                 checked += 1
                 if offset + bsize > size:
-                    bad.append((bid, pack, f"truncated: pack is {size} bytes, blob ends at "
-                                           f"{offset + bsize}"))
+                    bad.append((bid, xxh3, pack, offset, f"truncated: pack is {size} bytes, "
+                                                         f"blob ends at {offset + bsize}"))
                     continue
                 try:
                     if blob_hash(store.packs.view(pack, offset, bsize)) != xxh3:
-                        bad.append((bid, pack, "content does not match its hash"))
-                except (OSError, ValueError) as e:
-                    bad.append((bid, pack, f"unreadable: {e}"))
+                        bad.append((bid, xxh3, pack, offset, "content does not match its hash"))
+                except (OSError, CorruptStoreError) as e:
+                    bad.append((bid, xxh3, pack, offset, f"unreadable: {e}"))
                 nbytes += bsize
                 bar.update(bsize)
     problems = []
-    for bid, pack, problem in bad:
+    for bid, xxh3, pack, offset, problem in bad:
         refs, files = _who_uses(store, bid)
-        problems.append({"blob": bid, "pack": pack, "problem": problem, "refs": refs, "files": files})
+        problems.append({"blob": bid, "xxh3": xxh3, "pack": pack, "offset": offset,
+                         "problem": problem, "refs": refs, "files": files})
     return VerifyReport(not problems, checked, nbytes, round(time.perf_counter() - t0, 3), problems)
+
+
+def record_damage(db, problems: list[dict]) -> None:
+    """Replace the record of damaged blobs with what a verify found (under the store's
+    write lock). A blob healed or collected since verify read it is not recorded."""
+    with db.atomic():
+        db.execute("DELETE FROM damaged_blobs")
+        db.conn.executemany(
+            "INSERT INTO damaged_blobs (blob_id, xxh3, pack, offset, problem) "
+            "SELECT id, xxh3, pack, offset, ? FROM blobs WHERE id = ? AND xxh3 = ? AND pack = ? "
+            "AND offset = ?",
+            [(p["problem"], p["blob"], p["xxh3"], p["pack"], p["offset"]) for p in problems])

@@ -1,0 +1,362 @@
+"""Damaged payloads: `verify` names them, an ingest, pull or fetch of their source heals
+them, gc never fails on them, and a push never spreads them.
+
+Damage is done to the pack files as a disk or a careless hand would: a flipped byte in
+a blob, a pack cut short, a pack deleted. The random sequence at the end checks the
+whole story against a model of which blobs are damaged.
+"""
+
+import random
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import compstore
+from compstore import CorruptStoreError, Store
+from compstore.store.catalog import damaged_blob_ids
+from conftest import run_random_steps, tree_sha256, use_hub
+from hub_emulator import HubEmulator
+
+
+def blob_rows(store: Store) -> list[tuple]:
+    """(id, pack, offset, size) of every blob, by pack and offset."""
+    return store.db.execute("SELECT id, pack, offset, size FROM blobs ORDER BY pack, offset").fetchall()
+
+
+def pack_path(store: Store, pack: str):
+    return store.home / "objects" / "packs" / f"{pack}.pack"
+
+
+def flip(store: Store, blob: tuple, at: int) -> set[int]:
+    """Flip one byte of a blob; the ids damaged."""
+    bid, pack, offset, size = blob
+    with open(pack_path(store, pack), "r+b") as f:
+        f.seek(offset + at % size)
+        b = f.read(1)
+        f.seek(offset + at % size)
+        f.write(bytes([b[0] ^ 0x5A]))
+    return {bid}
+
+
+def truncate(store: Store, pack: str, size: int) -> set[int]:
+    """Cut a pack to `size` bytes; the ids of the blobs that no longer fit. (As by
+    another process: this one's mappings go first, or touching them would be a SIGBUS.)"""
+    store.packs.close()
+    with open(pack_path(store, pack), "r+b") as f:
+        f.truncate(size)
+    return {b[0] for b in blob_rows(store) if b[1] == pack and b[2] + b[3] > size}
+
+
+def delete(store: Store, pack: str) -> set[int]:
+    store.packs.close()  # as by another process: a mapping would keep the bytes readable
+    pack_path(store, pack).unlink()
+    return {b[0] for b in blob_rows(store) if b[1] == pack}
+
+
+def damage(store: Store, how: str) -> set[int]:
+    """Damage the largest pack (it holds blobs of every ref); the ids damaged."""
+    rows = blob_rows(store)
+    pack = max({b[1] for b in rows}, key=lambda p: pack_path(store, p).stat().st_size)
+    if how == "flip":
+        return flip(store, max((b for b in rows if b[1] == pack), key=lambda b: b[3]), 1000)
+    if how == "truncate":
+        return truncate(store, pack, pack_path(store, pack).stat().st_size // 2)
+    return delete(store, pack)
+
+
+def problem_blobs(store: Store) -> set[int]:
+    report = store.verify()
+    assert report.ok == (not report.problems)
+    return {p["blob"] for p in report.problems}
+
+
+def exports_equal(store: Store, family, refs: dict[str, str], tmp_path) -> None:
+    for ref, member in refs.items():
+        out = tmp_path / f"export-{ref}-{len(list(tmp_path.iterdir()))}"
+        store.export(ref, out)
+        assert tree_sha256(out) == tree_sha256(family[member]), ref
+
+
+@pytest.mark.parametrize("how", ["flip", "truncate", "delete"])
+def test_ingesting_the_source_again_heals_what_verify_found(store, family, tmp_path, how):
+    store.ingest(family["A"], "A")
+    store.ingest(family["B"], "B")  # shares A's VAE and text encoder
+    damaged = damage(store, how)
+    assert problem_blobs(store) == damaged
+    with pytest.raises(CorruptStoreError, match="compstore verify"):
+        store.export("A", tmp_path / "broken")
+    assert damaged_blob_ids(store.db) == damaged  # recorded: the stat cache no longer vouches
+
+    r = store.ingest(family["A"], "A")  # the same folder, unchanged since its ingest
+    assert r.status == "unchanged" and r.healed_bytes == r.written_bytes > 0
+    healed_b = store.ingest(family["B"], "B").healed_bytes  # what only B held
+    assert r.healed_bytes + healed_b == sum(b[3] for b in blob_rows(store) if b[0] in damaged)
+    assert store.verify().ok and damaged_blob_ids(store.db) == set()
+    exports_equal(store, family, {"A": "A", "B": "B"}, tmp_path)
+
+    # The old copies are garbage: gc reclaims them and every pack is then full of live bytes.
+    store.gc()
+    assert store.verify().ok
+    exports_equal(store, family, {"A": "A", "B": "B"}, tmp_path)
+    on_disk = sum(p.stat().st_size for p in (store.home / "objects" / "packs").glob("*.pack"))
+    assert on_disk - sum(b[3] for b in blob_rows(store)) < 64 * len(blob_rows(store))
+    assert store.gc().freed_bytes == 0
+
+
+def test_a_new_ref_of_the_same_bytes_heals_without_verify(store, family, tmp_path):
+    store.ingest(family["A"], "A")
+    damaged = damage(store, "flip")
+    r = store.ingest(family["A"], "copy")  # its bytes are read and compared to the stored ones
+    assert r.healed_bytes == sum(b[3] for b in blob_rows(store) if b[0] in damaged)
+    assert store.verify().ok
+    exports_equal(store, family, {"A": "A", "copy": "A"}, tmp_path)
+
+
+def test_a_damaged_blob_is_healed_once_however_often_a_run_meets_it(store, tmp_path):
+    folder = tmp_path / "twice"
+    (folder / "unet").mkdir(parents=True)
+    from safetensors.torch import save_file
+
+    ones = torch.ones(64, 64)
+    save_file({"a": ones, "b": ones.clone()}, folder / "unet" / "diffusion_pytorch_model.safetensors")
+    (folder / "unet" / "config.json").write_text('{"_class_name": "UNet2DModel"}')
+    store.ingest(folder, "x")
+    payload = max(blob_rows(store), key=lambda b: b[3])
+    flip(store, payload, 7)
+    r = store.ingest(folder, "y")
+    assert r.healed_bytes == payload[3] and r.reused_bytes >= payload[3]  # the second: reused
+    assert store.verify().ok
+
+
+def test_gc_keeps_a_pack_it_cannot_read_and_collects_it_once_healed(store, family, tmp_path):
+    from compstore.store.catalog import blobs_of_snapshot
+
+    store.ingest(family["B"], "B")  # one pack: B's UNet, and the VAE and text encoder A shares
+    store.ingest(family["A"], "A")
+    shared = set(blobs_of_snapshot(store.db, store.resolve("A")))
+    pack = blob_rows(store)[0][1]
+    last = max((b for b in blob_rows(store) if b[1] == pack and b[0] in shared), key=lambda b: b[2])
+    damaged = truncate(store, pack, last[2] + 1)  # a blob A needs is cut
+    assert damaged & shared
+    store.rm("B")
+    report = store.gc()  # the pack is partly dead, but a live blob of it cannot be read
+    assert report.packs_compacted == 0 and pack_path(store, pack).exists()
+    assert problem_blobs(store) == damaged & shared
+    store.ingest(family["A"], "A")
+    assert store.verify().ok
+    assert store.gc().packs_compacted == 1 and not pack_path(store, pack).exists()
+    assert store.verify().ok and store.gc().freed_bytes == 0
+    exports_equal(store, family, {"A": "A"}, tmp_path)
+
+
+def test_a_load_never_returns_damaged_weights_when_asked_to_verify(store, family):
+    store.ingest(family["A"], "A")
+    damage(store, "flip")  # the largest blob of the largest pack: a UNet or VAE weight
+    with pytest.raises(CorruptStoreError):
+        compstore.DiffusionPipeline.from_pretrained("A", store=store, verify=True)
+    store.verify()
+    store.ingest(family["A"], "A")
+    pipe = compstore.DiffusionPipeline.from_pretrained("A", store=store, verify=True)
+    want = load_file(family["A"] / "unet" / "diffusion_pytorch_model.safetensors")
+    got = pipe.unet.state_dict()
+    assert all(torch.equal(got[k], v) for k, v in want.items())
+
+
+@pytest.fixture
+def hub(monkeypatch, family):
+    hub = HubEmulator()
+    for name in "AB":
+        hub.add_repo(f"org/{name}", family[name])
+    use_hub(monkeypatch, hub)
+    yield hub
+    hub.close()
+
+
+def test_pulling_again_downloads_and_heals_the_damaged_files(hub, store, family, tmp_path):
+    store.pull("org/A")
+    store.pull("org/B")
+    damaged = damage(store, "flip")
+    hub.reset_counts()
+    assert store.pull("org/A").status == "unchanged" and hub.served_bytes == 0  # not yet known
+    assert problem_blobs(store) == damaged
+    r = store.pull("org/A")
+    assert 0 < r.downloaded_bytes == hub.served_bytes < sum(
+        p.stat().st_size for p in family["A"].rglob("*") if p.is_file())  # only damaged files
+    assert store.verify().ok
+    exports_equal(store, family, {"org/A": "A", "org/B": "B"}, tmp_path)
+
+
+def test_push_refuses_damaged_blobs_and_fetch_heals_them(family, tmp_path):
+    remote = (tmp_path / "remote").as_uri()
+    n1, n2 = Store(tmp_path / "n1"), Store(tmp_path / "n2")
+    n1.remote_add("fleet", remote)
+    n2.remote_add("fleet", remote)
+    n1.ingest(family["A"], "A")
+    n2.ingest(family["A"], "A")
+    damage(n2, "flip")
+    with pytest.raises(CorruptStoreError, match="damaged in this store"):
+        n2.push("A")
+    n1.push("A")
+    n2.verify()
+    n2.fetch("A", name="A")
+    assert n2.verify().ok
+    exports_equal(n2, family, {"A": "A"}, tmp_path)
+
+
+def test_verify_never_waits_for_a_writer_and_then_leaves_the_record_to_the_next(store, family):
+    from compstore.store.lock import write_lock
+
+    store.ingest(family["A"], "A")
+    damaged = damage(store, "flip")
+    with write_lock(store.home):  # as another process ingesting
+        r = store.verify()
+    assert not r.ok and not r.recorded and damaged_blob_ids(store.db) == set()
+    assert store.ingest(family["A"], "A").healed_bytes == 0  # unknown: the stat cache vouches
+    assert store.verify().recorded and damaged_blob_ids(store.db) == damaged
+    with Store(store.home, read_only=True) as ro:  # reports, and records nothing
+        r = ro.verify()
+        assert {p["blob"] for p in r.problems} == damaged and not r.recorded
+    assert store.ingest(family["A"], "A").healed_bytes > 0 and store.verify().ok
+
+
+def test_verify_cli_says_how_to_heal(store, family):
+    from click.testing import CliRunner
+
+    from compstore.cli.main import cli
+
+    store.ingest(family["A"], "A")
+    damage(store, "delete")
+    r = CliRunner().invoke(cli, ["--store", str(store.home), "verify"])
+    assert r.exit_code == 1 and "pack file missing" in r.output
+    assert "ingest or pull their sources again" in r.output
+    r = CliRunner().invoke(cli, ["--store", str(store.home), "ingest", str(family["A"]), "--name", "A"])
+    assert r.exit_code == 0 and "healed" in r.output, r.output
+    assert CliRunner().invoke(cli, ["--store", str(store.home), "verify"]).exit_code == 0
+
+
+class DamageSequence:
+    """Random damage, verifies, heals (same ref after verify, or a new ref), rm, gc,
+    exports and verified loads, checked against `self.damaged`: the blob ids whose
+    stored bytes are not theirs."""
+
+    def __init__(self, store, family, tmp_path, seed):
+        self.store, self.family, self.tmp = store, family, tmp_path
+        self.rng = random.Random(seed)
+        self.refs: dict[str, str] = {}  # ref -> family member
+        self.damaged: set[int] = set()
+        self.log: list[str] = []
+        self.made = 0
+        for name in "ABC":
+            self.ingest(name, name)
+
+    def live(self) -> set[int]:
+        return {b[0] for b in blob_rows(self.store)}
+
+    def ref_blobs(self, ref: str) -> set[int]:
+        from compstore.store.catalog import blobs_of_snapshot
+
+        return set(blobs_of_snapshot(self.store.db, self.store.resolve(ref)))
+
+    def ingest(self, member: str, ref: str) -> None:
+        before = {b[0]: b for b in blob_rows(self.store)}
+        r = self.store.ingest(self.family[member], ref)
+        self.refs[ref] = member
+        # A folder read whole heals every damaged blob of its files; one the stat
+        # cache vouches for is read in the files verify recorded damaged.
+        healed = {b for b in self.damaged if before[b][1:3] != tuple(
+            self.store.db.execute("SELECT pack, offset FROM blobs WHERE id = ?", [b]).fetchone())}
+        assert r.healed_bytes == sum(before[b][3] for b in healed)
+        assert not (healed - self.ref_blobs(ref))
+        self.damaged -= healed
+
+    def step_damage(self) -> None:
+        rows = blob_rows(self.store)
+        how = self.rng.choice(["flip", "flip", "truncate", "delete"])
+        packs = sorted({b[1] for b in rows if pack_path(self.store, b[1]).exists()})
+        if not packs:
+            return
+        if how == "flip":
+            blob = self.rng.choice([b for b in rows if pack_path(self.store, b[1]).exists()
+                                    and b[2] + b[3] <= pack_path(self.store, b[1]).stat().st_size])
+            self.damaged |= flip(self.store, blob, self.rng.randrange(blob[3]))
+        elif how == "truncate":
+            pack = self.rng.choice(packs)
+            self.damaged |= truncate(self.store, pack,
+                                     self.rng.randrange(pack_path(self.store, pack).stat().st_size))
+        else:
+            self.damaged |= delete(self.store, self.rng.choice(packs))
+        self.log.append(how)
+
+    def step_verify(self) -> None:
+        assert problem_blobs(self.store) == self.damaged
+        assert damaged_blob_ids(self.store.db) == self.damaged
+        self.log.append("verify")
+
+    def step_heal_same_ref(self, ref: str | None = None) -> None:
+        ref = ref or self.rng.choice(sorted(self.refs))
+        self.step_verify()
+        want = self.damaged & self.ref_blobs(ref)
+        self.ingest(self.refs[ref], ref)
+        assert not (want & self.damaged), "a same-ref ingest after verify heals all of its damage"
+        self.log.append(f"heal {ref}")
+
+    def step_ingest_new_ref(self) -> None:
+        member = self.rng.choice("ABCD")
+        ref = f"r{self.made}"
+        self.made += 1
+        self.ingest(member, ref)
+        assert not (self.damaged & self.ref_blobs(ref)), "a folder read whole heals all of it"
+        self.log.append(f"ingest {member} as {ref}")
+
+    def step_rm_gc(self) -> None:
+        if len(self.refs) > 1 and self.rng.random() < 0.7:
+            ref = self.rng.choice(sorted(self.refs))
+            self.store.rm(ref)
+            del self.refs[ref]
+            self.log.append(f"rm {ref}")
+        self.store.gc()
+        self.damaged &= self.live()
+        self.log.append("gc")
+
+    def step_export(self) -> None:
+        ref = self.rng.choice(sorted(self.refs))
+        out = self.tmp / f"out{len(self.log)}"
+        if self.damaged & self.ref_blobs(ref):
+            with pytest.raises(CorruptStoreError):
+                self.store.export(ref, out)
+        else:
+            self.store.export(ref, out)
+            assert tree_sha256(out) == tree_sha256(self.family[self.refs[ref]])
+        self.log.append(f"export {ref}")
+
+    def step_load(self) -> None:
+        ref = self.rng.choice(sorted(self.refs))
+        try:
+            pipe = compstore.DiffusionPipeline.from_pretrained(ref, store=self.store, verify=True)
+        except CorruptStoreError:
+            assert self.damaged & self.ref_blobs(ref)
+        else:
+            folder = self.family[self.refs[ref]]
+            for slot in ("unet", "vae"):
+                want = {}
+                for f in (folder / slot).glob("diffusion_pytorch_model*.safetensors"):
+                    if ".fp16." not in f.name:  # the default weights, however sharded
+                        want.update(load_file(f))
+                got = getattr(pipe, slot).state_dict()
+                assert want and want.keys() <= got.keys()
+                assert all(torch.equal(got[k], v) for k, v in want.items()), slot
+        self.log.append(f"load {ref}")
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_random_damage_and_heals_keep_the_store_honest(store, family, tmp_path, seed):
+    seq = DamageSequence(store, family, tmp_path, seed)
+    steps = [seq.step_damage, seq.step_damage, seq.step_verify, seq.step_heal_same_ref,
+             seq.step_ingest_new_ref, seq.step_rm_gc, seq.step_export, seq.step_load]
+    run_random_steps(seq.rng, steps, 30, seq.log, label=f"seed {seed}: ")
+    for ref in sorted(seq.refs):  # in the end: heal everything, collect, and all is whole
+        seq.step_heal_same_ref(ref)
+    seq.store.gc()
+    assert seq.store.verify().ok
+    exports_equal(seq.store, family, seq.refs, tmp_path)
