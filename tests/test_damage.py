@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 import compstore
 from compstore import CorruptStoreError, Store
-from compstore.store.catalog import damaged_blob_ids
+from compstore.store.catalog import blobs_of_snapshot, damaged_blob_ids
 from conftest import run_random_steps, tree_sha256, use_hub
 from hub_emulator import HubEmulator
 
@@ -130,8 +130,6 @@ def test_a_damaged_blob_is_healed_once_however_often_a_run_meets_it(store, tmp_p
 
 
 def test_gc_keeps_a_pack_it_cannot_read_and_collects_it_once_healed(store, family, tmp_path):
-    from compstore.store.catalog import blobs_of_snapshot
-
     store.ingest(family["B"], "B")  # one pack: B's UNet, and the VAE and text encoder A shares
     store.ingest(family["A"], "A")
     shared = set(blobs_of_snapshot(store.db, store.resolve("A")))
@@ -148,6 +146,21 @@ def test_gc_keeps_a_pack_it_cannot_read_and_collects_it_once_healed(store, famil
     assert store.gc().packs_compacted == 1 and not pack_path(store, pack).exists()
     assert store.verify().ok and store.gc().freed_bytes == 0
     exports_equal(store, family, {"A": "A"}, tmp_path)
+
+
+def test_a_damaged_blob_gc_moves_stays_known_as_damaged(store, family):
+    store.ingest(family["B"], "B")  # one pack: B's UNet, and the VAE and text encoder A shares
+    store.ingest(family["A"], "A")
+    shared = set(blobs_of_snapshot(store.db, store.resolve("A")))
+    pack = blob_rows(store)[0][1]
+    damaged = flip(store, max((b for b in blob_rows(store) if b[1] == pack and b[0] in shared),
+                              key=lambda b: b[3]), 100)
+    store.rm("B")
+    assert problem_blobs(store) == damaged  # recorded
+    assert store.gc().packs_compacted == 1  # A's blobs, the damaged one too, copied out
+    assert damaged_blob_ids(store.db) == damaged  # the record followed the bytes
+    assert store.ingest(family["A"], "A").healed_bytes > 0
+    assert store.verify().ok
 
 
 def test_a_load_never_returns_damaged_weights_when_asked_to_verify(store, family):
@@ -254,8 +267,6 @@ class DamageSequence:
         return {b[0] for b in blob_rows(self.store)}
 
     def ref_blobs(self, ref: str) -> set[int]:
-        from compstore.store.catalog import blobs_of_snapshot
-
         return set(blobs_of_snapshot(self.store.db, self.store.resolve(ref)))
 
     def ingest(self, member: str, ref: str) -> None:

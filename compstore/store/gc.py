@@ -136,6 +136,9 @@ def gc(store: "Store", *, dry_run: bool = False) -> GcReport:
                 db["packs"].insert_all({"name": n, "size": s} for n, s in new_packs)
                 db.conn.executemany("UPDATE blobs SET pack = ?, offset = ? WHERE id = ?",
                                     [(p, o, b) for b, p, o in moves])
+                db.conn.executemany(  # damage moves with the bytes: its record follows them
+                    "UPDATE damaged_blobs SET pack = ?, offset = ? WHERE blob_id = ?",
+                    [(p, o, b) for b, p, o in moves])
                 for table in ("pins", "snapshot_components", "snapshot_files"):
                     _delete_not_in(db, table, "snapshot_id", live_snaps)
                 _delete_not_in(db, "snapshots", "id", live_snaps)
