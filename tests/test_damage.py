@@ -385,3 +385,45 @@ def test_random_damage_and_heals_keep_the_store_honest(store, family, tmp_path, 
     seq.store.gc()
     assert seq.store.verify().ok
     exports_equal(seq.store, family, seq.refs, tmp_path)
+
+
+def test_a_catalog_that_is_not_a_database_is_a_clear_error(store, family):
+    from click.testing import CliRunner
+
+    from compstore.cli.main import cli
+
+    store.ingest(family["A"], "A")
+    store.close()
+    (store.home / "catalog.db").write_bytes(b"not sqlite" * 1000)
+    for name in ("catalog.db-wal", "catalog.db-shm"):
+        (store.home / name).unlink(missing_ok=True)
+    with pytest.raises(CorruptStoreError, match="catalog .* is damaged .*restore it from a backup"):
+        Store(store.home)
+    r = CliRunner().invoke(cli, ["--store", str(store.home), "ls"])
+    assert r.exit_code == 1 and r.stderr.count("\n") == 1 and "is damaged" in r.stderr
+
+
+def test_damaged_catalog_pages_are_named_by_verify_and_a_clear_error_elsewhere(store, family):
+    from click.testing import CliRunner
+
+    from compstore.cli.main import cli
+
+    store.ingest(family["A"], "A")
+    store.ingest(family["B"], "B")
+    store.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    store.close()
+    path = store.home / "catalog.db"
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 4096 // 2 * 4096  # a page of rows, far from the schema's
+    data[middle:middle + 4096] = random.Random(0).randbytes(4096)
+    path.write_bytes(bytes(data))
+    with Store(store.home) as s:  # opens: the schema page is whole
+        r = s.verify()
+        assert not r.ok and r.catalog_problems and not r.recorded
+    r = CliRunner().invoke(cli, ["--store", str(store.home), "verify"])
+    assert r.exit_code == 1 and "catalog.db:" in r.output and "catalog is damaged" in r.stderr
+    for args in (["ls"], ["du"], ["export", "A", str(store.home.parent / "out")],
+                 ["ingest", str(family["C"]), "--name", "C"], ["gc"]):
+        r = CliRunner().invoke(cli, ["--store", str(store.home), *args])
+        assert r.exit_code == 0 or (r.exit_code == 1 and "catalog is damaged" in r.stderr
+                                    and r.stderr.count("\n") == 1), (args, r.output)

@@ -275,3 +275,25 @@ def test_a_xet_parallelism_below_one_fails_the_pull_and_leaves_the_store_unchang
     assert store_state(store.home) == before and hub.xet_served_bytes == 0
     monkeypatch.setenv("COMPSTORE_XET_PARALLEL", "2")  # set right, the same pull goes through Xet
     assert store.pull("org/base").xet_files == 1
+
+
+@pytest.mark.parametrize("how", ["flip", "truncate", "delete"])
+def test_damaged_stored_chunks_cost_a_refetch_and_a_pull_heals_them(hub, unets, tmp_path, how):
+    """A pull that would reuse chunks of a damaged stored file (damage no verify has
+    seen yet) fetches them instead; after verify, pulling the damaged repo heals it."""
+    from test_damage import damage, problem_blobs
+
+    hub.add_repo("org/base", unets["base"], xet=True)
+    hub.add_repo("org/ft", unets["ft"], xet=True)
+    store = Store(tmp_path / "store")
+    store.pull("org/base")
+    damaged = damage(store, how)  # in the base's weights
+    store.pull("org/ft")
+    store.export("org/ft", tmp_path / "ft")
+    assert tree_sha256(tmp_path / "ft") == tree_sha256(unets["ft"])
+    assert problem_blobs(store) <= damaged  # what ft shares with the base came back with it
+    hub.reset_counts()
+    store.pull("org/base")
+    assert hub.xet_served_bytes > 0 and store.verify().ok
+    store.export("org/base", tmp_path / "base")
+    assert tree_sha256(tmp_path / "base") == tree_sha256(unets["base"])

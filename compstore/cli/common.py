@@ -10,6 +10,7 @@ import sys
 import click
 
 from ..store import CompstoreError, Store
+from ..store.catalog import is_damage
 
 
 def human(n: int | float) -> str:
@@ -45,7 +46,12 @@ class Group(click.Group):
         except CompstoreError as e:
             click.echo(f"Error: {one_line(str(e))}", err=True)
             sys.exit(e.exit_code)
-        except sqlite3.OperationalError as e:
+        except sqlite3.DatabaseError as e:
+            if is_damage(e):  # a page of it went bad after it opened
+                click.echo(f"Error: the store's catalog is damaged ({e}): restore catalog.db from "
+                           "a backup, or move the store aside and ingest, pull or fetch its "
+                           "pipelines into a new one", err=True)
+                sys.exit(1)
             if "locked" not in str(e) and "busy" not in str(e):
                 raise
             click.echo(f"Error: the store's catalog stayed busy past the timeout ({e}); another "

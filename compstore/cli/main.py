@@ -218,16 +218,25 @@ def export(ctx, ref, dest, flatten, as_json):
 @click.pass_context
 def verify(ctx, as_json):
     """Re-hash every stored payload; exit 1 and name the refs on any problem."""
-    r = open_store(ctx).verify(progress=want_progress(as_json))
+    store = open_store(ctx)
+    r = store.verify(progress=want_progress(as_json))
     lines = [f"checked {r.blobs_checked} blobs, {human(r.bytes_checked)} in {r.seconds:.2f} s: "
-             + ("ok" if r.ok else f"{len(r.problems)} problem(s)")]
+             + ("ok" if r.ok else f"{len(r.problems) + len(r.catalog_problems)} problem(s)")]
+    for problem in r.catalog_problems:
+        lines.append(f"  catalog.db: {problem}")
     for p in r.problems:
         lines.append(f"  blob {p['blob']} in pack {p['pack']}: {p['problem']}; refs: "
                      f"{', '.join(p['refs']) or '-'}; files: {', '.join(p['files']) or '-'}")
-    if not r.ok and not r.recorded and not as_json:
+    if r.problems and not r.recorded and not store.read_only and not r.catalog_problems:
         lines.append("  (not recorded: another process was writing to the store; run verify "
                      "again before ingesting a source under its own ref to heal it)")
     emit(as_json, r.to_dict(), "\n".join(lines))
+    if r.catalog_problems:
+        if not as_json:
+            click.echo("Error: the store's catalog is damaged: restore catalog.db from a backup, "
+                       "or move the store aside and ingest, pull or fetch its pipelines into a "
+                       "new one", err=True)
+        sys.exit(1)
     if not r.ok:
         if not as_json:
             click.echo("Error: the store has corrupt or missing payloads (refs listed above); "

@@ -37,11 +37,34 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import sqlite_utils
 
+from .errors import CorruptStoreError
+
 SCHEMA_VERSION = 1
+
+
+def is_damage(e: sqlite3.Error) -> bool:
+    """Whether a SQLite error says the catalog file itself is damaged."""
+    return "malformed" in str(e) or "not a database" in str(e)
+
+
+@contextmanager
+def damaged_catalog_is_an_error(path: Path) -> Iterator[None]:
+    """Turn SQLite's "file is not a database" / "database disk image is malformed"
+    into a `CorruptStoreError` that says what to do."""
+    try:
+        yield
+    except sqlite3.DatabaseError as e:
+        if not is_damage(e):
+            raise
+        raise CorruptStoreError(
+            f"the catalog {path} is damaged ({e}): restore it from a backup, or move the store "
+            "aside and ingest, pull or fetch its pipelines into a new one") from None
 
 
 def open_catalog(path: Path, timeout_s: float = 60.0, read_only: bool = False) -> sqlite_utils.Database:

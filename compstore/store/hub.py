@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .catalog import damaged_blob_ids, damaged_files, snapshot_is_damaged
-from .errors import CompstoreError, DiskFullError, InvalidInputError, RefNotFoundError, VariantNotFoundError
+from .errors import CompstoreError, CorruptStoreError, DiskFullError, InvalidInputError, RefNotFoundError, VariantNotFoundError
 from .export import file_pieces, write_file
 from .lock import pull_lock, pulls_running, write_lock
 from .manifest import FILENAME as MANIFEST
@@ -137,7 +137,10 @@ def _held_file(store: "Store", size: int, sha256: str | None, git_oid: str | Non
                 "SELECT id, sha256 FROM files WHERE size = ? AND kind = 'raw'", [size]).fetchall():
             if fid in damaged:
                 continue
-            data = b"".join(bytes(p) for p in file_pieces(store, fid))
+            try:
+                data = b"".join(bytes(p) for p in file_pieces(store, fid))
+            except CorruptStoreError:  # its pack is missing or short: not held, then
+                continue
             if _git_blob_sha1(data) == git_oid:
                 return fid, sha
     return None

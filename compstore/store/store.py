@@ -28,7 +28,7 @@ from typing import Callable, NamedTuple
 import sqlite_utils
 
 from . import reports
-from .catalog import ensure_schema, open_catalog, schema_ready
+from .catalog import damaged_catalog_is_an_error, ensure_schema, open_catalog, schema_ready
 from .errors import (CompstoreError, CorruptStoreError, InvalidInputError, ReadOnlyStoreError,
                      RefNotFoundError, StoreBusyError)
 from .export import (ExportResult, file_pieces, flattened_files, flattened_index, snapshot_files,
@@ -137,15 +137,15 @@ class Store:
         if read_only:
             if not (self.home / "catalog.db").exists():
                 raise CompstoreError(f"{self.home} is not a compstore store (no catalog.db)")
-            self.db = open_catalog(self.home / "catalog.db", read_only=True)
         else:
             (self.home / "objects" / "packs").mkdir(parents=True, exist_ok=True)
             (self.home / "tmp").mkdir(exist_ok=True)
-            self.db = open_catalog(self.home / "catalog.db")
-            if not schema_ready(self.db):  # a new store: one process makes the catalog, the others wait
+        with damaged_catalog_is_an_error(self.home / "catalog.db"):
+            self.db = open_catalog(self.home / "catalog.db", read_only=read_only)
+            if not read_only and not schema_ready(self.db):  # a new store: one process makes it
                 with write_lock(self.home):
                     ensure_schema(self.db)
-        ensure_schema(self.db, read_only=read_only)
+            ensure_schema(self.db, read_only=read_only)
         self.packs = PackFiles(self.home / "objects" / "packs")
 
     def _writable(self) -> None:
@@ -646,7 +646,8 @@ class Store:
         """
         with self.reading():
             report = verify_store(self, progress=progress)
-        if not self.read_only:  # after reading(): a writer never waits for gc while reading
+        if not self.read_only and not report.catalog_problems:  # after reading(): a writer
+            # never waits for gc while reading
             try:
                 with write_lock(self.home, timeout_s=0):  # a reader: it never waits for writers
                     record_damage(self.db, report.problems)

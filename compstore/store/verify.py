@@ -5,10 +5,12 @@ the damaged blobs: an ingest, pull or fetch that brings their bytes again heals 
 
 from __future__ import annotations
 
+import sqlite3
 import time
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
+from .catalog import is_damage
 from .errors import CorruptStoreError
 from .objects import blob_hash
 from .progress import progress_bar
@@ -26,6 +28,7 @@ class VerifyReport:
     problems: list[dict] = field(default_factory=list)  # blob, xxh3, pack, offset, problem,
                                                         # files, refs
     recorded: bool = False  # the store now knows these problems (the heals need it)
+    catalog_problems: list[str] = field(default_factory=list)  # SQLite's quick_check, if not ok
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -44,15 +47,33 @@ def _who_uses(store: "Store", blob_id: int) -> tuple[list[str], list[str]]:
 
 
 def verify(store: "Store", *, progress: bool = False) -> VerifyReport:
-    """Re-hash every blob against its xxh3-128; report missing, truncated, corrupt ones.
+    """Check the catalog file, then re-hash every blob against its xxh3-128; report
+    missing, truncated, corrupt ones.
 
     >>> Store().verify().ok  # doctest: +SKIP
     True
     """
     t0 = time.perf_counter()
-    packs_dir = store.home / "objects" / "packs"
+    catalog_problems = _check_catalog(store)
     bad: list[tuple[int, str, str, int, str]] = []  # blob, xxh3, pack, offset, problem
-    checked = nbytes = 0
+    problems: list[dict] = []
+    checked = [0, 0]  # blobs, bytes
+    try:
+        _check_blobs(store, progress, bad, checked)
+        for bid, xxh3, pack, offset, problem in bad:
+            refs, files = _who_uses(store, bid)
+            problems.append({"blob": bid, "xxh3": xxh3, "pack": pack, "offset": offset,
+                             "problem": problem, "refs": refs, "files": files})
+    except sqlite3.DatabaseError as e:  # a damaged catalog stops the blob checks where it is
+        if not is_damage(e):
+            raise
+        catalog_problems = catalog_problems or [str(e)]
+    return VerifyReport(not problems and not catalog_problems, checked[0], checked[1],
+                        round(time.perf_counter() - t0, 3), problems, catalog_problems=catalog_problems)
+
+
+def _check_blobs(store: "Store", progress: bool, bad: list, checked: list[int]) -> None:
+    packs_dir = store.home / "objects" / "packs"
     total = store.db.execute("SELECT coalesce(sum(size), 0) FROM blobs").fetchone()[0]
     with progress_bar(total, "verify", progress) as bar:
         for (pack,) in store.db.execute("SELECT name FROM packs ORDER BY name").fetchall():
@@ -65,7 +86,7 @@ def verify(store: "Store", *, progress: bool = False) -> VerifyReport:
                 continue
             size = path.stat().st_size
             for bid, xxh3, bsize, offset in blobs:
-                checked += 1
+                checked[0] += 1
                 if offset + bsize > size:
                     bad.append((bid, xxh3, pack, offset, f"truncated: pack is {size} bytes, "
                                                          f"blob ends at {offset + bsize}"))
@@ -75,14 +96,19 @@ def verify(store: "Store", *, progress: bool = False) -> VerifyReport:
                         bad.append((bid, xxh3, pack, offset, "content does not match its hash"))
                 except (OSError, CorruptStoreError) as e:
                     bad.append((bid, xxh3, pack, offset, f"unreadable: {e}"))
-                nbytes += bsize
+                checked[1] += bsize
                 bar.update(bsize)
-    problems = []
-    for bid, xxh3, pack, offset, problem in bad:
-        refs, files = _who_uses(store, bid)
-        problems.append({"blob": bid, "xxh3": xxh3, "pack": pack, "offset": offset,
-                         "problem": problem, "refs": refs, "files": files})
-    return VerifyReport(not problems, checked, nbytes, round(time.perf_counter() - t0, 3), problems)
+
+
+def _check_catalog(store: "Store") -> list[str]:
+    """SQLite's own check of the catalog file's pages and indexes: [] when sound."""
+    try:
+        found = [r[0] for r in store.db.execute("PRAGMA quick_check")]
+    except sqlite3.DatabaseError as e:
+        if not is_damage(e):
+            raise
+        return [str(e)]
+    return [] if found == ["ok"] else found
 
 
 def record_damage(db, problems: list[dict]) -> None:

@@ -27,7 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from .errors import CompstoreError
+from .catalog import damaged_files
+from .errors import CompstoreError, CorruptStoreError
 from .export import file_pieces
 from .lock import write_lock
 from .settings import env_setting
@@ -175,12 +176,14 @@ class _StoredFiles:
         return bytes(out)
 
 
-def _chunk_index(store: "Store", xorb: str, cache: dict) -> dict[int, tuple[int, int, int]]:
-    """chunk index -> (file id, offset, length) of the stored chunks of one xorb."""
+def _chunk_index(store: "Store", xorb: str, cache: dict,
+                 damaged: set[int]) -> dict[int, tuple[int, int, int]]:
+    """chunk index -> (file id, offset, length) of the stored chunks of one xorb, in
+    files not recorded as damaged."""
     if xorb not in cache:
         cache[xorb] = {i: (f, o, n) for i, f, o, n in store.db.execute(
             """SELECT x.chunk_index, x.file_id, x.offset, x.length FROM xet_chunks x
-               JOIN files f ON f.id = x.file_id WHERE x.xorb = ?""", [xorb])}
+               JOIN files f ON f.id = x.file_id WHERE x.xorb = ?""", [xorb]) if f not in damaged}
     return cache[xorb]
 
 
@@ -188,12 +191,13 @@ def _plan(store: "Store", recon: dict, reuse: bool) -> list[tuple]:
     """The file as segments: ("store", start, end, (xorb, idx, file, offset)) for chunks
     the store holds, ("fetch", start, end) for byte ranges it must download."""
     cache: dict = {}
+    damaged = {fid for fid, _ in damaged_files(store.db)} if reuse else set()
     segments: list[tuple] = []
     pos = 0
     for term in recon["terms"]:
         xorb, s, e = term["hash"], term["range"]["start"], term["range"]["end"]
         n = term["unpacked_length"]
-        index = _chunk_index(store, xorb, cache) if reuse else {}
+        index = _chunk_index(store, xorb, cache, damaged) if reuse else {}
         known = [index.get(i) for i in range(s, e)]
         head, i, fwd = [], 0, pos
         while i < len(known) and known[i] is not None:
@@ -284,23 +288,26 @@ def pull_file(store: "Store", source: XetSource, xet_hash: str, size: int, sha25
         partial = target.with_name(target.name + ".compstore-partial")
         h, chunks, reused = hashlib.sha256(), [], 0
         files = _StoredFiles(store)
-        with open(partial, "wb") as out, store.reading():  # the chunks planned stay until read
-            segments = _plan(store, recon, reuse)
-            for seg in segments:
-                if seg[0] == "store":
-                    _, a, b, (xorb, idx, fid, offset) = seg
-                    data = files.read(fid, offset, b - a)
-                    out.write(data)
-                    h.update(data)
-                    reused += len(data)
-                    chunks.append((xorb, idx, a, b - a))
-                else:
-                    _, a, b = seg
-                    sub = recon if (a, b) == (0, size) else source.reconstruction(xet_hash, a, b - 1)
-                    if _write_reconstruction(source, sub, a, b - a, out, chunks, h) != b - a:
-                        raise XetError(f"{source.repo_id}: the CAS returned too few bytes for "
-                                       f"[{a}, {b}) of {xet_hash[:12]}")
-                on_bytes(seg[2] - seg[1])
+        try:
+            with open(partial, "wb") as out, store.reading():  # the chunks planned stay until read
+                for seg in _plan(store, recon, reuse):
+                    if seg[0] == "store":
+                        _, a, b, (xorb, idx, fid, offset) = seg
+                        data = files.read(fid, offset, b - a)
+                        out.write(data)
+                        h.update(data)
+                        reused += len(data)
+                        chunks.append((xorb, idx, a, b - a))
+                    else:
+                        _, a, b = seg
+                        sub = recon if (a, b) == (0, size) else source.reconstruction(xet_hash, a, b - 1)
+                        if _write_reconstruction(source, sub, a, b - a, out, chunks, h) != b - a:
+                            raise XetError(f"{source.repo_id}: the CAS returned too few bytes for "
+                                           f"[{a}, {b}) of {xet_hash[:12]}")
+                    on_bytes(seg[2] - seg[1])
+        except CorruptStoreError:  # a stored chunk's pack is missing or short: fetch it all
+            partial.unlink(missing_ok=True)
+            continue
         if h.hexdigest() == sha256.lower() and os.path.getsize(partial) == size:
             os.replace(partial, target)
             return XetFileResult(source.fetched_bytes - fetched_before, reused, chunks)
