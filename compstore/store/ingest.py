@@ -21,7 +21,7 @@ from typing import Callable
 
 import sqlite_utils
 
-from .errors import InvalidInputError
+from .errors import CorruptStoreError, InvalidInputError
 from .objects import PackFiles, PackWriter, blob_hash, same_bytes
 from .scan import FolderScan, ScannedComponent, ScannedFile
 
@@ -103,11 +103,10 @@ class Ingestor:
         for bid, pack, offset in self.db.execute(
             "SELECT id, pack, offset FROM blobs WHERE xxh3 = ? AND size = ?", key
         ):
-            if bid in self.healed:
-                stored = self.writer.read(*self.healed[bid], size)
-            elif self.packs.readable(pack, offset, size):
-                stored = self.packs.view(pack, offset, size)
-            else:
+            try:
+                stored = (self.writer.read(*self.healed[bid], size) if bid in self.healed
+                          else self.packs.view(pack, offset, size))
+            except CorruptStoreError:  # its pack is missing or short
                 stored = None
             if stored is not None and same_bytes(stored, data):
                 self.stats.reused_bytes += size
