@@ -65,8 +65,10 @@ def is_model_class(cls) -> bool:
 
 def dtype_argument(kwargs: dict[str, Any]):
     """Pop `dtype` (or the older `torch_dtype`) from a load's keyword arguments: None,
-    a torch dtype, a dtype's name ("float16", "torch.bfloat16"), or a per-slot dict
-    of these ({"unet": torch.float16, "default": torch.float32}).
+    a torch dtype, a dtype's name ("float16", "torch.bfloat16"), "auto", or a
+    per-slot dict of these ({"unet": torch.float16, "default": torch.float32}).
+    "auto" is decided per model as its library decides it (`prepare_model`): the
+    config's or checkpoint's dtype for transformers, float32 for diffusers.
 
     Raises:
         CompstoreError: a value that names no torch dtype (plain diffusers would
@@ -77,6 +79,8 @@ def dtype_argument(kwargs: dict[str, Any]):
     value = older if value is None else value
 
     def one(v):
+        if v == "auto":
+            return v
         found = getattr(torch, v.removeprefix("torch."), None) if isinstance(v, str) else v
         if v is not None and not isinstance(found, torch.dtype):
             raise CompstoreError(f"dtype={v!r} is not a torch dtype: pass one such as torch.float16 "
@@ -115,7 +119,7 @@ def prepare_model(
     store: Store,
     component: dict,
     *,
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | str | None = None,
     name_or_path: str = "",
     packs: LoadMappings | None = None,
     verify: bool = False,
@@ -170,13 +174,14 @@ def prepare_model(
                                  _stored_views(store, cid, packs, template, locations), pool, name_or_path)
 
     if issubclass(cls, ModelMixin):
-        # diffusers: weights cast to `dtype`, else to the default dtype (fp32).
-        target = dtype or torch.get_default_dtype()
+        # diffusers: weights cast to `dtype`, else to the default dtype (fp32); "auto",
+        # not a torch.dtype, is float32 ("Defaulting to `torch.float32`").
+        target = torch.float32 if dtype == "auto" else dtype or torch.get_default_dtype()
         keep = cls._keep_in_fp32_modules if target == torch.float16 else None
         make = functools.partial(cls.from_config, config)
     else:
         # transformers: dtype=None means "auto", the checkpoint's own dtype.
-        target = dtype or _auto_dtype(config, locations)
+        target = _auto_dtype(config, locations) if dtype in (None, "auto") else dtype
         config_obj = cls.config_class.from_dict(config)
         subs = [getattr(config_obj, k, None) for k in getattr(config_obj, "sub_configs", {})]
         for c in [config_obj, *subs]:

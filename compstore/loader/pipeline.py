@@ -201,7 +201,8 @@ class DiffusionPipeline:
             pretrained_model_name_or_path: a local pipeline folder (ingested on the
                 way), a Hub repo id (pulled on the way), or a store ref.
             store: a `Store` or its folder (default: `$COMPSTORE_HOME`).
-            **kwargs: as diffusers: `dtype`/`torch_dtype` (a dtype, its name, or a per-slot dict),
+            **kwargs: as diffusers: `dtype`/`torch_dtype` (a dtype, its name, "auto", or a
+                per-slot dict),
                 `variant`, `revision`, `use_safetensors`, `low_cpu_mem_usage`,
                 `device_map`, `local_files_only`, components by slot name (`None` skips
                 one), and pipeline config overrides. compstore adds `verify=True`:
@@ -225,14 +226,22 @@ class DiffusionPipeline:
         >>> pipe = compstore.DiffusionPipeline.from_pretrained("tiny-sd", dtype=torch.float16)  # doctest: +SKIP
         """
         dtype = dtype_argument(kwargs)
+        if dtype == "auto":  # not a torch.dtype: diffusers' pipelines load float32, and say so
+            logger.warning("dtype='auto' is not a torch.dtype: loading float32, as diffusers does "
+                           "(a per-slot {'text_encoder': 'auto'} is transformers' \"auto\")")
+            dtype = torch.float32
         store = open_store(store)
         variant = kwargs.pop("variant", None)
         verify = kwargs.pop("verify", False)
         private = kwargs.pop("private", False)
-        pool = target_pool(kwargs.pop("device_map", None), kwargs.pop("pool", None))
+        device_map = kwargs.pop("device_map", None)
+        if kwargs.pop("low_cpu_mem_usage", None) is False and device_map is not None:
+            raise ValueError(  # diffusers' refusal, word for word (binding is always low-memory)
+                f"You cannot set `low_cpu_mem_usage` to False while using device_map={device_map} "
+                "for loading and dispatching. Please make sure to set `low_cpu_mem_usage=True`.")
+        pool = target_pool(device_map, kwargs.pop("pool", None))
         refuse_pickle_loading(kwargs.pop("use_safetensors", None))
         refuse_quantization(kwargs)
-        kwargs.pop("low_cpu_mem_usage", None)  # binding store tensors is always low-memory
         label = os.fspath(pretrained_model_name_or_path)
         snapshot_id, label = resolve_snapshot(  # an ingest or a download: other threads' loads go on
             store, label, revision=kwargs.pop("revision", None),
