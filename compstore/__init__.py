@@ -26,6 +26,7 @@ from .store import (
     Store,
     StoreBusyError,
     VariantNotFoundError,
+    WeightsNotFoundError,
 )
 
 __version__ = "0.1.0"
@@ -46,6 +47,6 @@ __all__ = [
     "Store", "CompstoreError", "ComponentNotFoundError", "CorruptStoreError", "ExportError",
     "InvalidInputError", "PickleRefusedError", "PinChangedError", "RefNotFoundError", "StoreBusyError",
     "DiskFullError", "ReadOnlyStoreError", "SettingError", "HubError", "HubUnavailableError",
-    "VariantNotFoundError",
+    "VariantNotFoundError", "WeightsNotFoundError",
     *sorted(_LOADER_NAMES),
 ]

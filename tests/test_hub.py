@@ -688,6 +688,37 @@ def test_adopt_takes_revisions_holding_part_of_a_pipeline(hub, store, family, tm
                                  if line.startswith("org/")] == ["part"] * 3, r.output
 
 
+def test_adopt_goes_on_past_damaged_revisions_and_names_them(hub, store, family, tmp_path):
+    """One bad download no longer stops the adoption of the rest of the cache (it
+    raised at the first one), nor is a repo huggingface_hub cannot read dropped
+    without a word, nor a model folder left without its weights called whole."""
+    import os
+
+    from click.testing import CliRunner
+    from huggingface_hub import snapshot_download
+
+    from compstore.cli import cli
+
+    cache = tmp_path / "hf-cache"
+    snaps = {n: Path(snapshot_download(f"org/{n}", cache_dir=cache, endpoint=hub.url)) for n in "ABCD"}
+    (snaps["A"] / "vae" / "diffusion_pytorch_model.safetensors").resolve().unlink()  # a broken link
+    unet_b = (snaps["B"] / "unet" / "diffusion_pytorch_model.safetensors").resolve()
+    os.truncate(unet_b, unet_b.stat().st_size // 2)  # an interrupted download
+    for f in (snaps["C"] / "unet").glob("diffusion_pytorch_model*"):  # weights never fetched
+        f.unlink()
+    report = store.adopt(cache)
+    assert {(a["repo"], a["whole"]) for a in report.adopted} == {("org/C", False), ("org/D", True)}
+    reasons = {k["repo"]: k["reason"] for k in report.skipped}
+    assert "malformed safetensors" in reasons["org/B"] and "broken symlink" in reasons["org/A"]
+    assert {r["name"] for r in store.ls()} >= {"org/D"} and "org/C" not in {r["name"] for r in store.ls()}
+    [c_ref] = [a["ref"] for a in report.adopted if a["repo"] == "org/C"]
+    with pytest.raises(compstore.WeightsNotFoundError):  # C's unet: config.json alone
+        compstore.DiffusionPipeline.from_pretrained(c_ref, store=store)
+    r = CliRunner().invoke(cli, ["--store", str(store.home), "adopt", "--cache-dir", str(cache)])
+    assert r.exit_code == 0 and "org/B@" in r.output and "malformed safetensors" in r.output
+    assert "org/A@?: unreadable in the cache" in r.output
+
+
 def test_adopt_without_a_cache_is_a_clear_error(store, tmp_path):
     from conftest import store_state
 

@@ -188,6 +188,22 @@ def test_unsupported_device_map_is_a_clear_error(family_store):
         compstore.DiffusionPipeline.from_pretrained("A", store=family_store, device_map="balanced")
 
 
+def test_a_model_folder_with_config_but_no_weights_is_refused_as_diffusers_refuses_it(store, family, tmp_path):
+    """It loaded a randomly initialised UNet, with a warning, where diffusers raises."""
+    import shutil
+
+    folder = tmp_path / "no-weights"
+    shutil.copytree(family["A"], folder)
+    (folder / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+    with pytest.raises(OSError):
+        diffusers.DiffusionPipeline.from_pretrained(folder)
+    with pytest.raises(compstore.WeightsNotFoundError, match="config.json but no weights for UNet2DConditionModel"):
+        compstore.DiffusionPipeline.from_pretrained(folder, store=store)
+    with pytest.raises(OSError):  # as diffusers' own error is
+        compstore.load_component(str(folder), "unet", store=store)
+    assert type(compstore.load_component(str(folder), "vae", store=store)).__name__ == "AutoencoderKL"
+
+
 def test_low_cpu_mem_usage_false_with_a_device_map_is_refused_as_diffusers_refuses_it(family_store, family):
     kwargs = {"device_map": "cpu", "low_cpu_mem_usage": False}
     with pytest.raises(ValueError) as theirs:

@@ -132,7 +132,9 @@ def adopt(ctx, cache_dir, reclaim, as_json):
             + ([a["verified"]] if reclaim else []) for a in r.adopted]
     text = (tabulate(rows, ["ref", "status", "pipeline", "size"] + (["verified"] if reclaim else []))
             if rows else "(no diffusers snapshots found)")
+    damaged = [k for k in r.skipped if not k["reason"].startswith("not a diffusers")]
     text += f"\n\n{len(r.skipped)} other revisions skipped"
+    text += "".join(f"\n  {k['repo']}@{k['commit'] or '?'}: {k['reason']}" for k in damaged)
     if reclaim:
         text += f"; reclaimed {human(r.reclaimed_bytes)} from {r.cache_dir}"
     emit(as_json, r.to_dict(), text)

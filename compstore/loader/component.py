@@ -22,7 +22,8 @@ from typing import Any, Callable
 import torch
 from torch.nn.parameter import is_lazy
 
-from ..store import CompstoreError, ComponentNotFoundError, CorruptStoreError, Store
+from ..store import (CompstoreError, ComponentNotFoundError, CorruptStoreError, Store,
+                     WeightsNotFoundError)
 from ..store.components import pick_component
 from ..store.objects import blob_hash
 from . import warm
@@ -164,6 +165,11 @@ def prepare_model(
         raise ComponentNotFoundError(f"component {cid[:12]} has no config.json")
     refuse_quantized(config, name_or_path or component["class_name"])
     locations = store.tensor_locations(cid)
+    if not locations:  # initialising every weight would be a random model
+        raise WeightsNotFoundError(
+            f"{name_or_path or component.get('slot') or component['class_name']}: a config.json "
+            f"but no weights for {component['class_name']} (a download that left them out?); "
+            "diffusers refuses it too. Ingest or pull it with its weights files")
     if verify:
         check_tensors(packs, locations, component["class_name"])
     blobs = {loc.name: (loc.xxh3, loc.size) for loc in locations}

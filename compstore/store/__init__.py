@@ -17,6 +17,7 @@ from .errors import (
     SettingError,
     StoreBusyError,
     VariantNotFoundError,
+    WeightsNotFoundError,
 )
 from .hub import HubError, HubUnavailableError, PullResult
 from .modular import PinChangedError
@@ -29,6 +30,6 @@ __all__ = [
     "CorruptStoreError", "ExportError", "InvalidInputError", "PickleRefusedError",
     "RefNotFoundError", "StoreBusyError", "PinChangedError", "DiskFullError", "ReadOnlyStoreError",
     "SettingError", "HubError", "HubUnavailableError", "VariantNotFoundError",
-    "PullResult",
+    "WeightsNotFoundError", "PullResult",
     "Remote", "RemoteError", "RemoteBusyError", "PushResult", "FetchResult",
 ]

@@ -20,12 +20,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .errors import CompstoreError
+from .errors import CompstoreError, InvalidInputError
 from .export import file_pieces
 from .hub import file_sha256, record_xet_hashes
 from .modular import missing_slots
@@ -108,6 +109,9 @@ def adopt(store: "Store", cache_dir: str | os.PathLike | None = None, *, reclaim
         raise CompstoreError(f"{cache}: no Hugging Face cache there (pass --cache-dir)")
     report = AdoptReport(str(cache))
     info = scan_cache_dir(cache)
+    for warning in info.warnings:  # a repo huggingface_hub cannot read (a blob deleted, ...)
+        report.skipped.append({"repo": _repo_of(str(warning)), "commit": None,
+                               "reason": f"unreadable in the cache: {warning}"})
     to_delete: list[str] = []
     for repo in sorted(info.repos, key=lambda r: r.repo_id):
         if repo.repo_type != "model":
@@ -120,8 +124,13 @@ def adopt(store: "Store", cache_dir: str | os.PathLike | None = None, *, reclaim
                                        "reason": "not a diffusers pipeline or component"})
                 continue
             ref = f"{repo.repo_id}@{rev.commit_hash}"
-            r = store.ingest(snap, ref, source=repo.repo_id, revision=rev.commit_hash,
-                             progress=progress)
+            try:
+                r = store.ingest(snap, ref, source=repo.repo_id, revision=rev.commit_hash,
+                                 progress=progress)
+            except InvalidInputError as e:  # a damaged download: the other revisions go on
+                report.skipped.append({"repo": repo.repo_id, "commit": rev.commit_hash,
+                                       "reason": str(e)})
+                continue
             whole = r.kind != "components" and not missing_slots(store, r.snapshot)
             if whole:  # the newest whole revision wins: sorted above
                 store.tag(repo.repo_id, r.snapshot)
@@ -140,6 +149,12 @@ def adopt(store: "Store", cache_dir: str | os.PathLike | None = None, *, reclaim
         strategy.execute()
     report.seconds = round(time.perf_counter() - t0, 3)
     return report
+
+
+def _repo_of(message: str) -> str:
+    """The repo id a cache path in `message` names ("models--org--name/..." -> "org/name")."""
+    found = re.search(r"(?:models|datasets|spaces)--([^/\s]+)", message)
+    return found.group(1).replace("--", "/") if found else ""
 
 
 def _record_tree_hashes(store: "Store", snapshot_id: str, files: dict) -> None:

@@ -46,6 +46,12 @@ class VariantNotFoundError(ComponentNotFoundError, ValueError):
     refuses it (a ValueError) rather than loading other weights silently."""
 
 
+class WeightsNotFoundError(ComponentNotFoundError, OSError):
+    """A model's folder has its config.json but no weights (a download that left them
+    out). diffusers and transformers refuse it too (an OSError: "no file named ...
+    found"), rather than loading randomly initialised weights."""
+
+
 class StoreBusyError(CompstoreError):
     """Another process holds the store's write lock for longer than the timeout."""
 

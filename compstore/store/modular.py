@@ -241,11 +241,21 @@ def components_with_pins(store: "Store", snapshot_id: str) -> list[dict]:
 
 
 def missing_slots(store: "Store", snapshot_id: str) -> set[str]:
-    """The entries of a snapshot's pipeline index it holds no model or folder for
-    (a pull or a download that left them out); none for a whole pipeline."""
+    """The entries of a snapshot's pipeline index it holds no model or folder for, or
+    a model's config.json without its weights (a pull or a download that left them
+    out); none for a whole pipeline."""
     for name in PIPELINE_INDEXES:
         raw = store.read_file(snapshot_id, name)
         if raw is not None:
-            have = {c["slot"] for c in components_with_pins(store, snapshot_id)}
+            have = {c["slot"] for c in components_with_pins(store, snapshot_id)
+                    if not _config_without_weights(store, c["component_id"])}
             return {slot for slot, _, _ in index_entries(json.loads(raw))} - have
     return set()
+
+
+def _config_without_weights(store: "Store", component_id: str) -> bool:
+    """A model's folder with config.json and no tensors (schedulers, tokenizers and
+    processors keep their own *_config.json, not a config.json)."""
+    row = store.db.execute("SELECT config_blob, n_tensors FROM components WHERE id = ?",
+                           [component_id]).fetchone()
+    return row is not None and row[0] is not None and not row[1]
