@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING
 
 from .errors import StoreBusyError
 from .lock import exclusive_readers, no_pull_running, write_lock
-from .objects import ALIGN, PackWriter, fsync_dir
+from .objects import ALIGN, PACK_TARGET, PackWriter, fsync_dir
 
 if TYPE_CHECKING:
     from .store import Store
@@ -108,9 +108,10 @@ def gc(store: "Store", *, dry_run: bool = False) -> GcReport:
         dead_blobs = [b[0] for b in blobs if b[0] not in live_blobs]
         dead_snaps = [r[0] for r in db.execute("SELECT id FROM snapshots") if r[0] not in live_snaps]
 
-        if dry_run:
-            kept = sum(b[3] for p in partial for b in by_pack[p] if b[0] in live_blobs)
-            freed = sum(pack_sizes[p] for p in dead_packs + partial) - kept
+        if dry_run:  # what the run below would free: the files' sizes on disk, less the
+            # packs its compaction writes (blobs at aligned offsets, as PackWriter puts them)
+            kept = _packed_size([b[3] for p in partial for b in by_pack[p] if b[0] in live_blobs])
+            freed = sum(_size_on_disk(packs_dir / f"{p}.pack") for p in dead_packs + partial) - kept
             return GcReport(True, freed, len(dead_blobs), len(dead_snaps), len(dead_packs),
                             len(partial), round(time.perf_counter() - t0, 3), downloads_freed)
 
@@ -169,6 +170,25 @@ def gc(store: "Store", *, dry_run: bool = False) -> GcReport:
         freed -= sum(s for _, s in new_packs)
     return GcReport(False, freed, len(dead_blobs), len(dead_snaps), len(dead_packs), len(partial),
                     round(time.perf_counter() - t0, 3), downloads_freed)
+
+
+def _packed_size(sizes: list[int]) -> int:
+    """The bytes of the packs a `PackWriter` writes for blobs of these sizes, in order."""
+    total = pos = 0
+    for i, size in enumerate(sizes):
+        if i == 0 or pos >= PACK_TARGET:
+            pos = 0  # a new pack
+        pad = -pos % ALIGN
+        pos += pad + size
+        total += pad + size
+    return total
+
+
+def _size_on_disk(path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:  # a pack deleted under the store: nothing to free
+        return 0
 
 
 def _unnamed_bytes(blobs: list[tuple], pack_size: int) -> bool:
