@@ -431,3 +431,26 @@ def test_damaged_catalog_pages_are_named_by_verify_and_a_clear_error_elsewhere(s
         r = CliRunner().invoke(cli, ["--store", str(store.home), *args])
         assert r.exit_code == 0 or (r.exit_code == 1 and "catalog is damaged" in r.stderr
                                     and r.stderr.count("\n") == 1), (args, r.output)
+
+
+@pytest.mark.parametrize("how", ["edit", "delete", "add"])
+def test_a_skeleton_changed_on_disk_is_rebuilt_not_trusted(family_store, how):
+    """The configs and tokenizer files a load reads come from `skeletons/<snapshot>/`,
+    built once. An edited scheduler config was loaded as it stood (1000 train steps
+    became 7), a removed tokenizer file failed the load."""
+    import json
+
+    pipe = compstore.DiffusionPipeline.from_pretrained("A", store=family_store)
+    skeleton = family_store.home / "skeletons" / family_store.resolve("A")
+    config = skeleton / "scheduler" / "scheduler_config.json"
+    if how == "edit":
+        config.write_text(json.dumps({**json.loads(config.read_text()), "num_train_timesteps": 7}))
+    elif how == "delete":
+        next((skeleton / "tokenizer").iterdir()).unlink()
+    else:
+        (skeleton / "unet" / "stray.json").write_text("{}")
+    again = compstore.DiffusionPipeline.from_pretrained("A", store=family_store, private=True)
+    assert dict(again.scheduler.config) == dict(pipe.scheduler.config)
+    assert again.tokenizer("a cat").input_ids == pipe.tokenizer("a cat").input_ids
+    assert not (skeleton / "unet" / "stray.json").exists()
+    assert family_store.gc().freed_bytes == 0 and [p.name for p in skeleton.parent.iterdir()] == [skeleton.name]

@@ -118,6 +118,32 @@ class IngestResult:
         return asdict(self)
 
 
+_SKELETON_STAMP = ".compstore-stamp.json"  # path -> [size, mtime_ns] of a skeleton's files
+
+
+def _skeleton_files(folder: Path) -> dict[str, list[int]]:
+    out = {}
+    for f in sorted(folder.rglob("*")):
+        if f.is_file() and f.name != _SKELETON_STAMP:
+            st = f.stat()
+            out[f.relative_to(folder).as_posix()] = [st.st_size, st.st_mtime_ns]
+    return out
+
+
+def _stamp_skeleton(folder: Path) -> None:
+    (folder / _SKELETON_STAMP).write_text(json.dumps(_skeleton_files(folder)))
+
+
+def _skeleton_intact(folder: Path) -> bool:
+    """Whether a built skeleton holds exactly the files it was built with, as their
+    stat describes them (a few stat calls per load; an edit that keeps a file's size
+    and mtime goes unseen, as it would by `make`)."""
+    try:
+        return json.loads((folder / _SKELETON_STAMP).read_text()) == _skeleton_files(folder)
+    except (OSError, ValueError):  # no stamp (built by an older compstore), or a bad one
+        return False
+
+
 class Store:
     """A content-addressed store of pipeline weights in one folder.
 
@@ -585,7 +611,16 @@ class Store:
         root = private_skeletons() if self.read_only else self.home / "skeletons"
         dest = root / snapshot_id
         if dest.exists():
-            return dest
+            if _skeleton_intact(dest):
+                return dest
+            # A file edited, removed or added since it was built (by hand, by a cleaner
+            # of old files): loading it would give another scheduler or tokenizer.
+            stale = root / f".stale-{snapshot_id}-{uuid.uuid4().hex[:8]}"  # gc removes it
+            try:
+                os.rename(dest, stale)
+                shutil.rmtree(stale, ignore_errors=True)
+            except OSError:  # another process set it aside first
+                pass
         # Built beside its final place, not in tmp/: readers hold no lock, and a
         # writer clears tmp/ at start. A crash leaves a .building-* folder for gc.
         tmp = root / f".building-{snapshot_id}-{uuid.uuid4().hex[:8]}"
@@ -597,6 +632,7 @@ class Store:
             index = flattened_index(self, snapshot_id, dest)  # modular: every slot from here
             if index is not None:
                 (tmp / "modular_model_index.json").write_bytes(index)
+        _stamp_skeleton(tmp)
         dest.parent.mkdir(exist_ok=True)
         try:
             os.rename(tmp, dest)
