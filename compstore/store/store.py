@@ -122,11 +122,16 @@ _SKELETON_STAMP = ".compstore-stamp.json"  # path -> [size, mtime_ns] of a skele
 
 
 def _skeleton_files(folder: Path) -> dict[str, list[int]]:
-    out = {}
-    for f in sorted(folder.rglob("*")):
-        if f.is_file() and f.name != _SKELETON_STAMP:
-            st = f.stat()
-            out[f.relative_to(folder).as_posix()] = [st.st_size, st.st_mtime_ns]
+    out, todo = {}, [("", os.fspath(folder))]
+    while todo:  # os.scandir: a stat per file, none per folder twice (a load checks this)
+        prefix, path = todo.pop()
+        with os.scandir(path) as entries:
+            for e in entries:
+                if e.is_dir(follow_symlinks=False):
+                    todo.append((prefix + e.name + "/", e.path))
+                elif e.name != _SKELETON_STAMP:
+                    st = e.stat(follow_symlinks=False)
+                    out[prefix + e.name] = [st.st_size, st.st_mtime_ns]
     return out
 
 
