@@ -454,3 +454,31 @@ def test_a_skeleton_changed_on_disk_is_rebuilt_not_trusted(family_store, how):
     assert again.tokenizer("a cat").input_ids == pipe.tokenizer("a cat").input_ids
     assert not (skeleton / "unet" / "stray.json").exists()
     assert family_store.gc().freed_bytes == 0 and [p.name for p in skeleton.parent.iterdir()] == [skeleton.name]
+
+
+def test_a_verified_load_keeps_the_bytes_it_checked_though_the_pack_changes_after(store, family, monkeypatch):
+    """verify=True hashed the mapped bytes, then built the tensors on the same mapping,
+    which shows the file as it is now: a byte that went bad in between reached the
+    model unseen. (Found by processes loading while another flipped pack bytes: 19
+    wrong verified loads in 90 s, none since.)"""
+    import compstore.loader.component as component
+
+    store.ingest(family["A"], "A")
+    checked = component.check_tensors
+
+    def check_then_damage(packs, locations, what):
+        checked(packs, locations, what)
+        loc = max(locations, key=lambda loc: loc.size)
+        with open(pack_path(store, loc.pack), "r+b") as f:  # the disk goes bad now
+            f.seek(loc.offset)
+            b = f.read(1)
+            f.seek(loc.offset)
+            f.write(bytes([b[0] ^ 0xFF]))
+
+    monkeypatch.setattr(component, "check_tensors", check_then_damage)
+    pipe = compstore.DiffusionPipeline.from_pretrained("A", store=store, verify=True)
+    for slot in ("unet", "vae"):
+        want = load_file(family["A"] / slot / "diffusion_pytorch_model.safetensors")
+        got = getattr(pipe, slot).state_dict()
+        assert all(torch.equal(got[k], v) for k, v in want.items()), slot
+    assert not store.verify().ok  # the pack did go bad: verify says so

@@ -154,7 +154,7 @@ def prepare_model(
             f"{component['library']}.{component['class_name']} is not a diffusers or "
             "transformers model class")
     cid = component["component_id"]
-    packs = packs or private_packs(store)
+    packs = packs or private_packs(store, verified=verify)
     key = (cid, f"{cls.__module__}.{cls.__qualname__}", str(dtype))
     template = None if private or verify else warm.template(key)
     if template is not None:

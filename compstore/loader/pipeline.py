@@ -282,7 +282,7 @@ def _build(store: Store, snapshot_id: str, label: str, *, dtype, variant: str | 
             "fix _class_name in the pipeline's model_index.json and ingest it again")
 
     rows = store.components_of(snapshot_id)
-    packs = private_packs(store)  # one set of copy-on-write mappings for this pipeline
+    packs = private_packs(store, verified=verify)  # one set of mappings for this pipeline
     skeleton = store.materialize(snapshot_id, _skeleton_file)
     built: dict[str, Any] = {}
     files = None  # the snapshot's (path, file id, sha256, size), read when first needed

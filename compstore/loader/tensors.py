@@ -31,11 +31,25 @@ class LoadMappings(PackFiles):
     bytes (a VAE's and a UNet's norm weights of ones, zero biases) are one blob: a
     second view of it would be the same memory, so that an in-place edit of one
     tensor (`fuse_lora`, an optimizer step) changed the other, where diffusers loads
-    two tensors. The second gets a copy."""
+    two tensors. The second gets a copy.
 
-    def __init__(self, packs_dir):
+    `copies=True` (a load with `verify=True`): each blob is read once into memory of
+    its own, and that copy is what is hashed and what the tensors are built on. A
+    mapping shows the file as it is now: a pack changed on disk between the check
+    and the use (a failing disk) would change a tensor that had passed."""
+
+    def __init__(self, packs_dir, copies: bool = False):
         super().__init__(packs_dir, private=True)
         self._handed_out: set[tuple[str, int]] = set()
+        self._copies: dict[tuple[str, int, int], bytearray] | None = {} if copies else None
+
+    def view(self, pack: str, offset: int, size: int) -> memoryview:
+        if self._copies is None:
+            return super().view(pack, offset, size)
+        copy = self._copies.get((pack, offset, size))
+        if copy is None:
+            copy = self._copies[pack, offset, size] = bytearray(super().view(pack, offset, size))
+        return memoryview(copy)
 
     def first_view(self, loc: TensorLocation) -> bool:
         """Whether this is the first tensor of this load on `loc`'s blob (and now it is not)."""
@@ -45,14 +59,15 @@ class LoadMappings(PackFiles):
         return first
 
 
-def private_packs(store: Store) -> LoadMappings:
+def private_packs(store: Store, verified: bool = False) -> LoadMappings:
     """Fresh copy-on-write mappings of the store's packs, for one load.
 
     Each load maps anew: an in-place edit in one pipeline (fuse_lora, say) must
     not show in a pipeline loaded later. Unwritten pages stay shared with the page
-    cache, so two loads of the same tensor still use its RAM once.
+    cache, so two loads of the same tensor still use its RAM once. `verified`: a
+    load with `verify=True`, whose tensors are the copies it hashed (`LoadMappings`).
     """
-    return LoadMappings(store.home / "objects" / "packs")
+    return LoadMappings(store.home / "objects" / "packs", copies=verified)
 
 
 def stored_tensor(packs: LoadMappings, loc: TensorLocation) -> torch.Tensor:
