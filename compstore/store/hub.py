@@ -45,7 +45,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .catalog import damaged_blob_ids, damaged_files, snapshot_is_damaged
-from .errors import CompstoreError, CorruptStoreError, DiskFullError, InvalidInputError, RefNotFoundError, VariantNotFoundError
+from .errors import (CompstoreError, CorruptStoreError, DiskFullError, InvalidInputError,
+                     RefNotFoundError, VariantNotFoundError)
 from .export import file_pieces, write_file
 from .lock import pull_lock, pulls_running, write_lock
 from .manifest import FILENAME as MANIFEST

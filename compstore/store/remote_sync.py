@@ -206,8 +206,8 @@ def _intact(store: "Store", key: str, location: tuple[str, int, int]) -> memoryv
     except CorruptStoreError:  # its pack is missing or short
         pass
     raise CorruptStoreError(f"blob {key} is damaged in this store (pack {location[0]}): nothing "
-                            "more was pushed; run `compstore verify`, then ingest or pull the "
-                            "source it names again, and push again")
+                            "more was pushed; run `compstore verify`, ingest or pull the sources "
+                            "of the refs it names again, and push again")
 
 
 def _upload_packs(store: "Store", remote: Remote, keys: list[str], locations, lease: Lease,

@@ -687,10 +687,11 @@ class Store:
         """
         with self.reading():
             report = verify_store(self, progress=progress)
-        if not self.read_only and not report.catalog_problems:  # after reading(): a writer
-            # never waits for gc while reading
+        # Recorded after reading() (a writer never waits for gc while it reads), and only
+        # if no other writer holds the lock: verify is a reader, and never waits for one.
+        if not self.read_only and not report.catalog_problems:
             try:
-                with write_lock(self.home, timeout_s=0):  # a reader: it never waits for writers
+                with write_lock(self.home, timeout_s=0):
                     record_damage(self.db, report.problems)
                     report.recorded = True
             except StoreBusyError:
