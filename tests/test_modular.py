@@ -233,3 +233,24 @@ def test_a_components_id_computed_without_writing_is_the_one_an_ingest_gives(rep
         snapshot = store.ingest(folder, folder.name).snapshot
         stored = {(c["slot"], c["variant"]): c["component_id"] for c in store.components_of(snapshot)}
         assert {(c.slot, c.variant): component_id_unwritten(scan, c) for c in scan.components} == stored
+
+
+def test_a_damaged_pinned_component_heals_when_the_modular_repo_is_ingested_again(repos, store):
+    """The modular repo's VAE is the pointed-to folder's: after verify names its damage,
+    ingesting the modular repo again (which follows its pointers) heals it."""
+    from compstore.store.catalog import blobs_of_snapshot
+    from test_damage import blob_rows, flip, problem_blobs
+
+    store.ingest(repos / "remix", "remix")
+    vae = next(p["component_id"] for p in store.show("remix")["pins"] if p["slot"] == "vae")
+    vae_blobs = {loc.xxh3 for loc in store.tensor_locations(vae)}
+    reached = set(blobs_of_snapshot(store.db, store.resolve("remix")))
+    blob = max((b for b in blob_rows(store) if b[0] in reached and store.db.execute(
+        "SELECT xxh3 FROM blobs WHERE id = ?", [b[0]]).fetchone()[0] in vae_blobs), key=lambda b: b[3])
+    damaged = flip(store, blob, 3)
+    assert problem_blobs(store) == damaged
+    store.ingest(repos / "remix", "remix")  # the heal is the pointed-to folder's ingest's
+    assert store.verify().ok
+    ours = compstore.ModularPipeline.from_pretrained("remix", store=store)
+    ours.load_components(torch_dtype=torch.float32)
+    assert_same(ours, load_theirs(repos / "remix"))
