@@ -6,6 +6,7 @@ the same files on disk, measured in one run, each load in a fresh process.
     python benchmarks/load.py --size tiny     # the test suite's tiny pipeline
     python benchmarks/load.py --as-published  # tensor names as SD 1.5's repo has them
     python benchmarks/load.py --from-folder   # compstore given the folder, as diffusers is
+    python benchmarks/load.py --verify        # compstore with verify=True (re-hashes, copies)
 
 For each system and repeat a child process imports torch/diffusers, then times
   load:        from_pretrained(...) alone
@@ -41,13 +42,14 @@ diffusers.utils.logging.set_verbosity_error(); diffusers.utils.logging.disable_p
 import transformers; transformers.utils.logging.set_verbosity_error(); transformers.utils.logging.disable_progress_bar()
 system, where, store, touch = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4] == "1"
 kw = {} if sys.argv[5] == "none" else {"dtype": getattr(torch, sys.argv[5])}
+verify = {"verify": True} if sys.argv[6] == "1" else {}
 def hwm():
     return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM"))
 def rss():
     return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmRSS"))
 if system == "compstore":
     st = compstore.Store(store)
-    load = lambda: compstore.DiffusionPipeline.from_pretrained(where, store=st, **kw)
+    load = lambda: compstore.DiffusionPipeline.from_pretrained(where, store=st, **kw, **verify)
 else:
     load = lambda: diffusers.DiffusionPipeline.from_pretrained(where, **kw)
 base = rss()
@@ -63,9 +65,9 @@ print(json.dumps({"wall_s": wall, "cpu_s": cpu, "peak_rss_bytes": hwm() - base})
 """
 
 
-def run_child(system: str, where: str, store: str, touch: bool, dtype: str) -> dict:
-    out = subprocess.run([sys.executable, "-c", CHILD, system, where, store, "1" if touch else "0", dtype],
-                         check=True, capture_output=True, text=True)
+def run_child(system: str, where: str, store: str, touch: bool, dtype: str, verify: bool) -> dict:
+    out = subprocess.run([sys.executable, "-c", CHILD, system, where, store, "1" if touch else "0", dtype,
+                          "1" if verify else "0"], check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -82,6 +84,9 @@ def main() -> None:
     ap.add_argument("--from-folder", action="store_true",
                     help="compstore loads the folder (as a drop-in call passes it; ingested once "
                          "before the timed loads, which find it unchanged), not the ref 'bench'")
+    ap.add_argument("--verify", action="store_true",
+                    help="compstore loads with verify=True: every tensor re-hashed, the model "
+                         "built on the copies hashed")
     ap.add_argument("--workdir", default=None, help="reused between runs when given")
     ap.add_argument("--json", dest="json_out", default=None)
     args = ap.parse_args()
@@ -116,13 +121,15 @@ def main() -> None:
         for _ in range(args.repeat):
             for system in ("diffusers", "compstore"):
                 where = "bench" if system == "compstore" and not args.from_folder else str(folder)
-                results[mode][system].append(run_child(system, where, str(store_dir), touch, args.dtype))
+                results[mode][system].append(run_child(system, where, str(store_dir), touch, args.dtype,
+                                                       args.verify))
 
     figures = {"size": args.size, "as_published": args.as_published, "dtype": args.dtype,
-               "from_folder": args.from_folder,
+               "from_folder": args.from_folder, "verify": args.verify,
                "pipeline_bytes": nbytes, "repeat": args.repeat}
     print(f"pipeline: {layout} (fp16 files), dtype={args.dtype}, {nbytes / 2**30:.2f} GiB on disk (ingested: {r.status}); "
-          f"compstore loads {'the folder' if args.from_folder else 'the ref'}; "
+          f"compstore loads {'the folder' if args.from_folder else 'the ref'}"
+          f"{' with verify=True' if args.verify else ''}; "
           f"median of {args.repeat}, each load in a fresh process, page cache warm")
     print(f"{'':12s} {'':10s} {'wall s':>8s} {'CPU s':>8s} {'peak RSS MiB':>13s}")
     for mode, by_system in results.items():
