@@ -466,6 +466,25 @@ def test_a_failed_pull_resumes_on_the_next_one(hub, store, family, sha256_fed):
     assert store.verify().ok
 
 
+def test_a_kept_partial_download_gone_bad_is_downloaded_again_whole(hub, store, family):
+    """The next pull resumed from the kept bytes, failed the Hub's sha256 ("retry the
+    pull") and only the pull after that worked."""
+    path = "unet/diffusion_pytorch_model.safetensors"
+    size = (family["A"] / path).stat().st_size
+    hub.repos["org/A"].cuts[path] = [1 << 20] + [0] * 20  # 1 MiB kept, then every retry fails
+    with pytest.raises(HubError):
+        store.pull("org/A")
+    hub.repos["org/A"].cuts[path] = []
+    partial = next((store.home / "downloads").rglob("*.partial"))
+    data = bytearray(partial.read_bytes())
+    data[1000] ^= 0xFF  # the disk changed a kept byte
+    partial.write_bytes(bytes(data))
+    hub.reset_counts()
+    store.pull("org/A")
+    assert hub.served_per_file[path] == (size - (1 << 20)) + size  # the rest, then all of it
+    assert store.verify().ok
+
+
 def test_gc_removes_what_failed_pulls_left_unless_a_pull_is_running(hub, store, family, tmp_path):
     import json
     import threading

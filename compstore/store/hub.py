@@ -510,7 +510,7 @@ def _download(store: "Store", repo_id: str, commit: str, entries: list, folder: 
                     got.http_files += 1
                     job = downloads.submit(
                         _fetch, hf_hub_url(repo_id, f.path, revision=commit, endpoint=endpoint),
-                        build_hf_headers(token=token), target, f.size, on_bytes)
+                        build_hf_headers(token=token), target, f.size, on_bytes, sha256=sha)
                     if f.path != MANIFEST:
                         in_flight[job] = f
                         continue
@@ -610,11 +610,13 @@ def record_xet_hashes(store: "Store", snapshot_id: str, xet_by_path: dict[str, s
 
 
 def _fetch(url: str, headers: dict, target: Path, size: int, on_bytes=lambda n: None,
-           retries: int = 3) -> tuple[int, str]:
+           retries: int = 3, sha256: str | None = None) -> tuple[int, str]:
     """Download `url` to `target` through huggingface_hub's HTTP session, resuming from
     `target`'s `.partial` file (kept by an interrupted pull). Returns the bytes fetched
     and the file's sha256, hashed as the bytes arrive (a resumed file's kept bytes
-    are read back once).
+    are read back once). A resumed file that does not hash to `sha256` (the kept
+    part went bad on disk) is downloaded again whole, once: the caller's check then
+    sees the bytes the Hub serves, not the kept ones.
 
     Not hf_hub_download: huggingface_hub 2.4 writes each download to a new,
     process-unique temporary file, so an interrupted download starts over."""
@@ -657,6 +659,10 @@ def _fetch(url: str, headers: dict, target: Path, size: int, on_bytes=lambda n: 
         raise OSError(f"{target.name}: got {partial.stat().st_size} bytes, expected {size}")
     if hashed != size:
         h = _sha256_of_start(partial, size)
+    if sha256 and fetched < size and h.hexdigest() != sha256.lower():  # resumed, and wrong
+        partial.unlink()
+        more, digest = _fetch(url, headers, target, size, on_bytes, retries)
+        return fetched + more, digest
     os.replace(partial, target)
     return fetched, h.hexdigest()
 
