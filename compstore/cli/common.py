@@ -10,7 +10,7 @@ import sys
 import click
 
 from ..store import CompstoreError, Store
-from ..store.catalog import is_damage
+from ..store.catalog import REBUILD_ADVICE, is_damage
 
 
 def human(n: int | float) -> str:
@@ -49,8 +49,7 @@ class Group(click.Group):
         except sqlite3.DatabaseError as e:
             if is_damage(e):  # a page of it went bad after it opened
                 click.echo(f"Error: the store's catalog is damaged ({e}): restore catalog.db from "
-                           "a backup, or move the store aside and ingest, pull or fetch its "
-                           "pipelines into a new one", err=True)
+                           f"a backup, {REBUILD_ADVICE}", err=True)
                 sys.exit(1)
             if "locked" not in str(e) and "busy" not in str(e):
                 raise

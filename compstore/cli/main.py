@@ -14,6 +14,7 @@ from pathlib import Path
 import click
 from tabulate import tabulate
 
+from ..store.catalog import REBUILD_ADVICE
 from ..store.progress import want_progress
 from .common import Group, emit, human, json_option, open_store
 from .bench import bench
@@ -235,9 +236,8 @@ def verify(ctx, as_json):
     emit(as_json, r.to_dict(), "\n".join(lines))
     if r.catalog_problems:
         if not as_json:
-            click.echo("Error: the store's catalog is damaged: restore catalog.db from a backup, "
-                       "or move the store aside and ingest, pull or fetch its pipelines into a "
-                       "new one", err=True)
+            click.echo(f"Error: the store's catalog is damaged: restore catalog.db from a backup, "
+                       f"{REBUILD_ADVICE}", err=True)
         sys.exit(1)
     if not r.ok:
         if not as_json:

@@ -48,6 +48,11 @@ from .errors import CorruptStoreError
 SCHEMA_VERSION = 1
 
 
+# What a damaged catalog leaves a user, said wherever one is met (a catalog cannot be
+# rebuilt from packs: they hold bare bytes).
+REBUILD_ADVICE = "or move the store aside and ingest, pull or fetch its pipelines into a new one"
+
+
 def is_damage(e: sqlite3.Error) -> bool:
     """Whether a SQLite error says the catalog file itself is damaged."""
     return "malformed" in str(e) or "not a database" in str(e)
@@ -63,8 +68,7 @@ def damaged_catalog_is_an_error(path: Path) -> Iterator[None]:
         if not is_damage(e):
             raise
         raise CorruptStoreError(
-            f"the catalog {path} is damaged ({e}): restore it from a backup, or move the store "
-            "aside and ingest, pull or fetch its pipelines into a new one") from None
+            f"the catalog {path} is damaged ({e}): restore it from a backup, {REBUILD_ADVICE}") from None
 
 
 def open_catalog(path: Path, timeout_s: float = 60.0, read_only: bool = False) -> sqlite_utils.Database:

@@ -160,9 +160,8 @@ def gc(store: "Store", *, dry_run: bool = False) -> GcReport:
             freed = 0
             for p in dead_packs + partial:
                 path = packs_dir / f"{p}.pack"
-                if path.exists():
-                    freed += path.stat().st_size
-                    path.unlink()
+                freed += _size_on_disk(path)  # as the dry run counts it
+                path.unlink(missing_ok=True)
             for d in (store.home / "skeletons").glob("*") if (store.home / "skeletons").exists() else []:
                 if d.name not in live_snaps:
                     shutil.rmtree(d, ignore_errors=True)

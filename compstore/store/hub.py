@@ -120,10 +120,10 @@ def _git_blob_sha1(data: bytes) -> str:
 
 
 def _held_file(store: "Store", size: int, sha256: str | None, git_oid: str | None,
-               xet_hash: str | None = None) -> tuple | None:
+               xet_hash: str | None, damaged: set[int]) -> tuple | None:
     """(file id, sha256) of a stored file with this content, if the store holds one
-    intact (a file stored with damaged bytes is downloaded again, and heals them)."""
-    damaged = {fid for fid, _ in damaged_files(store.db)}
+    intact: not one of `damaged` (`_damaged_file_ids`: a file stored with damaged
+    bytes is downloaded again, and heals them)."""
     if xet_hash:
         row = store.db.execute("SELECT id, sha256 FROM files WHERE xet_hash = ? AND size = ?",
                                [xet_hash.lower(), size]).fetchone()
@@ -145,6 +145,11 @@ def _held_file(store: "Store", size: int, sha256: str | None, git_oid: str | Non
             if _git_blob_sha1(data) == git_oid:
                 return fid, sha
     return None
+
+
+def _damaged_file_ids(store: "Store") -> set[int]:
+    """The stored files a pull must not count as held (read once per listing)."""
+    return {fid for fid, _ in damaged_files(store.db)}
 
 
 def _hub_errors(repo_id: str, revision: str | None):
@@ -355,8 +360,9 @@ def _content_keys(store: "Store", entries: list) -> list[str]:
     open that many, it may open more, up to its hard limit; a pull of more files
     than that (none seen) takes 2 digits, 256 keys, which pulls that take 4 do not
     wait for."""
+    damaged = _damaged_file_ids(store)
     shas = {f.lfs.sha256.lower() for f in entries if f.lfs
-            and _held_file(store, f.size, f.lfs.sha256, None, f.xet_hash) is None}
+            and _held_file(store, f.size, f.lfs.sha256, None, f.xet_hash, damaged) is None}
     width = 4 if _may_open(len(shas) + 256) else 2
     return sorted({f"sha256-{sha[:width]}" for sha in shas})
 
@@ -428,8 +434,10 @@ def _download(store: "Store", repo_id: str, commit: str, entries: list, folder: 
     manifest: dict | None = None
     entries = sorted(entries, key=lambda f: f.path != MANIFEST)  # the manifest first: it steers the rest
     with store.reading():  # found and written out before a gc in another process may drop them
+        damaged = _damaged_file_ids(store)
         held_by_path = {f.path: _held_file(store, f.size, f.lfs.sha256 if f.lfs else None,
-                                           None if f.lfs else f.blob_id, f.xet_hash) for f in entries}
+                                           None if f.lfs else f.blob_id, f.xet_hash, damaged)
+                        for f in entries}
         for f in entries:
             if held_by_path[f.path] is not None and not (folder / f.path).exists():
                 write_file(store, *held_by_path[f.path], folder / f.path)
