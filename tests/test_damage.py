@@ -212,8 +212,12 @@ def test_push_refuses_damaged_blobs_and_fetch_heals_them(family, tmp_path):
     n1.ingest(family["A"], "A")
     n2.ingest(family["A"], "A")
     damage(n2, "flip")
+    from conftest import store_state
+
+    before = store_state(n2.home)
     with pytest.raises(CorruptStoreError, match="damaged in this store"):
         n2.push("A")
+    assert store_state(n2.home) == before and n2.remote_refs() == {}  # no ref made on the remote
     n1.push("A")
     n2.verify()
     n2.fetch("A", name="A")
@@ -401,10 +405,12 @@ def test_a_catalog_that_is_not_a_database_is_a_clear_error(store, family):
     (store.home / "catalog.db").write_bytes(b"not sqlite" * 1000)
     for name in ("catalog.db-wal", "catalog.db-shm"):
         (store.home / name).unlink(missing_ok=True)
+    before = sorted((p.name, p.read_bytes()) for p in store.home.iterdir() if p.is_file())
     with pytest.raises(CorruptStoreError, match="catalog .* is damaged .*restore it from a backup"):
         Store(store.home)
     r = CliRunner().invoke(cli, ["--store", str(store.home), "ls"])
     assert r.exit_code == 1 and r.stderr.count("\n") == 1 and "is damaged" in r.stderr
+    assert sorted((p.name, p.read_bytes()) for p in store.home.iterdir() if p.is_file()) == before
 
 
 def test_damaged_catalog_pages_are_named_by_verify_and_a_clear_error_elsewhere(store, family):

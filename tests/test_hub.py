@@ -730,6 +730,7 @@ def test_adopt_goes_on_past_damaged_revisions_and_names_them(hub, store, family,
     reasons = {k["repo"]: k["reason"] for k in report.skipped}
     assert "malformed safetensors" in reasons["org/B"] and "broken symlink" in reasons["org/A"]
     assert {r["name"] for r in store.ls()} >= {"org/D"} and "org/C" not in {r["name"] for r in store.ls()}
+    assert not [r for r in store.ls() if r["name"].startswith(("org/A", "org/B"))]  # nothing of them
     [c_ref] = [a["ref"] for a in report.adopted if a["repo"] == "org/C"]
     with pytest.raises(compstore.WeightsNotFoundError):  # C's unet: config.json alone
         compstore.DiffusionPipeline.from_pretrained(c_ref, store=store)

@@ -204,13 +204,17 @@ def test_a_model_folder_with_config_but_no_weights_is_refused_as_diffusers_refus
     assert type(compstore.load_component(str(folder), "vae", store=store)).__name__ == "AutoencoderKL"
 
 
-def test_low_cpu_mem_usage_false_with_a_device_map_is_refused_as_diffusers_refuses_it(family_store, family):
+def test_low_cpu_mem_usage_false_with_a_device_map_is_refused_as_diffusers_refuses_it(store, family):
+    from conftest import store_state
+
     kwargs = {"device_map": "cpu", "low_cpu_mem_usage": False}
     with pytest.raises(ValueError) as theirs:
         diffusers.DiffusionPipeline.from_pretrained(family["A"], **kwargs)
-    with pytest.raises(ValueError) as ours:
-        compstore.DiffusionPipeline.from_pretrained("A", store=family_store, **kwargs)
+    before = store_state(store.home)
+    with pytest.raises(ValueError) as ours:  # a folder: refused before it is ingested
+        compstore.DiffusionPipeline.from_pretrained(family["A"], store=store, **kwargs)
     assert str(ours.value) == str(theirs.value)
+    assert store_state(store.home) == before
 
 
 def test_load_component_with_dtype_auto_is_as_its_library_decides(family_store):
