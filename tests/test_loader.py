@@ -197,10 +197,14 @@ def test_a_model_folder_with_config_but_no_weights_is_refused_as_diffusers_refus
     (folder / "unet" / "diffusion_pytorch_model.safetensors").unlink()
     with pytest.raises(OSError):
         diffusers.DiffusionPipeline.from_pretrained(folder)
+    from conftest import store_state
+
+    before = store_state(store.home)
     with pytest.raises(compstore.WeightsNotFoundError, match="config.json but no weights for UNet2DConditionModel"):
         compstore.DiffusionPipeline.from_pretrained(folder, store=store)
     with pytest.raises(OSError):  # as diffusers' own error is
         compstore.load_component(str(folder), "unet", store=store)
+    assert store_state(store.home) == before  # refused before the folder is ingested
     assert type(compstore.load_component(str(folder), "vae", store=store)).__name__ == "AutoencoderKL"
 
 

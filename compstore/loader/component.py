@@ -64,6 +64,14 @@ def is_model_class(cls) -> bool:
     return issubclass(cls, (ModelMixin, PreTrainedModel))
 
 
+def no_weights(where: str, class_name: str) -> WeightsNotFoundError:
+    """The refusal of a model whose folder has its config.json but no weights: a local
+    folder's before it is ingested (`resolve_snapshot`), a stored one's as it is built."""
+    return WeightsNotFoundError(
+        f"{where}: a config.json but no weights for {class_name} (a download that left them "
+        "out?); diffusers refuses it too. Ingest or pull it with its weights files")
+
+
 def dtype_argument(kwargs: dict[str, Any]):
     """Pop `dtype` (or the older `torch_dtype`) from a load's keyword arguments: None,
     a torch dtype, a dtype's name ("float16", "torch.bfloat16"), "auto", or a
@@ -166,10 +174,8 @@ def prepare_model(
     refuse_quantized(config, name_or_path or component["class_name"])
     locations = store.tensor_locations(cid)
     if not locations:  # initialising every weight would be a random model
-        raise WeightsNotFoundError(
-            f"{name_or_path or component.get('slot') or component['class_name']}: a config.json "
-            f"but no weights for {component['class_name']} (a download that left them out?); "
-            "diffusers refuses it too. Ingest or pull it with its weights files")
+        raise no_weights(name_or_path or component.get("slot") or component["class_name"],
+                         component["class_name"])
     if verify:
         check_tensors(packs, locations, component["class_name"])
     blobs = {loc.name: (loc.xxh3, loc.size) for loc in locations}

@@ -38,7 +38,7 @@ from ..store.modular import components_with_pins, missing_slots
 from ..store.scan import FolderScan
 from ..store.components import pick_component, require_variant
 from . import warm
-from .component import (dtype_argument, is_model_class, prepare_model, refuse_pickle_loading,
+from .component import (dtype_argument, is_model_class, no_weights, prepare_model, refuse_pickle_loading,
                         refuse_quantization, refuse_quantized, resolve_class)
 from .loading import exclusive_load
 from .residency import POOL, ResidencyPool, TransferReport, pool_for, record_report, usable_device
@@ -99,9 +99,14 @@ def resolve_snapshot(
         def check_folder(scan: FolderScan) -> None:
             if scan.kind == "modular":  # checked once its pointers are pulled, its models as built
                 return
-            for c in scan.components:  # the models to build: none saved quantized
-                if c.weight_files and c.slot not in skipped and (not slot or c.slot == slot):
-                    refuse_quantized(scan.config(c.slot) or {}, f"{label}/{c.slot}" if c.slot else label)
+            for c in scan.components:  # the models to build: none saved quantized, none without weights
+                if c.slot in skipped or (slot and c.slot != slot):
+                    continue
+                where = f"{label}/{c.slot}" if c.slot else label
+                if c.weight_files:
+                    refuse_quantized(scan.config(c.slot) or {}, where)
+                elif scan.config(c.slot) is not None and is_model_class(resolve_class(c.library, c.class_name)):
+                    raise no_weights(where, c.class_name)
             if check is not None:
                 check([{"slot": c.slot, "variant": c.variant} for c in scan.components])
 
