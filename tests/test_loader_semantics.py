@@ -37,6 +37,22 @@ def test_tied_weights_and_fp32_modules_like_transformers(t5_folder, store, dtype
     assert torch.equal(ours(ids).last_hidden_state, theirs(ids).last_hidden_state)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_diffusers_fp32_modules_stay_fp32_in_any_dtype_like_diffusers(store, tmp_path, dtype):
+    """diffusers 0.42 keeps a model's `_keep_in_fp32_modules` in fp32 for every dtype,
+    bf16 included (Wan's `scale_shift_table`, FLUX.2's `norm_q`), not for fp16 only."""
+    torch.manual_seed(0)
+    diffusers.WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16,
+        out_channels=16, text_dim=32, freq_dim=256, ffn_dim=32, num_layers=1,
+        rope_max_seq_len=32).save_pretrained(tmp_path / "transformer")
+    ours = compstore.load_component(str(tmp_path / "transformer"), store=store, dtype=dtype)
+    theirs = diffusers.WanTransformer3DModel.from_pretrained(tmp_path / "transformer", dtype=dtype)
+    same_state(ours, theirs)
+    assert ours.scale_shift_table.dtype == torch.float32
+    assert ours.proj_out.weight.dtype == dtype
+
+
 def edit_safetensors(path, drop=None, add=None):
     """Rewrite a safetensors file without tensor `drop`, or with an extra tensor `add`."""
     from safetensors.torch import load_file, save_file

@@ -189,7 +189,7 @@ def prepare_model(
         # diffusers: weights cast to `dtype`, else to the default dtype (fp32); "auto",
         # not a torch.dtype, is float32 ("Defaulting to `torch.float32`").
         target = torch.float32 if dtype == "auto" else dtype or torch.get_default_dtype()
-        keep = cls._keep_in_fp32_modules if target == torch.float16 else None
+        keep = _diffusers_kept_in_fp32(cls)
         make = functools.partial(cls.from_config, config)
     else:
         # transformers: dtype=None means "auto", the checkpoint's own dtype.
@@ -226,6 +226,14 @@ def prepare_model(
     record_store_keys(model, blobs)  # the blob of each tensor lets the pool share it on a device
     route_through_pool(model)  # model.to("cuda") / .cuda() go through it
     return lambda: model  # bound to store views: the caller's pool.move takes the prefetched uploads
+
+
+def _diffusers_kept_in_fp32(cls) -> list[str]:
+    """The modules a diffusers model keeps in fp32 whatever the dtype it is loaded in
+    (0.42: `_keep_in_fp32_modules` for any dtype, not only fp16 as older releases did:
+    Wan's `scale_shift_table` stays fp32 in a bf16 load)."""
+    keep = getattr(cls, "_keep_in_fp32_modules", None) or []
+    return [keep] if isinstance(keep, str) else list(keep)
 
 
 def _kept_in_fp32(cls, dtype: torch.dtype) -> list[str]:
