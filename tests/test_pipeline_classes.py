@@ -1,0 +1,181 @@
+"""Pipelines beyond SD/SDXL/Flux load from the store as diffusers loads them.
+
+Each pipeline is built tiny from its constructor (configs after diffusers' own
+fast tests), saved with save_pretrained, then loaded by diffusers and by compstore
+from the same folder in fp32, fp16 and bf16: same classes, configs, tensors (names,
+dtypes, bytes), buffers, tokenizers and schedulers. What each one adds: SD3 three
+text encoders with T5; Wan a UMT5 encoder, a video VAE and `_keep_in_fp32_modules`;
+LTX and PixArt-Sigma T5 with video / DiT transformers; Kandinsky 2.2 a `movq` and
+no text encoder; the SDXL refiner a `null` text encoder slot; ControlNet and
+AnimateDiff an extra model slot (`controlnet`, `motion_adapter`); the upscaler a
+second scheduler (`low_res_scheduler`)."""
+
+import diffusers
+import pytest
+import torch
+import transformers
+
+import compstore
+from compstore.loader import synthetic as syn
+
+
+def clip(tok, projection=False):
+    config = transformers.CLIPTextConfig(**syn.TINY_CLIP, hidden_act="gelu", projection_dim=32)
+    return (transformers.CLIPTextModelWithProjection if projection else transformers.CLIPTextModel)(config)
+
+
+def umt5(tok):
+    return transformers.UMT5EncoderModel(transformers.UMT5Config(**syn.TINY_T5))
+
+
+def t5(tok):
+    return transformers.T5EncoderModel(transformers.T5Config(**syn.TINY_T5))
+
+
+def sd3(tok):
+    return diffusers.StableDiffusion3Pipeline(
+        transformer=diffusers.SD3Transformer2DModel(
+            sample_size=32, patch_size=1, in_channels=4, num_layers=1, attention_head_dim=8,
+            num_attention_heads=4, caption_projection_dim=32, joint_attention_dim=32,
+            pooled_projection_dim=64, out_channels=4),
+        text_encoder=clip(tok, True), text_encoder_2=clip(tok, True), text_encoder_3=t5(tok),
+        tokenizer=tok["clip"], tokenizer_2=tok["clip"], tokenizer_3=tok["t5"],
+        vae=diffusers.AutoencoderKL(**syn.TINY_FLUX_VAE), scheduler=diffusers.FlowMatchEulerDiscreteScheduler())
+
+
+def wan(tok):
+    return diffusers.WanPipeline(
+        vae=diffusers.AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                                       temperal_downsample=[False, True, True]),
+        text_encoder=umt5(tok), tokenizer=tok["t5"],
+        transformer=diffusers.WanTransformer3DModel(
+            patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16,
+            out_channels=16, text_dim=32, freq_dim=256, ffn_dim=32, num_layers=2, rope_max_seq_len=32),
+        transformer_2=None, scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=7.0))
+
+
+def ltx(tok):
+    return diffusers.LTXPipeline(
+        transformer=diffusers.LTXVideoTransformer3DModel(
+            in_channels=8, out_channels=8, patch_size=1, patch_size_t=1, num_attention_heads=4,
+            attention_head_dim=8, cross_attention_dim=32, num_layers=1, caption_channels=32),
+        vae=diffusers.AutoencoderKLLTXVideo(
+            latent_channels=8, block_out_channels=(8, 8, 8, 8), spatio_temporal_scaling=(True, True, False, False),
+            layers_per_block=(1, 1, 1, 1, 1), patch_size=1, patch_size_t=1, encoder_causal=True,
+            decoder_causal=False),
+        text_encoder=t5(tok), tokenizer=tok["t5"], scheduler=diffusers.FlowMatchEulerDiscreteScheduler())
+
+
+def pixart_sigma(tok):
+    return diffusers.PixArtSigmaPipeline(
+        transformer=diffusers.PixArtTransformer2DModel(
+            sample_size=8, num_layers=2, patch_size=2, attention_head_dim=8, num_attention_heads=3,
+            caption_channels=32, in_channels=4, cross_attention_dim=24, out_channels=8),
+        vae=diffusers.AutoencoderKL(**syn.TINY_VAE), text_encoder=t5(tok), tokenizer=tok["t5"],
+        scheduler=diffusers.DDIMScheduler())
+
+
+def kandinsky22(tok):
+    return diffusers.KandinskyV22Pipeline(
+        unet=diffusers.UNet2DConditionModel(
+            in_channels=4, out_channels=8, addition_embed_type="image", block_out_channels=(32, 64),
+            down_block_types=("ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"),
+            up_block_types=("SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"),
+            mid_block_type="UNetMidBlock2DSimpleCrossAttn", layers_per_block=1, encoder_hid_dim=32,
+            encoder_hid_dim_type="image_proj", cross_attention_dim=64, attention_head_dim=4,
+            resnet_time_scale_shift="scale_shift"),
+        movq=diffusers.VQModel(
+            block_out_channels=[32, 64], down_block_types=["DownEncoderBlock2D", "AttnDownEncoderBlock2D"],
+            up_block_types=["AttnUpDecoderBlock2D", "UpDecoderBlock2D"], latent_channels=4,
+            layers_per_block=1, norm_num_groups=8, norm_type="spatial", num_vq_embeddings=12, vq_embed_dim=4),
+        scheduler=diffusers.DDIMScheduler())
+
+
+def sdxl_refiner(tok):
+    return diffusers.StableDiffusionXLImg2ImgPipeline(
+        vae=diffusers.AutoencoderKL(**syn.TINY_VAE), text_encoder=None, tokenizer=None,
+        text_encoder_2=clip(tok, True), tokenizer_2=tok["clip"],
+        unet=diffusers.UNet2DConditionModel(**syn.TINY_SDXL_UNET), scheduler=diffusers.EulerDiscreteScheduler(),
+        requires_aesthetics_score=True)
+
+
+def sd_controlnet(tok):
+    return diffusers.StableDiffusionControlNetPipeline(
+        vae=diffusers.AutoencoderKL(**syn.TINY_VAE), text_encoder=clip(tok), tokenizer=tok["clip"],
+        unet=diffusers.UNet2DConditionModel(**syn.TINY_UNET),
+        controlnet=diffusers.ControlNetModel(
+            block_out_channels=(32, 64), layers_per_block=2, in_channels=4, cross_attention_dim=32,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            conditioning_embedding_out_channels=(16, 32)),
+        scheduler=diffusers.DDIMScheduler(), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False)
+
+
+def sd_upscale(tok):
+    return diffusers.StableDiffusionUpscalePipeline(
+        vae=diffusers.AutoencoderKL(**syn.TINY_VAE), text_encoder=clip(tok), tokenizer=tok["clip"],
+        unet=diffusers.UNet2DConditionModel(**{**syn.TINY_UNET, "in_channels": 7}),
+        low_res_scheduler=diffusers.DDPMScheduler(), scheduler=diffusers.DDIMScheduler(prediction_type="v_prediction"),
+        safety_checker=None, feature_extractor=None, watermarker=None, max_noise_level=350)
+
+
+def animatediff(tok):
+    return diffusers.AnimateDiffPipeline(
+        vae=diffusers.AutoencoderKL(**syn.TINY_VAE), text_encoder=clip(tok), tokenizer=tok["clip"],
+        unet=diffusers.UNet2DConditionModel(**{**syn.TINY_UNET, "norm_num_groups": 2}),
+        motion_adapter=diffusers.MotionAdapter(block_out_channels=(32, 64), motion_layers_per_block=2,
+                                               motion_norm_num_groups=2, motion_num_attention_heads=4),
+        scheduler=diffusers.DDIMScheduler())
+
+
+PIPELINES = [sd3, wan, ltx, pixart_sigma, kandinsky22, sdxl_refiner, sd_controlnet, sd_upscale, animatediff]
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipelines")
+    syn.write_tiny_clip_tokenizer(root / "tok-clip")
+    syn.write_tiny_t5_tokenizer(root / "tok-t5")
+    tok = {"clip": transformers.CLIPTokenizer.from_pretrained(root / "tok-clip"),
+           "t5": transformers.T5TokenizerFast.from_pretrained(root / "tok-t5")}
+    out = {}
+    for build in PIPELINES:
+        torch.manual_seed(0)
+        out[build.__name__] = root / build.__name__
+        build(tok).save_pretrained(out[build.__name__])
+    return out
+
+
+def config_of(obj) -> dict:
+    config = obj.config.to_dict() if hasattr(obj.config, "to_dict") else dict(obj.config)
+    config.pop("_name_or_path", None)
+    return config
+
+
+def assert_same_component(slot, ours, theirs):
+    assert type(ours) is type(theirs), slot
+    if isinstance(theirs, torch.nn.Module):
+        mine, their = dict(ours.state_dict()), theirs.state_dict()
+        mine.update(ours.named_buffers())  # non-persistent buffers too (rotary tables ...)
+        their.update(theirs.named_buffers())
+        assert mine.keys() == their.keys(), slot
+        for name, t in their.items():
+            assert (mine[name].dtype, mine[name].device) == (t.dtype, t.device), (slot, name)
+            assert torch.equal(mine[name], t), (slot, name)
+        assert ours.training is theirs.training is False, slot
+    if hasattr(theirs, "config"):
+        assert config_of(ours) == config_of(theirs), slot
+    if "Tokenizer" in type(theirs).__name__:
+        assert ours("a photo of a cat").input_ids == theirs("a photo of a cat").input_ids, slot
+
+
+@pytest.mark.parametrize("dtype", [None, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("name", [build.__name__ for build in PIPELINES])
+def test_pipeline_loads_as_diffusers_loads_it(folders, store, name, dtype):
+    kwargs = {} if dtype is None else {"dtype": dtype}
+    ours = compstore.DiffusionPipeline.from_pretrained(folders[name], store=store, **kwargs)
+    theirs = diffusers.DiffusionPipeline.from_pretrained(folders[name], **kwargs)
+    assert type(ours) is type(theirs)
+    assert config_of(ours) == config_of(theirs)
+    for slot in theirs.components:
+        assert_same_component(slot, getattr(ours, slot), getattr(theirs, slot))
