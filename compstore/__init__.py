@@ -32,7 +32,8 @@ from .store import (
 __version__ = "0.1.0"
 
 _LOADER_NAMES = {"DiffusionPipeline", "ModularPipeline", "ResidencyPool", "TransferReport",
-                 "exclusive_load", "last_transfer", "load_component", "pool_for", "to_device"}
+                 "exclusive_load", "last_transfer", "load_component", "pipeline_class", "pool_for",
+                 "to_device"}
 
 
 def __getattr__(name: str):
@@ -40,6 +41,11 @@ def __getattr__(name: str):
         from . import loader
 
         return getattr(loader, name)
+    if name.endswith("Pipeline") or name.startswith("AutoPipelineFor"):
+        # `from compstore import StableDiffusionXLPipeline`: diffusers' class, loaded from the store
+        from .loader import pipeline_class
+
+        return pipeline_class(name)
     raise AttributeError(f"module 'compstore' has no attribute {name!r}")
 
 

@@ -179,3 +179,55 @@ def test_pipeline_loads_as_diffusers_loads_it(folders, store, name, dtype):
     assert config_of(ours) == config_of(theirs)
     for slot in theirs.components:
         assert_same_component(slot, getattr(ours, slot), getattr(theirs, slot))
+
+
+def assert_same_pipeline(ours, theirs):
+    assert type(ours) is type(theirs)
+    assert config_of(ours) == config_of(theirs)
+    for slot in theirs.components:
+        assert_same_component(slot, getattr(ours, slot), getattr(theirs, slot))
+
+
+@pytest.mark.parametrize("name", ["StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline",
+                                  "AutoPipelineForText2Image", "AutoPipelineForImage2Image",
+                                  "AutoPipelineForInpainting"])
+def test_code_that_names_its_class_loads_into_that_class_as_diffusers(family_store, family, name):
+    """`from compstore import StableDiffusionImg2ImgPipeline` (or an AutoPipelineFor*):
+    a text-to-image pipeline loads into the class named, or the one diffusers picks."""
+    ours = getattr(compstore, name).from_pretrained("A", store=family_store, dtype=torch.float16)
+    assert_same_pipeline(ours, getattr(diffusers, name).from_pretrained(family["A"], dtype=torch.float16))
+    assert ours.config._name_or_path == "A"
+
+
+def test_sdxl_base_as_img2img_and_the_refiner_as_text_to_image(folders, store, tmp_path, caplog):
+    """A class that takes fewer models than the pipeline has (StableDiffusionPipeline
+    of an SDXL folder: no `text_encoder_2`) gets only those, as diffusers loads only those."""
+    syn.tiny_sdxl_pipeline().save_pretrained(tmp_path / "base")
+    for name, folder in (("StableDiffusionXLImg2ImgPipeline", tmp_path / "base"),
+                         ("AutoPipelineForText2Image", folders["sdxl_refiner"]),
+                         ("StableDiffusionPipeline", tmp_path / "base")):
+        ours = getattr(compstore, name).from_pretrained(folder, store=store)
+        assert_same_pipeline(ours, getattr(diffusers, name).from_pretrained(folder))
+    assert "are not expected by" not in caplog.text  # no model built only to be dropped
+
+
+def test_a_class_the_pipeline_cannot_fill_is_refused_before_anything_loads(family_store, family):
+    from conftest import store_state
+
+    before = store_state(family_store.home)
+    for name_or_path in ("A", family["B"]):  # a ref; a folder the store has not ingested
+        with pytest.raises(compstore.ComponentNotFoundError, match=r"needs \['text_encoder_2', "
+                           r"'tokenizer_2', 'transformer'\].*load it as compstore.DiffusionPipeline"):
+            compstore.FluxPipeline.from_pretrained(name_or_path, store=family_store)
+    assert store_state(family_store.home) == before
+    with pytest.raises(ValueError):  # as diffusers refuses it
+        diffusers.FluxPipeline.from_pretrained(family["A"])
+
+
+def test_names_that_are_no_diffusers_pipeline_class_are_attribute_errors():
+    for name in ("NoSuchPipeline", "AutoPipelineForNothing", "AutoencoderKL"):
+        assert not hasattr(compstore, name)
+    with pytest.raises(AttributeError, match="use compstore.load_component|a model: compstore.load_component"):
+        compstore.pipeline_class("UNet2DConditionModel")
+    assert compstore.pipeline_class("DiffusionPipeline") is compstore.DiffusionPipeline
+    assert compstore.StableDiffusionPipeline is compstore.StableDiffusionPipeline  # one stand-in per class

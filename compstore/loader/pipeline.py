@@ -32,7 +32,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-from ..store import CompstoreError, InvalidInputError, RefNotFoundError, Store
+from ..store import ComponentNotFoundError, CompstoreError, InvalidInputError, RefNotFoundError, Store
 from ..store.hub import HubUnavailableError, hub_reachable, is_repo_id
 from ..store.modular import components_with_pins, missing_slots
 from ..store.scan import FolderScan
@@ -192,6 +192,10 @@ def _skeleton_file(path: str) -> bool:
 class DiffusionPipeline:
     """Loads diffusers pipelines from a compstore store; see `from_pretrained`."""
 
+    # The diffusers class a load assembles: None, the one model_index.json names; in
+    # the stand-ins `pipeline_class(name)` makes, diffusers' class of that name.
+    _loads_as: type | None = None
+
     @classmethod
     def from_pretrained(
         cls,
@@ -226,7 +230,9 @@ class DiffusionPipeline:
 
         Returns:
             The diffusers pipeline class named in model_index.json, e.g.
-            `StableDiffusionPipeline`.
+            `StableDiffusionPipeline`; for a stand-in of a class
+            (`compstore.StableDiffusionXLImg2ImgPipeline`, `pipeline_class`), that
+            class, or for an AutoPipelineFor*, the class diffusers' picks.
 
         >>> pipe = compstore.DiffusionPipeline.from_pretrained("tiny-sd", dtype=torch.float16)  # doctest: +SKIP
         """
@@ -248,6 +254,11 @@ class DiffusionPipeline:
         refuse_pickle_loading(kwargs.pop("use_safetensors", None))
         refuse_quantization(kwargs)
         label = os.fspath(pretrained_model_name_or_path)
+        target = cls._loads_as
+        folder_index = Path(label).expanduser() / "model_index.json"
+        if target is not None and folder_index.is_file():  # refused before the folder's ingest
+            with contextlib.suppress(ValueError):  # not JSON: the ingest names that
+                refuse_missing_modules(target, json.loads(folder_index.read_bytes()), kwargs, label)
         snapshot_id, label = resolve_snapshot(  # an ingest or a download: other threads' loads go on
             store, label, revision=kwargs.pop("revision", None),
             local_files_only=kwargs.pop("local_files_only", None), variant=variant,
@@ -255,7 +266,52 @@ class DiffusionPipeline:
             check=lambda rows: require_variant(rows, variant, label), index=("model_index.json",))
         with exclusive_load():  # one load at a time per process, the collector paused (loading.py)
             return _assemble(store, snapshot_id, label, dtype=dtype, variant=variant, verify=verify,
-                             private=private, pool=pool, kwargs=kwargs)
+                             private=private, pool=pool, target=target, kwargs=kwargs)
+
+
+@functools.cache
+def pipeline_class(name: str) -> type[DiffusionPipeline]:
+    """compstore's stand-in for the diffusers pipeline class `name`, for code that
+    names its class (`from compstore import StableDiffusionXLImg2ImgPipeline`, or
+    `AutoPipelineForImage2Image`): its `from_pretrained` loads from the store into
+    that class, as diffusers' `from_pretrained` of that class loads into it (an SDXL
+    base repo as an img2img pipeline; an AutoPipelineFor* picks the class diffusers
+    picks). An AttributeError for a name that is not a diffusers pipeline class.
+
+    >>> pipe = compstore.pipeline_class("StableDiffusionXLImg2ImgPipeline").from_pretrained("sdxl-base")  # doctest: +SKIP
+    """
+    import diffusers
+
+    if name == "DiffusionPipeline":
+        return DiffusionPipeline
+    target, auto = getattr(diffusers, name, None), name.startswith("AutoPipelineFor")
+    if not (isinstance(target, type) and (issubclass(target, diffusers.DiffusionPipeline) or auto)):
+        raise AttributeError(
+            f"{name!r} is not a pipeline class of diffusers {diffusers.__version__}: compstore stands in for "
+            "diffusers' pipeline and AutoPipelineFor* classes (a model: compstore.load_component; "
+            "a modular pipeline: compstore.ModularPipeline)")
+    doc = (f"Loads `diffusers.{name}` from a compstore store: `from_pretrained` takes "
+           "compstore.DiffusionPipeline.from_pretrained's arguments.")
+    return type(name, (DiffusionPipeline,), {"_loads_as": target, "__doc__": doc, "__module__": "compstore"})
+
+
+def refuse_missing_modules(target: type, index: dict, kwargs: dict, label: str) -> None:
+    """A pipeline class needs modules the snapshot's model_index.json does not name
+    (or names null), and neither are they passed nor optional: diffusers raises a
+    ValueError once it has loaded the others; this one is raised before any load."""
+    import diffusers
+
+    if not issubclass(target, diffusers.DiffusionPipeline):  # an AutoPipelineFor*: diffusers picks the class
+        return
+    expected, _ = target._get_signature_keys(target)
+    present = {slot for slot, entry in index.items()
+               if isinstance(entry, list) and entry and entry[0] is not None} | set(kwargs)
+    missing = set(expected) - present - set(target._optional_components)
+    if missing:
+        raise ComponentNotFoundError(
+            f"{label} does not load as {target.__name__}: that class needs {sorted(missing)}, which its "
+            f"model_index.json ({index.get('_class_name')}) does not name; pass them as keyword "
+            "arguments, or load it as compstore.DiffusionPipeline (the class model_index.json names)")
 
 
 def _assemble(store: Store, snapshot_id: str, label: str, **options: Any):
@@ -268,9 +324,11 @@ def _assemble(store: Store, snapshot_id: str, label: str, **options: Any):
 
 
 def _build(store: Store, snapshot_id: str, label: str, *, dtype, variant: str | None,
-           verify: bool, private: bool, pool: ResidencyPool | None, kwargs: dict[str, Any]):
+           verify: bool, private: bool, pool: ResidencyPool | None, target: type | None,
+           kwargs: dict[str, Any]):
     """The pipeline of a snapshot: its models built (onto `pool`'s device, if any),
-    its small parts loaded, and diffusers' own class putting them together."""
+    its small parts loaded, and diffusers' own class putting them together: `target`,
+    else the class model_index.json names."""
     import diffusers
 
     raw_index = store.read_file(snapshot_id, "model_index.json")
@@ -279,8 +337,10 @@ def _build(store: Store, snapshot_id: str, label: str, *, dtype, variant: str | 
                 if store.read_file(snapshot_id, "modular_model_index.json") else "")
         raise CompstoreError(f"{label} has no model_index.json{hint}")
     index = json.loads(raw_index)
-    pipeline_cls = getattr(diffusers, str(index.get("_class_name")), None)
-    if not (isinstance(pipeline_cls, type) and issubclass(pipeline_cls, diffusers.DiffusionPipeline)):
+    pipeline_cls = target or getattr(diffusers, str(index.get("_class_name")), None)
+    if target is not None:
+        refuse_missing_modules(target, index, kwargs, label)
+    elif not (isinstance(pipeline_cls, type) and issubclass(pipeline_cls, diffusers.DiffusionPipeline)):
         raise CompstoreError(
             f"{label}: model_index.json names the pipeline class {index.get('_class_name')!r}, "
             f"which diffusers {diffusers.__version__} does not have; upgrade diffusers, or "
@@ -295,9 +355,12 @@ def _build(store: Store, snapshot_id: str, label: str, *, dtype, variant: str | 
     with contextlib.ExitStack() as cleanup:
         if pool is not None:  # uploads a failed load started are dropped
             cleanup.callback(pool.drop_prefetched)
+        # Only the modules the class takes (an AutoPipelineFor*'s classes take the index's).
+        takes = (set(pipeline_cls._get_signature_keys(pipeline_cls)[0])
+                 if issubclass(pipeline_cls, diffusers.DiffusionPipeline) else set(index))
         slots = {slot: resolve_class(*entry[:2]) for slot, entry in index.items()
                  if not (slot.startswith("_") or slot in kwargs or not isinstance(entry, list)
-                         or entry[0] is None)}
+                         or entry[0] is None or slot not in takes)}
         models = {slot: prepare_model(  # with a pool, each fresh build starts its upload ...
             store, pick_component(rows, slot, variant), dtype=per_slot(dtype, slot, torch.float32),
             name_or_path=f"{label}/{slot}", packs=packs, verify=verify, pool=pool, private=private)
