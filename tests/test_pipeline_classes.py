@@ -231,3 +231,17 @@ def test_names_that_are_no_diffusers_pipeline_class_are_attribute_errors():
         compstore.pipeline_class("UNet2DConditionModel")
     assert compstore.pipeline_class("DiffusionPipeline") is compstore.DiffusionPipeline
     assert compstore.StableDiffusionPipeline is compstore.StableDiffusionPipeline  # one stand-in per class
+
+
+def test_a_named_class_loads_onto_a_device_through_its_pool(family_store):
+    """Switching A -> B as img2img pipelines moves only B's delta, as DiffusionPipeline loads do."""
+    from compstore import ResidencyPool
+    from test_residency import CountingCopier
+
+    pool = ResidencyPool("meta", budget_bytes=1 << 40, copier=CountingCopier())
+    a = compstore.StableDiffusionImg2ImgPipeline.from_pretrained("A", store=family_store, pool=pool)
+    b = compstore.AutoPipelineForImage2Image.from_pretrained("B", store=family_store, pool=pool)
+    assert type(a) is type(b) is diffusers.StableDiffusionImg2ImgPipeline
+    moved = {c.component: c.bytes_from_pinned + c.bytes_from_store for c in pool.last_report.components}
+    assert moved == {"unet": family_store.diff("A", "B").delta_bytes, "vae": 0, "text_encoder": 0}
+    assert b.vae.decoder.conv_out.weight.device.type == "meta"
