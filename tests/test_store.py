@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from safetensors import safe_open
 
+import compstore
 from compstore import RefNotFoundError
 from compstore.store import ingest, objects
 from compstore.store.ingest import Ingestor
@@ -235,6 +236,23 @@ def test_rm_drops_only_the_ref(family_store):
     assert family_store.du().physical_bytes == physical
     with pytest.raises(RefNotFoundError, match="no ref named 'B'"):
         family_store.show("B")
+
+
+def test_a_mistyped_ref_is_refused_with_the_refs_meant(store, family):
+    from click.testing import CliRunner
+
+    from compstore.cli import cli
+
+    store.ingest(family["A"], "sd-base")
+    store.ingest(family["B"], "sd-finetune")
+    with pytest.raises(RefNotFoundError, match=r"no ref named 'sd-bse' .*; did you mean 'sd-base'\?$"):
+        store.show("sd-bse")
+    with pytest.raises(RefNotFoundError, match=r"\(see `compstore ls`\)$"):  # nothing near: no guess
+        store.resolve("zzz")
+    r = CliRunner().invoke(cli, ["--store", str(store.home), "export", "sdfinetune", str(store.home / "x")])
+    assert r.exit_code == 1 and "did you mean 'sd-finetune'?" in r.stderr
+    with pytest.raises(RefNotFoundError, match="did you mean 'sd-base'"):
+        compstore.DiffusionPipeline.from_pretrained("sd-bse", store=store)
 
 
 def test_ref_update_moves_the_ref(store, family):

@@ -164,7 +164,7 @@ def _stored_snapshot(store: Store, label: str, revision: str | None, variant: st
                 [len(label) + 1, f"{label}@"]).fetchall():
             if name.endswith(suffix) and _holds(store, snapshot_id, slot, skip):
                 return snapshot_id
-    raise RefNotFoundError(f"{label}@{revision}" if revision else label, str(store.home))
+    raise RefNotFoundError(f"{label}@{revision}" if revision else label, str(store.home), store.ref_names())
 
 
 def _holds(store: Store, snapshot_id: str, slot: str | None, skip: set[str]) -> bool:

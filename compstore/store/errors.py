@@ -7,6 +7,9 @@ and exits non-zero; anything else reaching the user is a bug.
 
 from __future__ import annotations
 
+import difflib
+from typing import Iterable
+
 
 class CompstoreError(Exception):
     """Base class of every error compstore raises on purpose."""
@@ -32,9 +35,11 @@ class PickleRefusedError(InvalidInputError):
 class RefNotFoundError(CompstoreError):
     """No ref of that name exists in the store."""
 
-    def __init__(self, ref: str, store: str):
+    def __init__(self, ref: str, store: str, refs: Iterable[str] = ()):
         self.ref = ref
-        super().__init__(f"no ref named {ref!r} in store {store} (see `compstore ls`)")
+        near = difflib.get_close_matches(ref, list(refs), n=3)  # a typo: name what was meant
+        hint = f"; did you mean {' or '.join(map(repr, near))}?" if near else ""
+        super().__init__(f"no ref named {ref!r} in store {store} (see `compstore ls`){hint}")
 
 
 class ComponentNotFoundError(CompstoreError):

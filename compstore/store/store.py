@@ -202,8 +202,12 @@ class Store:
         """The snapshot id a ref points at; `RefNotFoundError` if there is no such ref."""
         row = self.db.execute("SELECT snapshot_id FROM refs WHERE name = ?", [ref]).fetchone()
         if row is None:
-            raise RefNotFoundError(ref, str(self.home))
+            raise RefNotFoundError(ref, str(self.home), self.ref_names())
         return row[0]
+
+    def ref_names(self) -> list[str]:
+        """Every ref's name, sorted."""
+        return [name for name, in self.db.execute("SELECT name FROM refs ORDER BY name")]
 
     def has_ref(self, ref: str) -> bool:
         return self.db.execute("SELECT 1 FROM refs WHERE name = ?", [ref]).fetchone() is not None
