@@ -32,8 +32,8 @@ from .store import (
 __version__ = "0.1.0"
 
 _LOADER_NAMES = {"DiffusionPipeline", "ModularPipeline", "ResidencyPool", "TransferReport",
-                 "exclusive_load", "last_transfer", "load_component", "pipeline_class", "pool_for",
-                 "to_device"}
+                 "exclusive_load", "last_transfer", "load_component", "model_class", "pipeline_class",
+                 "pool_for", "to_device"}
 
 
 def __getattr__(name: str):
@@ -41,11 +41,19 @@ def __getattr__(name: str):
         from . import loader
 
         return getattr(loader, name)
+    # `from compstore import StableDiffusionXLPipeline` (or AutoencoderKL): a stand-in
+    # for diffusers' class of that name, whose from_pretrained loads from the store
     if name.endswith("Pipeline") or name.startswith("AutoPipelineFor"):
-        # `from compstore import StableDiffusionXLPipeline`: diffusers' class, loaded from the store
         from .loader import pipeline_class
 
         return pipeline_class(name)
+    if name[:1].isupper():
+        from .loader import model_class
+
+        try:
+            return model_class(name)
+        except AttributeError:
+            pass
     raise AttributeError(f"module 'compstore' has no attribute {name!r}")
 
 

@@ -224,8 +224,8 @@ def test_a_class_the_pipeline_cannot_fill_is_refused_before_anything_loads(famil
         diffusers.FluxPipeline.from_pretrained(family["A"])
 
 
-def test_names_that_are_no_diffusers_pipeline_class_are_attribute_errors():
-    for name in ("NoSuchPipeline", "AutoPipelineForNothing", "AutoencoderKL"):
+def test_names_that_are_no_diffusers_pipeline_or_model_class_are_attribute_errors():
+    for name in ("NoSuchPipeline", "AutoPipelineForNothing", "NoSuchModel", "CLIPTextModel", "lower"):
         assert not hasattr(compstore, name)
     with pytest.raises(AttributeError, match="use compstore.load_component|a model: compstore.load_component"):
         compstore.pipeline_class("UNet2DConditionModel")
@@ -245,3 +245,27 @@ def test_a_named_class_loads_onto_a_device_through_its_pool(family_store):
     moved = {c.component: c.bytes_from_pinned + c.bytes_from_store for c in pool.last_report.components}
     assert moved == {"unet": family_store.diff("A", "B").delta_bytes, "vae": 0, "text_encoder": 0}
     assert b.vae.decoder.conv_out.weight.device.type == "meta"
+
+
+@pytest.mark.parametrize("name,slot", [("AutoencoderKL", "vae"), ("UNet2DConditionModel", "unet")])
+def test_code_that_names_a_model_class_loads_it_as_diffusers(family_store, family, name, slot):
+    """`from compstore import AutoencoderKL`: `from_pretrained` is load_component's,
+    from a folder or a ref, for the class named."""
+    theirs = getattr(diffusers, name).from_pretrained(family["A"], subfolder=slot, dtype=torch.float16)
+    for where in (family["A"], "A"):
+        ours = getattr(compstore, name).from_pretrained(where, subfolder=slot, store=family_store,
+                                                         dtype=torch.float16)
+        assert_same_component(slot, ours, theirs)
+
+
+def test_a_model_of_another_class_is_refused_before_its_folder_is_ingested(family_store, family):
+    from conftest import store_state
+
+    before = store_state(family_store.home)
+    for where, slot, message in ((family["B"], "unet", "B/unet holds UNet2DConditionModel, not AutoencoderKL: "
+                                  "load it with compstore.UNet2DConditionModel.from_pretrained or"),
+                                 ("A", "text_encoder", "A/text_encoder holds CLIPTextModel, not AutoencoderKL: "
+                                  "load it with compstore.load_component")):
+        with pytest.raises(compstore.ComponentNotFoundError, match=message):
+            compstore.AutoencoderKL.from_pretrained(where, subfolder=slot, store=family_store)
+    assert store_state(family_store.home) == before

@@ -8,11 +8,11 @@ the component's template, `warm`). Where models become a pipeline:
 through `upload.Uploader`.
 """
 
-from .component import load_component
+from .component import load_component, model_class
 from .loading import exclusive_load
 from .modular import ModularPipeline
 from .pipeline import DiffusionPipeline, pipeline_class
 from .residency import ResidencyPool, TransferReport, last_transfer, pool_for, to_device
 
 __all__ = ["DiffusionPipeline", "ModularPipeline", "ResidencyPool", "TransferReport",
-           "exclusive_load", "last_transfer", "load_component", "pipeline_class", "pool_for", "to_device"]
+           "exclusive_load", "last_transfer", "load_component", "model_class", "pipeline_class", "pool_for", "to_device"]

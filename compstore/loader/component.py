@@ -14,6 +14,7 @@ import functools
 import importlib
 import inspect
 import logging
+import os
 import re
 import types
 from contextlib import contextmanager
@@ -549,6 +550,46 @@ _IGNORED_ARGUMENTS = ("cache_dir", "force_download", "proxies", "low_cpu_mem_usa
                       "use_safetensors")
 
 
+def _of_class(component: dict, model_class: type | None, name_or_path: str, slot: str) -> dict:
+    """`component` (a row of `Store.components_of`), if it is a `model_class` model."""
+    cls = resolve_class(component.get("library"), component.get("class_name"))
+    if model_class is not None and not (isinstance(cls, type) and issubclass(cls, model_class)):
+        where = f"{name_or_path}/{slot}" if slot else name_or_path
+        stored = component.get("class_name") or "no model class"
+        as_stand_in = f"compstore.{stored}.from_pretrained or " if component.get("library") == "diffusers" else ""
+        raise ComponentNotFoundError(
+            f"{where} holds {stored}, not {model_class.__name__}: load it with {as_stand_in}"
+            "compstore.load_component")
+    return component
+
+
+@functools.cache
+def model_class(name: str) -> type:
+    """compstore's stand-in for the diffusers model class `name`, for code that names
+    its class (`from compstore import AutoencoderKL`): its `from_pretrained` is
+    `load_component(..., model_class=<diffusers' class>)`, a model of that class
+    loaded from the store, as diffusers' `from_pretrained` of that class loads it.
+    An AttributeError for a name that is not a diffusers model class.
+
+    >>> vae = compstore.AutoencoderKL.from_pretrained("org/sdxl-vae", dtype=torch.float16)  # doctest: +SKIP
+    """
+    import diffusers
+    from diffusers import ModelMixin
+
+    target = getattr(diffusers, name, None)
+    if not (isinstance(target, type) and issubclass(target, ModelMixin)):
+        raise AttributeError(f"{name!r} is not a model class of diffusers {diffusers.__version__}")
+
+    def from_pretrained(cls, pretrained_model_name_or_path, subfolder: str | None = None, **kwargs):
+        return load_component(os.fspath(pretrained_model_name_or_path), subfolder=subfolder,
+                              model_class=target, **kwargs)
+
+    doc = (f"Loads `diffusers.{name}` models from a compstore store: `from_pretrained` takes "
+           "compstore.load_component's arguments.")
+    return type(name, (), {"from_pretrained": classmethod(from_pretrained), "__doc__": doc,
+                           "__module__": "compstore"})
+
+
 def load_component(
     name_or_path: str,
     slot: str = "",
@@ -564,6 +605,7 @@ def load_component(
     revision: str | None = None,
     local_files_only: bool | None = None,
     token: str | bool | None = None,
+    model_class: type | None = None,
     **kwargs: Any,
 ) -> torch.nn.Module:
     """Load one model from a ref (or a folder, ingested on the way, or a Hub repo id,
@@ -573,8 +615,10 @@ def load_component(
     one whose entry points at another repo, the model pinned for it). `device_map`
     (or `pool`) puts it on a device through its residency pool, as `to_device`
     does. `verify=True` re-hashes its tensors first and raises `CorruptStoreError`
-    on damage. Arguments about fetching files (`cache_dir`, `force_download`, ...)
-    are accepted and ignored; any other raises a TypeError.
+    on damage. `model_class`: the class wanted (`compstore.AutoencoderKL` passes
+    its own); a model of another class is refused (`ComponentNotFoundError`) before
+    a folder is ingested. Arguments about fetching files (`cache_dir`,
+    `force_download`, ...) are accepted and ignored; any other raises a TypeError.
 
     >>> unet = compstore.load_component("sdxl-base", "unet", dtype=torch.float16)  # doctest: +SKIP
     >>> vae = compstore.load_component("my-vae", device_map="cuda")  # doctest: +SKIP
@@ -596,7 +640,8 @@ def load_component(
     snapshot_id, label = resolve_snapshot(  # a Hub repo: only the slot's folder is pulled
         store, name_or_path, revision=revision, variant=variant, local_files_only=local_files_only,
         token=token, slot=slot,
-        check=lambda rows: picked.append(pick_component(rows, slot, variant, fallback=False)))
+        check=lambda rows: picked.append(_of_class(pick_component(rows, slot, variant, fallback=False),
+                                                   model_class, name_or_path, slot)))
     comp = picked[-1]
     name = f"{label}/{slot}" if slot else label
     with exclusive_load(), store.reading_snapshot(snapshot_id, label):  # one load at a time; gc waits

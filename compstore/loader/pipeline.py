@@ -108,7 +108,8 @@ def resolve_snapshot(
                 elif scan.config(c.slot) is not None and is_model_class(resolve_class(c.library, c.class_name)):
                     raise no_weights(where, c.class_name)
             if check is not None:
-                check([{"slot": c.slot, "variant": c.variant} for c in scan.components])
+                check([{"slot": c.slot, "variant": c.variant, "library": c.library,
+                        "class_name": c.class_name} for c in scan.components])
 
         snapshot_id = store.ingest(path, str(path.resolve()), token=token, check=check_folder).snapshot
     elif is_repo_id(label) and not local_files_only and hub_reachable():
