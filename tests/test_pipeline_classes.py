@@ -269,3 +269,24 @@ def test_a_model_of_another_class_is_refused_before_its_folder_is_ingested(famil
         with pytest.raises(compstore.ComponentNotFoundError, match=message):
             compstore.AutoencoderKL.from_pretrained(where, subfolder=slot, store=family_store)
     assert store_state(family_store.home) == before
+
+
+def test_from_pipe_shares_the_models_and_moves_through_the_pool(family_store, family):
+    """`compstore.AutoPipelineForImage2Image.from_pipe(pipe)`: diffusers' from_pipe,
+    the same class and models; moving it to a device reuses what `pipe` uploaded."""
+    from compstore import ResidencyPool
+    from test_residency import CountingCopier
+
+    pool = ResidencyPool("meta", budget_bytes=1 << 40, copier=CountingCopier())
+    text2image = compstore.DiffusionPipeline.from_pretrained("A", store=family_store, dtype=torch.float16,
+                                                             pool=pool)
+    theirs = diffusers.AutoPipelineForImage2Image.from_pipe(text2image, dtype=torch.float16)
+    ours = compstore.AutoPipelineForImage2Image.from_pipe(text2image, dtype=torch.float16)
+    assert type(ours) is type(theirs) is diffusers.StableDiffusionImg2ImgPipeline
+    assert ours.unet is text2image.unet and ours.vae is text2image.vae
+    first = pool.last_report
+    ours.to("meta")
+    assert pool.last_report is not first and {c.component for c in pool.last_report.components} == {
+        "unet", "vae", "text_encoder"}
+    assert all(c.bytes_from_pinned + c.bytes_from_store == 0 for c in pool.last_report.components)
+    assert ours.unet.conv_in.weight.device.type == "meta"

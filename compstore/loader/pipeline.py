@@ -270,6 +270,26 @@ class DiffusionPipeline:
                              private=private, pool=pool, target=target, kwargs=kwargs)
 
 
+    @classmethod
+    def from_pipe(cls, pipeline, **kwargs: Any):
+        """Drop-in for diffusers' `from_pipe`: diffusers' own, for this class (for
+        `compstore.DiffusionPipeline`, diffusers'; for an AutoPipelineFor*, the class
+        it picks), sharing `pipeline`'s models, none loaded again. The new pipeline's
+        `.to(device)` goes through the residency pool, as the original's does. As in
+        diffusers, its models are cast to `dtype` (float32 if not given) in place, so
+        pass the dtype `pipeline` has.
+
+        >>> img2img = compstore.AutoPipelineForImage2Image.from_pipe(pipe, dtype=torch.float16)  # doctest: +SKIP
+        """
+        import diffusers
+
+        pipe = (cls._loads_as or diffusers.DiffusionPipeline).from_pipe(pipeline, **kwargs)
+        route_through_pool(pipe)
+        if getattr(pipeline, POOL, None) is not None:
+            setattr(pipe, POOL, getattr(pipeline, POOL))
+        return pipe
+
+
 @functools.cache
 def pipeline_class(name: str) -> type[DiffusionPipeline]:
     """compstore's stand-in for the diffusers pipeline class `name`, for code that
