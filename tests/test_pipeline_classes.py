@@ -197,6 +197,10 @@ def test_code_that_names_its_class_loads_into_that_class_as_diffusers(family_sto
     ours = getattr(compstore, name).from_pretrained("A", store=family_store, dtype=torch.float16)
     assert_same_pipeline(ours, getattr(diffusers, name).from_pretrained(family["A"], dtype=torch.float16))
     assert ours.config._name_or_path == "A"
+    # isinstance against the name imported asks diffusers' class, as code written for it expects
+    assert isinstance(ours, getattr(compstore, name)) is isinstance(ours, getattr(diffusers, name))
+    assert isinstance(ours, compstore.DiffusionPipeline)
+    assert not isinstance(ours, compstore.StableDiffusionXLPipeline)
 
 
 def test_sdxl_base_as_img2img_and_the_refiner_as_text_to_image(folders, store, tmp_path, caplog):
@@ -227,7 +231,7 @@ def test_a_class_the_pipeline_cannot_fill_is_refused_before_anything_loads(famil
 def test_names_that_are_no_diffusers_pipeline_or_model_class_are_attribute_errors():
     for name in ("NoSuchPipeline", "AutoPipelineForNothing", "NoSuchModel", "CLIPTextModel", "lower"):
         assert not hasattr(compstore, name)
-    with pytest.raises(AttributeError, match="use compstore.load_component|a model: compstore.load_component"):
+    with pytest.raises(AttributeError, match="a model: compstore.<its diffusers class> or compstore.load_component"):
         compstore.pipeline_class("UNet2DConditionModel")
     assert compstore.pipeline_class("DiffusionPipeline") is compstore.DiffusionPipeline
     assert compstore.StableDiffusionPipeline is compstore.StableDiffusionPipeline  # one stand-in per class
@@ -256,6 +260,7 @@ def test_code_that_names_a_model_class_loads_it_as_diffusers(family_store, famil
         ours = getattr(compstore, name).from_pretrained(where, subfolder=slot, store=family_store,
                                                          dtype=torch.float16)
         assert_same_component(slot, ours, theirs)
+        assert isinstance(ours, getattr(compstore, name)) and not isinstance(ours, compstore.AutoencoderTiny)
 
 
 def test_a_model_of_another_class_is_refused_before_its_folder_is_ingested(family_store, family):

@@ -563,6 +563,17 @@ def _of_class(component: dict, model_class: type | None, name_or_path: str, slot
     return component
 
 
+class StandIn(type):
+    """The metaclass of compstore's stand-ins for diffusers' classes: `isinstance(x,
+    compstore.AutoencoderKL)` asks diffusers' class (`_loads_as`), as code written for
+    diffusers expects of the name it imports."""
+
+    def __instancecheck__(cls, obj) -> bool:
+        import diffusers
+
+        return isinstance(obj, cls._loads_as or diffusers.DiffusionPipeline)
+
+
 @functools.cache
 def model_class(name: str) -> type:
     """compstore's stand-in for the diffusers model class `name`, for code that names
@@ -586,8 +597,8 @@ def model_class(name: str) -> type:
 
     doc = (f"Loads `diffusers.{name}` models from a compstore store: `from_pretrained` takes "
            "compstore.load_component's arguments.")
-    return type(name, (), {"from_pretrained": classmethod(from_pretrained), "__doc__": doc,
-                           "__module__": "compstore"})
+    return StandIn(name, (), {"from_pretrained": classmethod(from_pretrained), "_loads_as": target,
+                              "__doc__": doc, "__module__": "compstore"})
 
 
 def load_component(

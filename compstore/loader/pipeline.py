@@ -38,8 +38,8 @@ from ..store.modular import components_with_pins, missing_slots
 from ..store.scan import FolderScan
 from ..store.components import pick_component, require_variant
 from . import warm
-from .component import (dtype_argument, is_model_class, no_weights, prepare_model, refuse_pickle_loading,
-                        refuse_quantization, refuse_quantized, resolve_class)
+from .component import (StandIn, dtype_argument, is_model_class, no_weights, prepare_model,
+                        refuse_pickle_loading, refuse_quantization, refuse_quantized, resolve_class)
 from .loading import exclusive_load
 from .residency import POOL, ResidencyPool, TransferReport, pool_for, record_report, usable_device
 from .routing import route_through_pool
@@ -190,8 +190,9 @@ def _skeleton_file(path: str) -> bool:
     return not _WEIGHT_FILE.search(path)
 
 
-class DiffusionPipeline:
-    """Loads diffusers pipelines from a compstore store; see `from_pretrained`."""
+class DiffusionPipeline(metaclass=StandIn):
+    """Loads diffusers pipelines from a compstore store; see `from_pretrained`.
+    `isinstance(pipe, compstore.DiffusionPipeline)` is diffusers' isinstance."""
 
     # The diffusers class a load assembles: None, the one model_index.json names; in
     # the stand-ins `pipeline_class(name)` makes, diffusers' class of that name.
@@ -269,7 +270,6 @@ class DiffusionPipeline:
             return _assemble(store, snapshot_id, label, dtype=dtype, variant=variant, verify=verify,
                              private=private, pool=pool, target=target, kwargs=kwargs)
 
-
     @classmethod
     def from_pipe(cls, pipeline, **kwargs: Any):
         """Drop-in for diffusers' `from_pipe`: diffusers' own, for this class (for
@@ -309,8 +309,8 @@ def pipeline_class(name: str) -> type[DiffusionPipeline]:
     if not (isinstance(target, type) and (issubclass(target, diffusers.DiffusionPipeline) or auto)):
         raise AttributeError(
             f"{name!r} is not a pipeline class of diffusers {diffusers.__version__}: compstore stands in for "
-            "diffusers' pipeline and AutoPipelineFor* classes (a model: compstore.load_component; "
-            "a modular pipeline: compstore.ModularPipeline)")
+            "diffusers' pipeline and AutoPipelineFor* classes (a model: compstore.<its diffusers class> "
+            "or compstore.load_component; a modular pipeline: compstore.ModularPipeline)")
     doc = (f"Loads `diffusers.{name}` from a compstore store: `from_pretrained` takes "
            "compstore.DiffusionPipeline.from_pretrained's arguments.")
     return type(name, (DiffusionPipeline,), {"_loads_as": target, "__doc__": doc, "__module__": "compstore"})
