@@ -40,7 +40,7 @@ def test_tied_weights_and_fp32_modules_like_transformers(t5_folder, store, dtype
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_diffusers_fp32_modules_stay_fp32_in_any_dtype_like_diffusers(store, tmp_path, dtype):
     """diffusers 0.42 keeps a model's `_keep_in_fp32_modules` in fp32 for every dtype,
-    bf16 included (Wan's `scale_shift_table`, FLUX.2's `norm_q`), not for fp16 only."""
+    bf16 included (Wan's `scale_shift_table`, Flux3's `norm_q`), not for fp16 only."""
     torch.manual_seed(0)
     diffusers.WanTransformer3DModel(
         patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16,
