@@ -257,15 +257,16 @@ class DiffusionPipeline(metaclass=StandIn):
         refuse_quantization(kwargs)
         label = os.fspath(pretrained_model_name_or_path)
         target = cls._loads_as
-        folder_index = Path(label).expanduser() / "model_index.json"
-        if target is not None and folder_index.is_file():  # refused before the folder's ingest
-            with contextlib.suppress(ValueError):  # not JSON: the ingest names that
-                refuse_missing_modules(target, json.loads(folder_index.read_bytes()), kwargs, label)
+
+        def check(rows: list[dict]) -> None:  # a folder's rows: before its ingest
+            require_variant(rows, variant, label)
+            refuse_missing_modules(target, {row["slot"] for row in rows}, kwargs, label)
+
         snapshot_id, label = resolve_snapshot(  # an ingest or a download: other threads' loads go on
             store, label, revision=kwargs.pop("revision", None),
             local_files_only=kwargs.pop("local_files_only", None), variant=variant,
             token=kwargs.get("token"), skip=kwargs,  # components passed in: not pulled
-            check=lambda rows: require_variant(rows, variant, label), index=("model_index.json",))
+            check=check, index=("model_index.json",))
         with exclusive_load():  # one load at a time per process, the collector paused (loading.py)
             return _assemble(store, snapshot_id, label, dtype=dtype, variant=variant, verify=verify,
                              private=private, pool=pool, target=target, kwargs=kwargs)
@@ -316,23 +317,21 @@ def pipeline_class(name: str) -> type[DiffusionPipeline]:
     return type(name, (DiffusionPipeline,), {"_loads_as": target, "__doc__": doc, "__module__": "compstore"})
 
 
-def refuse_missing_modules(target: type, index: dict, kwargs: dict, label: str) -> None:
-    """A pipeline class needs modules the snapshot's model_index.json does not name
-    (or names null), and neither are they passed nor optional: diffusers raises a
-    ValueError once it has loaded the others; this one is raised before any load."""
+def refuse_missing_modules(target: type | None, slots: set[str], kwargs: dict, label: str) -> None:
+    """A pipeline class needs modules the pipeline has no folder for (`slots`), and
+    neither are they passed nor optional: diffusers raises a ValueError once it has
+    loaded the others; this one is raised before any load."""
     import diffusers
 
-    if not issubclass(target, diffusers.DiffusionPipeline):  # an AutoPipelineFor*: diffusers picks the class
-        return
+    if target is None or not issubclass(target, diffusers.DiffusionPipeline):
+        return  # the class model_index.json names, or the one an AutoPipelineFor* picks
     expected, _ = target._get_signature_keys(target)
-    present = {slot for slot, entry in index.items()
-               if isinstance(entry, list) and entry and entry[0] is not None} | set(kwargs)
-    missing = set(expected) - present - set(target._optional_components)
+    missing = set(expected) - slots - set(kwargs) - set(target._optional_components)
     if missing:
         raise ComponentNotFoundError(
-            f"{label} does not load as {target.__name__}: that class needs {sorted(missing)}, which its "
-            f"model_index.json ({index.get('_class_name')}) does not name; pass them as keyword "
-            "arguments, or load it as compstore.DiffusionPipeline (the class model_index.json names)")
+            f"{label} does not load as {target.__name__}: that class needs {sorted(missing)}, which "
+            f"the pipeline does not hold (it has {sorted(slots)}); pass them as keyword arguments, "
+            "or load it as compstore.DiffusionPipeline (the class model_index.json names)")
 
 
 def _assemble(store: Store, snapshot_id: str, label: str, **options: Any):
@@ -359,9 +358,8 @@ def _build(store: Store, snapshot_id: str, label: str, *, dtype, variant: str | 
         raise CompstoreError(f"{label} has no model_index.json{hint}")
     index = json.loads(raw_index)
     pipeline_cls = target or getattr(diffusers, str(index.get("_class_name")), None)
-    if target is not None:
-        refuse_missing_modules(target, index, kwargs, label)
-    elif not (isinstance(pipeline_cls, type) and issubclass(pipeline_cls, diffusers.DiffusionPipeline)):
+    if target is None and not (isinstance(pipeline_cls, type)
+                               and issubclass(pipeline_cls, diffusers.DiffusionPipeline)):
         raise CompstoreError(
             f"{label}: model_index.json names the pipeline class {index.get('_class_name')!r}, "
             f"which diffusers {diffusers.__version__} does not have; upgrade diffusers, or "
