@@ -243,16 +243,20 @@ def test_a_mistyped_ref_is_refused_with_the_refs_meant(store, family):
 
     from compstore.cli import cli
 
+    from conftest import store_state
+
     store.ingest(family["A"], "sd-base")
     store.ingest(family["B"], "sd-finetune")
+    before = store_state(store.home)
     with pytest.raises(RefNotFoundError, match=r"no ref named 'sd-bse' .*; did you mean 'sd-base'\?$"):
         store.show("sd-bse")
     with pytest.raises(RefNotFoundError, match=r"\(see `compstore ls`\)$"):  # nothing near: no guess
         store.resolve("zzz")
-    r = CliRunner().invoke(cli, ["--store", str(store.home), "export", "sdfinetune", str(store.home / "x")])
+    r = CliRunner().invoke(cli, ["--store", str(store.home), "export", "sdfinetune", str(store.home.parent / "x")])
     assert r.exit_code == 1 and "did you mean 'sd-finetune'?" in r.stderr
     with pytest.raises(RefNotFoundError, match="did you mean 'sd-base'"):
         compstore.DiffusionPipeline.from_pretrained("sd-bse", store=store)
+    assert store_state(store.home) == before
 
 
 def test_ref_update_moves_the_ref(store, family):
