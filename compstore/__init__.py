@@ -32,8 +32,8 @@ from .store import (
 __version__ = "0.1.0"
 
 _LOADER_NAMES = {"DiffusionPipeline", "ModularPipeline", "ResidencyPool", "TransferReport",
-                 "exclusive_load", "last_transfer", "load_component", "model_class", "pipeline_class",
-                 "pool_for", "to_device"}
+                 "exclusive_load", "ingest_single_file", "last_transfer", "load_component", "model_class", "pipeline_class",
+                 "pool_for", "SingleFileResult", "to_device"}
 
 
 def __getattr__(name: str):

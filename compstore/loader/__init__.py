@@ -13,6 +13,7 @@ from .loading import exclusive_load
 from .modular import ModularPipeline
 from .pipeline import DiffusionPipeline, pipeline_class
 from .residency import ResidencyPool, TransferReport, last_transfer, pool_for, to_device
+from .single_file import SingleFileResult, ingest_single_file
 
-__all__ = ["DiffusionPipeline", "ModularPipeline", "ResidencyPool", "TransferReport",
-           "exclusive_load", "last_transfer", "load_component", "model_class", "pipeline_class", "pool_for", "to_device"]
+__all__ = ["DiffusionPipeline", "ModularPipeline", "ResidencyPool", "SingleFileResult", "TransferReport",
+           "exclusive_load", "ingest_single_file", "last_transfer", "load_component", "model_class", "pipeline_class", "pool_for", "to_device"]

@@ -272,6 +272,49 @@ class DiffusionPipeline(metaclass=StandIn):
                              private=private, pool=pool, target=target, kwargs=kwargs)
 
     @classmethod
+    def from_single_file(
+        cls,
+        pretrained_model_link_or_path: str | os.PathLike,
+        *,
+        store: Store | str | os.PathLike | None = None,
+        name: str | None = None,
+        **kwargs: Any,
+    ):
+        """Drop-in for diffusers' `from_single_file` of this class: the checkpoint is
+        converted by diffusers once and stored (`compstore.ingest_single_file`, under
+        ref `name`, default the file's absolute path), then loaded from the store as
+        `from_pretrained` loads that ref, with the other arguments (`dtype`,
+        `device_map`, components as keyword arguments, ...).
+
+        `config`, `original_config`, `local_files_only`, `token`, `revision`,
+        `cache_dir` and `disable_mmap` are diffusers' and go to the conversion;
+        `config` may also name a store ref (its stored configs: no network).
+
+        >>> pipe = compstore.StableDiffusionXLPipeline.from_single_file("./model.safetensors", dtype=torch.float16)  # doctest: +SKIP
+        """
+        from .single_file import ingest_single_file
+
+        if cls._loads_as is None:
+            raise CompstoreError(
+                "compstore.DiffusionPipeline.from_single_file: a single-file checkpoint does not "
+                "name its pipeline class, as diffusers' DiffusionPipeline has no from_single_file: "
+                "call it on the class, e.g. compstore.StableDiffusionXLPipeline.from_single_file")
+        store = open_store(store)
+        convert = {k: kwargs.pop(k) for k in ("config", "original_config", "revision", "cache_dir",
+                                              "disable_mmap") if k in kwargs}
+        for k in ("local_files_only", "token"):
+            if k in kwargs:
+                convert[k] = kwargs[k]
+        ref = ingest_single_file(pretrained_model_link_or_path, cls._loads_as, store=store, name=name,
+                                 **convert).ref
+        kwargs["local_files_only"] = True  # a ref: never a Hub repo of the same name
+        if kwargs.get("dtype", kwargs.get("torch_dtype")) is None:
+            # diffusers' from_single_file builds float32 models by default, where its
+            # from_pretrained of the stored (say fp16) text encoder would keep fp16
+            kwargs["dtype"] = torch.float32
+        return cls.from_pretrained(ref, store=store, **kwargs)
+
+    @classmethod
     def from_pipe(cls, pipeline, **kwargs: Any):
         """Drop-in for diffusers' `from_pipe`: diffusers' own, for this class (for
         `compstore.DiffusionPipeline`, diffusers'; for an AutoPipelineFor*, the class

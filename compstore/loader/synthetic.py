@@ -391,3 +391,85 @@ def rename_as_published(folder: str | os.PathLike) -> None:
                 name = name.replace(f".{new}.", f".{was}.")
         renamed[name] = t
     save_file(renamed, vae, metadata={"format": "pt"})
+
+
+def _ldm_resnet(rest: str) -> str:
+    for diffusers_name, ldm_name in (("norm1", "in_layers.0"), ("conv1", "in_layers.2"),
+                                     ("norm2", "out_layers.0"), ("conv2", "out_layers.3"),
+                                     ("time_emb_proj", "emb_layers.1"), ("conv_shortcut", "skip_connection")):
+        if rest.startswith(diffusers_name + "."):
+            return ldm_name + rest[len(diffusers_name):]
+    raise ValueError(f"unexpected UNet resnet tensor {rest!r}")
+
+
+def _ldm_unet_name(name: str, unet_config: dict) -> str:
+    """The original (LDM) name of an SD 1.x UNet tensor's diffusers name."""
+    per_down = unet_config["layers_per_block"] + 1  # resnets (+ attention), then a downsampler
+    fixed = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
+             "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}
+    head, _, leaf = name.rpartition(".")
+    if head in fixed:
+        return f"{fixed[head]}.{leaf}"
+    part = name.split(".")
+    if part[0] == "down_blocks":
+        i, kind, j, rest = int(part[1]), part[2], int(part[3]), ".".join(part[4:])
+        if kind == "downsamplers":
+            return f"input_blocks.{1 + i * per_down + per_down - 1}.0.op.{rest.removeprefix('conv.')}"
+        block = f"input_blocks.{1 + i * per_down + j}"
+        return f"{block}.0.{_ldm_resnet(rest)}" if kind == "resnets" else f"{block}.1.{rest}"
+    if part[0] == "mid_block":
+        kind, j, rest = part[1], int(part[2]), ".".join(part[3:])
+        return f"middle_block.{2 * j}.{_ldm_resnet(rest)}" if kind == "resnets" else f"middle_block.1.{rest}"
+    if part[0] == "up_blocks":
+        i, kind, j, rest = int(part[1]), part[2], int(part[3]), ".".join(part[4:])
+        if kind == "upsamplers":
+            attention = "Attn" in unet_config["up_block_types"][i]
+            return f"output_blocks.{i * per_down + per_down - 1}.{2 if attention else 1}.{rest}"
+        block = f"output_blocks.{i * per_down + j}"
+        return f"{block}.0.{_ldm_resnet(rest)}" if kind == "resnets" else f"{block}.1.{rest}"
+    raise ValueError(f"unexpected UNet tensor {name!r}")
+
+
+def _ldm_vae_name(name: str, n_blocks: int) -> str:
+    """The original (LDM) name of a VAE tensor's diffusers name."""
+    attention = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+    name = (name.replace(".conv_norm_out.", ".norm_out.").replace(".mid_block.resnets.0.", ".mid.block_1.")
+            .replace(".mid_block.resnets.1.", ".mid.block_2.").replace(".conv_shortcut.", ".nin_shortcut."))
+    if ".mid_block.attentions.0." in name:
+        head, rest = name.split(".mid_block.attentions.0.")
+        layer, _, leaf = rest.rpartition(".")
+        return f"{head}.mid.attn_1.{attention[layer]}.{leaf}"
+    part = name.split(".")
+    if part[1] in ("down_blocks", "up_blocks"):
+        # the decoder's blocks run the other way round in the original
+        i = int(part[2]) if part[1] == "down_blocks" else n_blocks - 1 - int(part[2])
+        kind, rest = part[3], ".".join(part[5:])
+        block = f"{part[0]}.{'down' if part[1] == 'down_blocks' else 'up'}.{i}"
+        if kind == "resnets":
+            return f"{block}.block.{part[4]}.{rest}"
+        return f"{block}.{'downsample' if kind == 'downsamplers' else 'upsample'}.{rest}"
+    return name
+
+
+def save_as_sd_checkpoint(pipe, path: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
+    """Write an SD 1.x pipeline as one original-format (LDM) `.safetensors` checkpoint,
+    as A1111/ComfyUI users and model sites publish fine-tunes: the UNet under
+    `model.diffusion_model.`, the VAE under `first_stage_model.` (its attention
+    weights as 1x1 convolutions), the CLIP text encoder under
+    `cond_stage_model.transformer.text_model.`. diffusers' `from_single_file`
+    converts it back to these very tensors."""
+    from safetensors.torch import save_file
+
+    state: dict[str, torch.Tensor] = {}
+    unet_config = dict(pipe.unet.config)
+    for name, t in pipe.unet.state_dict().items():
+        state["model.diffusion_model." + _ldm_unet_name(name, unet_config)] = t
+    n_blocks = len(pipe.vae.config.block_out_channels)
+    for name, t in pipe.vae.state_dict().items():
+        ldm = _ldm_vae_name(name, n_blocks)
+        state["first_stage_model." + ldm] = t[:, :, None, None] if ".attn_1." in ldm and t.ndim == 2 else t
+    for name, t in pipe.text_encoder.state_dict().items():
+        state["cond_stage_model.transformer.text_model." + name.removeprefix("text_model.")] = t
+    state = {k: (v if dtype is None else v.to(dtype)).contiguous() for k, v in state.items()}
+    save_file(state, path, metadata={"format": "pt"})
+    return Path(path)

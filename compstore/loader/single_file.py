@@ -1,0 +1,260 @@
+"""Single-file checkpoints: converted once by diffusers, then stored and loaded as
+any pipeline.
+
+    >>> pipe = compstore.StableDiffusionXLPipeline.from_single_file("./juggernaut.safetensors")  # doctest: +SKIP
+
+A fine-tune published as one original-format `.safetensors` file (the A1111 and
+ComfyUI layout model sites host) holds the tensors of a diffusers pipeline under
+other names, some in other shapes. Only diffusers' `from_single_file` knows these
+layouts, so it converts the file, once; the converted pipeline is saved to a
+scratch folder of the store and ingested under a ref (by default the file's
+absolute path, as a folder's). Converted, a checkpoint's VAE and text encoders are
+the very tensors of the diffusers repos they came from: a fine-tune that kept them
+costs the store its UNet only, and it loads, shares and switches on a device as
+every stored pipeline does. A second call re-hashes the file (sha256, what model
+sites publish of it) and, the same file and config, loads the stored pipeline
+without converting again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..store import CompstoreError, InvalidInputError, PickleRefusedError, Store
+from ..store.hub import is_repo_id
+from ..store.lock import scratch_folder
+from ..store.safetensors_header import read_header
+from ..store.store import check_ref_name
+
+# Written at the root of the converted pipeline: what it was converted from.
+PROVENANCE = "compstore_single_file.json"
+
+_FLOAT_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
+
+
+@dataclass
+class SingleFileResult:
+    """What `ingest_single_file` did: `status` "converted" (a conversion was stored,
+    `ingest` its report) or "unchanged" (the ref holds this file's conversion)."""
+    ref: str
+    snapshot: str
+    status: str
+    checkpoint: str
+    sha256: str
+    config: str
+    seconds: float
+    written_bytes: int
+    reused_bytes: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def ingest_single_file(
+    path: str | os.PathLike,
+    pipeline_class: str | type,
+    *,
+    config: str | os.PathLike | None = None,
+    name: str | None = None,
+    store: Store | str | os.PathLike | None = None,
+    **convert_kwargs: Any,
+) -> SingleFileResult:
+    """Convert a single-file checkpoint with diffusers' `pipeline_class.from_single_file`
+    and ingest the pipeline it makes under ref `name` (default: the file's absolute
+    path). Done once per file and config: a ref that holds this file's conversion
+    with the same config is "unchanged", nothing converted.
+
+    Args:
+        path: a `.safetensors` checkpoint (pickles, `.ckpt`, are refused).
+        pipeline_class: a diffusers pipeline class with `from_single_file`, or its name.
+        config: where the pipeline's configs, tokenizers and scheduler come from, as
+            diffusers' `config=`: a store ref (its stored files, no network), a
+            diffusers pipeline folder, or a Hub repo id (diffusers downloads its
+            configs). Default: the repo diffusers infers from the checkpoint, taken
+            from the store when a ref of that name is there.
+        convert_kwargs: diffusers' other `from_single_file` arguments that shape the
+            conversion: `original_config`, `local_files_only`, `token`, `revision`,
+            `cache_dir`, `disable_mmap`.
+
+    Each model is stored in the checkpoint's own dtype (diffusers would upcast an fp16
+    file to float32); a checkpoint mixing dtypes stores each model in the narrowest
+    of them that holds all its values exactly.
+
+    >>> compstore.ingest_single_file("./dreamshaper.safetensors", "StableDiffusionPipeline").status  # doctest: +SKIP
+    'converted'
+    """
+    from .pipeline import _skeleton_file
+
+    t0 = time.perf_counter()
+    store = store if isinstance(store, Store) else Store(store)
+    target = _pipeline_class(pipeline_class)
+    checkpoint = _checkpoint(path)
+    header = read_header(str(checkpoint))  # a malformed file is refused before anything is read
+    if not header.tensors:
+        raise InvalidInputError(str(checkpoint), "holds no tensors: not a pipeline checkpoint")
+    ref = check_ref_name(name) if name is not None else str(checkpoint)
+    sha256 = _sha256(checkpoint)
+    if config is None:
+        config = _inferred_config(checkpoint, header)
+    config, stored = _config_name(store, config)
+    held = _held_conversion(store, ref, sha256, config)
+    if held is not None:
+        return SingleFileResult(ref, held, "unchanged", str(checkpoint), sha256, config,
+                                round(time.perf_counter() - t0, 3), 0, 0)
+    store._writable()
+    provenance = {"checkpoint": checkpoint.name, "sha256": sha256, "config": config,
+                  "pipeline_class": target.__name__}
+    with scratch_folder(store.home, "single-file-") as scratch:
+        folder = scratch / "pipeline"
+        if stored:  # a ref's files, read under the store's read guard (gc leaves them)
+            snapshot = store.resolve(config)
+            with store.reading_snapshot(snapshot, config):
+                provenance["config_snapshot"] = snapshot
+                skeleton = store.materialize(snapshot, _skeleton_file)
+                pipe = _convert(target, checkpoint, header, str(skeleton), config, convert_kwargs)
+        else:
+            pipe = _convert(target, checkpoint, header, config, config, convert_kwargs)
+        pipe.save_pretrained(folder)
+        del pipe
+        (folder / PROVENANCE).write_text(json.dumps(provenance, indent=2) + "\n")
+        result = store.ingest(folder, ref, source=str(checkpoint), consume_weights=True)
+    return SingleFileResult(ref, result.snapshot, "converted", str(checkpoint), sha256, config,
+                            round(time.perf_counter() - t0, 3), result.written_bytes, result.reused_bytes)
+
+
+def _pipeline_class(pipeline_class: str | type) -> type:
+    import diffusers
+
+    cls = getattr(diffusers, pipeline_class, None) if isinstance(pipeline_class, str) else pipeline_class
+    cls = getattr(cls, "_loads_as", None) or cls  # a compstore stand-in: its diffusers class
+    if not (isinstance(cls, type) and issubclass(cls, diffusers.DiffusionPipeline)
+            and hasattr(cls, "from_single_file")):
+        raise CompstoreError(
+            f"{getattr(pipeline_class, '__name__', pipeline_class)!r} is not a diffusers pipeline class "
+            "that loads single-file checkpoints: name the one the checkpoint is for, e.g. "
+            "StableDiffusionXLPipeline (compstore.StableDiffusionXLPipeline.from_single_file)")
+    return cls
+
+
+def _checkpoint(path: str | os.PathLike) -> Path:
+    checkpoint = Path(path).expanduser()
+    if not checkpoint.is_file():
+        raise InvalidInputError(str(path), "no such file: pass the path of a single-file "
+                                "checkpoint (.safetensors); URLs are not fetched, download it first")
+    if checkpoint.suffix != ".safetensors":
+        raise PickleRefusedError(str(path), "not a .safetensors file: compstore never loads pickle "
+                                 "checkpoints (.ckpt, .pt, .bin); convert it to safetensors first")
+    return checkpoint.resolve()
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _inferred_config(path: Path, header) -> str:
+    """The Hub repo whose configs diffusers would take for this checkpoint, found from
+    its tensor names and shapes alone (meta tensors: nothing is read)."""
+    from diffusers.loaders.single_file_utils import fetch_diffusers_config
+
+    meta = {t.name: torch.empty(t.shape, dtype=_FLOAT_DTYPES.get(t.dtype, torch.uint8), device="meta")
+            for t in header.tensors}
+    try:
+        return fetch_diffusers_config(meta)["pretrained_model_name_or_path"]
+    except (KeyError, ValueError, RuntimeError, NotImplementedError) as e:  # a value it reads
+        raise InvalidInputError(str(path), f"diffusers could not tell which pipeline it is a checkpoint of "
+                                f"({type(e).__name__}: {e}): pass config= a store ref, a folder or "
+                                "a Hub repo id of its family") from e
+
+
+def _config_name(store: Store, config: str | os.PathLike) -> tuple[str, bool]:
+    """(`config` as recorded, whether it is a store ref): a folder's absolute path (a
+    folder first, as `from_pretrained` takes it), a ref's name, or a repo id."""
+    name = os.fspath(config)
+    if Path(name).expanduser().is_dir():
+        return str(Path(name).expanduser().resolve()), False
+    if store.has_ref(name):
+        return name, True
+    if is_repo_id(name):
+        return name, False
+    raise InvalidInputError(name, "config= is neither a store ref, a folder nor a Hub repo id: pass "
+                            "the ref or folder of a diffusers pipeline of the checkpoint's family")
+
+
+def _held_conversion(store: Store, ref: str, sha256: str, config: str) -> str | None:
+    """The snapshot of `ref` if it holds the conversion of this file with this config
+    (and, for a config taken from the store, that ref's snapshot then and now)."""
+    if not store.has_ref(ref):
+        return None
+    snapshot = store.resolve(ref)
+    raw = store.read_file(snapshot, PROVENANCE)
+    if raw is None:
+        return None
+    made = json.loads(raw)
+    if made.get("sha256") != sha256 or made.get("config") != config:
+        return None
+    if "config_snapshot" in made and not (store.has_ref(config) and store.resolve(config) == made["config_snapshot"]):
+        return None
+    return snapshot
+
+
+def _convert(target: type, checkpoint: Path, header, config: str, label: str, kwargs: dict[str, Any]):
+    """diffusers' conversion, with the configs of `config` (a folder or repo id; `label`:
+    what the user named), in the checkpoint's dtype when it has one float dtype."""
+    from diffusers.loaders.single_file_utils import SingleFileComponentError
+
+    floats = {_FLOAT_DTYPES[t.dtype] for t in header.tensors if t.dtype in _FLOAT_DTYPES}
+    dtype = next(iter(floats)) if len(floats) == 1 else None  # None: diffusers' float32
+    try:
+        with _fp32_modules_warning_dropped():
+            pipe = target.from_single_file(str(checkpoint), config=config,
+                                           dtype=None if dtype == torch.float32 else dtype, **kwargs)
+    except SingleFileComponentError as e:  # a UNet- or transformer-only file, say
+        raise InvalidInputError(str(checkpoint), f"{e.message.splitlines()[0]} compstore converts and "
+                                "stores whole pipelines only; nothing was stored") from e
+    except (KeyError, ValueError, RuntimeError, IndexError, AttributeError, TypeError) as e:
+        raise InvalidInputError(str(checkpoint), f"diffusers' {target.__name__}.from_single_file could "
+                                f"not convert it with config {label!r} ({type(e).__name__}: {e}); "
+                                "nothing was stored. Is it a checkpoint of this pipeline class? "
+                                "Pass config= a ref, folder or repo of its family") from e
+    if len(floats) > 1:
+        for module in pipe.components.values():
+            if isinstance(module, torch.nn.Module):
+                _narrow(module, sorted(floats, key=lambda d: d.itemsize))
+    return pipe
+
+
+@contextlib.contextmanager
+def _fp32_modules_warning_dropped():
+    """diffusers' from_single_file casts each model with `.to(dtype)`, which warns that
+    modules "should be kept in float32". What is stored here is the checkpoint's
+    bytes; each load applies the dtype rules of `from_pretrained`."""
+    modeling = logging.getLogger("diffusers.models.modeling_utils")
+
+    def keep(record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("There are modules in ")
+
+    modeling.addFilter(keep)
+    try:
+        yield
+    finally:
+        modeling.removeFilter(keep)
+
+
+def _narrow(module: torch.nn.Module, dtypes: list[torch.dtype]) -> None:
+    """Cast `module` to the first of `dtypes` that holds every float tensor of it exactly."""
+    tensors = [t for t in module.state_dict().values() if t.is_floating_point()]
+    for dtype in dtypes:
+        if all(t.dtype == dtype or torch.equal(t.to(dtype).to(t.dtype), t) for t in tensors):
+            torch.nn.Module.to(module, dtype)  # not diffusers' `to`, which warns of fp32 modules
+            return

@@ -1,0 +1,191 @@
+"""Single-file checkpoints: `compstore.<Pipeline>.from_single_file` converts with
+diffusers once, stores the converted pipeline deduplicated, and loads it as
+diffusers' `from_single_file` loads the file.
+
+The checkpoints are the tiny family's pipelines written in the original (LDM)
+layout model sites publish (`synthetic.save_as_sd_checkpoint`)."""
+
+import json
+
+import diffusers
+import pytest
+import torch
+from click.testing import CliRunner
+
+import compstore
+from compstore.cli.main import cli
+from compstore.loader import synthetic as syn
+from conftest import same_state, store_state
+
+MODELS = ("unet", "vae", "text_encoder")
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """Single-file checkpoints of family members: A (fp32 and fp16), B (fp32), and A
+    with an fp16 UNet beside an fp32 VAE and text encoder."""
+    root = tmp_path_factory.mktemp("single-file")
+    a, b = syn.tiny_sd_pipeline(seed=0), syn.tiny_sd_pipeline(seed=100)
+    b = type(a)(**{**a.components, "unet": b.unet})
+    mixed = root / "A-mixed.safetensors"
+    syn.save_as_sd_checkpoint(a, mixed)
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(mixed)
+    save_file({k: v.half() if k.startswith("model.diffusion_model.") else v for k, v in state.items()},
+              mixed, metadata={"format": "pt"})
+    return {"A": syn.save_as_sd_checkpoint(a, root / "A.safetensors"),
+            "A16": syn.save_as_sd_checkpoint(a, root / "A16.safetensors", dtype=torch.float16),
+            "B": syn.save_as_sd_checkpoint(b, root / "B.safetensors"), "A-mixed": mixed}
+
+
+def assert_same_pipeline(ours, theirs):
+    assert type(ours) is type(theirs)
+    for slot in MODELS:
+        same_state(getattr(ours, slot), getattr(theirs, slot))
+    assert dict(ours.scheduler.config) == dict(theirs.scheduler.config)
+    assert ours.tokenizer.get_vocab() == theirs.tokenizer.get_vocab()
+    assert ours.safety_checker is theirs.safety_checker is None
+
+
+@pytest.mark.parametrize("name", ["A", "A16", "A-mixed"])
+@pytest.mark.parametrize("dtype", [None, torch.float16])
+def test_from_single_file_loads_what_diffusers_converts(family_store, family, checkpoints, name, dtype):
+    """Tensors (names, dtypes, bytes), scheduler and tokenizer as diffusers'
+    `from_single_file` of the same file gives them, with no dtype (float32, as
+    diffusers upcasts) and in fp16; the config from a ref, or from a folder."""
+    kw = {} if dtype is None else {"dtype": dtype}
+    theirs = diffusers.StableDiffusionPipeline.from_single_file(str(checkpoints[name]), config=str(family["A"]), **kw)
+    for config in ("A", family["A"]):
+        ours = compstore.StableDiffusionPipeline.from_single_file(checkpoints[name], config=config,
+                                                                  store=family_store, **kw)
+        assert_same_pipeline(ours, theirs)
+    assert {p.device.type for p in ours.unet.parameters()} == {"cpu"}
+
+
+@pytest.mark.parametrize("name,twin", [("B", "B"), ("A16", "D")])
+def test_a_converted_checkpoint_is_the_tensors_of_the_repo_it_shares_them_with(family_store, checkpoints,
+                                                                                name, twin):
+    """B's checkpoint, converted, is B's components: nothing but a provenance file is
+    written. A's fp16 checkpoint is stored in fp16 (diffusers would convert it to
+    float32), as D's fp16 variant."""
+    r = compstore.ingest_single_file(checkpoints[name], "StableDiffusionPipeline", config="A", store=family_store)
+    assert r.status == "converted" and r.written_bytes < 1024 and r.ref == str(checkpoints[name])
+    mine = {c["slot"]: c["component_id"] for c in family_store.components_of(r.snapshot)}
+    variant = "fp16" if twin == "D" else ""
+    theirs = {c["slot"]: c["component_id"] for c in family_store.components_of(family_store.resolve(twin))
+              if c["variant"] == variant or c["slot"] not in MODELS}
+    assert mine == theirs
+    made = json.loads(family_store.read_file(r.snapshot, "compstore_single_file.json"))
+    assert made == {"checkpoint": f"{name}.safetensors", "sha256": r.sha256, "config": "A",
+                    "config_snapshot": family_store.resolve("A"), "pipeline_class": "StableDiffusionPipeline"}
+
+
+def test_a_mixed_checkpoint_stores_each_model_in_its_own_dtype(family_store, checkpoints):
+    r = compstore.ingest_single_file(checkpoints["A-mixed"], "StableDiffusionPipeline", config="A",
+                                     store=family_store)
+    dtypes = {c["slot"]: {t.dtype for t in family_store.tensor_locations(c["component_id"])}
+              for c in family_store.components_of(r.snapshot) if c["slot"] in MODELS}
+    assert dtypes == {"unet": {"F16"}, "vae": {"F32"}, "text_encoder": {"F32"}}
+
+
+def test_a_second_call_converts_nothing_until_the_file_or_config_changes(family_store, family, checkpoints,
+                                                                        tmp_path, monkeypatch):
+    path = tmp_path / "finetune.safetensors"
+    path.write_bytes(checkpoints["A"].read_bytes())
+    first = compstore.ingest_single_file(path, "StableDiffusionPipeline", config="A", store=family_store)
+    calls = []
+    real = diffusers.StableDiffusionPipeline.from_single_file.__func__
+    monkeypatch.setattr(diffusers.StableDiffusionPipeline, "from_single_file",
+                        classmethod(lambda cls, *a, **k: calls.append(a) or real(cls, *a, **k)))
+    again = compstore.ingest_single_file(path, "StableDiffusionPipeline", config="A", store=family_store)
+    assert (again.status, again.snapshot, again.written_bytes, calls) == ("unchanged", first.snapshot, 0, [])
+    pipe = compstore.StableDiffusionPipeline.from_single_file(path, config="A", store=family_store)
+    assert calls == [] and list(pipe.unet.config.block_out_channels) == [32, 64]
+
+    path.write_bytes(checkpoints["B"].read_bytes())  # another fine-tune saved over it
+    changed = compstore.ingest_single_file(path, "StableDiffusionPipeline", config="A", store=family_store)
+    assert changed.status == "converted" and len(calls) == 1
+    assert family_store.resolve(str(path)) == changed.snapshot != first.snapshot
+    same_state(compstore.StableDiffusionPipeline.from_pretrained(str(path), store=family_store).unet,
+               compstore.StableDiffusionPipeline.from_pretrained("B", store=family_store).unet)
+    other_config = compstore.ingest_single_file(path, "StableDiffusionPipeline", config=family["A"],
+                                                store=family_store)
+    assert other_config.status == "converted" and len(calls) == 2
+    other_folder = compstore.ingest_single_file(path, "StableDiffusionPipeline", config=family["B"],
+                                                store=family_store)
+    assert other_folder.status == "converted" and len(calls) == 3
+
+
+def test_the_inferred_config_is_taken_from_the_store_offline(family_store, checkpoints):
+    """No `config`: the repo diffusers infers from the checkpoint's tensors
+    (SD 1.5's), from the store's ref of that name, without the network."""
+    repo = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    family_store.tag(repo, family_store.resolve("A"))
+    r = compstore.ingest_single_file(checkpoints["B"], "StableDiffusionPipeline", name="b-single",
+                                     store=family_store)
+    assert (r.config, r.ref, r.written_bytes < 1024) == (repo, "b-single", True)
+
+
+def test_a_single_file_pipeline_switches_through_the_pool_as_any_other(family_store, checkpoints):
+    from compstore import ResidencyPool
+    from test_residency import CountingCopier
+
+    pool = ResidencyPool("meta", budget_bytes=1 << 40, copier=CountingCopier())
+    compstore.StableDiffusionPipeline.from_pretrained("A", store=family_store, pool=pool)
+    b = compstore.StableDiffusionPipeline.from_single_file(checkpoints["B"], config="A", store=family_store,
+                                                           pool=pool)
+    moved = {c.component: c.bytes_from_pinned + c.bytes_from_store for c in pool.last_report.components}
+    assert moved == {"unet": family_store.diff("A", "B").delta_bytes, "vae": 0, "text_encoder": 0}
+    assert b.unet.conv_in.weight.device.type == "meta"
+
+
+def test_bad_single_files_are_refused_and_leave_the_store_as_it_was(family_store, checkpoints, tmp_path):
+    before = store_state(family_store.home)
+    pickle = tmp_path / "model.ckpt"
+    pickle.write_bytes(b"\x80\x04 not loaded")
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(checkpoints["A"].read_bytes()[:100])
+    unrelated = tmp_path / "unrelated.safetensors"
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(checkpoints["A"])
+    save_file({**state, "model.diffusion_model.out.2.weight": torch.zeros(3)}, unrelated)  # not this UNet's
+    unet_only = tmp_path / "unet-only.safetensors"
+    save_file({k: v for k, v in state.items() if k.startswith("model.")}, unet_only)
+    cases = [
+        (tmp_path / "missing.safetensors", compstore.InvalidInputError, "no such file"),
+        (pickle, compstore.PickleRefusedError, "never loads pickle checkpoints"),
+        (truncated, compstore.InvalidInputError, "truncated.safetensors"),
+        (unrelated, compstore.InvalidInputError, "could not convert it with config 'A'"),
+        (unet_only, compstore.InvalidInputError, "Failed to load CLIPTextModel. .* whole pipelines only"),
+    ]
+    for path, error, message in cases:
+        with pytest.raises(error, match=message):
+            compstore.StableDiffusionPipeline.from_single_file(path, config="A", store=family_store)
+    with pytest.raises(compstore.CompstoreError, match="call it on the class"):
+        compstore.DiffusionPipeline.from_single_file(checkpoints["A"], config="A", store=family_store)
+    with pytest.raises(compstore.CompstoreError, match="not a diffusers pipeline class that loads single-file"):
+        compstore.ingest_single_file(checkpoints["A"], "UNet2DConditionModel", config="A", store=family_store)
+    with pytest.raises(compstore.InvalidInputError, match="neither a store ref, a folder nor a Hub repo id"):
+        compstore.ingest_single_file(checkpoints["A"], "StableDiffusionPipeline", config="no such ref",
+                                     store=family_store)
+    with pytest.raises(compstore.InvalidInputError, match="invalid ref name"):
+        compstore.ingest_single_file(checkpoints["A"], "StableDiffusionPipeline", config="A", name=" A ",
+                                     store=family_store)
+    assert store_state(family_store.home) == before
+
+
+def test_cli_ingest_single_file(family_store, checkpoints):
+    args = ["--store", str(family_store.home), "ingest-single-file", str(checkpoints["B"]),
+            "--class", "StableDiffusionPipeline", "--config", "A", "--json"]
+    first = CliRunner().invoke(cli, args)
+    assert first.exit_code == 0, first.output
+    doc = json.loads(first.output[first.output.index("{"):])
+    assert set(doc) == {"ref", "snapshot", "status", "checkpoint", "sha256", "config", "seconds",
+                        "written_bytes", "reused_bytes"}
+    assert doc["status"] == "converted" and doc["ref"] == str(checkpoints["B"])
+    again = CliRunner().invoke(cli, args[:-1])
+    assert again.exit_code == 0 and "unchanged, the store holds this file's conversion" in again.output
+    bad = CliRunner().invoke(cli, args[:4] + ["--class", "Nope"])
+    assert bad.exit_code == 1 and "'Nope' is not a diffusers pipeline class" in bad.output
