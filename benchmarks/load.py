@@ -7,6 +7,7 @@ the same files on disk, measured in one run, each load in a fresh process.
     python benchmarks/load.py --as-published  # tensor names as SD 1.5's repo has them
     python benchmarks/load.py --from-folder   # compstore given the folder, as diffusers is
     python benchmarks/load.py --verify        # compstore with verify=True (re-hashes, copies)
+    python benchmarks/load.py --single-file   # from_single_file of one original-format .safetensors
 
 For each system and repeat a child process imports torch/diffusers, then times
   load:        from_pretrained(...) alone
@@ -26,6 +27,7 @@ the ratio compstore / diffusers (goal: <= 1.0 for time and for RSS).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import subprocess
@@ -43,13 +45,19 @@ import transformers; transformers.utils.logging.set_verbosity_error(); transform
 system, where, store, touch = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4] == "1"
 kw = {} if sys.argv[5] == "none" else {"dtype": getattr(torch, sys.argv[5])}
 verify = {"verify": True} if sys.argv[6] == "1" else {}
+config = sys.argv[7]  # for from_single_file: the pipeline folder its configs come from
 def hwm():
     return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM"))
 def rss():
     return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmRSS"))
-if system == "compstore":
+if system == "compstore" and config:
+    st = compstore.Store(store)  # converted before the timed loads: each finds the file unchanged
+    load = lambda: compstore.StableDiffusionPipeline.from_single_file(where, config=config, store=st, **kw, **verify)
+elif system == "compstore":
     st = compstore.Store(store)
     load = lambda: compstore.DiffusionPipeline.from_pretrained(where, store=st, **kw, **verify)
+elif config:
+    load = lambda: diffusers.StableDiffusionPipeline.from_single_file(where, config=config, **kw)
 else:
     load = lambda: diffusers.DiffusionPipeline.from_pretrained(where, **kw)
 base = rss()
@@ -65,9 +73,10 @@ print(json.dumps({"wall_s": wall, "cpu_s": cpu, "peak_rss_bytes": hwm() - base})
 """
 
 
-def run_child(system: str, where: str, store: str, touch: bool, dtype: str, verify: bool) -> dict:
+def run_child(system: str, where: str, store: str, touch: bool, dtype: str, verify: bool,
+              config: str = "") -> dict:
     out = subprocess.run([sys.executable, "-c", CHILD, system, where, store, "1" if touch else "0", dtype,
-                          "1" if verify else "0"], check=True, capture_output=True, text=True)
+                          "1" if verify else "0", config], check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -87,7 +96,12 @@ def main() -> None:
     ap.add_argument("--verify", action="store_true",
                     help="compstore loads with verify=True: every tensor re-hashed, the model "
                          "built on the copies hashed")
-    ap.add_argument("--workdir", default=None, help="reused between runs when given")
+    ap.add_argument("--single-file", action="store_true",
+                    help="both load one original-format .safetensors of the pipeline with "
+                         "StableDiffusionPipeline.from_single_file (configs from its folder); "
+                         "compstore's conversion is done once before the timed loads")
+    ap.add_argument("--workdir", default=None, help="reused between runs when given "
+                    "[default: a temporary folder, removed at the end]")
     ap.add_argument("--json", dest="json_out", default=None)
     args = ap.parse_args()
 
@@ -95,7 +109,12 @@ def main() -> None:
     from compstore import Store
     from compstore.loader import synthetic
 
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="compstore-load-"))
+    with contextlib.ExitStack() as cleanup:
+        work = Path(args.workdir or cleanup.enter_context(tempfile.TemporaryDirectory(prefix="compstore-load-")))
+        run(args, work, Store, synthetic)
+
+
+def run(args, work: Path, Store, synthetic) -> None:
     layout = f"{args.size}-published" if args.as_published else args.size
     folder, store_dir = work / f"pipeline-{layout}", work / f"store-{layout}"
     if not (folder / "model_index.json").exists():
@@ -111,6 +130,24 @@ def main() -> None:
         if args.from_folder:  # what a first from_pretrained(folder) does
             store.ingest(folder, str(folder.resolve()))
     nbytes = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+    checkpoint, config = None, ""
+    if args.single_file:
+        checkpoint, config = work / f"{layout}.safetensors", str(folder)
+        if not checkpoint.exists():
+            import torch
+            from diffusers import StableDiffusionPipeline
+
+            # fp16, as such files are mostly published (the folder's dtype for the sd15 size)
+            synthetic.save_as_single_file(StableDiffusionPipeline.from_pretrained(folder), checkpoint,
+                                          dtype=torch.float16)
+        from compstore import ingest_single_file
+
+        with Store(store_dir) as store:
+            first = ingest_single_file(checkpoint, "StableDiffusionPipeline", config=config, store=store)
+        nbytes = checkpoint.stat().st_size
+        print(f"single file {checkpoint.name}: {first.status} in {first.seconds:.1f} s, wrote "
+              f"{first.written_bytes:,} bytes new, reused {first.reused_bytes:,}")
+        subprocess.run(["cat", str(checkpoint)], stdout=subprocess.DEVNULL)
     subprocess.run(["cat", *map(str, folder.rglob("*.safetensors"))], stdout=subprocess.DEVNULL)
     subprocess.run(["cat", *map(str, (store_dir / "objects" / "packs").glob("*"))], stdout=subprocess.DEVNULL)
 
@@ -121,14 +158,14 @@ def main() -> None:
         for _ in range(args.repeat):
             for system in ("diffusers", "compstore"):
                 where = "bench" if system == "compstore" and not args.from_folder else str(folder)
-                results[mode][system].append(run_child(system, where, str(store_dir), touch, args.dtype,
-                                                       args.verify))
+                results[mode][system].append(run_child(system, str(checkpoint or where), str(store_dir), touch,
+                                                       args.dtype, args.verify, config))
 
     figures = {"size": args.size, "as_published": args.as_published, "dtype": args.dtype,
-               "from_folder": args.from_folder, "verify": args.verify,
+               "from_folder": args.from_folder, "verify": args.verify, "single_file": args.single_file,
                "pipeline_bytes": nbytes, "repeat": args.repeat}
     print(f"pipeline: {layout} (fp16 files), dtype={args.dtype}, {nbytes / 2**30:.2f} GiB on disk (ingested: {r.status}); "
-          f"compstore loads {'the folder' if args.from_folder else 'the ref'}"
+          f"compstore loads {'the single file' if args.single_file else 'the folder' if args.from_folder else 'the ref'}"
           f"{' with verify=True' if args.verify else ''}; "
           f"median of {args.repeat}, each load in a fresh process, page cache warm")
     print(f"{'':12s} {'':10s} {'wall s':>8s} {'CPU s':>8s} {'peak RSS MiB':>13s}")

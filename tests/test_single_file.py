@@ -3,9 +3,10 @@ diffusers once, stores the converted pipeline deduplicated, and loads it as
 diffusers' `from_single_file` loads the file.
 
 The checkpoints are the tiny family's pipelines written in the original (LDM)
-layout model sites publish (`synthetic.save_as_sd_checkpoint`)."""
+layout model sites publish (`synthetic.save_as_single_file`)."""
 
 import json
+import shutil
 
 import diffusers
 import pytest
@@ -28,15 +29,15 @@ def checkpoints(tmp_path_factory):
     a, b = syn.tiny_sd_pipeline(seed=0), syn.tiny_sd_pipeline(seed=100)
     b = type(a)(**{**a.components, "unet": b.unet})
     mixed = root / "A-mixed.safetensors"
-    syn.save_as_sd_checkpoint(a, mixed)
+    syn.save_as_single_file(a, mixed)
     from safetensors.torch import load_file, save_file
 
     state = load_file(mixed)
     save_file({k: v.half() if k.startswith("model.diffusion_model.") else v for k, v in state.items()},
               mixed, metadata={"format": "pt"})
-    return {"A": syn.save_as_sd_checkpoint(a, root / "A.safetensors"),
-            "A16": syn.save_as_sd_checkpoint(a, root / "A16.safetensors", dtype=torch.float16),
-            "B": syn.save_as_sd_checkpoint(b, root / "B.safetensors"), "A-mixed": mixed}
+    return {"A": syn.save_as_single_file(a, root / "A.safetensors"),
+            "A16": syn.save_as_single_file(a, root / "A16.safetensors", dtype=torch.float16),
+            "B": syn.save_as_single_file(b, root / "B.safetensors"), "A-mixed": mixed}
 
 
 def assert_same_pipeline(ours, theirs):
@@ -189,3 +190,66 @@ def test_cli_ingest_single_file(family_store, checkpoints):
     assert again.exit_code == 0 and "unchanged, the store holds this file's conversion" in again.output
     bad = CliRunner().invoke(cli, args[:4] + ["--class", "Nope"])
     assert bad.exit_code == 1 and "'Nope' is not a diffusers pipeline class" in bad.output
+
+
+def test_an_sdxl_checkpoint_is_the_tensors_of_its_diffusers_repo(store, tmp_path):
+    """SDXL's layout: two text encoders, the second OpenCLIP's (q, k, v in one
+    `in_proj`, its projection transposed); converted, it is the diffusers folder's
+    components, and loads as diffusers' from_single_file loads it."""
+    import transformers
+
+    base = syn.tiny_sdxl_pipeline(seed=0)
+    torch.manual_seed(5)  # diffusers tells SDXL's two encoders apart by their widths
+    wide = transformers.CLIPTextConfig(**{**syn.TINY_CLIP, "hidden_size": 48}, hidden_act="gelu", projection_dim=32)
+    text_encoder_2 = transformers.CLIPTextModelWithProjection(wide)
+    torch.manual_seed(6)
+    unet = diffusers.UNet2DConditionModel(**{**syn.TINY_SDXL_UNET, "cross_attention_dim": 32 + 48})
+    pipe = type(base)(**{**base.components, "text_encoder_2": text_encoder_2, "unet": unet})
+    pipe.save_pretrained(tmp_path / "sdxl")
+    store.ingest(tmp_path / "sdxl", "sdxl")
+    shutil.copytree(tmp_path / "sdxl", tmp_path / "sdxl-fp32")  # its text encoders' configs say float32
+    checkpoint = syn.save_as_single_file(pipe, tmp_path / "sdxl.safetensors", dtype=torch.float16)
+    pipe.to(torch.float16).save_pretrained(tmp_path / "sdxl", variant="fp16")
+    store.ingest(tmp_path / "sdxl", "sdxl")
+
+    r = compstore.ingest_single_file(checkpoint, "StableDiffusionXLPipeline", config="sdxl", store=store)
+    assert r.written_bytes < 1024
+    mine = {c["slot"]: c["component_id"] for c in store.components_of(r.snapshot)}
+    assert mine == {c["slot"]: c["component_id"] for c in store.components_of(store.resolve("sdxl"))
+                    if c["variant"] == "fp16" or c["slot"] not in MODELS + ("text_encoder_2",)}
+    for config, kw in ((tmp_path / "sdxl-fp32", {}), (tmp_path / "sdxl", {"dtype": torch.float16})):
+        theirs = diffusers.StableDiffusionXLPipeline.from_single_file(str(checkpoint), config=str(config), **kw)
+        ours = compstore.StableDiffusionXLPipeline.from_single_file(checkpoint, config=config, store=store, **kw)
+        assert type(ours) is type(theirs)
+        for slot in MODELS + ("text_encoder_2",):
+            same_state(getattr(ours, slot), getattr(theirs, slot))
+
+
+def test_an_unchanged_file_is_not_read_again(family_store, checkpoints, tmp_path, monkeypatch):
+    """As a folder's files: while the checkpoint's stat (inode, size, mtime, ctime) is
+    as when it was last hashed, its sha256 is taken from the catalog."""
+    import time
+
+    from compstore.loader import single_file
+    from compstore.store import stat_cache
+
+    path = tmp_path / "finetune.safetensors"
+    path.write_bytes(checkpoints["B"].read_bytes())
+    hashed = []
+    real = single_file._sha256
+    monkeypatch.setattr(single_file, "_sha256", lambda p: hashed.append(p) or real(p))
+
+    def call():
+        return compstore.ingest_single_file(path, "StableDiffusionPipeline", config="A", store=family_store)
+
+    first = call()  # just written: its timestamps are not trusted yet
+    time.sleep(stat_cache.SETTLED_NS / 1e9 + 0.05)
+    assert [call().status, call().status, len(hashed)] == ["unchanged", "unchanged", 2]
+    assert family_store.file_sha256(str(path), path, time.time_ns()) == first.sha256
+    path.write_bytes(checkpoints["B"].read_bytes())  # the same bytes, written again: read again
+    time.sleep(stat_cache.SETTLED_NS / 1e9 + 0.05)
+    assert call().status == "unchanged" and len(hashed) == 3
+    path.write_bytes(checkpoints["A"].read_bytes())  # a changed file, never taken for the old one
+    assert call().status == "converted" and len(hashed) == 4
+    family_store.rm(str(path))
+    assert family_store.file_sha256(str(path), path, time.time_ns()) is None

@@ -3,7 +3,8 @@
 Builds the tiny A/B/C/D family (compstore.loader.synthetic), ingests it into a
 fresh store, shows dedup (du, diff), proves export and verify, then loads
 pipelines from the store beside diffusers loading the same folders, switches
-A -> B, and checks that both produce the same image.
+A -> B, and checks that both produce the same image; then converts B written as a
+single-file checkpoint and loads it as diffusers' `from_single_file` does.
 """
 
 from __future__ import annotations
@@ -101,9 +102,23 @@ def run_demo(workdir: Path, echo: Callable[[str], None] | None = print) -> dict:
     say(f"   a switch A -> B has to move {human(diffs['A->B']['delta_bytes'])} (B's UNet); the "
         "VAE and text encoder are the same store tensors")
 
+    say("\n6. a single-file checkpoint: B written in the original (A1111/ComfyUI) layout")
+    from ..loader import ingest_single_file, pipeline_class
+    from ..loader.synthetic import save_as_single_file
+
+    checkpoint = save_as_single_file(diffusers.StableDiffusionPipeline.from_pretrained(family["B"]),
+                                     workdir / "B.safetensors")
+    converted = ingest_single_file(checkpoint, "StableDiffusionPipeline", config="A", store=store)
+    ours = pipeline_class("StableDiffusionPipeline").from_single_file(checkpoint, config="A", store=store)
+    theirs = diffusers.StableDiffusionPipeline.from_single_file(str(checkpoint), config=str(family["A"]))
+    single = {**converted.to_dict(), "same_image_as_diffusers": bool(np.array_equal(image(ours), image(theirs)))}
+    say(f"   converted by diffusers once and stored: wrote {human(converted.written_bytes)} (its provenance "
+        f"file: every tensor is B's), same image as diffusers' from_single_file: "
+        f"{single['same_image_as_diffusers']}")
+
     report = {"store": str(store.home), "ingest": ingests, "du": du.to_dict(), "diff": diffs,
               "export_identical": identical, "verify_ok": v.ok, "load": timings,
-              "same_image_as_diffusers": same}
+              "same_image_as_diffusers": same, "single_file": single}
     (workdir / "report.json").write_text(json.dumps(report, indent=2))
     say(f"\nreport: {workdir / 'report.json'}")
     store.close()

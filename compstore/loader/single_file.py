@@ -11,9 +11,10 @@ scratch folder of the store and ingested under a ref (by default the file's
 absolute path, as a folder's). Converted, a checkpoint's VAE and text encoders are
 the very tensors of the diffusers repos they came from: a fine-tune that kept them
 costs the store its UNet only, and it loads, shares and switches on a device as
-every stored pipeline does. A second call re-hashes the file (sha256, what model
-sites publish of it) and, the same file and config, loads the stored pipeline
-without converting again.
+every stored pipeline does. A second call with the same file (its sha256, what
+model sites publish of it; not read again while the file's stat is unchanged, as
+a folder's files are not) and config loads the stored pipeline without
+converting again.
 """
 
 from __future__ import annotations
@@ -103,12 +104,16 @@ def ingest_single_file(
     if not header.tensors:
         raise InvalidInputError(str(checkpoint), "holds no tensors: not a pipeline checkpoint")
     ref = check_ref_name(name) if name is not None else str(checkpoint)
-    sha256 = _sha256(checkpoint)
+    started_ns = time.time_ns()
+    known = store.file_sha256(ref, checkpoint, started_ns)
+    sha256 = known or _sha256(checkpoint)
     if config is None:
         config = _inferred_config(checkpoint, header)
     config, stored = _config_name(store, config)
     held = _held_conversion(store, ref, sha256, config)
     if held is not None:
+        if known is None:  # the next call reads none of it
+            store.record_file_sha256(ref, held, checkpoint, sha256, started_ns)
         return SingleFileResult(ref, held, "unchanged", str(checkpoint), sha256, config,
                                 round(time.perf_counter() - t0, 3), 0, 0)
     store._writable()
@@ -128,6 +133,7 @@ def ingest_single_file(
         del pipe
         (folder / PROVENANCE).write_text(json.dumps(provenance, indent=2) + "\n")
         result = store.ingest(folder, ref, source=str(checkpoint), consume_weights=True)
+    store.record_file_sha256(ref, result.snapshot, checkpoint, sha256, started_ns)
     return SingleFileResult(ref, result.snapshot, "converted", str(checkpoint), sha256, config,
                             round(time.perf_counter() - t0, 3), result.written_bytes, result.reused_bytes)
 

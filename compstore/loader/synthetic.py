@@ -406,6 +406,7 @@ def _ldm_unet_name(name: str, unet_config: dict) -> str:
     """The original (LDM) name of an SD 1.x UNet tensor's diffusers name."""
     per_down = unet_config["layers_per_block"] + 1  # resnets (+ attention), then a downsampler
     fixed = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
+             "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2",
              "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}
     head, _, leaf = name.rpartition(".")
     if head in fixed:
@@ -451,13 +452,41 @@ def _ldm_vae_name(name: str, n_blocks: int) -> str:
     return name
 
 
-def save_as_sd_checkpoint(pipe, path: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
-    """Write an SD 1.x pipeline as one original-format (LDM) `.safetensors` checkpoint,
-    as A1111/ComfyUI users and model sites publish fine-tunes: the UNet under
-    `model.diffusion_model.`, the VAE under `first_stage_model.` (its attention
+def _open_clip_state(text_encoder) -> dict[str, torch.Tensor]:
+    """A CLIPTextModelWithProjection's tensors as OpenCLIP names them (SDXL's second
+    encoder in original checkpoints): q, k and v as one `in_proj`, the projection
+    transposed."""
+    sd = {k.removeprefix("text_model."): v for k, v in text_encoder.state_dict().items()}
+    out = {"positional_embedding": sd.pop("embeddings.position_embedding.weight"),
+           "token_embedding.weight": sd.pop("embeddings.token_embedding.weight"),
+           "text_projection": sd.pop("text_projection.weight").T}
+    sd.pop("embeddings.position_ids", None)
+    for name, t in sd.items():
+        if name.startswith("final_layer_norm."):
+            out[name.replace("final_layer_norm.", "ln_final.")] = t
+        elif ".self_attn.q_proj." in name:
+            leaf = name.rpartition(".")[2]
+            qkv = [sd[name.replace(".q_proj.", f".{x}_proj.")] for x in "qkv"]
+            out[name.split(".self_attn.")[0].replace("encoder.layers.", "transformer.resblocks.")
+                + f".attn.in_proj_{leaf}"] = torch.cat(qkv)
+        elif ".self_attn.k_proj." in name or ".self_attn.v_proj." in name:
+            continue
+        else:
+            out[name.replace("encoder.layers.", "transformer.resblocks.").replace(".layer_norm1.", ".ln_1.")
+                .replace(".layer_norm2.", ".ln_2.").replace(".mlp.fc1.", ".mlp.c_fc.")
+                .replace(".mlp.fc2.", ".mlp.c_proj.").replace(".self_attn.", ".attn.")] = t
+    return out
+
+
+def save_as_single_file(pipe, path: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
+    """Write an SD 1.x or SDXL pipeline as one original-format (LDM) `.safetensors`
+    checkpoint, as A1111/ComfyUI users and model sites publish fine-tunes: the UNet
+    under `model.diffusion_model.`, the VAE under `first_stage_model.` (its attention
     weights as 1x1 convolutions), the CLIP text encoder under
-    `cond_stage_model.transformer.text_model.`. diffusers' `from_single_file`
-    converts it back to these very tensors."""
+    `cond_stage_model.transformer.` (SDXL: `conditioner.embedders.0.transformer.`, and
+    the second, OpenCLIP, under `conditioner.embedders.1.model.`). diffusers'
+    `from_single_file` converts it back to these very tensors (for SDXL, the two text
+    encoders need different widths: diffusers tells them apart by it)."""
     from safetensors.torch import save_file
 
     state: dict[str, torch.Tensor] = {}
@@ -468,8 +497,13 @@ def save_as_sd_checkpoint(pipe, path: str | os.PathLike, dtype: torch.dtype | No
     for name, t in pipe.vae.state_dict().items():
         ldm = _ldm_vae_name(name, n_blocks)
         state["first_stage_model." + ldm] = t[:, :, None, None] if ".attn_1." in ldm and t.ndim == 2 else t
+    sdxl = getattr(pipe, "text_encoder_2", None) is not None
+    clip = "conditioner.embedders.0.transformer.text_model." if sdxl else "cond_stage_model.transformer.text_model."
     for name, t in pipe.text_encoder.state_dict().items():
-        state["cond_stage_model.transformer.text_model." + name.removeprefix("text_model.")] = t
+        state[clip + name.removeprefix("text_model.")] = t
+    if sdxl:
+        for name, t in _open_clip_state(pipe.text_encoder_2).items():
+            state["conditioner.embedders.1.model." + name] = t
     state = {k: (v if dtype is None else v.to(dtype)).contiguous() for k, v in state.items()}
     save_file(state, path, metadata={"format": "pt"})
     return Path(path)

@@ -88,6 +88,21 @@ def stamp(scan: FolderScan, started_ns: int) -> FolderStamp | None:
     return FolderStamp(hashlib.sha256("\n".join(files.values()).encode()).hexdigest(), files)
 
 
+def file_stamp(path: str, started_ns: int) -> str | None:
+    """The digest of one file outside any ingested folder (a single-file checkpoint,
+    by its absolute path), as `stamp` takes each file's; None when its timestamps
+    are not settled yet, or it is gone."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    whole = st.st_mtime_ns % 1_000_000_000 == 0 and st.st_ctime_ns % 1_000_000_000 == 0
+    if max(st.st_mtime_ns, st.st_ctime_ns) >= started_ns - (SETTLED_WHOLE_SECONDS_NS if whole else SETTLED_NS):
+        return None
+    return hashlib.sha256(json.dumps([path, path, st.st_dev, st.st_ino, st.st_size,
+                                      st.st_mtime_ns, st.st_ctime_ns]).encode()).hexdigest()
+
+
 def unchanged(db: sqlite_utils.Database, ref: str, folder: FolderStamp | None) -> tuple[str, Counts] | None:
     """(snapshot id, counts) when `ref` was ingested from a folder with this stamp (a
     whole one: every file settled) and still points at what that ingest made, and

@@ -530,6 +530,36 @@ class Store:
             self._set_ref(ref, snap)
         fsync_dir(self.home)
 
+    def file_sha256(self, ref: str, path: str | os.PathLike, started_ns: int) -> str | None:
+        """The sha256 recorded (`record_file_sha256`) for the file at absolute `path`
+        under `ref`, if the file's stat (device, inode, size, mtime, ctime) is as it was
+        then, and `ref` still points at the snapshot it was recorded with: the bytes
+        are those that sha256 was taken of, without reading them (see stat_cache.py).
+        `started_ns`: `time.time_ns()` when the caller began; a file changed shortly
+        before is not trusted."""
+        digest = stat_cache.file_stamp(os.fspath(path), started_ns)
+        row = digest and self.db.execute(
+            "SELECT f.sha256 FROM stat_cache_files f JOIN refs r ON r.name = f.ref AND "
+            "r.snapshot_id = f.snapshot_id WHERE f.ref = ? AND f.path = ? AND f.stamp = ?",
+            [ref, os.fspath(path), digest]).fetchone()
+        return row[0] if row else None
+
+    def record_file_sha256(self, ref: str, snapshot_id: str, path: str | os.PathLike, sha256: str,
+                           started_ns: int) -> None:
+        """Remember that the file at absolute `path`, as it stands, has `sha256`, while
+        `ref` points at `snapshot_id` (made from that file: a single-file checkpoint's
+        conversion). Nothing is recorded for a file changed too recently, a ref that
+        points elsewhere by now, or in a read-only store."""
+        digest = stat_cache.file_stamp(os.fspath(path), started_ns)
+        if digest is None or self.read_only:
+            return
+        with write_lock(self.home), self.db.atomic():
+            if not (self.has_ref(ref) and self.resolve(ref) == snapshot_id):
+                return
+            self.db.execute("DELETE FROM stat_cache_files WHERE ref = ? AND path = ?", [ref, os.fspath(path)])
+            self.db["stat_cache_files"].insert({"ref": ref, "path": os.fspath(path), "stamp": digest,
+                                                "sha256": sha256, "snapshot_id": snapshot_id})
+
     def gc(self, *, dry_run: bool = False) -> GcReport:
         """Remove every payload no ref reaches and compact packs; see `gc.py`.
 
