@@ -166,8 +166,8 @@ def test_bad_single_files_are_refused_and_leave_the_store_as_it_was(family_store
             compstore.StableDiffusionPipeline.from_single_file(path, config="A", store=family_store)
     with pytest.raises(compstore.CompstoreError, match="call it on the class"):
         compstore.DiffusionPipeline.from_single_file(checkpoints["A"], config="A", store=family_store)
-    with pytest.raises(compstore.CompstoreError, match="not a diffusers pipeline class that loads single-file"):
-        compstore.ingest_single_file(checkpoints["A"], "UNet2DConditionModel", config="A", store=family_store)
+    with pytest.raises(compstore.CompstoreError, match="not a diffusers pipeline or model class that loads single"):
+        compstore.ingest_single_file(checkpoints["A"], "DDIMScheduler", config="A", store=family_store)
     with pytest.raises(compstore.InvalidInputError, match="neither a store ref, a folder nor a Hub repo id"):
         compstore.ingest_single_file(checkpoints["A"], "StableDiffusionPipeline", config="no such ref",
                                      store=family_store)
@@ -189,7 +189,7 @@ def test_cli_ingest_single_file(family_store, checkpoints):
     again = CliRunner().invoke(cli, args[:-1])
     assert again.exit_code == 0 and "unchanged, the store holds this file's conversion" in again.output
     bad = CliRunner().invoke(cli, args[:4] + ["--class", "Nope"])
-    assert bad.exit_code == 1 and "'Nope' is not a diffusers pipeline class" in bad.output
+    assert bad.exit_code == 1 and "'Nope' is not a diffusers pipeline or model class" in bad.output
 
 
 def test_an_sdxl_checkpoint_is_the_tensors_of_its_diffusers_repo(store, tmp_path):
@@ -253,3 +253,57 @@ def test_an_unchanged_file_is_not_read_again(family_store, checkpoints, tmp_path
     assert call().status == "converted" and len(hashed) == 4
     family_store.rm(str(path))
     assert family_store.file_sha256(str(path), path, time.time_ns()) is None
+
+
+@pytest.mark.parametrize("dtype", [None, torch.float16])
+def test_a_model_class_loads_its_part_of_a_checkpoint_as_diffusers(family_store, family, checkpoints, tmp_path,
+                                                                   monkeypatch, dtype):
+    """`compstore.AutoencoderKL.from_single_file`: the VAE of a whole checkpoint
+    (`subfolder="vae"` of a pipeline config), or of a VAE-only file as VAEs are
+    published (no prefix), stored as a model folder: A's VAE component itself."""
+    from safetensors.torch import load_file, save_file
+
+    from compstore.loader import single_file
+
+    vae_only = tmp_path / "vae.safetensors"
+    save_file({k.removeprefix("first_stage_model."): v for k, v in load_file(checkpoints["A"]).items()
+               if k.startswith("first_stage_model.")}, vae_only)
+    kw = {} if dtype is None else {"dtype": dtype}
+    a_vae = next(c["component_id"] for c in family_store.components_of(family_store.resolve("A")) if c["slot"] == "vae")
+    for path in (checkpoints["A"], vae_only):
+        theirs = diffusers.AutoencoderKL.from_single_file(str(path), config=str(family["A"]), subfolder="vae", **kw)
+        ours = compstore.AutoencoderKL.from_single_file(path, config="A", subfolder="vae", store=family_store,
+                                                        name=f"vae-of-{path.stem}", **kw)
+        assert type(ours) is type(theirs)
+        same_state(ours, theirs)
+        snapshot = family_store.resolve(f"vae-of-{path.stem}")
+        assert [c["component_id"] for c in family_store.components_of(snapshot)] == [a_vae]
+    made = json.loads(family_store.read_file(snapshot, "compstore_single_file.json"))
+    assert (made["model_class"], made["subfolder"]) == ("AutoencoderKL", "vae")
+    # the file's UNet and the file's pipeline: each a ref of its own, each converted once
+    converted = []
+    real = single_file._convert
+    monkeypatch.setattr(single_file, "_convert", lambda *a: converted.append(a[0]) or real(*a))
+    for _ in range(2):
+        unet = compstore.UNet2DConditionModel.from_single_file(checkpoints["B"], config="A", subfolder="unet",
+                                                               store=family_store)
+        pipe = compstore.StableDiffusionPipeline.from_single_file(checkpoints["B"], config="A", store=family_store)
+    assert converted == [diffusers.UNet2DConditionModel, diffusers.StableDiffusionPipeline]
+    assert family_store.has_ref(f"{checkpoints['B']}#UNet2DConditionModel") and family_store.has_ref(str(checkpoints["B"]))
+    same_state(unet, compstore.load_component("B", "unet", store=family_store, dtype=torch.float32))
+    same_state(pipe.unet, unet)
+
+
+def test_a_model_class_takes_its_default_subfolder_as_diffusers_does(family_store, checkpoints):
+    family_store.tag("stable-diffusion-v1-5/stable-diffusion-v1-5", family_store.resolve("A"))
+    r = compstore.ingest_single_file(checkpoints["A"], "AutoencoderKL", name="vae", store=family_store)
+    made = json.loads(family_store.read_file(r.snapshot, "compstore_single_file.json"))
+    assert (r.config, made["subfolder"], r.written_bytes < 1024) == (
+        "stable-diffusion-v1-5/stable-diffusion-v1-5", "vae", True)
+    again = compstore.ingest_single_file(checkpoints["A"], "AutoencoderKL", name="vae", store=family_store,
+                                         config="stable-diffusion-v1-5/stable-diffusion-v1-5", subfolder="vae")
+    assert (again.status, again.snapshot) == ("unchanged", r.snapshot)
+    with pytest.raises(compstore.InvalidInputError, match="UNet2DConditionModel.from_single_file could not convert"):
+        # the ref holds a VAE converted with this very file, config and subfolder: not a UNet's
+        compstore.ingest_single_file(checkpoints["A"], "UNet2DConditionModel", name="vae", store=family_store,
+                                     config="stable-diffusion-v1-5/stable-diffusion-v1-5", subfolder="vae")

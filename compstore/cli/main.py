@@ -59,17 +59,21 @@ def ingest(ctx, path, name, allow_pickle, exclude, repin, as_json):
 @cli.command("ingest-single-file")
 @click.argument("path", type=click.Path(exists=True, dir_okay=False))
 @click.option("--class", "pipeline_class", required=True, metavar="CLASS",
-              help="The diffusers pipeline class the checkpoint is for, e.g. StableDiffusionXLPipeline.")
+              help="The diffusers pipeline class the checkpoint is for, e.g. StableDiffusionXLPipeline, "
+                   "or a model class (AutoencoderKL) for a model's checkpoint.")
 @click.option("--config", help="Its configs, tokenizers, scheduler: a store ref, a diffusers pipeline "
               "folder or a Hub repo id [default: the repo diffusers infers from the checkpoint].")
+@click.option("--subfolder", help="A model class's folder in --config, e.g. vae [default with no "
+              "--config: the class's, as diffusers'].")
 @click.option("--name", help="Ref to record it under [default: the file's absolute path].")
 @json_option
 @click.pass_context
-def ingest_single_file(ctx, path, pipeline_class, config, name, as_json):
+def ingest_single_file(ctx, path, pipeline_class, config, subfolder, name, as_json):
     """Convert a single-file checkpoint (.safetensors) with diffusers, once, and ingest the pipeline."""
     from ..loader import ingest_single_file as convert_and_ingest
 
-    r = convert_and_ingest(path, pipeline_class, config=config, name=name, store=open_store(ctx))
+    r = convert_and_ingest(path, pipeline_class, config=config, subfolder=subfolder, name=name,
+                           store=open_store(ctx))
     text = (f"{r.ref}: unchanged, the store holds this file's conversion (sha256 {r.sha256[:12]})"
             if r.status == "unchanged" else
             f"{r.ref}: converted with config {r.config}; wrote {human(r.written_bytes)} new, "

@@ -595,10 +595,22 @@ def model_class(name: str) -> type:
         return load_component(os.fspath(pretrained_model_name_or_path), subfolder=subfolder,
                               model_class=target, **kwargs)
 
+    def from_single_file(cls, pretrained_model_link_or_path_or_dict, *, store: Store | str | None = None,
+                         name: str | None = None, **kwargs):
+        """diffusers' `from_single_file` of this class: the checkpoint converted once and
+        stored (`compstore.ingest_single_file`), then `load_component` of it."""
+        from .single_file import from_single_file as convert_and_load
+
+        store = store if isinstance(store, Store) else Store(store)
+        return convert_and_load(target, pretrained_model_link_or_path_or_dict, store, name, kwargs,
+                                lambda ref, kw: load_component(ref, store=store, model_class=target, **kw))
+
     doc = (f"Loads `diffusers.{name}` models from a compstore store: `from_pretrained` takes "
            "compstore.load_component's arguments.")
-    return StandIn(name, (), {"from_pretrained": classmethod(from_pretrained), "_loads_as": target,
-                              "__doc__": doc, "__module__": "compstore"})
+    methods = {"from_pretrained": classmethod(from_pretrained)}
+    if hasattr(target, "from_single_file"):
+        methods["from_single_file"] = classmethod(from_single_file)
+    return StandIn(name, (), {**methods, "_loads_as": target, "__doc__": doc, "__module__": "compstore"})
 
 
 def load_component(

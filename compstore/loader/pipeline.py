@@ -292,7 +292,7 @@ class DiffusionPipeline(metaclass=StandIn):
 
         >>> pipe = compstore.StableDiffusionXLPipeline.from_single_file("./model.safetensors", dtype=torch.float16)  # doctest: +SKIP
         """
-        from .single_file import ingest_single_file
+        from .single_file import from_single_file
 
         if cls._loads_as is None:
             raise CompstoreError(
@@ -300,19 +300,8 @@ class DiffusionPipeline(metaclass=StandIn):
                 "name its pipeline class, as diffusers' DiffusionPipeline has no from_single_file: "
                 "call it on the class, e.g. compstore.StableDiffusionXLPipeline.from_single_file")
         store = open_store(store)
-        convert = {k: kwargs.pop(k) for k in ("config", "original_config", "revision", "cache_dir",
-                                              "disable_mmap") if k in kwargs}
-        for k in ("local_files_only", "token"):
-            if k in kwargs:
-                convert[k] = kwargs[k]
-        ref = ingest_single_file(pretrained_model_link_or_path, cls._loads_as, store=store, name=name,
-                                 **convert).ref
-        kwargs["local_files_only"] = True  # a ref: never a Hub repo of the same name
-        if kwargs.get("dtype", kwargs.get("torch_dtype")) is None:
-            # diffusers' from_single_file builds float32 models by default, where its
-            # from_pretrained of the stored (say fp16) text encoder would keep fp16
-            kwargs["dtype"] = torch.float32
-        return cls.from_pretrained(ref, store=store, **kwargs)
+        return from_single_file(cls._loads_as, pretrained_model_link_or_path, store, name, kwargs,
+                                lambda ref, kw: cls.from_pretrained(ref, store=store, **kw))
 
     @classmethod
     def from_pipe(cls, pipeline, **kwargs: Any):

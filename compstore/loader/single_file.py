@@ -1,7 +1,8 @@
 """Single-file checkpoints: converted once by diffusers, then stored and loaded as
-any pipeline.
+any pipeline (or model).
 
     >>> pipe = compstore.StableDiffusionXLPipeline.from_single_file("./juggernaut.safetensors")  # doctest: +SKIP
+    >>> vae = compstore.AutoencoderKL.from_single_file("./sdxl_vae.safetensors")  # doctest: +SKIP
 
 A fine-tune published as one original-format `.safetensors` file (the A1111 and
 ComfyUI layout model sites host) holds the tensors of a diffusers pipeline under
@@ -14,7 +15,8 @@ costs the store its UNet only, and it loads, shares and switches on a device as
 every stored pipeline does. A second call with the same file (its sha256, what
 model sites publish of it; not read again while the file's stat is unchanged, as
 a folder's files are not) and config loads the stored pipeline without
-converting again.
+converting again. A diffusers model class's `from_single_file` (a VAE, a UNet or
+transformer published alone) is the same, with a model folder stored.
 """
 
 from __future__ import annotations
@@ -66,23 +68,28 @@ def ingest_single_file(
     pipeline_class: str | type,
     *,
     config: str | os.PathLike | None = None,
+    subfolder: str | None = None,
     name: str | None = None,
     store: Store | str | os.PathLike | None = None,
     **convert_kwargs: Any,
 ) -> SingleFileResult:
     """Convert a single-file checkpoint with diffusers' `pipeline_class.from_single_file`
     and ingest the pipeline it makes under ref `name` (default: the file's absolute
-    path). Done once per file and config: a ref that holds this file's conversion
+    path; for a model class, followed by `#` and the class name). Done once per file and config: a ref that holds this file's conversion
     with the same config is "unchanged", nothing converted.
 
     Args:
         path: a `.safetensors` checkpoint (pickles, `.ckpt`, are refused).
-        pipeline_class: a diffusers pipeline class with `from_single_file`, or its name.
+        pipeline_class: a diffusers pipeline class with `from_single_file`, or its name;
+            or a diffusers model class that has one (`AutoencoderKL`): that model
+            is converted and stored as a model folder.
         config: where the pipeline's configs, tokenizers and scheduler come from, as
             diffusers' `config=`: a store ref (its stored files, no network), a
             diffusers pipeline folder, or a Hub repo id (diffusers downloads its
             configs). Default: the repo diffusers infers from the checkpoint, taken
             from the store when a ref of that name is there.
+        subfolder: a model class's folder in `config` (as diffusers': with no
+            `config`, the class's default, "vae" for `AutoencoderKL`).
         convert_kwargs: diffusers' other `from_single_file` arguments that shape the
             conversion: `original_config`, `local_files_only`, `token`, `revision`,
             `cache_dir`, `disable_mmap`.
@@ -98,19 +105,26 @@ def ingest_single_file(
 
     t0 = time.perf_counter()
     store = store if isinstance(store, Store) else Store(store)
-    target = _pipeline_class(pipeline_class)
+    target = _target_class(pipeline_class)
+    is_model = not _is_pipeline(target)
     checkpoint = _checkpoint(path)
     header = read_header(str(checkpoint))  # a malformed file is refused before anything is read
     if not header.tensors:
         raise InvalidInputError(str(checkpoint), "holds no tensors: not a pipeline checkpoint")
-    ref = check_ref_name(name) if name is not None else str(checkpoint)
+    # a model's conversion has a ref of its own: the file's VAE beside the file's pipeline
+    ref = (check_ref_name(name) if name is not None
+           else f"{checkpoint}#{target.__name__}" if is_model else str(checkpoint))
     started_ns = time.time_ns()
     known = store.file_sha256(ref, checkpoint, started_ns)
     sha256 = known or _sha256(checkpoint)
     if config is None:
         config = _inferred_config(checkpoint, header)
+        if is_model and subfolder is None:  # as diffusers: the class's folder in the repo it infers
+            subfolder = _default_subfolder(target)
     config, stored = _config_name(store, config)
-    held = _held_conversion(store, ref, sha256, config)
+    if is_model:
+        convert_kwargs["subfolder"] = subfolder
+    held = _held_conversion(store, ref, sha256, config, subfolder, target.__name__ if is_model else None)
     if held is not None:
         if known is None:  # the next call reads none of it
             store.record_file_sha256(ref, held, checkpoint, sha256, started_ns)
@@ -118,9 +132,11 @@ def ingest_single_file(
                                 round(time.perf_counter() - t0, 3), 0, 0)
     store._writable()
     provenance = {"checkpoint": checkpoint.name, "sha256": sha256, "config": config,
-                  "pipeline_class": target.__name__}
+                  ("model_class" if is_model else "pipeline_class"): target.__name__}
+    if subfolder is not None:
+        provenance["subfolder"] = subfolder
     with scratch_folder(store.home, "single-file-") as scratch:
-        folder = scratch / "pipeline"
+        folder = scratch / "converted"
         if stored:  # a ref's files, read under the store's read guard (gc leaves them)
             snapshot = store.resolve(config)
             with store.reading_snapshot(snapshot, config):
@@ -138,18 +154,33 @@ def ingest_single_file(
                             round(time.perf_counter() - t0, 3), result.written_bytes, result.reused_bytes)
 
 
-def _pipeline_class(pipeline_class: str | type) -> type:
+def _target_class(cls: str | type) -> type:
+    """The diffusers pipeline or model class named, if it loads single-file checkpoints."""
     import diffusers
 
-    cls = getattr(diffusers, pipeline_class, None) if isinstance(pipeline_class, str) else pipeline_class
-    cls = getattr(cls, "_loads_as", None) or cls  # a compstore stand-in: its diffusers class
-    if not (isinstance(cls, type) and issubclass(cls, diffusers.DiffusionPipeline)
-            and hasattr(cls, "from_single_file")):
+    target = getattr(diffusers, cls, None) if isinstance(cls, str) else cls
+    target = getattr(target, "_loads_as", None) or target  # a compstore stand-in: its diffusers class
+    if not (isinstance(target, type) and hasattr(target, "from_single_file")
+            and issubclass(target, (diffusers.DiffusionPipeline, diffusers.ModelMixin))):
         raise CompstoreError(
-            f"{getattr(pipeline_class, '__name__', pipeline_class)!r} is not a diffusers pipeline class "
-            "that loads single-file checkpoints: name the one the checkpoint is for, e.g. "
-            "StableDiffusionXLPipeline (compstore.StableDiffusionXLPipeline.from_single_file)")
-    return cls
+            f"{getattr(cls, '__name__', cls)!r} is not a diffusers pipeline or model class that loads "
+            "single-file checkpoints: name the one the checkpoint is for, e.g. StableDiffusionXLPipeline "
+            "(compstore.StableDiffusionXLPipeline.from_single_file) or AutoencoderKL")
+    return target
+
+
+def _is_pipeline(target: type) -> bool:
+    import diffusers
+
+    return issubclass(target, diffusers.DiffusionPipeline)
+
+
+def _default_subfolder(target: type) -> str | None:
+    from diffusers.loaders.single_file_model import (SINGLE_FILE_LOADABLE_CLASSES,
+                                                     _get_single_file_loadable_mapping_class)
+
+    mapping = SINGLE_FILE_LOADABLE_CLASSES.get(_get_single_file_loadable_mapping_class(target) or "", {})
+    return mapping.get("default_subfolder")
 
 
 def _checkpoint(path: str | os.PathLike) -> Path:
@@ -197,9 +228,11 @@ def _config_name(store: Store, config: str | os.PathLike) -> tuple[str, bool]:
                             "the ref or folder of a diffusers pipeline of the checkpoint's family")
 
 
-def _held_conversion(store: Store, ref: str, sha256: str, config: str) -> str | None:
+def _held_conversion(store: Store, ref: str, sha256: str, config: str, subfolder: str | None,
+                     model_class: str | None) -> str | None:
     """The snapshot of `ref` if it holds the conversion of this file with this config
-    (and, for a config taken from the store, that ref's snapshot then and now)."""
+    and subfolder, as a pipeline or as a model of `model_class` (and, for a config
+    taken from the store, that ref's snapshot then and now)."""
     if not store.has_ref(ref):
         return None
     snapshot = store.resolve(ref)
@@ -207,7 +240,8 @@ def _held_conversion(store: Store, ref: str, sha256: str, config: str) -> str | 
     if raw is None:
         return None
     made = json.loads(raw)
-    if made.get("sha256") != sha256 or made.get("config") != config:
+    if (made.get("sha256"), made.get("config"), made.get("subfolder"), made.get("model_class")) != (
+            sha256, config, subfolder, model_class):
         return None
     if "config_snapshot" in made and not (store.has_ref(config) and store.resolve(config) == made["config_snapshot"]):
         return None
@@ -234,7 +268,8 @@ def _convert(target: type, checkpoint: Path, header, config: str, label: str, kw
                                 "nothing was stored. Is it a checkpoint of this pipeline class? "
                                 "Pass config= a ref, folder or repo of its family") from e
     if len(floats) > 1:
-        for module in pipe.components.values():
+        modules = pipe.components.values() if _is_pipeline(target) else [pipe]
+        for module in modules:
             if isinstance(module, torch.nn.Module):
                 _narrow(module, sorted(floats, key=lambda d: d.itemsize))
     return pipe
@@ -264,3 +299,22 @@ def _narrow(module: torch.nn.Module, dtypes: list[torch.dtype]) -> None:
         if all(t.dtype == dtype or torch.equal(t.to(dtype).to(t.dtype), t) for t in tensors):
             torch.nn.Module.to(module, dtype)  # not diffusers' `to`, which warns of fp32 modules
             return
+
+
+def from_single_file(target: type, path: str | os.PathLike, store: Store, name: str | None,
+                     kwargs: dict[str, Any], load) -> Any:
+    """The drop-in `from_single_file` of a pipeline or model stand-in: the conversion
+    (`ingest_single_file`) takes diffusers' arguments that shape it, `load(ref, kwargs)`
+    the rest (a pipeline's `from_pretrained`, a model's `load_component`)."""
+    convert = {k: kwargs.pop(k) for k in ("config", "subfolder", "original_config", "revision",
+                                          "cache_dir", "disable_mmap") if k in kwargs}
+    for k in ("local_files_only", "token"):
+        if k in kwargs:
+            convert[k] = kwargs[k]
+    ref = ingest_single_file(path, target, store=store, name=name, **convert).ref
+    kwargs["local_files_only"] = True  # a ref: never a Hub repo of the same name
+    if kwargs.get("dtype", kwargs.get("torch_dtype")) is None:
+        # diffusers' from_single_file builds float32 models by default, where a
+        # from_pretrained of the stored (say fp16) text encoder would keep fp16
+        kwargs["dtype"] = torch.float32
+    return load(ref, kwargs)
