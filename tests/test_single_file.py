@@ -307,3 +307,16 @@ def test_a_model_class_takes_its_default_subfolder_as_diffusers_does(family_stor
         # the ref holds a VAE converted with this very file, config and subfolder: not a UNet's
         compstore.ingest_single_file(checkpoints["A"], "UNet2DConditionModel", name="vae", store=family_store,
                                      config="stable-diffusion-v1-5/stable-diffusion-v1-5", subfolder="vae")
+
+
+def test_a_read_only_store_loads_held_conversions_and_refuses_new_ones(family_store, checkpoints):
+    from compstore import ReadOnlyStoreError, Store
+
+    compstore.ingest_single_file(checkpoints["B"], "StableDiffusionPipeline", config="A", store=family_store)
+    before = store_state(family_store.home)
+    with Store(family_store.home, read_only=True) as ro:
+        pipe = compstore.StableDiffusionPipeline.from_single_file(checkpoints["B"], config="A", store=ro)
+        same_state(pipe.unet, compstore.load_component("B", "unet", store=family_store, dtype=torch.float32))
+        with pytest.raises(ReadOnlyStoreError):
+            compstore.StableDiffusionPipeline.from_single_file(checkpoints["A"], config="A", store=ro)
+    assert store_state(family_store.home) == before
