@@ -159,7 +159,7 @@ def test_bad_single_files_are_refused_and_leave_the_store_as_it_was(family_store
         (pickle, compstore.PickleRefusedError, "never loads pickle checkpoints"),
         (truncated, compstore.InvalidInputError, "truncated.safetensors"),
         (unrelated, compstore.InvalidInputError, "could not convert it with config 'A'"),
-        (unet_only, compstore.InvalidInputError, "Failed to load CLIPTextModel. .* whole pipelines only"),
+        (unet_only, compstore.InvalidInputError, "Failed to load CLIPTextModel. .* loads with its class"),
     ]
     for path, error, message in cases:
         with pytest.raises(error, match=message):
@@ -171,6 +171,9 @@ def test_bad_single_files_are_refused_and_leave_the_store_as_it_was(family_store
     with pytest.raises(compstore.InvalidInputError, match="neither a store ref, a folder nor a Hub repo id"):
         compstore.ingest_single_file(checkpoints["A"], "StableDiffusionPipeline", config="no such ref",
                                      store=family_store)
+    with pytest.raises(compstore.CompstoreError, match="subfolder='unet': a pipeline's checkpoint holds all"):
+        compstore.StableDiffusionPipeline.from_single_file(checkpoints["A"], config="A", subfolder="unet",
+                                                           store=family_store)
     with pytest.raises(compstore.InvalidInputError, match="invalid ref name"):
         compstore.ingest_single_file(checkpoints["A"], "StableDiffusionPipeline", config="A", name=" A ",
                                      store=family_store)
@@ -320,3 +323,16 @@ def test_a_read_only_store_loads_held_conversions_and_refuses_new_ones(family_st
         with pytest.raises(ReadOnlyStoreError):
             compstore.StableDiffusionPipeline.from_single_file(checkpoints["A"], config="A", store=ro)
     assert store_state(family_store.home) == before
+
+
+def test_a_unet_only_file_loads_as_the_refusal_of_its_pipeline_says(family_store, checkpoints, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    unet_only = tmp_path / "unet-only.safetensors"
+    save_file({k: v for k, v in load_file(checkpoints["B"]).items() if k.startswith("model.")}, unet_only)
+    with pytest.raises(compstore.InvalidInputError, match="loads with its class"):
+        compstore.StableDiffusionPipeline.from_single_file(unet_only, config="A", store=family_store)
+    unet = compstore.UNet2DConditionModel.from_single_file(unet_only, config="A", subfolder="unet",
+                                                           store=family_store)
+    pipe = compstore.DiffusionPipeline.from_pretrained("A", unet=unet, store=family_store)
+    same_state(pipe.unet, compstore.load_component("B", "unet", store=family_store))

@@ -47,8 +47,9 @@ _FLOAT_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.floa
 
 @dataclass
 class SingleFileResult:
-    """What `ingest_single_file` did: `status` "converted" (a conversion was stored,
-    `ingest` its report) or "unchanged" (the ref holds this file's conversion)."""
+    """What `ingest_single_file` did: `status` "converted" (a conversion was stored
+    under `ref`; `written_bytes` new, `reused_bytes` already held) or "unchanged" (the
+    ref holds this file's conversion: nothing converted, nothing written)."""
     ref: str
     snapshot: str
     status: str
@@ -75,8 +76,9 @@ def ingest_single_file(
 ) -> SingleFileResult:
     """Convert a single-file checkpoint with diffusers' `pipeline_class.from_single_file`
     and ingest the pipeline it makes under ref `name` (default: the file's absolute
-    path; for a model class, followed by `#` and the class name). Done once per file and config: a ref that holds this file's conversion
-    with the same config is "unchanged", nothing converted.
+    path; for a model class, followed by `#` and the class name). Done once per file
+    and config: a ref that holds this file's conversion with the same config is
+    "unchanged", nothing converted.
 
     Args:
         path: a `.safetensors` checkpoint (pickles, `.ckpt`, are refused).
@@ -107,6 +109,9 @@ def ingest_single_file(
     store = store if isinstance(store, Store) else Store(store)
     target = _target_class(pipeline_class)
     is_model = not _is_pipeline(target)
+    if subfolder is not None and not is_model:
+        raise CompstoreError(f"subfolder={subfolder!r}: a pipeline's checkpoint holds all its models; "
+                             "subfolder= picks a model class's folder in config=")
     checkpoint = _checkpoint(path)
     header = read_header(str(checkpoint))  # a malformed file is refused before anything is read
     if not header.tensors:
@@ -142,11 +147,11 @@ def ingest_single_file(
             with store.reading_snapshot(snapshot, config):
                 provenance["config_snapshot"] = snapshot
                 skeleton = store.materialize(snapshot, _skeleton_file)
-                pipe = _convert(target, checkpoint, header, str(skeleton), config, convert_kwargs)
+                converted = _convert(target, checkpoint, header, str(skeleton), config, convert_kwargs)
         else:
-            pipe = _convert(target, checkpoint, header, config, config, convert_kwargs)
-        pipe.save_pretrained(folder)
-        del pipe
+            converted = _convert(target, checkpoint, header, config, config, convert_kwargs)
+        converted.save_pretrained(folder)
+        del converted
         (folder / PROVENANCE).write_text(json.dumps(provenance, indent=2) + "\n")
         result = store.ingest(folder, ref, source=str(checkpoint), consume_weights=True)
     store.record_file_sha256(ref, result.snapshot, checkpoint, sha256, started_ns)
@@ -249,30 +254,33 @@ def _held_conversion(store: Store, ref: str, sha256: str, config: str, subfolder
 
 
 def _convert(target: type, checkpoint: Path, header, config: str, label: str, kwargs: dict[str, Any]):
-    """diffusers' conversion, with the configs of `config` (a folder or repo id; `label`:
-    what the user named), in the checkpoint's dtype when it has one float dtype."""
+    """diffusers' conversion to a pipeline (or model), with the configs of `config` (a
+    folder or repo id; `label`: what the user named), in the checkpoint's dtype when
+    it has one float dtype."""
     from diffusers.loaders.single_file_utils import SingleFileComponentError
 
     floats = {_FLOAT_DTYPES[t.dtype] for t in header.tensors if t.dtype in _FLOAT_DTYPES}
     dtype = next(iter(floats)) if len(floats) == 1 else None  # None: diffusers' float32
     try:
         with _fp32_modules_warning_dropped():
-            pipe = target.from_single_file(str(checkpoint), config=config,
+            converted = target.from_single_file(str(checkpoint), config=config,
                                            dtype=None if dtype == torch.float32 else dtype, **kwargs)
     except SingleFileComponentError as e:  # a UNet- or transformer-only file, say
-        raise InvalidInputError(str(checkpoint), f"{e.message.splitlines()[0]} compstore converts and "
-                                "stores whole pipelines only; nothing was stored") from e
+        raise InvalidInputError(str(checkpoint), f"{e.message.splitlines()[0]} Nothing was stored. A "
+                                "checkpoint of one model loads with its class (compstore.UNet2DConditionModel"
+                                ".from_single_file(path, config=..., subfolder='unet')), and the pipeline "
+                                "with it passed in: compstore.DiffusionPipeline.from_pretrained(ref, unet=unet)") from e
     except (KeyError, ValueError, RuntimeError, IndexError, AttributeError, TypeError) as e:
         raise InvalidInputError(str(checkpoint), f"diffusers' {target.__name__}.from_single_file could "
                                 f"not convert it with config {label!r} ({type(e).__name__}: {e}); "
-                                "nothing was stored. Is it a checkpoint of this pipeline class? "
+                                "nothing was stored. Is it a checkpoint of this class? "
                                 "Pass config= a ref, folder or repo of its family") from e
     if len(floats) > 1:
-        modules = pipe.components.values() if _is_pipeline(target) else [pipe]
+        modules = converted.components.values() if _is_pipeline(target) else [converted]
         for module in modules:
             if isinstance(module, torch.nn.Module):
                 _narrow(module, sorted(floats, key=lambda d: d.itemsize))
-    return pipe
+    return converted
 
 
 @contextlib.contextmanager
