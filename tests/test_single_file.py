@@ -157,6 +157,8 @@ def test_bad_single_files_are_refused_and_leave_the_store_as_it_was(family_store
     cases = [
         (tmp_path / "missing.safetensors", compstore.InvalidInputError, "no such file"),
         (pickle, compstore.PickleRefusedError, "never loads pickle checkpoints"),
+        ("https://huggingface.co/org/B/blob/main/model.ckpt", compstore.PickleRefusedError, "never loads pickle"),
+        ("https://example.com/model.safetensors", compstore.InvalidInputError, "or the URL of one on the Hub"),
         (truncated, compstore.InvalidInputError, "truncated.safetensors"),
         (unrelated, compstore.InvalidInputError, "could not convert it with config 'A'"),
         (unet_only, compstore.InvalidInputError, "Failed to load CLIPTextModel. .* loads with its class"),
@@ -336,3 +338,51 @@ def test_a_unet_only_file_loads_as_the_refusal_of_its_pipeline_says(family_store
                                                            store=family_store)
     pipe = compstore.DiffusionPipeline.from_pretrained("A", unet=unet, store=family_store)
     same_state(pipe.unet, compstore.load_component("B", "unet", store=family_store))
+
+
+@pytest.fixture
+def hub(monkeypatch, family, checkpoints, tmp_path):
+    """org/B as the Hub would serve it with B's single-file checkpoint at its root."""
+    from hub_emulator import HubEmulator
+    from conftest import use_hub
+
+    repo = tmp_path / "org-B"
+    shutil.copytree(family["B"], repo)
+    shutil.copy(checkpoints["B"], repo / "b.safetensors")
+    hub = HubEmulator()
+    hub.add_repo("org/B", repo)
+    use_hub(monkeypatch, hub)
+    yield hub
+    hub.close()
+
+
+def test_a_hub_url_is_fetched_and_converted_once(family_store, family, checkpoints, hub, monkeypatch):
+    """`from_single_file("https://huggingface.co/org/B/blob/main/b.safetensors")`, as
+    model cards write it: the file is pulled into the store (metadata first), converted
+    once; later calls download nothing and convert nothing, and without the Hub the
+    store's pull of it loads."""
+    from compstore.loader import single_file
+
+    url = "https://huggingface.co/org/B/blob/main/b.safetensors"
+    converted = []
+    real = single_file._convert
+    monkeypatch.setattr(single_file, "_convert", lambda *a: converted.append(a[0]) or real(*a))
+    first = compstore.ingest_single_file(url, "StableDiffusionPipeline", config="A", store=family_store)
+    commit = hub.repos["org/B"].refs["main"]
+    assert (first.status, first.ref, first.checkpoint) == ("converted", f"org/B/b.safetensors@{commit}",
+                                                           f"org/B/b.safetensors@{commit}")
+    assert hub.served_files == ["b.safetensors"] and first.written_bytes < 1024
+    hub.reset_counts()
+    ours = compstore.StableDiffusionPipeline.from_single_file(url, config="A", store=family_store)
+    assert hub.served_files == [] and converted == [diffusers.StableDiffusionPipeline]
+    theirs = diffusers.StableDiffusionPipeline.from_single_file(str(checkpoints["B"]), config=str(family["A"]))
+    assert_same_pipeline(ours, theirs)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants as constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    offline = compstore.ingest_single_file(url, "StableDiffusionPipeline", config="A", store=family_store)
+    assert (offline.status, offline.ref) == ("unchanged", first.ref)
+    with pytest.raises(compstore.RefNotFoundError):
+        compstore.ingest_single_file("https://huggingface.co/org/B/blob/main/other.safetensors",
+                                     "StableDiffusionPipeline", config="A", store=family_store)

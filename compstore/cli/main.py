@@ -57,7 +57,7 @@ def ingest(ctx, path, name, allow_pickle, exclude, repin, as_json):
 
 
 @cli.command("ingest-single-file")
-@click.argument("path", type=click.Path(exists=True, dir_okay=False))
+@click.argument("path")
 @click.option("--class", "pipeline_class", required=True, metavar="CLASS",
               help="The diffusers pipeline class the checkpoint is for, e.g. StableDiffusionXLPipeline, "
                    "or a model class (AutoencoderKL) for a model's checkpoint.")
@@ -69,7 +69,8 @@ def ingest(ctx, path, name, allow_pickle, exclude, repin, as_json):
 @json_option
 @click.pass_context
 def ingest_single_file(ctx, path, pipeline_class, config, subfolder, name, as_json):
-    """Convert a single-file checkpoint (.safetensors) with diffusers, once, and ingest the pipeline."""
+    """Convert a single-file checkpoint (.safetensors, or a Hub URL of one) with diffusers, once,
+    and ingest the pipeline (or model)."""
     from ..loader import ingest_single_file as convert_and_ingest
 
     r = convert_and_ingest(path, pipeline_class, config=config, subfolder=subfolder, name=name,

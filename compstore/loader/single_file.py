@@ -22,14 +22,16 @@ transformer published alone) is the same, with a model folder stored.
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import logging
 import os
+import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -38,6 +40,8 @@ from ..store.hub import is_repo_id
 from ..store.lock import scratch_folder
 from ..store.safetensors_header import read_header
 from ..store.store import check_ref_name
+
+logger = logging.getLogger("compstore")
 
 # Written at the root of the converted pipeline: what it was converted from.
 PROVENANCE = "compstore_single_file.json"
@@ -112,18 +116,23 @@ def ingest_single_file(
     if subfolder is not None and not is_model:
         raise CompstoreError(f"subfolder={subfolder!r}: a pipeline's checkpoint holds all its models; "
                              "subfolder= picks a model class's folder in config=")
-    checkpoint = _checkpoint(path)
-    header = read_header(str(checkpoint))  # a malformed file is refused before anything is read
+    started_ns = time.time_ns()
+    hub = _hub_file(path)
+    if hub is not None:  # pulled first: only what the store lacks is downloaded
+        source = _pulled_checkpoint(store, *hub, token=convert_kwargs.get("token"),
+                                    local_files_only=convert_kwargs.get("local_files_only"))
+    else:
+        source = _local_checkpoint(path)
+    header = source.header()  # a malformed file is refused before anything is read
     if not header.tensors:
-        raise InvalidInputError(str(checkpoint), "holds no tensors: not a pipeline checkpoint")
+        raise InvalidInputError(source.label, "holds no tensors: not a pipeline checkpoint")
     # a model's conversion has a ref of its own: the file's VAE beside the file's pipeline
     ref = (check_ref_name(name) if name is not None
-           else f"{checkpoint}#{target.__name__}" if is_model else str(checkpoint))
-    started_ns = time.time_ns()
-    known = store.file_sha256(ref, checkpoint, started_ns)
-    sha256 = known or _sha256(checkpoint)
+           else f"{source.label}#{target.__name__}" if is_model else source.label)
+    known = source.sha256 or store.file_sha256(ref, source.path, started_ns)
+    sha256 = known or _sha256(source.path)
     if config is None:
-        config = _inferred_config(checkpoint, header)
+        config = _inferred_config(source.label, header)
         if is_model and subfolder is None:  # as diffusers: the class's folder in the repo it infers
             subfolder = _default_subfolder(target)
     config, stored = _config_name(store, config)
@@ -132,31 +141,117 @@ def ingest_single_file(
     held = _held_conversion(store, ref, sha256, config, subfolder, target.__name__ if is_model else None)
     if held is not None:
         if known is None:  # the next call reads none of it
-            store.record_file_sha256(ref, held, checkpoint, sha256, started_ns)
-        return SingleFileResult(ref, held, "unchanged", str(checkpoint), sha256, config,
+            store.record_file_sha256(ref, held, source.path, sha256, started_ns)
+        return SingleFileResult(ref, held, "unchanged", source.label, sha256, config,
                                 round(time.perf_counter() - t0, 3), 0, 0)
     store._writable()
-    provenance = {"checkpoint": checkpoint.name, "sha256": sha256, "config": config,
+    provenance = {"checkpoint": source.name, "sha256": sha256, "config": config,
                   ("model_class" if is_model else "pipeline_class"): target.__name__}
     if subfolder is not None:
         provenance["subfolder"] = subfolder
     with scratch_folder(store.home, "single-file-") as scratch:
         folder = scratch / "converted"
+        checkpoint = source.path or source.write_to(scratch / "checkpoint")
         if stored:  # a ref's files, read under the store's read guard (gc leaves them)
             snapshot = store.resolve(config)
             with store.reading_snapshot(snapshot, config):
                 provenance["config_snapshot"] = snapshot
                 skeleton = store.materialize(snapshot, _skeleton_file)
-                converted = _convert(target, checkpoint, header, str(skeleton), config, convert_kwargs)
+                converted = _convert(target, checkpoint, source.label, header, str(skeleton), config,
+                                     convert_kwargs)
         else:
-            converted = _convert(target, checkpoint, header, config, config, convert_kwargs)
+            converted = _convert(target, checkpoint, source.label, header, config, config, convert_kwargs)
         converted.save_pretrained(folder)
         del converted
         (folder / PROVENANCE).write_text(json.dumps(provenance, indent=2) + "\n")
-        result = store.ingest(folder, ref, source=str(checkpoint), consume_weights=True)
-    store.record_file_sha256(ref, result.snapshot, checkpoint, sha256, started_ns)
-    return SingleFileResult(ref, result.snapshot, "converted", str(checkpoint), sha256, config,
+        result = store.ingest(folder, ref, source=source.label, consume_weights=True)
+    if source.path is not None:
+        store.record_file_sha256(ref, result.snapshot, source.path, sha256, started_ns)
+    return SingleFileResult(ref, result.snapshot, "converted", source.label, sha256, config,
                             round(time.perf_counter() - t0, 3), result.written_bytes, result.reused_bytes)
+
+
+@dataclass
+class _Source:
+    """Where a checkpoint is: a local file (`path`), or a file the store holds (a
+    pull's: `sha256` known, `write_to` rebuilds it for the conversion)."""
+    label: str  # the file's absolute path, or `repo/file@commit`
+    name: str
+    header: Callable[[], Any]
+    path: Path | None = None
+    sha256: str | None = None
+    write_to: Callable[[Path], Path] | None = None
+
+
+def _local_checkpoint(path: str | os.PathLike) -> _Source:
+    checkpoint = _checkpoint(path)
+    return _Source(str(checkpoint), checkpoint.name, lambda: read_header(str(checkpoint)), path=checkpoint)
+
+
+# A file on the Hub as model cards link it (diffusers' from_single_file takes these):
+# https://huggingface.co/<org>/<repo>/blob/<revision>/<path>, resolve/ too, or no revision
+_HUB_URL = re.compile(r"(?:https?://)?(?:huggingface\.co|hf\.co)/([^/]+/[^/]+)/(?:(?:blob|resolve)/([^/]+)/)?(.+)")
+
+
+def _hub_file(path) -> tuple[str, str, str] | None:
+    """(repo id, revision, path in the repo) of a Hub file URL; None for anything else."""
+    match = _HUB_URL.fullmatch(path) if isinstance(path, str) else None
+    return (match.group(1), match.group(2) or "main", match.group(3)) if match else None
+
+
+def _pulled_checkpoint(store: Store, repo_id: str, revision: str, filename: str, *, token=None,
+                       local_files_only: bool | None = None) -> _Source:
+    """A Hub file, pulled into the store (its metadata first: a file the store holds is
+    not downloaded, and of a Xet file only the chunks it lacks), or with no Hub, the
+    store's pull of it."""
+    from ..store.export import file_pieces, write_file
+    from ..store.hub import HubUnavailableError, hub_reachable
+    from ..store.safetensors_header import parse_header
+
+    if not filename.endswith(".safetensors"):
+        raise PickleRefusedError(f"{repo_id}/{filename}", "not a .safetensors file: compstore never loads "
+                                 "pickle checkpoints (.ckpt, .pt, .bin)")
+    snapshot = None
+    if not local_files_only and hub_reachable():
+        try:
+            snapshot = store.resolve(store.pull(repo_id, revision=revision, include=[glob.escape(filename)],
+                                                token=token).ref)
+        except HubUnavailableError as e:  # as diffusers falls back to its cache
+            logger.warning("%s\nLoading the store's copy of %s/%s instead.", e, repo_id, filename)
+    if snapshot is None:
+        snapshot = _stored_pull(store, repo_id, revision, filename)
+    commit = store.snapshot(snapshot)["revision"]
+    (file_id, sha256, size), = [row[1:] for row in store.snapshot_files(snapshot) if row[0] == filename]
+    label = f"{repo_id}/{filename}@{commit}"
+
+    def header():
+        with store.reading():
+            return parse_header(label, bytes(next(file_pieces(store, file_id))), size)
+
+    def write_to(folder: Path) -> Path:
+        with store.reading():
+            write_file(store, file_id, sha256, folder / Path(filename).name)
+        return folder / Path(filename).name
+
+    return _Source(label, Path(filename).name, header, sha256=sha256, write_to=write_to)
+
+
+def _stored_pull(store: Store, repo_id: str, revision: str, filename: str) -> str:
+    """The latest pull of `repo_id` that holds `filename` (at `revision`, if it is a
+    commit or its start), for a load without the Hub."""
+    from ..store import RefNotFoundError
+
+    rows = store.db.execute(
+        "SELECT r.snapshot_id, s.revision FROM refs r JOIN snapshots s ON s.id = r.snapshot_id "
+        "JOIN snapshot_files f ON f.snapshot_id = r.snapshot_id "
+        "WHERE substr(r.name, 1, ?) = ? AND f.path = ? ORDER BY r.updated DESC",
+        [len(repo_id) + 1, f"{repo_id}@", filename]).fetchall()
+    for snapshot, commit in rows:
+        named = f"{repo_id}@{revision}"  # a branch or tag a pull named
+        if (revision == "main" or (commit or "").startswith(revision)
+                or (store.has_ref(named) and store.resolve(named) == snapshot)):
+            return snapshot
+    raise RefNotFoundError(f"{repo_id}/{filename}@{revision}", str(store.home), store.ref_names())
 
 
 def _target_class(cls: str | type) -> type:
@@ -191,8 +286,9 @@ def _default_subfolder(target: type) -> str | None:
 def _checkpoint(path: str | os.PathLike) -> Path:
     checkpoint = Path(path).expanduser()
     if not checkpoint.is_file():
-        raise InvalidInputError(str(path), "no such file: pass the path of a single-file "
-                                "checkpoint (.safetensors); URLs are not fetched, download it first")
+        raise InvalidInputError(str(path), "no such file: pass the path of a single-file checkpoint "
+                                "(.safetensors), or the URL of one on the Hub "
+                                "(https://huggingface.co/<org>/<repo>/blob/<revision>/<file>)")
     if checkpoint.suffix != ".safetensors":
         raise PickleRefusedError(str(path), "not a .safetensors file: compstore never loads pickle "
                                  "checkpoints (.ckpt, .pt, .bin); convert it to safetensors first")
@@ -204,7 +300,7 @@ def _sha256(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def _inferred_config(path: Path, header) -> str:
+def _inferred_config(label: str, header) -> str:
     """The Hub repo whose configs diffusers would take for this checkpoint, found from
     its tensor names and shapes alone (meta tensors: nothing is read)."""
     from diffusers.loaders.single_file_utils import fetch_diffusers_config
@@ -214,7 +310,7 @@ def _inferred_config(path: Path, header) -> str:
     try:
         return fetch_diffusers_config(meta)["pretrained_model_name_or_path"]
     except (KeyError, ValueError, RuntimeError, NotImplementedError) as e:  # a value it reads
-        raise InvalidInputError(str(path), f"diffusers could not tell which pipeline it is a checkpoint of "
+        raise InvalidInputError(label, f"diffusers could not tell which pipeline it is a checkpoint of "
                                 f"({type(e).__name__}: {e}): pass config= a store ref, a folder or "
                                 "a Hub repo id of its family") from e
 
@@ -253,10 +349,11 @@ def _held_conversion(store: Store, ref: str, sha256: str, config: str, subfolder
     return snapshot
 
 
-def _convert(target: type, checkpoint: Path, header, config: str, label: str, kwargs: dict[str, Any]):
-    """diffusers' conversion to a pipeline (or model), with the configs of `config` (a
-    folder or repo id; `label`: what the user named), in the checkpoint's dtype when
-    it has one float dtype."""
+def _convert(target: type, checkpoint: Path, checkpoint_label: str, header, config: str, label: str,
+             kwargs: dict[str, Any]):
+    """diffusers' conversion of the file at `checkpoint` to a pipeline (or model), with
+    the configs of `config` (a folder or repo id; `label`: what the user named), in
+    the checkpoint's dtype when it has one float dtype."""
     from diffusers.loaders.single_file_utils import SingleFileComponentError
 
     floats = {_FLOAT_DTYPES[t.dtype] for t in header.tensors if t.dtype in _FLOAT_DTYPES}
@@ -266,12 +363,12 @@ def _convert(target: type, checkpoint: Path, header, config: str, label: str, kw
             converted = target.from_single_file(str(checkpoint), config=config,
                                            dtype=None if dtype == torch.float32 else dtype, **kwargs)
     except SingleFileComponentError as e:  # a UNet- or transformer-only file, say
-        raise InvalidInputError(str(checkpoint), f"{e.message.splitlines()[0]} Nothing was stored. A "
+        raise InvalidInputError(checkpoint_label, f"{e.message.splitlines()[0]} Nothing was stored. A "
                                 "checkpoint of one model loads with its class (compstore.UNet2DConditionModel"
                                 ".from_single_file(path, config=..., subfolder='unet')), and the pipeline "
                                 "with it passed in: compstore.DiffusionPipeline.from_pretrained(ref, unet=unet)") from e
     except (KeyError, ValueError, RuntimeError, IndexError, AttributeError, TypeError) as e:
-        raise InvalidInputError(str(checkpoint), f"diffusers' {target.__name__}.from_single_file could "
+        raise InvalidInputError(checkpoint_label, f"diffusers' {target.__name__}.from_single_file could "
                                 f"not convert it with config {label!r} ({type(e).__name__}: {e}); "
                                 "nothing was stored. Is it a checkpoint of this class? "
                                 "Pass config= a ref, folder or repo of its family") from e
