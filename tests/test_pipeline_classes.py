@@ -237,6 +237,24 @@ def test_names_that_are_no_diffusers_pipeline_or_model_class_are_attribute_error
     assert compstore.StableDiffusionPipeline is compstore.StableDiffusionPipeline  # one stand-in per class
 
 
+def test_a_stand_in_constructs_and_answers_as_diffusers_class_does():
+    """Code that imports a class from compstore also builds pipelines and models with it,
+    and reads its class attributes: those are diffusers' class's (`download` excepted:
+    it fills the Hugging Face cache, not the store)."""
+    pipe = syn.tiny_sd_pipeline()
+    built = compstore.StableDiffusionPipeline(**pipe.components)
+    assert type(built) is diffusers.StableDiffusionPipeline and built.unet is pipe.unet
+    vae = compstore.AutoencoderKL.from_config(pipe.vae.config)
+    assert type(vae) is type(compstore.AutoencoderKL(**syn.TINY_VAE)) is diffusers.AutoencoderKL
+    assert compstore.StableDiffusionXLPipeline._optional_components == diffusers.StableDiffusionXLPipeline._optional_components
+    assert compstore.StableDiffusionPipeline.load_config == diffusers.StableDiffusionPipeline.load_config
+    with pytest.raises(AttributeError, match="use compstore.Store\\(\\).pull"):
+        compstore.DiffusionPipeline.download("org/A")
+    assert not hasattr(compstore.AutoencoderTiny, "from_single_file")  # diffusers' has none either
+    with pytest.raises(TypeError):  # diffusers' own refusal of a missing component
+        compstore.StableDiffusionPipeline(unet=pipe.unet)
+
+
 def test_a_named_class_loads_onto_a_device_through_its_pool(family_store):
     """Switching A -> B as img2img pipelines moves only B's delta, as DiffusionPipeline loads do."""
     from compstore import ResidencyPool

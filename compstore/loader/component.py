@@ -565,13 +565,33 @@ def _of_class(component: dict, model_class: type | None, name_or_path: str, slot
 
 class StandIn(type):
     """The metaclass of compstore's stand-ins for diffusers' classes: `isinstance(x,
-    compstore.AutoencoderKL)` asks diffusers' class (`_loads_as`), as code written for
-    diffusers expects of the name it imports."""
+    compstore.AutoencoderKL)` asks diffusers' class (`_loads_as`), calling one
+    constructs it, and its other class attributes are its, as code written for
+    diffusers expects of the name it imports; only the loading methods are compstore's."""
 
     def __instancecheck__(cls, obj) -> bool:
+        return isinstance(obj, cls._diffusers_class())
+
+    def __call__(cls, *args, **kwargs):
+        """`compstore.StableDiffusionXLPipeline(vae=vae, ...)` constructs diffusers' class,
+        as code that imports the name from diffusers expects."""
+        return cls._diffusers_class()(*args, **kwargs)
+
+    def __getattr__(cls, name: str):
+        """What compstore does not replace (`from_config`, `load_config`,
+        `_optional_components`, ...) is diffusers' class's. Not `download`, which fills
+        the Hugging Face cache, not the store."""
+        if name.startswith("__") or name == "_diffusers_class":
+            raise AttributeError(name)
+        if name == "download":
+            raise AttributeError(f"{cls.__name__}.download: compstore downloads into its store: "
+                                 "use compstore.Store().pull(repo_id), or from_pretrained(repo_id)")
+        return getattr(cls._diffusers_class(), name)
+
+    def _diffusers_class(cls) -> type:
         import diffusers
 
-        return isinstance(obj, cls._loads_as or diffusers.DiffusionPipeline)
+        return cls._loads_as or diffusers.DiffusionPipeline
 
 
 @functools.cache
