@@ -229,7 +229,7 @@ def test_a_class_the_pipeline_cannot_fill_is_refused_before_anything_loads(famil
 
 
 def test_names_that_are_no_diffusers_pipeline_or_model_class_are_attribute_errors():
-    for name in ("NoSuchPipeline", "AutoPipelineForNothing", "NoSuchModel", "CLIPTextModel", "lower"):
+    for name in ("NoSuchPipeline", "AutoPipelineForNothing", "NoSuchModel", "CLIPTokenizer", "lower"):
         assert not hasattr(compstore, name)
     with pytest.raises(AttributeError, match="a model: compstore.<its diffusers class> or compstore.load_component"):
         compstore.pipeline_class("UNet2DConditionModel")
@@ -281,6 +281,20 @@ def test_code_that_names_a_model_class_loads_it_as_diffusers(family_store, famil
         assert isinstance(ours, getattr(compstore, name)) and not isinstance(ours, compstore.AutoencoderTiny)
 
 
+@pytest.mark.parametrize("dtype", [None, torch.float16, "auto"])
+def test_code_that_names_a_transformers_model_class_loads_it_as_transformers(family_store, family, dtype):
+    """`from compstore import CLIPTextModel`: `from_pretrained(..., subfolder=...)` as
+    transformers' own, from a folder or a ref; a model of another class is refused."""
+    kw = {} if dtype is None else {"dtype": dtype}
+    theirs = transformers.CLIPTextModel.from_pretrained(family["A"], subfolder="text_encoder", **kw)
+    for where in (family["A"], "A"):
+        ours = compstore.CLIPTextModel.from_pretrained(where, subfolder="text_encoder", store=family_store, **kw)
+        assert_same_component("text_encoder", ours, theirs)
+        assert isinstance(ours, compstore.CLIPTextModel) and not isinstance(ours, compstore.T5EncoderModel)
+    with pytest.raises(compstore.ComponentNotFoundError, match="holds CLIPTextModel, not CLIPTextModelWithProjection"):
+        compstore.CLIPTextModelWithProjection.from_pretrained("A", subfolder="text_encoder", store=family_store)
+
+
 def test_a_model_of_another_class_is_refused_before_its_folder_is_ingested(family_store, family):
     from conftest import store_state
 
@@ -288,7 +302,7 @@ def test_a_model_of_another_class_is_refused_before_its_folder_is_ingested(famil
     for where, slot, message in ((family["B"], "unet", "B/unet holds UNet2DConditionModel, not AutoencoderKL: "
                                   "load it with compstore.UNet2DConditionModel.from_pretrained or"),
                                  ("A", "text_encoder", "A/text_encoder holds CLIPTextModel, not AutoencoderKL: "
-                                  "load it with compstore.load_component")):
+                                  "load it with compstore.CLIPTextModel.from_pretrained or")):
         with pytest.raises(compstore.ComponentNotFoundError, match=message):
             compstore.AutoencoderKL.from_pretrained(where, subfolder=slot, store=family_store)
     assert store_state(family_store.home) == before

@@ -556,7 +556,8 @@ def _of_class(component: dict, model_class: type | None, name_or_path: str, slot
     if model_class is not None and not (isinstance(cls, type) and issubclass(cls, model_class)):
         where = f"{name_or_path}/{slot}" if slot else name_or_path
         stored = component.get("class_name") or "no model class"
-        as_stand_in = f"compstore.{stored}.from_pretrained or " if component.get("library") == "diffusers" else ""
+        as_stand_in = (f"compstore.{stored}.from_pretrained or "
+                       if component.get("library") in ("diffusers", "transformers") else "")
         raise ComponentNotFoundError(
             f"{where} holds {stored}, not {model_class.__name__}: load it with {as_stand_in}"
             "compstore.load_component")
@@ -596,20 +597,28 @@ class StandIn(type):
 
 @functools.cache
 def model_class(name: str) -> type:
-    """compstore's stand-in for the diffusers model class `name`, for code that names
-    its class (`from compstore import AutoencoderKL`): its `from_pretrained` is
-    `load_component(..., model_class=<diffusers' class>)`, a model of that class
-    loaded from the store, as diffusers' `from_pretrained` of that class loads it.
-    An AttributeError for a name that is not a diffusers model class.
+    """compstore's stand-in for the diffusers (or transformers) model class `name`, for
+    code that names its class (`from compstore import AutoencoderKL`, or
+    `CLIPTextModel`): its `from_pretrained` is `load_component(..., model_class=<that
+    class>)`, a model of that class loaded from the store, as the library's
+    `from_pretrained` of that class loads it. An AttributeError for a name that is
+    neither library's model class.
 
     >>> vae = compstore.AutoencoderKL.from_pretrained("org/sdxl-vae", dtype=torch.float16)  # doctest: +SKIP
+    >>> te = compstore.CLIPTextModel.from_pretrained("sdxl-base", subfolder="text_encoder")  # doctest: +SKIP
     """
     import diffusers
-    from diffusers import ModelMixin
+    import transformers
 
     target = getattr(diffusers, name, None)
-    if not (isinstance(target, type) and issubclass(target, ModelMixin)):
-        raise AttributeError(f"{name!r} is not a model class of diffusers {diffusers.__version__}")
+    if not (isinstance(target, type) and issubclass(target, diffusers.ModelMixin)):
+        try:
+            target = getattr(transformers, name, None) if name[:1].isupper() else None
+        except (ImportError, RuntimeError):  # a class whose backend is not installed
+            target = None
+    if not (isinstance(target, type) and is_model_class(target)):
+        raise AttributeError(f"{name!r} is not a model class of diffusers {diffusers.__version__} "
+                             f"or transformers {transformers.__version__}")
 
     def from_pretrained(cls, pretrained_model_name_or_path, subfolder: str | None = None, **kwargs):
         return load_component(os.fspath(pretrained_model_name_or_path), subfolder=subfolder,
@@ -625,8 +634,8 @@ def model_class(name: str) -> type:
         return convert_and_load(target, pretrained_model_link_or_path_or_dict, store, name, kwargs,
                                 lambda ref, kw: load_component(ref, store=store, model_class=target, **kw))
 
-    doc = (f"Loads `diffusers.{name}` models from a compstore store: `from_pretrained` takes "
-           "compstore.load_component's arguments.")
+    doc = (f"Loads `{target.__module__.split('.')[0]}.{name}` models from a compstore store: "
+           "`from_pretrained` takes compstore.load_component's arguments.")
     methods = {"from_pretrained": classmethod(from_pretrained)}
     if hasattr(target, "from_single_file"):
         methods["from_single_file"] = classmethod(from_single_file)
