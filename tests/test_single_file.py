@@ -205,7 +205,8 @@ def test_an_sdxl_checkpoint_is_the_tensors_of_its_diffusers_repo(store, tmp_path
 
     base = syn.tiny_sdxl_pipeline(seed=0)
     torch.manual_seed(5)  # diffusers tells SDXL's two encoders apart by their widths
-    wide = transformers.CLIPTextConfig(**{**syn.TINY_CLIP, "hidden_size": 48}, hidden_act="gelu", projection_dim=32)
+    wide = transformers.CLIPTextConfig(**{**syn.TINY_CLIP, "hidden_size": 48, "num_hidden_layers": 10},
+                                       hidden_act="gelu", projection_dim=32)  # 10: SDXL, diffusers infers
     text_encoder_2 = transformers.CLIPTextModelWithProjection(wide)
     torch.manual_seed(6)
     unet = diffusers.UNet2DConditionModel(**{**syn.TINY_SDXL_UNET, "cross_attention_dim": 32 + 48})
@@ -222,6 +223,10 @@ def test_an_sdxl_checkpoint_is_the_tensors_of_its_diffusers_repo(store, tmp_path
     mine = {c["slot"]: c["component_id"] for c in store.components_of(r.snapshot)}
     assert mine == {c["slot"]: c["component_id"] for c in store.components_of(store.resolve("sdxl"))
                     if c["variant"] == "fp16" or c["slot"] not in MODELS + ("text_encoder_2",)}
+    store.tag("stabilityai/stable-diffusion-xl-base-1.0", store.resolve("sdxl"))  # no config: SDXL base's
+    inferred = compstore.ingest_single_file(checkpoint, "StableDiffusionXLPipeline", name="inferred", store=store)
+    assert (inferred.config, inferred.snapshot != r.snapshot, inferred.written_bytes < 1024) == (
+        "stabilityai/stable-diffusion-xl-base-1.0", True, True)  # another provenance file, the same components
     for config, kw in ((tmp_path / "sdxl-fp32", {}), (tmp_path / "sdxl", {"dtype": torch.float16})):
         theirs = diffusers.StableDiffusionXLPipeline.from_single_file(str(checkpoint), config=str(config), **kw)
         ours = compstore.StableDiffusionXLPipeline.from_single_file(checkpoint, config=config, store=store, **kw)
