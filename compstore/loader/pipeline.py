@@ -280,11 +280,13 @@ class DiffusionPipeline(metaclass=StandIn):
         name: str | None = None,
         **kwargs: Any,
     ):
-        """Drop-in for diffusers' `from_single_file` of this class: the checkpoint is
+        """Drop-in for diffusers' `from_single_file` of this class: the checkpoint (a
+        `.safetensors` file, or a Hub URL of one, pulled into the store first) is
         converted by diffusers once and stored (`compstore.ingest_single_file`, under
         ref `name`, default the file's absolute path), then loaded from the store as
         `from_pretrained` loads that ref, with the other arguments (`dtype`,
-        `device_map`, components as keyword arguments, ...).
+        `device_map`, components as keyword arguments, ...). No dtype: float32, as
+        diffusers' `from_single_file` gives it.
 
         `config`, `original_config`, `local_files_only`, `token`, `revision`,
         `cache_dir` and `disable_mmap` are diffusers' and go to the conversion;
