@@ -391,3 +391,17 @@ def test_a_hub_url_is_fetched_and_converted_once(family_store, family, checkpoin
     with pytest.raises(compstore.RefNotFoundError):
         compstore.ingest_single_file("https://huggingface.co/org/B/blob/main/other.safetensors",
                                      "StableDiffusionPipeline", config="A", store=family_store)
+
+
+def test_two_processes_converting_one_file_at_once_leave_one_sound_conversion(family_store, checkpoints):
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "compstore", "--store", str(family_store.home), "ingest-single-file",
+           str(checkpoints["B"]), "--class", "StableDiffusionPipeline", "--config", "A", "--json"]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    snapshots = {json.loads(out[out.index("{"):])["snapshot"] for out, _ in outs}
+    assert snapshots == {family_store.resolve(str(checkpoints["B"]))}
+    assert family_store.verify().ok and not list((family_store.home / "tmp").iterdir())
