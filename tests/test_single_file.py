@@ -388,6 +388,12 @@ def test_a_hub_url_is_fetched_and_converted_once(family_store, family, checkpoin
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     offline = compstore.ingest_single_file(url, "StableDiffusionPipeline", config="A", store=family_store)
     assert (offline.status, offline.ref) == ("unchanged", first.ref)
+    by_revision = compstore.ingest_single_file("https://huggingface.co/org/B/b.safetensors", "StableDiffusionPipeline",
+                                               config="A", store=family_store, revision=commit[:10])
+    assert (by_revision.status, by_revision.ref) == ("unchanged", first.ref)  # revision= names the commit
+    with pytest.raises(compstore.RefNotFoundError):  # never another commit than the one asked for
+        compstore.ingest_single_file("https://huggingface.co/org/B/b.safetensors", "StableDiffusionPipeline",
+                                     config="A", store=family_store, revision="0123456789")
     with pytest.raises(compstore.RefNotFoundError):
         compstore.ingest_single_file("https://huggingface.co/org/B/blob/main/other.safetensors",
                                      "StableDiffusionPipeline", config="A", store=family_store)

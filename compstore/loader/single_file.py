@@ -119,7 +119,9 @@ def ingest_single_file(
     started_ns = time.time_ns()
     hub = _hub_file(path)
     if hub is not None:  # pulled first: only what the store lacks is downloaded
-        source = _pulled_checkpoint(store, *hub, token=convert_kwargs.get("token"),
+        repo_id, revision, filename = hub  # a URL's revision, else `revision=`, as diffusers takes it
+        source = _pulled_checkpoint(store, repo_id, revision or convert_kwargs.get("revision") or "main",
+                                    filename, token=convert_kwargs.get("token"),
                                     local_files_only=convert_kwargs.get("local_files_only"))
     else:
         source = _local_checkpoint(path)
@@ -193,10 +195,11 @@ def _local_checkpoint(path: str | os.PathLike) -> _Source:
 _HUB_URL = re.compile(r"(?:https?://)?(?:huggingface\.co|hf\.co)/([^/]+/[^/]+)/(?:(?:blob|resolve)/([^/]+)/)?(.+)")
 
 
-def _hub_file(path) -> tuple[str, str, str] | None:
-    """(repo id, revision, path in the repo) of a Hub file URL; None for anything else."""
+def _hub_file(path) -> tuple[str, str | None, str] | None:
+    """(repo id, revision if the URL names one, path in the repo) of a Hub file URL;
+    None for anything else."""
     match = _HUB_URL.fullmatch(path) if isinstance(path, str) else None
-    return (match.group(1), match.group(2) or "main", match.group(3)) if match else None
+    return (match.group(1), match.group(2), match.group(3)) if match else None
 
 
 def _pulled_checkpoint(store: Store, repo_id: str, revision: str, filename: str, *, token=None,
