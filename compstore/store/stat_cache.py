@@ -77,12 +77,7 @@ def stamp(scan: FolderScan, started_ns: int) -> FolderStamp | None:
         if st.st_size != f.size:
             return None
         stats.append((path, f.source, st))
-    whole = all(st.st_mtime_ns % 1_000_000_000 == 0 and st.st_ctime_ns % 1_000_000_000 == 0
-                for _, _, st in stats)
-    settled = started_ns - (SETTLED_WHOLE_SECONDS_NS if whole else SETTLED_NS)
-    files = {path: hashlib.sha256(json.dumps([path, source, st.st_dev, st.st_ino, st.st_size,
-                                              st.st_mtime_ns, st.st_ctime_ns]).encode()).hexdigest()
-             for path, source, st in stats if max(st.st_mtime_ns, st.st_ctime_ns) < settled}
+    files = _settled_digests(stats, started_ns)
     if len(files) < len(stats):
         return FolderStamp(None, files)
     return FolderStamp(hashlib.sha256("\n".join(files.values()).encode()).hexdigest(), files)
@@ -96,11 +91,18 @@ def file_stamp(path: str, started_ns: int) -> str | None:
         st = os.stat(path)
     except OSError:
         return None
-    whole = st.st_mtime_ns % 1_000_000_000 == 0 and st.st_ctime_ns % 1_000_000_000 == 0
-    if max(st.st_mtime_ns, st.st_ctime_ns) >= started_ns - (SETTLED_WHOLE_SECONDS_NS if whole else SETTLED_NS):
-        return None
-    return hashlib.sha256(json.dumps([path, path, st.st_dev, st.st_ino, st.st_size,
-                                      st.st_mtime_ns, st.st_ctime_ns]).encode()).hexdigest()
+    return _settled_digests([(path, path, st)], started_ns).get(path)
+
+
+def _settled_digests(stats: list[tuple[str, str, os.stat_result]], started_ns: int) -> dict[str, str]:
+    """path -> digest of (path, source, stat) for each file whose timestamps are
+    settled before `started_ns` (whole seconds: all of them tick in seconds)."""
+    whole = all(st.st_mtime_ns % 1_000_000_000 == 0 and st.st_ctime_ns % 1_000_000_000 == 0
+                for _, _, st in stats)
+    settled = started_ns - (SETTLED_WHOLE_SECONDS_NS if whole else SETTLED_NS)
+    return {path: hashlib.sha256(json.dumps([path, source, st.st_dev, st.st_ino, st.st_size,
+                                             st.st_mtime_ns, st.st_ctime_ns]).encode()).hexdigest()
+            for path, source, st in stats if max(st.st_mtime_ns, st.st_ctime_ns) < settled}
 
 
 def unchanged(db: sqlite_utils.Database, ref: str, folder: FolderStamp | None) -> tuple[str, Counts] | None:
