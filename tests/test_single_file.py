@@ -246,8 +246,8 @@ def test_an_unchanged_file_is_not_read_again(family_store, checkpoints, tmp_path
     path = tmp_path / "finetune.safetensors"
     path.write_bytes(checkpoints["B"].read_bytes())
     hashed = []
-    real = single_file._sha256
-    monkeypatch.setattr(single_file, "_sha256", lambda p: hashed.append(p) or real(p))
+    real = single_file.file_sha256
+    monkeypatch.setattr(single_file, "file_sha256", lambda p: hashed.append(p) or real(p))
 
     def call():
         return compstore.ingest_single_file(path, "StableDiffusionPipeline", config="A", store=family_store)
@@ -255,14 +255,14 @@ def test_an_unchanged_file_is_not_read_again(family_store, checkpoints, tmp_path
     first = call()  # just written: its timestamps are not trusted yet
     time.sleep(stat_cache.SETTLED_NS / 1e9 + 0.05)
     assert [call().status, call().status, len(hashed)] == ["unchanged", "unchanged", 2]
-    assert family_store.file_sha256(str(path), path, time.time_ns()) == first.sha256
+    assert family_store.recorded_file_sha256(str(path), path, time.time_ns()) == first.sha256
     path.write_bytes(checkpoints["B"].read_bytes())  # the same bytes, written again: read again
     time.sleep(stat_cache.SETTLED_NS / 1e9 + 0.05)
     assert call().status == "unchanged" and len(hashed) == 3
     path.write_bytes(checkpoints["A"].read_bytes())  # a changed file, never taken for the old one
     assert call().status == "converted" and len(hashed) == 4
     family_store.rm(str(path))
-    assert family_store.file_sha256(str(path), path, time.time_ns()) is None
+    assert family_store.recorded_file_sha256(str(path), path, time.time_ns()) is None
 
 
 @pytest.mark.parametrize("dtype", [None, torch.float16])

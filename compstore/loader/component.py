@@ -628,9 +628,10 @@ def model_class(name: str) -> type:
                          name: str | None = None, **kwargs):
         """diffusers' `from_single_file` of this class: the checkpoint converted once and
         stored (`compstore.ingest_single_file`), then `load_component` of it."""
+        from .pipeline import open_store
         from .single_file import from_single_file as convert_and_load
 
-        store = store if isinstance(store, Store) else Store(store)
+        store = open_store(store)
         return convert_and_load(target, pretrained_model_link_or_path_or_dict, store, name, kwargs,
                                 lambda ref, kw: load_component(ref, store=store, model_class=target, **kw))
 

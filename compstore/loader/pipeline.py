@@ -316,9 +316,7 @@ class DiffusionPipeline(metaclass=StandIn):
 
         >>> img2img = compstore.AutoPipelineForImage2Image.from_pipe(pipe, dtype=torch.float16)  # doctest: +SKIP
         """
-        import diffusers
-
-        pipe = (cls._loads_as or diffusers.DiffusionPipeline).from_pipe(pipeline, **kwargs)
+        pipe = cls._diffusers_class().from_pipe(pipeline, **kwargs)
         route_through_pool(pipe)
         if getattr(pipeline, POOL, None) is not None:
             setattr(pipe, POOL, getattr(pipeline, POOL))

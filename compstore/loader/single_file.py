@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import glob
-import hashlib
 import json
 import logging
 import os
@@ -36,7 +35,7 @@ from typing import Any, Callable
 import torch
 
 from ..store import CompstoreError, InvalidInputError, PickleRefusedError, Store
-from ..store.hub import is_repo_id
+from ..store.hub import file_sha256, is_repo_id
 from ..store.lock import scratch_folder
 from ..store.safetensors_header import read_header
 from ..store.store import check_ref_name
@@ -107,10 +106,10 @@ def ingest_single_file(
     >>> compstore.ingest_single_file("./dreamshaper.safetensors", "StableDiffusionPipeline").status  # doctest: +SKIP
     'converted'
     """
-    from .pipeline import _skeleton_file
+    from .pipeline import _skeleton_file, open_store
 
     t0 = time.perf_counter()
-    store = store if isinstance(store, Store) else Store(store)
+    store = open_store(store)
     target = _target_class(pipeline_class)
     is_model = not _is_pipeline(target)
     if subfolder is not None and not is_model:
@@ -131,8 +130,8 @@ def ingest_single_file(
     # a model's conversion has a ref of its own: the file's VAE beside the file's pipeline
     ref = (check_ref_name(name) if name is not None
            else f"{source.label}#{target.__name__}" if is_model else source.label)
-    known = source.sha256 or store.file_sha256(ref, source.path, started_ns)
-    sha256 = known or _sha256(source.path)
+    known = source.sha256 or store.recorded_file_sha256(ref, source.path, started_ns)
+    sha256 = known or file_sha256(source.path)
     if config is None:
         config = _inferred_config(source.label, header)
         if is_model and subfolder is None:  # as diffusers: the class's folder in the repo it infers
@@ -296,11 +295,6 @@ def _checkpoint(path: str | os.PathLike) -> Path:
         raise PickleRefusedError(str(path), "not a .safetensors file: compstore never loads pickle "
                                  "checkpoints (.ckpt, .pt, .bin); convert it to safetensors first")
     return checkpoint.resolve()
-
-
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _inferred_config(label: str, header) -> str:

@@ -530,7 +530,7 @@ class Store:
             self._set_ref(ref, snap)
         fsync_dir(self.home)
 
-    def file_sha256(self, ref: str, path: str | os.PathLike, started_ns: int) -> str | None:
+    def recorded_file_sha256(self, ref: str, path: str | os.PathLike, started_ns: int) -> str | None:
         """The sha256 recorded (`record_file_sha256`) for the file at absolute `path`
         under `ref`, if the file's stat (device, inode, size, mtime, ctime) is as it was
         then, and `ref` still points at the snapshot it was recorded with: the bytes
