@@ -154,6 +154,11 @@ def test_bad_single_files_are_refused_and_leave_the_store_as_it_was(family_store
     save_file({**state, "model.diffusion_model.out.2.weight": torch.zeros(3)}, unrelated)  # not this UNet's
     unet_only = tmp_path / "unet-only.safetensors"
     save_file({k: v for k, v in state.items() if k.startswith("model.")}, unet_only)
+    empty = tmp_path / "empty.safetensors"
+    save_file({}, empty)
+    unknown = tmp_path / "unknown.safetensors"  # diffusers reads a value to tell which model it is
+    save_file({"control_layers.14.adaLN_modulation.0.weight": torch.zeros(2),
+               "control_noise_refiner.0.before_proj.weight": torch.ones(2)}, unknown)
     cases = [
         (tmp_path / "missing.safetensors", compstore.InvalidInputError, "no such file"),
         (pickle, compstore.PickleRefusedError, "never loads pickle checkpoints"),
@@ -166,6 +171,10 @@ def test_bad_single_files_are_refused_and_leave_the_store_as_it_was(family_store
     for path, error, message in cases:
         with pytest.raises(error, match=message):
             compstore.StableDiffusionPipeline.from_single_file(path, config="A", store=family_store)
+    with pytest.raises(compstore.InvalidInputError, match="empty.safetensors: holds no tensors"):
+        compstore.StableDiffusionPipeline.from_single_file(empty, config="A", store=family_store)
+    with pytest.raises(compstore.InvalidInputError, match="could not tell which pipeline .* pass config="):
+        compstore.StableDiffusionPipeline.from_single_file(unknown, store=family_store)  # no config
     with pytest.raises(compstore.CompstoreError, match="call it on the class"):
         compstore.DiffusionPipeline.from_single_file(checkpoints["A"], config="A", store=family_store)
     with pytest.raises(compstore.CompstoreError, match="not a diffusers pipeline or model class that loads single"):
