@@ -291,8 +291,15 @@ def test_code_that_names_a_transformers_model_class_loads_it_as_transformers(fam
         ours = compstore.CLIPTextModel.from_pretrained(where, subfolder="text_encoder", store=family_store, **kw)
         assert_same_component("text_encoder", ours, theirs)
         assert isinstance(ours, compstore.CLIPTextModel) and not isinstance(ours, compstore.T5EncoderModel)
-    with pytest.raises(compstore.ComponentNotFoundError, match="holds CLIPTextModel, not CLIPTextModelWithProjection"):
-        compstore.CLIPTextModelWithProjection.from_pretrained("A", subfolder="text_encoder", store=family_store)
+    from conftest import store_state
+
+    before = store_state(family_store.home)
+    for where in ("A", family["B"]):  # a ref, and a folder: refused before it is ingested
+        with pytest.raises(compstore.ComponentNotFoundError,
+                           match="holds CLIPTextModel, not CLIPTextModelWithProjection"):
+            compstore.CLIPTextModelWithProjection.from_pretrained(where, subfolder="text_encoder",
+                                                                  store=family_store)
+    assert store_state(family_store.home) == before
 
 
 def test_a_model_of_another_class_is_refused_before_its_folder_is_ingested(family_store, family):
