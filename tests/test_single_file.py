@@ -346,7 +346,9 @@ def test_a_unet_only_file_loads_as_the_refusal_of_its_pipeline_says(family_store
 
     unet_only = tmp_path / "unet-only.safetensors"
     save_file({k: v for k, v in load_file(checkpoints["B"]).items() if k.startswith("model.")}, unet_only)
-    with pytest.raises(compstore.InvalidInputError, match="loads with its class"):
+    with pytest.raises(compstore.InvalidInputError, match=r"loads with its class \(unet = compstore.UNet2DCondition"
+                       r"Model.from_single_file\(path, config=<ref>\)\), .* compstore.StableDiffusionPipeline"
+                       r".from_pretrained\(<ref>, unet=unet\)"):
         compstore.StableDiffusionPipeline.from_single_file(unet_only, config="A", store=family_store)
     unet = compstore.UNet2DConditionModel.from_single_file(unet_only, config="A", subfolder="unet",
                                                            store=family_store)
@@ -420,3 +422,72 @@ def test_two_processes_converting_one_file_at_once_leave_one_sound_conversion(fa
     snapshots = {json.loads(out[out.index("{"):])["snapshot"] for out, _ in outs}
     assert snapshots == {family_store.resolve(str(checkpoints["B"]))}
     assert family_store.verify().ok and not list((family_store.home / "tmp").iterdir())
+
+
+@pytest.fixture(scope="module")
+def flux(tmp_path_factory):
+    """The tiny Flux family (A; B = A with another transformer) and B's transformer
+    as one file in the diffusers layout, as many Flux fine-tunes are published."""
+    from safetensors.torch import save_file
+
+    root = tmp_path_factory.mktemp("flux")
+    folders = syn.switch_family("flux", "tiny", root / "family")
+    state = diffusers.FluxTransformer2DModel.from_pretrained(folders["B"] / "transformer").state_dict()
+    save_file({k: v.contiguous() for k, v in state.items()}, root / "flux-b.safetensors")
+    return folders, root / "flux-b.safetensors"
+
+
+def test_a_flux_transformer_file_is_the_stored_transformer_it_equals(flux, tmp_path):
+    """A transformer-only file is refused as a pipeline with advice that works: it
+    loads with its model class, the config a pipeline ref or folder, its folder there
+    the class's ("transformer", as diffusers infers it), and converted it is B's
+    transformer component, under 1 KB written. The pipeline takes it passed in."""
+    folders, path = flux
+    store = compstore.Store(tmp_path / "store")
+    store.ingest(folders["A"], "A")
+    store.ingest(folders["B"], "B")
+    before = store_state(store.home)
+    with pytest.raises(compstore.InvalidInputError, match=r"\(transformer = compstore.FluxTransformer2DModel."
+                       r"from_single_file\(path, config=<ref>\)\), .* compstore.FluxPipeline.from_pretrained"
+                       r"\(<ref>, transformer=transformer\)"):
+        compstore.FluxPipeline.from_single_file(path, config="A", store=store)
+    assert store_state(store.home) == before
+    theirs = diffusers.FluxTransformer2DModel.from_single_file(str(path), config=str(folders["A"]),
+                                                               subfolder="transformer")
+    for config in ("A", folders["A"]):
+        name = f"flux-b from {config}"
+        r = compstore.ingest_single_file(path, "FluxTransformer2DModel", config=config, name=name, store=store)
+        assert (r.status, r.written_bytes < 1024) == ("converted", True)  # configs, provenance: no tensor
+        made = json.loads(store.read_file(r.snapshot, "compstore_single_file.json"))
+        assert (made["model_class"], made["subfolder"]) == ("FluxTransformer2DModel", "transformer")
+        [component] = store.components_of(r.snapshot)
+        assert component["component_id"] == next(c["component_id"] for c in store.components_of(
+            store.resolve("B")) if c["slot"] == "transformer")
+        ours = compstore.FluxTransformer2DModel.from_single_file(path, config=config, store=store, name=name)
+        same_state(ours, theirs)
+    pipe = compstore.FluxPipeline.from_pretrained("A", transformer=ours, store=store)
+    same_state(pipe.transformer, compstore.load_component("B", "transformer", store=store))
+    same_state(pipe.vae, compstore.load_component("A", "vae", store=store))
+
+
+@pytest.mark.parametrize("configs, subfolder, missing", [
+    (("A", "A"), "unet", "unet/config.json"),      # the family has no UNet: its ref, its folder
+    ((None, "A/transformer"), "vae", "vae/config.json"),  # a model's folder holds no other model
+    (("tokenizer-only", "A/tokenizer"), None, "config.json"),  # neither a model's folder nor a pipeline
+])
+def test_a_model_config_without_the_models_config_is_refused_before_any_conversion(
+        flux, tmp_path, monkeypatch, configs, subfolder, missing):
+    from compstore.loader import single_file
+
+    folders, path = flux
+    store = compstore.Store(tmp_path / "store")
+    store.ingest(folders["A"], "A")
+    store.ingest(folders["A"] / "tokenizer", "tokenizer-only")
+    before = store_state(store.home)
+    monkeypatch.setattr(single_file, "_convert", lambda *a: pytest.fail("converted"))
+    ref, folder = configs
+    for config in ([ref] if ref else []) + [folders["A"].parent / folder]:
+        with pytest.raises(compstore.InvalidInputError, match=f"has no {missing}"):
+            compstore.FluxTransformer2DModel.from_single_file(path, config=config, subfolder=subfolder,
+                                                              store=store)
+    assert store_state(store.home) == before

@@ -93,8 +93,10 @@ def ingest_single_file(
             diffusers pipeline folder, or a Hub repo id (diffusers downloads its
             configs). Default: the repo diffusers infers from the checkpoint, taken
             from the store when a ref of that name is there.
-        subfolder: a model class's folder in `config` (as diffusers': with no
-            `config`, the class's default, "vae" for `AutoencoderKL`).
+        subfolder: a model class's folder in `config`. Default: the class's own ("vae"
+            for `AutoencoderKL`, "transformer" for `FluxTransformer2DModel`) where
+            `config` is a pipeline in the store or a folder, or inferred; none for
+            a repo id, as diffusers.
         convert_kwargs: diffusers' other `from_single_file` arguments that shape the
             conversion: `original_config`, `local_files_only`, `token`, `revision`,
             `cache_dir`, `disable_mmap`.
@@ -132,12 +134,12 @@ def ingest_single_file(
            else f"{source.label}#{target.__name__}" if is_model else source.label)
     known = source.sha256 or store.recorded_file_sha256(ref, source.path, started_ns)
     sha256 = known or file_sha256(source.path)
-    if config is None:
+    inferred = config is None
+    if inferred:
         config = _inferred_config(source.label, header)
-        if is_model and subfolder is None:  # as diffusers: the class's folder in the repo it infers
-            subfolder = _default_subfolder(target)
     config, stored = _config_name(store, config)
     if is_model:
+        subfolder = _model_subfolder(store, config, stored, target, subfolder, inferred)
         convert_kwargs["subfolder"] = subfolder
     held = _held_conversion(store, ref, sha256, config, subfolder, target.__name__ if is_model else None)
     if held is not None:
@@ -285,6 +287,32 @@ def _default_subfolder(target: type) -> str | None:
     return mapping.get("default_subfolder")
 
 
+def _model_subfolder(store: Store, config: str, stored: bool, target: type, subfolder: str | None,
+                     inferred: bool) -> str | None:
+    """A model class's folder in `config`. Unnamed, the class's default one ("transformer"
+    for FluxTransformer2DModel) where `config` is a repo diffusers inferred (as diffusers
+    takes it) or a pipeline in the store or in a folder (where diffusers would fail for
+    want of a config.json at its root). Refused, before any conversion, when that local
+    folder has no config.json."""
+    if subfolder is None and inferred:
+        return _default_subfolder(target)
+    if not stored and not Path(config).is_dir():
+        return subfolder  # a repo id: diffusers fetches its config, and says what it lacks
+
+    def has(path: str) -> bool:
+        if stored:
+            return store.read_file(store.resolve(config), path) is not None
+        return (Path(config) / path).is_file()
+
+    if subfolder is None and not has("config.json") and has("model_index.json"):
+        subfolder = _default_subfolder(target)
+    where = f"{subfolder}/config.json" if subfolder else "config.json"
+    if not has(where):
+        raise InvalidInputError(config, f"has no {where}: config= for {target.__name__} is a pipeline "
+                                "(ref or folder) with subfolder= its folder, or the model's own folder")
+    return subfolder
+
+
 def _checkpoint(path: str | os.PathLike) -> Path:
     checkpoint = Path(path).expanduser()
     if not checkpoint.is_file():
@@ -360,10 +388,11 @@ def _convert(target: type, checkpoint: Path, checkpoint_label: str, header, conf
             converted = target.from_single_file(str(checkpoint), config=config,
                                            dtype=None if dtype == torch.float32 else dtype, **kwargs)
     except SingleFileComponentError as e:  # a UNet- or transformer-only file, say
+        slot, model = _denoiser(target)
         raise InvalidInputError(checkpoint_label, f"{e.message.splitlines()[0]} Nothing was stored. A "
-                                "checkpoint of one model loads with its class (compstore.UNet2DConditionModel"
-                                ".from_single_file(path, config=..., subfolder='unet')), and the pipeline "
-                                "with it passed in: compstore.DiffusionPipeline.from_pretrained(ref, unet=unet)") from e
+                                f"checkpoint of one model loads with its class ({slot} = compstore.{model}"
+                                f".from_single_file(path, config=<ref>)), and the pipeline with it passed in: "
+                                f"compstore.{target.__name__}.from_pretrained(<ref>, {slot}={slot})") from e
     except (KeyError, ValueError, RuntimeError, IndexError, AttributeError, TypeError) as e:
         raise InvalidInputError(checkpoint_label, f"diffusers' {target.__name__}.from_single_file could "
                                 f"not convert it with config {label!r} ({type(e).__name__}: {e}); "
@@ -375,6 +404,15 @@ def _convert(target: type, checkpoint: Path, checkpoint_label: str, header, conf
             if isinstance(module, torch.nn.Module):
                 _narrow(module, sorted(floats, key=lambda d: d.itemsize))
     return converted
+
+
+def _denoiser(pipeline: type) -> tuple[str, str]:
+    """The slot and class name of a pipeline's UNet or transformer, for its refusal's advice."""
+    types = pipeline._get_signature_types()
+    for slot in ("transformer", "unet", "prior", "decoder"):
+        if types.get(slot) and isinstance(types[slot][0], type):
+            return slot, types[slot][0].__name__
+    return "unet", "UNet2DConditionModel"
 
 
 @contextlib.contextmanager

@@ -286,7 +286,7 @@ def _seeded(seed: int, make, dtype: torch.dtype | None = None):
     if dtype is None:
         return make()
     with torch_default_dtype(dtype):
-        return make().to(dtype)
+        return torch.nn.Module.to(make(), dtype)  # not diffusers' `to`, which warns of fp32 modules
 
 
 def switch_family(kind: str, size: str, root: str | os.PathLike,
