@@ -78,6 +78,32 @@ def test_diff_counts_shared_and_delta_tensor_bytes(family_store):
     assert same.delta_bytes == 0 and same.shared_bytes > 0
 
 
+def test_diff_compares_a_model_ref_with_the_pipelines_model_of_its_class(family_store, family, pipeline_copy):
+    """`diff A my-unet`: the UNet ref (slot "") is set against A's UNet, not listed
+    apart as if the two shared nothing; variants pair by name; with two models of
+    its class, against the one it shares most with."""
+    import json
+    import shutil
+
+    family_store.ingest(family["C"] / "unet", "c-unet")
+    family_store.ingest(family["D"] / "unet", "d-unet")
+    for a, b in (("A", "c-unet"), ("c-unet", "A")):
+        d = family_store.diff(a, b).to_dict()
+        [unet] = [c for c in d["components"] if c["a_id"] and c["b_id"]]
+        assert unet["slot"] == "unet" and 0 < unet["shared_tensors"] < unet["tensors"]
+        assert all(c["slot"] != "" for c in d["components"])
+    assert family_store.diff("A", "c-unet").delta_bytes == family_store.diff("A", "C").delta_bytes
+    paired = {(c["slot"], c["variant"]): c["status"] for c in family_store.diff("D", "d-unet").components}
+    assert paired[("unet", "")] == paired[("unet", "fp16")] == "identical"
+    two = pipeline_copy("A")  # A with C's UNet beside its own, as a second slot of the class
+    shutil.copytree(family["C"] / "unet", two / "unet_2")
+    index = json.loads((two / "model_index.json").read_text())
+    (two / "model_index.json").write_text(json.dumps({**index, "unet_2": index["unet"]}))
+    family_store.ingest(two, "two-unets")
+    rows = {c["slot"]: c["status"] for c in family_store.diff("two-unets", "c-unet").components}
+    assert (rows["unet_2"], rows["unet"]) == ("identical", "only in two-unets")
+
+
 def test_reingest_is_a_noop(store, family):
     first = store.ingest(family["A"], "A")
     before = store_state(store.home)

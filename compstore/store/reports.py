@@ -107,13 +107,42 @@ class DiffReport:
         return asdict(self)
 
 
+def _tensor_blobs(store: "Store", component_id: str) -> list[tuple[int, int]]:
+    """(blob id, size) of each tensor of a component."""
+    return [(r[0], r[1]) for r in store.db.execute(
+        """SELECT t.blob_id, b.size FROM component_tensors ct JOIN tensors t ON t.id = ct.tensor_id
+           JOIN blobs b ON b.id = t.blob_id WHERE ct.component_id = ?""", [component_id])]
+
+
+def _as_slots_of(store: "Store", model: dict, pipeline: dict) -> dict:
+    """A model ref's components (slot "": a model folder, a single file's model)
+    re-keyed by the `pipeline` slot of the same class and variant that shares the
+    most bytes with them, so that `diff base my-unet` compares the UNets."""
+    out = {}
+    for (slot, variant), c in model.items():
+        blobs = dict(_tensor_blobs(store, c["id"]))
+        same = [k for k, p in pipeline.items() if k[1] == variant and p["class_name"] == c["class_name"]]
+        best = max(same, key=lambda k: sum(blobs.get(b, 0) for b, _ in _tensor_blobs(store, pipeline[k]["id"])),
+                   default=(slot, variant))
+        out[best] = c
+    return out
+
+
 def diff(store: "Store", a: str, b: str) -> DiffReport:
-    """What B shares with A, per component and in bytes (distinct tensor payloads)."""
+    """What B shares with A, per component and in bytes (distinct tensor payloads).
+    A model ref (a model folder, or one model's single file) compared with a pipeline
+    is compared with the pipeline's model of its class."""
     snap_a, snap_b = store.resolve(a), store.resolve(b)
     blobs_a = tensor_blobs_of_snapshot(store.db, snap_a)
     blobs_b = tensor_blobs_of_snapshot(store.db, snap_b)
     comps_a = {(c["slot"], c["variant"]): c for c in _components_of(store, snap_a)}
     comps_b = {(c["slot"], c["variant"]): c for c in _components_of(store, snap_b)}
+    is_model = {side: bool(comps) and all(slot == "" for slot, _ in comps)
+                for side, comps in (("a", comps_a), ("b", comps_b))}
+    if is_model["a"] and not is_model["b"]:
+        comps_a = _as_slots_of(store, comps_a, comps_b)
+    elif is_model["b"] and not is_model["a"]:
+        comps_b = _as_slots_of(store, comps_b, comps_a)
     rows = []
     for key in sorted(set(comps_a) | set(comps_b)):
         ca, cb = comps_a.get(key), comps_b.get(key)
@@ -122,9 +151,7 @@ def diff(store: "Store", a: str, b: str) -> DiffReport:
             row.update(status=f"only in {a}", shared_tensors=0, tensors=0, shared_bytes=0, delta_bytes=0)
             rows.append(row)
             continue
-        tensors = [(r[0], r[1]) for r in store.db.execute(
-            """SELECT t.blob_id, b.size FROM component_tensors ct JOIN tensors t ON t.id = ct.tensor_id
-               JOIN blobs b ON b.id = t.blob_id WHERE ct.component_id = ?""", [cb["id"]])]
+        tensors = _tensor_blobs(store, cb["id"])
         shared = [(bid, size) for bid, size in tensors if bid in blobs_a]
         delta = {bid: size for bid, size in tensors if bid not in blobs_a}
         if ca is not None and ca["id"] == cb["id"]:
