@@ -491,3 +491,73 @@ def test_a_model_config_without_the_models_config_is_refused_before_any_conversi
             compstore.FluxTransformer2DModel.from_single_file(path, config=config, subfolder=subfolder,
                                                               store=store)
     assert store_state(store.home) == before
+
+
+@pytest.fixture
+def no_vae(checkpoints, tmp_path):
+    """B's checkpoint without its VAE, as some checkpoints are published."""
+    from safetensors.torch import load_file, save_file
+
+    path = tmp_path / "no-vae.safetensors"
+    save_file({k: v for k, v in load_file(checkpoints["B"]).items() if not k.startswith("first_stage_model.")},
+              path)
+    return path
+
+
+def test_a_checkpoint_lacking_a_model_converts_with_it_passed_in_as_diffusers_does(
+        family_store, family, checkpoints, no_vae, monkeypatch):
+    """A model the file lacks, passed in, is left out of the conversion (recorded as
+    `without`) and the pipeline equals diffusers'. A later call passing it converts
+    nothing; one that does not is refused, as diffusers refuses it, leaving the store
+    as it was. A whole file with a model passed in is converted whole, and that
+    conversion serves calls without it."""
+    from compstore.loader import single_file
+
+    vae = compstore.load_component("A", "vae", store=family_store, dtype=torch.float32)
+    theirs = diffusers.StableDiffusionPipeline.from_single_file(str(no_vae), config=str(family["A"]), vae=vae)
+    ours = compstore.StableDiffusionPipeline.from_single_file(no_vae, config="A", vae=vae, store=family_store)
+    assert_same_pipeline(ours, theirs)
+    assert ours.vae is vae
+    made = json.loads(family_store.read_file(family_store.resolve(str(no_vae)), "compstore_single_file.json"))
+    assert made["without"] == ["vae"]
+    converted = []
+    real = single_file._convert
+    monkeypatch.setattr(single_file, "_convert", lambda *a: converted.append(a[1].name) or real(*a))
+    compstore.StableDiffusionPipeline.from_single_file(no_vae, config="A", vae=vae, store=family_store)
+    assert converted == []
+    before = store_state(family_store.home)
+    with pytest.raises(compstore.InvalidInputError, match="Failed to load AutoencoderKL.*Pass the models it lacks"):
+        compstore.StableDiffusionPipeline.from_single_file(no_vae, config="A", store=family_store)
+    assert store_state(family_store.home) == before
+    whole = compstore.StableDiffusionPipeline.from_single_file(checkpoints["B"], config="A", vae=vae,
+                                                               safety_checker=None, store=family_store)
+    assert whole.vae is vae and converted == [no_vae.name, "B.safetensors"]  # whole at the first try
+    snapshot = family_store.resolve(str(checkpoints["B"]))
+    assert "without" not in json.loads(family_store.read_file(snapshot, "compstore_single_file.json"))
+    same_state(compstore.StableDiffusionPipeline.from_single_file(checkpoints["B"], config="A",
+                                                                  store=family_store).vae, vae)
+    assert converted == [no_vae.name, "B.safetensors"]
+
+
+@pytest.mark.parametrize("cls, may_lack, message", [
+    ("StableDiffusionPipeline", ["vea"], "StableDiffusionPipeline has no slot 'vea': its slots are"),
+    ("AutoencoderKL", ["vae"], "a model class's checkpoint is one model"),
+])
+def test_may_lack_naming_no_slot_of_a_pipeline_is_refused(family_store, no_vae, cls, may_lack, message):
+    before = store_state(family_store.home)
+    with pytest.raises(compstore.CompstoreError, match=message):
+        compstore.ingest_single_file(no_vae, cls, config="A", may_lack=may_lack, store=family_store)
+    assert store_state(family_store.home) == before
+
+
+def test_cli_may_lack(family_store, no_vae):
+    run = lambda *extra: CliRunner().invoke(cli, [  # noqa: E731
+        "--store", str(family_store.home), "ingest-single-file", str(no_vae), "--class",
+        "StableDiffusionPipeline", "--config", "A", "--json", *extra])
+    refused = run()
+    assert refused.exit_code == 2 and "Pass the models it lacks" in refused.output  # bad input
+    done = run("--may-lack", "vae", "--may-lack", "safety_checker")
+    assert done.exit_code == 0, done.output
+    assert json.loads(done.stdout)["status"] == "converted"
+    made = json.loads(family_store.read_file(family_store.resolve(str(no_vae)), "compstore_single_file.json"))
+    assert made["without"] == ["safety_checker", "vae"]

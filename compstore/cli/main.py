@@ -66,15 +66,18 @@ def ingest(ctx, path, name, allow_pickle, exclude, repin, as_json):
 @click.option("--subfolder", help="A model class's folder in --config, e.g. vae [default with no "
               "--config: the class's, as diffusers'].")
 @click.option("--name", help="Ref to record it under [default: the file's absolute path].")
+@click.option("--may-lack", multiple=True, metavar="SLOT",
+              help="A pipeline slot the checkpoint may lack, its model loaded from elsewhere "
+                   "(e.g. text_encoder_3): converted without it where the file lacks it.")
 @json_option
 @click.pass_context
-def ingest_single_file(ctx, path, pipeline_class, config, subfolder, name, as_json):
+def ingest_single_file(ctx, path, pipeline_class, config, subfolder, name, may_lack, as_json):
     """Convert a single-file checkpoint (.safetensors, or a Hub URL of one) with diffusers, once,
     and ingest the pipeline (or model)."""
     from ..loader import ingest_single_file as convert_and_ingest
 
     r = convert_and_ingest(path, pipeline_class, config=config, subfolder=subfolder, name=name,
-                           store=open_store(ctx))
+                           may_lack=may_lack, store=open_store(ctx))
     text = (f"{r.ref}: unchanged, the store holds this file's conversion (sha256 {r.sha256[:12]})"
             if r.status == "unchanged" else
             f"{r.ref}: converted with config {r.config}; wrote {human(r.written_bytes)} new, "

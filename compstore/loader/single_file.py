@@ -30,7 +30,7 @@ import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Collection
 
 import torch
 
@@ -75,6 +75,7 @@ def ingest_single_file(
     subfolder: str | None = None,
     name: str | None = None,
     store: Store | str | os.PathLike | None = None,
+    may_lack: Collection[str] = (),
     **convert_kwargs: Any,
 ) -> SingleFileResult:
     """Convert a single-file checkpoint with diffusers' `pipeline_class.from_single_file`
@@ -97,6 +98,12 @@ def ingest_single_file(
             for `AutoencoderKL`, "transformer" for `FluxTransformer2DModel`) where
             `config` is a pipeline in the store or a folder, or inferred; none for
             a repo id, as diffusers.
+        may_lack: a pipeline's slots whose models come from elsewhere (passed to the
+            load, or None: diffusers' `vae=my_vae`, `text_encoder_3=None`). Where the
+            checkpoint lacks one's weights, it is converted without these slots (as
+            diffusers' `from_single_file` leaves passed components out), recorded as
+            `without` in its provenance; a checkpoint that holds them all is
+            converted whole, and that conversion serves every later call.
         convert_kwargs: diffusers' other `from_single_file` arguments that shape the
             conversion: `original_config`, `local_files_only`, `token`, `revision`,
             `cache_dir`, `disable_mmap`.
@@ -117,6 +124,7 @@ def ingest_single_file(
     if subfolder is not None and not is_model:
         raise CompstoreError(f"subfolder={subfolder!r}: a pipeline's checkpoint holds all its models; "
                              "subfolder= picks a model class's folder in config=")
+    may_lack = _slots(target, may_lack)
     started_ns = time.time_ns()
     hub = _hub_file(path)
     if hub is not None:  # pulled first: only what the store lacks is downloaded
@@ -141,7 +149,8 @@ def ingest_single_file(
     if is_model:
         subfolder = _model_subfolder(store, config, stored, target, subfolder, inferred)
         convert_kwargs["subfolder"] = subfolder
-    held = _held_conversion(store, ref, sha256, config, subfolder, target.__name__ if is_model else None)
+    held = _held_conversion(store, ref, sha256, config, subfolder, target.__name__ if is_model else None,
+                            may_lack)
     if held is not None:
         if known is None:  # the next call reads none of it
             store.record_file_sha256(ref, held, source.path, sha256, started_ns)
@@ -160,11 +169,13 @@ def ingest_single_file(
             with store.reading_snapshot(snapshot, config):
                 provenance["config_snapshot"] = snapshot
                 skeleton = store.materialize(snapshot, _skeleton_file)
-                converted = _convert(target, checkpoint, source.label, header, str(skeleton), config,
-                                     convert_kwargs)
+                converted = _convert_whole_or_without(target, checkpoint, source.label, header, str(skeleton),
+                                                      config, convert_kwargs, may_lack, provenance)
         else:
-            converted = _convert(target, checkpoint, source.label, header, config, config, convert_kwargs)
-        converted.save_pretrained(folder)
+            converted = _convert_whole_or_without(target, checkpoint, source.label, header, config, config,
+                                                  convert_kwargs, may_lack, provenance)
+        with _warning_dropped("diffusers.pipelines.pipeline_utils", "self."):  # "self.vae=None ...
+            converted.save_pretrained(folder)  # cannot be saved": a slot left out, as recorded
         del converted
         (folder / PROVENANCE).write_text(json.dumps(provenance, indent=2) + "\n")
         result = store.ingest(folder, ref, source=source.label, consume_weights=True)
@@ -355,10 +366,11 @@ def _config_name(store: Store, config: str | os.PathLike) -> tuple[str, bool]:
 
 
 def _held_conversion(store: Store, ref: str, sha256: str, config: str, subfolder: str | None,
-                     model_class: str | None) -> str | None:
+                     model_class: str | None, may_lack: list[str]) -> str | None:
     """The snapshot of `ref` if it holds the conversion of this file with this config
     and subfolder, as a pipeline or as a model of `model_class` (and, for a config
-    taken from the store, that ref's snapshot then and now)."""
+    taken from the store, that ref's snapshot then and now), without no slot but
+    those in `may_lack`."""
     if not store.has_ref(ref):
         return None
     snapshot = store.resolve(ref)
@@ -367,11 +379,45 @@ def _held_conversion(store: Store, ref: str, sha256: str, config: str, subfolder
         return None
     made = json.loads(raw)
     if (made.get("sha256"), made.get("config"), made.get("subfolder"), made.get("model_class")) != (
-            sha256, config, subfolder, model_class):
+            sha256, config, subfolder, model_class) or not set(made.get("without", [])) <= set(may_lack):
         return None
     if "config_snapshot" in made and not (store.has_ref(config) and store.resolve(config) == made["config_snapshot"]):
         return None
     return snapshot
+
+
+def _slots(target: type, may_lack: Collection[str]) -> list[str]:
+    """`may_lack`, sorted, each checked to be a model slot of pipeline `target`."""
+    if not may_lack:
+        return []
+    if not _is_pipeline(target):
+        raise CompstoreError(f"may_lack={list(may_lack)}: a model class's checkpoint is one model; "
+                             "may_lack names slots of a pipeline")
+    slots = target._get_signature_keys(target)[0]
+    unknown = sorted(set(may_lack) - set(slots))
+    if unknown:
+        raise CompstoreError(f"{target.__name__} has no slot {', '.join(map(repr, unknown))}: "
+                             f"its slots are {', '.join(sorted(slots))}")
+    return sorted(set(may_lack))
+
+
+class _ComponentMissing(InvalidInputError):
+    """The checkpoint lacks the weights of one of the pipeline's models."""
+
+
+def _convert_whole_or_without(target: type, checkpoint: Path, checkpoint_label: str, header, config: str,
+                              label: str, kwargs: dict[str, Any], may_lack: list[str], provenance: dict):
+    """The whole checkpoint's conversion; where it lacks a model and `may_lack` names
+    slots, the conversion without them (each None, as diffusers takes a passed None),
+    recorded in `provenance`."""
+    try:
+        return _convert(target, checkpoint, checkpoint_label, header, config, label, kwargs)
+    except _ComponentMissing:
+        if not may_lack:
+            raise
+    provenance["without"] = may_lack
+    return _convert(target, checkpoint, checkpoint_label, header, config, label,
+                    {**kwargs, **dict.fromkeys(may_lack)})
 
 
 def _convert(target: type, checkpoint: Path, checkpoint_label: str, header, config: str, label: str,
@@ -384,12 +430,16 @@ def _convert(target: type, checkpoint: Path, checkpoint_label: str, header, conf
     floats = {_FLOAT_DTYPES[t.dtype] for t in header.tensors if t.dtype in _FLOAT_DTYPES}
     dtype = next(iter(floats)) if len(floats) == 1 else None  # None: diffusers' float32
     try:
-        with _fp32_modules_warning_dropped():
+        # from_single_file casts each model with `.to(dtype)`, which warns that modules "should
+        # be kept in float32": what is stored is the checkpoint's bytes, and each load
+        # applies from_pretrained's dtype rules
+        with _warning_dropped("diffusers.models.modeling_utils", "There are modules in "):
             converted = target.from_single_file(str(checkpoint), config=config,
                                            dtype=None if dtype == torch.float32 else dtype, **kwargs)
     except SingleFileComponentError as e:  # a UNet- or transformer-only file, say
         slot, model = _denoiser(target)
-        raise InvalidInputError(checkpoint_label, f"{e.message.splitlines()[0]} Nothing was stored. A "
+        raise _ComponentMissing(checkpoint_label, f"{e.message.splitlines()[0]} Nothing was stored. Pass "
+                                "the models it lacks, as diffusers takes them (vae=my_vae, or None). A "
                                 f"checkpoint of one model loads with its class ({slot} = compstore.{model}"
                                 f".from_single_file(path, config=<ref>)), and the pipeline with it passed in: "
                                 f"compstore.{target.__name__}.from_pretrained(<ref>, {slot}={slot})") from e
@@ -416,20 +466,19 @@ def _denoiser(pipeline: type) -> tuple[str, str]:
 
 
 @contextlib.contextmanager
-def _fp32_modules_warning_dropped():
-    """diffusers' from_single_file casts each model with `.to(dtype)`, which warns that
-    modules "should be kept in float32". What is stored here is the checkpoint's
-    bytes; each load applies the dtype rules of `from_pretrained`."""
-    modeling = logging.getLogger("diffusers.models.modeling_utils")
+def _warning_dropped(logger: str, start: str):
+    """diffusers' warnings that begin with `start`, from `logger`, dropped while the
+    block runs: warnings about steps compstore takes for the user, not the user's."""
+    log = logging.getLogger(logger)
 
     def keep(record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith("There are modules in ")
+        return not record.getMessage().startswith(start)
 
-    modeling.addFilter(keep)
+    log.addFilter(keep)
     try:
         yield
     finally:
-        modeling.removeFilter(keep)
+        log.removeFilter(keep)
 
 
 def _narrow(module: torch.nn.Module, dtypes: list[torch.dtype]) -> None:
@@ -451,6 +500,8 @@ def from_single_file(target: type, path: str | os.PathLike, store: Store, name: 
     for k in ("local_files_only", "token"):
         if k in kwargs:
             convert[k] = kwargs[k]
+    if _is_pipeline(target):  # components passed in: the checkpoint may lack them
+        convert["may_lack"] = [k for k in kwargs if k in target._get_signature_keys(target)[0]]
     ref = ingest_single_file(path, target, store=store, name=name, **convert).ref
     kwargs["local_files_only"] = True  # a ref: never a Hub repo of the same name
     if kwargs.get("dtype", kwargs.get("torch_dtype")) is None:
