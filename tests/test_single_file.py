@@ -454,12 +454,13 @@ def test_a_flux_transformer_file_is_the_stored_transformer_it_equals(flux, tmp_p
     assert store_state(store.home) == before
     theirs = diffusers.FluxTransformer2DModel.from_single_file(str(path), config=str(folders["A"]),
                                                                subfolder="transformer")
-    for config in ("A", folders["A"]):
+    for config in ("A", folders["A"], folders["A"] / "transformer"):  # a model's own folder: no subfolder
         name = f"flux-b from {config}"
         r = compstore.ingest_single_file(path, "FluxTransformer2DModel", config=config, name=name, store=store)
         assert (r.status, r.written_bytes < 1024) == ("converted", True)  # configs, provenance: no tensor
         made = json.loads(store.read_file(r.snapshot, "compstore_single_file.json"))
-        assert (made["model_class"], made["subfolder"]) == ("FluxTransformer2DModel", "transformer")
+        assert (made["model_class"], made.get("subfolder")) == (
+            "FluxTransformer2DModel", None if str(config).endswith("transformer") else "transformer")
         [component] = store.components_of(r.snapshot)
         assert component["component_id"] == next(c["component_id"] for c in store.components_of(
             store.resolve("B")) if c["slot"] == "transformer")
