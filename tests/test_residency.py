@@ -113,6 +113,26 @@ def test_a_b_a_within_budget_moves_nothing(family_store):
     assert again.bytes_uploaded == unkeyed_bytes(a2) and again.bytes_reused > 0
 
 
+def test_switches_within_budget_keep_no_bookkeeping_of_dropped_pipelines(family_store):
+    """A service that switches among pipelines its budget holds never evicts; the
+    pool still counts down what dropped pipelines used at each switch's settle,
+    instead of queueing one set of entries per dropped module for ever (until
+    2026-12-07: three more per switch of the tiny family, never freed)."""
+    pool = ResidencyPool("meta", budget_bytes=1 << 40, copier=CountingCopier())
+    pipe = None
+    for i in range(12):
+        pipe = None  # the service drops the pipeline it served, then loads the next
+        pipe = load(family_store, "ABC"[i % 3])
+        to_device(pipe, "meta", pool=pool)
+        assert len(pool._gone) == 0
+        modules = (pipe.unet, pipe.vae, pipe.text_encoder)
+        # a resident entry counts exactly the live modules that use it (identical bytes, a
+        # zero bias say, serve several): the dropped ones are counted down
+        assert all(e.users == sum(e in pool._uses[m] for m in modules) for e in pool._resident.values())
+        assert pool.idle_bytes > 0 or i == 0  # what the dropped ones alone used is idle, kept
+        del modules
+
+
 def test_eviction_respects_budget_and_never_touches_live_tensors(family_store):
     pool = ResidencyPool("meta", budget_bytes=0, copier=CountingCopier())
     a = load(family_store, "A")
