@@ -17,10 +17,12 @@ import json
 import os
 import re
 import shutil
+import sqlite3
 import tempfile
 import threading
 import time
 import uuid
+import weakref
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, NamedTuple
@@ -149,6 +151,13 @@ def _skeleton_intact(folder: Path) -> bool:
         return False
 
 
+def _close_catalog(conn: sqlite3.Connection) -> None:
+    try:
+        conn.close()
+    except sqlite3.ProgrammingError:  # dropped last in another thread: the collector closes it
+        pass
+
+
 class Store:
     """A content-addressed store of pipeline weights in one folder.
 
@@ -177,6 +186,10 @@ class Store:
                 with write_lock(self.home):
                     ensure_schema(self.db)
             ensure_schema(self.db, read_only=read_only)
+        # CPython's sqlite3 connection sits in a reference cycle (its statement cache), so
+        # a Store dropped without close() kept its catalog open until the cyclic collector
+        # ran: 30 Stores opened and dropped in a loop held 30 catalog.db files open
+        self._closed_with_it = weakref.finalize(self, _close_catalog, self.db.conn)
         self.packs = PackFiles(self.home / "objects" / "packs")
 
     def _writable(self) -> None:
