@@ -387,7 +387,8 @@ def _held_conversion(store: Store, ref: str, sha256: str, config: str, subfolder
 
 
 def _slots(target: type, may_lack: Collection[str]) -> list[str]:
-    """`may_lack`, sorted, each checked to be a model slot of pipeline `target`."""
+    """`may_lack`, sorted, each checked to be a slot of pipeline `target` (a model's,
+    or a tokenizer's or scheduler's: diffusers takes any of them passed in)."""
     if not may_lack:
         return []
     if not _is_pipeline(target):
