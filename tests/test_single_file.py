@@ -562,3 +562,34 @@ def test_cli_may_lack(family_store, no_vae):
     assert json.loads(done.stdout)["status"] == "converted"
     made = json.loads(family_store.read_file(family_store.resolve(str(no_vae)), "compstore_single_file.json"))
     assert made["without"] == ["safety_checker", "vae"]
+
+
+def test_a_cached_single_file_is_adopted_and_its_url_then_downloads_nothing(
+        family_store, family, checkpoints, hub, tmp_path):
+    """What diffusers' `from_single_file(url)` leaves in a Hugging Face cache (the file
+    alone, at its revision's root) is adopted as `repo@commit` (it was skipped: "not
+    a diffusers pipeline or component"), not as `repo`; the same URL through compstore
+    then downloads nothing and converts to diffusers' pipeline, offline too; and
+    `reclaim` frees the cache once the store rebuilds the file."""
+    from huggingface_hub import scan_cache_dir
+    from hub_emulator import huggingface_hub_default_endpoint
+
+    url = "https://huggingface.co/org/B/blob/main/b.safetensors"
+    cache = tmp_path / "hf-cache"
+    with huggingface_hub_default_endpoint(hub.url):
+        theirs = diffusers.StableDiffusionPipeline.from_single_file(url, config=str(family["A"]), cache_dir=cache)
+    report = family_store.adopt(cache)
+    commit = hub.repos["org/B"].refs["main"]
+    assert [(a["ref"], a["whole"], a["single_files"]) for a in report.adopted] == [(f"org/B@{commit}", False, True)]
+    assert not report.skipped and not family_store.has_ref("org/B")
+    hub.served_files.clear()
+    ours = compstore.StableDiffusionPipeline.from_single_file(url, config="A", store=family_store)
+    assert hub.served_files == []  # the listing, and no file: the store holds it
+    assert_same_pipeline(ours, theirs)
+    offline = compstore.StableDiffusionPipeline.from_single_file(url, config="A", store=family_store,
+                                                                 local_files_only=True)
+    assert_same_pipeline(offline, theirs)
+    r = CliRunner().invoke(cli, ["--store", str(family_store.home), "adopt", "--cache-dir", str(cache),
+                                 "--reclaim"])
+    assert r.exit_code == 0 and f"org/B@{commit}" in r.output and "single files" in r.output, r.output
+    assert all(not repo.revisions for repo in scan_cache_dir(cache).repos)

@@ -156,9 +156,10 @@ def manifest(ctx, ref, output, as_json):
 @json_option
 @click.pass_context
 def adopt(ctx, cache_dir, reclaim, as_json):
-    """Ingest every diffusers snapshot of a Hugging Face cache."""
+    """Ingest every diffusers snapshot (and single-file checkpoint) of a Hugging Face cache."""
     r = open_store(ctx).adopt(cache_dir, reclaim=reclaim, progress=want_progress(as_json))
-    rows = [[a["ref"], a["status"], "whole" if a["whole"] else "part", human(a["bytes"])]
+    rows = [[a["ref"], a["status"], "whole" if a["whole"] else "single files" if a["single_files"] else "part",
+             human(a["bytes"])]
             + ([a["verified"]] if reclaim else []) for a in r.adopted]
     text = (tabulate(rows, ["ref", "status", "pipeline", "size"] + (["verified"] if reclaim else []))
             if rows else "(no diffusers snapshots found)")

@@ -7,7 +7,10 @@ is ingested as `repo@commit`, and `repo` points at the newest whole one: a
 pipeline with every folder its index names, or a component. A revision holding
 part of a pipeline (`vae/` or `text_encoder/` alone, from `subfolder=`; a pipeline
 loaded with a component passed in) is adopted as `repo@commit` only; loads of that
-part find it there offline (`load_component(repo, "vae")`). The tree listing
+part find it there offline (`load_component(repo, "vae")`). So is a revision of
+single-file checkpoints (`.safetensors` at its root, as diffusers'
+`from_single_file(url)` downloads them): `from_single_file` of that URL then
+downloads nothing, and offline finds the file there. The tree listing
 huggingface_hub keeps beside a snapshot (`trees/<commit>.json`: size, git blob id,
 LFS sha256, Xet hash per file) gives each file's Xet hash, recorded beside its
 sha256. With `reclaim`, a revision is deleted from the cache through
@@ -62,6 +65,12 @@ def _is_diffusers(snapshot: Path) -> bool:
         for folder, c in folders.items())
 
 
+def _single_files(snapshot: Path) -> bool:
+    """Checkpoints at the root of a revision that is no diffusers folder: what
+    diffusers' `from_single_file(url)` leaves in a cache."""
+    return any(p.is_file() for p in snapshot.glob("*.safetensors"))
+
+
 def _config(path: Path) -> dict:
     try:
         value = json.loads(path.read_text()) if path.is_file() else {}
@@ -96,8 +105,9 @@ def _same_bytes_as_cache(store: "Store", snapshot_id: str, snapshot_path: Path) 
 
 def adopt(store: "Store", cache_dir: str | os.PathLike | None = None, *, reclaim: bool = False,
           progress: bool = False) -> AdoptReport:
-    """Ingest every diffusers snapshot of a Hugging Face cache; `reclaim` deletes each
-    revision from the cache once the store rebuilds it byte-identically.
+    """Ingest every diffusers snapshot (and revision of single-file checkpoints) of a
+    Hugging Face cache; `reclaim` deletes each revision from the cache once the store
+    rebuilds it byte-identically.
 
     >>> Store().adopt(reclaim=True).reclaimed_bytes  # doctest: +SKIP
     """
@@ -119,7 +129,8 @@ def adopt(store: "Store", cache_dir: str | os.PathLike | None = None, *, reclaim
         revisions = sorted(repo.revisions, key=lambda r: r.last_modified)
         for rev in revisions:
             snap = Path(rev.snapshot_path)
-            if not _is_diffusers(snap):
+            single_files = not _is_diffusers(snap) and _single_files(snap)
+            if not (single_files or _is_diffusers(snap)):
                 report.skipped.append({"repo": repo.repo_id, "commit": rev.commit_hash,
                                        "reason": "not a diffusers pipeline or component"})
                 continue
@@ -131,12 +142,14 @@ def adopt(store: "Store", cache_dir: str | os.PathLike | None = None, *, reclaim
                 report.skipped.append({"repo": repo.repo_id, "commit": rev.commit_hash,
                                        "reason": str(e)})
                 continue
-            whole = r.kind != "components" and not missing_slots(store, r.snapshot)
+            # a pull of single files names `repo@commit` alone, as `pull --include` does
+            whole = not single_files and r.kind != "components" and not missing_slots(store, r.snapshot)
             if whole:  # the newest whole revision wins: sorted above
                 store.tag(repo.repo_id, r.snapshot)
             _record_tree_hashes(store, r.snapshot, _tree_listing(Path(repo.repo_path), rev.commit_hash))
             entry = {"repo": repo.repo_id, "commit": rev.commit_hash, "ref": ref,
-                     "status": r.status, "bytes": r.logical_bytes, "whole": whole}
+                     "status": r.status, "bytes": r.logical_bytes, "whole": whole,
+                     "single_files": single_files}
             if reclaim:
                 with store.reading():
                     entry["verified"] = _same_bytes_as_cache(store, r.snapshot, snap)
