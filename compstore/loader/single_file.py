@@ -501,8 +501,10 @@ def from_single_file(target: type, path: str | os.PathLike, store: Store, name: 
     for k in ("local_files_only", "token"):
         if k in kwargs:
             convert[k] = kwargs[k]
-    if _is_pipeline(target):  # components passed in: the checkpoint may lack them
-        convert["may_lack"] = [k for k in kwargs if k in target._get_signature_keys(target)[0]]
+    if _is_pipeline(target):  # models passed in (or None): the checkpoint may lack them; a
+        # tokenizer or scheduler is never the checkpoint's, so it never needs leaving out
+        convert["may_lack"] = [k for k, v in kwargs.items() if k in target._get_signature_keys(target)[0]
+                               and (v is None or isinstance(v, torch.nn.Module))]
     ref = ingest_single_file(path, target, store=store, name=name, **convert).ref
     kwargs["local_files_only"] = True  # a ref: never a Hub repo of the same name
     if kwargs.get("dtype", kwargs.get("torch_dtype")) is None:
