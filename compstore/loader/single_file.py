@@ -309,10 +309,11 @@ def _model_subfolder(store: Store, config: str, stored: bool, target: type, subf
         return _default_subfolder(target)
     if not stored and not Path(config).is_dir():
         return subfolder  # a repo id: diffusers fetches its config, and says what it lacks
+    snapshot = store.resolve(config) if stored else None
 
     def has(path: str) -> bool:
-        if stored:
-            return store.read_file(store.resolve(config), path) is not None
+        if snapshot is not None:
+            return store.read_file(snapshot, path) is not None
         return (Path(config) / path).is_file()
 
     if subfolder is None and not has("config.json") and has("model_index.json"):
@@ -503,8 +504,9 @@ def from_single_file(target: type, path: str | os.PathLike, store: Store, name: 
             convert[k] = kwargs[k]
     if _is_pipeline(target):  # models passed in (or None): the checkpoint may lack them; a
         # tokenizer or scheduler is never the checkpoint's, so it never needs leaving out
-        convert["may_lack"] = [k for k, v in kwargs.items() if k in target._get_signature_keys(target)[0]
-                               and (v is None or isinstance(v, torch.nn.Module))]
+        slots = target._get_signature_keys(target)[0]
+        convert["may_lack"] = [k for k, v in kwargs.items()
+                               if k in slots and (v is None or isinstance(v, torch.nn.Module))]
     ref = ingest_single_file(path, target, store=store, name=name, **convert).ref
     kwargs["local_files_only"] = True  # a ref: never a Hub repo of the same name
     if kwargs.get("dtype", kwargs.get("torch_dtype")) is None:
