@@ -292,27 +292,37 @@ def test_a_refused_load_of_a_folder_leaves_the_store_as_it_was(load, message, st
     assert store_state(store.home) == before and store.ls() == []
 
 
-def _quantization_configs():
+def test_a_quantization_config_that_cannot_load_fails_as_diffusers_fails_before_any_ingest(store, family):
+    """A bitsandbytes config where diffusers cannot quantize with it (bitsandbytes not
+    installed, or no GPU): the library's own error, raised before the folder is
+    ingested; a GGUF config (it loads .gguf files, which the store does not hold) and
+    one of no quantization method: a CompstoreError that says what to do. Each leaves
+    the store as it was (a working one: tests/test_quantized.py)."""
+    import re
+
+    import diffusers
     from diffusers import GGUFQuantizationConfig
     from diffusers.quantizers import PipelineQuantizationConfig
 
-    return (PipelineQuantizationConfig(quant_backend="bitsandbytes_4bit", quant_kwargs={"load_in_4bit": True},
-                                       components_to_quantize=["unet"]),
-            GGUFQuantizationConfig(compute_dtype=torch.bfloat16))
-
-
-def test_quantization_config_is_refused_not_dropped(store, family):
-    """diffusers quantizes while it loads; compstore binds the stored weights, so a
-    quantization_config would load the model unquantized: refused, nothing ingested."""
     import compstore
 
-    pipeline_config, model_config = _quantization_configs()
+    bnb = PipelineQuantizationConfig(quant_backend="bitsandbytes_4bit", quant_kwargs={"load_in_4bit": True},
+                                     components_to_quantize=["unet"])
+    try:
+        diffusers.DiffusionPipeline.from_pretrained(family["A"], quantization_config=bnb)
+        theirs = None
+    except Exception as e:  # not installed here (ImportError); installed, no GPU (RuntimeError)
+        theirs = e
     before = store_state(store.home)
-    with pytest.raises(compstore.CompstoreError, match="does not quantize them yet.*transformer=model"):
-        compstore.DiffusionPipeline.from_pretrained(str(family["A"]), store=store,
-                                                    quantization_config=pipeline_config)
-    with pytest.raises(compstore.CompstoreError, match="does not quantize them yet"):
-        compstore.load_component(str(family["A"]), "unet", store=store, quantization_config=model_config)
+    if theirs is not None:
+        with pytest.raises(type(theirs), match=re.escape(str(theirs))):
+            compstore.DiffusionPipeline.from_pretrained(str(family["A"]), store=store, quantization_config=bnb)
+    with pytest.raises(compstore.CompstoreError, match=r"A/unet: a GGUF quantization config loads \.gguf "
+                       r"checkpoints.*from_single_file"):
+        compstore.load_component(str(family["A"]), "unet", store=store,
+                                 quantization_config=GGUFQuantizationConfig(compute_dtype=torch.bfloat16))
+    with pytest.raises(compstore.CompstoreError, match="is not a quantization config"):
+        compstore.load_component(str(family["A"]), "unet", store=store, quantization_config={"bits": 4})
     assert store_state(store.home) == before and store.ls() == []
     compstore.DiffusionPipeline.from_pretrained(str(family["A"]), store=store, quantization_config=None)
 

@@ -235,3 +235,53 @@ def test_random_switch_sequences_on_the_gpu_match_diffusers(family_store, family
     from test_switch_sequences import run
 
     run(family_store, family, seed=0, device="cuda")
+
+
+def test_a_quantized_unet_on_the_gpu_moves_with_its_own_to_and_images_match(family_store, family):
+    """torchao int8 UNet (compstore/loader/quantized.py) with `device_map="cuda"`: the pool
+    moves it with its own `.to()`, the VAE and text encoder through the pool; the image
+    is diffusers' own quantized pipeline's."""
+    import diffusers
+    from test_loader import image
+
+    pytest.importorskip("torchao")  # carried to the GPU machine by scripts/gpu-wheels.sh
+    from torchao.quantization import Int8WeightOnlyConfig
+
+    def config():
+        return diffusers.PipelineQuantizationConfig(
+            quant_mapping={"unet": diffusers.TorchAoConfig(Int8WeightOnlyConfig())})
+
+    ours = compstore.DiffusionPipeline.from_pretrained("A", store=family_store, dtype=torch.bfloat16,
+                                                       quantization_config=config(), device_map="cuda")
+    moved = {c.component: c for c in compstore.last_transfer().components}
+    assert moved["unet"].bytes_from_store > 0 and moved["vae"].bytes_uploaded > 0
+    assert type(ours.unet.down_blocks[1].attentions[0].transformer_blocks[0].attn1.to_q.weight).__name__ == "Int8Tensor"
+    assert {t.device.type for t in ours.unet.state_dict().values()} == {"cuda"}
+    theirs = diffusers.DiffusionPipeline.from_pretrained(family["A"], dtype=torch.bfloat16,
+                                                         quantization_config=config()).to("cuda")
+    np.testing.assert_array_equal(image(ours), image(theirs))
+
+
+def test_a_bitsandbytes_4_bit_unet_loads_on_the_gpu_as_diffusers_loads_it(family_store, family):
+    """diffusers' bitsandbytes quantizer needs a GPU: the UNet in nf4, placed on the GPU
+    as it loads (its device map), left there by the pool; the image is diffusers'."""
+    import diffusers
+    from test_loader import image
+
+    pytest.importorskip("bitsandbytes")  # carried to the GPU machine by scripts/gpu-wheels.sh
+
+    def config():
+        return diffusers.PipelineQuantizationConfig(
+            quant_backend="bitsandbytes_4bit", components_to_quantize=["unet"],
+            quant_kwargs={"load_in_4bit": True, "bnb_4bit_quant_type": "nf4",
+                          "bnb_4bit_compute_dtype": torch.float16})
+
+    ours = compstore.DiffusionPipeline.from_pretrained("A", store=family_store, dtype=torch.float16,
+                                                       quantization_config=config(), device_map="cuda")
+    assert ours.unet.is_loaded_in_4bit
+    assert {p.device.type for p in ours.unet.parameters()} == {"cuda"}
+    theirs = diffusers.DiffusionPipeline.from_pretrained(family["A"], dtype=torch.float16,
+                                                         quantization_config=config()).to("cuda")
+    a, b = ours.unet.state_dict(), theirs.unet.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    np.testing.assert_array_equal(image(ours), image(theirs))

@@ -208,7 +208,9 @@ def test_a_variant_the_pin_lacks_loads_it_with_a_warning_as_an_own_slot(repos, s
         assert all(torch.equal(a[k], b[k]) for k in a), slot
 
 
-def test_load_components_refuses_quantization_config(repos, store):
+def test_load_components_refuses_a_pipeline_quantization_config(repos, store):
+    """`load_components` takes one model config per name (tests/test_quantized.py); a
+    PipelineQuantizationConfig is not one: refused, nothing loaded."""
     from diffusers.quantizers import PipelineQuantizationConfig
 
     store.ingest(repos / "remix", "remix")
@@ -216,7 +218,7 @@ def test_load_components_refuses_quantization_config(repos, store):
     config = PipelineQuantizationConfig(quant_backend="bitsandbytes_4bit",
                                         quant_kwargs={"load_in_4bit": True}, components_to_quantize=["unet"])
     before = store_state(store.home)
-    with pytest.raises(compstore.CompstoreError, match="does not quantize them yet"):
+    with pytest.raises(compstore.CompstoreError, match="is not a quantization config"):
         pipe.load_components(torch_dtype=torch.float32, quantization_config=config)
     assert pipe.unet is None and store_state(store.home) == before  # nothing was loaded
 

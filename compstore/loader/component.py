@@ -135,6 +135,7 @@ def prepare_model(
     verify: bool = False,
     pool: ResidencyPool | None = None,
     private: bool = False,
+    quantization_config: Any = None,
 ) -> Callable[[], torch.nn.Module]:
     """A model of the stored tensors of `component`, in two halves: this call does
     the Python work and returns the function that binds the tensors and returns
@@ -153,7 +154,9 @@ def prepare_model(
     returns (`pool.serve` with `wait=False`: the Python work after it overlaps
     them); the caller calls `pool.settle()` and `pool.wait_uploads()` once it has
     built everything.
-    `private=True` builds anew and leaves no template.
+    `private=True` builds anew and leaves no template. A `quantization_config` has
+    the library quantize the stored weights as it loads them (quantized.py): a
+    model of new tensors, built anew every time, that no pool shares.
     """
     from diffusers import ModelMixin
 
@@ -165,6 +168,9 @@ def prepare_model(
     cid = component["component_id"]
     packs = packs or private_packs(store, verified=verify)
     key = (cid, f"{cls.__module__}.{cls.__qualname__}", str(dtype))
+    if quantization_config is not None:
+        model = _quantized(store, component, cls, packs, dtype, name_or_path, verify, quantization_config)
+        return lambda: model
     template = None if private or verify else warm.template(key)
     if template is not None:
         return functools.partial(_from_template, template, _stored_views(store, cid, packs, template),
@@ -227,6 +233,33 @@ def prepare_model(
     record_store_keys(model, blobs)  # the blob of each tensor lets the pool share it on a device
     route_through_pool(model)  # model.to("cuda") / .cuda() go through it
     return lambda: model  # bound to store views: the caller's pool.move takes the prefetched uploads
+
+
+def _quantized(store: Store, component: dict, cls, packs: LoadMappings, dtype, name_or_path: str,
+               verify: bool, quantization_config: Any) -> torch.nn.Module:
+    """`prepare_model` with a `quantization_config`: the stored tensors, in their stored
+    dtypes and names as a file holds them, quantized by the library as it loads them."""
+    from diffusers import ModelMixin
+
+    from .quantized import quantized_model
+
+    cid = component["component_id"]
+    config = store.component_config(cid)
+    if config is None:
+        raise ComponentNotFoundError(f"component {cid[:12]} has no config.json")
+    refuse_quantized(config, name_or_path or component["class_name"])
+    locations = store.tensor_locations(cid)
+    if not locations:
+        raise no_weights(name_or_path or component.get("slot") or component["class_name"],
+                         component["class_name"])
+    if verify:
+        check_tensors(packs, locations, component["class_name"])
+    if dtype == "auto" and issubclass(cls, ModelMixin):
+        dtype = torch.float32  # as for any diffusers model (see prepare_model)
+    model = quantized_model(cls, config, state_dict(packs, locations), quantization_config=quantization_config,
+                            dtype=dtype, name_or_path=name_or_path)
+    route_through_pool(model)  # model.to("cuda"): the pool moves it with the library's own .to()
+    return model
 
 
 def _diffusers_kept_in_fp32(cls) -> list[str]:
@@ -521,17 +554,6 @@ def refuse_pickle_loading(use_safetensors) -> None:
                              "only (pickle checkpoints are never loaded)")
 
 
-def refuse_quantization(kwargs: dict[str, Any]) -> None:
-    """compstore binds the stored weights as they are. A `quantization_config`, which
-    diffusers applies while it loads, would be silently dropped: it is refused."""
-    if kwargs.get("quantization_config") is not None:
-        raise CompstoreError(
-            "quantization_config: compstore loads weights as stored and does not quantize "
-            "them yet; load a model to quantize with diffusers' or transformers' "
-            "from_pretrained (a pipeline takes it as a component, transformer=model, and "
-            "loads the others from the store)")
-
-
 def refuse_quantized(config: dict, name: str) -> None:
     """A model saved quantized (`quantization_config` in its config.json: bitsandbytes,
     torchao, GGUF ...) is stored as published, but compstore builds unquantized modules."""
@@ -670,19 +692,23 @@ def load_component(
     does. `verify=True` re-hashes its tensors first and raises `CorruptStoreError`
     on damage. `model_class`: the class wanted (`compstore.AutoencoderKL` passes
     its own); a model of another class is refused (`ComponentNotFoundError`) before
-    a folder is ingested. Arguments about fetching files (`cache_dir`,
-    `force_download`, ...) are accepted and ignored; any other raises a TypeError.
+    a folder is ingested. `quantization_config` (a torchao or bitsandbytes config of
+    the model's library) quantizes the stored weights as the library's
+    `from_pretrained` quantizes a file's (quantized.py). Arguments about fetching
+    files (`cache_dir`, `force_download`, ...) are accepted and ignored; any other
+    raises a TypeError.
 
     >>> unet = compstore.load_component("sdxl-base", "unet", dtype=torch.float16)  # doctest: +SKIP
     >>> vae = compstore.load_component("my-vae", device_map="cuda")  # doctest: +SKIP
     """
     from .pipeline import open_store, resolve_snapshot, target_pool
+    from .quantized import check_quantization
 
     if subfolder is not None and slot and subfolder != slot:
         raise CompstoreError(f"load_component: slot={slot!r} and subfolder={subfolder!r} disagree")
     slot = slot or subfolder or ""
     refuse_pickle_loading(kwargs.get("use_safetensors"))
-    refuse_quantization(kwargs)
+    quantization_config = kwargs.pop("quantization_config", None)
     unknown = sorted(set(kwargs) - set(_IGNORED_ARGUMENTS))
     if unknown:
         raise TypeError(f"load_component() got unexpected keyword arguments {unknown}")
@@ -690,15 +716,22 @@ def load_component(
     pool = target_pool(device_map, pool)
     store = open_store(store)
     picked: list[dict] = []  # check's last call is on the stored snapshot's rows
+
+    def check(rows: list[dict]) -> None:  # a folder's rows: before its ingest
+        picked.append(_of_class(pick_component(rows, slot, variant, fallback=False), model_class,
+                                name_or_path, slot))
+        if quantization_config is not None:
+            check_quantization(quantization_config, is_diffusers=picked[-1]["library"] == "diffusers",
+                               dtype=dtype, where=f"{name_or_path}/{slot}" if slot else name_or_path)
+
     snapshot_id, label = resolve_snapshot(  # a Hub repo: only the slot's folder is pulled
         store, name_or_path, revision=revision, variant=variant, local_files_only=local_files_only,
-        token=token, slot=slot,
-        check=lambda rows: picked.append(_of_class(pick_component(rows, slot, variant, fallback=False),
-                                                   model_class, name_or_path, slot)))
+        token=token, slot=slot, check=check)
     comp = picked[-1]
     name = f"{label}/{slot}" if slot else label
     with exclusive_load(), store.reading_snapshot(snapshot_id, label):  # one load at a time; gc waits
-        model = build_model(store, comp, dtype=dtype, name_or_path=name, verify=verify)
+        model = build_model(store, comp, dtype=dtype, name_or_path=name, verify=verify,
+                            quantization_config=quantization_config)
     if pool is not None:
         to_device(model, pool.device, pool=pool)
     return model

@@ -22,7 +22,7 @@ from typing import Any
 from ..store import Store
 from ..store.components import pick_component
 from ..store.modular import components_with_pins
-from .component import build_model, dtype_argument, is_model_class, refuse_quantization
+from .component import build_model, dtype_argument, is_model_class
 from .loading import exclusive_load
 from .pipeline import _skeleton_file, open_store, per_slot, resolve_snapshot
 from .routing import route_through_pool
@@ -72,7 +72,6 @@ def _store_load_components(store: Store, snapshot_id: str, label: str):
         """Load components as diffusers' `load_components` does, models from the store."""
         if workflow is not None and names is not None:
             raise ValueError("Pass either `names` or `workflow`, not both.")
-        refuse_quantization(kwargs)
         specs = self._component_specs
         if names is None:
             names = [n for n, spec in specs.items()
@@ -86,6 +85,7 @@ def _store_load_components(store: Store, snapshot_id: str, label: str):
             names = [n for n in names if n in wanted]
         dtype = dtype_argument(kwargs)
         variant = kwargs.pop("variant", None)
+        quantization = kwargs.pop("quantization_config", None)  # one config, or one per name as dtype
         packs = private_packs(store)
         loaded = {}
         with store.reading_snapshot(snapshot_id, label):  # gc deletes no row, unlinks no pack
@@ -97,7 +97,8 @@ def _store_load_components(store: Store, snapshot_id: str, label: str):
                 if is_model_class(spec.type_hint):
                     comp = pick_component(rows, name, per_slot(variant, name))
                     loaded[name] = build_model(store, comp, dtype=per_slot(dtype, name),
-                                               name_or_path=f"{label}/{name}", packs=packs)
+                                               name_or_path=f"{label}/{name}", packs=packs,
+                                               quantization_config=per_slot(quantization, name))
                 elif spec.pretrained_model_name_or_path:
                     try:  # tokenizers, schedulers: from the skeleton, as diffusers would
                         loaded[name] = spec.load(**{k: per_slot(v, name) for k, v in kwargs.items()})

@@ -39,8 +39,9 @@ from ..store.scan import FolderScan
 from ..store.components import pick_component, require_variant
 from . import warm
 from .component import (StandIn, dtype_argument, is_model_class, no_weights, prepare_model,
-                        refuse_pickle_loading, refuse_quantization, refuse_quantized, resolve_class)
+                        refuse_pickle_loading, refuse_quantized, resolve_class)
 from .loading import exclusive_load
+from .quantized import check_pipeline_quantization, check_quantization, model_quantization
 from .residency import POOL, ResidencyPool, TransferReport, pool_for, record_report, usable_device
 from .routing import route_through_pool
 from .tensors import private_packs
@@ -215,8 +216,10 @@ class DiffusionPipeline(metaclass=StandIn):
             **kwargs: as diffusers: `dtype`/`torch_dtype` (a dtype, its name, "auto", or a
                 per-slot dict),
                 `variant`, `revision`, `use_safetensors`, `low_cpu_mem_usage`,
-                `device_map`, `local_files_only`, components by slot name (`None` skips
-                one), and pipeline config overrides. compstore adds `verify=True`:
+                `device_map`, `local_files_only`, `quantization_config` (a
+                `PipelineQuantizationConfig`: the models it names are quantized as
+                diffusers quantizes them, quantized.py), components by slot name (`None`
+                skips one), and pipeline config overrides. compstore adds `verify=True`:
                 re-hash every tensor and refuse corrupted ones (`CorruptStoreError`);
                 `pool=`: the `ResidencyPool` to load onto (default: the device's own
                 for `device_map="cuda"`); `private=True`: build every model anew, load
@@ -254,13 +257,22 @@ class DiffusionPipeline(metaclass=StandIn):
                 "for loading and dispatching. Please make sure to set `low_cpu_mem_usage=True`.")
         pool = target_pool(device_map, kwargs.pop("pool", None))
         refuse_pickle_loading(kwargs.pop("use_safetensors", None))
-        refuse_quantization(kwargs)
+        quantization = kwargs.pop("quantization_config", None)
+        check_pipeline_quantization(quantization)  # before any ingest
         label = os.fspath(pretrained_model_name_or_path)
         target = cls._loads_as
 
         def check(rows: list[dict]) -> None:  # a folder's rows: before its ingest
             require_variant(rows, variant, label)
             refuse_missing_modules(target, {row["slot"] for row in rows}, kwargs, label)
+            for row in rows if quantization is not None else ():
+                model = resolve_class(row["library"], row["class_name"])
+                if row["slot"] not in kwargs and is_model_class(model):
+                    diffusers_model = row["library"] == "diffusers"
+                    q = model_quantization(quantization, is_diffusers=diffusers_model, slot=row["slot"])
+                    if q is not None:
+                        check_quantization(q, is_diffusers=diffusers_model, where=f"{label}/{row['slot']}",
+                                           dtype=per_slot(dtype, row["slot"], torch.float32))
 
         snapshot_id, label = resolve_snapshot(  # an ingest or a download: other threads' loads go on
             store, label, revision=kwargs.pop("revision", None),
@@ -269,7 +281,8 @@ class DiffusionPipeline(metaclass=StandIn):
             check=check, index=("model_index.json",))
         with exclusive_load():  # one load at a time per process, the collector paused (loading.py)
             return _assemble(store, snapshot_id, label, dtype=dtype, variant=variant, verify=verify,
-                             private=private, pool=pool, target=target, kwargs=kwargs)
+                             private=private, pool=pool, target=target, quantization=quantization,
+                             kwargs=kwargs)
 
     @classmethod
     def from_single_file(
@@ -377,7 +390,7 @@ def _assemble(store: Store, snapshot_id: str, label: str, **options: Any):
 
 def _build(store: Store, snapshot_id: str, label: str, *, dtype, variant: str | None,
            verify: bool, private: bool, pool: ResidencyPool | None, target: type | None,
-           kwargs: dict[str, Any]):
+           quantization: Any, kwargs: dict[str, Any]):
     """The pipeline of a snapshot: its models built (onto `pool`'s device, if any),
     its small parts loaded, and diffusers' own class putting them together: `target`,
     else the class model_index.json names."""
@@ -414,7 +427,9 @@ def _build(store: Store, snapshot_id: str, label: str, *, dtype, variant: str | 
                          or entry[0] is None or slot not in takes)}
         models = {slot: prepare_model(  # with a pool, each fresh build starts its upload ...
             store, pick_component(rows, slot, variant), dtype=per_slot(dtype, slot, torch.float32),
-            name_or_path=f"{label}/{slot}", packs=packs, verify=verify, pool=pool, private=private)
+            name_or_path=f"{label}/{slot}", packs=packs, verify=verify, pool=pool, private=private,
+            quantization_config=model_quantization(quantization, slot=slot,
+                                                   is_diffusers=cls.__module__.startswith("diffusers.")))
             for slot, cls in slots.items() if is_model_class(cls)}
         for slot, cls in slots.items():  # ... which runs on while tokenizers, schedulers load
             if slot not in models:
@@ -432,6 +447,11 @@ def _build(store: Store, snapshot_id: str, label: str, *, dtype, variant: str | 
             [m for m in built.values() if type(m).__module__.startswith("diffusers.pipelines.")]):
         pipe = pipeline_cls.from_pretrained(skeleton, **built, **kwargs)
     pipe.register_to_config(_name_or_path=label)
+    if quantization is not None:  # as diffusers records it
+        from diffusers.pipelines.pipeline_loading_utils import _maybe_warn_for_wrong_component_in_quant_config
+
+        _maybe_warn_for_wrong_component_in_quant_config(pipe.components, quantization)
+        pipe.quantization_config = quantization
     route_through_pool(pipe)
     if pool is not None:
         t0 = time.perf_counter()

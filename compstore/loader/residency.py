@@ -556,6 +556,8 @@ class ResidencyPool:
         sources: list[torch.Tensor] = []
         staying: set[int] = set()  # ids of tensors already where they belong
         for name, owner, attr, tensor in named_tensors(module):
+            if type(tensor) not in _PLAIN:  # a quantized model's: see _move_whole
+                return self._move_whole(module, component, t0)
             rep.tensors += 1
             if id(tensor) in places:  # tied: one move, every use points at it
                 places[id(tensor)].append((owner, attr, tensor))
@@ -600,6 +602,22 @@ class ResidencyPool:
         rep.seconds = round(time.perf_counter() - t0, 6)
         return rep
 
+    def _move_whole(self, module: torch.nn.Module, component: str, t0: float) -> ComponentTransfer:
+        """Move a module that holds tensors of other kinds than torch's own with its own
+        `.to()`: a quantized model's (torchao's tensor subclasses, bitsandbytes'
+        parameters, which carry their quantization state beside their bytes), for which
+        a copy of the bytes is not a copy of the tensor, and whose library checks what
+        may move. None of its tensors is the store's (quantized.py): none is served
+        from the pool or kept in it; its bytes count as uploaded from host memory."""
+        rep = ComponentTransfer(component)
+        moving = {id(t): t for _, _, _, t in named_tensors(module) if t.device != self.device}
+        if moving:  # (older bitsandbytes refuse any .to() of a model it placed as it loaded)
+            type(module).to(module, self.device)  # the class's own, not the routed one: no pool again
+        rep.tensors = len(moving)
+        rep.bytes_from_store = sum(_nbytes(t) for t in moving.values())
+        rep.seconds = round(time.perf_counter() - t0, 6)
+        return rep
+
     @_locked
     def release(self, module: torch.nn.Module, now: bool = False) -> None:
         """Forget that `module` uses pool tensors (it is being moved elsewhere). Those
@@ -620,6 +638,16 @@ def as_shape(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     a (320, 320) linear weight in one model and a (320, 320, 1, 1) 1x1 conv in
     another. A view shares the storage and the version counter."""
     return t if t.shape == shape else t.view(shape)
+
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)  # a tensor whose bytes are all there is to it
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    """The bytes of a tensor, or of the tensors a wrapper subclass is made of."""
+    if hasattr(t, "__tensor_flatten__"):
+        return sum(_nbytes(getattr(t, name)) for name in t.__tensor_flatten__()[0])
+    return t.numel() * t.element_size()
 
 
 def named_tensors(module: torch.nn.Module):

@@ -1,0 +1,145 @@
+"""Models loaded with a `quantization_config`: the store's tensors handed to the
+library's own quantizing loader.
+
+diffusers and transformers quantize while they load (torchao, bitsandbytes, ...):
+each weight read from a file is replaced by its quantized form on the way into the
+model. The store holds weights unquantized, and quantizing is a way of loading
+them: here the state dict of store views (zero-copy, as for any load) goes through
+the very hooks the library's `from_pretrained` runs on a file's tensors: its
+quantizer's checks, dtype and device rules, module replacement and per-weight
+quantization. transformers takes a state dict in `from_pretrained` itself;
+diffusers' `from_pretrained` reads files, so its steps around its
+`_load_pretrained_model` (which takes a state dict) are followed here, as diffusers
+0.42 runs them.
+
+A quantized model holds new tensors, not the store's: it is built afresh at every
+load (no template), and a residency pool moves it with the library's own `.to()`,
+never serving or sharing its tensors (residency.py). A model saved quantized
+(`quantization_config` in its config.json) is still refused (`refuse_quantized`):
+loading it needs the file metadata some backends write, which the state dict lacks.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..store import CompstoreError
+
+
+def check_pipeline_quantization(quantization_config: Any) -> None:
+    """A pipeline's `quantization_config` is a `PipelineQuantizationConfig` or None.
+
+    Raises:
+        ValueError: anything else, diffusers' own refusal, word for word.
+    """
+    from diffusers import PipelineQuantizationConfig
+
+    if quantization_config is not None and not isinstance(quantization_config, PipelineQuantizationConfig):
+        raise ValueError("`quantization_config` must be an instance of `PipelineQuantizationConfig`.")
+
+
+def model_quantization(quantization_config: Any, *, is_diffusers: bool, slot: str) -> Any:
+    """The quantization config of one model of a pipeline, as diffusers picks it: the
+    pipeline's `PipelineQuantizationConfig` resolved for `slot` (None: as stored)."""
+    if quantization_config is None:
+        return None
+    return quantization_config._resolve_quant_config(is_diffusers=is_diffusers, module_name=slot)
+
+
+def check_quantization(quantization_config: Any, *, is_diffusers: bool, dtype: Any, where: str) -> None:
+    """What the library checks of a quantization config before it reads a weight (the
+    backend installed, a GPU where it needs one), checked before a folder is ingested,
+    so that a load that would fail leaves the store as it was: the library's own error.
+
+    Raises:
+        CompstoreError: not a quantization config, or GGUF's, which quantizes nothing
+            (it describes .gguf files, which the store does not hold).
+    """
+    method = (quantization_config.get("quant_method") if isinstance(quantization_config, dict)
+              else getattr(quantization_config, "quant_method", None))
+    if method is None:
+        raise CompstoreError(f"quantization_config={quantization_config!r} is not a quantization config "
+                             "(it names no quant_method): pass one such as diffusers.TorchAoConfig(...) "
+                             "(for a pipeline, a diffusers.PipelineQuantizationConfig)")
+    if str(getattr(method, "value", method)) == "gguf":
+        raise CompstoreError(f"{where}: a GGUF quantization config loads .gguf checkpoints, which compstore "
+                             "does not store: load the .gguf file with diffusers' from_single_file and pass "
+                             "the model in (transformer=model), or quantize with torchao or bitsandbytes")
+    if is_diffusers:
+        from diffusers.quantizers import DiffusersAutoQuantizer
+
+        DiffusersAutoQuantizer.from_config(quantization_config, pre_quantized=False).validate_environment(
+            torch_dtype=dtype if isinstance(dtype, torch.dtype) else None, device_map=None)
+    else:
+        from transformers.quantizers import AutoHfQuantizer
+
+        AutoHfQuantizer.from_config(quantization_config, pre_quantized=False).validate_environment(device_map=None)
+
+
+def quantized_model(cls: type, config: dict, sd: dict[str, torch.Tensor], *, quantization_config: Any,
+                    dtype: torch.dtype | str | None, name_or_path: str) -> torch.nn.Module:
+    """A `cls` model of `config`, its weights `sd` (store views) quantized by the
+    library's quantizer for `quantization_config`, as that library's
+    `from_pretrained(..., quantization_config=...)` loads it from files. `dtype`: the
+    load's (None as the library takes None: its quantizer picks)."""
+    from diffusers import ModelMixin
+
+    check_quantization(quantization_config, is_diffusers=issubclass(cls, ModelMixin), dtype=dtype,
+                       where=name_or_path)
+    if issubclass(cls, ModelMixin):
+        return _diffusers_model(cls, config, sd, quantization_config, dtype, name_or_path)
+    return _transformers_model(cls, config, sd, quantization_config, dtype, name_or_path)
+
+
+def _diffusers_model(cls, config: dict, sd: dict, quantization_config, dtype, name_or_path: str):
+    """diffusers 0.42's `ModelMixin.from_pretrained` from "determine initial
+    quantization config" on, minus file resolution, sharding and tensor parallelism."""
+    from accelerate import dispatch_model, init_empty_weights
+    from diffusers.models.modeling_utils import _determine_device_map, no_init_weights
+    from diffusers.quantizers import DiffusersAutoQuantizer
+
+    config = {**config, "quantization_config": quantization_config}
+    quantizer = DiffusersAutoQuantizer.from_config(quantization_config, pre_quantized=False)
+    device_map = None  # a device comes through the residency pool's move, as for any model
+    quantizer.validate_environment(torch_dtype=dtype, device_map=device_map)
+    dtype = quantizer.update_torch_dtype(dtype)
+    device_map = quantizer.update_device_map(device_map)
+    keep = []
+    if cls._keep_in_fp32_modules is not None and getattr(quantizer, "use_keep_in_fp32_modules", False):
+        keep = list(cls._keep_in_fp32_modules) if isinstance(cls._keep_in_fp32_modules, (list, tuple)) \
+            else [cls._keep_in_fp32_modules]
+    old_default = cls._set_default_torch_dtype(dtype) if isinstance(dtype, torch.dtype) else None
+    try:
+        with no_init_weights(), init_empty_weights():
+            model = cls.from_config(config)
+    finally:
+        if old_default is not None:
+            torch.set_default_dtype(old_default)
+    sd = dict(sd)
+    model._fix_state_dict_keys_on_load(sd)
+    quantizer.preprocess_model(model=model, device_map=device_map, keep_in_fp32_modules=keep)
+    device_map = _determine_device_map(model, device_map, None, dtype, keep, quantizer)
+    quantizer.validate_environment(device_map=device_map)
+    model = cls._load_pretrained_model(
+        model, sd, [], name_or_path, list(sd), hf_quantizer=quantizer, low_cpu_mem_usage=True,
+        dtype=dtype, keep_in_fp32_modules=keep, device_map=device_map)[0]
+    if device_map is not None:
+        dispatch_model(model, device_map=device_map)
+    quantizer.postprocess_model(model)
+    model.hf_quantizer = quantizer
+    model.register_to_config(_name_or_path=name_or_path, _pre_quantization_dtype=dtype)
+    model.eval()
+    return model
+
+
+def _transformers_model(cls, config: dict, sd: dict, quantization_config, dtype, name_or_path: str):
+    """transformers' own `from_pretrained`, which takes a state dict in place of files."""
+    config_obj = cls.config_class.from_dict(config)
+    kwargs = {} if dtype is None else {"dtype": dtype}
+    model = cls.from_pretrained(None, config=config_obj, state_dict=dict(sd),
+                                quantization_config=quantization_config, **kwargs)
+    model.name_or_path = model.config.name_or_path = name_or_path
+    return model
+

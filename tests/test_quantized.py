@@ -1,0 +1,182 @@
+"""`quantization_config=`: the stored weights quantized as the library quantizes a
+file's while it loads them (compstore/loader/quantized.py).
+
+torchao's int8 weight-only quantization runs on CPU, so it stands for every backend
+here: bitsandbytes goes through the same quantizer hooks, but diffusers' needs a GPU.
+Each load is compared with the library's own `from_pretrained(..., quantization_config=)`
+of the same folder: module and tensor types, dtypes, values, configs, images."""
+
+import logging
+
+import diffusers
+import pytest
+import torch
+import transformers
+
+import compstore
+from compstore.loader.residency import STORE_KEYS
+
+from torchao.quantization import Int8WeightOnlyConfig  # a test dependency: CI fails without it
+
+
+def int8(library=diffusers):
+    return library.TorchAoConfig(Int8WeightOnlyConfig())
+
+
+def plain(t: torch.Tensor) -> torch.Tensor:
+    return t.dequantize() if hasattr(t, "qdata") else t
+
+
+def same_quantized(ours: torch.nn.Module, theirs: torch.nn.Module) -> None:
+    a, b = ours.state_dict(), theirs.state_dict()
+    assert a.keys() == b.keys()
+    assert any(type(t).__name__ == "Int8Tensor" for t in a.values())  # quantized, as theirs is
+    for name in a:
+        assert (type(a[name]), a[name].dtype) == (type(b[name]), b[name].dtype), name
+        assert torch.equal(plain(a[name]), plain(b[name])), name
+    assert getattr(ours, "is_quantized", None) == getattr(theirs, "is_quantized", None)
+
+
+def test_a_model_loads_quantized_as_its_library_quantizes_it(family_store, family):
+    """diffusers' UNet and transformers' CLIP text encoder, from the store and by their
+    own library from the folder: the same quantized modules. The store gains nothing,
+    and each load is a model of its own (quantized tensors are never the store's)."""
+    from conftest import store_state
+
+    before = store_state(family_store.home)
+    unet = compstore.UNet2DConditionModel.from_pretrained("A", subfolder="unet", quantization_config=int8(),
+                                                          store=family_store)
+    theirs = diffusers.UNet2DConditionModel.from_pretrained(family["A"], subfolder="unet",
+                                                            quantization_config=int8())
+    same_quantized(unet, theirs)
+    assert unet.hf_quantizer.quantization_config.quant_method == theirs.hf_quantizer.quantization_config.quant_method
+    assert {**theirs.config, "_name_or_path": "A/unet"} == dict(unet.config)
+    assert not getattr(unet, STORE_KEYS, None)  # no tensor of it is the store's
+    x = torch.randn(1, 4, 32, 32, dtype=torch.bfloat16)
+    text = torch.randn(1, 77, 32, dtype=torch.bfloat16)
+    with torch.no_grad():
+        assert torch.equal(unet(x, 10, text).sample, theirs(x, 10, text).sample)
+
+    te = compstore.load_component("A", "text_encoder", quantization_config=int8(transformers), store=family_store)
+    theirs_te = transformers.CLIPTextModel.from_pretrained(family["A"] / "text_encoder",
+                                                           quantization_config=int8(transformers))
+    same_quantized(te, theirs_te)
+    assert te.name_or_path == "A/text_encoder"
+
+    again = compstore.UNet2DConditionModel.from_pretrained("A", subfolder="unet", quantization_config=int8(),
+                                                           store=family_store)
+    assert again.conv_in.weight.data_ptr() != unet.conv_in.weight.data_ptr()
+    plain_unet = compstore.UNet2DConditionModel.from_pretrained("A", subfolder="unet", store=family_store)
+    assert type(plain_unet.conv_in.weight) is torch.nn.Parameter  # the plain load is unchanged by it
+    assert getattr(plain_unet, STORE_KEYS)
+    assert store_state(family_store.home) == before
+
+
+def test_a_pipeline_quantizes_the_slots_its_config_names_as_diffusers_does(family_store, family, caplog):
+    """`PipelineQuantizationConfig(quant_mapping=...)`: the UNet and the text encoder
+    quantized, the VAE bound to the store as ever; the same image as diffusers'; a slot
+    the pipeline lacks warned of as diffusers warns."""
+    mapping = {"unet": int8(), "text_encoder": int8(transformers), "transformer": int8()}
+    config = diffusers.PipelineQuantizationConfig(quant_mapping=mapping)
+    with caplog.at_level(logging.WARNING):
+        pipe = compstore.DiffusionPipeline.from_pretrained("A", quantization_config=config, dtype=torch.bfloat16,
+                                                           store=family_store)
+    assert "{'transformer'} will be ignored" in caplog.text
+    theirs = diffusers.DiffusionPipeline.from_pretrained(
+        family["A"], dtype=torch.bfloat16,
+        quantization_config=diffusers.PipelineQuantizationConfig(quant_mapping=mapping))
+    assert pipe.quantization_config is config
+    same_quantized(pipe.unet, theirs.unet)
+    same_quantized(pipe.text_encoder, theirs.text_encoder)
+    assert getattr(pipe.vae, STORE_KEYS)  # not named: loaded from the store, shared as any
+    assert all(type(t) is torch.nn.Parameter for t in pipe.vae.parameters())
+
+    def image(p):
+        return p("low cat", num_inference_steps=2, height=32, width=32, output_type="np",
+                 generator=torch.Generator().manual_seed(0)).images
+
+    assert (image(pipe) == image(theirs)).all()
+
+
+def test_a_quantized_model_moves_with_its_own_to_and_no_pool_entry(family_store, family):
+    """A pool moves a quantized model (one compstore quantized, or one passed in) with
+    the model's own `.to()`: a copy of an Int8Tensor's bytes is not the tensor. The
+    others go through the pool as ever. The target is `meta`: the pool's logic
+    without a GPU (tests/test_residency.py)."""
+    from test_residency import CountingCopier
+
+    config = diffusers.PipelineQuantizationConfig(quant_mapping={"unet": int8()})
+    pipe = compstore.DiffusionPipeline.from_pretrained("A", quantization_config=config, dtype=torch.bfloat16,
+                                                       store=family_store)
+    passed = diffusers.UNet2DConditionModel.from_pretrained(family["B"], subfolder="unet",
+                                                            quantization_config=int8())
+    other = compstore.DiffusionPipeline.from_pretrained("B", unet=passed, dtype=torch.bfloat16,
+                                                        store=family_store)
+    copier = CountingCopier()
+    pool = compstore.ResidencyPool("meta", budget_bytes=1 << 40, copier=copier)
+    uploaded = 0
+    for p in (pipe, other):
+        report = compstore.to_device(p, "meta", pool=pool)
+        moved = {c.component: c for c in report.components}
+        assert moved["unet"].bytes_from_store > 0 and moved["unet"].bytes_reused == 0
+        assert {t.device.type for t in p.unet.state_dict().values()} == {"meta"}
+        assert type(p.unet.conv_in.weight) is torch.nn.Parameter  # torchao quantizes linear layers only
+        assert type(p.unet.down_blocks[1].attentions[0].transformer_blocks[0].attn1.to_q.weight).__name__ == "Int8Tensor"
+        assert not pool._uses.get(p.unet)  # the pool holds nothing of it
+        assert moved["vae"].bytes_from_store + moved["vae"].bytes_reused > 0
+        uploaded += sum(c.bytes_from_store for c in report.components if c.component != "unet")
+    assert copier.bytes == uploaded  # the UNets' bytes never went through the pool's copier
+
+
+def test_a_quantization_config_of_the_wrong_kind_is_refused_before_anything_is_stored(store, family):
+    """A pipeline's must be a PipelineQuantizationConfig (diffusers' ValueError, word for
+    word), and raised before the folder is ingested; a model's must be a config."""
+    from conftest import store_state
+
+    before = store_state(store.home)
+    with pytest.raises(ValueError, match="must be an instance of `PipelineQuantizationConfig`"):
+        compstore.DiffusionPipeline.from_pretrained(str(family["A"]), quantization_config=int8(), store=store)
+    with pytest.raises(ValueError, match="must be an instance of `PipelineQuantizationConfig`"):
+        diffusers.DiffusionPipeline.from_pretrained(family["A"], quantization_config=int8())
+    assert store_state(store.home) == before
+    store.ingest(family["A"], "A")
+    with pytest.raises(compstore.CompstoreError, match="'int8' is not a quantization config"):
+        compstore.load_component("A", "unet", quantization_config="int8", store=store)
+
+
+def test_a_modular_pipelines_load_components_quantizes_the_models_it_names(store, tmp_path):
+    """`load_components(quantization_config={"unet": ...})`, one config per name as
+    diffusers' modular pipelines take it: that model quantized as diffusers quantizes it."""
+    from compstore.loader.synthetic import tiny_sdxl_pipeline
+    from test_modular import image, save_modular
+
+    save_modular(tiny_sdxl_pipeline(seed=0), tmp_path / "base")
+    ours = compstore.ModularPipeline.from_pretrained(str(tmp_path / "base"), store=store)
+    ours.load_components(torch_dtype=torch.bfloat16, quantization_config={"unet": int8()})
+    theirs = diffusers.ModularPipeline.from_pretrained(str(tmp_path / "base"))
+    theirs.load_components(torch_dtype=torch.bfloat16, quantization_config={"unet": int8()})
+    same_quantized(ours.unet, theirs.unet)
+    assert getattr(ours.vae, STORE_KEYS)
+    assert (image(ours) == image(theirs)).all()
+
+
+def test_a_text_encoder_loads_8_bit_with_bitsandbytes_as_transformers_loads_it(family_store, family):
+    """bitsandbytes, the other common backend, through transformers (whose 8-bit path
+    runs on CPU; diffusers' needs a GPU: tests/test_cuda.py): the same Int8Params, the
+    same outputs."""
+    pytest.importorskip("bitsandbytes")  # a test dependency; absent from some GPU images
+
+    def config():
+        return transformers.BitsAndBytesConfig(load_in_8bit=True)
+
+    ours = compstore.CLIPTextModel.from_pretrained("A", subfolder="text_encoder", quantization_config=config(),
+                                                   store=family_store)
+    theirs = transformers.CLIPTextModel.from_pretrained(family["A"] / "text_encoder", quantization_config=config())
+    a, b = ours.state_dict(), theirs.state_dict()
+    assert a.keys() == b.keys()
+    assert "Int8Params" in {type(p).__name__ for p in ours.parameters()}
+    for name in a:
+        assert (type(a[name]), a[name].dtype) == (type(b[name]), b[name].dtype) and torch.equal(a[name], b[name])
+    ids = torch.tensor([[0, 5, 9, 2]])
+    with torch.no_grad():
+        assert torch.equal(ours(ids).last_hidden_state, theirs(ids).last_hidden_state)
