@@ -113,6 +113,36 @@ def test_a_b_a_within_budget_moves_nothing(family_store):
     assert again.bytes_uploaded == unkeyed_bytes(a2) and again.bytes_reused > 0
 
 
+@pytest.mark.parametrize("how", ["pipe.to", "to_device(pipe.unet)"])
+def test_a_compiled_unet_is_shared_as_the_unet_it_compiles(family_store, how):
+    """`pipe.unet = torch.compile(pipe.unet)` before the move, as services do: the
+    wrapper holds the UNet's tensors under `_orig_mod.` names. A -> B -> A, each UNet
+    compiled: B uploads its delta, the second A nothing; the wrapper sees the moved
+    tensors. (Until 2026-12-07 a compiled UNet was uploaded whole at every switch.)"""
+    copier = CountingCopier()
+    pool = ResidencyPool("meta", budget_bytes=1 << 40, copier=copier)
+
+    def switch(name):
+        pipe = load(family_store, name)
+        pipe.unet = torch.compile(pipe.unet)  # lazy: nothing compiles before a call
+        if how == "pipe.to":
+            to_device(pipe, "meta", pool=pool)
+        else:
+            for slot in ("vae", "text_encoder"):
+                to_device(getattr(pipe, slot), "meta", pool=pool)
+            to_device(pipe.unet, "meta", pool=pool)
+        assert {t.device.type for t in pipe.unet.parameters()} == {"meta"}
+        return pipe, copier.bytes
+
+    a, after_a = switch("A")
+    b, after_b = switch("B")
+    assert after_b - after_a == family_store.diff("A", "B").delta_bytes
+    del a, b
+    gc.collect()
+    _, after_a_again = switch("A")
+    assert after_a_again == after_b
+
+
 def test_switches_within_budget_keep_no_bookkeeping_of_dropped_pipelines(family_store):
     """A service that switches among pipelines its budget holds never evicts; the
     pool still counts down what dropped pipelines used at each switch's settle,

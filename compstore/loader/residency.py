@@ -541,6 +541,7 @@ class ResidencyPool:
         (`_serve`: resident, or uploaded from the pinned tier or the store; private
         copies for tensors not the store's), then point the module at them.
         """
+        module = compiled_module(module)
         placed = module.__dict__.pop(_PLACED, None)
         if placed is not None and placed[0] is self and not private:  # built here by `serve`
             placed[1].component = component
@@ -723,10 +724,21 @@ def record_report(pool: ResidencyPool, report: TransferReport) -> None:
 
 def pipeline_modules(obj) -> dict[str, torch.nn.Module]:
     """The models a move, release or cast of `obj` acts on: a pipeline's by slot, or
-    the module itself (under "")."""
+    the module itself (under ""); a compiled one's own module (`compiled_module`)."""
     if isinstance(obj, torch.nn.Module):
-        return {"": obj}
-    return {name: c for name, c in obj.components.items() if isinstance(c, torch.nn.Module)}
+        return {"": compiled_module(obj)}
+    return {name: compiled_module(c) for name, c in obj.components.items() if isinstance(c, torch.nn.Module)}
+
+
+def compiled_module(module: torch.nn.Module) -> torch.nn.Module:
+    """The module `torch.compile(module)` wraps (`pipe.unet = torch.compile(pipe.unet)`).
+    The wrapper holds the same tensors under `_orig_mod.` names, which are not the
+    names the store's keys go by, and it is a new object, not the user the pool
+    counts: moved as the wrapper, a compiled UNet was never shared (A -> B -> A
+    uploaded all of it again). (Matched by name: importing torch._dynamo costs.)"""
+    while type(module).__name__ == "OptimizedModule" and "_orig_mod" in module._modules:
+        module = module._modules["_orig_mod"]
+    return module
 
 
 def to_device(pipe_or_module, device: str | torch.device, *, pool: ResidencyPool | None = None,
