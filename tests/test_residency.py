@@ -143,6 +143,38 @@ def test_a_compiled_unet_is_shared_as_the_unet_it_compiles(family_store, how):
     assert after_a_again == after_b
 
 
+def test_channels_last_lets_the_replaced_pool_tensors_go_and_is_kept_by_a_move(family_store):
+    """diffusers' recipe: `pipe.to("cuda")`, then `pipe.unet.to(memory_format=
+    torch.channels_last)`. The 4-D conv weights become new tensors (torch keeps the
+    parameter and its version counter, and sets its data): the pool no longer counts
+    the old ones as in use (budget 0: evicted at once), and the new ones are never
+    served as the store's; the rest stays shared. A model converted before its move
+    keeps its layout, and the pool keeps none of it (the uploader's side of it:
+    test_uploader_copies_every_byte)."""
+    copier = CountingCopier()
+    pool = ResidencyPool("meta", budget_bytes=0, copier=copier)
+    a = load(family_store, "A")
+    to_device(a, "meta", pool=pool)
+    convs = {name for name, t in a.unet.named_parameters() if t.dim() == 4}
+    conv_bytes = sum(t.numel() * t.element_size() for name, t in a.unet.named_parameters() if name in convs)
+    resident = pool.resident_bytes
+    a.unet.to(memory_format=torch.channels_last)
+    assert a.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    assert resident - pool.resident_bytes == conv_bytes  # only the replaced ones went
+    keys = getattr(a.unet, STORE_KEYS)
+    assert all(keys[name][2] == -1 for name in convs)
+    assert all(keys[name][2] != -1 for name in keys if name not in convs)
+    again = to_device(a.unet, "meta", pool=pool)  # still on the device: nothing moves
+    assert again.bytes_uploaded == 0 and a.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    # Converted before its move, past the routing (torch's own Module.to): its version
+    # counters still match, but channels-last copies are not the store's layout.
+    b = load(family_store, "B")
+    torch.nn.Module.to(b.unet, memory_format=torch.channels_last)
+    to_device(b, "meta", pool=pool)
+    assert b.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    assert all(e.tensor.is_contiguous() for e in pool._resident.values())
+
+
 def test_switches_within_budget_keep_no_bookkeeping_of_dropped_pipelines(family_store):
     """A service that switches among pipelines its budget holds never evicts; the
     pool still counts down what dropped pipelines used at each switch's settle,
@@ -499,13 +531,17 @@ def test_uploader_copies_every_byte(staged):
     torch.manual_seed(0)
     srcs = [torch.randn(1000), torch.randn(7, 3).half(), torch.empty(0), torch.tensor(3.5),
             torch.rand(4096) > 0.5, torch.randint(0, 255, (2500,), dtype=torch.uint8),
-            torch.randn(300, 5).t()]  # the last one is not contiguous
+            torch.randn(300, 5).t(),  # not contiguous: uploaded contiguous
+            torch.randn(8, 3, 5, 5).to(memory_format=torch.channels_last),  # kept channels-last,
+            torch.randn(4, 3, 2, 5, 5).to(memory_format=torch.channels_last_3d)]  # as torch's .to keeps it
     up = Uploader("cpu", readers=3, staging_bytes=1000, staged=staged)  # many ring turns
     outs = up.upload(srcs)
     up.close()
     for s, o in zip(srcs, outs):
         assert o.shape == s.shape and o.dtype == s.dtype and torch.equal(o, s)
         assert o.numel() == 0 or o.data_ptr() != s.data_ptr()
+    assert outs[-3].is_contiguous()
+    assert outs[-2].stride() == srcs[-2].stride() and outs[-1].stride() == srcs[-1].stride()
 
 
 @pytest.mark.parametrize("staged", [False, True])

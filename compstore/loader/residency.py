@@ -568,7 +568,8 @@ class ResidencyPool:
             if id(tensor) in staying:
                 continue
             key_info = keys.get(name)
-            pooled = key_info is not None and tensor._version == key_info[2] and not private
+            pooled = (key_info is not None and tensor._version == key_info[2] and not private
+                      and tensor.is_contiguous())  # (the store's layout; channels-last copies are not)
             if pooled:
                 pooled_names[id(tensor)] = [name]
             key = (key_info[0], key_info[1], _DTYPE_NAMES[tensor.dtype], device) if pooled else None
@@ -618,6 +619,21 @@ class ResidencyPool:
         rep.bytes_from_store = sum(_nbytes(t) for t in moving.values())
         rep.seconds = round(time.perf_counter() - t0, 6)
         return rep
+
+    @_locked
+    def release_replaced(self, module: torch.nn.Module) -> None:
+        """Forget the pool tensors `module` no longer holds: a conversion (a cast,
+        `.to(memory_format=...)`) replaced them with new ones. Those no other module
+        uses become idle, kept within the budget; the ones it still holds stay in use."""
+        uses = self._uses.get(compiled_module(module))
+        if not uses:
+            return
+        held = {t.untyped_storage()._cdata for _, _, _, t in named_tensors(module)}
+        for entry in [e for e in uses if e.tensor.untyped_storage()._cdata not in held]:
+            uses.discard(entry)
+            entry.users -= 1
+        self._count_gone()
+        self._evict()
 
     @_locked
     def release(self, module: torch.nn.Module, now: bool = False) -> None:

@@ -106,9 +106,10 @@ def _routed_to(self, *args, **kwargs):
     args = tuple(a for a in args if a is not None)  # diffusers' pipelines call `module.to(device, dtype)`, dtype None
     dtype = kwargs.get("dtype", next((a for a in args if isinstance(a, torch.dtype)), None))
     device = kwargs.get("device", next((a for a in args if isinstance(a, (str, torch.device))), None))
-    if _MOVING.get() or (dtype is None and device is None) or any(
-            not isinstance(a, (str, torch.device, torch.dtype)) for a in args):
+    if _MOVING.get() or any(not isinstance(a, (str, torch.device, torch.dtype)) for a in args):
         return original_to(*args, **kwargs)  # inside a move, or `.to(tensor)` and the like
+    if dtype is None and device is None:  # `.to(memory_format=torch.channels_last)`: new tensors
+        return _casting(self, functools.partial(original_to, *args, **kwargs))
     rest = {k: v for k, v in kwargs.items() if k not in ("device", "dtype")}
     if dtype is not None:  # cast where it is, then move
         out = _casting(self, functools.partial(original_to, dtype=dtype, **rest))
@@ -130,15 +131,20 @@ def _routed_to(self, *args, **kwargs):
 
 
 def _casting(obj, cast: Callable):
-    """`obj.to(dtype)`, past the pool. A cast gives a tensor new bytes but keeps its
-    version counter, and cast copies are not the store's (fp32 -> fp16 -> fp32 loses
-    bits): the names whose dtype it changed lose their store record (private on every
-    later move), and the module releases its pool tensors (idle: kept within the
-    budget, shared with later loads). SDXL's pipeline casts its VAE to fp32 and back
-    at every fp16 generation; without the release, the pool would hold the VAE's
-    old tensors in use for as long as the pipeline lives."""
+    """`obj.to(dtype)`, or another conversion (`.to(memory_format=...)`), past the pool.
+    A conversion gives a tensor new storage but may keep its version counter (torch
+    sets `param.data`), and converted copies are not the store's (fp32 -> fp16 -> fp32
+    loses bits): the names whose storage it replaced lose their store record (private
+    on every later move), and the module stops holding the pool tensors it no longer
+    uses (idle: kept within the budget, shared with later loads). SDXL's pipeline
+    casts its VAE to fp32 and back at every fp16 generation; without the release, the
+    pool would hold the VAE's old tensors in use for as long as the pipeline lives.
+    Likewise `pipe.unet.to(memory_format=torch.channels_last)` after `pipe.to("cuda")`
+    (diffusers' recipe before `torch.compile`): until 2026-12-07 the pool went on
+    counting the replaced conv weights as in use, a second copy of them on the device
+    for as long as the pipeline lived."""
     modules = list(pipeline_modules(obj).values())
-    before = [{name: t.dtype for name, _, _, t in named_tensors(m)} for m in modules]
+    before = [{name: _storage(t) for name, _, _, t in named_tensors(m)} for m in modules]
     token = _MOVING.set(True)  # a pipeline's modules: handled here, not again each
     try:
         out = cast()
@@ -147,13 +153,18 @@ def _casting(obj, cast: Callable):
     for module, was in zip(modules, before):
         keys = getattr(module, STORE_KEYS, None) or {}
         changed = [name for name, _, _, t in named_tensors(module)
-                   if name in keys and t.dtype != was.get(name)]
+                   if name in keys and _storage(t) != was.get(name)]
         for name in changed:
             keys[name] = (*keys[name][:2], -1)  # matches no version: never the store's again
         pool = getattr(module, POOL, None) or getattr(obj, POOL, None)
         if changed and pool is not None:
-            pool.release(module)
+            pool.release_replaced(module)
     return out
+
+
+def _storage(t: torch.Tensor) -> int:
+    """Which storage `t` views (meta tensors too, whose data_ptr is always 0)."""
+    return t.untyped_storage()._cdata
 
 
 def _routed_cast(name: str, obj, *args, **kwargs):

@@ -48,9 +48,16 @@ STAGING_BYTES = 32 << 20
 PIECE_BYTES = 16 << 20  # a CPU reader's unit of work
 
 
+def _dense(t: torch.Tensor) -> bool:
+    """Whether `t`'s elements fill one run of memory: contiguous, or contiguous in a
+    channels-last layout (`.to(memory_format=torch.channels_last)`, kept as is)."""
+    return (t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last)
+            or t.is_contiguous(memory_format=torch.channels_last_3d))
+
+
 def _bytes(t: torch.Tensor) -> torch.Tensor:
-    """A flat uint8 view of a contiguous tensor's bytes."""
-    return t.reshape(-1).view(torch.uint8)
+    """A flat uint8 view of a dense tensor's bytes, in memory order."""
+    return t.as_strided((t.numel(),), (1,)).view(torch.uint8)
 
 
 Job = list[tuple[int, int, int, int]]  # slices (tensor, start, end, offset in the job) of flat bytes
@@ -121,8 +128,9 @@ class Uploader:
         """New device tensors holding the bytes of `srcs` (same shapes and dtypes).
         `wait=False`: a batch of pinned tensors may still be copying when this
         returns (see the module docstring)."""
-        srcs = [s.contiguous() for s in srcs]
-        dsts = [torch.empty(s.shape, dtype=s.dtype, device=self.device) for s in srcs]
+        srcs = [s if _dense(s) else s.contiguous() for s in srcs]
+        # the same layout as the source (a byte copy needs it), as torch's `.to` keeps it
+        dsts = [torch.empty_like(s, device=self.device) for s in srcs]
         if not srcs:
             return dsts
         pinned = {i for i, s in enumerate(srcs) if self._stream is not None and s.is_pinned()}
