@@ -381,3 +381,21 @@ def test_recent_text_encoders_as_published_bind_every_weight_as_transformers(sto
     ours = compstore.load_component(str(folder), store=store)
     same_state(ours, type(model).from_pretrained(folder))
     same_state(ours, model)
+
+
+def test_auto_model_loads_the_class_the_index_or_config_names_as_diffusers_does(family_store, family):
+    """`compstore.AutoModel.from_pretrained(ref, subfolder=...)`, diffusers' AutoModel as
+    model cards call it: the class model_index.json names for the slot (a transformers
+    one too), or, for a model folder alone, the class its config names. Before
+    2026-12-07 `compstore.AutoModel` was an AttributeError."""
+    folder = str(family["A"])
+    for slot in ("unet", "vae", "text_encoder"):
+        ours = compstore.AutoModel.from_pretrained(folder, subfolder=slot, store=family_store, dtype=torch.float16)
+        theirs = diffusers.AutoModel.from_pretrained(folder, subfolder=slot, dtype=torch.float16)
+        assert type(ours) is type(theirs)
+        same_state(ours, theirs)
+        assert ours._diffusers_load_id == theirs._diffusers_load_id == f"{folder}|{slot}|null|null"
+    alone = compstore.AutoModel.from_pretrained(folder + "/vae", store=family_store)
+    assert type(alone) is diffusers.AutoencoderKL
+    same_state(alone, diffusers.AutoModel.from_pretrained(folder + "/vae"))
+    assert compstore.AutoModel.load_config == diffusers.AutoModel.load_config  # the rest is diffusers'

@@ -633,18 +633,27 @@ def model_class(name: str) -> type:
     import transformers
 
     target = getattr(diffusers, name, None)
-    if not (isinstance(target, type) and issubclass(target, diffusers.ModelMixin)):
+    # diffusers' AutoModel (`AutoModel.from_pretrained(repo, subfolder="transformer")`, as
+    # model cards write it) loads the class the pipeline's index or the model's config
+    # names: `load_component` with no class wanted does just that.
+    auto = name == "AutoModel" and isinstance(target, type)
+    if not (auto or isinstance(target, type) and issubclass(target, diffusers.ModelMixin)):
         try:
             target = getattr(transformers, name, None) if name[:1].isupper() else None
         except (ImportError, RuntimeError):  # a class whose backend is not installed
             target = None
-    if not (isinstance(target, type) and is_model_class(target)):
+    if not (auto or isinstance(target, type) and is_model_class(target)):
         raise AttributeError(f"{name!r} is not a model class of diffusers {diffusers.__version__} "
                              f"or transformers {transformers.__version__}")
 
     def from_pretrained(cls, pretrained_model_name_or_path, subfolder: str | None = None, **kwargs):
-        return load_component(os.fspath(pretrained_model_name_or_path), subfolder=subfolder,
-                              model_class=target, **kwargs)
+        path = os.fspath(pretrained_model_name_or_path)
+        model = load_component(path, subfolder=subfolder, model_class=None if auto else target, **kwargs)
+        if auto:  # as diffusers' AutoModel marks it: a modular pipeline's update_components reads it
+            model._diffusers_load_id = "|".join(
+                "null" if part is None else part
+                for part in (path, subfolder, kwargs.get("variant"), kwargs.get("revision")))
+        return model
 
     def from_single_file(cls, pretrained_model_link_or_path_or_dict, *, store: Store | str | None = None,
                          name: str | None = None, **kwargs):
