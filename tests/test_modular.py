@@ -82,6 +82,35 @@ def test_modular_repo_pins_and_loads_like_diffusers(repos, store):
     assert_same(ours, load_theirs(repos / "remix"))
 
 
+def test_a_remix_records_the_pointers_its_index_publishes_as_diffusers_does(repos, store, tmp_path):
+    """compstore loads a remix from its skeleton, but the pipeline records what the
+    repo's index says, as diffusers' does: the same specs and config entries, the same
+    load id on every loaded component (a pinned VAE's names the base repo), so that
+    `save_pretrained(..., overwrite_modular_index=False)` re-publishes the pointers and
+    `update_components` of an AutoModel keeps its source. Until 2026-12-07 every spec
+    named compstore's skeleton folder and models had no load id."""
+    import diffusers
+
+    ours = compstore.ModularPipeline.from_pretrained(str(repos / "remix"), store=store)
+    theirs = diffusers.ModularPipeline.from_pretrained(str(repos / "remix"))
+    for pipe in (ours, theirs):
+        pipe.load_components(torch_dtype=torch.float32)
+    names = [n for n, spec in theirs._component_specs.items() if spec.default_creation_method == "from_pretrained"]
+    assert {n: ours.config[n] for n in names} == {n: theirs.config[n] for n in names}
+    loaded = [n for n in names if getattr(theirs, n, None) is not None]
+    assert set(loaded) >= {"unet", "vae", "text_encoder", "tokenizer", "scheduler"}
+    assert {n: getattr(ours, n)._diffusers_load_id for n in loaded} == \
+        {n: getattr(theirs, n)._diffusers_load_id for n in loaded}
+    assert ours.vae._diffusers_load_id == f"{repos / 'base'}|vae|null|null"
+    for pipe, out in ((ours, tmp_path / "ours"), (theirs, tmp_path / "theirs")):
+        pipe.save_pretrained(str(out), overwrite_modular_index=False)
+    assert json.loads((tmp_path / "ours" / "modular_model_index.json").read_text()) == \
+        json.loads((tmp_path / "theirs" / "modular_model_index.json").read_text())
+    for pipe, lib in ((ours, compstore), (theirs, diffusers)):
+        pipe.update_components(vae=lib.AutoModel.from_pretrained(str(repos / "base"), subfolder="vae"))
+        assert pipe._component_specs["vae"].pretrained_model_name_or_path == str(repos / "base")
+
+
 def test_changed_source_is_never_loaded_silently(repos, store, tmp_path):
     base = tmp_path / "base"
     shutil.copytree(repos / "base", base)

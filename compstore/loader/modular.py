@@ -4,7 +4,9 @@
     >>> pipe.load_components(torch_dtype=torch.float16)
 
 The pipeline is diffusers' own (e.g. `StableDiffusionXLModularPipeline`), built
-from a skeleton folder whose index points every slot at the skeleton itself. Its
+from a skeleton folder whose index points every slot at the skeleton itself; its
+specs then record, as diffusers' do, where the repo's own index points (another
+repo, a pinned revision), so load ids and `save_pretrained` are diffusers'. Its
 `load_components` is replaced, on this instance only, by one that builds models
 from the store: a slot's own weights, or the component pinned for it when the
 repo pointed elsewhere. Tokenizers and schedulers load from the skeleton. After
@@ -14,6 +16,8 @@ pipeline's does: one move, one report, the budget settled once.
 
 from __future__ import annotations
 
+import copy
+import json
 import logging
 import os
 from types import MethodType
@@ -61,11 +65,38 @@ class ModularPipeline:
         skeleton = store.materialize(snapshot_id, _skeleton_file)
         with exclusive_load():  # diffusers resolves the blocks' classes (lazy imports)
             pipe = diffusers.ModularPipeline.from_pretrained(str(skeleton), **kwargs)
-        pipe.load_components = MethodType(_store_load_components(store, snapshot_id, label), pipe)
+        here = _record_published_specs(pipe, store, snapshot_id)
+        pipe.load_components = MethodType(_store_load_components(store, snapshot_id, label, here), pipe)
         return pipe
 
 
-def _store_load_components(store: Store, snapshot_id: str, label: str):
+_LOADING_FIELDS = ("pretrained_model_name_or_path", "subfolder", "variant", "revision")
+
+
+def _record_published_specs(pipe, store: Store, snapshot_id: str) -> dict[str, dict]:
+    """Make the pipeline record, as diffusers' does, where the repo's own index says
+    each component comes from (another repo, at a pinned revision), not the skeleton
+    it is loaded from: each loaded component's load id is then the one diffusers gives
+    it, and `save_pretrained(..., overwrite_modular_index=False)` keeps the repo's
+    pointers (until 2026-12-07 it wrote the skeleton's). Returns the skeleton's
+    loading fields per slot, where `load_components` reads small parts from."""
+    raw = store.read_file(snapshot_id, "modular_model_index.json")
+    published = json.loads(raw) if raw else {}
+    here: dict[str, dict] = {}
+    for name, spec in pipe._component_specs.items():
+        entry = published.get(name)
+        if not (isinstance(entry, list) and len(entry) == 3 and isinstance(entry[2], dict)):
+            continue
+        here[name] = {field: getattr(spec, field) for field in _LOADING_FIELDS}
+        for field in _LOADING_FIELDS:
+            setattr(spec, field, entry[2].get(field))
+        if name in pipe.config:
+            library, class_name, _ = pipe.config[name]
+            pipe.register_to_config(**{name: (library, class_name, pipe._component_spec_to_dict(spec))})
+    return here
+
+
+def _store_load_components(store: Store, snapshot_id: str, label: str, here: dict[str, dict]):
     @exclusive_load()
     def load_components(self, names: list[str] | str | None = None, workflow: str | None = None,
                         **kwargs: Any) -> None:
@@ -94,16 +125,25 @@ def _store_load_components(store: Store, snapshot_id: str, label: str):
                 spec = specs.get(name)
                 if spec is None:
                     continue
+                if per_slot(variant, name) is not None:  # as diffusers' spec.load records it
+                    spec.variant = per_slot(variant, name)
                 if is_model_class(spec.type_hint):
                     comp = pick_component(rows, name, per_slot(variant, name))
                     loaded[name] = build_model(store, comp, dtype=per_slot(dtype, name),
                                                name_or_path=f"{label}/{name}", packs=packs,
                                                quantization_config=per_slot(quantization, name))
                 elif spec.pretrained_model_name_or_path:
-                    try:  # tokenizers, schedulers: from the skeleton, as diffusers would
-                        loaded[name] = spec.load(**{k: per_slot(v, name) for k, v in kwargs.items()})
+                    local = copy.copy(spec)  # tokenizers, schedulers: from the skeleton
+                    for field, value in here.get(name, {}).items():
+                        setattr(local, field, value)
+                    try:
+                        loaded[name] = local.load(**{k: per_slot(v, name) for k, v in kwargs.items()})
                     except Exception as e:  # diffusers, too, only warns and goes on
                         logger.warning("Failed to create component %s: %s", name, e)
+                        continue
+                else:
+                    continue
+                loaded[name]._diffusers_load_id = spec.load_id  # where the repo says it is from
         self.register_components(**loaded)
         route_through_pool(self)  # pipe.to("cuda"): one move of every model through the pool
 
