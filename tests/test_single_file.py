@@ -156,6 +156,8 @@ def test_bad_single_files_are_refused_and_leave_the_store_as_it_was(family_store
     save_file({k: v for k, v in state.items() if k.startswith("model.")}, unet_only)
     empty = tmp_path / "empty.safetensors"
     save_file({}, empty)
+    gguf = tmp_path / "flux1-dev-Q4_K_S.gguf"
+    gguf.write_bytes(b"GGUF" + bytes(60))
     unknown = tmp_path / "unknown.safetensors"  # diffusers reads a value to tell which model it is
     save_file({"control_layers.14.adaLN_modulation.0.weight": torch.zeros(2),
                "control_noise_refiner.0.before_proj.weight": torch.ones(2)}, unknown)
@@ -163,6 +165,9 @@ def test_bad_single_files_are_refused_and_leave_the_store_as_it_was(family_store
         (tmp_path / "missing.safetensors", compstore.InvalidInputError, "no such file"),
         (pickle, compstore.PickleRefusedError, "never loads pickle checkpoints"),
         ("https://huggingface.co/org/B/blob/main/model.ckpt", compstore.PickleRefusedError, "never loads pickle"),
+        (gguf, compstore.InvalidInputError, r"a GGUF checkpoint .*GGUFQuantizationConfig"),
+        ("https://huggingface.co/org/B/blob/main/flux1-dev-Q4_K_S.gguf", compstore.InvalidInputError,
+         "a GGUF checkpoint"),
         ("https://example.com/model.safetensors", compstore.InvalidInputError, "or the URL of one on the Hub"),
         (truncated, compstore.InvalidInputError, "truncated.safetensors"),
         (unrelated, compstore.InvalidInputError, "could not convert it with config 'A'"),

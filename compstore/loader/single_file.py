@@ -223,9 +223,7 @@ def _pulled_checkpoint(store: Store, repo_id: str, revision: str, filename: str,
     from ..store.hub import HubUnavailableError, hub_reachable
     from ..store.safetensors_header import parse_header
 
-    if not filename.endswith(".safetensors"):
-        raise PickleRefusedError(f"{repo_id}/{filename}", "not a .safetensors file: compstore never loads "
-                                 "pickle checkpoints (.ckpt, .pt, .bin)")
+    refuse_other_formats(f"{repo_id}/{filename}")
     snapshot = None
     if not local_files_only and hub_reachable():
         try:
@@ -331,10 +329,23 @@ def _checkpoint(path: str | os.PathLike) -> Path:
         raise InvalidInputError(str(path), "no such file: pass the path of a single-file checkpoint "
                                 "(.safetensors), or the URL of one on the Hub "
                                 "(https://huggingface.co/<org>/<repo>/blob/<revision>/<file>)")
-    if checkpoint.suffix != ".safetensors":
-        raise PickleRefusedError(str(path), "not a .safetensors file: compstore never loads pickle "
-                                 "checkpoints (.ckpt, .pt, .bin); convert it to safetensors first")
+    refuse_other_formats(str(path))
     return checkpoint.resolve()
+
+
+def refuse_other_formats(name: str) -> None:
+    """Only `.safetensors` checkpoints are converted and stored. A GGUF file is not a
+    pickle but weights quantized in llama.cpp's format, which the store does not keep
+    (its tensors are not a model's): said so, with what to do instead."""
+    if name.endswith(".safetensors"):
+        return
+    if name.lower().endswith(".gguf"):
+        raise InvalidInputError(name, "a GGUF checkpoint (weights quantized in llama.cpp's format): compstore "
+                                "stores safetensors only; load it with diffusers' from_single_file(path, "
+                                "quantization_config=GGUFQuantizationConfig(...)) and pass the model in "
+                                "(transformer=model), or quantize stored weights with quantization_config")
+    raise PickleRefusedError(name, "not a .safetensors file: compstore never loads pickle "
+                             "checkpoints (.ckpt, .pt, .bin); convert it to safetensors first")
 
 
 def _inferred_config(label: str, header) -> str:
