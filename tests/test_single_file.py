@@ -176,6 +176,14 @@ def test_bad_single_files_are_refused_and_leave_the_store_as_it_was(family_store
     for path, error, message in cases:
         with pytest.raises(error, match=message):
             compstore.StableDiffusionPipeline.from_single_file(path, config="A", store=family_store)
+    # a quantization config that cannot load: refused before the conversion is stored
+    with pytest.raises(ValueError, match="must be an instance of `PipelineQuantizationConfig`"):
+        compstore.StableDiffusionPipeline.from_single_file(checkpoints["A"], config="A", store=family_store,
+                                                           quantization_config={"quant_method": "torchao"})
+    with pytest.raises(compstore.CompstoreError, match="a GGUF quantization config loads .gguf"):
+        compstore.UNet2DConditionModel.from_single_file(
+            checkpoints["A"], config="A", subfolder="unet", store=family_store,
+            quantization_config=diffusers.GGUFQuantizationConfig(compute_dtype=torch.bfloat16))
     with pytest.raises(compstore.InvalidInputError, match="empty.safetensors: holds no tensors"):
         compstore.StableDiffusionPipeline.from_single_file(empty, config="A", store=family_store)
     with pytest.raises(compstore.InvalidInputError, match="could not tell which pipeline .* pass config="):

@@ -518,6 +518,15 @@ def from_single_file(target: type, path: str | os.PathLike, store: Store, name: 
         slots = target._get_signature_keys(target)[0]
         convert["may_lack"] = [k for k, v in kwargs.items()
                                if k in slots and (v is None or isinstance(v, torch.nn.Module))]
+    quantization = kwargs.get("quantization_config")
+    if quantization is not None:  # a load that would fail is refused before the conversion is stored
+        from .quantized import check_pipeline_quantization, check_quantization
+
+        if _is_pipeline(target):
+            check_pipeline_quantization(quantization)
+        else:
+            check_quantization(quantization, is_diffusers=target.__module__.startswith("diffusers."),
+                               dtype=kwargs.get("dtype", kwargs.get("torch_dtype")), where=os.fspath(path))
     ref = ingest_single_file(path, target, store=store, name=name, **convert).ref
     kwargs["local_files_only"] = True  # a ref: never a Hub repo of the same name
     if kwargs.get("dtype", kwargs.get("torch_dtype")) is None:
