@@ -2,7 +2,7 @@
 # The whole test suite, on a fresh machine too: set-up, then pytest.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-bash scripts/setup.sh || exit 1
+bash scripts/setup.sh test || exit 1
 .venv/bin/python -m pytest "$@"
 rc=$?
 if [ "$rc" -eq 5 ]; then
