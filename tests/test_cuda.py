@@ -251,10 +251,12 @@ def test_a_quantized_unet_on_the_gpu_moves_with_its_own_to_and_images_match(fami
         return diffusers.PipelineQuantizationConfig(
             quant_mapping={"unet": diffusers.TorchAoConfig(Int8WeightOnlyConfig())})
 
+    pool = ResidencyPool("cuda", budget_bytes=1 << 34)  # its own: earlier tests left A resident in the default
     ours = compstore.DiffusionPipeline.from_pretrained("A", store=family_store, dtype=torch.bfloat16,
-                                                       quantization_config=config(), device_map="cuda")
-    moved = {c.component: c for c in compstore.last_transfer().components}
-    assert moved["unet"].bytes_from_store > 0 and moved["vae"].bytes_uploaded > 0
+                                                       quantization_config=config(), device_map="cuda", pool=pool)
+    moved = {c.component: c for c in pool.last_report.components}
+    assert moved["unet"].bytes_from_store > 0 and moved["vae"].bytes_from_store > 0
+    assert not pool._uses.get(ours.unet)  # moved by its own .to(), nothing of it pooled
     assert type(ours.unet.down_blocks[1].attentions[0].transformer_blocks[0].attn1.to_q.weight).__name__ == "Int8Tensor"
     assert {t.device.type for t in ours.unet.state_dict().values()} == {"cuda"}
     theirs = diffusers.DiffusionPipeline.from_pretrained(family["A"], dtype=torch.bfloat16,
