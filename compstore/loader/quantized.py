@@ -12,7 +12,8 @@ diffusers' `from_pretrained` reads files, so its steps around its
 `_load_pretrained_model` (which takes a state dict) are followed here, as diffusers
 0.42 runs them.
 
-A quantized model holds new tensors, not the store's: it is built afresh at every
+A quantized model's quantized weights are new tensors, not the store's (the layers
+its quantizer leaves alone may still view the store): it is built afresh at every
 load (no template), and a residency pool moves it with the library's own `.to()`,
 never serving or sharing its tensors (residency.py). A model saved quantized
 (`quantization_config` in its config.json) is still refused (`refuse_quantized`):

@@ -609,8 +609,9 @@ class ResidencyPool:
         `.to()`: a quantized model's (torchao's tensor subclasses, bitsandbytes'
         parameters, which carry their quantization state beside their bytes), for which
         a copy of the bytes is not a copy of the tensor, and whose library checks what
-        may move. None of its tensors is the store's (quantized.py): none is served
-        from the pool or kept in it; its bytes count as uploaded from host memory."""
+        may move. Its quantized weights are not the store's (quantized.py); none of its
+        tensors is served from the pool or kept in it; its bytes count as uploaded
+        from host memory."""
         rep = ComponentTransfer(component)
         moving = {id(t): t for _, _, _, t in named_tensors(module) if t.device != self.device}
         if moving:  # (older bitsandbytes refuse any .to() of a model it placed as it loaded)
