@@ -111,6 +111,23 @@ def test_a_remix_records_the_pointers_its_index_publishes_as_diffusers_does(repo
         assert pipe._component_specs["vae"].pretrained_model_name_or_path == str(repos / "base")
 
 
+def test_a_classic_pipeline_loaded_as_modular_records_its_folder_as_diffusers_does(repos, store):
+    """A classic folder (model_index.json) through ModularPipeline: each component's
+    spec and load id name the folder given, as diffusers' do, not compstore's skeleton."""
+    import diffusers
+
+    folder = str(repos / "base-classic")
+    ours = compstore.ModularPipeline.from_pretrained(folder, store=store)
+    theirs = diffusers.ModularPipeline.from_pretrained(folder)
+    for pipe in (ours, theirs):
+        pipe.load_components(torch_dtype=torch.float32)
+    loaded = [n for n in ("unet", "vae", "text_encoder", "tokenizer", "scheduler") if getattr(theirs, n, None)]
+    assert {n: getattr(ours, n)._diffusers_load_id for n in loaded} == \
+        {n: getattr(theirs, n)._diffusers_load_id for n in loaded}
+    assert ours.unet._diffusers_load_id == f"{folder}|unet|null|null"
+    assert {n: ours.config[n] for n in loaded} == {n: theirs.config[n] for n in loaded}
+
+
 def test_changed_source_is_never_loaded_silently(repos, store, tmp_path):
     base = tmp_path / "base"
     shutil.copytree(repos / "base", base)

@@ -65,7 +65,8 @@ class ModularPipeline:
         skeleton = store.materialize(snapshot_id, _skeleton_file)
         with exclusive_load():  # diffusers resolves the blocks' classes (lazy imports)
             pipe = diffusers.ModularPipeline.from_pretrained(str(skeleton), **kwargs)
-        here = _record_published_specs(pipe, store, snapshot_id)
+        here = _record_published_specs(pipe, store, snapshot_id, os.fspath(pretrained_model_name_or_path),
+                                       str(skeleton))
         pipe.load_components = MethodType(_store_load_components(store, snapshot_id, label, here), pipe)
         return pipe
 
@@ -73,23 +74,29 @@ class ModularPipeline:
 _LOADING_FIELDS = ("pretrained_model_name_or_path", "subfolder", "variant", "revision")
 
 
-def _record_published_specs(pipe, store: Store, snapshot_id: str) -> dict[str, dict]:
+def _record_published_specs(pipe, store: Store, snapshot_id: str, given: str, skeleton: str) -> dict[str, dict]:
     """Make the pipeline record, as diffusers' does, where the repo's own index says
     each component comes from (another repo, at a pinned revision), not the skeleton
-    it is loaded from: each loaded component's load id is then the one diffusers gives
-    it, and `save_pretrained(..., overwrite_modular_index=False)` keeps the repo's
-    pointers (until 2026-12-07 it wrote the skeleton's). Returns the skeleton's
-    loading fields per slot, where `load_components` reads small parts from."""
+    it is loaded from; a classic pipeline's components come from the name the load
+    was `given`, with their folders. Each loaded component's load id is then the one
+    diffusers gives it, and `save_pretrained(..., overwrite_modular_index=False)`
+    keeps the repo's pointers (until 2026-12-07 it wrote the skeleton's). Returns the
+    skeleton's loading fields per slot, where `load_components` reads small parts from."""
     raw = store.read_file(snapshot_id, "modular_model_index.json")
-    published = json.loads(raw) if raw else {}
+    published = json.loads(raw) if raw else None
     here: dict[str, dict] = {}
     for name, spec in pipe._component_specs.items():
-        entry = published.get(name)
-        if not (isinstance(entry, list) and len(entry) == 3 and isinstance(entry[2], dict)):
+        entry = (published or {}).get(name)
+        if isinstance(entry, list) and len(entry) == 3 and isinstance(entry[2], dict):
+            fields = {field: entry[2].get(field) for field in _LOADING_FIELDS}
+        elif published is None and spec.pretrained_model_name_or_path == skeleton:
+            fields = {"pretrained_model_name_or_path": given, "subfolder": spec.subfolder,
+                      "variant": spec.variant, "revision": None}
+        else:
             continue
         here[name] = {field: getattr(spec, field) for field in _LOADING_FIELDS}
-        for field in _LOADING_FIELDS:
-            setattr(spec, field, entry[2].get(field))
+        for field, value in fields.items():
+            setattr(spec, field, value)
         if name in pipe.config:
             library, class_name, _ = pipe.config[name]
             pipe.register_to_config(**{name: (library, class_name, pipe._component_spec_to_dict(spec))})
