@@ -168,10 +168,8 @@ def prepare_model(
     cid = component["component_id"]
     packs = packs or private_packs(store, verified=verify)
     key = (cid, f"{cls.__module__}.{cls.__qualname__}", str(dtype))
-    if quantization_config is not None:
-        model = _quantized(store, component, cls, packs, dtype, name_or_path, verify, quantization_config)
-        return lambda: model
-    template = None if private or verify else warm.template(key)
+    quantized = quantization_config is not None  # built anew each time: no template
+    template = None if private or verify or quantized else warm.template(key)
     if template is not None:
         return functools.partial(_from_template, template, _stored_views(store, cid, packs, template),
                                  pool, name_or_path)
@@ -185,6 +183,9 @@ def prepare_model(
                          component["class_name"])
     if verify:
         check_tensors(packs, locations, component["class_name"])
+    if quantized:
+        model = _quantized(cls, config, packs, locations, dtype, name_or_path, quantization_config)
+        return lambda: model
     blobs = {loc.name: (loc.xxh3, loc.size) for loc in locations}
     arch = warm.architecture(key[1], key[2], config, locations)
     template = None if private or verify else warm.sibling(key, arch, blobs)
@@ -235,25 +236,14 @@ def prepare_model(
     return lambda: model  # bound to store views: the caller's pool.move takes the prefetched uploads
 
 
-def _quantized(store: Store, component: dict, cls, packs: LoadMappings, dtype, name_or_path: str,
-               verify: bool, quantization_config: Any) -> torch.nn.Module:
+def _quantized(cls, config: dict, packs: LoadMappings, locations, dtype, name_or_path: str,
+               quantization_config: Any) -> torch.nn.Module:
     """`prepare_model` with a `quantization_config`: the stored tensors, in their stored
     dtypes and names as a file holds them, quantized by the library as it loads them."""
     from diffusers import ModelMixin
 
     from .quantized import quantized_model
 
-    cid = component["component_id"]
-    config = store.component_config(cid)
-    if config is None:
-        raise ComponentNotFoundError(f"component {cid[:12]} has no config.json")
-    refuse_quantized(config, name_or_path or component["class_name"])
-    locations = store.tensor_locations(cid)
-    if not locations:
-        raise no_weights(name_or_path or component.get("slot") or component["class_name"],
-                         component["class_name"])
-    if verify:
-        check_tensors(packs, locations, component["class_name"])
     if dtype == "auto" and issubclass(cls, ModelMixin):
         dtype = torch.float32  # as for any diffusers model (see prepare_model)
     model = quantized_model(cls, config, state_dict(packs, locations), quantization_config=quantization_config,
@@ -730,7 +720,7 @@ def load_component(
         picked.append(_of_class(pick_component(rows, slot, variant, fallback=False), model_class,
                                 name_or_path, slot))
         if quantization_config is not None:
-            check_quantization(quantization_config, is_diffusers=picked[-1]["library"] == "diffusers",
+            check_quantization(quantization_config, resolve_class(picked[-1]["library"], picked[-1]["class_name"]),
                                dtype=dtype, where=f"{name_or_path}/{slot}" if slot else name_or_path)
 
     snapshot_id, label = resolve_snapshot(  # a Hub repo: only the slot's folder is pulled

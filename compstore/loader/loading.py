@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import logging
 import threading
 
 _LOADS = threading.RLock()  # re-entrant: a load may load parts through another entry point
@@ -98,3 +99,21 @@ def exclusive_load():
     """
     with _LOADS, gc_paused():
         yield
+
+
+@contextlib.contextmanager
+def warnings_dropped(logger: str, starts: str | tuple[str, ...]):
+    """The library warnings from `logger` that begin with `starts` (one prefix or
+    several) dropped while the block runs: warnings about steps compstore takes for
+    the user, not the user's (a cast diffusers' `from_single_file` makes, a component
+    compstore built and passed in)."""
+    log = logging.getLogger(logger)
+
+    def keep(record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(starts)
+
+    log.addFilter(keep)
+    try:
+        yield
+    finally:
+        log.removeFilter(keep)

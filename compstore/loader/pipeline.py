@@ -40,7 +40,7 @@ from ..store.components import pick_component, require_variant
 from . import warm
 from .component import (StandIn, dtype_argument, is_model_class, no_weights, prepare_model,
                         refuse_pickle_loading, refuse_quantized, resolve_class)
-from .loading import exclusive_load
+from .loading import exclusive_load, warnings_dropped
 from .quantized import check_pipeline_quantization, check_quantization, model_quantization
 from .residency import POOL, ResidencyPool, TransferReport, pool_for, record_report, usable_device
 from .routing import route_through_pool
@@ -268,10 +268,9 @@ class DiffusionPipeline(metaclass=StandIn):
             for row in rows if quantization is not None else ():
                 model = resolve_class(row["library"], row["class_name"])
                 if row["slot"] not in kwargs and is_model_class(model):
-                    diffusers_model = row["library"] == "diffusers"
-                    q = model_quantization(quantization, is_diffusers=diffusers_model, slot=row["slot"])
+                    q = model_quantization(quantization, model, row["slot"])
                     if q is not None:
-                        check_quantization(q, is_diffusers=diffusers_model, where=f"{label}/{row['slot']}",
+                        check_quantization(q, model, where=f"{label}/{row['slot']}",
                                            dtype=per_slot(dtype, row["slot"], torch.float32))
 
         snapshot_id, label = resolve_snapshot(  # an ingest or a download: other threads' loads go on
@@ -428,8 +427,7 @@ def _build(store: Store, snapshot_id: str, label: str, *, dtype, variant: str | 
         models = {slot: prepare_model(  # with a pool, each fresh build starts its upload ...
             store, pick_component(rows, slot, variant), dtype=per_slot(dtype, slot, torch.float32),
             name_or_path=f"{label}/{slot}", packs=packs, verify=verify, pool=pool, private=private,
-            quantization_config=model_quantization(quantization, slot=slot,
-                                                   is_diffusers=cls.__module__.startswith("diffusers.")))
+            quantization_config=model_quantization(quantization, cls, slot))
             for slot, cls in slots.items() if is_model_class(cls)}
         for slot, cls in slots.items():  # ... which runs on while tokenizers, schedulers load
             if slot not in models:
@@ -443,8 +441,12 @@ def _build(store: Store, snapshot_id: str, label: str, *, dtype, variant: str | 
                 report.components.append(pool.move(built[slot], slot, private=private, wait=False, settle=False))
                 setattr(built[slot], POOL, pool)
 
-    with _unverifiable_module_warning_dropped(
-            [m for m in built.values() if type(m).__module__.startswith("diffusers.pipelines.")]):
+    # diffusers warns that it "cannot verify" a component passed in whose class is in a
+    # pipeline module (SD 1.5's safety checker), and prints the whole module: the class
+    # is the one the index names, built here (a user's own component keeps the warning)
+    ours = tuple(f"You have passed a non-standard module {m}." for m in built.values()
+                 if type(m).__module__.startswith("diffusers.pipelines."))
+    with warnings_dropped("diffusers.pipelines.pipeline_loading_utils", ours):
         pipe = pipeline_cls.from_pretrained(skeleton, **built, **kwargs)
     pipe.register_to_config(_name_or_path=label)
     if quantization is not None:  # as diffusers records it
@@ -461,27 +463,6 @@ def _build(store: Store, snapshot_id: str, label: str, *, dtype, variant: str | 
         report.seconds = round(sum(c.seconds for c in report.components) + time.perf_counter() - t0, 6)
         record_report(pool, report)
     return pipe
-
-
-@contextlib.contextmanager
-def _unverifiable_module_warning_dropped(ours: list):
-    """diffusers warns that it "cannot verify" a component passed in whose class is
-    in a pipeline module (SD 1.5's safety checker), and prints the whole module. The
-    class is the one the index names, built here: that warning is dropped (a user's
-    own component passed in keeps it)."""
-    diffusers_logger = logging.getLogger("diffusers.pipelines.pipeline_loading_utils")
-
-    def keep(record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        return not (message.startswith("You have passed a non-standard module")
-                    and any(message.startswith(f"You have passed a non-standard module {m}.")
-                            for m in ours))
-
-    diffusers_logger.addFilter(keep)
-    try:
-        yield
-    finally:
-        diffusers_logger.removeFilter(keep)
 
 
 def target_pool(device_map, pool: ResidencyPool | None) -> ResidencyPool | None:

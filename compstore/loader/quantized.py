@@ -41,15 +41,22 @@ def check_pipeline_quantization(quantization_config: Any) -> None:
         raise ValueError("`quantization_config` must be an instance of `PipelineQuantizationConfig`.")
 
 
-def model_quantization(quantization_config: Any, *, is_diffusers: bool, slot: str) -> Any:
-    """The quantization config of one model of a pipeline, as diffusers picks it: the
-    pipeline's `PipelineQuantizationConfig` resolved for `slot` (None: as stored)."""
+def _is_diffusers(cls: type) -> bool:
+    from diffusers import ModelMixin
+
+    return issubclass(cls, ModelMixin)
+
+
+def model_quantization(quantization_config: Any, cls: type, slot: str) -> Any:
+    """The quantization config of one model (of class `cls`) of a pipeline, as diffusers
+    picks it: the pipeline's `PipelineQuantizationConfig` resolved for `slot` (None:
+    as stored)."""
     if quantization_config is None:
         return None
-    return quantization_config._resolve_quant_config(is_diffusers=is_diffusers, module_name=slot)
+    return quantization_config._resolve_quant_config(is_diffusers=_is_diffusers(cls), module_name=slot)
 
 
-def check_quantization(quantization_config: Any, *, is_diffusers: bool, dtype: Any, where: str) -> None:
+def check_quantization(quantization_config: Any, cls: type, *, dtype: Any, where: str) -> None:
     """What the library checks of a quantization config before it reads a weight (the
     backend installed, a GPU where it needs one), checked before a folder is ingested,
     so that a load that would fail leaves the store as it was: the library's own error.
@@ -68,7 +75,7 @@ def check_quantization(quantization_config: Any, *, is_diffusers: bool, dtype: A
         raise CompstoreError(f"{where}: a GGUF quantization config loads .gguf checkpoints, which compstore "
                              "does not store: load the .gguf file with diffusers' from_single_file and pass "
                              "the model in (transformer=model), or quantize with torchao or bitsandbytes")
-    if is_diffusers:
+    if _is_diffusers(cls):
         from diffusers.quantizers import DiffusersAutoQuantizer
 
         DiffusersAutoQuantizer.from_config(quantization_config, pre_quantized=False).validate_environment(
@@ -85,11 +92,8 @@ def quantized_model(cls: type, config: dict, sd: dict[str, torch.Tensor], *, qua
     library's quantizer for `quantization_config`, as that library's
     `from_pretrained(..., quantization_config=...)` loads it from files. `dtype`: the
     load's (None as the library takes None: its quantizer picks)."""
-    from diffusers import ModelMixin
-
-    check_quantization(quantization_config, is_diffusers=issubclass(cls, ModelMixin), dtype=dtype,
-                       where=name_or_path)
-    if issubclass(cls, ModelMixin):
+    check_quantization(quantization_config, cls, dtype=dtype, where=name_or_path)
+    if _is_diffusers(cls):
         return _diffusers_model(cls, config, sd, quantization_config, dtype, name_or_path)
     return _transformers_model(cls, config, sd, quantization_config, dtype, name_or_path)
 

@@ -21,7 +21,6 @@ transformer published alone) is the same, with a model folder stored.
 
 from __future__ import annotations
 
-import contextlib
 import glob
 import json
 import logging
@@ -39,6 +38,7 @@ from ..store.hub import file_sha256, is_repo_id
 from ..store.lock import scratch_folder
 from ..store.safetensors_header import read_header
 from ..store.store import check_ref_name
+from .loading import warnings_dropped
 
 logger = logging.getLogger("compstore")
 
@@ -174,7 +174,7 @@ def ingest_single_file(
         else:
             converted = _convert_whole_or_without(target, checkpoint, source.label, header, config, config,
                                                   convert_kwargs, may_lack, provenance)
-        with _warning_dropped("diffusers.pipelines.pipeline_utils", "self."):  # "self.vae=None ...
+        with warnings_dropped("diffusers.pipelines.pipeline_utils", "self."):  # "self.vae=None ...
             converted.save_pretrained(folder)  # cannot be saved": a slot left out, as recorded
         del converted
         (folder / PROVENANCE).write_text(json.dumps(provenance, indent=2) + "\n")
@@ -446,7 +446,7 @@ def _convert(target: type, checkpoint: Path, checkpoint_label: str, header, conf
         # from_single_file casts each model with `.to(dtype)`, which warns that modules "should
         # be kept in float32": what is stored is the checkpoint's bytes, and each load
         # applies from_pretrained's dtype rules
-        with _warning_dropped("diffusers.models.modeling_utils", "There are modules in "):
+        with warnings_dropped("diffusers.models.modeling_utils", "There are modules in "):
             converted = target.from_single_file(str(checkpoint), config=config,
                                            dtype=None if dtype == torch.float32 else dtype, **kwargs)
     except SingleFileComponentError as e:  # a UNet- or transformer-only file, say
@@ -476,22 +476,6 @@ def _denoiser(pipeline: type) -> tuple[str, str]:
         if types.get(slot) and isinstance(types[slot][0], type):
             return slot, types[slot][0].__name__
     return "unet", "UNet2DConditionModel"
-
-
-@contextlib.contextmanager
-def _warning_dropped(logger: str, start: str):
-    """diffusers' warnings that begin with `start`, from `logger`, dropped while the
-    block runs: warnings about steps compstore takes for the user, not the user's."""
-    log = logging.getLogger(logger)
-
-    def keep(record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith(start)
-
-    log.addFilter(keep)
-    try:
-        yield
-    finally:
-        log.removeFilter(keep)
 
 
 def _narrow(module: torch.nn.Module, dtypes: list[torch.dtype]) -> None:
@@ -525,8 +509,8 @@ def from_single_file(target: type, path: str | os.PathLike, store: Store, name: 
         if _is_pipeline(target):
             check_pipeline_quantization(quantization)
         else:
-            check_quantization(quantization, is_diffusers=target.__module__.startswith("diffusers."),
-                               dtype=kwargs.get("dtype", kwargs.get("torch_dtype")), where=os.fspath(path))
+            check_quantization(quantization, target, dtype=kwargs.get("dtype", kwargs.get("torch_dtype")),
+                               where=os.fspath(path))
     ref = ingest_single_file(path, target, store=store, name=name, **convert).ref
     kwargs["local_files_only"] = True  # a ref: never a Hub repo of the same name
     if kwargs.get("dtype", kwargs.get("torch_dtype")) is None:

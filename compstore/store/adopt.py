@@ -129,8 +129,9 @@ def adopt(store: "Store", cache_dir: str | os.PathLike | None = None, *, reclaim
         revisions = sorted(repo.revisions, key=lambda r: r.last_modified)
         for rev in revisions:
             snap = Path(rev.snapshot_path)
-            single_files = not _is_diffusers(snap) and _single_files(snap)
-            if not (single_files or _is_diffusers(snap)):
+            diffusers = _is_diffusers(snap)  # reads its configs
+            single_files = not diffusers and _single_files(snap)
+            if not (diffusers or single_files):
                 report.skipped.append({"repo": repo.repo_id, "commit": rev.commit_hash,
                                        "reason": "not a diffusers pipeline or component"})
                 continue
