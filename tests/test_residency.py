@@ -411,6 +411,43 @@ def test_a_fused_lora_is_never_served_as_the_stores_tensors(family_store, family
     np.testing.assert_array_equal(image(a2), image(reference))
 
 
+def test_an_unfused_lora_leaves_the_layers_it_wraps_shared(family_store, family):
+    """A service's usual day: one base, a LoRA per request, loaded and unloaded, never
+    fused. peft renames each layer it wraps (`to_q.weight` -> `to_q.base_layer.weight`),
+    but those weights are still the store's: a move shares them and uploads only the
+    LoRA's own tensors, and a cast while the LoRA is loaded marks them as not the
+    store's. (Until 2026-12-07 they were private under the LoRA: uploaded at every
+    move, 491,520 bytes of the tiny UNet's 5.7 MB, then again for a plain A.)"""
+    import diffusers
+    from peft import LoraConfig
+    from test_loader import image
+
+    def add_lora(pipe):
+        torch.manual_seed(0)
+        pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v"],
+                                         init_lora_weights=False))  # random: it changes the image
+
+    pool = ResidencyPool("cpu", budget_bytes=1 << 40)
+    compstore.DiffusionPipeline.from_pretrained("A", store=family_store, pool=pool)  # A resident
+    a = compstore.DiffusionPipeline.from_pretrained("A", store=family_store)  # on the host
+    add_lora(a)
+    lora_bytes = sum(t.numel() * t.element_size() for n, t in a.unet.named_parameters() if "lora_" in n)
+    for _ in range(2):  # a move, then another, as an offload hook's or a user's round trip
+        to_device(a, "cpu", pool=pool)  # (a CPU target leaves private host tensors in place)
+        assert pool.last_report.bytes_reused == model_bytes(a) - lora_bytes
+    reference = diffusers.StableDiffusionPipeline.from_pretrained(family["A"])
+    add_lora(reference)
+    np.testing.assert_array_equal(image(a), image(reference))
+    a.unload_lora_weights()
+    np.testing.assert_array_equal(image(a), image(diffusers.StableDiffusionPipeline.from_pretrained(family["A"])))
+
+    c = compstore.DiffusionPipeline.from_pretrained("A", store=family_store)
+    add_lora(c)
+    c.unet.half()
+    keys = getattr(c.unet, STORE_KEYS)
+    assert keys and all(record[2] == -1 for record in keys.values())  # every tensor cast, wrapped or not
+
+
 def test_a_moved_module_is_still_the_stores_on_its_next_move(family_store):
     # A move binds new tensors, whose version counters are not the loaded ones: the
     # store record must follow them, or the next move (pipe.to("cpu") then "cuda",

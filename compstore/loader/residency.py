@@ -671,8 +671,15 @@ def _nbytes(t: torch.Tensor) -> int:
 def named_tensors(module: torch.nn.Module):
     """(state_dict-style name, owner module, attribute, tensor) of every parameter and
     buffer, through every path (tied and shared ones once per path): the one walk of
-    a module's tensors that binding, store keys, templates and moves share."""
+    a module's tensors that binding, store keys, templates and moves share.
+
+    A layer that peft wrapped to add a LoRA (`to_q` -> `to_q.base_layer`) keeps its
+    weights' stored names here: they are still the store's tensors, and a move or a
+    cast must find their records (until 2026-12-07 a loaded, unfused LoRA made them
+    private: every move uploaded them again)."""
     for owner_name, owner in module.named_modules(remove_duplicate=False):
+        if "base_layer" in owner_name:
+            owner_name = ".".join(part for part in owner_name.split(".") if part != "base_layer")
         prefix = f"{owner_name}." if owner_name else ""
         for table in (owner._parameters, owner._buffers):
             for attr, tensor in table.items():
