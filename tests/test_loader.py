@@ -31,8 +31,8 @@ def assert_same_pipeline(ours, theirs, slots=("unet", "vae", "text_encoder")):
     assert ours.tokenizer("a cat").input_ids == theirs.tokenizer("a cat").input_ids
 
 
-def image(pipe) -> np.ndarray:
-    return pipe("a cat", num_inference_steps=2, generator=torch.Generator().manual_seed(0),
+def image(pipe, prompt: str = "a cat") -> np.ndarray:
+    return pipe(prompt, num_inference_steps=2, generator=torch.Generator().manual_seed(0),
                 output_type="np", height=32, width=32).images
 
 

@@ -14,7 +14,7 @@ import torch
 
 import compstore
 from compstore import ResidencyPool, to_device
-from compstore.loader.residency import STORE_KEYS
+from compstore.loader.residency import POOL, STORE_KEYS, store_record
 
 
 class CountingCopier:
@@ -507,6 +507,80 @@ def test_a_move_with_the_dtype_it_has_keeps_the_stores_tensors(family_store):
         == pool.keys_used_by(a.vae)
 
 
+def test_a_textual_inversion_resizes_the_embedding_and_it_moves_as_a_new_tensor(family_store, family):
+    """`load_textual_inversion` adds a token and `resize_token_embeddings`: a new
+    embedding tensor, whose version counter (0) matched the loaded one's. Until
+    2026-12-07 the next move took it for the store's and failed: "shape '[520, 32]' is
+    invalid for input of size 32000"."""
+    import diffusers
+    from test_loader import image
+
+    pool = ResidencyPool("cpu", budget_bytes=1 << 40)
+    compstore.DiffusionPipeline.from_pretrained("A", store=family_store, pool=pool)  # A resident
+
+    def with_new_token(pipe):
+        pipe.tokenizer.add_tokens(["<cat-toy>"])
+        pipe.text_encoder.resize_token_embeddings(len(pipe.tokenizer))
+        # the learned embedding, set as diffusers' load_textual_inversion sets it: through
+        # `.data`, which leaves the new tensor's version counter at 0
+        pipe.text_encoder.get_input_embeddings().weight.data[-1] = 0.5
+        return pipe
+
+    a = with_new_token(compstore.DiffusionPipeline.from_pretrained("A", store=family_store))
+    embedding = a.text_encoder.get_input_embeddings().weight
+    moved = to_device(a, "cpu", pool=pool)
+    assert moved.bytes_reused == model_bytes(a) - embedding.numel() * embedding.element_size()
+    reference = with_new_token(diffusers.StableDiffusionPipeline.from_pretrained(family["A"]))
+    np.testing.assert_array_equal(image(a, "a <cat-toy>"), image(reference, "a <cat-toy>"))
+
+
+def test_a_tensor_put_in_the_place_of_a_stored_one_is_not_the_stores(family_store):
+    """`load_state_dict(assign=True)` binds the tensors given; a new tensor's version
+    counter (0) is the one a freshly loaded tensor has. Until 2026-12-07 a move took
+    it for the store's and served the stored bytes in its place."""
+    pool = ResidencyPool("cpu", budget_bytes=1 << 40)
+    compstore.DiffusionPipeline.from_pretrained("A", store=family_store, pool=pool)  # A resident
+    a = compstore.DiffusionPipeline.from_pretrained("A", store=family_store)
+    mine = torch.full_like(a.unet.conv_in.weight, 0.25)
+    a.unet.load_state_dict({"conv_in.weight": mine}, strict=False, assign=True)
+    assert mine._version == 0
+    to_device(a, "cpu", pool=pool)
+    assert torch.equal(a.unet.conv_in.weight, mine)
+    assert pool.last_report.bytes_reused == model_bytes(a) - mine.numel() * mine.element_size()
+
+
+@pytest.mark.parametrize("loaded", ["on the host", "through a pool"])
+@pytest.mark.parametrize("how", ["deep copy", "pickle"])
+def test_a_copy_of_an_edited_model_keeps_its_edits_through_a_move(family_store, how, loaded):
+    """A deep copy's or an unpickled model's tensors are clones, at version 0, the
+    version a freshly loaded tensor has: until 2026-12-07 a move of a copy of an
+    edited model served the store's bytes in place of its edit, and pickling failed
+    (`torch.save(pipe.unet)`, a pipeline sent to another process: "cannot pickle
+    'weakref.ReferenceType' object"; a pipeline loaded through a pool could not even
+    be deep-copied: "cannot pickle '_queue.SimpleQueue' object"). The copy's tensors
+    are its own, as they are in a copy of a diffusers model; it still moves and
+    casts through its own routing, and a copy keeps its pool (pickled: the same
+    device's pool where it is unpickled)."""
+    import copy
+    import pickle
+
+    pool = ResidencyPool("cpu", budget_bytes=1 << 40)
+    compstore.DiffusionPipeline.from_pretrained("A", store=family_store, pool=pool)  # A resident
+    a = compstore.DiffusionPipeline.from_pretrained("A", store=family_store,
+                                                    pool=pool if loaded == "through a pool" else None)
+    with torch.no_grad():
+        a.unet.conv_in.weight.mul_(2.0)
+    edited = a.unet.conv_in.weight.detach().clone()
+    twin = copy.deepcopy(a) if how == "deep copy" else pickle.loads(pickle.dumps(a))
+    if loaded == "through a pool":
+        assert getattr(twin, POOL) is (pool if how == "deep copy" else compstore.pool_for("cpu"))
+    to_device(twin, "cpu", pool=pool)
+    assert pool.last_report.bytes_reused == 0  # its tensors are its own, as a diffusers copy's
+    assert torch.equal(twin.unet.conv_in.weight, edited)
+    twin.unet.to(torch.float16)  # routed on the copy, not on `a`
+    assert twin.unet.conv_in.weight.dtype == torch.float16 and a.unet.conv_in.weight.dtype == torch.float32
+
+
 def test_private_copies_for_weight_editors(family_store):
     pool = ResidencyPool("meta", budget_bytes=1 << 40, copier=CountingCopier())
     a = load(family_store, "A")
@@ -848,7 +922,7 @@ def test_the_same_bytes_in_another_shape_are_served_in_that_shape():
     linear.weight.data = weight.view(4, 4).clone()
     conv.weight.data = weight.view(4, 4, 1, 1).clone()
     for m in (linear, conv):
-        setattr(m, STORE_KEYS, {"weight": ("same-blob", 64, m.weight._version)})
+        setattr(m, STORE_KEYS, {"weight": store_record(("same-blob", 64), m.weight)})
     copier = CountingCopier()
     pool = ResidencyPool("meta", budget_bytes=1 << 40, copier=copier)
     pool.move(linear)
@@ -861,7 +935,7 @@ def test_a_module_built_on_served_tensors_gets_them_in_its_own_shape():
     """`serve` (how a template clone is born on the device) applies the same rule:
     the resident (4, 4) weight is handed out as a (4, 4, 1, 1) view."""
     linear = torch.nn.Linear(4, 4, bias=False)
-    setattr(linear, STORE_KEYS, {"weight": ("same-blob", 64, linear.weight._version)})
+    setattr(linear, STORE_KEYS, {"weight": store_record(("same-blob", 64), linear.weight)})
     copier = CountingCopier()
     pool = ResidencyPool("meta", budget_bytes=1 << 40, copier=copier)
     pool.move(linear)
@@ -882,7 +956,7 @@ def test_served_tensors_are_not_evicted_before_their_module_claims_them():
     likes = [torch.empty(4, 4, device="meta"), torch.empty(16, device="meta")]
     data, placement = pool.serve(blobs, likes, lambda indices: [torch.ones(4, 4), torch.ones(16)])
     other = torch.nn.Linear(2, 2, bias=False)
-    setattr(other, STORE_KEYS, {"weight": ("blob-c", 16, other.weight._version)})
+    setattr(other, STORE_KEYS, {"weight": store_record(("blob-c", 16), other.weight)})
     pool.move(other)  # evicts every idle tensor (budget 0)
     assert pool.resident_bytes == 64 + 64 + 16
     module = torch.nn.Module()
@@ -901,7 +975,7 @@ def shared_linear() -> torch.nn.Linear:
     """A store-loaded stand-in: a 64-byte weight recorded as the blob "shared-blob"."""
     m = torch.nn.Linear(4, 4, bias=False)
     m.weight.data = torch.ones(4, 4)
-    setattr(m, STORE_KEYS, {"weight": ("shared-blob", 64, m.weight._version)})
+    setattr(m, STORE_KEYS, {"weight": store_record(("shared-blob", 64), m.weight)})
     return m
 
 

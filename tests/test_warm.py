@@ -16,7 +16,7 @@ from diffusers.configuration_utils import FrozenDict
 import compstore
 from compstore import CompstoreError, ResidencyPool
 from compstore.loader import synthetic, warm
-from compstore.loader.residency import STORE_KEYS
+from compstore.loader.residency import STORE_KEYS, named_tensors
 from conftest import same_state, store_state
 from test_residency import CountingCopier
 
@@ -81,7 +81,10 @@ def test_a_second_load_is_a_clone_sharing_nothing_mutable(family_store):
         assert shared_mutables(a, b) == [] and shared_mutables(template, b) == [], slot
         same_state(a, b)
         assert repr(a) == repr(b) and config(a) == config(b) and not b.training
-        assert getattr(a, STORE_KEYS) == getattr(b, STORE_KEYS)
+        # the same blobs, each record naming its own model's tensor
+        assert ({n: r._replace(tensor=None) for n, r in getattr(a, STORE_KEYS).items()}
+                == {n: r._replace(tensor=None) for n, r in getattr(b, STORE_KEYS).items()})
+        assert all(r.tensor() is t for n, _, _, t in named_tensors(b) if (r := getattr(b, STORE_KEYS).get(n)))
     # CLIP's position_ids is not in the checkpoint: the clone gets its own copy.
     pa, pb = (dict(p.text_encoder.named_buffers())[name] for p in (first, second)
               for name in dict(p.text_encoder.named_buffers()) if name.endswith("position_ids"))

@@ -30,7 +30,8 @@ from ..store.objects import blob_hash
 from . import warm
 from .loading import exclusive_load
 from .names import checkpoint_renames
-from .residency import STORE_KEYS, ResidencyPool, as_shape, named_tensors, record_store_keys, to_device
+from .residency import (STORE_KEYS, ResidencyPool, StoreKeys, as_shape, named_tensors, record_store_keys,
+                        store_record, to_device)
 from .routing import route_through_pool
 from .tensors import TORCH_DTYPES, LoadMappings, private_packs, state_dict, stored_tensor
 
@@ -337,7 +338,8 @@ def _from_template(template: warm.Template, views: Callable[[], dict[str, torch.
         pool.claim(model, placement)
     _name(model, name_or_path)
     keys = template.pool_blobs  # the template's own buffers too: shared on a device like the store's
-    setattr(model, STORE_KEYS, {name: (*keys[i], made[i]._version) for name, i in template.pool_names.items()})
+    setattr(model, STORE_KEYS, StoreKeys((name, store_record(keys[i], made[i]))
+                                         for name, i in template.pool_names.items()))
     route_through_pool(model)
     return model
 

@@ -35,7 +35,7 @@ import weakref
 from collections import OrderedDict, deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 from accelerate.utils import convert_file_size_to_int
@@ -47,9 +47,42 @@ from .upload import Uploader
 
 Key = tuple  # (xxh3, size, dtype name, device name)
 
-# module attribute: tensor name -> (xxh3, size, version at load), the address the pool keys the
-# tensor by: its store blob, or for a clone's buffer the model computes itself, its template's bytes
+# module attribute: a StoreKeys, tensor name -> StoreRecord: the address the pool keys the
+# tensor by (its store blob, or for a clone's buffer the model computes itself, its
+# template's bytes), and how to tell the bound tensor is still that
 STORE_KEYS = "_compstore_keys"
+
+
+class StoreRecord(NamedTuple):
+    xxh3: str
+    size: int
+    version: int  # the tensor's version counter when bound: an in-place edit moves it
+    tensor: weakref.ref  # the tensor bound: another put in its place is not the store's
+    shape: torch.Size  # torch's own `.to()` keeps a tensor and sets its data: same bytes, same shape
+
+
+class StoreKeys(dict):
+    """A module's store records. A tensor put in the place of the one bound
+    (`load_state_dict(assign=True)`, a new layer) is not the store's even where its
+    version counter happens to match, as a new tensor's 0 matches a freshly loaded
+    one's; nor is one whose data was set to another shape (`resize_token_embeddings`
+    sets `weight.data`). (Until 2026-12-07 both were taken for the store's: a
+    textual inversion's resized embedding made the next move fail.) A pickled or
+    deep-copied model's tensors are copies: the copy gets no record."""
+
+    def __reduce__(self):
+        return StoreKeys, ()
+
+
+def store_record(blob: tuple[str, int], tensor: torch.Tensor) -> StoreRecord:
+    """The record that `tensor`, bound now, is the store's `blob`."""
+    return StoreRecord(blob[0], blob[1], tensor._version, weakref.ref(tensor), tensor.shape)
+
+
+def is_stores(record: StoreRecord | None, tensor: torch.Tensor) -> bool:
+    """Whether `tensor` is still what `record` was made for: the same tensor, unchanged."""
+    return (record is not None and record.tensor() is tensor and tensor._version == record.version
+            and tensor.shape == record.shape)
 
 
 POOL = "_compstore_pool"  # pipeline/module attribute: the pool it was loaded or moved through
@@ -59,8 +92,8 @@ _PLACED = "_compstore_placed"  # module attribute until its first move: (pool, t
 def record_store_keys(model: torch.nn.Module, blobs: dict[str, tuple[str, int]]) -> None:
     """Remember which store blob (xxh3, size) each of a freshly built model's tensors
     came from (a template clone gets its record from the template instead)."""
-    setattr(model, STORE_KEYS, {name: (*blobs[name], t._version)
-                                for name, _, _, t in named_tensors(model) if name in blobs})
+    setattr(model, STORE_KEYS, StoreKeys((name, store_record(blobs[name], t))
+                                         for name, _, _, t in named_tensors(model) if name in blobs))
 
 
 class _DtypeNames(dict):
@@ -214,6 +247,12 @@ class ResidencyPool:
         self._background: ThreadPoolExecutor | None = None
         self._lock = threading.RLock()  # entries change under loads and moves of any thread
         self.last_report: TransferReport | None = None
+
+    def __deepcopy__(self, memo):  # the device's pool: a copied pipeline goes on using it
+        return self
+
+    def __reduce__(self):  # pickled with a pipeline: the same device's pool where it is unpickled
+        return pool_for, (self._device_name,)
 
     # -- bookkeeping -------------------------------------------------------------
     @property
@@ -568,7 +607,7 @@ class ResidencyPool:
             if id(tensor) in staying:
                 continue
             key_info = keys.get(name)
-            pooled = (key_info is not None and tensor._version == key_info[2] and not private
+            pooled = (is_stores(key_info, tensor) and not private
                       and tensor.is_contiguous())  # (the store's layout; channels-last copies are not)
             if pooled:
                 pooled_names[id(tensor)] = [name]
@@ -598,7 +637,7 @@ class ResidencyPool:
                 else:
                     owner._buffers[attr] = new
             for name in pooled_names.get(id(old), ()):  # still the store's, at the new tensor's version
-                keys[name] = (*keys[name][:2], new._version)
+                keys[name] = store_record(keys[name][:2], new)
         if settle:
             self._evict()
         rep.seconds = round(time.perf_counter() - t0, 6)

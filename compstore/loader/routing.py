@@ -100,6 +100,9 @@ class _Routed:
         twin = memo.get(id(self._obj()))  # the copy of `obj`, made before its attributes
         return self if twin is None else _Routed(twin, self._method)
 
+    def __reduce__(self):  # pickled with `obj` (torch.save, another process): routes the copy
+        return _Routed, (self._obj(), self._method)
+
 
 def _routed_to(self, *args, **kwargs):
     original_to = functools.partial(type(self).to, self)
@@ -155,7 +158,7 @@ def _casting(obj, cast: Callable):
         changed = [name for name, _, _, t in named_tensors(module)
                    if name in keys and _storage(t) != was.get(name)]
         for name in changed:
-            keys[name] = (*keys[name][:2], -1)  # matches no version: never the store's again
+            keys[name] = keys[name]._replace(version=-1)  # matches no version: never the store's again
         pool = getattr(module, POOL, None) or getattr(obj, POOL, None)
         if changed and pool is not None:
             pool.release_replaced(module)
