@@ -549,6 +549,45 @@ def test_a_tensor_put_in_the_place_of_a_stored_one_is_not_the_stores(family_stor
     assert pool.last_report.bytes_reused == model_bytes(a) - mine.numel() * mine.element_size()
 
 
+def test_loads_and_moves_under_inference_mode(family_store, family):
+    """A service loads where it serves, under `torch.inference_mode()`. Until
+    2026-12-07 every compstore load there failed ("Inference tensors do not track
+    version counter"; through a pool, "Inplace update to inference tensor outside
+    InferenceMode is not allowed"). Loads, moves and casts make normal tensors; a
+    tensor a conversion past the routing made there is an inference tensor, never
+    the store's."""
+    import diffusers
+    from test_loader import image
+
+    pool = ResidencyPool("cpu", budget_bytes=1 << 40)
+    with torch.inference_mode():
+        b = compstore.DiffusionPipeline.from_pretrained("B", store=family_store, pool=pool)
+        a = compstore.DiffusionPipeline.from_pretrained("A", store=family_store, pool=pool)
+        shared = pool.last_report.bytes_reused
+        assert shared > 0 and not any(t.is_inference() for t in a.unet.parameters())
+        on_host = compstore.DiffusionPipeline.from_pretrained("A", store=family_store)
+        assert to_device(on_host, "cpu", pool=pool).bytes_uploaded == 0
+        c = compstore.DiffusionPipeline.from_pretrained("C", store=family_store)
+        assert to_device(c, "cpu", pool=pool).bytes_from_store > 0  # C's delta, uploaded here
+        unet = compstore.UNet2DConditionModel.from_pretrained("A", subfolder="unet", store=family_store)
+        unet.to(torch.float16)
+        unet.to("cpu")
+        torch.nn.Module.half(on_host.unet.conv_in)  # past the routing: inference tensors
+        on_host.unet.conv_in.weight.mul_(2.0)  # an edit no version counter sees
+        edited = on_host.unet.conv_in.weight.clone()
+        assert on_host.unet.conv_in.weight.is_inference()
+        moved = to_device(on_host, "cpu", pool=pool)
+        assert torch.equal(on_host.unet.conv_in.weight, edited)
+        fp16 = compstore.DiffusionPipeline.from_pretrained("A", store=family_store, pool=pool,
+                                                           torch_dtype=torch.float16)
+        assert torch.equal(fp16.unet.conv_in.weight, a.unet.conv_in.weight.half())  # not the edit
+        assert moved.bytes_reused == model_bytes(on_host) - on_host.unet.conv_in.weight.nbytes \
+            - on_host.unet.conv_in.bias.nbytes
+        reference = diffusers.StableDiffusionPipeline.from_pretrained(family["A"])
+        np.testing.assert_array_equal(image(a), image(reference))
+    assert unet.conv_in.weight.dtype == torch.float16 and b.unet.conv_in.weight.device.type == "cpu"
+
+
 @pytest.mark.parametrize("loaded", ["on the host", "through a pool"])
 @pytest.mark.parametrize("how", ["deep copy", "pickle"])
 def test_a_copy_of_an_edited_model_keeps_its_edits_through_a_move(family_store, how, loaded):

@@ -1,4 +1,5 @@
-"""What every load runs under: one load at a time, Python's collector paused.
+"""What every load runs under: one load at a time, Python's collector paused,
+torch's inference mode off.
 
 One at a time. While a model is built, accelerate's `init_empty_weights` patches
 `nn.Module.register_parameter` for the whole process, and compstore's
@@ -35,6 +36,15 @@ among the caller's objects young at that moment, which join the oldest
 generation too) wait for the next full collection, as long-lived objects' do.
 A load that fails is not aged: its garbage (a traceback's frames) goes at the
 next young collection.
+
+Inference mode off (`normal_tensors`). A service loads where it serves, often under
+`torch.inference_mode()`, where every tensor made is an inference tensor: it keeps
+no version counter, which is how compstore tells a store tensor from one edited
+in place, and a thread outside the mode (the uploader's readers) may not write it.
+Until 2026-12-07 every compstore load under it failed: "Inference tensors do not
+track version counter", or with a pool "Inplace update to inference tensor outside
+InferenceMode is not allowed". Loads and moves make normal tensors, which inference
+mode reads as it reads its own (diffusers' own load there makes inference tensors).
 """
 
 from __future__ import annotations
@@ -43,6 +53,8 @@ import contextlib
 import gc
 import logging
 import threading
+
+import torch
 
 _LOADS = threading.RLock()  # re-entrant: a load may load parts through another entry point
 # Objects frozen beyond this many are the process's own (`gc.freeze()` of its heap before
@@ -97,8 +109,14 @@ def exclusive_load():
     >>> with compstore.exclusive_load():  # doctest: +SKIP
     ...     controlnet = diffusers.ControlNetModel.from_pretrained("./my-controlnet")
     """
-    with _LOADS, gc_paused():
+    with _LOADS, gc_paused(), normal_tensors():
         yield
+
+
+def normal_tensors():
+    """torch's inference mode off inside the block (see the module's docstring): what
+    a load, a move or a cast makes is shared with later loads and moves."""
+    return torch.inference_mode(False)
 
 
 @contextlib.contextmanager

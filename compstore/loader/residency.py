@@ -42,6 +42,7 @@ from accelerate.utils import convert_file_size_to_int
 
 from ..store import CompstoreError
 from ..store.settings import env_setting
+from .loading import normal_tensors
 from .pinned import PinnedTier
 from .upload import Uploader
 
@@ -80,9 +81,11 @@ def store_record(blob: tuple[str, int], tensor: torch.Tensor) -> StoreRecord:
 
 
 def is_stores(record: StoreRecord | None, tensor: torch.Tensor) -> bool:
-    """Whether `tensor` is still what `record` was made for: the same tensor, unchanged."""
-    return (record is not None and record.tensor() is tensor and tensor._version == record.version
-            and tensor.shape == record.shape)
+    """Whether `tensor` is still what `record` was made for: the same tensor, unchanged
+    (an inference tensor, which keeps no version counter, set in its place by a
+    conversion under `torch.inference_mode()`, is not)."""
+    return (record is not None and record.tensor() is tensor and not tensor.is_inference()
+            and tensor._version == record.version and tensor.shape == record.shape)
 
 
 POOL = "_compstore_pool"  # pipeline/module attribute: the pool it was loaded or moved through
@@ -148,10 +151,11 @@ class TransferReport:
 
 def _locked(method):
     """Run a pool method under the pool's lock: loads and `pipe.to(...)` calls in
-    other threads change the same entries."""
+    other threads change the same entries. Inference mode off (`loading.normal_tensors`):
+    the tensors it makes are shared with later loads."""
     @functools.wraps(method)
     def locked(self, *args, **kwargs):
-        with self._lock:
+        with self._lock, normal_tensors():
             return method(self, *args, **kwargs)
     return locked
 
