@@ -75,6 +75,10 @@ def xet_hash(data: bytes) -> str:
     return hashlib.sha256(b"xet:" + data).hexdigest()
 
 
+def _unquoted(match: re.Match) -> tuple:
+    return tuple(None if g is None else unquote(g) for g in match.groups())
+
+
 def git_blob_sha1(data: bytes) -> str:
     return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
 
@@ -181,19 +185,21 @@ class HubEmulator:
                 self._serve(head=True)
 
             def _serve(self, head: bool) -> None:
-                path = unquote(urlparse(self.path).path)
+                # matched quoted, each part unquoted: a revision's slashes come %2F-encoded
+                # (`refs/pr/1`), as huggingface_hub sends them and the Hub reads them
+                path = urlparse(self.path).path
                 if path.startswith("/cas/"):
-                    return self._cas(path[len("/cas"):], head)
+                    return self._cas(unquote(path[len("/cas"):]), head)
                 m = re.match(r"^/api/models/([^/]+/[^/]+)/xet-read-token/([^/]+)$", path)
                 if m:
-                    return self._xet_token(*m.groups())
+                    return self._xet_token(*_unquoted(m))
                 m = re.match(r"^/api/models/([^/]+/[^/]+)(?:/(revision|tree)/([^/]+)(?:/(.*))?)?$", path)
                 if m:
-                    repo_id, kind, rev, sub = m.groups()
+                    repo_id, kind, rev, sub = _unquoted(m)
                     return self._api(repo_id, kind or "revision", rev or "main", sub)
                 m = re.match(r"^/([^/]+/[^/]+)/resolve/([^/]+)/(.+)$", path)
                 if m:
-                    return self._resolve(*m.groups(), head=head)
+                    return self._resolve(*_unquoted(m), head=head)
                 self._error(404, "NotFound")
 
             def _commit(self, repo: Repo, rev: str) -> str | None:

@@ -1,6 +1,7 @@
 """`pull` against a Hub emulated on 127.0.0.1: only what the store lacks is served."""
 
 import hashlib
+import json
 from pathlib import Path
 
 import pytest
@@ -1155,6 +1156,38 @@ def test_an_offline_load_at_a_revision_gets_that_commit_or_an_error(hub, store, 
     same_state(unet("v1.0"), a)
     with pytest.raises(compstore.HubUnavailableError, match="org/V: the Hub request failed"):
         unet("v2.0")
+
+
+def test_a_pull_of_a_pr_or_a_tag_leaves_the_repos_ref_at_main(hub, store, family):
+    """`revision="refs/pr/1"` (a PR's weights, tried before it merges) is pulled and
+    loaded at that revision, and leaves `org/V` where main's pull put it, as the Hub
+    cache's refs/main stays on main: until 2026-12-07 it moved `org/V`, so an offline
+    load of the repo, or at "main", got the PR's weights. So does an older tag."""
+    main = hub.add_repo("org/V", family["A"])
+    pr = hub.add_repo("org/V", family["B"])
+    old = hub.add_repo("org/V", family["C"])
+    hub.repos["org/V"].refs.update({"main": main, "refs/pr/1": pr, "v0.9": old})
+    a = compstore.load_component(str(family["A"]), "unet", store=Store(store.home.parent / "a"))
+    b = compstore.load_component(str(family["B"]), "unet", store=Store(store.home.parent / "b"))
+
+    def unet(revision, **kwargs):
+        return compstore.DiffusionPipeline.from_pretrained("org/V", store=store, revision=revision,
+                                                           **kwargs).unet
+
+    store.pull("org/V")
+    same_state(unet("refs/pr/1"), b)  # pulled on the way
+    assert store.pull("org/V", revision="v0.9").status == "new"
+    assert {"org/V", "org/V@refs/pr/1", "org/V@v0.9"} <= {r["name"] for r in store.ls()}
+    assert store.resolve("org/V") == store.resolve(f"org/V@{main}")
+    for revision, expected in [(None, a), ("main", a), ("refs/pr/1", b), (pr[:7], b)]:
+        same_state(unet(revision, local_files_only=True), expected)
+    from click.testing import CliRunner
+
+    from compstore.cli import cli
+
+    r = CliRunner().invoke(cli, ["--store", str(store.home), "pull", "org/V", "--revision", "refs/pr/1", "--json"])
+    assert r.exit_code == 0, r.stderr
+    assert json.loads(r.stdout)["status"] == "unchanged" and store.resolve("org/V") == store.resolve(f"org/V@{main}")
 
 
 def test_a_pull_that_a_gc_overtakes_rebuilds_held_files_or_fetches_them(hub, store, family, monkeypatch):

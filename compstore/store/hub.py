@@ -193,9 +193,10 @@ def pull(store: "Store", repo_id: str, *, revision: str | None = None,
     are never pulled.
 
     Creates the refs `repo_id@<commit>` (`repo_id@<commit>[variant]` with a variant,
-    or `name`) and, unless `include` or an `exclude` that leaves files out, `repo_id`
-    (`repo_id[variant]`), moved to this commit, and so is `repo_id@<revision>` for a
-    `revision` other than the full commit (a branch, a tag). A `variant` that none of
+    or `name`) and, unless `include` or an `exclude` that leaves files out, moves
+    `repo_id@<revision>` for a `revision` other than the full commit (a branch, a tag,
+    `refs/pr/1`) and, for a pull of main (no `revision`, or "main"), `repo_id`
+    (`repo_id[variant]`) to this commit, as the Hub cache's `refs/main` follows main. A `variant` that none of
     the weights come in raises `VariantNotFoundError` before any weight is fetched.
     A pull that gets no metadata from the Hub raises `HubUnavailableError`.
     A pull whose files that ref already holds downloads nothing ("unchanged"); one
@@ -228,8 +229,8 @@ def pull(store: "Store", repo_id: str, *, revision: str | None = None,
     except _network_errors() as e:
         raise HubUnavailableError(str(translate(e, then="nothing was downloaded"))) from None
     default_ref = f"{repo_id}@{commit}" + (f"[{variant}]" if variant else "")
-    # `repo_id` (`repo_id[variant]`) follows the latest pull of the whole pipeline (in
-    # that variant): offline loads find it there. A pull that leaves out what `exclude`
+    # `repo_id` (`repo_id[variant]`) follows the latest pull of main of the whole pipeline
+    # (in that variant): offline loads find it there. A pull that leaves out what `exclude`
     # matches is of part of it (`wanted_given` clears this then).
     latest_ref = None if include else repo_id + (f"[{variant}]" if variant else "")
     # A pipeline repo's index names the folders to pull: it is read first.
@@ -257,15 +258,18 @@ def pull(store: "Store", repo_id: str, *, revision: str | None = None,
         return wanted
 
     def tag_latest(snapshot: str) -> bool:
-        """`repo_id` follows the latest pull of the whole pipeline, and `repo_id@<revision>`
-        the latest at a revision named otherwise than by its full commit (a branch, a
-        tag): offline loads look there. False when gc removed `snapshot` meanwhile."""
-        if latest_ref:
-            if not store.tag(latest_ref, snapshot, missing_ok=True):
-                return False
-            if revision and revision != commit:
-                store.tag(f"{repo_id}@{revision}" + latest_ref[len(repo_id):], snapshot, missing_ok=True)
-        return True
+        """`repo_id` follows the latest pull of main of the whole pipeline, and
+        `repo_id@<revision>` the latest at a revision named otherwise than by its full
+        commit (a branch, a tag): offline loads look there. A pull of another revision
+        leaves `repo_id` where main was (until 2026-12-07 it moved it: after a pull of
+        `refs/pr/1`, an offline load of the repo, or at "main", got the PR's weights).
+        False when gc removed `snapshot` meanwhile."""
+        if not latest_ref:
+            return True
+        names = [latest_ref] if revision in (None, "main") else []
+        if revision and revision != commit:
+            names.append(f"{repo_id}@{revision}" + latest_ref[len(repo_id):])
+        return all(store.tag(ref, snapshot, missing_ok=True) for ref in names)
 
     def held_paths() -> set[str]:
         """The files of this commit that its ref holds (none for a `name`d pull)."""
