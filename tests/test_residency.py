@@ -448,6 +448,49 @@ def test_an_unfused_lora_leaves_the_layers_it_wraps_shared(family_store, family)
     assert keys and all(record[2] == -1 for record in keys.values())  # every tensor cast, wrapped or not
 
 
+def test_controlnets_passed_as_a_list_are_shared_each_with_its_own_records(family_store, family, tmp_path):
+    """`controlnet=[canny, depth]`: diffusers wraps the list in a MultiControlNetModel,
+    which no store record covers. Each ControlNet in it is the store's and moves
+    with its own records: a second pipeline with the same two uploads none of them
+    (until 2026-12-07 they were private copies, uploaded at every move)."""
+    import diffusers
+
+    unet = diffusers.UNet2DConditionModel.from_pretrained(family["A"] / "unet")
+    for i in (1, 2):
+        torch.manual_seed(i)
+        diffusers.ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(16, 32)).save_pretrained(
+            tmp_path / f"cn{i}")
+        family_store.ingest(tmp_path / f"cn{i}", f"cn{i}")
+
+    def pipeline(cls, where, **kwargs):
+        controlnets = [cls.ControlNetModel.from_pretrained(str(where(i)), **kwargs) for i in (1, 2)]
+        return cls.StableDiffusionControlNetPipeline.from_pretrained(str(where("A")), controlnet=controlnets,
+                                                                     **kwargs)
+
+    pool = ResidencyPool("meta", budget_bytes=1 << 40, copier=CountingCopier())
+    first = pipeline(compstore, lambda i: f"cn{i}" if i != "A" else "A", store=family_store)
+    to_device(first, "meta", pool=pool)
+    second = pipeline(compstore, lambda i: f"cn{i}" if i != "A" else "A", store=family_store)
+    moved = {c.component: c for c in to_device(second, "meta", pool=pool).components}
+    assert pool.last_report.bytes_uploaded == 0
+    for i in (0, 1):
+        net = second.controlnet.nets[i]
+        assert moved[f"controlnet.nets.{i}"].bytes_reused == sum(t.nbytes for t in net.state_dict().values())
+        assert pool.keys_used_by(net)  # in use while `second` lives: never evicted under it
+
+    on_host = ResidencyPool("cpu", budget_bytes=1 << 40)
+    ours = pipeline(compstore, lambda i: f"cn{i}" if i != "A" else "A", store=family_store)
+    to_device(ours, "cpu", pool=on_host)
+    reference = pipeline(diffusers, lambda i: tmp_path / f"cn{i}" if i != "A" else family["A"])
+    image = torch.zeros(1, 3, 32, 32)
+
+    def run(pipe):
+        return pipe("a cat", image=[image, image], num_inference_steps=2, generator=torch.Generator().manual_seed(0),
+                    output_type="np", height=32, width=32).images
+
+    np.testing.assert_array_equal(run(ours), run(reference))
+
+
 def test_a_moved_module_is_still_the_stores_on_its_next_move(family_store):
     # A move binds new tensors, whose version counters are not the loaded ones: the
     # store record must follow them, or the next move (pipe.to("cpu") then "cuda",

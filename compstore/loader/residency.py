@@ -791,10 +791,30 @@ def record_report(pool: ResidencyPool, report: TransferReport) -> None:
 
 def pipeline_modules(obj) -> dict[str, torch.nn.Module]:
     """The models a move, release or cast of `obj` acts on: a pipeline's by slot, or
-    the module itself (under ""); a compiled one's own module (`compiled_module`)."""
+    the module itself (under ""); a compiled one's own module (`compiled_module`); and
+    the store-loaded models inside a module that is not one (`_store_models`)."""
     if isinstance(obj, torch.nn.Module):
-        return {"": compiled_module(obj)}
-    return {name: compiled_module(c) for name, c in obj.components.items() if isinstance(c, torch.nn.Module)}
+        return _store_models("", compiled_module(obj))
+    out = {}
+    for name, c in obj.components.items():
+        if isinstance(c, torch.nn.Module):
+            out.update(_store_models(name, compiled_module(c)))
+    return out
+
+
+def _store_models(name: str, module: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """`module`, after the store-loaded models it holds if it is not one itself: a
+    wrapper of models loaded one by one, as `controlnet=[canny, depth]` becomes a
+    `MultiControlNetModel`. Each of those moves with its own store records, then
+    the wrapper moves what is left. (Until 2026-12-07 the wrapper moved alone, with
+    no records: its ControlNets were private copies, uploaded again at every move.)"""
+    if hasattr(module, STORE_KEYS):
+        return {name: module}
+    inner = {}
+    for path, sub in module.named_modules():
+        if path and hasattr(sub, STORE_KEYS) and not any(path.startswith(f"{p}.") for p in inner):
+            inner[path] = compiled_module(sub)
+    return {**{f"{name}.{path}" if name else path: sub for path, sub in inner.items()}, name: module}
 
 
 def compiled_module(module: torch.nn.Module) -> torch.nn.Module:
