@@ -481,6 +481,10 @@ def test_controlnets_passed_as_a_list_are_shared_each_with_its_own_records(famil
     on_host = ResidencyPool("cpu", budget_bytes=1 << 40)
     ours = pipeline(compstore, lambda i: f"cn{i}" if i != "A" else "A", store=family_store)
     to_device(ours, "cpu", pool=on_host)
+    ours.controlnet.to("cpu")  # the wrapper's own move (an offload hook's) goes through the pool too
+    moved = compstore.last_transfer()
+    assert [c.component for c in moved.components] == ["nets.0", "nets.1", ""]
+    assert moved.bytes_reused == sum(t.nbytes for t in ours.controlnet.state_dict().values())
     reference = pipeline(diffusers, lambda i: tmp_path / f"cn{i}" if i != "A" else family["A"])
     image = torch.zeros(1, 3, 32, 32)
 

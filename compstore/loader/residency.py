@@ -808,13 +808,17 @@ def _store_models(name: str, module: torch.nn.Module) -> dict[str, torch.nn.Modu
     `MultiControlNetModel`. Each of those moves with its own store records, then
     the wrapper moves what is left. (Until 2026-12-07 the wrapper moved alone, with
     no records: its ControlNets were private copies, uploaded again at every move.)"""
-    if hasattr(module, STORE_KEYS):
-        return {name: module}
+    inner = {} if hasattr(module, STORE_KEYS) else store_models_in(module)
+    return {**{f"{name}.{path}" if name else path: sub for path, sub in inner.items()}, name: module}
+
+
+def store_models_in(module: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """The outermost store-loaded models among `module`'s submodules, by path."""
     inner = {}
     for path, sub in module.named_modules():
         if path and hasattr(sub, STORE_KEYS) and not any(path.startswith(f"{p}.") for p in inner):
             inner[path] = compiled_module(sub)
-    return {**{f"{name}.{path}" if name else path: sub for path, sub in inner.items()}, name: module}
+    return inner
 
 
 def compiled_module(module: torch.nn.Module) -> torch.nn.Module:

@@ -18,7 +18,8 @@ from typing import Callable
 
 import torch
 
-from .residency import POOL, STORE_KEYS, ResidencyPool, canonical_device, named_tensors, pipeline_modules, to_device
+from .residency import (POOL, STORE_KEYS, ResidencyPool, canonical_device, named_tensors, pipeline_modules,
+                        store_models_in, to_device)
 
 _MOVING = contextvars.ContextVar("compstore_moving", default=False)
 
@@ -58,6 +59,11 @@ def route_through_pool(obj) -> None:
     for name in ("fuse_lora", "unfuse_lora"):
         if callable(getattr(type(obj), name, None)):
             setattr(obj, name, _Routed(obj, functools.partial(_merging_lora, name)))
+    if not isinstance(obj, torch.nn.Module):  # a pipeline: also the wrappers diffusers made of its models
+        for c in obj.components.values():  # (`controlnet=[canny, depth]`: an offload hook moves the wrapper)
+            if (isinstance(c, torch.nn.Module) and not hasattr(c, STORE_KEYS)
+                    and not isinstance(c.__dict__.get("to"), _Routed) and store_models_in(c)):
+                route_through_pool(c)
 
 
 def _merging_lora(name: str, obj, *args, **kwargs):
