@@ -50,6 +50,28 @@ def test_switches_on_the_gpu_move_only_the_delta_and_images_match_diffusers(fami
         np.testing.assert_array_equal(image(pipe), image(theirs))
 
 
+def test_loads_under_inference_mode_on_the_gpu(family_store, family):
+    """A service's request handler under `torch.inference_mode()`: loads onto the GPU
+    through a pool with a pinned tier (the uploader's threads write the tensors the
+    load allocates), A -> B -> A, and the images diffusers makes there."""
+    import diffusers
+    from test_loader import image
+
+    pool = ResidencyPool("cuda", budget_bytes=0, pinned_budget_bytes=1 << 30)  # evicted: via the tier
+    load = lambda n: compstore.DiffusionPipeline.from_pretrained(n, store=family_store, device_map="cuda",  # noqa: E731
+                                                                 pool=pool)
+    with torch.inference_mode():
+        a = load("A")
+        del a
+        gc.collect()
+        b = load("B")
+        a = load("A")
+        assert pool.last_report.bytes_from_pinned > 0 and not any(t.is_inference() for t in a.unet.parameters())
+        for name, pipe in (("B", b), ("A", a)):
+            theirs = diffusers.StableDiffusionPipeline.from_pretrained(family[name]).to("cuda")
+            np.testing.assert_array_equal(image(pipe), image(theirs))
+
+
 def test_pinned_tier_on_the_gpu(family_store):
     budget = 1 << 30
     pool = ResidencyPool("cuda", budget_bytes=0, pinned_budget_bytes=budget)
