@@ -29,8 +29,9 @@ def _release(obj, pool: ResidencyPool) -> None:
     holding pool tensors, which become idle (evictable) once nothing else uses them.
     A module that accelerate's offload hook moves off (`enable_model_cpu_offload`)
     gives its memory back at once: offloading is asked for to free device memory."""
+    offloaded = hasattr(obj, "_hf_hook")  # (on the slot's module: a wrapper's models are inside it)
     for m in pipeline_modules(obj).values():
-        pool.release(m, now=hasattr(m, "_hf_hook"))
+        pool.release(m, now=offloaded or hasattr(m, "_hf_hook"))
         if getattr(m, POOL, None) is pool:
             delattr(m, POOL)
     if getattr(obj, POOL, None) is pool:
