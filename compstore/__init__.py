@@ -21,6 +21,7 @@ from .store import (
     InvalidInputError,
     PickleRefusedError,
     ReadOnlyStoreError,
+    RefExistsError,
     RefNotFoundError,
     SettingError,
     Store,
@@ -59,7 +60,8 @@ def __getattr__(name: str):
 
 __all__ = [
     "Store", "CompstoreError", "ComponentNotFoundError", "CorruptStoreError", "ExportError",
-    "InvalidInputError", "PickleRefusedError", "PinChangedError", "RefNotFoundError", "StoreBusyError",
+    "InvalidInputError", "PickleRefusedError", "PinChangedError", "RefExistsError", "RefNotFoundError",
+    "StoreBusyError",
     "DiskFullError", "ReadOnlyStoreError", "SettingError", "HubError", "HubUnavailableError",
     "VariantNotFoundError", "WeightsNotFoundError",
     *sorted(_LOADER_NAMES),

@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from compstore import Store
 from compstore.cli import cli
 
-COMMANDS = ["ingest", "ls", "show", "du", "diff", "export", "verify", "gc", "rm", "pull", "adopt",
+COMMANDS = ["ingest", "ls", "show", "du", "diff", "export", "verify", "gc", "rm", "tag", "pull", "adopt",
             "manifest", "push", "fetch", "xet-index", "remote add", "remote ls", "remote rm",
             "remote refs", "remote rm-ref", "remote gc"]
 
@@ -45,6 +45,8 @@ class Invocations:
             args += [pick(self.refs)]
         elif c == "diff":
             args += [pick(self.refs), pick(self.refs)]
+        elif c == "tag":
+            args += [pick(self.refs), pick(self.refs), *self.maybe(.3, "--force")]
         elif c == "export":
             args += [pick(self.refs), pick(self.paths), *self.maybe(.3, "--flatten")]
         elif c == "gc":

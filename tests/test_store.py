@@ -255,6 +255,40 @@ def test_hash_collision_is_caught_by_byte_comparison(store, family, tmp_path, mo
         assert tree_sha256(tmp_path / name) == tree_sha256(family[name])
 
 
+def test_tag_names_a_ref_or_a_snapshot_and_moves_a_name_only_when_forced(family_store, family):
+    from click.testing import CliRunner
+
+    from compstore import RefExistsError
+    from compstore.cli import cli
+    from conftest import same_state, store_state
+
+    a, b = family_store.resolve("A"), family_store.resolve("B")
+    assert family_store.tag("prod", "A") == {"ref": "prod", "snapshot": a, "moved_from": None}
+    assert family_store.tag("prod", a) == {"ref": "prod", "snapshot": a, "moved_from": None}  # already there
+    same_state(compstore.DiffusionPipeline.from_pretrained("prod", store=family_store).unet,
+               compstore.DiffusionPipeline.from_pretrained("A", store=family_store).unet)
+    family_store.rm("A")  # the name keeps the snapshot: gc frees none of it
+    family_store.gc()
+    assert family_store.show("prod")["snapshot_id"] == a
+    before = store_state(family_store.home)
+    bad = [("prod", "B", {}, RefExistsError, r"ref 'prod' already names snapshot .*--force"),
+           ("next", "nope", {}, RefNotFoundError, "no ref named 'nope'"),
+           ("next", "0" * 64, {}, RefNotFoundError, "no ref named '0000"),
+           (" prod", "B", {}, compstore.InvalidInputError, "invalid ref name"),
+           ("a\nb", "B", {}, compstore.InvalidInputError, "invalid ref name")]
+    for name, target, kwargs, error, message in bad:
+        with pytest.raises(error, match=message):
+            family_store.tag(name, target, **kwargs)
+    run = lambda *args: CliRunner().invoke(cli, ["--store", str(family_store.home), *args])  # noqa: E731
+    r = run("tag", "prod", "B")
+    assert r.exit_code == 1 and "already names snapshot" in r.stderr and r.stderr.count("\n") == 1
+    assert store_state(family_store.home) == before
+    r = run("tag", "prod", "B", "--force", "--json")
+    assert r.exit_code == 0 and json.loads(r.stdout) == {"ref": "prod", "snapshot": b, "moved_from": a}
+    assert run("tag", "v1", b[:12]).exit_code == 1  # a snapshot is named whole
+    assert run("tag", "stable", "prod").stdout == f"stable -> snapshot {b[:12]}\n" and family_store.resolve("stable") == b
+
+
 def test_rm_drops_only_the_ref(family_store):
     physical = family_store.du().physical_bytes
     family_store.rm("B")

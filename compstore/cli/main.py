@@ -303,6 +303,20 @@ def rm(ctx, ref, as_json):
 
 
 @cli.command()
+@click.argument("name")
+@click.argument("target")
+@click.option("--force", is_flag=True, help="Move NAME if it already names another snapshot.")
+@json_option
+@click.pass_context
+def tag(ctx, name, target, force, as_json):
+    """Name TARGET (a ref, or a snapshot id) NAME too: a name of your own to load, kept
+    where it is as later pulls move the repo's ref."""
+    r = open_store(ctx).tag(name, target, force=force)
+    moved = f" (was {r['moved_from'][:12]})" if r["moved_from"] else ""
+    emit(as_json, r, f"{r['ref']} -> snapshot {r['snapshot'][:12]}{moved}")
+
+
+@cli.command()
 @click.option("--workdir", type=click.Path(file_okay=False), default="demo-out", show_default=True,
               help="Where the demo builds its pipelines and its store.")
 @json_option

@@ -13,6 +13,7 @@ from .errors import (
     InvalidInputError,
     PickleRefusedError,
     ReadOnlyStoreError,
+    RefExistsError,
     RefNotFoundError,
     SettingError,
     StoreBusyError,
@@ -28,7 +29,7 @@ from .store import IngestResult, Store, default_home
 __all__ = [
     "Store", "IngestResult", "default_home", "CompstoreError", "ComponentNotFoundError",
     "CorruptStoreError", "ExportError", "InvalidInputError", "PickleRefusedError",
-    "RefNotFoundError", "StoreBusyError", "PinChangedError", "DiskFullError", "ReadOnlyStoreError",
+    "RefExistsError", "RefNotFoundError", "StoreBusyError", "PinChangedError", "DiskFullError", "ReadOnlyStoreError",
     "SettingError", "HubError", "HubUnavailableError", "VariantNotFoundError",
     "WeightsNotFoundError", "PullResult",
     "Remote", "RemoteError", "RemoteBusyError", "PushResult", "FetchResult",

@@ -42,6 +42,16 @@ class RefNotFoundError(CompstoreError):
         super().__init__(f"no ref named {ref!r} in store {store} (see `compstore ls`){hint}")
 
 
+class RefExistsError(CompstoreError):
+    """A ref of that name already names another snapshot."""
+
+    def __init__(self, ref: str, snapshot_id: str):
+        self.ref = ref
+        self.snapshot_id = snapshot_id
+        super().__init__(f"ref {ref!r} already names snapshot {snapshot_id[:12]}; pick another name, "
+                         f"or move it (force=True, `compstore tag --force`)")
+
+
 class ComponentNotFoundError(CompstoreError):
     """The ref has no component in that slot (or not in that variant)."""
 

@@ -269,7 +269,7 @@ def pull(store: "Store", repo_id: str, *, revision: str | None = None,
         names = [latest_ref] if revision in (None, "main") else []
         if revision and revision != commit:
             names.append(f"{repo_id}@{revision}" + latest_ref[len(repo_id):])
-        return all(store.tag(ref, snapshot, missing_ok=True) for ref in names)
+        return all(store.tag(ref, snapshot, force=True, missing_ok=True) is not None for ref in names)
 
     def held_paths() -> set[str]:
         """The files of this commit that its ref holds (none for a `name`d pull)."""

@@ -32,7 +32,7 @@ import sqlite_utils
 from . import reports
 from .catalog import damaged_catalog_is_an_error, ensure_schema, open_catalog, schema_ready
 from .errors import (CompstoreError, CorruptStoreError, InvalidInputError, ReadOnlyStoreError,
-                     RefNotFoundError, StoreBusyError)
+                     RefExistsError, RefNotFoundError, StoreBusyError)
 from .export import (ExportResult, file_pieces, flattened_files, flattened_index, snapshot_files,
                      write_file)
 from .export import export as export_ref
@@ -239,17 +239,30 @@ class Store:
                 stat_cache.forget(self.db, ref)
         return {"removed": ref, "snapshot": snap}
 
-    def tag(self, ref: str, snapshot_id: str, *, missing_ok: bool = False) -> bool:
-        """Point `ref` at an existing snapshot (create or move it). `missing_ok`: return
-        False, and change nothing, if the snapshot is gone (a gc came first)."""
+    def tag(self, ref: str, target: str, *, force: bool = False, missing_ok: bool = False) -> dict | None:
+        """Point `ref` at `target`: a snapshot id, or a ref whose snapshot it takes (a
+        name of your own for what you load, say, kept as later pulls move the repo's
+        ref). A `ref` that names another snapshot moves only with `force`, else it is
+        a `RefExistsError`. `missing_ok`: return None, and change nothing, if
+        `target` names nothing (a snapshot a gc removed meanwhile).
+
+        >>> Store().tag("sdxl-prod", "stabilityai/stable-diffusion-xl-base-1.0")  # doctest: +SKIP
+        {'ref': 'sdxl-prod', 'snapshot': '9c1e...', 'moved_from': None}
+        """
         self._writable()
         check_ref_name(ref)
         with write_lock(self.home), self.db.atomic():
-            if missing_ok and not self.has_snapshot(snapshot_id):
-                return False
-            self.snapshot(snapshot_id)  # must exist
+            if self.has_snapshot(target):
+                snapshot_id = target
+            elif missing_ok and not self.has_ref(target):
+                return None
+            else:
+                snapshot_id = self.resolve(target)  # (no such ref: RefNotFoundError)
+            was = self.resolve(ref) if self.has_ref(ref) else None
+            if was not in (None, snapshot_id) and not force:
+                raise RefExistsError(ref, was)
             self._set_ref(ref, snapshot_id)
-        return True
+        return {"ref": ref, "snapshot": snapshot_id, "moved_from": was if was != snapshot_id else None}
 
     def _set_ref(self, ref: str, snapshot_id: str) -> None:
         """Create or move a ref (inside the caller's transaction and write lock)."""
