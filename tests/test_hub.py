@@ -673,6 +673,23 @@ def test_adopt_a_hugging_face_cache_and_reclaim_it(hub, store, family, tmp_path)
     assert type(pipe).__name__ == "StableDiffusionPipeline"
 
 
+def test_adopt_names_revisions_by_the_caches_refs(hub, store, family, tmp_path):
+    """A cache with main and, downloaded after it, a PR: `org/V` is main's, as a pull
+    names it, and the PR is `org/V@refs/pr/1` (until 2026-12-07 the newest whole
+    revision became `org/V`, here the PR's)."""
+    from huggingface_hub import snapshot_download
+
+    main = hub.add_repo("org/V", family["A"])
+    pr = hub.add_repo("org/V", family["B"])
+    hub.repos["org/V"].refs.update({"main": main, "refs/pr/1": pr})
+    cache = tmp_path / "hf-cache"
+    snapshot_download("org/V", cache_dir=cache, endpoint=hub.url)
+    snapshot_download("org/V", revision="refs/pr/1", cache_dir=cache, endpoint=hub.url)
+    store.adopt(cache)
+    assert store.resolve("org/V") == store.resolve(f"org/V@{main}")
+    assert store.resolve("org/V@refs/pr/1") == store.resolve(f"org/V@{pr}")
+
+
 def test_adopt_takes_revisions_holding_part_of_a_pipeline(hub, store, family, tmp_path):
     """What diffusers and transformers leave in a cache for `subfolder=` (vae/ alone,
     text_encoder/ alone), and for a pipeline loaded with its VAE passed in (all but

@@ -145,8 +145,10 @@ def adopt(store: "Store", cache_dir: str | os.PathLike | None = None, *, reclaim
                 continue
             # a pull of single files names `repo@commit` alone, as `pull --include` does
             whole = not single_files and r.kind != "components" and not missing_slots(store, r.snapshot)
-            if whole:  # the newest whole revision wins: sorted above
-                store.tag(repo.repo_id, r.snapshot, force=True)
+            for name in sorted(rev.refs) if whole else ():  # the refs the cache names it by
+                # as a pull names them: `repo` for main, `repo@<name>` for a branch, a tag, a PR.
+                # (Until 2026-12-07 `repo` took the newest whole revision, whatever ref it had.)
+                store.tag(repo.repo_id if name == "main" else f"{repo.repo_id}@{name}", r.snapshot, force=True)
             _record_tree_hashes(store, r.snapshot, _tree_listing(Path(repo.repo_path), rev.commit_hash))
             entry = {"repo": repo.repo_id, "commit": rev.commit_hash, "ref": ref,
                      "status": r.status, "bytes": r.logical_bytes, "whole": whole,
