@@ -255,6 +255,27 @@ def test_a_pipeline_class_diffusers_lacks_is_a_clear_error(name, store, pipeline
     assert store_state(store.home) == before
 
 
+def test_a_model_of_the_repos_own_code_is_refused_before_the_ingest(store, pipeline_copy):
+    """A repo whose UNet is its own class (`unet/my_unet.py`, which diffusers loads with
+    trust_remote_code): a clear refusal that says what to do, the store as it was.
+    (diffusers itself takes no such model passed in: "my_unet is not one of the
+    libraries Diffusers can load components from".)"""
+    import compstore
+    from compstore import CompstoreError
+
+    folder = pipeline_copy("A")
+    (folder / "unet" / "my_unet.py").write_text(
+        "from diffusers import UNet2DConditionModel\n\n\nclass MyUNet(UNet2DConditionModel):\n    pass\n")
+    index = json.loads((folder / "model_index.json").read_text())
+    index["unet"] = ["my_unet", "MyUNet"]
+    (folder / "model_index.json").write_text(json.dumps(index))
+    before = store_state(store.home)
+    with pytest.raises(CompstoreError, match=r"unet: my_unet.MyUNet is not a class of diffusers .*"
+                                             r"trust_remote_code.*load this pipeline with diffusers$"):
+        compstore.DiffusionPipeline.from_pretrained(folder, store=store, trust_remote_code=True)
+    assert store_state(store.home) == before
+
+
 def test_a_config_that_disagrees_with_its_weights_is_a_clear_error(store, pipeline_copy):
     """A UNet config.json edited after the weights were saved (another conv_out
     width): the load names the tensor and both shapes instead of a torch traceback."""

@@ -265,6 +265,7 @@ class DiffusionPipeline(metaclass=StandIn):
         def check(rows: list[dict]) -> None:  # a folder's rows: before its ingest
             require_variant(rows, variant, label)
             refuse_missing_modules(target, {row["slot"] for row in rows}, kwargs, label)
+            refuse_unknown_classes(rows, kwargs, label)
             for row in rows if quantization is not None else ():
                 model = resolve_class(row["library"], row["class_name"])
                 if row["slot"] not in kwargs and is_model_class(model):
@@ -359,6 +360,24 @@ def pipeline_class(name: str) -> type[DiffusionPipeline]:
     doc = (f"Loads `diffusers.{name}` from a compstore store: `from_pretrained` takes "
            "compstore.DiffusionPipeline.from_pretrained's arguments.")
     return type(name, (DiffusionPipeline,), {"_loads_as": target, "__doc__": doc, "__module__": "compstore"})
+
+
+def refuse_unknown_classes(rows: list[dict], given: dict, label: str) -> None:
+    """Refuse a model whose class neither diffusers nor transformers has: the repo's own
+    code (`trust_remote_code`), or a class of a newer release. Until 2026-12-07 such a
+    slot was taken for a tokenizer's and failed with "no file named
+    diffusion_pytorch_model.bin found in directory .../skeletons/..."."""
+    import diffusers
+    import transformers
+
+    for row in rows:
+        if row["slot"] in given or not row["library"] or resolve_class(row["library"], row["class_name"]):
+            continue
+        raise CompstoreError(
+            f"{label}/{row['slot']}: {row['library']}.{row['class_name']} is not a class of diffusers "
+            f"{diffusers.__version__} or transformers {transformers.__version__}: the repo's own code "
+            f"(trust_remote_code), or a newer release's class. compstore builds those libraries' models "
+            f"only: upgrade them, or load this pipeline with diffusers")
 
 
 def refuse_missing_modules(target: type | None, slots: set[str], kwargs: dict, label: str) -> None:
