@@ -130,7 +130,7 @@ def test_a_ref_moved_elsewhere_or_removed_reads_the_folder_again(store, family, 
     settle()
     a = store.ingest(folder, "A")
     b = store.ingest(family["B"], "B")
-    store.tag("A", b.snapshot)
+    store.tag("A", b.snapshot, force=True)
 
     def stamped() -> tuple[int, int]:
         return tuple(store.db.execute(f"SELECT count(*) FROM {table} WHERE ref = 'A'").fetchone()[0]
