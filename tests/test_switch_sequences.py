@@ -7,7 +7,8 @@ tier and from the store. Every live pipeline has a twin: the same pipeline loade
 plain diffusers, to which every step does what it does to ours (a cast there and
 back, components passed between pipelines, in-place edits of private copies). After
 each step the weights of every pipeline equal its twin's, bit for bit, and now and
-then its image does too. An in-place edit of a shared (pooled) tensor reaches the
+then its image does too. Steps also add and unload LoRAs (never fused) and tokens
+(a textual inversion's resized embedding). An in-place edit of a shared (pooled) tensor reaches the
 live pipelines that share it, as the pool documents; from then on those are not
 compared, but every later load must get the store's bytes again.
 """
@@ -143,6 +144,53 @@ class Sequence:
                 if not other.private:
                     other.compared = False
 
+    def lora(self) -> None:
+        """A random LoRA on a live pipeline's UNet, never fused (peft renames the layers
+        it wraps, which stay the store's), or the one it has unloaded."""
+        from peft import LoraConfig
+
+        if not self.live:
+            return
+        live = self.rng.choice(self.live)
+        if getattr(live.ours.unet, "peft_config", None):
+            self.log.append(f"unload the LoRA of {live.name}")
+            for pipe in (live.ours, live.twin):
+                pipe.unload_lora_weights()
+            return
+        seed = self.rng.randrange(1 << 16)
+        self.log.append(f"LoRA {seed} on {live.name}")
+        for pipe in (live.ours, live.twin):
+            torch.manual_seed(seed)
+            pipe.unet.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=["to_q", "to_v"],
+                                             init_lora_weights=False))
+        self.move_again(live)
+
+    def new_token(self) -> None:
+        """A textual inversion: a token added, the text encoder's embedding resized (a
+        new tensor in the stored one's place) and its row set through `.data`."""
+        if not self.live:
+            return
+        live = self.rng.choice(self.live)
+        self.log.append(f"new token for {live.name}")
+        for pipe in (live.ours, live.twin):
+            pipe.tokenizer.add_tokens([f"<t{len(pipe.tokenizer)}>"])
+            pipe.text_encoder.resize_token_embeddings(len(pipe.tokenizer))
+            pipe.text_encoder.get_input_embeddings().weight.data[-1] = 0.5
+        self.move_again(live)
+
+    def move_again(self, live: Live | None = None) -> None:
+        """A live pipeline (`live`, half the time) moved to the device again, as an
+        offload hook's or a user's round trip does: what is still the store's is
+        reused, the rest kept as it is."""
+        if live is None and self.live:
+            live = self.rng.choice(self.live)
+        elif self.rng.random() < 0.5:
+            return
+        if live is not None:
+            self.log.append(f"move {live.name} again")
+            to_device(live.ours, self.device, pool=self.pool, private=live.private)
+            self.assert_settled()
+
     def trim(self) -> None:
         keep = self.rng.choice([0, self.pool.budget_bytes // 2])
         self.log.append(f"trim to {keep}")
@@ -171,7 +219,8 @@ def run(store, family, seed: int, device: str = "cpu", steps: int = 36) -> None:
     seq = Sequence(store, family, seed, device)
     before = store_state(store.home)
     choices = [seq.load] * 4 + [seq.load_passing] + [seq.drop] * 3 + [seq.cast_there_and_back, seq.edit,
-                                                                    seq.trim]
+                                                                    seq.trim, seq.lora, seq.new_token,
+                                                                    seq.move_again]
     run_random_steps(seq.rng, choices, steps, seq.log, lambda i: seq.check(images=i % 5 == 4),
                      f"seed {seed}, ")
     assert all(seq.moved.values()), seq.moved  # every way to the device was taken
