@@ -673,6 +673,30 @@ def test_adopt_a_hugging_face_cache_and_reclaim_it(hub, store, family, tmp_path)
     assert type(pipe).__name__ == "StableDiffusionPipeline"
 
 
+def test_a_part_pulled_at_a_branch_tag_or_pr_loads_offline_at_that_name(hub, store, family):
+    """`subfolder=` at a revision pulls that folder alone; offline, or with the Hub down,
+    the same load at the same name gets that commit (until 2026-12-07 a
+    RefNotFoundError: only a whole pipeline's pull was found by its revision's name)."""
+    main = hub.add_repo("org/V", family["A"])
+    pr = hub.add_repo("org/V", family["B"])
+    hub.repos["org/V"].refs.update({"main": main, "refs/pr/1": pr, "v1": pr})
+    b = compstore.load_component(str(family["B"]), "unet", store=Store(store.home.parent / "b"))
+
+    def unet(revision, **kwargs):
+        return compstore.UNet2DConditionModel.from_pretrained("org/V", subfolder="unet", revision=revision,
+                                                              store=store, **kwargs)
+
+    for revision in ("v1", "refs/pr/1"):
+        same_state(unet(revision), b)
+        same_state(unet(revision, local_files_only=True), b)
+    with pytest.raises(compstore.RefNotFoundError, match="no ref named 'org/V@v2'"):
+        unet("v2", local_files_only=True)
+    with pytest.raises(compstore.RefNotFoundError):  # main's was never pulled: never the PR's
+        unet("main", local_files_only=True)
+    hub.close()  # the Hub down: the store's, with a warning
+    same_state(unet("v1"), b)
+
+
 def test_adopt_names_revisions_by_the_caches_refs(hub, store, family, tmp_path):
     """A cache with main and, downloaded after it, a PR: `org/V` is main's, as a pull
     names it, and the PR is `org/V@refs/pr/1` (until 2026-12-07 the newest whole

@@ -33,7 +33,7 @@ from typing import Any, Callable, Iterable
 import torch
 
 from ..store import ComponentNotFoundError, CompstoreError, InvalidInputError, RefNotFoundError, Store
-from ..store.hub import HubUnavailableError, hub_reachable, is_repo_id
+from ..store.hub import HubUnavailableError, hub_reachable, is_repo_id, revision_commit
 from ..store.modular import components_with_pins, missing_slots
 from ..store.scan import FolderScan
 from ..store.components import pick_component, require_variant
@@ -141,8 +141,9 @@ def _stored_snapshot(store: Store, label: str, revision: str | None, variant: st
     wants part of a pipeline (one `slot`, or all but `skip`), the latest pull of
     that part (`label@<commit>`, which such pulls make and do not move `label`).
     With a `revision`, `label` only if it was pulled at that commit, or the revision
-    is "main" (a pull without one), and for a short commit the pull of the commit it
-    starts: never another commit than the one asked for."""
+    is "main" (a pull without one), for a short commit the pull of the commit it
+    starts, and for a branch, tag or PR the pulls of the commit a pull at that name
+    got (`revision_commit`): never another commit than the one asked for."""
     candidates = [f"{label}@{revision}", label] if revision else [label]
     if variant:  # a pull in that variant made `repo@commit[variant]` and `repo[variant]`
         candidates = [ref for c in candidates for ref in (f"{c}[{variant}]", c)]
@@ -159,6 +160,12 @@ def _stored_snapshot(store: Store, label: str, revision: str | None, variant: st
         for name, snapshot_id in rows.fetchall():  # `[variant]` sorts first
             if whole.fullmatch(name[len(label) + 1:]):
                 return snapshot_id
+    commit = revision_commit(store, label, revision) if revision else None
+    if commit is not None:  # a branch, tag or PR a pull named: that commit's pulls, parts too
+        try:
+            return _stored_snapshot(store, label, commit, variant, slot, skip)
+        except RefNotFoundError:
+            pass
     if (slot or skip) and not revision:
         suffix = f"[{variant}]" if variant else ""
         for name, snapshot_id in store.db.execute(

@@ -184,7 +184,7 @@ def ensure_schema(db: sqlite_utils.Database, read_only: bool = False) -> None:
         _create_later_tables(db)
 
 
-_LATER_TABLES = ("xet_chunks", "stat_cache", "stat_cache_files", "damaged_blobs")
+_LATER_TABLES = ("xet_chunks", "stat_cache", "stat_cache_files", "damaged_blobs", "revision_names")
 
 
 def _create_later_tables(db: sqlite_utils.Database) -> None:
@@ -193,7 +193,8 @@ def _create_later_tables(db: sqlite_utils.Database) -> None:
     costs a sha256 mismatch and a re-fetch (xet_chunks), or nothing (stat_cache:
     it is trusted only while its ref points at its snapshot; stat_cache_files: a
     file whose sha256 the store no longer holds is read; damaged_blobs: a row is
-    trusted only while its blob is still where verify found it)."""
+    trusted only while its blob is still where verify found it; revision_names: a
+    commit no ref holds any more is not found offline, as before the row)."""
     with db.atomic():
         db["xet_chunks"].create(
             {"xorb": str, "chunk_index": int, "file_id": int, "offset": int, "length": int},
@@ -205,6 +206,8 @@ def _create_later_tables(db: sqlite_utils.Database) -> None:
                                        "snapshot_id": str}, pk=("ref", "path"), if_not_exists=True)
         db["damaged_blobs"].create({"blob_id": int, "xxh3": str, "pack": str, "offset": int,
                                     "problem": str}, pk="blob_id", if_not_exists=True)
+        db["revision_names"].create({"repo": str, "revision": str, "commit_id": str},
+                                    pk=("repo", "revision"), if_not_exists=True)
 
 
 def blobs_of_snapshot(db: sqlite_utils.Database, snapshot_id: str) -> dict[int, int]:

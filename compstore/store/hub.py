@@ -298,6 +298,7 @@ def pull(store: "Store", repo_id: str, *, revision: str | None = None,
         wanted = wanted_given(index)
         if not {f.path for f in wanted} <= have or not tag_latest(snapshot):
             return None
+        record_revision(store, repo_id, revision, commit)
         return PullResult(repo_id, commit, default_ref, len(wanted), 0, 0, len(wanted),
                           sum(f.size for f in wanted), "unchanged", round(time.perf_counter() - t0, 3))
 
@@ -342,6 +343,7 @@ def pull(store: "Store", repo_id: str, *, revision: str | None = None,
                                             consume_weights=True)  # the disk of one copy, not two
         if name is None:
             tag_latest(result.snapshot)
+        record_revision(store, repo_id, revision, commit)
         record_xet_hashes(store, result.snapshot, {f.path: f.xet_hash for f in entries})
         record_chunks(store, result.snapshot, got.xet_chunks)
         shutil.rmtree(folder, ignore_errors=True)
@@ -608,6 +610,28 @@ def _assemble_reading(store: "Store", repo_id: str, path: str, commit: str, endp
         return None
     os.replace(partial, target)
     return sum(end - begin for begin, end in ranges)
+
+
+def record_revision(store: "Store", repo_id: str, revision: str | None, commit: str) -> None:
+    """Remember the commit that a pull's `revision` (a branch, a tag, `refs/pr/1`)
+    named, as the Hub cache's `refs/<revision>` does: an offline load at that
+    revision finds the commit's snapshots, a pull of part of the pipeline's too
+    (`revision_commit`). Until 2026-12-07 only a whole pipeline's pull could be
+    found by its revision's name: `from_pretrained(repo, subfolder="unet",
+    revision="v1")` offline was a RefNotFoundError though the store held it."""
+    if revision and revision != commit:
+        with write_lock(store.home), store.db.atomic():  # every catalog writer holds it
+            store.db["revision_names"].upsert({"repo": repo_id, "revision": revision, "commit_id": commit},
+                                              pk=("repo", "revision"))
+
+
+def revision_commit(store: "Store", repo_id: str, revision: str) -> str | None:
+    """The commit the latest pull of `repo_id` at `revision` got (`record_revision`)."""
+    if "revision_names" not in store.db.table_names():  # a read-only store an older compstore made
+        return None
+    row = store.db.execute("SELECT commit_id FROM revision_names WHERE repo = ? AND revision = ?",
+                           [repo_id, revision]).fetchone()
+    return row[0] if row else None
 
 
 def record_xet_hashes(store: "Store", snapshot_id: str, xet_by_path: dict[str, str | None]) -> None:
