@@ -423,6 +423,33 @@ def test_a_hub_url_is_fetched_and_converted_once(family_store, family, checkpoin
                                      "StableDiffusionPipeline", config="A", store=family_store)
 
 
+def test_a_hub_url_at_a_tag_is_found_offline_at_that_tag_only(family_store, checkpoints, hub, monkeypatch,
+                                                               tmp_path):
+    """A checkpoint URL at a tag (`.../blob/v1/b.safetensors`) and main moved on since:
+    offline, the URL at the tag gets the tag's commit, and at main main's (until
+    2026-12-07 the tag's was a RefNotFoundError, and main's could be any commit's)."""
+    import shutil
+
+    folder = tmp_path / "tag-repo"
+    folder.mkdir()
+    shutil.copy(checkpoints["B"], folder / "b.safetensors")
+    tagged = hub.add_repo("org/T", folder)
+    shutil.copy(checkpoints["A"], folder / "b.safetensors")  # main's b.safetensors: A's weights now
+    main = hub.add_repo("org/T", folder)
+    hub.repos["org/T"].refs.update({"v1": tagged, "main": main})
+    at = {rev: f"https://huggingface.co/org/T/blob/{rev}/b.safetensors" for rev in ("v1", "main")}
+    online = {rev: compstore.ingest_single_file(url, "StableDiffusionPipeline", config="A", store=family_store)
+              for rev, url in at.items()}
+    assert online["v1"].ref == f"org/T/b.safetensors@{tagged}" != online["main"].ref
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants as constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    for rev, url in at.items():
+        offline = compstore.ingest_single_file(url, "StableDiffusionPipeline", config="A", store=family_store)
+        assert (offline.status, offline.ref) == ("unchanged", online[rev].ref), rev
+
+
 def test_two_processes_converting_one_file_at_once_leave_one_sound_conversion(family_store, checkpoints):
     import subprocess
     import sys

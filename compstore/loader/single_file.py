@@ -250,16 +250,22 @@ def _pulled_checkpoint(store: Store, repo_id: str, revision: str, filename: str,
 
 
 def _stored_pull(store: Store, repo_id: str, revision: str, filename: str) -> str:
-    """The latest pull of `repo_id` that holds `filename` (at `revision`, if it is a
-    commit or its start), for a load without the Hub."""
+    """The latest pull of `repo_id` that holds `filename` (at `revision`: the commit a
+    pull at that name got, else a commit or its start), for a load without the Hub."""
     from ..store import RefNotFoundError
+    from ..store.hub import revision_commit
 
     rows = store.db.execute(
         "SELECT r.snapshot_id, s.revision FROM refs r JOIN snapshots s ON s.id = r.snapshot_id "
         "JOIN snapshot_files f ON f.snapshot_id = r.snapshot_id "
         "WHERE substr(r.name, 1, ?) = ? AND f.path = ? ORDER BY r.updated DESC",
         [len(repo_id) + 1, f"{repo_id}@", filename]).fetchall()
+    recorded = revision_commit(store, repo_id, revision)  # a branch, tag or PR: its commit then
     for snapshot, commit in rows:
+        if recorded is not None:
+            if commit == recorded:
+                return snapshot
+            continue
         named = f"{repo_id}@{revision}"  # a branch or tag a pull named
         if (revision == "main" or (commit or "").startswith(revision)
                 or (store.has_ref(named) and store.resolve(named) == snapshot)):
