@@ -41,6 +41,25 @@ def test_budgets_take_bytes_or_a_size(monkeypatch, name, raw, budget):
     assert (pool.budget_bytes if name == "COMPSTORE_VRAM_BUDGET" else pool.pinned_budget_bytes) == budget
 
 
+@pytest.mark.parametrize("device", ["cuda", "xpu", "mps", "cpu"])
+def test_the_default_budget_is_half_the_free_memory_the_backend_tells(monkeypatch, device):
+    """CUDA's and XPU's `mem_get_info`; MPS: its recommended working set less what its
+    driver holds (until 2026-12-07 every device but CUDA had an unlimited budget, so a
+    Mac kept every dropped pipeline's tensors); the host: unlimited. The backends are
+    stand-ins here: this machine has none of those devices."""
+    import torch
+
+    gib = 1 << 30
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (6 * gib, 80 * gib))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.xpu, "mem_get_info", lambda device=None: (4 * gib, 64 * gib), raising=False)
+    monkeypatch.setattr(torch.xpu, "current_device", lambda: 0, raising=False)
+    monkeypatch.setattr(torch.mps, "recommended_max_memory", lambda: 20 * gib)
+    monkeypatch.setattr(torch.mps, "driver_allocated_memory", lambda: 8 * gib)
+    expected = {"cuda": 3 * gib, "xpu": 2 * gib, "mps": 6 * gib, "cpu": 1 << 62}[device]
+    assert compstore.ResidencyPool(device).budget_bytes == expected
+
+
 @pytest.mark.parametrize("name", ["COMPSTORE_VRAM_BUDGET", "COMPSTORE_PINNED_BUDGET"])
 @pytest.mark.parametrize("raw", ["lots", "-5", "10 parsecs"])
 def test_a_budget_that_is_no_size_is_a_setting_error(monkeypatch, name, raw):

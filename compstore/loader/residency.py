@@ -199,7 +199,7 @@ class ResidencyPool:
         device: the target device, e.g. "cuda" or "cuda:1".
         budget_bytes: bytes of tensors no live module uses that may stay resident
             (LRU). Default: `$COMPSTORE_VRAM_BUDGET`, else 50% of the device's free
-            memory when the pool is made (unlimited for non-CUDA devices).
+            memory when the pool is made (`free_bytes`; unlimited for the host).
         pinned_budget_bytes: pinned host memory for evicted tensors, kept for a fast
             re-upload (default `$COMPSTORE_PINNED_BUDGET`, else 0: off); counted in
             whole slabs of up to 256 MiB (see pinned.py).
@@ -230,7 +230,8 @@ class ResidencyPool:
         if budget_bytes is None:
             budget_bytes = env_setting("COMPSTORE_VRAM_BUDGET", None, _size, expected=_A_SIZE)
         if budget_bytes is None:
-            budget_bytes = torch.cuda.mem_get_info(self.device)[0] // 2 if self.device.type == "cuda" else 1 << 62
+            free = free_bytes(self.device)
+            budget_bytes = free // 2 if free is not None else 1 << 62
         if pinned_budget_bytes is None:
             pinned_budget_bytes = env_setting("COMPSTORE_PINNED_BUDGET", 0, _size, expected=_A_SIZE)
         self.budget_bytes = _budget("budget_bytes", budget_bytes)
@@ -732,6 +733,20 @@ def named_tensors(module: torch.nn.Module):
 
 _POOLS: dict[str, ResidencyPool] = {}
 _POOLS_LOCK = threading.Lock()
+
+
+def free_bytes(device: torch.device) -> int | None:
+    """The device's free memory, as its torch backend tells it: `mem_get_info` (CUDA,
+    XPU), or Apple's MPS' recommended working set less what its driver holds (unified
+    memory, shared with the host); None for the host and devices torch cannot tell of.
+    (Until 2026-12-07 every device but CUDA got an unlimited budget: on a Mac, a
+    switching process kept every dropped pipeline's tensors.)"""
+    backend = getattr(torch, device.type, None) if device.type not in ("cpu", "meta") else None
+    if hasattr(backend, "mem_get_info"):
+        return backend.mem_get_info(device)[0]
+    if hasattr(backend, "recommended_max_memory") and hasattr(backend, "driver_allocated_memory"):
+        return max(0, backend.recommended_max_memory() - backend.driver_allocated_memory())
+    return None
 
 
 def canonical_device(device: str | torch.device) -> torch.device:
