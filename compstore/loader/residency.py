@@ -673,8 +673,8 @@ class ResidencyPool:
         uses = self._uses.get(compiled_module(module))
         if not uses:
             return
-        held = {t.untyped_storage()._cdata for _, _, _, t in named_tensors(module)}
-        for entry in [e for e in uses if e.tensor.untyped_storage()._cdata not in held]:
+        held = {storage_of(t) for _, _, _, t in named_tensors(module)}
+        for entry in [e for e in uses if storage_of(e.tensor) not in held]:
             uses.discard(entry)
             entry.users -= 1
         self._count_gone()
@@ -703,6 +703,12 @@ def as_shape(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
 
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)  # a tensor whose bytes are all there is to it
+
+
+def storage_of(t: torch.Tensor) -> int:
+    """Which storage `t` views (meta tensors too, whose data_ptr is always 0): how a
+    conversion that replaced a tensor's data is told from one that kept it."""
+    return t.untyped_storage()._cdata
 
 
 def _nbytes(t: torch.Tensor) -> int:

@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 
 from .residency import (POOL, STORE_KEYS, ResidencyPool, canonical_device, named_tensors, pipeline_modules,
-                        store_models_in, to_device)
+                        storage_of, store_models_in, to_device)
 
 _MOVING = contextvars.ContextVar("compstore_moving", default=False)
 
@@ -154,7 +154,7 @@ def _casting(obj, cast: Callable):
     counting the replaced conv weights as in use, a second copy of them on the device
     for as long as the pipeline lived."""
     modules = list(pipeline_modules(obj).values())
-    before = [{name: _storage(t) for name, _, _, t in named_tensors(m)} for m in modules]
+    before = [{name: storage_of(t) for name, _, _, t in named_tensors(m)} for m in modules]
     token = _MOVING.set(True)  # a pipeline's modules: handled here, not again each
     try:
         out = cast()
@@ -163,18 +163,13 @@ def _casting(obj, cast: Callable):
     for module, was in zip(modules, before):
         keys = getattr(module, STORE_KEYS, None) or {}
         changed = [name for name, _, _, t in named_tensors(module)
-                   if name in keys and _storage(t) != was.get(name)]
+                   if name in keys and storage_of(t) != was.get(name)]
         for name in changed:
             keys[name] = keys[name]._replace(version=-1)  # matches no version: never the store's again
         pool = getattr(module, POOL, None) or getattr(obj, POOL, None)
         if changed and pool is not None:
             pool.release_replaced(module)
     return out
-
-
-def _storage(t: torch.Tensor) -> int:
-    """Which storage `t` views (meta tensors too, whose data_ptr is always 0)."""
-    return t.untyped_storage()._cdata
 
 
 def _routed_cast(name: str, obj, *args, **kwargs):
