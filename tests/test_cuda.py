@@ -210,6 +210,19 @@ def test_pipe_to_cpu_and_back_reuses_the_resident_tensors(family_store):
     assert compstore.last_transfer().bytes_uploaded == 77 * 8  # CLIP's position_ids only
 
 
+def test_a_move_to_a_device_index_goes_through_the_pool(family_store):
+    """`pipe.to(0)` and `unet.to(0)`, which torch and diffusers take for the current
+    accelerator: until 2026-12-07 an int bypassed the pool and uploaded everything."""
+    a = compstore.DiffusionPipeline.from_pretrained("A", store=family_store, device_map="cuda")
+    b = compstore.DiffusionPipeline.from_pretrained("B", store=family_store)
+    b.to(0)
+    assert compstore.last_transfer().bytes_uploaded == family_store.diff("A", "B").delta_bytes
+    b.to("cpu")
+    b.unet.to(0)  # its tensors are idle in the pool, within the budget
+    assert compstore.last_transfer().bytes_uploaded == 0 < compstore.last_transfer().bytes_reused
+    assert b.unet.device == a.unet.device == torch.device("cuda", torch.cuda.current_device())
+
+
 def test_load_component_with_device_map_puts_the_model_on_the_gpu(family_store, family):
     import diffusers
 

@@ -14,7 +14,8 @@ import torch
 
 import compstore
 from compstore import ResidencyPool, to_device
-from compstore.loader.residency import POOL, STORE_KEYS, store_record
+from compstore.loader.residency import POOL, STORE_KEYS, named_tensors, storage_of, store_record
+from compstore.store.reports import human
 
 
 class CountingCopier:
@@ -99,6 +100,13 @@ def test_switch_uploads_only_the_delta(request, layout):
     assert same_storage(a.vae.encoder.conv_in.weight, b.vae.encoder.conv_in.weight)
     assert not same_storage(a.unet.conv_in.weight, b.unet.conv_in.weight)
     assert compstore.last_transfer() is second
+    lines = str(second).splitlines()  # what `print(compstore.last_transfer())` shows
+    assert lines[0].startswith(f"meta: reused {human(second.bytes_reused)}, uploaded "
+                               f"{human(second.bytes_uploaded)} (0 B from the pinned tier) in ")
+    assert [line.split()[0] for line in lines[1:]] == [c.component for c in second.components]
+    unet = per["unet"]
+    assert (f"  unet          reused {human(unet.bytes_reused)}, uploaded {human(unet.bytes_from_store)} "
+            "(0 B from the pinned tier)") in lines
 
 
 def test_a_b_a_within_budget_moves_nothing(family_store):
@@ -583,6 +591,35 @@ def test_a_textual_inversion_resizes_the_embedding_and_it_moves_as_a_new_tensor(
     assert moved.bytes_reused == model_bytes(a) - embedding.numel() * embedding.element_size()
     reference = with_new_token(diffusers.StableDiffusionPipeline.from_pretrained(family["A"]))
     np.testing.assert_array_equal(image(a, "a <cat-toy>"), image(reference, "a <cat-toy>"))
+
+
+@pytest.mark.parametrize("then", ["trim", "move again"])
+def test_a_pool_tensor_a_module_replaced_becomes_idle(family_store, then):
+    """A textual inversion loaded onto a pipeline already on the device replaces its
+    embedding (`resize_token_embeddings`), past any move or cast. Until 2026-12-07 the
+    pool counted the old embedding in use for as long as the pipeline lived: never
+    evicted, a second embedding on the device. `trim()` and the next move see it go."""
+    pool = ResidencyPool("cpu", budget_bytes=0)  # idle tensors go at once
+    a = compstore.DiffusionPipeline.from_pretrained("A", store=family_store, pool=pool)
+    old = a.text_encoder.get_input_embeddings().weight
+    old_bytes, resident = old.numel() * old.element_size(), pool.resident_bytes
+    used = pool.keys_used_by(a.text_encoder)
+    assert pool.idle_bytes == 0 and len(used) == len({storage_of(t) for _, _, _, t in named_tensors(a.text_encoder)})
+    a.tokenizer.add_tokens(["<cat-toy>"])
+    a.text_encoder.resize_token_embeddings(len(a.tokenizer))
+    del old
+    if then == "trim":
+        pool.trim()
+    else:
+        a.to("cpu")  # on the pool's device already: a move that moves nothing
+    assert pool.resident_bytes == resident - old_bytes
+    assert len(pool.keys_used_by(a.text_encoder)) == len(used) - 1  # the new embedding: private
+    b = compstore.DiffusionPipeline.from_pretrained("B", store=family_store, pool=pool)  # A's encoder
+    moved = {c.component: c for c in pool.last_report.components}
+    assert moved["text_encoder"].bytes_from_store == old_bytes  # evicted, so uploaded again
+    reference = compstore.DiffusionPipeline.from_pretrained("B", store=family_store)
+    assert torch.equal(b.text_encoder.get_input_embeddings().weight,
+                       reference.text_encoder.get_input_embeddings().weight)
 
 
 def test_a_tensor_put_in_the_place_of_a_stored_one_is_not_the_stores(family_store):

@@ -13,14 +13,6 @@ from ..store import CompstoreError, Store
 from ..store.catalog import REBUILD_ADVICE, is_damage
 
 
-def human(n: int | float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
-
-
 def emit(as_json: bool, doc, text: str) -> None:
     if as_json:
         click.echo(json.dumps(doc, indent=2, default=str))

@@ -18,7 +18,7 @@ from typing import Callable
 from tabulate import tabulate
 
 from ..store import Store
-from .main import human
+from ..store.reports import human
 
 
 def _timed(fn):

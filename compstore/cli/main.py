@@ -16,7 +16,8 @@ from tabulate import tabulate
 
 from ..store.catalog import REBUILD_ADVICE
 from ..store.progress import want_progress
-from .common import Group, emit, human, json_option, open_store
+from ..store.reports import human
+from .common import Group, emit, json_option, open_store
 from .bench import bench
 from .remote import fetch, push, remote
 

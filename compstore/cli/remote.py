@@ -8,7 +8,8 @@ from tabulate import tabulate
 
 from ..store.progress import want_progress
 from ..store.remote import DEFAULT_GRACE_S
-from .common import Group, emit, human, json_option, open_store
+from ..store.reports import human
+from .common import Group, emit, json_option, open_store
 
 
 @click.command()

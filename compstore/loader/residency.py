@@ -41,6 +41,7 @@ import torch
 from accelerate.utils import convert_file_size_to_int
 
 from ..store import CompstoreError
+from ..store.reports import human
 from ..store.settings import env_setting
 from .loading import normal_tensors
 from .pinned import PinnedTier
@@ -141,6 +142,20 @@ class TransferReport:
     @property
     def bytes_uploaded(self) -> int:
         return self.bytes_from_pinned + self.bytes_from_store
+
+    def __str__(self) -> str:
+        """What `print(compstore.last_transfer())` shows: the move, then a line per component.
+
+        cuda:0: reused 2.8 MiB, uploaded 5.4 MiB (0 B from the pinned tier) in 0.012 s
+          unet          reused 0 B, uploaded 5.4 MiB (0 B from the pinned tier)
+          ...
+        """
+        def moved(t) -> str:
+            return (f"reused {human(t.bytes_reused)}, uploaded {human(t.bytes_from_pinned + t.bytes_from_store)} "
+                    f"({human(t.bytes_from_pinned)} from the pinned tier)")
+        width = max((len(c.component) for c in self.components), default=0)
+        return "\n".join([f"{self.device}: {moved(self)} in {self.seconds:.3f} s",
+                          *(f"  {c.component:<{width}}  {moved(c)}" for c in self.components)])
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -367,9 +382,18 @@ class ResidencyPool:
         evicted. They go to the pinned tier if it has room. Call it before work that
         needs the device memory; uploads that run out of memory do it themselves.
 
+        A module that put a tensor of its own in the place of a pool tensor without a
+        cast or a move (a textual inversion's resized embedding,
+        `load_state_dict(assign=True)`, a layer replaced) still counted it in use; here
+        every live module's uses are checked against what it holds.
+
         >>> compstore.pool_for("cuda").trim()  # doctest: +SKIP
         """
-        return self._evict(idle_bytes, collect=True)
+        gc.collect()  # modules of the user's that only the collector frees
+        for user in list(self._uses.keys()):
+            if isinstance(user, torch.nn.Module):  # (not a `Placement`: its module is being built)
+                self._forget_replaced(user)
+        return self._evict(idle_bytes)
 
     def _copy_back(self, hosts: list[torch.Tensor], tensors: list[torch.Tensor]) -> object:
         self._after_running_uploads()  # the tensors may be on their way still
@@ -600,6 +624,7 @@ class ResidencyPool:
         wanted: list[Key | None] = []  # per entry of `places`: its pool key (None: private)
         sources: list[torch.Tensor] = []
         staying: set[int] = set()  # ids of tensors already where they belong
+        held_keys: set[Key] = set()  # the pool keys of the tensors it holds after the move
         for name, owner, attr, tensor in named_tensors(module):
             if type(tensor) not in _PLAIN:  # a quantized model's: see _move_whole
                 return self._move_whole(module, component, t0)
@@ -617,6 +642,8 @@ class ResidencyPool:
             if pooled:
                 pooled_names[id(tensor)] = [name]
             key = (key_info[0], key_info[1], _DTYPE_NAMES[tensor.dtype], device) if pooled else None
+            if pooled:
+                held_keys.add(key)
             if tensor.device == self.device:
                 staying.add(id(tensor))
                 held = self._resident_entry(key) if pooled else None
@@ -643,6 +670,8 @@ class ResidencyPool:
                     owner._buffers[attr] = new
             for name in pooled_names.get(id(old), ()):  # still the store's, at the new tensor's version
                 keys[name] = store_record(keys[name][:2], new)
+        if len(uses) > len(held_keys):  # it put tensors of its own in the place of some since
+            self._forget_replaced(module)  # (a textual inversion's resized embedding, say)
         if settle:
             self._evict()
         rep.seconds = round(time.perf_counter() - t0, 6)
@@ -670,15 +699,19 @@ class ResidencyPool:
         """Forget the pool tensors `module` no longer holds: a conversion (a cast,
         `.to(memory_format=...)`) replaced them with new ones. Those no other module
         uses become idle, kept within the budget; the ones it still holds stay in use."""
-        uses = self._uses.get(compiled_module(module))
+        self._forget_replaced(compiled_module(module))
+        self._count_gone()
+        self._evict()
+
+    def _forget_replaced(self, module: torch.nn.Module) -> None:
+        """`module` stops using the entries whose tensors it no longer holds."""
+        uses = self._uses.get(module)
         if not uses:
             return
         held = {storage_of(t) for _, _, _, t in named_tensors(module)}
         for entry in [e for e in uses if storage_of(e.tensor) not in held]:
             uses.discard(entry)
             entry.users -= 1
-        self._count_gone()
-        self._evict()
 
     @_locked
     def release(self, module: torch.nn.Module, now: bool = False) -> None:

@@ -111,12 +111,17 @@ class _Routed:
         return _Routed, (self._obj(), self._method)
 
 
+def _is_device(a) -> bool:
+    """A device as `.to()` takes it: "cuda", torch.device, or an accelerator's index (`.to(0)`)."""
+    return isinstance(a, (str, torch.device)) or (isinstance(a, int) and not isinstance(a, bool))
+
+
 def _routed_to(self, *args, **kwargs):
     original_to = functools.partial(type(self).to, self)
     args = tuple(a for a in args if a is not None)  # diffusers' pipelines call `module.to(device, dtype)`, dtype None
     dtype = kwargs.get("dtype", next((a for a in args if isinstance(a, torch.dtype)), None))
-    device = kwargs.get("device", next((a for a in args if isinstance(a, (str, torch.device))), None))
-    if _MOVING.get() or any(not isinstance(a, (str, torch.device, torch.dtype)) for a in args):
+    device = kwargs.get("device", next((a for a in args if _is_device(a)), None))
+    if _MOVING.get() or any(not (_is_device(a) or isinstance(a, torch.dtype)) for a in args):
         return original_to(*args, **kwargs)  # inside a move, or `.to(tensor)` and the like
     if dtype is None and device is None:  # `.to(memory_format=torch.channels_last)`: new tensors
         return _casting(self, functools.partial(original_to, *args, **kwargs))

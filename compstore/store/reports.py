@@ -16,6 +16,15 @@ if TYPE_CHECKING:
     from .store import Store
 
 
+def human(n: int | float) -> str:
+    """A byte count as people read it: `human(5_704_000)` -> '5.4 MiB'."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
 def _refs(store: "Store", name: str | None = None) -> list[dict]:
     """Rows of every ref, or of the ref `name` only."""
     sql = f"""
