@@ -223,6 +223,16 @@ def test_a_move_to_a_device_index_goes_through_the_pool(family_store):
     assert b.unet.device == a.unet.device == torch.device("cuda", torch.cuda.current_device())
 
 
+def test_a_pipeline_on_the_gpu_saves_what_the_store_holds(family_store, tmp_path):
+    """Within a model on the GPU, weights of the same bytes are copies: `save_pretrained`
+    refused pool-shared ones ("Some tensors share memory") until 2026-12-07."""
+    compstore.DiffusionPipeline.from_pretrained("A", store=family_store, device_map="cuda")
+    b = compstore.DiffusionPipeline.from_pretrained("B", store=family_store, device_map="cuda")
+    b.save_pretrained(tmp_path / "B")
+    family_store.ingest(tmp_path / "B", "B-saved")
+    assert family_store.diff("B", "B-saved").delta_bytes == 0
+
+
 def test_load_component_with_device_map_puts_the_model_on_the_gpu(family_store, family):
     import diffusers
 

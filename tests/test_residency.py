@@ -14,7 +14,7 @@ import torch
 
 import compstore
 from compstore import ResidencyPool, to_device
-from compstore.loader.residency import POOL, STORE_KEYS, named_tensors, storage_of, store_record
+from compstore.loader.residency import POOL, STORE_KEYS, store_record
 from compstore.store.reports import human
 
 
@@ -593,6 +593,35 @@ def test_a_textual_inversion_resizes_the_embedding_and_it_moves_as_a_new_tensor(
     np.testing.assert_array_equal(image(a, "a <cat-toy>"), image(reference, "a <cat-toy>"))
 
 
+@pytest.mark.parametrize("how", ["moved", "loaded onto the device"])
+def test_no_two_weights_of_a_model_on_the_device_share_memory_and_it_saves(family_store, tmp_path, how):
+    """Models share the pool's tensors; within one model, two weights of the same bytes
+    (the tiny family's norm weights of ones) are copies, as a CPU load and diffusers
+    give them. Until 2026-12-07 they were one device tensor: an in-place edit of one
+    changed the other, and `save_pretrained` refused ("Some tensors share memory")."""
+    pool = ResidencyPool("cpu", budget_bytes=1 << 40)
+    a = compstore.DiffusionPipeline.from_pretrained("A", store=family_store, pool=pool)
+    b = compstore.DiffusionPipeline.from_pretrained("B", store=family_store)
+    if how == "moved":
+        to_device(b, "cpu", pool=pool)
+    else:
+        b = compstore.DiffusionPipeline.from_pretrained("B", store=family_store, pool=pool)
+    assert same_storage(a.vae.encoder.conv_in.weight, b.vae.encoder.conv_in.weight)  # shared across models
+    for model in (b.unet, b.vae, b.text_encoder):
+        tensors = [*model.parameters(), *model.buffers()]
+        assert len({t.untyped_storage().data_ptr() for t in tensors}) == len(tensors)
+    ones = [p for p in b.unet.parameters() if p.dim() == 1 and bool((p == 1).all())]
+    assert len(ones) > 1
+    with torch.no_grad():
+        ones[0].add_(1)
+    assert bool((ones[1] == 1).all())
+    with torch.no_grad():
+        ones[0].sub_(1)
+    b.save_pretrained(tmp_path / "B")
+    family_store.ingest(tmp_path / "B", "B-saved")
+    assert family_store.diff("B", "B-saved").delta_bytes == 0
+
+
 @pytest.mark.parametrize("then", ["trim", "move again"])
 def test_a_pool_tensor_a_module_replaced_becomes_idle(family_store, then):
     """A textual inversion loaded onto a pipeline already on the device replaces its
@@ -604,7 +633,8 @@ def test_a_pool_tensor_a_module_replaced_becomes_idle(family_store, then):
     old = a.text_encoder.get_input_embeddings().weight
     old_bytes, resident = old.numel() * old.element_size(), pool.resident_bytes
     used = pool.keys_used_by(a.text_encoder)
-    assert pool.idle_bytes == 0 and len(used) == len({storage_of(t) for _, _, _, t in named_tensors(a.text_encoder)})
+    assert pool.idle_bytes == 0 and old.untyped_storage().data_ptr() in {
+        pool._resident[key].tensor.untyped_storage().data_ptr() for key in used}
     a.tokenizer.add_tokens(["<cat-toy>"])
     a.text_encoder.resize_token_embeddings(len(a.tokenizer))
     del old

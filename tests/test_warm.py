@@ -147,12 +147,18 @@ def test_resident_switch_binds_the_resident_tensors_and_uploads_nothing(family_s
                for slot in MODELS}
     assert all(name in getattr(getattr(a, slot), STORE_KEYS) for slot in MODELS for name in tensors[slot])
     assert report.bytes_reused == sum(t.numel() * t.element_size() for ts in tensors.values() for t in ts.values())
-    keys = {e.tensor.data_ptr(): key for key, e in pool._resident.items()}
     for slot in MODELS:
-        used = pool.keys_used_by(getattr(a, slot))
+        module = getattr(a, slot)
+        used, records, shared = pool.keys_used_by(module), getattr(module, STORE_KEYS), []
         for name, t in tensors[slot].items():
-            assert keys[t.data_ptr()] in used, name  # live: never evicted
-            assert pool._resident[keys[t.data_ptr()]].users >= 1
+            key = (*records[name][:2], str(t.dtype), "cpu")
+            assert key in used and pool._resident[key].users >= 1, name  # live: never evicted
+            resident = pool._resident[key].tensor
+            assert torch.equal(t.flatten(), resident.flatten())
+            if t.data_ptr() == resident.data_ptr():
+                shared.append(key)
+        # one tensor per key is the pool's; others of the same bytes in the model are copies
+        assert sorted(shared) == sorted(used)
     assert (image(a) == want).all()
     assert b.vae is not a.vae and b.vae.decoder.conv_out.weight.data_ptr() == a.vae.decoder.conv_out.weight.data_ptr()
 

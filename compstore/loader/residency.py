@@ -505,27 +505,35 @@ class ResidencyPool:
         indices that are neither resident nor pinned (store views, say). Every pooled
         tensor served joins `uses`, the entries of its user (a module, or a `Placement`).
         `wait=False`: the copies from the pinned tier may still run on return
-        (`Uploader.upload`); the caller's stream is ordered after them."""
+        (`Uploader.upload`); the caller's stream is ordered after them.
+
+        One call serves one model's distinct tensors (tied ones are one). Two of them
+        with the same bytes (a zero bias and another) get a device copy each after
+        the first, as a CPU load gives them (`tensors.stored_tensor`): no two weights
+        of a model share memory, which `save_pretrained` refuses ("Some tensors share
+        memory") and diffusers never does. Models share the pool's tensor."""
         self._after_running_uploads()
         served: list[torch.Tensor | None] = [None] * len(keys)
-        same_as: dict[int, int] = {}  # identical bytes twice: share one upload
-        pending: dict[Key, int] = {}  # keys uploading in this batch -> index
+        same_as: dict[int, int] = {}  # identical bytes again: a device copy of the first
+        first: dict[Key, int] = {}  # key -> the index that serves it in this call
         pinned: list[tuple[int, Key]] = []
         from_host: list[int] = []
         for i, (key, like) in enumerate(zip(keys, likes)):
             nbytes = like.numel() * like.element_size()
+            if key is not None and key in first:
+                same_as[i] = first[key]
+                rep.bytes_reused += nbytes  # (copied on the device, not uploaded)
+                continue
+            if key is not None:
+                first[key] = i
             entry = self._resident_entry(key) if key is not None else None
             if entry is not None:
                 self._resident.move_to_end(key)
                 self._use(uses, entry)
                 served[i] = entry.tensor
                 rep.bytes_reused += nbytes
-            elif key is not None and key in pending:
-                same_as[i] = pending[key]
-                rep.bytes_reused += nbytes
             elif key is not None and key in self._tier:
                 pinned.append((i, key))
-                pending[key] = i
                 rep.bytes_from_pinned += nbytes
             else:  # from the store, or not the store's (edited since loading): a private copy
                 early = self._take_prefetched(key, like)
@@ -534,8 +542,6 @@ class ResidencyPool:
                     rep.bytes_from_store += nbytes
                 else:
                     from_host.append(i)
-                if key is not None:
-                    pending[key] = i
         copies = self._tier.copies_of([key for _, key in pinned])  # an eviction's copies may run still:
         if copies:
             self._transfers().order_after(copies)  # the uploads wait for them on the device
@@ -552,7 +558,9 @@ class ResidencyPool:
                 continue
             for (i, key, _), data in zip(batch, self._upload_making_room([src for _, _, src in batch], batch_wait)):
                 served[i] = data if key is None else self._hold(key, data, uses)
-        return [as_shape(served[same_as.get(i, i)], like.shape) for i, like in enumerate(likes)]
+        for i, j in same_as.items():  # on this stream: after any copy still running into `served[j]`
+            served[i] = served[j].clone()
+        return [as_shape(t, like.shape) for t, like in zip(served, likes)]
 
     @_locked
     def serve(self, blobs: list[tuple[str, int] | None], likes: list[torch.Tensor],
@@ -659,11 +667,11 @@ class ResidencyPool:
             wanted.append(key)
             sources.append(tensor.detach())
         served = self._serve(wanted, sources, lambda indices: [sources[i] for i in indices], rep, uses, wait)
-        for uses, data in zip(places.values(), served):
-            old = uses[0][2]
+        for bindings, data in zip(places.values(), served):
+            old = bindings[0][2]
             new = (torch.nn.Parameter(data, requires_grad=old.requires_grad)
                    if isinstance(old, torch.nn.Parameter) else data)
-            for owner, attr, _ in uses:
+            for owner, attr, _ in bindings:
                 if isinstance(old, torch.nn.Parameter):
                     owner._parameters[attr] = new
                 else:
