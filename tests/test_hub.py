@@ -1263,3 +1263,45 @@ def test_a_pull_that_a_gc_overtakes_rebuilds_held_files_or_fetches_them(hub, sto
     monkeypatch.setattr(hub_module, "pins_of", pins_then_collected)
     again = store.pull("org/B")  # found held, then removed: fetched again
     assert recorded_sha256(store, again.ref) == tree_sha256(family["B"]) and store.verify().ok
+
+
+def test_a_modular_pointer_at_a_tag_is_pinned_offline_at_that_tag_only(hub, store, tmp_path, monkeypatch):
+    """A modular repo's pointer at another repo's tag: online, the tag's commit is
+    pulled and pinned. Offline, an ingest of the same folder finds the commit that
+    tag named when it was pulled, and never the repo's main: until 2026-12-07 it
+    pinned whatever the store held as the repo at main. A tag never pulled is
+    refused, with the store unchanged."""
+    import json
+
+    from huggingface_hub import constants
+
+    from compstore import InvalidInputError
+    from compstore.loader.synthetic import tiny_sdxl_pipeline
+
+    publish_remix(hub, tmp_path, "org/sdxl-base", ("vae",))
+    base = hub.repos["org/sdxl-base"]
+    base.refs["v1"] = tagged = base.refs["main"]
+    tiny_sdxl_pipeline(seed=9).vae.save_pretrained(tmp_path / "base" / "vae")
+    assert hub.add_repo("org/sdxl-base", tmp_path / "base") != tagged  # main moves on
+    remix = tmp_path / "remix"
+    index = json.loads((remix / "modular_model_index.json").read_text())
+    index["vae"][2]["revision"] = "v1"
+    (remix / "modular_model_index.json").write_text(json.dumps(index))
+    hub.add_repo("org/remix", remix)
+
+    store.pull("org/sdxl-base")  # main: the other VAE
+    store.pull("org/remix")
+    [pin] = store.show("org/remix")["pins"]
+    assert pin["source"] == f"org/sdxl-base@{tagged}"
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    store.ingest(remix, "remix-offline")
+    [again] = store.show("remix-offline")["pins"]
+    assert (again["source"], again["component_id"]) == (pin["source"], pin["component_id"])
+
+    index["vae"][2]["revision"] = "v2"  # a tag the store never pulled
+    (remix / "modular_model_index.json").write_text(json.dumps(index))
+    before = store_state(store.home)
+    with pytest.raises(InvalidInputError, match="neither a local folder nor a ref.*--name org/sdxl-base@v2"):
+        store.ingest(remix, "remix-v2")
+    assert store_state(store.home) == before

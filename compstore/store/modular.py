@@ -162,12 +162,25 @@ def resolve_pointers(store: "Store", scan: FolderScan, *,
 
 
 def _candidate_refs(p: Pointer) -> list[str]:
-    return [f"{p.source}@{p.revision}", p.source] if p.revision else [p.source]
+    """The refs a pointer names, most specific first: `repo@revision`, and the plain
+    name only for main (the Hub cache's refs/main): a pointer at a tag or a branch
+    never gets main's weights. (Until 2026-12-07 it fell back to the plain name.)"""
+    if p.revision is None:
+        return [p.source]
+    return [f"{p.source}@{p.revision}"] + ([p.source] if p.revision == "main" else [])
 
 
 def _refs_for(store: "Store", p: Pointer) -> list[str]:
-    """The refs of the store a pointer may name, most specific first."""
-    return [r for r in _candidate_refs(p) if store.has_ref(r)]
+    """The refs of the store a pointer may name, most specific first; with a revision,
+    also the commit that a pull at that revision got (a pointer's pull takes only the
+    folders pointed at, so it names the commit, `repo@<commit>`, not `repo@revision`)."""
+    from .hub import revision_commit  # hub.py imports this module
+
+    refs = _candidate_refs(p)
+    commit = revision_commit(store, p.source, p.revision) if p.revision else None
+    if commit:
+        refs.append(f"{p.source}@{commit}")
+    return [r for r in refs if store.has_ref(r)]
 
 
 def check_pins(store: "Store", ref: str, pins: list[Pin], repin_command: str, repin: bool) -> None:
