@@ -413,10 +413,47 @@ def test_a_fused_lora_is_never_served_as_the_stores_tensors(family_store, family
     mine = dict(a2.unet.named_modules())
     for name, t in wrapped.items():
         assert torch.equal(mine[name].weight, t), name  # the store's bytes, not the fused ones
-    if not on_host:
-        assert pool.last_report.bytes_from_store == sum(t.numel() * t.element_size() for t in stored.values())
+    if not on_host:  # the merge went into copies of a's own: the pool kept the store's tensors
+        assert pool.last_report.bytes_from_store == 0
     reference = diffusers.StableDiffusionPipeline.from_pretrained(family["A"])
     np.testing.assert_array_equal(image(a2), image(reference))
+
+
+@pytest.mark.parametrize("then", ["fused", "fused and unfused"])
+def test_a_lora_fused_into_one_pipeline_is_not_seen_by_the_others(family_store, family, then):
+    """`fuse_lora` merges into the base weights in place. Through a pool, those are
+    tensors other live pipelines share: until 2026-12-07 the merge reached them too
+    (a service fusing a LoRA into one of its pipelines changed the images of the
+    others). Now the fused layers get copies of their own first; the pool keeps the
+    store's, which the others and later loads go on sharing."""
+    import diffusers
+    from peft import LoraConfig
+    from test_loader import image
+
+    def with_lora(pipe):
+        torch.manual_seed(0)
+        pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v"],
+                                         init_lora_weights=False))  # random: the merge changes the weights
+        pipe.fuse_lora(components=["unet"])
+        if then == "fused and unfused":
+            pipe.unfuse_lora(components=["unet"])
+        return pipe
+
+    def q_weight(pipe):  # a layer the LoRA wraps
+        layer = next(m for n, m in pipe.unet.named_modules() if n.endswith("attn1.to_q"))
+        return getattr(layer, "base_layer", layer).weight
+
+    pool = ResidencyPool("cpu", budget_bytes=1 << 40)
+    a = compstore.DiffusionPipeline.from_pretrained("A", store=family_store, pool=pool)
+    other = compstore.DiffusionPipeline.from_pretrained("A", store=family_store, pool=pool)
+    assert same_storage(q_weight(a), q_weight(other))
+    with_lora(a)
+    reference = diffusers.StableDiffusionPipeline.from_pretrained(family["A"])
+    np.testing.assert_array_equal(image(other), image(reference))
+    np.testing.assert_array_equal(image(a), image(with_lora(reference)))
+    a3 = compstore.DiffusionPipeline.from_pretrained("A", store=family_store, pool=pool)
+    assert pool.last_report.bytes_uploaded == 0  # the store's tensors stayed in the pool
+    assert same_storage(q_weight(a3), q_weight(other)) and not same_storage(q_weight(a), q_weight(a3))
 
 
 def test_an_unfused_lora_leaves_the_layers_it_wraps_shared(family_store, family):

@@ -7,7 +7,7 @@ tier and from the store. Every live pipeline has a twin: the same pipeline loade
 plain diffusers, to which every step does what it does to ours (a cast there and
 back, components passed between pipelines, in-place edits of private copies). After
 each step the weights of every pipeline equal its twin's, bit for bit, and now and
-then its image does too. Steps also add and unload LoRAs (never fused) and tokens
+then its image does too. Steps also add, fuse, unfuse and unload LoRAs and add tokens
 (a textual inversion's resized embedding). An in-place edit of a shared (pooled) tensor reaches the
 live pipelines that share it, as the pool documents; from then on those are not
 compared, but every later load must get the store's bytes again.
@@ -145,24 +145,33 @@ class Sequence:
                     other.compared = False
 
     def lora(self) -> None:
-        """A random LoRA on a live pipeline's UNet, never fused (peft renames the layers
-        it wraps, which stay the store's), or the one it has unloaded."""
+        """A random LoRA on a live pipeline's UNet (peft renames the layers it wraps,
+        which stay the store's); or the one it has fused into its weights (into
+        copies of its own: the other live pipelines sharing those layers go on
+        being compared with their twins), unfused, or unloaded."""
         from peft import LoraConfig
 
         if not self.live:
             return
         live = self.rng.choice(self.live)
         if getattr(live.ours.unet, "peft_config", None):
-            self.log.append(f"unload the LoRA of {live.name}")
+            action = self.rng.choice(["fuse", "unfuse", "unload"])
+            self.log.append(f"{action} the LoRA of {live.name}")
             for pipe in (live.ours, live.twin):
-                pipe.unload_lora_weights()
+                if action == "unload":
+                    pipe.unload_lora_weights()
+                else:
+                    getattr(pipe, f"{action}_lora")(components=["unet"])
+            self.move_again(live)
             return
-        seed = self.rng.randrange(1 << 16)
-        self.log.append(f"LoRA {seed} on {live.name}")
+        seed, fuse = self.rng.randrange(1 << 16), self.rng.random() < 0.5
+        self.log.append(f"LoRA {seed} on {live.name} fused={fuse}")
         for pipe in (live.ours, live.twin):
             torch.manual_seed(seed)
             pipe.unet.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=["to_q", "to_v"],
                                              init_lora_weights=False))
+            if fuse:
+                pipe.fuse_lora(components=["unet"])
         self.move_again(live)
 
     def new_token(self) -> None:
@@ -214,7 +223,7 @@ class Sequence:
                 np.testing.assert_array_equal(image(live.ours), image(live.twin), err_msg=live.name)
 
 
-def run(store, family, seed: int, device: str = "cpu", steps: int = 36) -> None:
+def run(store, family, seed: int, device: str = "cpu", steps: int = 48) -> None:
     """`steps` random steps on `device` (tests/test_cuda.py runs them on a GPU)."""
     seq = Sequence(store, family, seed, device)
     before = store_state(store.home)
@@ -231,6 +240,6 @@ def run(store, family, seed: int, device: str = "cpu", steps: int = 36) -> None:
     assert store_state(store.home) == before and store.verify().ok
 
 
-@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("seed", range(5))
 def test_random_switch_sequences_match_plain_diffusers(family_store, family, seed):
     run(family_store, family, seed)

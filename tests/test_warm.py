@@ -1,6 +1,7 @@
 """Warm loads (compstore/loader/warm.py): a component loaded before is cloned from its
-template, tokenizers are shared, every other small part is copied, and each load is
-still a fresh model that no edit of another load reaches."""
+template, tokenizers share their backend until tokens are added, every other small
+part is copied, and each load is still a fresh model that no edit of another load
+reaches."""
 
 import enum
 import gc
@@ -113,14 +114,30 @@ def test_edits_to_one_load_never_reach_the_next(family_store):
     assert (image(reference) == image(fresh)).all()
 
 
-def test_tokenizers_are_shared_schedulers_copied_and_a_grown_tokenizer_not_handed_out(family_store):
+def test_tokenizers_share_their_backend_until_tokens_are_added_and_schedulers_are_copied(family_store,
+                                                                                        family):
+    """Each pipeline's tokenizer is an object of its own sharing one backend (the
+    vocabulary), until a textual inversion adds a token to it: then it gets a backend
+    of its own, and no other pipeline sees the token. Until 2026-12-07 pipelines
+    shared one tokenizer: the token reached the others too, and loading the same
+    embedding into another failed ("Token <cat-toy> already in tokenizer vocabulary")."""
+    from test_loader import image as image_of
+
     a, b = load(family_store), load(family_store)
-    assert a.tokenizer is b.tokenizer and a.scheduler is not b.scheduler
-    assert a.scheduler.config == b.scheduler.config
+    assert a.tokenizer is not b.tokenizer and a.tokenizer._tokenizer is b.tokenizer._tokenizer
+    assert a.scheduler is not b.scheduler and a.scheduler.config == b.scheduler.config
     size = len(a.tokenizer)
-    a.tokenizer.add_tokens(["<cat-toy>"])  # textual inversion does this
+    embedding = {"<cat-toy>": torch.full((32,), 0.5)}  # diffusers' format: token -> its vector
+    a.load_textual_inversion(embedding)
+    assert len(a.tokenizer) == size + 1 and len(b.tokenizer) == size
+    assert a.tokenizer._tokenizer is not b.tokenizer._tokenizer
+    b.load_textual_inversion(embedding)
     c = load(family_store)
-    assert c.tokenizer is not a.tokenizer and len(c.tokenizer) == size
+    assert len(c.tokenizer) == size and c.tokenizer._tokenizer is not a.tokenizer._tokenizer
+    reference = diffusers.StableDiffusionPipeline.from_pretrained(family["A"])
+    reference.load_textual_inversion(embedding)
+    for pipe in (a, b):
+        assert (image_of(pipe, "a <cat-toy>") == image_of(reference, "a <cat-toy>")).all()
 
 
 def test_private_load_builds_everything_anew(family_store):

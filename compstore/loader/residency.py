@@ -711,6 +711,29 @@ class ResidencyPool:
         self._count_gone()
         self._evict()
 
+    @_locked
+    def own_copies(self, module: torch.nn.Module, tensors: list[torch.Tensor]) -> None:
+        """Give `module` copies of its own of those `tensors` (its parameters or buffers)
+        that are pool tensors, before it edits them in place: an edit of a shared tensor
+        would reach every model that holds it (`fuse_lora`: `routing._merging_lora`).
+        The pool's tensors stay, idle if no other module uses them: a later load of the
+        same weights reuses them."""
+        module = compiled_module(module)
+        resident = {storage_of(e.tensor) for e in self._uses.get(module, ())}
+        wanted = {id(t) for t in tensors if storage_of(t) in resident}
+        copies: dict[int, torch.Tensor] = {}  # a tied tensor: one copy, every use points at it
+        for _, owner, attr, t in named_tensors(module):
+            if id(t) in wanted:
+                # A new tensor, not `t.data = ...`: a parameter shares its version counter
+                # with the pool's tensor, which the merge's mark must not reach.
+                if id(t) not in copies:
+                    copies[id(t)] = (torch.nn.Parameter(t.detach().clone(), requires_grad=t.requires_grad)
+                                     if isinstance(t, torch.nn.Parameter) else t.detach().clone())
+                (owner._parameters if attr in owner._parameters else owner._buffers)[attr] = copies[id(t)]
+        self._forget_replaced(module)
+        self._count_gone()
+        self._evict()
+
     def _forget_replaced(self, module: torch.nn.Module) -> None:
         """`module` stops using the entries whose tensors it no longer holds."""
         uses = self._uses.get(module)

@@ -68,26 +68,41 @@ def route_through_pool(obj) -> None:
 
 
 def _merging_lora(name: str, obj, *args, **kwargs):
+    for module, tensors in _lora_base_tensors(obj).items():  # copy-on-write: merged into a copy
+        pool = getattr(module, POOL, None) or getattr(obj, POOL, None)
+        if pool is not None:  # (loaded on the host: copy-on-write views of its own already)
+            pool.own_copies(module, tensors)
     try:
         return getattr(type(obj), name)(obj, *args, **kwargs)
     finally:
         _mark_lora_merges(obj)
 
 
-def _mark_lora_merges(obj) -> None:
-    """Bump the version counter of every base-layer tensor of every peft LoRA layer
-    in `obj` (a pipeline or a module). The pool's entries and the module's parameters
-    share that counter, so the pool drops those entries (`_resident_entry`) and every
-    module holding them moves them as private tensors from then on."""
+def _lora_base_tensors(obj) -> dict[torch.nn.Module, list[torch.Tensor]]:
+    """Per model of `obj` (a pipeline or a module), the base-layer parameters of its
+    peft LoRA layers: what `fuse_lora` and `unfuse_lora` edit in place."""
     try:
         from peft.tuners.tuners_utils import BaseTunerLayer
     except ImportError:  # no peft: diffusers fuses no LoRA
-        return
+        return {}
+    found = {}
     for module in pipeline_modules(obj).values():
-        for layer in module.modules():
-            if isinstance(layer, BaseTunerLayer):
-                for t in layer.get_base_layer().parameters():
-                    torch.autograd.graph.increment_version(t)
+        tensors = [t for layer in module.modules() if isinstance(layer, BaseTunerLayer)
+                   for t in layer.get_base_layer().parameters()]
+        if tensors:
+            found[module] = tensors
+    return found
+
+
+def _mark_lora_merges(obj) -> None:
+    """Bump the version counter of every base-layer tensor of every peft LoRA layer
+    in `obj` (a pipeline or a module): their store records no longer match, so they
+    are never taken for the store's again and every later move moves them as private
+    tensors. (Before the merge, `_merging_lora` gave the model copies of its own of
+    those that were pool tensors, so no other model sees the merge.)"""
+    for tensors in _lora_base_tensors(obj).values():
+        for t in tensors:
+            torch.autograd.graph.increment_version(t)
 
 
 class _Routed:

@@ -21,11 +21,13 @@ other clone. Only tensor storage is shared, as the residency pool already shares
 it.
 
 Small parts: tokenizers, schedulers and processors loaded from the same stored
-files (`part`). A CLIP tokenizer takes 0.2-0.3 s to load and ~0.2 s to deep-copy,
-so tokenizers are shared between pipelines, as `DiffusionPipeline.from_pipe`
-shares them; one that gained tokens since (textual inversion) is never handed out
-again. Every other part (a scheduler keeps per-run state) is a deep copy, each
-pipeline its own.
+files (`part`). A CLIP tokenizer takes 0.05-0.3 s to load and ~0.1 s to deep-copy,
+so each pipeline gets a shallow copy of a tokenizer loaded once (~10 µs): its
+backend (the vocabulary, in Rust) is shared, as `DiffusionPipeline.from_pipe`
+shares a tokenizer, until tokens are added to it (a textual inversion): then that
+pipeline's tokenizer becomes a deep copy first (`_OwnBackendFirst`), and no other
+pipeline sees the new tokens. Every other part (a scheduler keeps per-run state)
+is a deep copy, each pipeline its own.
 
 `clear_caches()` forgets both; `from_pretrained(..., private=True)` uses neither.
 """
@@ -39,6 +41,7 @@ import functools
 import hashlib
 import json
 import types
+import weakref
 from collections import OrderedDict
 from typing import Callable
 
@@ -310,22 +313,57 @@ MAX_PARTS = 32
 
 def part(key: tuple, load: Callable[[], object]):
     """The small part stored under `key` (its class and the hashes of its files):
-    loaded once, then shared (tokenizers) or deep-copied (everything else)."""
+    loaded once, then a copy each call: a tokenizer's shares its backend until
+    tokens are added to it (`_shallow_tokenizer`), anything else is deep."""
     from transformers import PreTrainedTokenizerBase
 
     cached = _PARTS.get(key)
     if cached is not None and isinstance(cached[0], PreTrainedTokenizerBase) and len(cached[0]) != cached[1]:
-        cached = None  # it gained tokens since: not the stored tokenizer any more
+        cached = None  # its backend gained tokens past `_OwnBackendFirst` (a user's direct edit)
     if cached is None:
         loaded = load()
         cached = _PARTS[key] = (loaded, len(loaded) if isinstance(loaded, PreTrainedTokenizerBase) else 0)
         while len(_PARTS) > MAX_PARTS:
             _PARTS.popitem(last=False)
-        if isinstance(loaded, PreTrainedTokenizerBase):
-            return loaded
     _PARTS.move_to_end(key)
     found = cached[0]
-    return found if isinstance(found, PreTrainedTokenizerBase) else copy.deepcopy(found)
+    return _shallow_tokenizer(found) if isinstance(found, PreTrainedTokenizerBase) else copy.deepcopy(found)
+
+
+def _shallow_tokenizer(tokenizer):
+    """A tokenizer of its own for one pipeline, sharing `tokenizer`'s backend: its
+    attributes are its own (their dicts and lists copied), and it gets a deep copy of
+    everything before tokens are added to it (`_OwnBackendFirst`)."""
+    own = copy.copy(tokenizer)
+    own.__dict__.update({k: copy.copy(v) for k, v in vars(tokenizer).items() if isinstance(v, (dict, list, set))})
+    own._add_tokens = _OwnBackendFirst(own)
+    return own
+
+
+class _OwnBackendFirst:
+    """`tokenizer._add_tokens` (where `add_tokens` and `add_special_tokens` change the
+    vocabulary) of a tokenizer that shares its backend with other pipelines': the
+    tokenizer first becomes a deep copy of itself (~0.1 s for a CLIP tokenizer), then
+    the class's own method adds the tokens. Until 2026-12-07 pipelines shared one
+    tokenizer object: a textual inversion loaded into one pipeline added its token to
+    every other pipeline's tokenizer too, whose text encoder had no row for it (and
+    whose own `load_textual_inversion` of it then failed: "already in tokenizer
+    vocabulary"). Holds the tokenizer weakly, as `routing._Routed` holds a module."""
+
+    def __init__(self, tokenizer):
+        self._tokenizer = weakref.ref(tokenizer)
+
+    def __call__(self, *args, **kwargs):
+        tokenizer = self._tokenizer()
+        del tokenizer.__dict__["_add_tokens"]  # from now on the class's: the copy is its own
+        tokenizer.__dict__.update(copy.deepcopy(tokenizer).__dict__)
+        return tokenizer._add_tokens(*args, **kwargs)
+
+    def __deepcopy__(self, memo):  # the deep copy of its tokenizer's: made before its attributes
+        return _OwnBackendFirst(memo.get(id(self._tokenizer()), self._tokenizer()))
+
+    def __reduce__(self):  # pickled with its tokenizer (which gets a backend of its own)
+        return _OwnBackendFirst, (self._tokenizer(),)
 
 
 def clear_caches() -> None:
