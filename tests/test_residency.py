@@ -1245,6 +1245,29 @@ def test_a_dropped_pipeline_is_freed_at_del_and_its_tensors_go_idle_at_once(fami
         gc.enable()
 
 
+def test_a_chained_move_of_a_pipeline_just_loaded(family_store, family, monkeypatch):
+    """`from_pretrained(...).to("cuda")`, diffusers' own idiom: nothing but the call
+    holds the pipeline. Until 2026-12-07 it failed ("type object 'NoneType' has no
+    attribute 'to'"): the routed `.to` held the pipeline weakly, and it was gone by
+    the time the call ran; so did `load_component(...).half()`."""
+    import diffusers
+
+    pool = ResidencyPool("meta", budget_bytes=1 << 40, copier=CountingCopier())
+    monkeypatch.setitem(compstore.loader.residency._POOLS, "meta", pool)
+    pipe = compstore.DiffusionPipeline.from_pretrained("A", store=family_store).to("meta")
+    assert {t.device.type for t in pipe.unet.parameters()} == {"meta"}
+    moved = compstore.last_transfer()  # the pool's report: it moved every tensor
+    assert moved.device == "meta" and moved.bytes_uploaded + moved.bytes_reused == model_bytes(pipe) > 0
+    unet = compstore.load_component("B", "unet", store=family_store).to("meta")
+    assert compstore.last_transfer().bytes_uploaded == family_store.diff("A", "B").delta_bytes
+    half = compstore.load_component("A", "vae", store=family_store).half()
+    assert {t.dtype for t in half.parameters()} == {torch.float16} and unet.device.type == "meta"
+    # A plain diffusers pipeline of the same class moves as diffusers moves it: not through the pool.
+    before = compstore.last_transfer()
+    theirs = diffusers.StableDiffusionPipeline.from_pretrained(family["A"]).to("meta")
+    assert compstore.last_transfer() is before and theirs.unet.device.type == "meta"
+
+
 def test_a_deep_copy_of_a_component_moves_itself(family_store, monkeypatch):
     import copy
 

@@ -696,7 +696,7 @@ class ResidencyPool:
         rep = ComponentTransfer(component)
         moving = {id(t): t for _, _, _, t in named_tensors(module) if t.device != self.device}
         if moving:  # (older bitsandbytes refuse any .to() of a model it placed as it loaded)
-            type(module).to(module, self.device)  # the class's own, not the routed one: no pool again
+            unrouted(type(module).to)(module, self.device)  # the class's own: not the pool again
         rep.tensors = len(moving)
         rep.bytes_from_store = sum(_nbytes(t) for t in moving.values())
         rep.seconds = round(time.perf_counter() - t0, 6)
@@ -767,6 +767,11 @@ def as_shape(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
 
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)  # a tensor whose bytes are all there is to it
+
+
+def unrouted(method: Callable) -> Callable:
+    """A class's method as it was before `routing.route_through_pool` wrapped it."""
+    return getattr(method, "__compstore_unrouted__", method)
 
 
 def storage_of(t: torch.Tensor) -> int:

@@ -1,25 +1,32 @@
 """How a store-loaded pipeline's own methods reach the residency pool.
 
-`route_through_pool` puts wrappers in a pipeline's (or module's) `__dict__` so
-that what users already write does the right thing: `pipe.to("cuda")` and a
+`route_through_pool` marks a pipeline (or module) and wraps its class's methods,
+so that what users already write does the right thing: `pipe.to("cuda")` and a
 module's `.cuda()` go through `residency.to_device` (only what is not resident is
 uploaded), a move back to the CPU releases the pool's tensors (idle, kept within
 the budget), casts (`.to(dtype)`, `.half()`) and `fuse_lora` / `unfuse_lora` mark
 the tensors they change as no longer the store's. The pool itself is in
 residency.py; this module only decides when to call it.
+
+The wrappers are the class's (`_route_class`), and act only for marked instances
+(`ROUTED` in the instance's `__dict__`); every other instance of the class gets the
+class's own method. Until 2026-12-07 they were bound methods in the instance's
+`__dict__`, holding it weakly (a strong hold is a reference cycle, freed only by the
+cyclic collector): `from_pretrained(...).to("cuda")`, diffusers' own idiom, failed,
+since the pipeline was gone by the time its `.to` ran ("type object 'NoneType' has
+no attribute 'to'").
 """
 
 from __future__ import annotations
 
 import contextvars
 import functools
-import weakref
 from typing import Callable
 
 import torch
 
 from .residency import (POOL, STORE_KEYS, ResidencyPool, canonical_device, named_tensors, pipeline_modules,
-                        storage_of, store_models_in, to_device)
+                        storage_of, store_models_in, to_device, unrouted)
 
 _MOVING = contextvars.ContextVar("compstore_moving", default=False)
 
@@ -52,19 +59,58 @@ def route_through_pool(obj) -> None:
     counters do not see, so the pool would go on serving the fused bytes as the
     store's. After either call, the weights of every LoRA-wrapped layer count as
     edited (`_mark_lora_merges`): never served again, private on later moves."""
-    obj.to = _Routed(obj, _routed_to)
-    if isinstance(obj, torch.nn.Module):
-        obj.cuda = _Routed(obj, _routed_cuda)
-        for name in ("half", "float", "bfloat16"):  # casts that do not go through `.to`
-            setattr(obj, name, _Routed(obj, functools.partial(_routed_cast, name)))
-    for name in ("fuse_lora", "unfuse_lora"):
-        if callable(getattr(type(obj), name, None)):
-            setattr(obj, name, _Routed(obj, functools.partial(_merging_lora, name)))
+    obj.__dict__[ROUTED] = _route_methods(type(obj))
     if not isinstance(obj, torch.nn.Module):  # a pipeline: also the wrappers diffusers made of its models
         for c in obj.components.values():  # (`controlnet=[canny, depth]`: an offload hook moves the wrapper)
             if (isinstance(c, torch.nn.Module) and not hasattr(c, STORE_KEYS)
-                    and not isinstance(c.__dict__.get("to"), _Routed) and store_models_in(c)):
+                    and not c.__dict__.get(ROUTED) and store_models_in(c)):
                 route_through_pool(c)
+
+
+ROUTED = "_compstore_routed"  # in an instance's __dict__ (a `_Routing`): its class's wrappers route it
+
+
+def _route_methods(cls: type) -> "_Routing":
+    """Wrap the methods of `cls` that route a marked instance; return the mark."""
+    _route_class(cls, "to", _routed_to)
+    if issubclass(cls, torch.nn.Module):
+        _route_class(cls, "cuda", _routed_cuda)
+        for name in ("half", "float", "bfloat16"):  # casts that do not go through `.to`
+            _route_class(cls, name, _ROUTED_CASTS[name])
+    for name in ("fuse_lora", "unfuse_lora"):
+        if callable(getattr(cls, name, None)):
+            _route_class(cls, name, _ROUTED_MERGES[name])
+    return _Routing(cls)
+
+
+class _Routing:
+    """The mark of a routed instance. A deep copy or a pickle of the instance is routed
+    too: unpickled in another process, the mark wraps its class's methods there."""
+
+    def __init__(self, cls: type):
+        self.cls = cls
+
+    def __reduce__(self):
+        return _route_methods, (self.cls,)
+
+
+def _route_class(cls: type, name: str, routed: Callable) -> None:
+    """Make `cls.<name>` call `routed(self, ...)` for instances marked `ROUTED`, and
+    the method it had for every other instance (a plain diffusers pipeline of the
+    same class included). Once per class and name; a subclass whose method is a
+    parent's wrapper already has it."""
+    current = getattr(cls, name)
+    if unrouted(current) is not current:
+        return
+
+    @functools.wraps(current)
+    def method(self, *args, **kwargs):
+        if self.__dict__.get(ROUTED):
+            return routed(self, *args, **kwargs)
+        return current(self, *args, **kwargs)
+
+    method.__compstore_unrouted__ = current  # (`residency.unrouted`)
+    setattr(cls, name, method)
 
 
 def _merging_lora(name: str, obj, *args, **kwargs):
@@ -73,9 +119,12 @@ def _merging_lora(name: str, obj, *args, **kwargs):
         if pool is not None:  # (loaded on the host: copy-on-write views of its own already)
             pool.own_copies(module, tensors)
     try:
-        return getattr(type(obj), name)(obj, *args, **kwargs)
+        return unrouted(getattr(type(obj), name))(obj, *args, **kwargs)
     finally:
         _mark_lora_merges(obj)
+
+
+_ROUTED_MERGES = {name: functools.partial(_merging_lora, name) for name in ("fuse_lora", "unfuse_lora")}
 
 
 def _lora_base_tensors(obj) -> dict[torch.nn.Module, list[torch.Tensor]]:
@@ -105,34 +154,13 @@ def _mark_lora_merges(obj) -> None:
             torch.autograd.graph.increment_version(t)
 
 
-class _Routed:
-    """`obj.to` (or `.cuda`) in `obj`'s own `__dict__`, holding `obj` weakly: a bound
-    method there would be a reference cycle, which only the cyclic collector frees,
-    so a dropped pipeline (and its device tensors) would live on until the next full
-    collection instead of going at `del`. A deep copy of `obj` gets its own."""
-
-    def __init__(self, obj, method: Callable):
-        self._obj = weakref.ref(obj)
-        self._method = method
-
-    def __call__(self, *args, **kwargs):
-        return self._method(self._obj(), *args, **kwargs)
-
-    def __deepcopy__(self, memo):
-        twin = memo.get(id(self._obj()))  # the copy of `obj`, made before its attributes
-        return self if twin is None else _Routed(twin, self._method)
-
-    def __reduce__(self):  # pickled with `obj` (torch.save, another process): routes the copy
-        return _Routed, (self._obj(), self._method)
-
-
 def _is_device(a) -> bool:
     """A device as `.to()` takes it: "cuda", torch.device, or an accelerator's index (`.to(0)`)."""
     return isinstance(a, (str, torch.device)) or (isinstance(a, int) and not isinstance(a, bool))
 
 
 def _routed_to(self, *args, **kwargs):
-    original_to = functools.partial(type(self).to, self)
+    original_to = functools.partial(unrouted(type(self).to), self)
     args = tuple(a for a in args if a is not None)  # diffusers' pipelines call `module.to(device, dtype)`, dtype None
     dtype = kwargs.get("dtype", next((a for a in args if isinstance(a, torch.dtype)), None))
     device = kwargs.get("device", next((a for a in args if _is_device(a)), None))
@@ -193,7 +221,10 @@ def _casting(obj, cast: Callable):
 
 
 def _routed_cast(name: str, obj, *args, **kwargs):
-    return _casting(obj, functools.partial(getattr(type(obj), name), obj, *args, **kwargs))
+    return _casting(obj, functools.partial(unrouted(getattr(type(obj), name)), obj, *args, **kwargs))
+
+
+_ROUTED_CASTS = {name: functools.partial(_routed_cast, name) for name in ("half", "float", "bfloat16")}
 
 
 def _routed_cuda(self, device=None):

@@ -348,7 +348,7 @@ class _OwnBackendFirst:
     tokenizer object: a textual inversion loaded into one pipeline added its token to
     every other pipeline's tokenizer too, whose text encoder had no row for it (and
     whose own `load_textual_inversion` of it then failed: "already in tokenizer
-    vocabulary"). Holds the tokenizer weakly, as `routing._Routed` holds a module."""
+    vocabulary"). Holds the tokenizer weakly: a strong hold would be a reference cycle."""
 
     def __init__(self, tokenizer):
         self._tokenizer = weakref.ref(tokenizer)
