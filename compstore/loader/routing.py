@@ -10,7 +10,7 @@ residency.py; this module only decides when to call it.
 
 The wrappers are the class's (`_route_class`), and act only for marked instances
 (`ROUTED` in the instance's `__dict__`); every other instance of the class gets the
-class's own method. Until 2026-12-07 they were bound methods in the instance's
+class's own method. Until 2026-12-07 they were callables in the instance's
 `__dict__`, holding it weakly (a strong hold is a reference cycle, freed only by the
 cyclic collector): `from_pretrained(...).to("cuda")`, diffusers' own idiom, failed,
 since the pipeline was gone by the time its `.to` ran ("type object 'NoneType' has
