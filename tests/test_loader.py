@@ -176,11 +176,21 @@ def test_single_component_ref_and_local_folder(store, family):
     assert str(family["B"]) in {r["name"] for r in store.ls()}
 
 
-def test_unknown_names_give_clear_errors(store):
+def test_unknown_names_give_clear_errors(store, tmp_path):
+    from conftest import store_state
+
+    before = store_state(store.home)
     with pytest.raises(RefNotFoundError, match="no ref named 'nope'"):
         compstore.DiffusionPipeline.from_pretrained("nope", store=store)
     with pytest.raises(RefNotFoundError, match="no ref named 'org/model'"):  # offline in tests
         compstore.DiffusionPipeline.from_pretrained("org/model", store=store)
+    # A mistyped folder is named as one (until 2026-12-07: "no ref named './my-pipe'").
+    for path in ("./my-pipe", str(tmp_path / "not-here"), "~/not-here", "models/sd/base"):
+        with pytest.raises(RefNotFoundError, match=f"no folder '{path}', and no ref of that name in store"):
+            compstore.DiffusionPipeline.from_pretrained(path, store=store)
+    with pytest.raises(RefNotFoundError, match="no folder './my-vae'"):
+        compstore.load_component("./my-vae", store=store)
+    assert store_state(store.home) == before
 
 
 def test_unsupported_device_map_is_a_clear_error(family_store):

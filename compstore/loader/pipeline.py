@@ -128,10 +128,20 @@ def resolve_snapshot(
             logger.warning("%s\nLoading the store's %s (commit %s) instead.", e, label,
                            store.snapshot(snapshot_id)["revision"] or "unknown")
     else:
-        snapshot_id = _stored_snapshot(store, label, revision, variant, slot, set(skip))
+        try:
+            snapshot_id = _stored_snapshot(store, label, revision, variant, slot, set(skip))
+        except RefNotFoundError:
+            if not _looks_like_a_path(label):
+                raise
+            raise RefNotFoundError(label, str(store.home), path=True) from None  # a mistyped folder, most likely
     if check is not None:
         check(components_with_pins(store, snapshot_id))
     return snapshot_id, label
+
+
+def _looks_like_a_path(label: str) -> bool:
+    """A name no Hub repo id or ref of a pull has: "./my-pipe", "/models/x", "~/x", "a/b/c"."""
+    return label.startswith((".", "/", "~")) or label.count("/") > 1 or "\\" in label
 
 
 def _stored_snapshot(store: Store, label: str, revision: str | None, variant: str | None,

@@ -35,11 +35,12 @@ class PickleRefusedError(InvalidInputError):
 class RefNotFoundError(CompstoreError):
     """No ref of that name exists in the store."""
 
-    def __init__(self, ref: str, store: str, refs: Iterable[str] = ()):
+    def __init__(self, ref: str, store: str, refs: Iterable[str] = (), *, path: bool = False):
         self.ref = ref
         near = difflib.get_close_matches(ref, list(refs), n=3)  # a typo: name what was meant
         hint = f"; did you mean {' or '.join(map(repr, near))}?" if near else ""
-        super().__init__(f"no ref named {ref!r} in store {store} (see `compstore ls`){hint}")
+        what = f"no folder {ref!r}, and no ref of that name" if path else f"no ref named {ref!r}"
+        super().__init__(f"{what} in store {store} (see `compstore ls`){hint}")
 
 
 class RefExistsError(CompstoreError):
