@@ -730,9 +730,7 @@ class ResidencyPool:
                     copies[id(t)] = (torch.nn.Parameter(t.detach().clone(), requires_grad=t.requires_grad)
                                      if isinstance(t, torch.nn.Parameter) else t.detach().clone())
                 (owner._parameters if attr in owner._parameters else owner._buffers)[attr] = copies[id(t)]
-        self._forget_replaced(module)
-        self._count_gone()
-        self._evict()
+        self.release_replaced(module)  # (the pool's lock is reentrant)
 
     def _forget_replaced(self, module: torch.nn.Module) -> None:
         """`module` stops using the entries whose tensors it no longer holds."""
