@@ -62,7 +62,10 @@ def ltx(tok):
         vae=diffusers.AutoencoderKLLTXVideo(
             latent_channels=8, block_out_channels=(8, 8, 8, 8), spatio_temporal_scaling=(True, True, False, False),
             layers_per_block=(1, 1, 1, 1, 1), patch_size=1, patch_size_t=1, encoder_causal=True,
-            decoder_causal=False),
+            decoder_causal=False,
+            # the decoder has its own sizes, full-size by default (a 900 MB VAE)
+            decoder_block_out_channels=(8, 8, 8, 8), decoder_layers_per_block=(1, 1, 1, 1, 1),
+            decoder_spatio_temporal_scaling=(True, True, False, False)),
         text_encoder=t5(tok), tokenizer=tok["t5"], scheduler=diffusers.FlowMatchEulerDiscreteScheduler())
 
 
