@@ -128,6 +128,33 @@ def test_a_quantized_model_moves_with_its_own_to_and_no_pool_entry(family_store,
     assert copier.bytes == uploaded  # the UNets' bytes never went through the pool's copier
 
 
+def test_quantize_after_the_load_leaves_the_pipelines_sharing_its_weights_as_stored(family_store, family):
+    """torchao's recipe, `quantize_(pipe.unet, ...)` on a pipeline already loaded: it
+    gives the linear layers new, quantized weights. Through a pool, where another
+    pipeline shares the UNet's tensors, that one keeps the store's weights and images,
+    the quantized one gives diffusers' quantized images, and a later load finds the
+    whole UNet still resident."""
+    import numpy as np
+    from test_loader import image
+    from torchao.quantization import quantize_
+
+    pool = compstore.ResidencyPool("cpu", budget_bytes=1 << 40)
+    a = compstore.DiffusionPipeline.from_pretrained("A", store=family_store, pool=pool)
+    other = compstore.DiffusionPipeline.from_pretrained("A", store=family_store, pool=pool)
+    quantize_(a.unet, Int8WeightOnlyConfig())
+    compstore.to_device(a, "cpu", pool=pool)
+    reference = diffusers.StableDiffusionPipeline.from_pretrained(family["A"])
+    stored = image(reference)
+    quantize_(reference.unet, Int8WeightOnlyConfig())
+    assert not np.array_equal(image(reference), stored)  # the quantization shows in the image
+    np.testing.assert_array_equal(image(a), image(reference))
+    np.testing.assert_array_equal(image(other), stored)
+    del a
+    later = compstore.DiffusionPipeline.from_pretrained("A", store=family_store, pool=pool)
+    assert pool.last_report.bytes_uploaded == 0
+    np.testing.assert_array_equal(image(later), stored)
+
+
 def test_a_quantization_config_of_the_wrong_kind_is_refused_before_anything_is_stored(store, family):
     """A pipeline's must be a PipelineQuantizationConfig (diffusers' ValueError, word for
     word), and raised before the folder is ingested; a model's must be a config."""

@@ -493,6 +493,67 @@ def test_an_unfused_lora_leaves_the_layers_it_wraps_shared(family_store, family)
     assert keys and all(record[2] == -1 for record in keys.values())  # every tensor cast, wrapped or not
 
 
+def ip_adapter_state_dict(unet) -> dict:
+    """A random IP-Adapter for `unet`, in the layout `load_ip_adapter` reads from a file
+    (diffusers' own tests build theirs the same way)."""
+    from diffusers.models.attention_processor import IPAdapterAttnProcessor
+    from diffusers.models.embeddings import ImageProjection
+
+    torch.manual_seed(3)
+    cross, key_id, channels = {}, 1, unet.config.block_out_channels
+    for name in unet.attn_processors:
+        if name.endswith("attn1.processor"):  # self-attention: no image tokens
+            continue
+        block = name.split(".")[0]
+        hidden = (channels[-1] if block == "mid_block" else
+                  channels[::-1 if block == "up_blocks" else 1][int(name.split(".")[1])])
+        layer = IPAdapterAttnProcessor(hidden_size=hidden, cross_attention_dim=unet.config.cross_attention_dim)
+        cross[f"{key_id}.to_k_ip.weight"] = layer.to_k_ip[0].weight.detach()
+        cross[f"{key_id}.to_v_ip.weight"] = layer.to_v_ip[0].weight.detach()
+        key_id += 2
+    dim = unet.config.cross_attention_dim
+    proj = ImageProjection(cross_attention_dim=dim, image_embed_dim=dim, num_image_text_embeds=4).state_dict()
+    return {"ip_adapter": cross, "image_proj": {"proj.weight": proj["image_embeds.weight"],
+                                                "proj.bias": proj["image_embeds.bias"],
+                                                "norm.weight": proj["norm.weight"], "norm.bias": proj["norm.bias"]}}
+
+
+def test_an_ip_adapter_moves_with_its_pipeline_and_leaves_the_others_as_stored(family_store, family):
+    """An IP-Adapter (what `pipe.load_ip_adapter` loads into the UNet: new attention
+    processors with weights of their own, and an image projection) in a pipeline whose
+    UNet is shared through the pool: the pipeline moves, uploading only the adapter;
+    the other pipelines, and the first after `unload_ip_adapter`, give diffusers'
+    images and share the store's tensors."""
+    import diffusers
+    from test_loader import image
+
+    pool = ResidencyPool("cpu", budget_bytes=1 << 40)
+    a = compstore.DiffusionPipeline.from_pretrained("A", store=family_store, pool=pool)
+    other = compstore.DiffusionPipeline.from_pretrained("A", store=family_store, pool=pool)
+    adapter = ip_adapter_state_dict(a.unet)
+    adapter_bytes = sum(t.numel() * t.element_size() for part in adapter.values() for t in part.values())
+    a.unet._load_ip_adapter_weights([adapter])  # load_ip_adapter's step once it has read the file
+    to_device(a, "cpu", pool=pool)
+    assert pool.last_report.bytes_reused == model_bytes(other)
+    assert model_bytes(a) == model_bytes(other) + adapter_bytes
+
+    embeds = [torch.randn(2, 1, a.unet.config.cross_attention_dim, generator=torch.Generator().manual_seed(1))]
+
+    def with_image(pipe):
+        return pipe("a cat", num_inference_steps=2, generator=torch.Generator().manual_seed(0),
+                    output_type="np", height=32, width=32, ip_adapter_image_embeds=embeds).images
+
+    reference = diffusers.StableDiffusionPipeline.from_pretrained(family["A"])
+    plain = image(reference)
+    reference.unet._load_ip_adapter_weights([adapter])
+    np.testing.assert_array_equal(with_image(a), with_image(reference))
+    np.testing.assert_array_equal(image(other), plain)
+    a.unload_ip_adapter()
+    np.testing.assert_array_equal(image(a), plain)
+    to_device(a, "cpu", pool=pool)
+    assert pool.last_report.bytes_uploaded == 0 and pool.last_report.bytes_reused == model_bytes(other)
+
+
 def test_controlnets_passed_as_a_list_are_shared_each_with_its_own_records(family_store, family, tmp_path):
     """`controlnet=[canny, depth]`: diffusers wraps the list in a MultiControlNetModel,
     which no store record covers. Each ControlNet in it is the store's and moves
