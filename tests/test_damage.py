@@ -413,6 +413,32 @@ def test_a_catalog_that_is_not_a_database_is_a_clear_error(store, family):
     assert sorted((p.name, p.read_bytes()) for p in store.home.iterdir() if p.is_file()) == before
 
 
+@pytest.mark.parametrize("how", ["missing", "empty"])
+def test_a_store_whose_catalog_was_lost_is_refused_and_its_packs_kept(store, family, how):
+    """A catalog.db deleted (or emptied) beside its packs: opening the store made a new,
+    empty catalog, and the next `compstore gc` deleted every pack as one the catalog
+    never named, saying "freed 0 B" (until 2026-12-07). Now the store is refused
+    with what to do, and nothing in it changes."""
+    from click.testing import CliRunner
+
+    from compstore.cli.main import cli
+
+    store.ingest(family["A"], "A")
+    store.close()
+    catalog = store.home / "catalog.db"
+    for name in ("catalog.db-wal", "catalog.db-shm"):
+        (store.home / name).unlink(missing_ok=True)
+    catalog.unlink() if how == "missing" else catalog.write_bytes(b"")
+    before = sorted((p.relative_to(store.home), p.read_bytes()) for p in store.home.rglob("*") if p.is_file())
+    with pytest.raises(CorruptStoreError, match=f"catalog .* is {how}, but objects/packs holds 1 pack file"):
+        Store(store.home)
+    for args in (["ls"], ["gc"], ["ingest", str(family["B"]), "--name", "B"]):
+        r = CliRunner().invoke(cli, ["--store", str(store.home), *args])
+        assert r.exit_code == 1 and r.stderr.count("\n") == 1 and "the catalog was lost" in r.stderr, args
+    after = sorted((p.relative_to(store.home), p.read_bytes()) for p in store.home.rglob("*") if p.is_file())
+    assert after == before
+
+
 def test_damaged_catalog_pages_are_named_by_verify_and_a_clear_error_elsewhere(store, family):
     from click.testing import CliRunner
 

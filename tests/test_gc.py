@@ -56,6 +56,25 @@ def test_gc_of_a_clean_store_frees_nothing(family_store):
     assert store_state(family_store.home)[:2] == before[:2]
 
 
+def test_gc_counts_the_packs_a_crashed_writer_left_and_a_dry_run_keeps_them(family_store):
+    """A writer renames its pack into objects/packs before its catalog commit: one
+    killed between the two leaves a pack the catalog never names. gc removes it and
+    counts it; until 2026-12-07 it was removed unsaid ("freed 0 B"), and a dry run
+    removed it too, with tmp/'s files."""
+    packs = family_store.home / "objects" / "packs"
+    left = packs / "0123456789abcdef-0123456789ab.pack"
+    left.write_bytes(next(packs.glob("*.pack")).read_bytes()[:100_000])
+    (family_store.home / "tmp" / "0123456789abcdef-0123456789ab.pack.tmp").write_bytes(b"x" * 1000)
+    before = store_state(family_store.home)
+    dry = family_store.gc(dry_run=True)
+    assert store_state(family_store.home) == before  # a dry run changes nothing
+    assert (dry.freed_bytes, dry.packs_removed, dry.objects_removed) == (100_000, 1, 0)
+    report = family_store.gc()
+    assert (report.freed_bytes, report.packs_removed, report.objects_removed) == (100_000, 1, 0)
+    assert not left.exists() and not any((family_store.home / "tmp").iterdir())
+    assert family_store.verify().ok
+
+
 def test_gc_cli_json_keys(family_store):
     family_store.rm("B")
     r = CliRunner().invoke(cli, ["--store", str(family_store.home), "gc", "--dry-run", "--json"])

@@ -48,7 +48,7 @@ class GcReport:
     freed_bytes: int  # pack bytes on disk that are (or would be) reclaimed
     objects_removed: int  # blobs
     snapshots_removed: int
-    packs_removed: int
+    packs_removed: int  # dead packs, and those a crashed writer left that the catalog never named
     packs_compacted: int
     seconds: float
     downloads_freed_bytes: int = 0  # files failed pulls left in downloads/ for a resume
@@ -83,7 +83,7 @@ def gc(store: "Store", *, dry_run: bool = False) -> GcReport:
     db = store.db
     packs_dir = store.home / "objects" / "packs"
     with write_lock(store.home):
-        store._clean_leftovers()
+        leftover_packs, leftover_bytes = store._clean_leftovers(dry_run)  # a crashed writer's
         downloads_freed = _unfinished_downloads(store, dry_run)
         live_snaps = _ids(store, "SELECT id FROM snaps")
         live_comps = _ids(store, "SELECT id FROM comps")
@@ -112,8 +112,9 @@ def gc(store: "Store", *, dry_run: bool = False) -> GcReport:
             # packs its compaction writes (blobs at aligned offsets, as PackWriter puts them)
             kept = _packed_size([b[3] for p in partial for b in by_pack[p] if b[0] in live_blobs])
             freed = sum(_size_on_disk(packs_dir / f"{p}.pack") for p in dead_packs + partial) - kept
-            return GcReport(True, freed, len(dead_blobs), len(dead_snaps), len(dead_packs),
-                            len(partial), round(time.perf_counter() - t0, 3), downloads_freed)
+            return GcReport(True, freed + leftover_bytes, len(dead_blobs), len(dead_snaps),
+                            len(dead_packs) + leftover_packs, len(partial), round(time.perf_counter() - t0, 3),
+                            downloads_freed)
 
         # 1. copy the live blobs of partly dead packs into new packs
         writer = PackWriter(store.home)
@@ -167,8 +168,9 @@ def gc(store: "Store", *, dry_run: bool = False) -> GcReport:
                     shutil.rmtree(d, ignore_errors=True)
         fsync_dir(packs_dir)
         freed -= sum(s for _, s in new_packs)
-    return GcReport(False, freed, len(dead_blobs), len(dead_snaps), len(dead_packs), len(partial),
-                    round(time.perf_counter() - t0, 3), downloads_freed)
+    return GcReport(False, freed + leftover_bytes, len(dead_blobs), len(dead_snaps),
+                    len(dead_packs) + leftover_packs, len(partial), round(time.perf_counter() - t0, 3),
+                    downloads_freed)
 
 
 def _packed_size(sizes: list[int]) -> int:

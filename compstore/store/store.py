@@ -30,7 +30,7 @@ from typing import Callable, NamedTuple
 import sqlite_utils
 
 from . import reports
-from .catalog import damaged_catalog_is_an_error, ensure_schema, open_catalog, schema_ready
+from .catalog import REBUILD_ADVICE, damaged_catalog_is_an_error, ensure_schema, open_catalog, schema_ready
 from .errors import (CompstoreError, CorruptStoreError, InvalidInputError, ReadOnlyStoreError,
                      RefExistsError, RefNotFoundError, StoreBusyError)
 from .export import (ExportResult, file_pieces, flattened_files, flattened_index, snapshot_files,
@@ -158,6 +158,25 @@ def _close_catalog(conn: sqlite3.Connection) -> None:
         pass
 
 
+
+def _refuse_packs_without_a_catalog(home: Path) -> None:
+    """A store whose catalog.db is gone (or empty: SQLite takes an empty file for a new
+    database) but whose packs are still there lost its catalog: a new store writes its
+    catalog before any pack. Opening it would make an empty catalog, and the next `gc`
+    would delete every pack as unreferenced."""
+    catalog = home / "catalog.db"
+    if catalog.exists() and catalog.stat().st_size > 0:
+        return
+    packs = list((home / "objects" / "packs").glob("*.pack"))
+    if packs:
+        size = sum(p.stat().st_size for p in packs)
+        state = "is empty" if catalog.exists() else "is missing"
+        raise CorruptStoreError(
+            f"the catalog {catalog} {state}, but objects/packs holds {len(packs)} pack file"
+            f"{'s' if len(packs) > 1 else ''} ({reports.human(size)}): the catalog was lost. "
+            f"Restore catalog.db from a backup, {REBUILD_ADVICE}")
+
+
 class Store:
     """A content-addressed store of pipeline weights in one folder.
 
@@ -178,6 +197,7 @@ class Store:
             if not (self.home / "catalog.db").exists():
                 raise CompstoreError(f"{self.home} is not a compstore store (no catalog.db)")
         else:
+            _refuse_packs_without_a_catalog(self.home)
             (self.home / "objects" / "packs").mkdir(parents=True, exist_ok=True)
             (self.home / "tmp").mkdir(exist_ok=True)
         with damaged_catalog_is_an_error(self.home / "catalog.db"):
@@ -414,20 +434,27 @@ class Store:
         return self.remote(name).gc(dry_run=dry_run, grace_s=grace_s)
 
     # -- writing -----------------------------------------------------------------
-    def _clean_leftovers(self) -> None:
-        """Remove what a crashed writer left: tmp files, packs the catalog never named.
+    def _clean_leftovers(self, dry_run: bool = False) -> tuple[int, int]:
+        """Remove what a crashed writer left: tmp files, packs the catalog never named
+        (a writer renames its pack into place before its catalog commit). Returns the
+        number and bytes of those packs; `dry_run` only counts them.
 
         Called under the write lock, so no other writer can be mid-way.
         """
-        for p in (self.home / "tmp").iterdir():
-            if p.is_dir():
-                remove_unless_locked(p)  # a live push's scratch folder stays
-            else:
-                p.unlink(missing_ok=True)
+        if not dry_run:
+            for p in (self.home / "tmp").iterdir():
+                if p.is_dir():
+                    remove_unless_locked(p)  # a live push's scratch folder stays
+                else:
+                    p.unlink(missing_ok=True)
         known = {r[0] for r in self.db.execute("SELECT name FROM packs")}
+        count = size = 0
         for p in (self.home / "objects" / "packs").glob("*.pack"):
             if p.stem not in known:
-                p.unlink(missing_ok=True)
+                count, size = count + 1, size + p.stat().st_size
+                if not dry_run:
+                    p.unlink(missing_ok=True)
+        return count, size
 
     def ingest(
         self,
