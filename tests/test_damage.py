@@ -430,13 +430,23 @@ def test_a_store_whose_catalog_was_lost_is_refused_and_its_packs_kept(store, fam
         (store.home / name).unlink(missing_ok=True)
     catalog.unlink() if how == "missing" else catalog.write_bytes(b"")
     before = sorted((p.relative_to(store.home), p.read_bytes()) for p in store.home.rglob("*") if p.is_file())
-    with pytest.raises(CorruptStoreError, match=f"catalog .* is {how}, but objects/packs holds 1 pack file"):
-        Store(store.home)
+    for read_only in (False, True):
+        with pytest.raises(CorruptStoreError, match=f"catalog .* is {how}, but objects/packs holds 1 pack file"):
+            Store(store.home, read_only=read_only)
     for args in (["ls"], ["gc"], ["ingest", str(family["B"]), "--name", "B"]):
         r = CliRunner().invoke(cli, ["--store", str(store.home), *args])
         assert r.exit_code == 1 and r.stderr.count("\n") == 1 and "the catalog was lost" in r.stderr, args
     after = sorted((p.relative_to(store.home), p.read_bytes()) for p in store.home.rglob("*") if p.is_file())
     assert after == before
+
+
+def test_an_empty_catalog_opened_read_only_is_not_a_store(tmp_path):
+    """It was SQLite's "attempt to write a readonly database" (a read-only open went on
+    to create the tables)."""
+    (tmp_path / "catalog.db").write_bytes(b"")
+    with pytest.raises(compstore.CompstoreError, match="holds no compstore catalog"):
+        Store(tmp_path, read_only=True)
+    assert [p.name for p in tmp_path.iterdir()] == ["catalog.db"] and not (tmp_path / "catalog.db").stat().st_size
 
 
 def test_damaged_catalog_pages_are_named_by_verify_and_a_clear_error_elsewhere(store, family):

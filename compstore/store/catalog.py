@@ -111,6 +111,11 @@ def ensure_schema(db: sqlite_utils.Database, read_only: bool = False) -> None:
                 f"(expects {SCHEMA_VERSION}); upgrade compstore"
             )
         return
+    if read_only:  # an empty catalog.db (a lost one, with no packs beside it either)
+        from .errors import CompstoreError
+
+        raise CompstoreError(f"{db.conn.execute('PRAGMA database_list').fetchone()[2]} holds no "
+                             "compstore catalog: this folder is not a store (open it writable to make one)")
     if db.journal_mode != "wal":  # kept in the file: every later connection is in WAL mode
         db.enable_wal()
     with db.atomic():

@@ -193,11 +193,11 @@ class Store:
         if read_only is None:
             read_only = self.home.exists() and not os.access(self.home, os.W_OK)
         self.read_only = read_only
+        _refuse_packs_without_a_catalog(self.home)
         if read_only:
             if not (self.home / "catalog.db").exists():
                 raise CompstoreError(f"{self.home} is not a compstore store (no catalog.db)")
         else:
-            _refuse_packs_without_a_catalog(self.home)
             (self.home / "objects" / "packs").mkdir(parents=True, exist_ok=True)
             (self.home / "tmp").mkdir(exist_ok=True)
         with damaged_catalog_is_an_error(self.home / "catalog.db"):
