@@ -436,3 +436,25 @@ def test_odd_load_arguments_are_clear_errors(family_store):
         with pytest.raises(compstore.CompstoreError, match=message):
             compstore.DiffusionPipeline.from_pretrained("A", store=family_store, **kwargs)
     assert store_state(family_store.home) == before
+
+
+@pytest.mark.parametrize("holding", ["a file", "a tmp/ of its own"])
+def test_a_new_store_is_not_made_in_a_folder_holding_other_files(tmp_path, holding):
+    """`--store ~/work` by mistake: the store empties its tmp/ of what it did not write,
+    so a store made there would have deleted the user's tmp/ files at its first
+    ingest. A new store goes into a new or empty folder (a volume's lost+found and
+    hidden files aside); the folder is left as it was."""
+    from compstore import CompstoreError, Store
+
+    home = tmp_path / "work"
+    (home / "tmp").mkdir(parents=True)
+    (home / ".hidden").write_text("x")
+    (home / ("notes.txt" if holding == "a file" else "tmp/notes.txt")).write_text("mine")
+    before = sorted(str(p.relative_to(home)) for p in home.rglob("*"))
+    with pytest.raises(CompstoreError, match="not a compstore store .*holds other files .*notes.txt"):
+        Store(home)
+    r = CliRunner().invoke(cli, ["--store", str(home), "ls"])
+    assert r.exit_code == 1 and "a new store needs a new or empty folder" in r.stderr
+    assert sorted(str(p.relative_to(home)) for p in home.rglob("*")) == before
+    (tmp_path / "volume" / "lost+found").mkdir(parents=True)
+    Store(tmp_path / "volume").close()  # a fresh volume's root holds lost+found: a store goes there

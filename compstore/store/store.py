@@ -177,6 +177,28 @@ def _refuse_packs_without_a_catalog(home: Path) -> None:
             f"Restore catalog.db from a backup, {REBUILD_ADVICE}")
 
 
+# What a store folder holds (store-format.md); a new store is made only where nothing else is.
+_STORE_NAMES = {"catalog.db", "catalog.db-wal", "catalog.db-shm", "objects", "tmp", "lock", "readers.lock",
+                "pull.lock", "pulls", "downloads", "skeletons"}
+
+
+def _refuse_a_new_store_among_other_files(home: Path) -> None:
+    """A new store goes into a new or empty folder: the store empties its tmp/ and
+    objects/ of what it did not write, which in a folder of the user's would be the
+    user's files. (A volume's lost+found and hidden files are allowed.)"""
+    if (home / "catalog.db").exists() or not home.is_dir():
+        return
+    others = sorted(p.name for p in home.iterdir()
+                    if p.name not in _STORE_NAMES and p.name != "lost+found" and not p.name.startswith("."))
+    if (home / "tmp").is_dir():  # a new store's tmp/ is empty until its catalog exists
+        others += sorted(f"tmp/{p.name}" for p in (home / "tmp").iterdir())
+    if others:
+        shown = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
+        raise CompstoreError(f"{home} is not a compstore store (no catalog.db) and holds other files "
+                             f"({shown}): a new store needs a new or empty folder; pass another "
+                             "(--store, COMPSTORE_HOME)")
+
+
 class Store:
     """A content-addressed store of pipeline weights in one folder.
 
@@ -198,6 +220,7 @@ class Store:
             if not (self.home / "catalog.db").exists():
                 raise CompstoreError(f"{self.home} is not a compstore store (no catalog.db)")
         else:
+            _refuse_a_new_store_among_other_files(self.home)
             (self.home / "objects" / "packs").mkdir(parents=True, exist_ok=True)
             (self.home / "tmp").mkdir(exist_ok=True)
         with damaged_catalog_is_an_error(self.home / "catalog.db"):
