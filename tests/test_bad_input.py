@@ -456,5 +456,8 @@ def test_a_new_store_is_not_made_in_a_folder_holding_other_files(tmp_path, holdi
     r = CliRunner().invoke(cli, ["--store", str(home), "ls"])
     assert r.exit_code == 1 and "a new store needs a new or empty folder" in r.stderr
     assert sorted(str(p.relative_to(home)) for p in home.rglob("*")) == before
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(CompstoreError, match="is a file, not a store folder"):
+        Store(tmp_path / "a-file")
     (tmp_path / "volume" / "lost+found").mkdir(parents=True)
     Store(tmp_path / "volume").close()  # a fresh volume's root holds lost+found: a store goes there

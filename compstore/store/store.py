@@ -158,7 +158,6 @@ def _close_catalog(conn: sqlite3.Connection) -> None:
         pass
 
 
-
 def _refuse_packs_without_a_catalog(home: Path) -> None:
     """A store whose catalog.db is gone (or empty: SQLite takes an empty file for a new
     database) but whose packs are still there lost its catalog: a new store writes its
@@ -186,6 +185,8 @@ def _refuse_a_new_store_among_other_files(home: Path) -> None:
     """A new store goes into a new or empty folder: the store empties its tmp/ and
     objects/ of what it did not write, which in a folder of the user's would be the
     user's files. (A volume's lost+found and hidden files are allowed.)"""
+    if home.exists() and not home.is_dir():
+        raise CompstoreError(f"{home} is a file, not a store folder: pass a folder (--store, COMPSTORE_HOME)")
     if (home / "catalog.db").exists() or not home.is_dir():
         return
     others = sorted(p.name for p in home.iterdir()
