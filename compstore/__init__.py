@@ -28,6 +28,7 @@ from .store import (
     StoreBusyError,
     VariantNotFoundError,
     WeightsNotFoundError,
+    restore_catalog,
 )
 
 __version__ = "0.1.0"
@@ -63,6 +64,6 @@ __all__ = [
     "InvalidInputError", "PickleRefusedError", "PinChangedError", "RefExistsError", "RefNotFoundError",
     "StoreBusyError",
     "DiskFullError", "ReadOnlyStoreError", "SettingError", "HubError", "HubUnavailableError",
-    "VariantNotFoundError", "WeightsNotFoundError",
+    "VariantNotFoundError", "WeightsNotFoundError", "restore_catalog",
     *sorted(_LOADER_NAMES),
 ]

@@ -7,6 +7,7 @@ whole story against a model of which blobs are damaged.
 """
 
 import random
+import sqlite3
 
 import pytest
 import torch
@@ -406,7 +407,7 @@ def test_a_catalog_that_is_not_a_database_is_a_clear_error(store, family):
     for name in ("catalog.db-wal", "catalog.db-shm"):
         (store.home / name).unlink(missing_ok=True)
     before = sorted((p.name, p.read_bytes()) for p in store.home.iterdir() if p.is_file())
-    with pytest.raises(CorruptStoreError, match="catalog .* is damaged .*restore it from a backup"):
+    with pytest.raises(CorruptStoreError, match="catalog .* is damaged .*restore catalog.db from a backup"):
         Store(store.home)
     r = CliRunner().invoke(cli, ["--store", str(store.home), "ls"])
     assert r.exit_code == 1 and r.stderr.count("\n") == 1 and "is damaged" in r.stderr
@@ -524,3 +525,94 @@ def test_a_verified_load_keeps_the_bytes_it_checked_though_the_pack_changes_afte
         got = getattr(pipe, slot).state_dict()
         assert all(torch.equal(got[k], v) for k, v in want.items()), slot
     assert not store.verify().ok  # the pack did go bad: verify says so
+
+
+@pytest.mark.parametrize("how", ["lost", "damaged"])
+def test_a_catalog_backup_brings_back_a_lost_or_damaged_catalog(store, family, tmp_path, how):
+    """`compstore backup-catalog` then `restore-catalog`: the store loads and exports
+    what it held at the backup, and what was ingested since is named as such."""
+    import json
+
+    from click.testing import CliRunner
+
+    from compstore.cli.main import cli
+
+    store.ingest(family["A"], "A")
+    run = lambda *args: CliRunner().invoke(cli, ["--store", str(store.home), *args, "--json"])
+    r = run("backup-catalog", str(tmp_path / "catalog.bak"))
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout).keys() == {"path", "bytes", "refs", "seconds"} and json.loads(r.stdout)["refs"] == 1
+    catalog, wal = store.home / "catalog.db", store.home / "catalog.db-wal"
+    reader = sqlite3.connect(catalog)  # keeps the -wal from being checkpointed away at close
+    reader.execute("SELECT count(*) FROM refs").fetchone()
+    store.ingest(family["B"], "B")  # after the backup
+    store.close()
+    stale = wal.read_bytes()  # B's commits, as a killed process leaves them
+    reader.close()
+    assert stale and not wal.exists()
+    if how == "lost":  # with the -wal a killed process left: a restore must not let
+        catalog.unlink()  # SQLite replay it into the backup
+        wal.write_bytes(stale)
+    else:  # (with that -wal, SQLite would replay it over the damage: here it held every page)
+        catalog.write_bytes(b"not sqlite" * 1000)
+    with pytest.raises(CorruptStoreError, match="compstore restore-catalog BACKUP"):
+        Store(store.home)
+    r = run("restore-catalog", str(tmp_path / "catalog.bak"))
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    assert doc.keys() == {"home", "refs", "missing_packs", "unnamed_packs", "seconds"}
+    assert (doc["refs"], doc["missing_packs"]) == (1, 0) and doc["unnamed_packs"] >= 1  # B's new bytes
+    with Store(store.home) as s:
+        assert s.ref_names() == ["A"] and s.verify().ok
+        assert s.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        s.export("A", tmp_path / "A")
+        assert s.gc().packs_removed == doc["unnamed_packs"]
+        s.ingest(family["B"], "B")
+        assert s.verify().ok
+    assert tree_sha256(tmp_path / "A") == tree_sha256(family["A"])
+
+
+def test_a_restore_names_the_packs_a_gc_removed_since_the_backup(store, family, tmp_path):
+    from compstore import restore_catalog
+
+    store.ingest(family["A"], "A")
+    store.ingest(family["B"], "B")
+    backup = store.backup_catalog(tmp_path / "catalog.bak")
+    assert backup.refs == 2 and backup.bytes == (tmp_path / "catalog.bak").stat().st_size
+    store.rm("B")
+    store.gc()
+    store.close()
+    r = restore_catalog(tmp_path / "catalog.bak", store.home)
+    assert r.missing_packs >= 1 and r.unnamed_packs == 0
+    with Store(store.home) as s:
+        report = s.verify()
+        assert not report.ok and {ref for p in report.problems for ref in p["refs"]} == {"B"}
+
+
+def test_bad_catalog_backups_and_restores_are_clear_errors_and_change_nothing(store, family, tmp_path):
+    from compstore import CompstoreError, restore_catalog
+    from conftest import store_state
+
+    store.ingest(family["A"], "A")
+    (tmp_path / "taken").write_text("mine")
+    with pytest.raises(CompstoreError, match="exists: back up to a new file"):
+        store.backup_catalog(tmp_path / "taken")
+    with pytest.raises(CompstoreError, match="is not a folder"):
+        store.backup_catalog(tmp_path / "no-such-folder" / "catalog.bak")
+    assert (tmp_path / "taken").read_text() == "mine"
+    damaged = tmp_path / "damaged.bak"
+    store.backup_catalog(damaged)
+    store.backup_catalog(tmp_path / "whole.bak")
+    data = bytearray(damaged.read_bytes())
+    data[len(data) // 2:len(data) // 2 + 4096] = bytes(4096)
+    damaged.write_bytes(bytes(data))
+    before = store_state(store.home)
+    for backup, problem in [(tmp_path / "missing.bak", "no such file"), (tmp_path / "taken", "not a compstore catalog"),
+                            (family["A"] / "model_index.json", "not a compstore catalog"),
+                            (damaged, "damaged|not a compstore catalog")]:
+        with pytest.raises(CompstoreError, match=problem):
+            restore_catalog(backup, store.home)
+        assert store_state(store.home) == before, backup
+    with pytest.raises(CompstoreError, match="not a compstore store"):
+        restore_catalog(tmp_path / "whole.bak", tmp_path / "elsewhere")
+    assert not (tmp_path / "elsewhere").exists()

@@ -40,8 +40,7 @@ class Group(click.Group):
             sys.exit(e.exit_code)
         except sqlite3.DatabaseError as e:
             if is_damage(e):  # a page of it went bad after it opened
-                click.echo(f"Error: the store's catalog is damaged ({e}): restore catalog.db from "
-                           f"a backup, {REBUILD_ADVICE}", err=True)
+                click.echo(f"Error: the store's catalog is damaged ({e}): {REBUILD_ADVICE}", err=True)
                 sys.exit(1)
             if "locked" not in str(e) and "busy" not in str(e):
                 raise

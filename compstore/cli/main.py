@@ -267,8 +267,7 @@ def verify(ctx, as_json):
     emit(as_json, r.to_dict(), "\n".join(lines))
     if r.catalog_problems:
         if not as_json:
-            click.echo(f"Error: the store's catalog is damaged: restore catalog.db from a backup, "
-                       f"{REBUILD_ADVICE}", err=True)
+            click.echo(f"Error: the store's catalog is damaged: {REBUILD_ADVICE}", err=True)
         sys.exit(1)
     if not r.ok:
         if not as_json:
@@ -276,6 +275,37 @@ def verify(ctx, as_json):
                        "ingest or pull their sources again (or fetch them from a remote) to heal "
                        "them, or `compstore rm` those refs and `compstore gc`", err=True)
         sys.exit(1)
+
+
+@cli.command("backup-catalog")
+@click.argument("dest", type=click.Path(dir_okay=False))
+@json_option
+@click.pass_context
+def backup_catalog(ctx, dest, as_json):
+    """Copy the catalog (the only record of what the packs hold) to the new file DEST,
+    consistently while the store is in use; `restore-catalog` puts it back."""
+    r = open_store(ctx).backup_catalog(dest)
+    emit(as_json, r.to_dict(), f"backed up the catalog ({r.refs} refs, {human(r.bytes)}) to {r.path}")
+
+
+@cli.command("restore-catalog")
+@click.argument("backup", type=click.Path(dir_okay=False))
+@json_option
+@click.pass_context
+def restore_catalog(ctx, backup, as_json):
+    """Make BACKUP (from `backup-catalog`) the store's catalog, replacing a lost or
+    damaged one; then run `compstore verify`."""
+    from ..store import restore_catalog as restore
+
+    r = restore(backup, ctx.obj)
+    lines = [f"restored the catalog of {r.home} from {backup}: {r.refs} refs"]
+    if r.missing_packs:
+        lines.append(f"  {r.missing_packs} packs it names are gone (removed since the backup): "
+                     "`compstore verify` names the refs they held")
+    if r.unnamed_packs:
+        lines.append(f"  {r.unnamed_packs} packs on disk it does not name (written since the backup): "
+                     "the next ingest or gc removes them; ingest or pull what they held again")
+    emit(as_json, r.to_dict(), "\n".join(lines))
 
 
 @cli.command()

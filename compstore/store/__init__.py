@@ -20,6 +20,7 @@ from .errors import (
     VariantNotFoundError,
     WeightsNotFoundError,
 )
+from .catalog_backup import CatalogBackup, CatalogRestore, restore_catalog
 from .hub import HubError, HubUnavailableError, PullResult
 from .modular import PinChangedError
 from .remote import Remote, RemoteBusyError, RemoteError
@@ -33,4 +34,5 @@ __all__ = [
     "SettingError", "HubError", "HubUnavailableError", "VariantNotFoundError",
     "WeightsNotFoundError", "PullResult",
     "Remote", "RemoteError", "RemoteBusyError", "PushResult", "FetchResult",
+    "CatalogBackup", "CatalogRestore", "restore_catalog",
 ]

@@ -50,7 +50,9 @@ SCHEMA_VERSION = 1
 
 # What a damaged catalog leaves a user, said wherever one is met (a catalog cannot be
 # rebuilt from packs: they hold bare bytes).
-REBUILD_ADVICE = "or move the store aside and ingest, pull or fetch its pipelines into a new one"
+REBUILD_ADVICE = ("restore catalog.db from a backup (`compstore restore-catalog BACKUP`, of one made by "
+                  "`compstore backup-catalog`), or move the store aside and ingest, pull or fetch its "
+                  "pipelines into a new one")
 
 
 def is_damage(e: sqlite3.Error) -> bool:
@@ -68,7 +70,7 @@ def damaged_catalog_is_an_error(path: Path) -> Iterator[None]:
         if not is_damage(e):
             raise
         raise CorruptStoreError(
-            f"the catalog {path} is damaged ({e}): restore it from a backup, {REBUILD_ADVICE}") from None
+            f"the catalog {path} is damaged ({e}): {REBUILD_ADVICE}") from None
 
 
 def open_catalog(path: Path, timeout_s: float = 60.0, read_only: bool = False) -> sqlite_utils.Database:

@@ -30,6 +30,7 @@ from typing import Callable, NamedTuple
 import sqlite_utils
 
 from . import reports
+from .catalog_backup import CatalogBackup, backup_catalog
 from .catalog import REBUILD_ADVICE, damaged_catalog_is_an_error, ensure_schema, open_catalog, schema_ready
 from .errors import (CompstoreError, CorruptStoreError, InvalidInputError, ReadOnlyStoreError,
                      RefExistsError, RefNotFoundError, StoreBusyError)
@@ -172,8 +173,7 @@ def _refuse_packs_without_a_catalog(home: Path) -> None:
         state = "is empty" if catalog.exists() else "is missing"
         raise CorruptStoreError(
             f"the catalog {catalog} {state}, but objects/packs holds {len(packs)} pack file"
-            f"{'s' if len(packs) > 1 else ''} ({reports.human(size)}): the catalog was lost. "
-            f"Restore catalog.db from a backup, {REBUILD_ADVICE}")
+            f"{'s' if len(packs) > 1 else ''} ({reports.human(size)}): the catalog was lost: {REBUILD_ADVICE}")
 
 
 # What a store folder holds (store-format.md); a new store is made only where nothing else is.
@@ -785,6 +785,15 @@ class Store:
         makes a modular pipeline self-contained (pinned components copied in)."""
         with self.reading():
             return export_ref(self, ref, dest, flatten=flatten, progress=progress)
+
+    def backup_catalog(self, dest: str | os.PathLike) -> CatalogBackup:
+        """Copy the catalog, consistently, to the new file `dest`: what a lost or damaged
+        catalog is restored from (`compstore.restore_catalog`; catalog_backup.py).
+
+        >>> Store().backup_catalog("catalog-2026-12-07.db").refs  # doctest: +SKIP
+        4
+        """
+        return backup_catalog(self, dest)
 
     def verify(self, *, progress: bool = False) -> VerifyReport:
         """Re-hash every payload; `ok` is False and the refs are named on any problem.
