@@ -17,6 +17,7 @@ names their refs; ingesting or pulling them again heals them).
 
 from __future__ import annotations
 
+import errno
 import os
 import sqlite3
 import time
@@ -25,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .catalog import SCHEMA_VERSION
-from .errors import CompstoreError
+from .errors import CompstoreError, DiskFullError
 from .lock import exclusive_readers, write_lock
 from .objects import fsync_dir
 
@@ -72,15 +73,22 @@ def backup_catalog(store: "Store", dest: str | os.PathLike) -> CatalogBackup:
     if not dest.parent.is_dir():
         raise CompstoreError(f"{dest.parent} is not a folder: back up into an existing folder")
     part = dest.with_name(f".{dest.name}.partial")
-    target = sqlite3.connect(part)
     try:
-        store.db.conn.backup(target)  # pages copied from one read transaction: consistent
-        target.execute("PRAGMA journal_mode = DELETE")  # one self-contained file, no -wal
-    finally:
-        target.close()
-    with open(part, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(part, dest)
+        target = sqlite3.connect(part)
+        try:
+            store.db.conn.backup(target)  # pages copied from one read transaction: consistent
+            target.execute("PRAGMA journal_mode = DELETE")  # one self-contained file, no -wal
+        finally:
+            target.close()
+        with open(part, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(part, dest)
+    except (sqlite3.Error, OSError) as e:
+        for leftover in (part, part.with_name(part.name + "-journal")):
+            leftover.unlink(missing_ok=True)
+        if "full" in str(e) or getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT):
+            raise DiskFullError(f"disk full while writing {dest}: free space and retry") from None
+        raise CompstoreError(f"could not write {dest} ({e})") from None
     fsync_dir(dest.parent)
     refs = store.db.execute("SELECT count(*) FROM refs").fetchone()[0]
     return CatalogBackup(str(dest), dest.stat().st_size, refs, round(time.perf_counter() - t0, 3))
