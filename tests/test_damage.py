@@ -618,25 +618,34 @@ def test_bad_catalog_backups_and_restores_are_clear_errors_and_change_nothing(st
     assert not (tmp_path / "elsewhere").exists()
 
 
-def test_a_catalog_backup_that_cannot_be_written_is_a_clear_error_and_leaves_no_file(store, family, tmp_path):
+def test_a_catalog_backup_or_restore_that_cannot_write_is_a_clear_error_and_changes_nothing(store, family,
+                                                                                             tmp_path):
     """Files capped at 64 KiB (RLIMIT_FSIZE, in a child process) stand for a full disk."""
     import subprocess
     import sys
 
+    from conftest import store_state
+
     store.ingest(family["A"], "A")
+    store.backup_catalog(tmp_path / "catalog.bak")
     store.close()
+    before = store_state(store.home)
     code = f"""
 import resource, signal
-from compstore import CompstoreError, Store
+from compstore import CompstoreError, Store, restore_catalog
 s = Store({str(store.home)!r})
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 resource.setrlimit(resource.RLIMIT_FSIZE, (65536, 65536))
-try:
-    s.backup_catalog({str(tmp_path / "out" / "catalog.bak")!r})
-except CompstoreError as e:
-    print("refused:", e)
+for write in (lambda: s.backup_catalog({str(tmp_path / "out" / "catalog.bak")!r}),
+              lambda: restore_catalog({str(tmp_path / "catalog.bak")!r}, {str(store.home)!r})):
+    try:
+        write()
+    except CompstoreError as e:
+        print("refused:", e)
 """
     (tmp_path / "out").mkdir()
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0 and r.stdout.startswith("refused: could not write"), r.stdout + r.stderr
-    assert "\n" not in r.stdout.strip() and list((tmp_path / "out").iterdir()) == []
+    lines = r.stdout.splitlines()
+    assert r.returncode == 0 and len(lines) == 2, r.stdout + r.stderr
+    assert all(line.startswith("refused: could not write") and "nothing was changed" in line for line in lines)
+    assert list((tmp_path / "out").iterdir()) == [] and store_state(store.home) == before

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import sqlite3
 import time
 from dataclasses import asdict, dataclass
@@ -84,14 +85,19 @@ def backup_catalog(store: "Store", dest: str | os.PathLike) -> CatalogBackup:
             os.fsync(f.fileno())
         os.replace(part, dest)
     except (sqlite3.Error, OSError) as e:
-        for leftover in (part, part.with_name(part.name + "-journal")):
-            leftover.unlink(missing_ok=True)
-        if "full" in str(e) or getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT):
-            raise DiskFullError(f"disk full while writing {dest}: free space and retry") from None
-        raise CompstoreError(f"could not write {dest} ({e})") from None
+        raise _write_failed(e, dest, part, part.with_name(part.name + "-journal")) from None
     fsync_dir(dest.parent)
     refs = store.db.execute("SELECT count(*) FROM refs").fetchone()[0]
     return CatalogBackup(str(dest), dest.stat().st_size, refs, round(time.perf_counter() - t0, 3))
+
+
+def _write_failed(e: Exception, dest: Path, *partial: Path) -> CompstoreError:
+    """The error for a write of `dest` that failed, its `partial` files removed."""
+    for leftover in partial:
+        leftover.unlink(missing_ok=True)
+    if "full" in str(e) or getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT):
+        return DiskFullError(f"disk full while writing {dest}: free space and retry; nothing was changed")
+    return CompstoreError(f"could not write {dest} ({e}); nothing was changed")
 
 
 def _check_backup(backup: Path) -> int:
@@ -143,10 +149,13 @@ def restore_catalog(backup: str | os.PathLike, home: str | os.PathLike | None = 
         raise CompstoreError(f"{home} is not a compstore store (no objects/packs): nothing was changed")
     with write_lock(home), exclusive_readers(home):
         part = home / "tmp" / "catalog.db.restoring"
-        part.parent.mkdir(exist_ok=True)
-        part.write_bytes(backup.read_bytes())
-        with open(part, "rb+") as f:
-            os.fsync(f.fileno())
+        try:
+            part.parent.mkdir(exist_ok=True)
+            shutil.copyfile(backup, part)
+            with open(part, "rb+") as f:
+                os.fsync(f.fileno())
+        except OSError as e:
+            raise _write_failed(e, home / "catalog.db", part) from None
         # the old catalog's -wal would be replayed into the restored one: it goes first
         for name in ("catalog.db-wal", "catalog.db-shm"):
             (home / name).unlink(missing_ok=True)
