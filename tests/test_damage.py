@@ -582,7 +582,7 @@ def test_a_restore_names_the_packs_a_gc_removed_since_the_backup(store, family, 
     store.rm("B")
     store.gc()
     store.close()
-    r = restore_catalog(tmp_path / "catalog.bak", store.home)
+    r = restore_catalog(tmp_path / "catalog.bak", store.home, force=True)  # over a whole catalog
     assert r.missing_packs >= 1 and r.unnamed_packs == 0
     with Store(store.home) as s:
         report = s.verify()
@@ -607,7 +607,8 @@ def test_bad_catalog_backups_and_restores_are_clear_errors_and_change_nothing(st
     data[len(data) // 2:len(data) // 2 + 4096] = bytes(4096)
     damaged.write_bytes(bytes(data))
     before = store_state(store.home)
-    for backup, problem in [(tmp_path / "missing.bak", "no such file"), (tmp_path / "taken", "not a compstore catalog"),
+    for backup, problem in [(tmp_path / "whole.bak", "catalog of .* is whole .*pass --force"),
+                            (tmp_path / "missing.bak", "no such file"), (tmp_path / "taken", "not a compstore catalog"),
                             (family["A"] / "model_index.json", "not a compstore catalog"),
                             (damaged, "damaged|not a compstore catalog")]:
         with pytest.raises(CompstoreError, match=problem):
@@ -637,7 +638,7 @@ s = Store({str(store.home)!r})
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 resource.setrlimit(resource.RLIMIT_FSIZE, (65536, 65536))
 for write in (lambda: s.backup_catalog({str(tmp_path / "out" / "catalog.bak")!r}),
-              lambda: restore_catalog({str(tmp_path / "catalog.bak")!r}, {str(store.home)!r})):
+              lambda: restore_catalog({str(tmp_path / "catalog.bak")!r}, {str(store.home)!r}, force=True)):
     try:
         write()
     except CompstoreError as e:

@@ -290,14 +290,15 @@ def backup_catalog(ctx, dest, as_json):
 
 @cli.command("restore-catalog")
 @click.argument("backup", type=click.Path(dir_okay=False))
+@click.option("--force", is_flag=True, help="Replace a whole catalog too (what was stored since is dropped).")
 @json_option
 @click.pass_context
-def restore_catalog(ctx, backup, as_json):
+def restore_catalog(ctx, backup, force, as_json):
     """Make BACKUP (from `backup-catalog`) the store's catalog, replacing a lost or
     damaged one; then run `compstore verify`."""
     from ..store import restore_catalog as restore
 
-    r = restore(backup, ctx.obj)
+    r = restore(backup, ctx.obj, force=force)
     lines = [f"restored the catalog of {r.home} from {backup}: {r.refs} refs"]
     if r.missing_packs:
         lines.append(f"  {r.missing_packs} packs it names are gone (removed since the backup): "

@@ -100,6 +100,22 @@ def _write_failed(e: Exception, dest: Path, *partial: Path) -> CompstoreError:
     return CompstoreError(f"could not write {dest} ({e}); nothing was changed")
 
 
+def _whole_catalog_refs(catalog: Path) -> int | None:
+    """The number of refs in `catalog` if it opens and passes `quick_check`, else None."""
+    if not catalog.exists():
+        return None
+    try:
+        conn = sqlite3.connect(f"file:{catalog}?mode=ro", uri=True)
+        try:
+            if [r[0] for r in conn.execute("PRAGMA quick_check")] != ["ok"]:
+                return None
+            return conn.execute("SELECT count(*) FROM refs").fetchone()[0]
+        finally:
+            conn.close()
+    except sqlite3.DatabaseError:
+        return None
+
+
 def _check_backup(backup: Path) -> int:
     """The number of refs in `backup`, if it is a whole compstore catalog of this schema."""
     if not backup.is_file():
@@ -124,9 +140,11 @@ def _check_backup(backup: Path) -> int:
     return refs
 
 
-def restore_catalog(backup: str | os.PathLike, home: str | os.PathLike | None = None) -> CatalogRestore:
+def restore_catalog(backup: str | os.PathLike, home: str | os.PathLike | None = None, *,
+                    force: bool = False) -> CatalogRestore:
     """Make `backup` (from `backup_catalog`) the catalog of the store in `home`
-    (default `$COMPSTORE_HOME` or ~/.cache/compstore), replacing a lost or damaged one.
+    (default `$COMPSTORE_HOME` or ~/.cache/compstore), replacing a lost or damaged one
+    (a whole one only with `force=True`: what was stored since the backup is dropped).
     Waits for running writers and loads; other processes should not hold the store
     open meanwhile. Check the result with `Store().verify()`.
 
@@ -134,9 +152,9 @@ def restore_catalog(backup: str | os.PathLike, home: str | os.PathLike | None = 
     CatalogRestore(home='/root/.cache/compstore', refs=4, missing_packs=0, unnamed_packs=1, seconds=0.01)
 
     Raises:
-        CompstoreError: `backup` is not a whole catalog of this compstore's schema, or
-            `home` is not a store folder (it has no objects/packs). The store is then
-            left as it was.
+        CompstoreError: `backup` is not a whole catalog of this compstore's schema,
+            `home` is not a store folder (it has no objects/packs), or its catalog is
+            whole and `force` is not set. The store is then left as it was.
     """
     from .store import default_home
 
@@ -148,6 +166,11 @@ def restore_catalog(backup: str | os.PathLike, home: str | os.PathLike | None = 
     if not packs_dir.is_dir():
         raise CompstoreError(f"{home} is not a compstore store (no objects/packs): nothing was changed")
     with write_lock(home), exclusive_readers(home):
+        current = _whole_catalog_refs(home / "catalog.db")
+        if current is not None and not force:
+            raise CompstoreError(f"the catalog of {home} is whole ({current} refs): restoring {backup} over it "
+                                 "drops what was stored since the backup; pass --force (force=True) to restore "
+                                 "anyway")
         part = home / "tmp" / "catalog.db.restoring"
         try:
             part.parent.mkdir(exist_ok=True)
