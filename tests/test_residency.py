@@ -456,6 +456,38 @@ def test_a_lora_fused_into_one_pipeline_is_not_seen_by_the_others(family_store, 
     assert same_storage(q_weight(a3), q_weight(other)) and not same_storage(q_weight(a), q_weight(a3))
 
 
+@pytest.mark.parametrize("part", ["whole", "one layer"])
+def test_a_state_dict_loaded_into_one_pipeline_is_not_seen_by_the_others(family_store, family, part):
+    """`pipe.unet.load_state_dict(my_weights)` copies into the UNet's tensors in place.
+    Through a pool those are shared with other live pipelines: until 2026-12-07 the
+    copy reached them too, and the next load uploaded the UNet again (5,686,288 bytes
+    of the tiny A's; /tmp/explore/hostshare.py, an exploratory script). Now the
+    loaded weights go into copies of the pipeline's own, and only those."""
+    import diffusers
+    from test_loader import image
+
+    pool = ResidencyPool("cpu", budget_bytes=1 << 40)
+    a = compstore.DiffusionPipeline.from_pretrained("A", store=family_store, pool=pool)
+    other = compstore.DiffusionPipeline.from_pretrained("A", store=family_store, pool=pool)
+    def shared_names():
+        theirs = other.unet.state_dict()
+        return {name for name, t in a.unet.state_dict().items() if t.numel() and same_storage(t, theirs[name])}
+
+    torch.manual_seed(0)
+    mine = {k: v + 0.01 * torch.randn_like(v) for k, v in a.unet.state_dict().items()
+            if part == "whole" or k.startswith("conv_in.")}
+    shared = shared_names()
+    assert {"conv_in.weight", "conv_in.bias"} <= shared
+    a.unet.load_state_dict(mine, strict=part == "whole")
+    assert shared - shared_names() == shared & set(mine)  # copies of only what it loaded
+    reference = diffusers.StableDiffusionPipeline.from_pretrained(family["A"])
+    np.testing.assert_array_equal(image(other), image(reference))
+    reference.unet.load_state_dict(mine, strict=part == "whole")
+    np.testing.assert_array_equal(image(a), image(reference))
+    compstore.DiffusionPipeline.from_pretrained("A", store=family_store, pool=pool)
+    assert pool.last_report.bytes_uploaded == 0  # the store's tensors stayed in the pool
+
+
 def test_an_unfused_lora_leaves_the_layers_it_wraps_shared(family_store, family):
     """A service's usual day: one base, a LoRA per request, loaded and unloaded, never
     fused. peft renames each layer it wraps (`to_q.weight` -> `to_q.base_layer.weight`),

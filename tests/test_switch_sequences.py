@@ -144,6 +144,24 @@ class Sequence:
                 if not other.private:
                     other.compared = False
 
+    def load_weights(self) -> None:
+        """`model.load_state_dict(...)` of other weights for some of a live pipeline's
+        tensors: copied into copies of its own, the other live pipelines sharing
+        them keep the store's and go on being compared with their twins."""
+        if not self.live:
+            return
+        live = self.rng.choice(self.live)
+        slot, seed = self.rng.choice(MODELS), self.rng.randrange(1 << 16)
+        names = sorted(getattr(live.ours, slot).state_dict())
+        picked = self.rng.sample(names, max(1, len(names) // 4))
+        self.log.append(f"load_state_dict of {len(picked)} {slot} tensors ({seed}) into {live.name}")
+        for pipe in (live.ours, live.twin):
+            model = getattr(pipe, slot)
+            torch.manual_seed(seed)
+            weights = model.state_dict()
+            model.load_state_dict({k: weights[k] * (1 + 0.01 * torch.randn_like(weights[k].float())).to(
+                weights[k].dtype) if weights[k].is_floating_point() else weights[k] for k in picked}, strict=False)
+
     def lora(self) -> None:
         """A random LoRA on a live pipeline's UNet (peft renames the layers it wraps,
         which stay the store's); or the one it has fused into its weights (into
@@ -229,7 +247,7 @@ def run(store, family, seed: int, device: str = "cpu", steps: int = 48) -> None:
     before = store_state(store.home)
     choices = [seq.load] * 4 + [seq.load_passing] + [seq.drop] * 3 + [seq.cast_there_and_back, seq.edit,
                                                                     seq.trim, seq.lora, seq.new_token,
-                                                                    seq.move_again]
+                                                                    seq.move_again, seq.load_weights]
     run_random_steps(seq.rng, choices, steps, seq.log, lambda i: seq.check(images=i % 5 == 4),
                      f"seed {seed}, ")
     assert all(seq.moved.values()), seq.moved  # every way to the device was taken
@@ -240,6 +258,8 @@ def run(store, family, seed: int, device: str = "cpu", steps: int = 48) -> None:
     assert store_state(store.home) == before and store.verify().ok
 
 
-@pytest.mark.parametrize("seed", range(5))
+# Seeds 4 and 5 never upload from the pinned tier (`run`'s last check); of these, 2 and 6
+# fail with fuse_lora's copy-on-write undone, 0, 1, 2 and 6 with load_state_dict's.
+@pytest.mark.parametrize("seed", [0, 1, 2, 3, 6])
 def test_random_switch_sequences_match_plain_diffusers(family_store, family, seed):
     run(family_store, family, seed)

@@ -58,7 +58,9 @@ def route_through_pool(obj) -> None:
     a LoRA into the base weights through `weight.data += delta`, which torch's version
     counters do not see, so the pool would go on serving the fused bytes as the
     store's. After either call, the weights of every LoRA-wrapped layer count as
-    edited (`_mark_lora_merges`): never served again, private on later moves."""
+    edited (`_mark_lora_merges`): never served again, private on later moves.
+    And a module's `load_state_dict`, which copies into its tensors in place
+    (`_loading_state_dict`: into copies of its own)."""
     obj.__dict__[ROUTED] = _route_methods(type(obj))
     if not isinstance(obj, torch.nn.Module):  # a pipeline: also the wrappers diffusers made of its models
         for c in obj.components.values():  # (`controlnet=[canny, depth]`: an offload hook moves the wrapper)
@@ -77,6 +79,7 @@ def _route_methods(cls: type) -> "_Routing":
         _route_class(cls, "cuda", _routed_cuda)
         for name in ("half", "float", "bfloat16"):  # casts that do not go through `.to`
             _route_class(cls, name, _ROUTED_CASTS[name])
+        _route_class(cls, "load_state_dict", _loading_state_dict)
     for name in ("fuse_lora", "unfuse_lora"):
         if callable(getattr(cls, name, None)):
             _route_class(cls, name, _ROUTED_MERGES[name])
@@ -152,6 +155,20 @@ def _mark_lora_merges(obj) -> None:
     for tensors in _lora_base_tensors(obj).values():
         for t in tensors:
             torch.autograd.graph.increment_version(t)
+
+
+def _loading_state_dict(module, state_dict, strict: bool = True, assign: bool = False):
+    """`module.load_state_dict(sd)` copies into the module's tensors in place: those
+    that are pool tensors, shared with other models, become copies of the module's own
+    first (as for `fuse_lora`), so that the other models keep the store's weights and
+    the pool goes on serving them. (`assign=True` puts new tensors in place: nothing
+    is written into the pool's. A LoRA's state dict names only its own tensors.)
+    Until 2026-12-07 loading a fine-tune's weights into one pipeline's UNet changed
+    every live pipeline sharing it, and the next load uploaded that UNet again."""
+    pool = getattr(module, POOL, None)
+    if pool is not None and not assign:
+        pool.own_copies(module, [t for name, _, _, t in named_tensors(module) if name in state_dict])
+    return unrouted(type(module).load_state_dict)(module, state_dict, strict=strict, assign=assign)
 
 
 def _is_device(a) -> bool:
