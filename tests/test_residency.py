@@ -151,6 +151,38 @@ def test_a_compiled_unet_is_shared_as_the_unet_it_compiles(family_store, how):
     assert after_a_again == after_b
 
 
+def test_a_compiled_models_own_to_goes_through_the_pool(family_store):
+    """`pipe.unet = torch.compile(pipe.unet)`, then `pipe.unet.to(device)`: the
+    wrapper's `.to()` is the UNet's routed one, and returns the wrapper. Until
+    2026-12-07 it was torch's own: the whole UNet copied, nothing shared, no report
+    (/tmp/explore/compile_to.py, an exploratory script). A compiled module that is
+    not the store's moves as torch moves it."""
+    from compstore import last_transfer, pool_for
+
+    def unet_bytes(pipe):
+        return sum(t.numel() * t.element_size() for t in pipe.unet.parameters())
+
+    pipes = []
+    for _ in range(2):
+        pipe = load(family_store, "A")
+        pipe.unet = torch.compile(pipe.unet)
+        before = last_transfer()
+        assert pipe.unet.to("meta") is pipe.unet
+        report = last_transfer()
+        assert report is not before and {t.device.type for t in pipe.unet.parameters()} == {"meta"}
+        assert report.bytes_reused + report.bytes_uploaded == unet_bytes(pipe)
+        pipes.append(pipe)
+    assert report.bytes_uploaded == 0  # the second UNet is the first's tensors
+    plain = torch.compile(torch.nn.Linear(2, 2))
+    assert plain.to("meta") is plain and plain.weight.device.type == "meta" and last_transfer() is report
+    pipes[1].unet.half()  # a cast of the wrapper is the model's: its tensors are no longer the store's
+    assert pipes[1].unet.conv_in.weight.dtype == torch.float16
+    assert all(record.version == -1 for record in getattr(pipes[1].unet._orig_mod, STORE_KEYS).values())
+    del pipes, pipe
+    gc.collect()
+    pool_for("meta").trim(0)
+
+
 def test_channels_last_lets_the_replaced_pool_tensors_go_and_is_kept_by_a_move(family_store):
     """diffusers' recipe: `pipe.to("cuda")`, then `pipe.unet.to(memory_format=
     torch.channels_last)`. The 4-D conv weights become new tensors (torch keeps the

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextvars
 import functools
+import sys
 from typing import Callable
 
 import torch
@@ -83,7 +84,35 @@ def _route_methods(cls: type) -> "_Routing":
     for name in ("fuse_lora", "unfuse_lora"):
         if callable(getattr(cls, name, None)):
             _route_class(cls, name, _ROUTED_MERGES[name])
+    _route_compiled_wrappers()
     return _Routing(cls)
+
+
+def _route_compiled_wrappers() -> None:
+    """`torch.compile(model)` wraps `model` in an OptimizedModule, whose `.to()` is
+    torch's: it moves `model`'s tensors itself (`_apply`), past `model`'s routed
+    `.to()`. For a routed model, the wrapper's `.to()`, `.cuda()` and casts are the
+    model's own, and return the wrapper. Until 2026-12-07 `pipe.unet =
+    torch.compile(pipe.unet)` then `pipe.unet.to("cuda")` uploaded the whole UNet,
+    shared nothing and made no report. (diffusers imports torch._dynamo: when it is
+    not imported, nothing has been compiled yet, and the next routing looks again.)"""
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")
+    cls = getattr(eval_frame, "OptimizedModule", None)
+    if cls is None or unrouted(cls.to) is not cls.to:
+        return
+    for name in ("to", "cuda", "half", "float", "bfloat16"):
+        current = getattr(cls, name)
+
+        @functools.wraps(current)
+        def method(self, *args, _name=name, _current=current, **kwargs):
+            model = self.__dict__["_modules"].get("_orig_mod")
+            if model is not None and model.__dict__.get(ROUTED):
+                getattr(model, _name)(*args, **kwargs)
+                return self
+            return _current(self, *args, **kwargs)
+
+        method.__compstore_unrouted__ = current  # (`residency.unrouted`)
+        setattr(cls, name, method)
 
 
 class _Routing:
