@@ -461,3 +461,17 @@ def test_a_new_store_is_not_made_in_a_folder_holding_other_files(tmp_path, holdi
         Store(tmp_path / "a-file")
     (tmp_path / "volume" / "lost+found").mkdir(parents=True)
     Store(tmp_path / "volume").close()  # a fresh volume's root holds lost+found: a store goes there
+
+
+def test_an_export_into_the_store_folder_is_refused(family_store):
+    """The store's folder is the store's: an export into its tmp/ was deleted by the
+    next ingest."""
+    from compstore import ExportError
+    from conftest import store_state
+
+    before = store_state(family_store.home)
+    for dest in (family_store.home / "tmp" / "A", family_store.home / "A"):
+        with pytest.raises(ExportError, match="inside the store folder"):
+            family_store.export("A", dest)
+        assert not dest.exists()
+    assert store_state(family_store.home) == before
