@@ -599,6 +599,9 @@ def test_bad_catalog_backups_and_restores_are_clear_errors_and_change_nothing(st
         store.backup_catalog(tmp_path / "taken")
     with pytest.raises(CompstoreError, match="is not a folder"):
         store.backup_catalog(tmp_path / "no-such-folder" / "catalog.bak")
+    with pytest.raises(CompstoreError, match="inside the store folder"):
+        store.backup_catalog(store.home / "tmp" / "catalog.bak")
+    assert not (store.home / "tmp" / "catalog.bak").exists()
     assert (tmp_path / "taken").read_text() == "mine"
     damaged = tmp_path / "damaged.bak"
     store.backup_catalog(damaged)
