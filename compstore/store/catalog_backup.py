@@ -81,6 +81,7 @@ def backup_catalog(store: "Store", dest: str | os.PathLike) -> CatalogBackup:
         try:
             store.db.conn.backup(target)  # pages copied from one read transaction: consistent
             target.execute("PRAGMA journal_mode = DELETE")  # one self-contained file, no -wal
+            refs = target.execute("SELECT count(*) FROM refs").fetchone()[0]
         finally:
             target.close()
         with open(part, "rb+") as f:
@@ -89,7 +90,6 @@ def backup_catalog(store: "Store", dest: str | os.PathLike) -> CatalogBackup:
     except (sqlite3.Error, OSError) as e:
         raise _write_failed(e, dest, part, part.with_name(part.name + "-journal")) from None
     fsync_dir(dest.parent)
-    refs = store.db.execute("SELECT count(*) FROM refs").fetchone()[0]
     return CatalogBackup(str(dest), dest.stat().st_size, refs, round(time.perf_counter() - t0, 3))
 
 
