@@ -193,7 +193,7 @@ def _refuse_a_new_store_among_other_files(home: Path) -> None:
                     if p.name not in _STORE_NAMES and p.name != "lost+found" and not p.name.startswith("."))
     if (home / "tmp").is_dir():  # a new store's tmp/ is empty until its catalog exists
         others += sorted(f"tmp/{p.name}" for p in (home / "tmp").iterdir())
-    if others:
+    if others and not (home / "catalog.db").exists():  # (another process may have just made it)
         shown = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
         raise CompstoreError(f"{home} is not a compstore store (no catalog.db) and holds other files "
                              f"({shown}): a new store needs a new or empty folder; pass another "
