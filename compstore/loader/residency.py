@@ -721,6 +721,8 @@ class ResidencyPool:
         module = compiled_module(module)
         resident = {storage_of(e.tensor) for e in self._uses.get(module, ())}
         wanted = {id(t) for t in tensors if storage_of(t) in resident}
+        if not wanted:  # (a LoRA's `load_state_dict`: its own tensors only)
+            return
         copies: dict[int, torch.Tensor] = {}  # a tied tensor: one copy, every use points at it
         for _, owner, attr, t in named_tensors(module):
             if id(t) in wanted:
