@@ -653,3 +653,20 @@ for write in (lambda: s.backup_catalog({str(tmp_path / "out" / "catalog.bak")!r}
     assert r.returncode == 0 and len(lines) == 2, r.stdout + r.stderr
     assert all(line.startswith("refused: could not write") and "nothing was changed" in line for line in lines)
     assert list((tmp_path / "out").iterdir()) == [] and store_state(store.home) == before
+
+
+def test_a_catalog_backup_on_a_full_disk_is_a_disk_full_error(store, family, tmp_path, monkeypatch):
+    import errno
+
+    from compstore import DiskFullError
+    from compstore.store import catalog_backup
+
+    store.ingest(family["A"], "A")
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(catalog_backup.os, "fsync", full)
+    with pytest.raises(DiskFullError, match="disk full while writing .*catalog.bak: free space and retry"):
+        store.backup_catalog(tmp_path / "catalog.bak")
+    assert list(tmp_path.glob("*catalog.bak*")) == []
