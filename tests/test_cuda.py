@@ -235,6 +235,35 @@ def test_a_pipeline_on_the_gpu_saves_what_the_store_holds(family_store, tmp_path
     assert family_store.diff("B", "B-saved").delta_bytes == 0
 
 
+def test_a_compiled_unets_own_to_shares_the_resident_tensors(family_store):
+    """`pipe.unet = torch.compile(pipe.unet); pipe.unet.to("cuda")`, the wrapper's own
+    `.to()`: through the pool since 2026-12-07 (it copied the whole UNet past it)."""
+    a = compstore.DiffusionPipeline.from_pretrained("A", store=family_store, device_map="cuda")
+    b = compstore.DiffusionPipeline.from_pretrained("A", store=family_store)
+    b.unet = torch.compile(b.unet)
+    assert b.unet.to("cuda") is b.unet
+    report = compstore.last_transfer()
+    assert report.bytes_uploaded == 0 < report.bytes_reused
+    assert b.unet.conv_in.weight.device.type == a.unet.conv_in.weight.device.type == "cuda"
+
+
+def test_a_state_dict_loaded_on_the_gpu_is_not_seen_by_the_others(family_store, family):
+    """`load_state_dict` into one of two pipelines sharing a UNet on the GPU copies into
+    copies of its own (since 2026-12-07: into the shared tensors before)."""
+    import diffusers
+    from test_loader import image
+
+    a = compstore.DiffusionPipeline.from_pretrained("A", store=family_store, device_map="cuda")
+    other = compstore.DiffusionPipeline.from_pretrained("A", store=family_store, device_map="cuda")
+    torch.manual_seed(0)
+    mine = {k: v + 0.01 * torch.randn_like(v) for k, v in a.unet.state_dict().items()}
+    a.unet.load_state_dict(mine)
+    reference = diffusers.StableDiffusionPipeline.from_pretrained(family["A"]).to("cuda")
+    np.testing.assert_array_equal(image(other), image(reference))
+    reference.unet.load_state_dict(mine)
+    np.testing.assert_array_equal(image(a), image(reference))
+
+
 def test_load_component_with_device_map_puts_the_model_on_the_gpu(family_store, family):
     import diffusers
 
