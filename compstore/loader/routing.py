@@ -66,7 +66,7 @@ def route_through_pool(obj) -> None:
     if not isinstance(obj, torch.nn.Module):  # a pipeline: also the wrappers diffusers made of its models
         for c in obj.components.values():  # (`controlnet=[canny, depth]`: an offload hook moves the wrapper)
             if (isinstance(c, torch.nn.Module) and not hasattr(c, STORE_KEYS)
-                    and not c.__dict__.get(ROUTED) and store_models_in(c)):
+                    and not _is_routed(c) and store_models_in(c)):
                 route_through_pool(c)
 
 
@@ -96,23 +96,20 @@ def _route_compiled_wrappers() -> None:
     torch.compile(pipe.unet)` then `pipe.unet.to("cuda")` uploaded the whole UNet,
     shared nothing and made no report. (diffusers imports torch._dynamo: when it is
     not imported, nothing has been compiled yet, and the next routing looks again.)"""
-    eval_frame = sys.modules.get("torch._dynamo.eval_frame")
-    cls = getattr(eval_frame, "OptimizedModule", None)
-    if cls is None or unrouted(cls.to) is not cls.to:
-        return
-    for name in ("to", "cuda", "half", "float", "bfloat16"):
-        current = getattr(cls, name)
+    cls = getattr(sys.modules.get("torch._dynamo.eval_frame"), "OptimizedModule", None)
+    if cls is not None:
+        for name in ("to", "cuda", "half", "float", "bfloat16"):
+            _route_class(cls, name, functools.partial(_through_compiled, name), marked=_wraps_a_routed_model)
 
-        @functools.wraps(current)
-        def method(self, *args, _name=name, _current=current, **kwargs):
-            model = self.__dict__["_modules"].get("_orig_mod")
-            if model is not None and model.__dict__.get(ROUTED):
-                getattr(model, _name)(*args, **kwargs)
-                return self
-            return _current(self, *args, **kwargs)
 
-        method.__compstore_unrouted__ = current  # (`residency.unrouted`)
-        setattr(cls, name, method)
+def _wraps_a_routed_model(wrapper) -> bool:
+    model = wrapper.__dict__["_modules"].get("_orig_mod")
+    return model is not None and _is_routed(model)
+
+
+def _through_compiled(name: str, wrapper, *args, **kwargs):
+    getattr(wrapper._orig_mod, name)(*args, **kwargs)
+    return wrapper
 
 
 class _Routing:
@@ -126,18 +123,22 @@ class _Routing:
         return _route_methods, (self.cls,)
 
 
-def _route_class(cls: type, name: str, routed: Callable) -> None:
-    """Make `cls.<name>` call `routed(self, ...)` for instances marked `ROUTED`, and
-    the method it had for every other instance (a plain diffusers pipeline of the
-    same class included). Once per class and name; a subclass whose method is a
-    parent's wrapper already has it."""
+def _is_routed(obj) -> bool:
+    return bool(obj.__dict__.get(ROUTED))
+
+
+def _route_class(cls: type, name: str, routed: Callable, marked: Callable[[object], bool] = _is_routed) -> None:
+    """Make `cls.<name>` call `routed(self, ...)` for `marked` instances (by default
+    those marked `ROUTED`), and the method it had for every other instance (a plain
+    diffusers pipeline of the same class included). Once per class and name; a
+    subclass whose method is a parent's wrapper already has it."""
     current = getattr(cls, name)
     if unrouted(current) is not current:
         return
 
     @functools.wraps(current)
     def method(self, *args, **kwargs):
-        if self.__dict__.get(ROUTED):
+        if marked(self):
             return routed(self, *args, **kwargs)
         return current(self, *args, **kwargs)
 
