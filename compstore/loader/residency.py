@@ -120,6 +120,10 @@ class ComponentTransfer:
     bytes_from_store: int = 0  # uploaded from store-mapped (or other host) memory
     seconds: float = 0.0  # in the pool; copies it left running are waited for in the report's
 
+    @property
+    def bytes_uploaded(self) -> int:
+        return self.bytes_from_pinned + self.bytes_from_store
+
 
 @dataclass
 class TransferReport:
@@ -151,7 +155,7 @@ class TransferReport:
           ...
         """
         def moved(t) -> str:
-            return (f"reused {human(t.bytes_reused)}, uploaded {human(t.bytes_from_pinned + t.bytes_from_store)} "
+            return (f"reused {human(t.bytes_reused)}, uploaded {human(t.bytes_uploaded)} "
                     f"({human(t.bytes_from_pinned)} from the pinned tier)")
         width = max((len(c.component) for c in self.components), default=0)
         return "\n".join([f"{self.device}: {moved(self)} in {self.seconds:.3f} s",
