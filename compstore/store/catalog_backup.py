@@ -102,20 +102,32 @@ def _write_failed(e: Exception, dest: Path, *partial: Path) -> CompstoreError:
     return CompstoreError(f"could not write {dest} ({e}); nothing was changed")
 
 
+def _read_catalog(path: Path, *, immutable: bool) -> tuple[list[str], str | None, int]:
+    """`quick_check`'s lines, the schema version and the number of refs of the catalog
+    at `path`, opened read-only (`immutable`: its -wal, if any, unread).
+
+    Raises:
+        sqlite3.DatabaseError: `path` is not a compstore catalog.
+    """
+    conn = sqlite3.connect(f"file:{path}?mode=ro{'&immutable=1' if immutable else ''}", uri=True)
+    try:
+        problems = [r[0] for r in conn.execute("PRAGMA quick_check")]
+        version = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        refs = conn.execute("SELECT count(*) FROM refs").fetchone()[0]
+    finally:
+        conn.close()
+    return problems, version and version[0], refs
+
+
 def _whole_catalog_refs(catalog: Path) -> int | None:
     """The number of refs in `catalog` if it opens and passes `quick_check`, else None."""
     if not catalog.exists():
         return None
     try:
-        conn = sqlite3.connect(f"file:{catalog}?mode=ro", uri=True)
-        try:
-            if [r[0] for r in conn.execute("PRAGMA quick_check")] != ["ok"]:
-                return None
-            return conn.execute("SELECT count(*) FROM refs").fetchone()[0]
-        finally:
-            conn.close()
+        problems, _, refs = _read_catalog(catalog, immutable=False)
     except sqlite3.DatabaseError:
         return None
+    return refs if problems == ["ok"] else None
 
 
 def _check_backup(backup: Path) -> int:
@@ -123,21 +135,15 @@ def _check_backup(backup: Path) -> int:
     if not backup.is_file():
         raise CompstoreError(f"{backup}: no such file (a catalog made by `compstore backup-catalog`)")
     try:
-        conn = sqlite3.connect(f"file:{backup}?mode=ro&immutable=1", uri=True)
-        try:
-            problems = [r[0] for r in conn.execute("PRAGMA quick_check")]
-            version = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-            refs = conn.execute("SELECT count(*) FROM refs").fetchone()[0]
-        finally:
-            conn.close()
+        problems, version, refs = _read_catalog(backup, immutable=True)  # the file alone is copied
     except sqlite3.DatabaseError as e:
         raise CompstoreError(f"{backup} is not a compstore catalog ({e}): nothing was changed") from None
     if problems != ["ok"]:
         first = next(line for line in "\n".join(problems).splitlines() if not line.startswith("***"))
         raise CompstoreError(f"{backup} is damaged ({first}, ...): nothing was changed; "
                              "restore another backup")
-    if version is None or int(version[0]) != SCHEMA_VERSION:
-        raise CompstoreError(f"{backup} is a catalog of schema {version and version[0]}, this "
+    if version is None or int(version) != SCHEMA_VERSION:
+        raise CompstoreError(f"{backup} is a catalog of schema {version}, this "
                              f"compstore reads {SCHEMA_VERSION}: nothing was changed")
     return refs
 
