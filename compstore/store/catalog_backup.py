@@ -73,7 +73,7 @@ def backup_catalog(store: "Store", dest: str | os.PathLike) -> CatalogBackup:
         raise CompstoreError(f"{dest} exists: back up to a new file")
     if not dest.parent.is_dir():
         raise CompstoreError(f"{dest.parent} is not a folder: back up into an existing folder")
-    if dest.resolve().is_relative_to(store.home.resolve()):  # lost with the store (tmp/: at the next write)
+    if store._holds_path(dest):  # lost with the store (in tmp/: at the next write)
         raise CompstoreError(f"{dest} is inside the store folder {store.home}: back up outside it")
     part = dest.with_name(f".{dest.name}.partial")
     try:

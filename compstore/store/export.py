@@ -130,7 +130,7 @@ def export(store: "Store", ref: str, dest: str | os.PathLike, *, flatten: bool =
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
         raise ExportError(f"{dest}: export target exists and is not an empty folder; "
                           "choose a new path")
-    if dest.resolve().is_relative_to(store.home.resolve()):  # tmp/ is emptied by the next writer
+    if store._holds_path(dest):
         raise ExportError(f"{dest}: export target is inside the store folder {store.home}; "
                           "choose a path outside it")
     files = flattened_files(store, snap) if flatten else snapshot_files(store, snap)

@@ -236,6 +236,11 @@ class Store:
         self._closed_with_it = weakref.finalize(self, _close_catalog, self.db.conn)
         self.packs = PackFiles(self.home / "objects" / "packs")
 
+    def _holds_path(self, path: str | os.PathLike) -> bool:
+        """Whether `path` is inside the store's folder, which is the store's own: its tmp/
+        is emptied by the next writer (an export or a catalog backup goes elsewhere)."""
+        return Path(path).resolve().is_relative_to(self.home.resolve())
+
     def _writable(self) -> None:
         if self.read_only:
             raise ReadOnlyStoreError(f"store {self.home} is read-only: it can be loaded from, "
