@@ -459,6 +459,7 @@ def test_a_new_store_is_not_made_in_a_folder_holding_other_files(tmp_path, holdi
     (tmp_path / "a-file").write_text("x")
     with pytest.raises(CompstoreError, match="is a file, not a store folder"):
         Store(tmp_path / "a-file")
+    assert (tmp_path / "a-file").read_text() == "x"
     (tmp_path / "volume" / "lost+found").mkdir(parents=True)
     Store(tmp_path / "volume").close()  # a fresh volume's root holds lost+found: a store goes there
 
