@@ -589,6 +589,35 @@ def test_a_restore_names_the_packs_a_gc_removed_since_the_backup(store, family, 
         assert not report.ok and {ref for p in report.problems for ref in p["refs"]} == {"B"}
 
 
+def test_a_store_kept_open_through_a_restore_follows_the_restored_catalog(store, family, tmp_path):
+    """An inference service keeps its `Store` open while an operator restores the
+    catalog from another process. Its next reads see the restored refs, and what it
+    ingests goes into the restored catalog: before, its connection went on with the
+    replaced file, its ingest was recorded there and lost, and the next writer
+    elsewhere removed the ingest's packs as ones no catalog named."""
+    from compstore import RefNotFoundError, restore_catalog
+
+    store.ingest(family["A"], "A")
+    store.backup_catalog(tmp_path / "catalog.bak")
+    store.ingest(family["C"], "C")  # after the backup: gone with the restore
+    # (another process, as far as `store` knows: the function opens the catalog itself)
+    restore_catalog(tmp_path / "catalog.bak", store.home, force=True)
+    assert store.ref_names() == ["A"]  # a lookup follows the restored catalog
+    with pytest.raises(RefNotFoundError):
+        store.resolve("C")
+    assert [r["name"] for r in store.ls()] == ["A"]
+    store.ingest(family["B"], "B")  # a writer follows it too
+    with Store(store.home) as other:  # another process
+        assert other.ref_names() == ["A", "B"]
+        other.gc()  # (C's packs, named by no catalog now, went with B's ingest: a writer's leftovers)
+        assert other.verify().ok
+        other.export("B", tmp_path / "B")
+    assert tree_sha256(tmp_path / "B") == tree_sha256(family["B"])
+    pipe = compstore.DiffusionPipeline.from_pretrained("B", store=store)  # the loader, through `reading()`
+    want = load_file(family["B"] / "unet" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(pipe.unet.state_dict()[k], v) for k, v in want.items())
+
+
 def test_bad_catalog_backups_and_restores_are_clear_errors_and_change_nothing(store, family, tmp_path):
     from compstore import CompstoreError, restore_catalog
     from conftest import store_state

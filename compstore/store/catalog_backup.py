@@ -7,7 +7,9 @@ one. A plain `cp catalog.db` is not such a copy: the latest commits may still be
 catalog.db-wal, and a stale -wal beside a copied-back catalog.db is replayed into
 it. `backup_catalog` copies through SQLite's online backup (consistent while other
 processes use the store); `restore_catalog` puts a backup in place with no writer or
-load running, the old -wal and -shm removed first.
+load running, the old -wal and -shm removed first. A `Store` open meanwhile, here
+or in another process, reopens the restored catalog at its next lock or ref lookup
+(`Store._follow_the_catalog`).
 
 A restored catalog names what the store held when the backup was taken: pipelines
 ingested since then are gone from it (their packs are left for the next writer or
@@ -26,7 +28,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .catalog import SCHEMA_VERSION
+from .catalog import SCHEMA_VERSION, ensure_schema, open_catalog
 from .errors import CompstoreError, DiskFullError
 from .lock import exclusive_readers, write_lock
 from .objects import fsync_dir
@@ -153,8 +155,9 @@ def restore_catalog(backup: str | os.PathLike, home: str | os.PathLike | None = 
     """Make `backup` (from `backup_catalog`) the catalog of the store in `home`
     (default `$COMPSTORE_HOME` or ~/.cache/compstore), replacing a lost or damaged one
     (a whole one only with `force=True`: what was stored since the backup is dropped).
-    Waits for running writers and loads; other processes should not hold the store
-    open meanwhile. Check the result with `Store().verify()`.
+    Waits for running writers and loads; a `Store` open meanwhile (an inference
+    service's, say) follows the restored catalog from its next operation on. Check
+    the result with `Store().verify()`.
 
     >>> restore_catalog("catalog-2026-12-07.db")  # doctest: +SKIP
     CatalogRestore(home='/root/.cache/compstore', refs=4, missing_packs=0, unnamed_packs=1, seconds=0.01)
@@ -192,12 +195,13 @@ def restore_catalog(backup: str | os.PathLike, home: str | os.PathLike | None = 
             (home / name).unlink(missing_ok=True)
         os.replace(part, home / "catalog.db")
         fsync_dir(home)
-        conn = sqlite3.connect(home / "catalog.db")
+        db = open_catalog(home / "catalog.db")
         try:
-            conn.execute("PRAGMA journal_mode = WAL")  # as every store's catalog (the backup is not)
-            named = {r[0] for r in conn.execute("SELECT name FROM packs")}
+            db.enable_wal()  # as every store's catalog (the backup is not)
+            ensure_schema(db)  # tables added within this schema: a Store that follows it only reads
+            named = {r[0] for r in db.execute("SELECT name FROM packs")}
         finally:
-            conn.close()
+            db.conn.close()
     on_disk = {p.stem for p in packs_dir.glob("*.pack")}
     return CatalogRestore(str(home), refs, len(named - on_disk), len(on_disk - named),
                           round(time.perf_counter() - t0, 3))

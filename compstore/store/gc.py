@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
 from .errors import StoreBusyError
-from .lock import exclusive_readers, no_pull_running, write_lock
+from .lock import exclusive_readers, no_pull_running
 from .objects import ALIGN, PACK_TARGET, PackWriter, fsync_dir
 
 if TYPE_CHECKING:
@@ -80,9 +80,9 @@ def gc(store: "Store", *, dry_run: bool = False) -> GcReport:
     5684284
     """
     t0 = time.perf_counter()
-    db = store.db
     packs_dir = store.home / "objects" / "packs"
-    with write_lock(store.home):
+    with store.writing():
+        db = store.db  # (after `writing()`: it follows a restored catalog)
         leftover_packs, leftover_bytes = store._clean_leftovers(dry_run)  # a crashed writer's
         downloads_freed = _unfinished_downloads(store, dry_run)
         live_snaps = _ids(store, "SELECT id FROM snaps")

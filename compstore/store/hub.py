@@ -48,7 +48,7 @@ from .catalog import damaged_blob_ids, damaged_files, snapshot_is_damaged
 from .errors import (CompstoreError, CorruptStoreError, DiskFullError, InvalidInputError,
                      RefNotFoundError, VariantNotFoundError)
 from .export import file_pieces, write_file
-from .lock import pull_lock, pulls_running, write_lock
+from .lock import pull_lock, pulls_running
 from .manifest import FILENAME as MANIFEST
 from .manifest import parse_manifest
 from .modular import INDEX as MODULAR_INDEX
@@ -620,7 +620,7 @@ def record_revision(store: "Store", repo_id: str, revision: str | None, commit: 
     found by its revision's name: `from_pretrained(repo, subfolder="unet",
     revision="v1")` offline was a RefNotFoundError though the store held it."""
     if revision and revision != commit:
-        with write_lock(store.home), store.db.atomic():  # every catalog writer holds it
+        with store.writing(), store.db.atomic():  # every catalog writer holds it
             store.db["revision_names"].upsert({"repo": repo_id, "revision": revision, "commit_id": commit},
                                               pk=("repo", "revision"))
 
@@ -639,7 +639,7 @@ def record_xet_hashes(store: "Store", snapshot_id: str, xet_by_path: dict[str, s
     rows = [(x.lower(), snapshot_id, path) for path, x in xet_by_path.items()
             if isinstance(x, str) and len(x) == 64 and all(c in "0123456789abcdef" for c in x.lower())]
     if rows:
-        with write_lock(store.home), store.db.atomic():  # every catalog writer holds it
+        with store.writing(), store.db.atomic():  # every catalog writer holds it
             store.db.conn.executemany(
                 "UPDATE files SET xet_hash = ? WHERE id = (SELECT file_id FROM snapshot_files "
                 "WHERE snapshot_id = ? AND path = ?)", rows)

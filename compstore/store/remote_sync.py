@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Iterable
 from .catalog import damaged_blob_ids
 from .errors import CorruptStoreError
 from .ingest import Ingestor, canonical_sha256, insert_blob_rows, now
-from .lock import scratch_folder, write_lock
+from .lock import scratch_folder
 from .objects import PACK_TARGET, PackWriter, blob_hash, fsync_dir
 from .progress import progress_bar
 from .remote import Lease, Remote, RemoteError, split_key
@@ -254,7 +254,7 @@ def fetch(store: "Store", remote: Remote, remote_ref: str, name: str, *,
                           "(see `compstore remote refs`)")
     docs = _closure(snap, lambda s: check_document(remote.snapshot_doc(s), s, remote.url))
     keys = set().union(*(document_blob_keys(d) for d in docs.values()))
-    with write_lock(store.home):
+    with store.writing():
         store._clean_leftovers()
         damaged = damaged_blob_ids(store.db)  # fetched again: their fresh bytes heal them
         blob_ids = {k: v[0] for k, v in _local_blobs(store, keys).items() if v[0] not in damaged}

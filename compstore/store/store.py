@@ -25,7 +25,7 @@ import uuid
 import weakref
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, NamedTuple
+from typing import Callable, Iterator, NamedTuple
 
 import sqlite_utils
 
@@ -152,6 +152,14 @@ def _skeleton_intact(folder: Path) -> bool:
         return False
 
 
+def _file_id(path: Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino
+
+
 def _close_catalog(conn: sqlite3.Connection) -> None:
     try:
         conn.close()
@@ -224,6 +232,7 @@ class Store:
             _refuse_a_new_store_among_other_files(self.home)
             (self.home / "objects" / "packs").mkdir(parents=True, exist_ok=True)
             (self.home / "tmp").mkdir(exist_ok=True)
+        self._catalog_file = _file_id(self.home / "catalog.db")  # (before opening: see _follow_the_catalog)
         with damaged_catalog_is_an_error(self.home / "catalog.db"):
             self.db = open_catalog(self.home / "catalog.db", read_only=read_only)
             if not read_only and not schema_ready(self.db):  # a new store: one process makes it
@@ -233,7 +242,7 @@ class Store:
         # CPython's sqlite3 connection sits in a reference cycle (its statement cache), so
         # a Store dropped without close() kept its catalog open until the cyclic collector
         # ran: 30 Stores opened and dropped in a loop held 30 catalog.db files open
-        self._closed_with_it = weakref.finalize(self, _close_catalog, self.db.conn)
+        self._closers = [weakref.finalize(self, _close_catalog, self.db.conn)]
         self.packs = PackFiles(self.home / "objects" / "packs")
 
     def _holds_path(self, path: str | os.PathLike) -> bool:
@@ -251,7 +260,38 @@ class Store:
 
     def close(self) -> None:
         self.packs.close()
-        self.db.conn.close()
+        for close in self._closers:
+            close()
+
+    def _follow_the_catalog(self) -> None:
+        """Reopen catalog.db if it is another file than the one this Store opened:
+        `restore_catalog` (another process's, say) renamed a backup into its place. The
+        old connection would go on reading the replaced catalog, and what this Store
+        wrote would go into it and be lost, its packs unnamed in the restored catalog
+        and removed by the next writer. Called where a restore cannot run meanwhile:
+        holding the write lock or the readers' lock (`writing`, `reading`), and where
+        refs are looked up."""
+        now = _file_id(self.home / "catalog.db")
+        if now is None or now == self._catalog_file:
+            return
+        with damaged_catalog_is_an_error(self.home / "catalog.db"):
+            db = open_catalog(self.home / "catalog.db", read_only=self.read_only)
+            try:
+                ensure_schema(db, read_only=True)  # (`restore_catalog` made its tables)
+            except BaseException:
+                db.conn.close()
+                raise
+        # The old connection stays open until close(): a caller may still hold a cursor of it.
+        self.db, self._catalog_file = db, now
+        self._closers.append(weakref.finalize(self, _close_catalog, db.conn))
+
+    @contextlib.contextmanager
+    def writing(self, timeout_s: float | None = None) -> Iterator[None]:
+        """The store's write lock, held by every catalog writer (`StoreBusyError` after
+        `timeout_s`; default: the `COMPSTORE_LOCK_TIMEOUT` setting, 600 s)."""
+        with write_lock(self.home, timeout_s=timeout_s):
+            self._follow_the_catalog()
+            yield
 
     def __enter__(self) -> "Store":
         return self
@@ -262,6 +302,7 @@ class Store:
     # -- refs --------------------------------------------------------------------
     def resolve(self, ref: str) -> str:
         """The snapshot id a ref points at; `RefNotFoundError` if there is no such ref."""
+        self._follow_the_catalog()
         row = self.db.execute("SELECT snapshot_id FROM refs WHERE name = ?", [ref]).fetchone()
         if row is None:
             raise RefNotFoundError(ref, str(self.home), self.ref_names())
@@ -269,9 +310,11 @@ class Store:
 
     def ref_names(self) -> list[str]:
         """Every ref's name, sorted."""
+        self._follow_the_catalog()
         return [name for name, in self.db.execute("SELECT name FROM refs ORDER BY name")]
 
     def has_ref(self, ref: str) -> bool:
+        self._follow_the_catalog()
         return self.db.execute("SELECT 1 FROM refs WHERE name = ?", [ref]).fetchone() is not None
 
     def rm(self, ref: str) -> dict:
@@ -281,7 +324,7 @@ class Store:
         {'removed': 'sdxl-base', 'snapshot': '9c1e...'}
         """
         self._writable()
-        with write_lock(self.home):
+        with self.writing():
             snap = self.resolve(ref)
             with self.db.atomic():
                 self.db.execute("DELETE FROM refs WHERE name = ?", [ref])
@@ -300,7 +343,7 @@ class Store:
         """
         self._writable()
         check_ref_name(ref)
-        with write_lock(self.home), self.db.atomic():
+        with self.writing(), self.db.atomic():
             if self.has_snapshot(target):
                 snapshot_id = target
             elif missing_ok and not self.has_ref(target):
@@ -387,7 +430,7 @@ class Store:
             raise InvalidInputError(url, "a remote is a URL (s3://bucket/prefix, gs://..., "
                                     "file:///path) or an absolute path")
         Remote(url, **storage_options)  # fails now, not at the first push, if fsspec cannot
-        with write_lock(self.home), self.db.atomic():
+        with self.writing(), self.db.atomic():
             if self.db.execute("SELECT 1 FROM meta WHERE key = ?", [f"remote:{name}"]).fetchone():
                 raise InvalidInputError(name, "a remote of that name exists; `compstore remote rm` it first")
             self.db["meta"].insert({"key": f"remote:{name}",
@@ -397,7 +440,7 @@ class Store:
     def remote_rm(self, name: str) -> dict:
         """Forget a remote (nothing on the remote is touched)."""
         self._writable()
-        with write_lock(self.home), self.db.atomic():
+        with self.writing(), self.db.atomic():
             self._remote_config(name)
             self.db.execute("DELETE FROM meta WHERE key = ?", [f"remote:{name}"])
         return {"removed": name}
@@ -546,7 +589,7 @@ class Store:
         if scan.kind == "modular" and not repin:  # before a pointed-to folder is ingested
             refuse_changed_folder_pins(self, ref, scan, repin_command)
         pins = resolve_pointers(self, scan, token=token)
-        with write_lock(self.home):
+        with self.writing():
             self._clean_leftovers()
             check_pins(self, ref, pins, repin_command, repin)
             writer = PackWriter(self.home)
@@ -635,7 +678,7 @@ class Store:
         digest = stat_cache.file_stamp(os.fspath(path), started_ns)
         if digest is None or self.read_only:
             return
-        with write_lock(self.home), self.db.atomic():
+        with self.writing(), self.db.atomic():
             if not (self.has_ref(ref) and self.resolve(ref) == snapshot_id):
                 return
             self.db.execute("DELETE FROM stat_cache_files WHERE ref = ? AND path = ?", [ref, os.fspath(path)])
@@ -651,10 +694,14 @@ class Store:
         return collect_garbage(self, dry_run=dry_run)
 
     # -- reading for the loader ---------------------------------------------------
-    def reading(self):
+    @contextlib.contextmanager
+    def reading(self) -> Iterator[None]:
         """Context manager held while following the catalog to pack files: gc deletes no
-        catalog row and unlinks no pack while any reader holds it (it waits)."""
-        return contextlib.nullcontext() if self.read_only else shared_readers(self.home)
+        catalog row and unlinks no pack while any reader holds it (it waits). A
+        read-only store takes no lock (it cannot make the lock file)."""
+        with contextlib.nullcontext() if self.read_only else shared_readers(self.home):
+            self._follow_the_catalog()
+            yield
 
     @contextlib.contextmanager
     def reading_snapshot(self, snapshot_id: str, name: str):
@@ -816,7 +863,7 @@ class Store:
         # if no other writer holds the lock: verify is a reader, and never waits for one.
         if not self.read_only and not report.catalog_problems:
             try:
-                with write_lock(self.home, timeout_s=0):
+                with self.writing(timeout_s=0):
                     record_damage(self.db, report.problems)
                     report.recorded = True
             except StoreBusyError:

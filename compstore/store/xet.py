@@ -30,7 +30,6 @@ from typing import TYPE_CHECKING, Callable
 from .catalog import damaged_files
 from .errors import CompstoreError, CorruptStoreError
 from .export import file_pieces
-from .lock import write_lock
 from .settings import env_setting
 from .xet_chunking import stream_boundaries
 
@@ -332,7 +331,7 @@ def record_chunks(store: "Store", snapshot_id: str, chunks_by_path: dict[str, li
 
 def _insert_chunks(store: "Store", rows: list[dict]) -> None:
     if rows:
-        with write_lock(store.home), store.db.atomic():  # every catalog writer holds it
+        with store.writing(), store.db.atomic():  # every catalog writer holds it
             store.db["xet_chunks"].insert_all(rows, ignore=True, batch_size=1000)
 
 
