@@ -164,10 +164,9 @@ def _stored_snapshot(store: Store, label: str, revision: str | None, variant: st
                     or (store.snapshot(snapshot_id)["revision"] or "").startswith(revision)):
                 return snapshot_id
     if revision and re.fullmatch(r"[0-9a-f]{7,39}", revision):  # a short commit: its pull's ref
-        whole = re.compile(r"[0-9a-f]{40}" + (rf"(\[{re.escape(variant)}\])?" if variant else ""))
-        rows = store.db.execute("SELECT name, snapshot_id FROM refs WHERE substr(name, 1, ?) = ? "
-                                "ORDER BY name DESC", [len(label) + 1 + len(revision), f"{label}@{revision}"])
-        for name, snapshot_id in rows.fetchall():  # `[variant]` sorts first
+        whole = re.compile(re.escape(revision) + r"[0-9a-f]{%d}" % (40 - len(revision))
+                           + (rf"(\[{re.escape(variant)}\])?" if variant else ""))
+        for name, snapshot_id in sorted(store.pulls(label), reverse=True):  # `[variant]` sorts first
             if whole.fullmatch(name[len(label) + 1:]):
                 return snapshot_id
     commit = revision_commit(store, label, revision) if revision else None
@@ -178,9 +177,7 @@ def _stored_snapshot(store: Store, label: str, revision: str | None, variant: st
             pass
     if (slot or skip) and not revision:
         suffix = f"[{variant}]" if variant else ""
-        for name, snapshot_id in store.db.execute(
-                "SELECT name, snapshot_id FROM refs WHERE substr(name, 1, ?) = ? ORDER BY updated DESC",
-                [len(label) + 1, f"{label}@"]).fetchall():
+        for name, snapshot_id in store.pulls(label):
             if name.endswith(suffix) and _holds(store, snapshot_id, slot, skip):
                 return snapshot_id
     raise RefNotFoundError(f"{label}@{revision}" if revision else label, str(store.home), store.ref_names())

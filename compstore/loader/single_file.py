@@ -255,13 +255,11 @@ def _stored_pull(store: Store, repo_id: str, revision: str, filename: str) -> st
     from ..store import RefNotFoundError
     from ..store.hub import revision_commit
 
-    rows = store.db.execute(
-        "SELECT r.snapshot_id, s.revision FROM refs r JOIN snapshots s ON s.id = r.snapshot_id "
-        "JOIN snapshot_files f ON f.snapshot_id = r.snapshot_id "
-        "WHERE substr(r.name, 1, ?) = ? AND f.path = ? ORDER BY r.updated DESC",
-        [len(repo_id) + 1, f"{repo_id}@", filename]).fetchall()
     recorded = revision_commit(store, repo_id, revision)  # a branch, tag or PR: its commit then
-    for snapshot, commit in rows:
+    for _, snapshot in store.pulls(repo_id):
+        if not any(path == filename for path, *_ in store.snapshot_files(snapshot)):
+            continue
+        commit = store.snapshot(snapshot)["revision"]
         if recorded is not None:
             if commit == recorded:
                 return snapshot

@@ -313,6 +313,14 @@ class Store:
         self._follow_the_catalog()
         return [name for name, in self.db.execute("SELECT name FROM refs ORDER BY name")]
 
+    def pulls(self, repo_id: str) -> list[tuple[str, str]]:
+        """(ref, snapshot id) of the refs named `repo_id@...` (a pull's: at a commit, a
+        revision's name, a variant or a part), the latest made or moved first: where an
+        offline load looks for a repo's pulls."""
+        self._follow_the_catalog()
+        return self.db.execute("SELECT name, snapshot_id FROM refs WHERE substr(name, 1, ?) = ? "
+                               "ORDER BY updated DESC, name DESC", [len(repo_id) + 1, f"{repo_id}@"]).fetchall()
+
     def has_ref(self, ref: str) -> bool:
         self._follow_the_catalog()
         return self.db.execute("SELECT 1 FROM refs WHERE name = ?", [ref]).fetchone() is not None
