@@ -139,6 +139,27 @@ def test_a_switch_from_the_pinned_tier_gives_diffusers_images(family_store, fami
     del a
 
 
+def test_a_pipeline_staged_on_the_host_moves_to_the_gpu_from_pinned_memory(family_store, family):
+    """`pool.stage(b)` copies B's delta into page-locked slabs; `b.to("cuda")` then
+    uploads it from there (no store reads) and B's image equals diffusers'."""
+    import diffusers
+    from test_loader import image
+
+    pool = ResidencyPool("cuda", budget_bytes=1 << 34, pinned_budget_bytes=1 << 30)
+    load = lambda n: compstore.DiffusionPipeline.from_pretrained(n, store=family_store)  # noqa: E731
+    a = load("A")
+    to_device(a, "cuda", pool=pool)
+    b = load("B")
+    staged = pool.stage(b)
+    assert staged == family_store.diff("A", "B").delta_bytes
+    assert all(t.is_pinned() for t in pool._tier.tensors())
+    report = to_device(b, "cuda", pool=pool)
+    assert report.bytes_from_pinned == staged and report.bytes_from_store == 0
+    theirs = diffusers.StableDiffusionPipeline.from_pretrained(family["B"]).to("cuda")
+    np.testing.assert_array_equal(image(b), image(theirs))
+    del a
+
+
 def test_device_map_cuda_and_pipe_to(family_store):
     pipe = compstore.DiffusionPipeline.from_pretrained("A", store=family_store, device_map="cuda")
     assert pipe.unet.device.type == "cuda"

@@ -290,6 +290,49 @@ def test_pinned_tier_serves_evicted_tensors(family_store):
     assert sum(c.bytes_from_store for c in again.components) == unkeyed_bytes(a2)
 
 
+def test_a_pipeline_staged_on_the_host_moves_from_the_pinned_tier(family_store):
+    """`pool.stage(pipe)`: a service loads the next pipeline on the host and stages
+    what the device lacks of it while the current one runs; the move then uploads
+    that from the pinned tier, nothing from the store but the tensors no store blob
+    addresses, and the weights are B's."""
+    def state(pipe):
+        return {f"{slot}.{name}": t.clone() for slot in ("unet", "vae", "text_encoder")
+                for name, t in getattr(pipe, slot).state_dict().items()}
+
+    want = state(load(family_store, "B"))
+    plain = ResidencyPool("cpu", budget_bytes=1 << 40)
+    a_plain = load(family_store, "A")
+    to_device(a_plain, "cpu", pool=plain)
+    unstaged = to_device(load(family_store, "B"), "cpu", pool=plain)
+
+    pool = ResidencyPool("cpu", budget_bytes=1 << 40, pinned_budget_bytes=1 << 40)
+    a = load(family_store, "A")
+    to_device(a, "cpu", pool=pool)
+    b = load(family_store, "B")
+    staged = pool.stage(b)
+    assert staged == unstaged.bytes_from_store - unkeyed_bytes(b) == family_store.diff("A", "B").delta_bytes
+    assert pool.stage(b) == 0  # staged already
+    report = to_device(b, "cpu", pool=pool)
+    assert report.bytes_from_pinned == staged and report.bytes_from_store == unkeyed_bytes(b)
+    assert pool.pinned_bytes == 0 and pool.stage(b) == 0  # all of it resident now
+    got = state(b)
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+    edited = load(family_store, "C")  # a weight changed since the load is not the store's: not staged
+    ours = {k: v for k, v in a.unet.state_dict().items()}
+    name = next(k for k, v in edited.unet.state_dict().items() if not torch.equal(v, ours[k]))  # C's own
+    weight = edited.unet.get_parameter(name)
+    with torch.no_grad():
+        weight.add_(1.0)
+    before = pool.stage(load(family_store, "C"))
+    pool.pinned_budget_bytes = 0  # (empties the tier)
+    pool.pinned_budget_bytes = 1 << 40
+    assert pool.stage(edited) == before - weight.numel() * weight.element_size() > 0
+
+    off = ResidencyPool("cpu", budget_bytes=1 << 40)  # no pinned budget (the default): nothing staged
+    assert off.stage(load(family_store, "B")) == 0 and off.pinned_bytes == 0
+
+
 def test_trim_evicts_idle_tensors_into_the_pinned_tier_and_never_live_ones(family_store):
     pool = ResidencyPool("meta", budget_bytes=1 << 40, pinned_budget_bytes=1 << 40,
                          copier=CountingCopier(), offloader=fake_offload)

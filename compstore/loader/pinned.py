@@ -3,7 +3,8 @@
 A `ResidencyPool` evicts idle tensors, least recently used first. With a pinned
 budget, those still the store's wait here, in page-locked ("pinned") host memory,
 from which a re-upload runs at the link's speed with no staging
-(`upload.Uploader`). The tier drops its own oldest entries to stay within budget.
+(`upload.Uploader`); `ResidencyPool.stage` puts a host-loaded pipeline's tensors
+here ahead of its move. The tier drops its own oldest entries to stay within budget.
 
 Memory comes in slabs, each entry a view of one. torch's pinned allocator rounds
 every allocation up to a power of two (`CachingHostAllocator`) and keeps freed
@@ -99,9 +100,12 @@ class PinnedTier:
     def tensors(self) -> list[torch.Tensor]:
         return [kept.host for kept in self._entries.values()]
 
-    def keep(self, items: list[tuple[tuple, torch.Tensor]]) -> None:
+    def keep(self, items: list[tuple[tuple, torch.Tensor]],
+             copy: Callable[[list[torch.Tensor], list[torch.Tensor]], object] | None = None) -> None:
         """Copy `(key, device tensor)` pairs into the tier, in one batch; the oldest
-        entries go to make room, and a tensor the budget cannot hold is not kept."""
+        entries go to make room, and a tensor the budget cannot hold is not kept.
+        `copy` (default: the tier's `copy_back`) makes the copies: `_copy` for host
+        tensors (`ResidencyPool.stage`)."""
         if not self.budget_bytes:  # off
             return
         placed: list[_Kept] = []
@@ -117,9 +121,9 @@ class PinnedTier:
             placed.append(kept)
             srcs.append(t)
         if placed:
-            copy = self._copy_back([kept.host for kept in placed], srcs)
+            done = (copy or self._copy_back)([kept.host for kept in placed], srcs)
             for kept in placed:
-                kept.copy = copy
+                kept.copy = done
 
     def take(self, key: tuple) -> torch.Tensor | None:
         """Remove `key`'s host tensor from the tier and return it (None: not here)."""

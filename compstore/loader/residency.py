@@ -45,7 +45,7 @@ from ..store.reports import human
 from ..store.settings import env_setting
 from .loading import normal_tensors
 from .pinned import PinnedTier
-from .upload import Uploader
+from .upload import Uploader, _copy
 
 Key = tuple  # (xxh3, size, dtype name, device name)
 
@@ -446,6 +446,41 @@ class ResidencyPool:
                 if not make_room():
                     raise
         return self._upload(srcs, wait)
+
+    @_locked
+    def stage(self, pipe_or_module) -> int:
+        """Copy into the pinned tier the store tensors of `pipe_or_module`, loaded on
+        the host, that the pool holds neither resident nor pinned; return the bytes
+        staged. Its move to the device then uploads them from pinned memory at the
+        link's speed, with no store reads: for a service that knows which pipeline
+        comes next, load it on the host (mapped views of the packs: cheap), stage it
+        while the current one generates, move it when its turn comes.
+
+        The tier's budget (`pinned_budget_bytes`, 0 by default) bounds what is staged:
+        older entries go first, and what does not fit is not staged. Tensors edited
+        since they were loaded, and a quantized model's, are not the store's: their
+        move uploads them as before. Moves of other threads wait meanwhile.
+
+        >>> pool = compstore.pool_for("cuda")  # doctest: +SKIP
+        >>> nxt = compstore.DiffusionPipeline.from_pretrained("B", dtype=torch.float16)  # doctest: +SKIP
+        >>> pool.stage(nxt)     # while A generates  # doctest: +SKIP
+        >>> nxt.to("cuda")      # B's delta from pinned memory  # doctest: +SKIP
+        """
+        wanted: dict[Key, torch.Tensor] = {}  # a repeated blob is staged once
+        for module in pipeline_modules(pipe_or_module).values():
+            keys = getattr(module, STORE_KEYS, {})
+            tensors = list(named_tensors(module))
+            if any(type(t) not in _PLAIN for _, _, _, t in tensors):
+                continue  # a quantized model: moved whole, never pooled (`_move_whole`)
+            for name, _, _, t in tensors:
+                record = keys.get(name)
+                if not (is_stores(record, t) and t.is_contiguous() and t.device.type == "cpu"):
+                    continue
+                key = (record[0], record[1], _DTYPE_NAMES[t.dtype], self._device_name)
+                if key not in wanted and key not in self._tier and self._resident_entry(key) is None:
+                    wanted[key] = t.detach()
+        self._tier.keep(list(wanted.items()), copy=_copy)  # host to host: done on return
+        return sum(_nbytes(t) for key, t in wanted.items() if key in self._tier)
 
     @_locked
     def prefetch(self, tensors: list[tuple[tuple[str, int], torch.Tensor]]) -> None:
