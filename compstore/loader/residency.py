@@ -403,6 +403,13 @@ class ResidencyPool:
         self._after_running_uploads()  # the tensors may be on their way still
         return self._transfers().copy_back(hosts, tensors)
 
+    def _copy_on_host(self, hosts: list[torch.Tensor], tensors: list[torch.Tensor]) -> None:
+        uploader = self._transfers()
+        if isinstance(uploader, Uploader):  # its reader threads (a stand-in's own copies: one call)
+            uploader.copy_on_host(hosts, tensors)
+        else:
+            _copy(hosts, tensors)
+
     def _after_running_uploads(self) -> None:
         """Order this thread's stream after copies a `wait=False` upload left running:
         their tensors are resident already, and may be handed out or copied back."""
@@ -479,7 +486,7 @@ class ResidencyPool:
                 key = (record[0], record[1], _DTYPE_NAMES[t.dtype], self._device_name)
                 if key not in wanted and key not in self._tier and self._resident_entry(key) is None:
                     wanted[key] = t.detach()
-        self._tier.keep(list(wanted.items()), copy=_copy)  # host to host: done on return
+        self._tier.keep(list(wanted.items()), copy=self._copy_on_host)
         return sum(_nbytes(t) for key, t in wanted.items() if key in self._tier)
 
     @_locked

@@ -158,6 +158,11 @@ class Uploader:
             self._in_flight = []  # queued batches ran before this one's copies
         return dsts
 
+    def copy_on_host(self, dsts: list[torch.Tensor], srcs: list[torch.Tensor]) -> None:
+        """`d.copy_(s)` for host tensors, dense and alike, on the reader threads (store
+        views into the pinned tier: `ResidencyPool.stage`). Done on return."""
+        self._direct(srcs, dsts)
+
     def _direct(self, srcs, dsts) -> None:
         src_b, dst_b = [_bytes(s) for s in srcs], [_bytes(d) for d in dsts]
 
