@@ -661,11 +661,10 @@ def test_an_ip_adapter_moves_with_its_pipeline_and_leaves_the_others_as_stored(f
     assert pool.last_report.bytes_uploaded == 0 and pool.last_report.bytes_reused == model_bytes(other)
 
 
-def test_controlnets_passed_as_a_list_are_shared_each_with_its_own_records(family_store, family, tmp_path):
-    """`controlnet=[canny, depth]`: diffusers wraps the list in a MultiControlNetModel,
-    which no store record covers. Each ControlNet in it is the store's and moves
-    with its own records: a second pipeline with the same two uploads none of them
-    (until 2026-12-07 they were private copies, uploaded at every move)."""
+def two_controlnets(store, family, tmp_path):
+    """Ingest two ControlNets made from A's UNet as cn1 and cn2; return
+    `pipeline(cls, where, **kwargs)`, which builds A's ControlNet pipeline with both
+    through `cls` (compstore or diffusers), `where(i)` naming each one's source."""
     import diffusers
 
     unet = diffusers.UNet2DConditionModel.from_pretrained(family["A"] / "unet")
@@ -673,13 +672,23 @@ def test_controlnets_passed_as_a_list_are_shared_each_with_its_own_records(famil
         torch.manual_seed(i)
         diffusers.ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(16, 32)).save_pretrained(
             tmp_path / f"cn{i}")
-        family_store.ingest(tmp_path / f"cn{i}", f"cn{i}")
+        store.ingest(tmp_path / f"cn{i}", f"cn{i}")
 
     def pipeline(cls, where, **kwargs):
         controlnets = [cls.ControlNetModel.from_pretrained(str(where(i)), **kwargs) for i in (1, 2)]
         return cls.StableDiffusionControlNetPipeline.from_pretrained(str(where("A")), controlnet=controlnets,
                                                                      **kwargs)
+    return pipeline
 
+
+def test_controlnets_passed_as_a_list_are_shared_each_with_its_own_records(family_store, family, tmp_path):
+    """`controlnet=[canny, depth]`: diffusers wraps the list in a MultiControlNetModel,
+    which no store record covers. Each ControlNet in it is the store's and moves
+    with its own records: a second pipeline with the same two uploads none of them
+    (until 2026-12-07 they were private copies, uploaded at every move)."""
+    import diffusers
+
+    pipeline = two_controlnets(family_store, family, tmp_path)
     pool = ResidencyPool("meta", budget_bytes=1 << 40, copier=CountingCopier())
     first = pipeline(compstore, lambda i: f"cn{i}" if i != "A" else "A", store=family_store)
     to_device(first, "meta", pool=pool)
@@ -698,6 +707,7 @@ def test_controlnets_passed_as_a_list_are_shared_each_with_its_own_records(famil
     moved = compstore.last_transfer()
     assert [c.component for c in moved.components] == ["nets.0", "nets.1", ""]
     assert moved.bytes_reused == sum(t.nbytes for t in ours.controlnet.state_dict().values())
+
     reference = pipeline(diffusers, lambda i: tmp_path / f"cn{i}" if i != "A" else family["A"])
     image = torch.zeros(1, 3, 32, 32)
 
@@ -710,6 +720,34 @@ def test_controlnets_passed_as_a_list_are_shared_each_with_its_own_records(famil
     ours.controlnet._hf_hook = object()  # accelerate's model offload hooks the slot's module, the wrapper
     ours.controlnet.to("meta")  # its offload: the ControlNets' memory is given back at once, not kept idle
     assert on_host.resident_bytes < resident
+
+
+def test_a_state_dict_loaded_into_a_wrapper_of_controlnets_is_not_seen_by_the_others(family_store, family,
+                                                                                      tmp_path):
+    """`pipe.controlnet.load_state_dict(...)` of a MultiControlNetModel writes into the
+    ControlNets it wraps: into copies of their own, as a model's `load_state_dict`
+    does, not into the tensors another pipeline's ControlNets share. (Until
+    2026-12-07 the wrapper's went past the copy-on-write of the models inside it.)"""
+    pipeline = two_controlnets(family_store, family, tmp_path)
+    on_host = ResidencyPool("cpu", budget_bytes=1 << 40)
+    ours, theirs = (pipeline(compstore, lambda i: f"cn{i}" if i != "A" else "A", store=family_store)
+                    for _ in range(2))
+    to_device(ours, "cpu", pool=on_host)
+    to_device(theirs, "cpu", pool=on_host)
+    want = {k: v.clone() for k, v in theirs.controlnet.state_dict().items()}
+    mine = {k: v + 1.0 for k, v in want.items() if k.startswith("nets.1.controlnet_cond_embedding.")}
+
+    def shared_names():
+        kept = theirs.controlnet.state_dict()
+        return {k for k, t in ours.controlnet.state_dict().items() if t.numel() and same_storage(t, kept[k])}
+
+    shared = shared_names()
+    assert mine and set(mine) <= shared
+    ours.controlnet.load_state_dict(mine, strict=False)
+    got, kept = ours.controlnet.state_dict(), theirs.controlnet.state_dict()
+    assert all(torch.equal(got[k], v) for k, v in mine.items())
+    assert all(torch.equal(kept[k], v) for k, v in want.items())  # the other pipeline's: unchanged
+    assert shared - shared_names() == set(mine)  # copies of only what it loaded
 
 
 def test_a_moved_module_is_still_the_stores_on_its_next_move(family_store):

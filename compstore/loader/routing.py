@@ -61,7 +61,8 @@ def route_through_pool(obj) -> None:
     store's. After either call, the weights of every LoRA-wrapped layer count as
     edited (`_mark_lora_merges`): never served again, private on later moves.
     And a module's `load_state_dict`, which copies into its tensors in place
-    (`_loading_state_dict`: into copies of its own)."""
+    (`_loading_state_dict`: into copies of its own; a wrapper's, into copies of its
+    models' own)."""
     obj.__dict__[ROUTED] = _route_methods(type(obj))
     if not isinstance(obj, torch.nn.Module):  # a pipeline: also the wrappers diffusers made of its models
         for c in obj.components.values():  # (`controlnet=[canny, depth]`: an offload hook moves the wrapper)
@@ -194,10 +195,15 @@ def _loading_state_dict(module, state_dict, strict: bool = True, assign: bool = 
     the pool goes on serving them. (`assign=True` puts new tensors in place: nothing
     is written into the pool's. A LoRA's state dict names only its own tensors.)
     Until 2026-12-07 loading a fine-tune's weights into one pipeline's UNet changed
-    every live pipeline sharing it, and the next load uploaded that UNet again."""
-    pool = getattr(module, POOL, None)
-    if pool is not None and not assign:
-        pool.own_copies(module, [t for name, _, _, t in named_tensors(module) if name in state_dict])
+    every live pipeline sharing it, and the next load uploaded that UNet again. A
+    wrapper's (`controlnet=[canny, depth]`) reaches the models it holds, each under
+    its path in the wrapper."""
+    if not assign:
+        for path, model in pipeline_modules(module).items():  # `module`, or a wrapper's models too
+            pool = getattr(model, POOL, None) or getattr(module, POOL, None)
+            if pool is not None:
+                prefix = f"{path}." if path else ""
+                pool.own_copies(model, [t for name, _, _, t in named_tensors(model) if prefix + name in state_dict])
     return unrouted(type(module).load_state_dict)(module, state_dict, strict=strict, assign=assign)
 
 
