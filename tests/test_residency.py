@@ -329,8 +329,18 @@ def test_a_pipeline_staged_on_the_host_moves_from_the_pinned_tier(family_store):
     pool.pinned_budget_bytes = 1 << 40
     assert pool.stage(edited) == before - weight.numel() * weight.element_size() > 0
 
+
+
+def test_staging_with_the_tier_off_or_something_else_is_said(family_store, caplog):
     off = ResidencyPool("cpu", budget_bytes=1 << 40)  # no pinned budget (the default): nothing staged
-    assert off.stage(load(family_store, "B")) == 0 and off.pinned_bytes == 0
+    with caplog.at_level("WARNING", logger="compstore"):
+        assert off.stage(load(family_store, "B")) == 0 and off.pinned_bytes == 0
+    assert "pinned tier of the cpu pool is off" in caplog.text and "COMPSTORE_PINNED_BUDGET" in caplog.text
+    pool = ResidencyPool("cpu", budget_bytes=1 << 40, pinned_budget_bytes=1 << 30)
+    for wrong in ("B", None, [load(family_store, "B").unet]):
+        with pytest.raises(compstore.CompstoreError, match="expected a pipeline or a module"):
+            pool.stage(wrong)
+    assert pool.pinned_bytes == 0 and pool.resident_bytes == 0
 
 
 def test_trim_evicts_idle_tensors_into_the_pinned_tier_and_never_live_ones(family_store):

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import functools
 import gc
+import logging
 import threading
 import time
 import weakref
@@ -46,6 +47,8 @@ from ..store.settings import env_setting
 from .loading import normal_tensors
 from .pinned import PinnedTier
 from .upload import Uploader, _copy
+
+logger = logging.getLogger("compstore")
 
 Key = tuple  # (xxh3, size, dtype name, device name)
 
@@ -472,7 +475,18 @@ class ResidencyPool:
         >>> nxt = compstore.DiffusionPipeline.from_pretrained("B", dtype=torch.float16)  # doctest: +SKIP
         >>> pool.stage(nxt)     # while A generates  # doctest: +SKIP
         >>> nxt.to("cuda")      # B's delta from pinned memory  # doctest: +SKIP
+
+        Raises:
+            CompstoreError: `pipe_or_module` is neither a pipeline nor a module.
         """
+        if not isinstance(pipe_or_module, torch.nn.Module) and not isinstance(
+                getattr(pipe_or_module, "components", None), dict):
+            raise CompstoreError(f"stage: expected a pipeline or a module loaded from the store, got "
+                                 f"{type(pipe_or_module).__name__}")
+        if not self._tier.budget_bytes:
+            logger.warning("stage: the pinned tier of the %s pool is off (pinned_budget_bytes=0): nothing "
+                           "staged; set COMPSTORE_PINNED_BUDGET or the pool's pinned_budget_bytes", self.device)
+            return 0
         wanted: dict[Key, torch.Tensor] = {}  # a repeated blob is staged once
         for module in pipeline_modules(pipe_or_module).values():
             keys = getattr(module, STORE_KEYS, {})
