@@ -7,6 +7,7 @@ whole story against a model of which blobs are damaged.
 """
 
 import random
+from pathlib import Path
 import sqlite3
 
 import pytest
@@ -616,6 +617,25 @@ def test_a_store_kept_open_through_a_restore_follows_the_restored_catalog(store,
     pipe = compstore.DiffusionPipeline.from_pretrained("B", store=store)  # the loader, through `reading()`
     want = load_file(family["B"] / "unet" / "diffusion_pytorch_model.safetensors")
     assert all(torch.equal(pipe.unet.state_dict()[k], v) for k, v in want.items())
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="counts open files through /proc")
+def test_a_store_opens_its_catalog_once_unless_it_was_restored(family, tmp_path):
+    """Following a restored catalog reopens it only when the file was replaced: a new
+    store's first operations do not take the catalog it just made for another one."""
+    import os
+
+    def opened(store):  # catalog.db opened by this process
+        fds = Path("/proc/self/fd")
+        return sum(1 for fd in fds.iterdir() if os.path.realpath(fd) == str((store.home / "catalog.db").resolve()))
+
+    with Store(tmp_path / "new") as store:
+        store.ingest(family["A"], "A")
+        store.ls()
+        assert opened(store) == 1
+        store.backup_catalog(tmp_path / "catalog.bak")
+        compstore.restore_catalog(tmp_path / "catalog.bak", store.home, force=True)
+        assert store.ref_names() == ["A"] and opened(store) == 1  # the restored file (the replaced one is not catalog.db now)
 
 
 def test_bad_catalog_backups_and_restores_are_clear_errors_and_change_nothing(store, family, tmp_path):

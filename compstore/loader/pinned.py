@@ -104,8 +104,8 @@ class PinnedTier:
              copy: Callable[[list[torch.Tensor], list[torch.Tensor]], object] | None = None) -> None:
         """Copy `(key, device tensor)` pairs into the tier, in one batch; the oldest
         entries go to make room, and a tensor the budget cannot hold is not kept.
-        `copy` (default: the tier's `copy_back`) makes the copies: `_copy` for host
-        tensors (`ResidencyPool.stage`)."""
+        `copy` (default: the tier's `copy_back`) makes the copies; for host tensors,
+        a host copy (`ResidencyPool.stage`)."""
         if not self.budget_bytes:  # off
             return
         placed: list[_Kept] = []

@@ -239,6 +239,8 @@ class Store:
                 with write_lock(self.home):
                     ensure_schema(self.db)
             ensure_schema(self.db, read_only=read_only)
+        if self._catalog_file is None:  # a new store: the catalog it just made
+            self._catalog_file = _file_id(self.home / "catalog.db")
         # CPython's sqlite3 connection sits in a reference cycle (its statement cache), so
         # a Store dropped without close() kept its catalog open until the cyclic collector
         # ran: 30 Stores opened and dropped in a loop held 30 catalog.db files open
