@@ -319,7 +319,7 @@ def test_a_pipeline_staged_on_the_host_moves_from_the_pinned_tier(family_store):
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
 
     edited = load(family_store, "C")  # a weight changed since the load is not the store's: not staged
-    ours = {k: v for k, v in a.unet.state_dict().items()}
+    ours = a.unet.state_dict()
     name = next(k for k, v in edited.unet.state_dict().items() if not torch.equal(v, ours[k]))  # C's own
     weight = edited.unet.get_parameter(name)
     with torch.no_grad():
@@ -330,8 +330,7 @@ def test_a_pipeline_staged_on_the_host_moves_from_the_pinned_tier(family_store):
     assert pool.stage(edited) == before - weight.numel() * weight.element_size() > 0
 
 
-
-def test_staging_with_the_tier_off_or_something_else_is_said(family_store, caplog):
+def test_staging_warns_when_the_tier_is_off_and_refuses_what_is_not_a_pipeline(family_store, caplog):
     off = ResidencyPool("cpu", budget_bytes=1 << 40)  # no pinned budget (the default): nothing staged
     with caplog.at_level("WARNING", logger="compstore"):
         assert off.stage(load(family_store, "B")) == 0 and off.pinned_bytes == 0
@@ -717,7 +716,6 @@ def test_controlnets_passed_as_a_list_are_shared_each_with_its_own_records(famil
     moved = compstore.last_transfer()
     assert [c.component for c in moved.components] == ["nets.0", "nets.1", ""]
     assert moved.bytes_reused == sum(t.nbytes for t in ours.controlnet.state_dict().values())
-
     reference = pipeline(diffusers, lambda i: tmp_path / f"cn{i}" if i != "A" else family["A"])
     image = torch.zeros(1, 3, 32, 32)
 
