@@ -33,6 +33,9 @@ def test_bench_switch_tiny_sdxl_report(tmp_path):
     # A dropped first, a budget of 0: B still reuses A's VAE and text encoders
     dropped = systems["compstore pinned, A dropped first"]
     assert dropped["bytes_moved"] == dropped["transfer"]["bytes_from_pinned"] == delta
+    # staged on the host beforehand (`pool.stage`): B's move takes its delta from the pinned tier
+    staged = systems["compstore staged (pool.stage)"]
+    assert staged["bytes_moved"] == staged["transfer"]["bytes_from_pinned"] == delta
     # C shares two thirds of A's UNet: only the changed third moves, against its own floor
     c = systems["compstore A -> C (2/3 of the UNet shared)"]
     assert 0 < c["bytes_moved"] < delta

@@ -27,6 +27,10 @@ For each family (see `synthetic.switch_family`) it times, median of `repeat`:
       A dropped first    short of memory runs: B's delta from the pinned tier while
                          A's UNet / transformer goes there (its copies back queued
                          at the load's end, not waited for)
+    compstore staged     A resident; B loaded on the host and its delta staged into
+                         the pinned tier beforehand (`pool.stage`, not timed: a
+                         service does it while A generates); the switch is B's move
+                         to the device (`to_device`)
     floor                delta bytes / host-to-device bandwidth from pinned memory,
                          measured in the same run (on a CPU target: memcpy bandwidth)
 
@@ -65,7 +69,7 @@ import torch
 
 from ..store import CompstoreError
 from .pipeline import DiffusionPipeline
-from .residency import ResidencyPool, TransferReport, usable_device
+from .residency import ResidencyPool, TransferReport, to_device, usable_device
 from .warm import clear_caches
 from .synthetic import switch_family
 
@@ -198,6 +202,7 @@ def _built_family(family: str, size: str, dtype: torch.dtype, work: Path, echo: 
 
 PARTLY_SHARED = "compstore A -> C (2/3 of the UNet shared)"
 PINNED_DROPPED = "compstore pinned, A dropped first"
+STAGED = "compstore staged (pool.stage)"
 PAGE_CACHE, PINNED, RESIDENT, COLD = ("compstore page cache", "compstore pinned",
                                       "compstore resident (A->B->A)", "compstore cold load")
 
@@ -356,6 +361,22 @@ def bench_family(family: str, size: str, device: torch.device, dtype: torch.dtyp
 
     pinned, pinned_dropped = from_pinned(False), from_pinned(True)
 
+    def staged():
+        """A resident; B on the host, its delta staged beforehand; B's move is timed."""
+        clear_caches()  # what this process has loaded before: only what the scenario says
+        pool = ResidencyPool(device, budget_bytes=1 << 62, pinned_budget_bytes=1 << 62)
+        a, _ = ours("A", pool)
+        b = DiffusionPipeline.from_pretrained("B", store=store, torch_dtype=dtype)
+        assert pool.stage(b) > 0, "nothing was staged"
+        t0 = time.perf_counter()
+        rep = to_device(b, device, pool=pool)
+        _sync(device)
+        s = time.perf_counter() - t0
+        assert rep.bytes_from_pinned > 0, "the pinned tier served nothing"
+        del a, b, pool
+        _free(device)
+        return s, rep
+
     def resident():
         clear_caches()  # what this process has loaded before: only what the scenario says
         pool = ResidencyPool(device, budget_bytes=1 << 62)
@@ -391,7 +412,7 @@ def bench_family(family: str, size: str, device: torch.device, dtype: torch.dtyp
     if "C" in folders:
         plan.append((PARTLY_SHARED, partly_shared))
     plan += [(COLD, cold), ("compstore cold pool, warm process", cold_pool),
-             (PINNED_DROPPED, pinned_dropped)]
+             (PINNED_DROPPED, pinned_dropped), (STAGED, staged)]
     for name, fn in plan:
         echo(f"[{family}/{size}] {name} ...")
         system = _median_run(fn, repeat)
