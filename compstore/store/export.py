@@ -33,8 +33,9 @@ class ExportResult:
         return asdict(self)
 
 
-def file_pieces(store: "Store", file_id: int) -> Iterator[memoryview]:
-    """The stored pieces of one file, in order (header + tensors, or the raw blob)."""
+def file_layout(store: "Store", file_id: int) -> list[tuple[int, str, int, int]]:
+    """(blob id, pack, offset, size) of one file's stored pieces, in file order
+    (header + tensors, or the raw blob): the file is their bytes end to end."""
     db = store.db
     kind, header_blob, raw_blob = db.execute(
         "SELECT kind, header_blob, raw_blob FROM files WHERE id = ?", [file_id]).fetchone()
@@ -46,12 +47,22 @@ def file_pieces(store: "Store", file_id: int) -> Iterator[memoryview]:
                WHERE ft.file_id = ? ORDER BY ft.pos""", [file_id])]
     locs = {r[0]: (r[1], r[2], r[3]) for r in db.execute(
         f"SELECT id, pack, offset, size FROM blobs WHERE id IN ({','.join('?' * len(ids))})", ids)}
-    for bid in ids:
-        pack, offset, size = locs[bid]
-        try:
-            yield store.packs.view(pack, offset, size)
-        except (OSError, CorruptStoreError) as e:
-            raise CorruptStoreError(f"blob {bid} cannot be read: {e}") from None
+    return [(bid, *locs[bid]) for bid in ids]
+
+
+def piece_view(store: "Store", piece: tuple[int, str, int, int]) -> memoryview:
+    """The bytes of one piece of `file_layout`; `CorruptStoreError` if they cannot be read."""
+    bid, pack, offset, size = piece
+    try:
+        return store.packs.view(pack, offset, size)
+    except (OSError, CorruptStoreError) as e:
+        raise CorruptStoreError(f"blob {bid} cannot be read: {e}") from None
+
+
+def file_pieces(store: "Store", file_id: int) -> Iterator[memoryview]:
+    """The stored pieces of one file, in order (header + tensors, or the raw blob)."""
+    for piece in file_layout(store, file_id):
+        yield piece_view(store, piece)
 
 
 def snapshot_files(store: "Store", snapshot_id: str) -> list[tuple[str, int, str, int]]:

@@ -27,9 +27,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from .catalog import damaged_files
+from .catalog import damaged_blob_ids, damaged_files
 from .errors import CompstoreError, CorruptStoreError
-from .export import file_pieces
+from .export import file_layout, file_pieces, piece_view
 from .settings import env_setting
 from .xet_chunking import stream_boundaries
 
@@ -151,38 +151,58 @@ class XetFileResult:
     chunks: list[tuple[str, int, int, int]] = field(default_factory=list)  # xorb, index, offset, length
 
 
+def _starts(sizes: list[int]) -> list[int]:
+    starts, pos = [], 0
+    for n in sizes:
+        starts.append(pos)
+        pos += n
+    return starts
+
+
 class _StoredFiles:
-    """Byte ranges of stored files, for chunks the store already has."""
+    """Byte ranges of stored files, for chunks the store already has. Only the pieces
+    a range covers are read: a chunk of a file whose other pieces are damaged is
+    still good."""
 
     def __init__(self, store: "Store"):
         self.store = store
-        self._files: dict[int, tuple[list[int], list[memoryview]]] = {}
+        self._files: dict[int, tuple[list[int], list[tuple]]] = {}
 
     def read(self, file_id: int, offset: int, length: int) -> bytes:
         if file_id not in self._files:
-            pieces = list(file_pieces(self.store, file_id))
-            starts, pos = [], 0
-            for p in pieces:
-                starts.append(pos)
-                pos += len(p)
-            self._files[file_id] = (starts, pieces)
-        starts, pieces = self._files[file_id]
+            layout = file_layout(self.store, file_id)
+            self._files[file_id] = (_starts([p[3] for p in layout]), layout)
+        starts, layout = self._files[file_id]
         out, i = bytearray(), bisect.bisect_right(starts, offset) - 1
-        while len(out) < length and i < len(pieces):
+        while len(out) < length and i < len(layout):
             a = offset + len(out) - starts[i]
-            out += pieces[i][a:a + length - len(out)]
+            out += piece_view(self.store, layout[i])[a:a + length - len(out)]
             i += 1
         return bytes(out)
 
 
+def _damaged_ranges(store: "Store") -> dict[int, list[tuple[int, int]]]:
+    """file id -> the byte ranges [start, end) of the file held in blobs the last
+    `verify` found damaged (`damaged_blobs`)."""
+    damaged = damaged_blob_ids(store.db)
+    out = {}
+    for fid, _ in damaged_files(store.db):
+        layout = file_layout(store, fid)
+        out[fid] = [(a, a + p[3]) for a, p in zip(_starts([p[3] for p in layout]), layout) if p[0] in damaged]
+    return out
+
+
 def _chunk_index(store: "Store", xorb: str, cache: dict,
-                 damaged: set[int]) -> dict[int, tuple[int, int, int]]:
-    """chunk index -> (file id, offset, length) of the stored chunks of one xorb, in
-    files not recorded as damaged."""
+                 damaged: dict[int, list[tuple[int, int]]]) -> dict[int, tuple[int, int, int]]:
+    """chunk index -> (file id, offset, length) of the stored chunks of one xorb, but
+    those holding bytes of damaged blobs: only those are fetched again, not their
+    whole file (until 2026-12-07 a pull that healed one damaged tensor downloaded
+    every chunk of its file)."""
     if xorb not in cache:
         cache[xorb] = {i: (f, o, n) for i, f, o, n in store.db.execute(
             """SELECT x.chunk_index, x.file_id, x.offset, x.length FROM xet_chunks x
-               JOIN files f ON f.id = x.file_id WHERE x.xorb = ?""", [xorb]) if f not in damaged}
+               JOIN files f ON f.id = x.file_id WHERE x.xorb = ?""", [xorb])
+            if not any(a < o + n and o < b for a, b in damaged.get(f, ()))}
     return cache[xorb]
 
 
@@ -190,7 +210,7 @@ def _plan(store: "Store", recon: dict, reuse: bool) -> list[tuple]:
     """The file as segments: ("store", start, end, (xorb, idx, file, offset)) for chunks
     the store holds, ("fetch", start, end) for byte ranges it must download."""
     cache: dict = {}
-    damaged = {fid for fid, _ in damaged_files(store.db)} if reuse else set()
+    damaged = _damaged_ranges(store) if reuse else {}
     segments: list[tuple] = []
     pos = 0
     for term in recon["terms"]:
