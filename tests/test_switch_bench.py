@@ -34,7 +34,7 @@ def test_bench_switch_tiny_sdxl_report(tmp_path):
     dropped = systems["compstore pinned, A dropped first"]
     assert dropped["bytes_moved"] == dropped["transfer"]["bytes_from_pinned"] == delta
     # staged on the host beforehand (`pool.stage`): B's move takes its delta from the pinned tier
-    staged = systems["compstore staged (pool.stage)"]
+    staged = systems["compstore staged (pool.stage), B's move only"]
     assert staged["bytes_moved"] == staged["transfer"]["bytes_from_pinned"] == delta
     # C shares two thirds of A's UNet: only the changed third moves, against its own floor
     c = systems["compstore A -> C (2/3 of the UNet shared)"]

@@ -202,7 +202,7 @@ def _built_family(family: str, size: str, dtype: torch.dtype, work: Path, echo: 
 
 PARTLY_SHARED = "compstore A -> C (2/3 of the UNet shared)"
 PINNED_DROPPED = "compstore pinned, A dropped first"
-STAGED = "compstore staged (pool.stage)"
+STAGED = "compstore staged (pool.stage), B's move only"
 PAGE_CACHE, PINNED, RESIDENT, COLD = ("compstore page cache", "compstore pinned",
                                       "compstore resident (A->B->A)", "compstore cold load")
 
