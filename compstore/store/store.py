@@ -5,8 +5,10 @@
     >>> store.ingest("./sdxl-base", name="sdxl-base")
     >>> store.du().dedup_ratio
 
-Writers (ingest, rm) take the store's write lock; readers (ls, show, du, diff,
-export, verify, and the loader) never wait for it.
+Writers (ingest, rm, gc, pull, fetch, ...) take the store's write lock through
+`Store.writing()`; readers (ls, show, du, diff, export, verify, and the loader) never
+wait for it, and hold `Store.reading()` while they follow the catalog to pack files
+(gc waits for them). Both reopen a catalog that `restore_catalog` replaced.
 """
 
 from __future__ import annotations
