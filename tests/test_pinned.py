@@ -136,3 +136,19 @@ def test_an_entry_names_the_copy_back_that_fills_it_until_taken():
     plain = PinnedTier(4 * MiB, pin=False)  # the default: copied on return
     plain.keep([("a", torch.ones(4))])
     assert plain.copies_of(["a"]) == [] and torch.equal(plain.take("a"), torch.ones(4))
+
+
+def test_reserved_regions_count_against_the_budget_until_committed():
+    """`reserve` (a staging copy runs outside the pool's lock) takes room no `keep`
+    may take meanwhile; `commit` makes entries of the regions still wanted and gives
+    the others back."""
+    tier = PinnedTier(8 * MiB, pin=False)  # slabs of 8 MiB: one
+    reserved = tier.reserve([("a", torch.ones(MiB)), ("b", torch.ones(MiB // 2))])  # 6 MiB
+    assert tier.held_bytes == 8 * MiB and "a" not in tier  # not an entry until committed
+    tier.keep([("c", torch.ones(MiB))])  # 4 MiB more: no room in a budget of one slab
+    assert "c" not in tier and tier.held_bytes == 8 * MiB
+    for key, kept, t in reserved:
+        _copy([kept.host], [t])
+    assert tier.commit(reserved, wanted=lambda key: key != "b") == 4 * MiB  # "b" moved elsewhere meanwhile
+    assert torch.equal(tier.take("a"), torch.ones(MiB)) and "b" not in tier
+    assert tier.held_bytes == 0  # the last region of the slab went back

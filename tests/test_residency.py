@@ -330,6 +330,41 @@ def test_a_pipeline_staged_on_the_host_moves_from_the_pinned_tier(family_store):
     assert pool.stage(edited) == before - weight.numel() * weight.element_size() > 0
 
 
+def test_a_move_in_another_thread_does_not_wait_for_a_staging_copy(family_store):
+    """`stage` copies outside the pool's lock: a service staging the next pipeline in
+    a background thread does not hold up the loads and moves of its other threads.
+    What another thread moved meanwhile (here: B itself, loaded again) is resident,
+    and not kept in the tier as well."""
+    import threading
+
+    pool = ResidencyPool("cpu", budget_bytes=1 << 40, pinned_budget_bytes=1 << 40)
+    to_device(load(family_store, "A"), "cpu", pool=pool)
+    b, b_again = load(family_store, "B"), load(family_store, "B")
+    copying, go_on = threading.Event(), threading.Event()
+    real = pool._copy_on_host
+
+    def slow_copy(hosts, tensors):
+        copying.set()
+        assert go_on.wait(30)
+        real(hosts, tensors)
+
+    pool._copy_on_host = slow_copy
+    staged, moved = [], []
+    stager = threading.Thread(target=lambda: staged.append(pool.stage(b)))
+    stager.start()
+    assert copying.wait(30)
+    mover = threading.Thread(target=lambda: moved.append(to_device(b_again, "cpu", pool=pool)))
+    mover.start()
+    mover.join(30)
+    done_while_copying = not mover.is_alive()
+    go_on.set()
+    stager.join(30)
+    delta = family_store.diff("A", "B").delta_bytes
+    assert done_while_copying and moved[0].bytes_from_store == delta  # not staged yet: from the store
+    assert staged == [0] and pool.pinned_bytes == 0  # resident now: the staged copies went back
+    assert to_device(b, "cpu", pool=pool).bytes_uploaded == 0
+
+
 def test_staging_warns_when_the_tier_is_off_and_refuses_what_is_not_a_pipeline(family_store, caplog):
     off = ResidencyPool("cpu", budget_bytes=1 << 40)  # no pinned budget (the default): nothing staged
     with caplog.at_level("WARNING", logger="compstore"):

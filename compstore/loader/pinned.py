@@ -4,7 +4,7 @@ A `ResidencyPool` evicts idle tensors, least recently used first. With a pinned
 budget, those still the store's wait here, in page-locked ("pinned") host memory,
 from which a re-upload runs at the link's speed with no staging
 (`upload.Uploader`); `ResidencyPool.stage` puts a host-loaded pipeline's tensors
-here ahead of its move. The tier drops its own oldest entries to stay within budget.
+here ahead of its move (`reserve`, filled outside the pool's lock, then `commit`). The tier drops its own oldest entries to stay within budget.
 
 Memory comes in slabs, each entry a view of one. torch's pinned allocator rounds
 every allocation up to a power of two (`CachingHostAllocator`) and keeps freed
@@ -100,43 +100,78 @@ class PinnedTier:
     def tensors(self) -> list[torch.Tensor]:
         return [kept.host for kept in self._entries.values()]
 
-    def keep(self, items: list[tuple[tuple, torch.Tensor]],
-             copy: Callable[[list[torch.Tensor], list[torch.Tensor]], object] | None = None) -> None:
+    def keep(self, items: list[tuple[tuple, torch.Tensor]]) -> None:
         """Copy `(key, device tensor)` pairs into the tier, in one batch; the oldest
-        entries go to make room, and a tensor the budget cannot hold is not kept.
-        `copy` (default: the tier's `copy_back`) makes the copies; for host tensors,
-        a host copy (`ResidencyPool.stage`)."""
+        entries go to make room, and a tensor the budget cannot hold is not kept."""
         if not self.budget_bytes:  # off
             return
         placed: list[_Kept] = []
         srcs = []
         for key, t in items:
             self.take(key)
-            nbytes = t.numel() * t.element_size()
-            spot = self._spot(nbytes) if nbytes else None  # an empty tensor costs nothing to upload
-            if spot is None:
+            kept = self._region(t)
+            if kept is None:
                 continue
-            slab, at = spot
-            kept = self._entries[key] = _Kept(slab.region(at, t), slab)
+            self._entries[key] = kept
             placed.append(kept)
             srcs.append(t)
         if placed:
-            done = (copy or self._copy_back)([kept.host for kept in placed], srcs)
+            done = self._copy_back([kept.host for kept in placed], srcs)
             for kept in placed:
                 kept.copy = done
+
+    def reserve(self, items: list[tuple[tuple, torch.Tensor]]) -> list[tuple[tuple, _Kept, torch.Tensor]]:
+        """Regions for `(key, host tensor)` pairs, to be filled by the caller outside
+        its lock and then `commit`ted; until then they are no entries (nothing is
+        served from them) but count against the budget. Those the budget cannot
+        hold are left out. (`ResidencyPool.stage`: other threads' moves do not wait
+        for its copies.)"""
+        if not self.budget_bytes:
+            return []
+        reserved = []
+        for key, t in items:
+            kept = self._region(t)
+            if kept is not None:
+                reserved.append((key, kept, t))
+        return reserved
+
+    def commit(self, reserved: list[tuple[tuple, _Kept, torch.Tensor]], wanted: Callable[[tuple], bool]) -> int:
+        """Make filled `reserve`d regions entries, for the keys still `wanted` and not
+        kept meanwhile; the other regions go back. Returns the bytes of the entries made."""
+        made = 0
+        for key, kept, t in reserved:
+            if key in self._entries or not wanted(key):
+                self._release(kept.slab)
+                continue
+            self._entries[key] = kept
+            made += t.numel() * t.element_size()
+        return made
 
     def take(self, key: tuple) -> torch.Tensor | None:
         """Remove `key`'s host tensor from the tier and return it (None: not here)."""
         kept = self._entries.pop(key, None)
         if kept is None:
             return None
-        slab = kept.slab
+        self._release(kept.slab)
+        return kept.host
+
+    def _release(self, slab: _Slab) -> None:
+        """One region of `slab` is no longer the tier's: with the last, its memory goes back."""
         slab.live -= 1
-        if not slab.live:  # nothing of it is the tier's any more: its memory goes back
+        if not slab.live:
             self.held_bytes -= slab.memory.numel()
             if slab is self._open:
                 self._open = None
-        return kept.host
+
+    def _region(self, like: torch.Tensor) -> _Kept | None:
+        """A region for a copy of `like` (None: an empty tensor, which costs nothing to
+        upload, or over the budget)."""
+        nbytes = like.numel() * like.element_size()
+        spot = self._spot(nbytes) if nbytes else None
+        if spot is None:
+            return None
+        slab, at = spot
+        return _Kept(slab.region(at, like), slab)
 
     def copies_of(self, keys: list[tuple]) -> list:
         """The events of the copies back that fill `keys`' entries (each batch once),
@@ -161,6 +196,8 @@ class PinnedTier:
             if slab_bytes > self.budget_bytes:
                 return None  # more than the whole tier
             self.fit(slab_bytes)
+            if self.held_bytes + slab_bytes > self.budget_bytes:
+                return None  # the rest is reserved (`reserve`), not yet entries to drop
             slab = self._open = _Slab(torch.empty(slab_bytes, dtype=torch.uint8, pin_memory=self._pin))
             self.held_bytes += slab_bytes
         at = slab.used

@@ -457,7 +457,6 @@ class ResidencyPool:
                     raise
         return self._upload(srcs, wait)
 
-    @_locked
     def stage(self, pipe_or_module) -> int:
         """Copy into the pinned tier the store tensors of `pipe_or_module`, loaded on
         the host, that the pool holds neither resident nor pinned; return the bytes
@@ -469,7 +468,8 @@ class ResidencyPool:
         The tier's budget (`pinned_budget_bytes`, 0 by default) bounds what is staged:
         older entries go first, and what does not fit is not staged. Tensors edited
         since they were loaded, and a quantized model's, are not the store's: their
-        move uploads them as before. Moves of other threads wait meanwhile.
+        move uploads them as before. The copies run outside the pool's lock: moves in
+        other threads go on meanwhile (one of the same pipeline reads the store).
 
         >>> pool = compstore.pool_for("cuda")  # doctest: +SKIP
         >>> nxt = compstore.DiffusionPipeline.from_pretrained("B", dtype=torch.float16)  # doctest: +SKIP
@@ -487,7 +487,21 @@ class ResidencyPool:
             logger.warning("stage: the pinned tier of the %s pool is off (pinned_budget_bytes=0): nothing "
                            "staged; set COMPSTORE_PINNED_BUDGET or the pool's pinned_budget_bytes", self.device)
             return 0
-        wanted: dict[Key, torch.Tensor] = {}  # a repeated blob is staged once
+        with self._lock, normal_tensors():
+            reserved = self._tier.reserve(list(self._not_held(pipe_or_module).items()))
+        try:
+            self._copy_on_host([kept.host for _, kept, _ in reserved], [t for _, _, t in reserved])
+        except BaseException:
+            with self._lock:
+                self._tier.commit(reserved, wanted=lambda key: False)  # the regions go back
+            raise
+        with self._lock:  # what another thread kept or moved meanwhile is not kept twice
+            return self._tier.commit(reserved, wanted=lambda key: self._resident_entry(key) is None)
+
+    def _not_held(self, pipe_or_module) -> dict[Key, torch.Tensor]:
+        """The host tensors of `pipe_or_module` that are the store's and that the pool
+        holds neither resident nor pinned, by pool key (a repeated blob once)."""
+        wanted: dict[Key, torch.Tensor] = {}
         for module in pipeline_modules(pipe_or_module).values():
             keys = getattr(module, STORE_KEYS, {})
             tensors = list(named_tensors(module))
@@ -500,8 +514,7 @@ class ResidencyPool:
                 key = (record[0], record[1], _DTYPE_NAMES[t.dtype], self._device_name)
                 if key not in wanted and key not in self._tier and self._resident_entry(key) is None:
                     wanted[key] = t.detach()
-        self._tier.keep(list(wanted.items()), copy=self._copy_on_host)
-        return sum(_nbytes(t) for key, t in wanted.items() if key in self._tier)
+        return wanted
 
     @_locked
     def prefetch(self, tensors: list[tuple[tuple[str, int], torch.Tensor]]) -> None:
