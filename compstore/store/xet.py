@@ -193,22 +193,49 @@ def _damaged_ranges(store: "Store") -> dict[int, list[tuple[int, int]]]:
 
 
 def _chunk_index(store: "Store", xorb: str, cache: dict,
-                 damaged: dict[int, list[tuple[int, int]]]) -> dict[int, tuple[int, int, int]]:
-    """chunk index -> (file id, offset, length) of the stored chunks of one xorb, but
-    those holding bytes of damaged blobs: only those are fetched again, not their
-    whole file (until 2026-12-07 a pull that healed one damaged tensor downloaded
-    every chunk of its file)."""
+                 damaged: dict[int, list[tuple[int, int]]]) -> dict[int, tuple[int, int, int, bool]]:
+    """chunk index -> (file id, offset, length, intact) of the stored chunks of one
+    xorb, an intact copy where there is one. A chunk holding bytes of damaged blobs
+    is fetched again, but its recorded length still places the chunks after it, so
+    that only such chunks are fetched, not their whole file (until 2026-12-07 a pull
+    that healed one damaged tensor downloaded every chunk of its file)."""
     if xorb not in cache:
-        cache[xorb] = {i: (f, o, n) for i, f, o, n in store.db.execute(
-            """SELECT x.chunk_index, x.file_id, x.offset, x.length FROM xet_chunks x
-               JOIN files f ON f.id = x.file_id WHERE x.xorb = ?""", [xorb])
-            if not any(a < o + n and o < b for a, b in damaged.get(f, ()))}
+        index: dict[int, tuple[int, int, int, bool]] = {}
+        for i, f, o, n in store.db.execute(
+                """SELECT x.chunk_index, x.file_id, x.offset, x.length FROM xet_chunks x
+                   JOIN files f ON f.id = x.file_id WHERE x.xorb = ?""", [xorb]):
+            intact = not any(a < o + n and o < b for a, b in damaged.get(f, ()))
+            if i not in index or (intact and not index[i][3]):
+                index[i] = (f, o, n, intact)
+        cache[xorb] = index
     return cache[xorb]
+
+
+MERGE_GAP = 1 << 20  # stored bytes between two damaged chunks that a heal fetches too: one request
+
+
+def _add(segments: list[tuple], seg: tuple, gap: int = 0) -> None:
+    """Append a segment of `_plan`; a fetch joins the fetch before it when they touch,
+    or when at most `gap` stored bytes lie between them (`MERGE_GAP` for a damaged
+    chunk: each fetch is a reconstruction request and its xorb downloads, and a heal
+    of many small damaged runs would cost more requests than bytes)."""
+    if seg[0] == "fetch":
+        k, between = len(segments) - 1, 0
+        while k >= 0 and segments[k][0] == "store" and between <= gap:
+            between += segments[k][2] - segments[k][1]
+            k -= 1
+        if k >= 0 and segments[k][0] == "fetch" and between <= gap:
+            segments[k:] = [("fetch", segments[k][1], seg[2])]
+            return
+    segments.append(seg)
 
 
 def _plan(store: "Store", recon: dict, reuse: bool) -> list[tuple]:
     """The file as segments: ("store", start, end, (xorb, idx, file, offset)) for chunks
-    the store holds, ("fetch", start, end) for byte ranges it must download."""
+    the store holds intact, ("fetch", start, end) for byte ranges it must download.
+    Within a Xet term, chunks are placed by their recorded lengths from either end;
+    from the first chunk the store has no record of to the last, the term is fetched
+    (the lengths in between are unknown)."""
     cache: dict = {}
     damaged = _damaged_ranges(store) if reuse else {}
     segments: list[tuple] = []
@@ -220,25 +247,29 @@ def _plan(store: "Store", recon: dict, reuse: bool) -> list[tuple]:
         known = [index.get(i) for i in range(s, e)]
         head, i, fwd = [], 0, pos
         while i < len(known) and known[i] is not None:
-            head.append(("store", fwd, fwd + known[i][2], (xorb, s + i, known[i][0], known[i][1])))
+            head.append(_placed(xorb, s + i, fwd, known[i]))
             fwd += known[i][2]
             i += 1
         tail, j, bwd = [], len(known) - 1, pos + n
         while j >= i and known[j] is not None:
             bwd -= known[j][2]
-            tail.insert(0, ("store", bwd, bwd + known[j][2], (xorb, s + j, known[j][0], known[j][1])))
+            tail.insert(0, _placed(xorb, s + j, bwd, known[j]))
             j -= 1
         if fwd > bwd or (i == len(known) and fwd != pos + n):  # lengths disagree: trust nothing
             head, tail, fwd, bwd = [], [], pos, pos + n
-        segments += head
-        if fwd < bwd:
-            if segments and segments[-1][0] == "fetch" and segments[-1][2] == fwd:
-                segments[-1] = ("fetch", segments[-1][1], bwd)
-            else:
-                segments.append(("fetch", fwd, bwd))
-        segments += tail
+        for seg, gap in head + ([(("fetch", fwd, bwd), 0)] if fwd < bwd else []) + tail:
+            _add(segments, seg, gap)
         pos += n
     return segments
+
+
+def _placed(xorb: str, idx: int, at: int, entry: tuple[int, int, int, bool]) -> tuple[tuple, int]:
+    """A chunk the store has a record of, at file offset `at`: a "store" segment if
+    intact, else a "fetch" of its bytes; with the gap `_add` may merge it across."""
+    file_id, offset, n, intact = entry
+    if intact:
+        return ("store", at, at + n, (xorb, idx, file_id, offset)), 0
+    return ("fetch", at, at + n), MERGE_GAP
 
 
 def _write_reconstruction(source: XetSource, recon: dict, start: int, length: int, out,
