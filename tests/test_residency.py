@@ -330,6 +330,26 @@ def test_a_pipeline_staged_on_the_host_moves_from_the_pinned_tier(family_store):
     assert pool.stage(edited) == before - weight.numel() * weight.element_size() > 0
 
 
+def staging_held_up(pool, pipe):
+    """`pool.stage(pipe)` in a thread, its copy held up until `go_on` is set; returns
+    (the thread, `go_on`, the list its result goes into) once the copy is waiting."""
+    import threading
+
+    copying, go_on, staged = threading.Event(), threading.Event(), []
+    real = pool._copy_on_host
+
+    def slow_copy(hosts, tensors):
+        copying.set()
+        assert go_on.wait(30)
+        real(hosts, tensors)
+
+    pool._copy_on_host = slow_copy
+    stager = threading.Thread(target=lambda: staged.append(pool.stage(pipe)))
+    stager.start()
+    assert copying.wait(30)
+    return stager, go_on, staged
+
+
 def test_a_move_in_another_thread_does_not_wait_for_a_staging_copy(family_store):
     """`stage` copies outside the pool's lock: a service staging the next pipeline in
     a background thread does not hold up the loads and moves of its other threads.
@@ -340,19 +360,8 @@ def test_a_move_in_another_thread_does_not_wait_for_a_staging_copy(family_store)
     pool = ResidencyPool("cpu", budget_bytes=1 << 40, pinned_budget_bytes=1 << 40)
     to_device(load(family_store, "A"), "cpu", pool=pool)
     b, b_again = load(family_store, "B"), load(family_store, "B")
-    copying, go_on = threading.Event(), threading.Event()
-    real = pool._copy_on_host
-
-    def slow_copy(hosts, tensors):
-        copying.set()
-        assert go_on.wait(30)
-        real(hosts, tensors)
-
-    pool._copy_on_host = slow_copy
-    staged, moved = [], []
-    stager = threading.Thread(target=lambda: staged.append(pool.stage(b)))
-    stager.start()
-    assert copying.wait(30)
+    stager, go_on, staged = staging_held_up(pool, b)
+    moved = []
     mover = threading.Thread(target=lambda: moved.append(to_device(b_again, "cpu", pool=pool)))
     mover.start()
     mover.join(30)
@@ -363,6 +372,27 @@ def test_a_move_in_another_thread_does_not_wait_for_a_staging_copy(family_store)
     assert done_while_copying and moved[0].bytes_from_store == delta  # not staged yet: from the store
     assert staged == [0] and pool.pinned_bytes == 0  # resident now: the staged copies went back
     assert to_device(b, "cpu", pool=pool).bytes_uploaded == 0
+
+
+def test_a_weight_edited_while_it_is_staged_is_not_kept_as_the_stores(family_store):
+    """An in-place edit of a tensor during its staging copy: the tier may hold a torn
+    or edited copy, which must not be served as the store's bytes."""
+    pool = ResidencyPool("cpu", budget_bytes=1 << 40, pinned_budget_bytes=1 << 40)
+    to_device(load(family_store, "A"), "cpu", pool=pool)
+    b = load(family_store, "B")
+    weight = b.unet.conv_in.weight
+    stager, go_on, staged = staging_held_up(pool, b)
+    with torch.no_grad():
+        weight.mul_(2.0)
+    go_on.set()
+    stager.join(30)
+    assert staged == [family_store.diff("A", "B").delta_bytes - weight.nbytes]
+    report = to_device(b, "cpu", pool=pool)  # (the edited weight: private, where it is on a CPU target)
+    assert report.bytes_from_pinned == report.bytes_uploaded == staged[0]
+    again = load(family_store, "B")
+    moved = to_device(again, "cpu", pool=pool)  # the store's conv_in: neither resident nor pinned
+    assert moved.bytes_from_store == weight.nbytes and moved.bytes_from_pinned == 0
+    assert torch.equal(again.unet.conv_in.weight * 2.0, b.unet.conv_in.weight)
 
 
 def test_staging_warns_when_the_tier_is_off_and_refuses_what_is_not_a_pipeline(family_store, caplog):

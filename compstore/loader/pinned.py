@@ -4,7 +4,8 @@ A `ResidencyPool` evicts idle tensors, least recently used first. With a pinned
 budget, those still the store's wait here, in page-locked ("pinned") host memory,
 from which a re-upload runs at the link's speed with no staging
 (`upload.Uploader`); `ResidencyPool.stage` puts a host-loaded pipeline's tensors
-here ahead of its move (`reserve`, filled outside the pool's lock, then `commit`). The tier drops its own oldest entries to stay within budget.
+here ahead of its move (`reserve`, filled outside the pool's lock, then `commit`).
+The tier drops its own oldest entries to stay within budget.
 
 Memory comes in slabs, each entry a view of one. torch's pinned allocator rounds
 every allocation up to a power of two (`CachingHostAllocator`) and keeps freed

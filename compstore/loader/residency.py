@@ -488,15 +488,21 @@ class ResidencyPool:
                            "staged; set COMPSTORE_PINNED_BUDGET or the pool's pinned_budget_bytes", self.device)
             return 0
         with self._lock, normal_tensors():
-            reserved = self._tier.reserve(list(self._not_held(pipe_or_module).items()))
+            sources = self._not_held(pipe_or_module)
+            versions = {key: t._version for key, t in sources.items()}
+            reserved = self._tier.reserve(list(sources.items()))
         try:
             self._copy_on_host([kept.host for _, kept, _ in reserved], [t for _, _, t in reserved])
         except BaseException:
             with self._lock:
                 self._tier.commit(reserved, wanted=lambda key: False)  # the regions go back
             raise
-        with self._lock:  # what another thread kept or moved meanwhile is not kept twice
-            return self._tier.commit(reserved, wanted=lambda key: self._resident_entry(key) is None)
+
+        def wanted(key: Key) -> bool:  # not made resident (or kept) by another thread meanwhile,
+            return self._resident_entry(key) is None and sources[key]._version == versions[key]  # nor edited
+
+        with self._lock:
+            return self._tier.commit(reserved, wanted)
 
     def _not_held(self, pipe_or_module) -> dict[Key, torch.Tensor]:
         """The host tensors of `pipe_or_module` that are the store's and that the pool
