@@ -635,7 +635,8 @@ def test_a_store_opens_its_catalog_once_unless_it_was_restored(family, tmp_path)
         assert opened(store) == 1
         store.backup_catalog(tmp_path / "catalog.bak")
         compstore.restore_catalog(tmp_path / "catalog.bak", store.home, force=True)
-        assert store.ref_names() == ["A"] and opened(store) == 1  # the restored file (the replaced one is not catalog.db now)
+        assert store.ref_names() == ["A"]
+        assert opened(store) == 1  # the restored file (the replaced one is not catalog.db now)
 
 
 def test_bad_catalog_backups_and_restores_are_clear_errors_and_change_nothing(store, family, tmp_path):
