@@ -603,7 +603,8 @@ def test_a_store_kept_open_through_a_restore_follows_the_restored_catalog(store,
     store.ingest(family["C"], "C")  # after the backup: gone with the restore
     # (another process, as far as `store` knows: the function opens the catalog itself)
     restore_catalog(tmp_path / "catalog.bak", store.home, force=True)
-    assert store.ref_names() == ["A"]  # a lookup follows the restored catalog
+    assert store.backup_catalog(tmp_path / "again.bak").refs == 1  # a backup is of the restored catalog
+    assert store.ref_names() == ["A"]  # a lookup follows it too
     with pytest.raises(RefNotFoundError):
         store.resolve("C")
     assert [r["name"] for r in store.ls()] == ["A"]

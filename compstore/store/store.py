@@ -857,7 +857,8 @@ class Store:
         >>> Store().backup_catalog("catalog-2026-12-07.db").refs  # doctest: +SKIP
         4
         """
-        return backup_catalog(self, dest)
+        with self.reading():  # the catalog as it is now (one a restore put in place), and none put meanwhile
+            return backup_catalog(self, dest)
 
     def verify(self, *, progress: bool = False) -> VerifyReport:
         """Re-hash every payload; `ok` is False and the refs are named on any problem.
