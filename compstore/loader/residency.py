@@ -498,8 +498,8 @@ class ResidencyPool:
                 self._tier.commit(reserved, wanted=lambda key: False)  # the regions go back
             raise
 
-        def wanted(key: Key) -> bool:  # not made resident (or kept) by another thread meanwhile,
-            return self._resident_entry(key) is None and sources[key]._version == versions[key]  # nor edited
+        def wanted(key: Key) -> bool:  # not made resident by another thread meanwhile, nor edited
+            return self._resident_entry(key) is None and sources[key]._version == versions[key]
 
         with self._lock:
             return self._tier.commit(reserved, wanted)
