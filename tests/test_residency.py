@@ -605,13 +605,15 @@ def test_a_lora_fused_into_one_pipeline_is_not_seen_by_the_others(family_store, 
     assert same_storage(q_weight(a3), q_weight(other)) and not same_storage(q_weight(a), q_weight(a3))
 
 
-@pytest.mark.parametrize("part", ["whole", "one layer"])
+@pytest.mark.parametrize("part", ["whole", "one layer", "a submodule's"])
 def test_a_state_dict_loaded_into_one_pipeline_is_not_seen_by_the_others(family_store, family, part):
     """`pipe.unet.load_state_dict(my_weights)` copies into the UNet's tensors in place.
     Through a pool those are shared with other live pipelines: until 2026-12-07 the
     copy reached them too, and the next load uploaded the UNet again (5,686,288 bytes
     of the tiny A's; /tmp/explore/hostshare.py, an exploratory script). Now the
-    loaded weights go into copies of the pipeline's own, and only those."""
+    loaded weights go into copies of the pipeline's own, and only those. The same for
+    a submodule's own `load_state_dict` (`pipe.unet.conv_in.load_state_dict(...)`),
+    which until 2026-12-08 still wrote into the shared tensors."""
     import diffusers
     from test_loader import image
 
@@ -627,12 +629,40 @@ def test_a_state_dict_loaded_into_one_pipeline_is_not_seen_by_the_others(family_
             if part == "whole" or k.startswith("conv_in.")}
     shared = shared_names()
     assert {"conv_in.weight", "conv_in.bias"} <= shared
-    a.unet.load_state_dict(mine, strict=part == "whole")
+    def load(unet):
+        if part == "a submodule's":
+            unet.conv_in.load_state_dict({k.removeprefix("conv_in."): v for k, v in mine.items()})
+        else:
+            unet.load_state_dict(mine, strict=part == "whole")
+
+    load(a.unet)
     assert shared - shared_names() == shared & set(mine)  # copies of only what it loaded
     reference = diffusers.StableDiffusionPipeline.from_pretrained(family["A"])
     np.testing.assert_array_equal(image(other), image(reference))
-    reference.unet.load_state_dict(mine, strict=part == "whole")
+    load(reference.unet)
     np.testing.assert_array_equal(image(a), image(reference))
+    compstore.DiffusionPipeline.from_pretrained("A", store=family_store, pool=pool)
+    assert pool.last_report.bytes_uploaded == 0  # the store's tensors stayed in the pool
+
+
+def test_a_state_dict_loaded_under_a_lora_is_not_seen_by_the_others(family_store):
+    """With a LoRA loaded, the weights of the layers it wraps go by their wrapped names
+    in the model's state dict (`to_q.base_layer.weight`); a `load_state_dict` under
+    those names copies into copies of the model's own too. (Until 2026-12-08 only the
+    stored names, `to_q.weight`, were looked for, and the load wrote into the tensors
+    the other live pipelines share.)"""
+    from peft import LoraConfig
+
+    pool = ResidencyPool("cpu", budget_bytes=1 << 40)
+    a, other = (compstore.DiffusionPipeline.from_pretrained("A", store=family_store, pool=pool) for _ in range(2))
+    a.unet.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=["to_q"]))
+    wrapped = next(k for k in a.unet.state_dict() if k.endswith("to_q.base_layer.weight"))
+    stored = wrapped.replace(".base_layer", "")
+    want = other.unet.get_parameter(stored).detach().clone()
+    assert same_storage(a.unet.get_parameter(wrapped), other.unet.get_parameter(stored))
+    a.unet.load_state_dict({wrapped: want + 1.0}, strict=False)
+    assert torch.equal(a.unet.get_parameter(wrapped), want + 1.0)
+    assert torch.equal(other.unet.get_parameter(stored), want)  # the other pipeline's: unchanged
     compstore.DiffusionPipeline.from_pretrained("A", store=family_store, pool=pool)
     assert pool.last_report.bytes_uploaded == 0  # the store's tensors stayed in the pool
 

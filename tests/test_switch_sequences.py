@@ -78,10 +78,17 @@ class Sequence:
         """A load onto the pool's device (or a CPU load moved there), maybe private."""
         name, private = self.rng.choice(NAMES), self.rng.random() < 0.25
         moved_after = self.rng.random() < 0.3
-        self.log.append(f"load {name} private={private} moved_after={moved_after}")
+        staged = moved_after and not private and self.rng.random() < 0.5
+        self.log.append(f"load {name} private={private} moved_after={moved_after} staged={staged}")
         if moved_after:
             ours = self.ours(name, private=private)
+            if staged:  # its delta copied into the pinned tier first (`pool.stage`)
+                staged_bytes = self.pool.stage(ours)
+                assert self.pool.pinned_bytes <= self.pool.pinned_budget_bytes
+                assert staged_bytes == 0 or self.pool.pinned_bytes > 0, staged_bytes
             report = to_device(ours, self.device, pool=self.pool, private=private)
+            if staged and staged_bytes:
+                assert report.bytes_from_pinned > 0, (staged_bytes, str(report))
         else:
             ours = self.ours(name, pool=self.pool, private=private)
             report = compstore.last_transfer()
@@ -146,17 +153,20 @@ class Sequence:
 
     def load_weights(self) -> None:
         """`model.load_state_dict(...)` of other weights for some of a live pipeline's
-        tensors: copied into copies of its own, the other live pipelines sharing
-        them keep the store's and go on being compared with their twins."""
+        tensors, or a submodule's of its own: copied into copies of its own, the other
+        live pipelines sharing them keep the store's and go on being compared with
+        their twins."""
         if not self.live:
             return
         live = self.rng.choice(self.live)
         slot, seed = self.rng.choice(MODELS), self.rng.randrange(1 << 16)
-        names = sorted(getattr(live.ours, slot).state_dict())
+        subs = sorted(n for n, m in getattr(live.ours, slot).named_modules() if n and m._parameters)
+        sub = self.rng.choice(subs) if self.rng.random() < 0.5 else ""  # "": the model's own
+        names = sorted(getattr(live.ours, slot).get_submodule(sub).state_dict())
         picked = self.rng.sample(names, max(1, len(names) // 4))
-        self.log.append(f"load_state_dict of {len(picked)} {slot} tensors ({seed}) into {live.name}")
+        self.log.append(f"load_state_dict of {len(picked)} {slot}.{sub} tensors ({seed}) into {live.name}")
         for pipe in (live.ours, live.twin):
-            model = getattr(pipe, slot)
+            model = getattr(pipe, slot).get_submodule(sub)
             torch.manual_seed(seed)
             weights = model.state_dict()
             model.load_state_dict({k: weights[k] * (1 + 0.01 * torch.randn_like(weights[k].float())).to(

@@ -274,6 +274,8 @@ class ResidencyPool:
         self._background: ThreadPoolExecutor | None = None
         self._lock = threading.RLock()  # entries change under loads and moves of any thread
         self.last_report: TransferReport | None = None
+        with _EVERY_POOL_LOCK:
+            _EVERY_POOL.add(self)
 
     def __deepcopy__(self, memo):  # the device's pool: a copied pipeline goes on using it
         return self
@@ -792,14 +794,17 @@ class ResidencyPool:
 
     @_locked
     def own_copies(self, module: torch.nn.Module, tensors: list[torch.Tensor]) -> None:
-        """Give `module` copies of its own of those `tensors` (its parameters or buffers)
-        that are pool tensors, before it edits them in place: an edit of a shared tensor
-        would reach every model that holds it (`fuse_lora`: `routing._merging_lora`).
-        The pool's tensors stay, idle if no other module uses them: a later load of the
-        same weights reuses them."""
+        """Give `module` (a model, a wrapper of models, or any module inside one) copies
+        of its own of those `tensors` (its parameters or buffers) that are pool tensors,
+        before it edits them in place: an edit of a shared tensor would reach every model
+        that holds it (`fuse_lora`, `load_state_dict`: routing.py). The pool's tensors
+        stay, idle if no other module uses them: a later load of the same weights
+        reuses them."""
         module = compiled_module(module)
-        resident = {storage_of(e.tensor) for e in self._uses.get(module, ())}
-        wanted = {id(t) for t in tensors if storage_of(t) in resident}
+        asked = {storage_of(t) for t in tensors}
+        ours = {storage_of(e.tensor): e for e in (*self._resident.values(), *(e for uses in self._uses.values()
+                                                                               for e in uses))}
+        wanted = {id(t) for t in tensors if storage_of(t) in ours}
         if not wanted:  # (a LoRA's `load_state_dict`: its own tensors only)
             return
         copies: dict[int, torch.Tensor] = {}  # a tied tensor: one copy, every use points at it
@@ -811,7 +816,14 @@ class ResidencyPool:
                     copies[id(t)] = (torch.nn.Parameter(t.detach().clone(), requires_grad=t.requires_grad)
                                      if isinstance(t, torch.nn.Parameter) else t.detach().clone())
                 (owner._parameters if attr in owner._parameters else owner._buffers)[attr] = copies[id(t)]
-        self.release_replaced(module)  # (the pool's lock is reentrant)
+        # The models using those entries: the one `module` is (in), which no longer holds
+        # them, and any other sharing them, which still does (`_forget_replaced` tells).
+        replaced = {ours[s] for s in asked if s in ours}
+        for user, uses in list(self._uses.items()):
+            if isinstance(user, torch.nn.Module) and not uses.isdisjoint(replaced):
+                self._forget_replaced(user)
+        self._count_gone()
+        self._evict()
 
     def _forget_replaced(self, module: torch.nn.Module) -> None:
         """`module` stops using the entries whose tensors it no longer holds."""
@@ -866,7 +878,7 @@ def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-def named_tensors(module: torch.nn.Module):
+def named_tensors(module: torch.nn.Module, stored_names: bool = True):
     """(state_dict-style name, owner module, attribute, tensor) of every parameter and
     buffer, through every path (tied and shared ones once per path): the one walk of
     a module's tensors that binding, store keys, templates and moves share.
@@ -874,9 +886,10 @@ def named_tensors(module: torch.nn.Module):
     A layer that peft wrapped to add a LoRA (`to_q` -> `to_q.base_layer`) keeps its
     weights' stored names here: they are still the store's tensors, and a move or a
     cast must find their records (until 2026-12-07 a loaded, unfused LoRA made them
-    private: every move uploaded them again)."""
+    private: every move uploaded them again). `stored_names=False`: the names the
+    module's own `state_dict` has (`to_q.base_layer.weight`)."""
     for owner_name, owner in module.named_modules(remove_duplicate=False):
-        if "base_layer" in owner_name:
+        if stored_names and "base_layer" in owner_name:
             owner_name = ".".join(part for part in owner_name.split(".") if part != "base_layer")
         prefix = f"{owner_name}." if owner_name else ""
         for table in (owner._parameters, owner._buffers):
@@ -887,6 +900,14 @@ def named_tensors(module: torch.nn.Module):
 
 _POOLS: dict[str, ResidencyPool] = {}
 _POOLS_LOCK = threading.Lock()
+_EVERY_POOL: "weakref.WeakSet[ResidencyPool]" = weakref.WeakSet()  # `pool_for`'s and those users made
+_EVERY_POOL_LOCK = threading.Lock()
+
+
+def pools_holding_tensors() -> list[ResidencyPool]:
+    """The pools of this process that hold tensors (resident, or used by a module)."""
+    with _EVERY_POOL_LOCK:
+        return [pool for pool in _EVERY_POOL if pool._resident or len(pool._uses)]
 
 
 def free_bytes(device: torch.device) -> int | None:

@@ -27,7 +27,7 @@ from typing import Callable
 import torch
 
 from .residency import (POOL, STORE_KEYS, ResidencyPool, canonical_device, named_tensors, pipeline_modules,
-                        storage_of, store_models_in, to_device, unrouted)
+                        pools_holding_tensors, storage_of, store_models_in, to_device, unrouted)
 
 _MOVING = contextvars.ContextVar("compstore_moving", default=False)
 
@@ -60,9 +60,9 @@ def route_through_pool(obj) -> None:
     counters do not see, so the pool would go on serving the fused bytes as the
     store's. After either call, the weights of every LoRA-wrapped layer count as
     edited (`_mark_lora_merges`): never served again, private on later moves.
-    And a module's `load_state_dict`, which copies into its tensors in place
-    (`_loading_state_dict`: into copies of its own; a wrapper's, into copies of its
-    models' own)."""
+    And every module's `load_state_dict` (a model's, a wrapper's of models, a
+    submodule's), which copies into its tensors in place (`_loading_state_dict`: into
+    copies of its own)."""
     obj.__dict__[ROUTED] = _route_methods(type(obj))
     if not isinstance(obj, torch.nn.Module):  # a pipeline: also the wrappers diffusers made of its models
         for c in obj.components.values():  # (`controlnet=[canny, depth]`: an offload hook moves the wrapper)
@@ -81,10 +81,13 @@ def _route_methods(cls: type) -> "_Routing":
         _route_class(cls, "cuda", _routed_cuda)
         for name in ("half", "float", "bfloat16"):  # casts that do not go through `.to`
             _route_class(cls, name, _ROUTED_CASTS[name])
-        _route_class(cls, "load_state_dict", _loading_state_dict)
     for name in ("fuse_lora", "unfuse_lora"):
         if callable(getattr(cls, name, None)):
             _route_class(cls, name, _ROUTED_MERGES[name])
+    # Every module's: a submodule's (`pipe.unet.conv_in.load_state_dict(...)`) writes
+    # into a model's tensors too, and no instance of its class is marked.
+    _route_class(torch.nn.Module, "load_state_dict", _loading_state_dict,
+                 marked=lambda module: bool(pools_holding_tensors()))
     _route_compiled_wrappers()
     return _Routing(cls)
 
@@ -195,16 +198,15 @@ def _loading_state_dict(module, state_dict, strict: bool = True, assign: bool = 
     the pool goes on serving them. (`assign=True` puts new tensors in place: nothing
     is written into the pool's. A LoRA's state dict names only its own tensors.)
     Until 2026-12-07 loading a fine-tune's weights into one pipeline's UNet changed
-    every live pipeline sharing it, and the next load uploaded that UNet again. A
-    wrapper's (`controlnet=[canny, depth]`) reaches the models it holds, each under
-    its path in the wrapper."""
+    every live pipeline sharing it, and the next load uploaded that UNet again; the
+    same for a wrapper's (`controlnet=[canny, depth]`), and until 2026-12-08 for a
+    submodule's (`pipe.unet.conv_in.load_state_dict(...)`)."""
     if not assign:
-        for path, model in pipeline_modules(module).items():  # `module`, or a wrapper's models too
-            pool = getattr(model, POOL, None) or getattr(module, POOL, None)
-            if pool is not None:
-                prefix = f"{path}." if path else ""
-                pool.own_copies(model, [t for name, _, _, t in named_tensors(model) if prefix + name in state_dict])
-    return unrouted(type(module).load_state_dict)(module, state_dict, strict=strict, assign=assign)
+        names = set(state_dict)
+        loaded = [t for name, _, _, t in named_tensors(module, stored_names=False) if name in names]
+        for pool in pools_holding_tensors():
+            pool.own_copies(module, loaded)
+    return unrouted(torch.nn.Module.load_state_dict)(module, state_dict, strict=strict, assign=assign)
 
 
 def _is_device(a) -> bool:
