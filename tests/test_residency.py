@@ -613,7 +613,7 @@ def test_a_state_dict_loaded_into_one_pipeline_is_not_seen_by_the_others(family_
     of the tiny A's; /tmp/explore/hostshare.py, an exploratory script). Now the
     loaded weights go into copies of the pipeline's own, and only those. The same for
     a submodule's own `load_state_dict` (`pipe.unet.conv_in.load_state_dict(...)`),
-    which until 2026-12-08 still wrote into the shared tensors."""
+    which until 2026-12-07 still wrote into the shared tensors."""
     import diffusers
     from test_loader import image
 
@@ -648,7 +648,7 @@ def test_a_state_dict_loaded_into_one_pipeline_is_not_seen_by_the_others(family_
 def test_a_state_dict_loaded_under_a_lora_is_not_seen_by_the_others(family_store):
     """With a LoRA loaded, the weights of the layers it wraps go by their wrapped names
     in the model's state dict (`to_q.base_layer.weight`); a `load_state_dict` under
-    those names copies into copies of the model's own too. (Until 2026-12-08 only the
+    those names copies into copies of the model's own too. (Until 2026-12-07 only the
     stored names, `to_q.weight`, were looked for, and the load wrote into the tensors
     the other live pipelines share.)"""
     from peft import LoraConfig

@@ -801,10 +801,9 @@ class ResidencyPool:
         stay, idle if no other module uses them: a later load of the same weights
         reuses them."""
         module = compiled_module(module)
-        asked = {storage_of(t) for t in tensors}
-        ours = {storage_of(e.tensor): e for e in (*self._resident.values(), *(e for uses in self._uses.values()
-                                                                               for e in uses))}
-        wanted = {id(t) for t in tensors if storage_of(t) in ours}
+        pooled = {storage_of(e.tensor): e for e in (*self._resident.values(),
+                                                    *(e for uses in self._uses.values() for e in uses))}
+        wanted = {id(t): pooled[s] for t in tensors if (s := storage_of(t)) in pooled}
         if not wanted:  # (a LoRA's `load_state_dict`: its own tensors only)
             return
         copies: dict[int, torch.Tensor] = {}  # a tied tensor: one copy, every use points at it
@@ -818,7 +817,7 @@ class ResidencyPool:
                 (owner._parameters if attr in owner._parameters else owner._buffers)[attr] = copies[id(t)]
         # The models using those entries: the one `module` is (in), which no longer holds
         # them, and any other sharing them, which still does (`_forget_replaced` tells).
-        replaced = {ours[s] for s in asked if s in ours}
+        replaced = set(wanted.values())
         for user, uses in list(self._uses.items()):
             if isinstance(user, torch.nn.Module) and not uses.isdisjoint(replaced):
                 self._forget_replaced(user)

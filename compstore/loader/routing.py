@@ -199,7 +199,7 @@ def _loading_state_dict(module, state_dict, strict: bool = True, assign: bool = 
     is written into the pool's. A LoRA's state dict names only its own tensors.)
     Until 2026-12-07 loading a fine-tune's weights into one pipeline's UNet changed
     every live pipeline sharing it, and the next load uploaded that UNet again; the
-    same for a wrapper's (`controlnet=[canny, depth]`), and until 2026-12-08 for a
+    same for a wrapper's (`controlnet=[canny, depth]`), and until 2026-12-07 for a
     submodule's (`pipe.unet.conv_in.load_state_dict(...)`)."""
     if not assign:
         names = set(state_dict)

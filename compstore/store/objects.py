@@ -220,6 +220,18 @@ class PackFiles:
             return False
         return True
 
+    def drop_deleted(self) -> None:
+        """Close the mappings of packs whose files are gone: another process's gc
+        deleted them (a mapping holds a deleted file's disk space, as an open file does).
+        One a view still uses lives on with the view."""
+        for pack in [p for p in list(self._maps) if not self.path(p).exists()]:
+            m = self._maps.pop(pack, None)
+            try:
+                if m is not None:
+                    m.close()
+            except BufferError:
+                pass
+
     def close(self) -> None:
         for m in self._maps.values():
             try:

@@ -289,12 +289,21 @@ class Store:
         self.db, self._catalog_file = db, now
         self._closers.append(weakref.finalize(self, _close_catalog, db.conn))
 
+    def _follow_what_others_did(self) -> None:
+        """At the start of an operation (holding a lock, so that neither a restore nor a
+        gc runs meanwhile): reopen a restored catalog, and let go of the packs a gc
+        elsewhere deleted. Until 2026-12-07 a Store kept every pack it had mapped (to
+        compare an ingest's bytes, rebuild a pulled file, export) until `close()`: after
+        `rm` and `gc` in another process, a long-running one held their disk space."""
+        self._follow_the_catalog()
+        self.packs.drop_deleted()
+
     @contextlib.contextmanager
     def writing(self, timeout_s: float | None = None) -> Iterator[None]:
         """The store's write lock, held by every catalog writer (`StoreBusyError` after
         `timeout_s`; default: the `COMPSTORE_LOCK_TIMEOUT` setting, 600 s)."""
         with write_lock(self.home, timeout_s=timeout_s):
-            self._follow_the_catalog()
+            self._follow_what_others_did()
             yield
 
     def __enter__(self) -> "Store":
@@ -712,7 +721,7 @@ class Store:
         catalog row and unlinks no pack while any reader holds it (it waits). A
         read-only store takes no lock (it cannot make the lock file)."""
         with contextlib.nullcontext() if self.read_only else shared_readers(self.home):
-            self._follow_the_catalog()
+            self._follow_what_others_did()
             yield
 
     @contextlib.contextmanager
