@@ -268,8 +268,10 @@ def run(store, family, seed: int, device: str = "cpu", steps: int = 48) -> None:
     assert store_state(store.home) == before and store.verify().ok
 
 
-# Seeds 4 and 5 never upload from the pinned tier (`run`'s last check); of these, 2 and 6
-# fail with fuse_lora's copy-on-write undone, 0, 1, 2 and 6 with load_state_dict's.
-@pytest.mark.parametrize("seed", [0, 1, 2, 3, 6])
+# Seeds 2, 8 and 15 never upload from the pinned tier (`run`'s last check). Of these,
+# 5 and 9 fail with fuse_lora's copy-on-write undone; 0, 5, 9 and 13 with
+# load_state_dict's; 9 and 13 with it for models only (a submodule's unseen, as before
+# 2026-12-07); 5, 7, 9 and 13 with `stage` not copying what it reserves.
+@pytest.mark.parametrize("seed", [0, 5, 7, 9, 13])
 def test_random_switch_sequences_match_plain_diffusers(family_store, family, seed):
     run(family_store, family, seed)
