@@ -7,8 +7,9 @@ tier and from the store. Every live pipeline has a twin: the same pipeline loade
 plain diffusers, to which every step does what it does to ours (a cast there and
 back, components passed between pipelines, in-place edits of private copies). After
 each step the weights of every pipeline equal its twin's, bit for bit, and now and
-then its image does too. Steps also add, fuse, unfuse and unload LoRAs and add tokens
-(a textual inversion's resized embedding). An in-place edit of a shared (pooled) tensor reaches the
+then its image does too. Steps also add, fuse, unfuse and unload LoRAs, add tokens
+(a textual inversion's resized embedding), load state dicts into a model or one of its
+submodules, and stage a load's delta in the pinned tier before its move (`pool.stage`). An in-place edit of a shared (pooled) tensor reaches the
 live pipelines that share it, as the pool documents; from then on those are not
 compared, but every later load must get the store's bytes again.
 """
