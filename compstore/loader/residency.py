@@ -801,6 +801,8 @@ class ResidencyPool:
         stay, idle if no other module uses them: a later load of the same weights
         reuses them."""
         module = compiled_module(module)
+        if not any(t.device == self.device for t in tensors):  # (a module on the host, new layers)
+            return
         pooled = {storage_of(e.tensor): e for e in (*self._resident.values(),
                                                     *(e for uses in self._uses.values() for e in uses))}
         wanted = {id(t): pooled[s] for t in tensors if (s := storage_of(t)) in pooled}
