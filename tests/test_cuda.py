@@ -279,9 +279,12 @@ def test_a_state_dict_loaded_on_the_gpu_is_not_seen_by_the_others(family_store, 
     torch.manual_seed(0)
     mine = {k: v + 0.01 * torch.randn_like(v) for k, v in a.unet.state_dict().items()}
     a.unet.load_state_dict(mine)
+    conv = {k: v + 1.0 for k, v in a.vae.decoder.conv_out.state_dict().items()}
+    a.vae.decoder.conv_out.load_state_dict(conv)  # a submodule's own (since 2026-12-07)
     reference = diffusers.StableDiffusionPipeline.from_pretrained(family["A"]).to("cuda")
     np.testing.assert_array_equal(image(other), image(reference))
     reference.unet.load_state_dict(mine)
+    reference.vae.decoder.conv_out.load_state_dict(conv)
     np.testing.assert_array_equal(image(a), image(reference))
 
 
