@@ -92,6 +92,30 @@ def open_catalog(path: Path, timeout_s: float = 60.0, read_only: bool = False) -
     return sqlite_utils.Database(conn)
 
 
+@contextmanager
+def _immediate(db: sqlite_utils.Database) -> Iterator[None]:
+    """A transaction that takes SQLite's write lock at its start (BEGIN IMMEDIATE), through
+    the busy timeout. sqlite-utils' `atomic()` begins deferred: its first statement reads,
+    and asking for the write lock inside a read transaction is refused at once ("database
+    is locked": SQLite does not wait there, lest two such transactions deadlock) while
+    another connection holds it, as one does that runs WAL recovery on first opening a new
+    catalog. Until 2026-12-07 a new store opened by 16 threads at once failed so in 2 of
+    1,500 rounds (/tmp/explore/openers16.py, an exploratory script; 8 threads, once in a
+    run of the test suite). Within a transaction: a savepoint of it, as `atomic()` makes."""
+    if db.conn.in_transaction:
+        with db.atomic():
+            yield
+        return
+    db.conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    except BaseException:
+        if db.conn.in_transaction:
+            db.conn.execute("ROLLBACK")
+        raise
+    db.conn.execute("COMMIT")
+
+
 def schema_ready(db: sqlite_utils.Database) -> bool:
     """Whether the catalog has every table: if not, `ensure_schema` must write, under
     the store's write lock (processes opening a new store at once would race)."""
@@ -120,7 +144,7 @@ def ensure_schema(db: sqlite_utils.Database, read_only: bool = False) -> None:
                              "compstore catalog: this folder is not a store (open it writable to make one)")
     if db.journal_mode != "wal":  # kept in the file: every later connection is in WAL mode
         db.enable_wal()
-    with db.atomic():
+    with _immediate(db):
         db["packs"].create({"name": str, "size": int}, pk="name")
         db["blobs"].create(
             {"id": int, "xxh3": str, "size": int, "pack": str, "offset": int},
@@ -202,7 +226,7 @@ def _create_later_tables(db: sqlite_utils.Database) -> None:
     file whose sha256 the store no longer holds is read; damaged_blobs: a row is
     trusted only while its blob is still where verify found it; revision_names: a
     commit no ref holds any more is not found offline, as before the row)."""
-    with db.atomic():
+    with _immediate(db):
         db["xet_chunks"].create(
             {"xorb": str, "chunk_index": int, "file_id": int, "offset": int, "length": int},
             pk=("xorb", "chunk_index", "file_id"), if_not_exists=True)
