@@ -197,10 +197,12 @@ def _loading_state_dict(module, state_dict, strict: bool = True, assign: bool = 
     first (as for `fuse_lora`), so that the other models keep the store's weights and
     the pool goes on serving them. (`assign=True` puts new tensors in place: nothing
     is written into the pool's. A LoRA's state dict names only its own tensors.)
-    Until 2026-12-07 loading a fine-tune's weights into one pipeline's UNet changed
-    every live pipeline sharing it, and the next load uploaded that UNet again; the
-    same for a wrapper's (`controlnet=[canny, depth]`), and until 2026-12-07 for a
-    submodule's (`pipe.unet.conv_in.load_state_dict(...)`)."""
+    Until 2026-12-07 loading a fine-tune's weights into one pipeline's UNet (or into a
+    wrapper of models, `controlnet=[canny, depth]`, or a submodule,
+    `pipe.unet.conv_in.load_state_dict(...)`) changed every live pipeline sharing it,
+    and the next load uploaded those tensors again. Routed on `torch.nn.Module`, it
+    acts only while some pool holds tensors, and a module's state-dict names (a LoRA's
+    `to_q.base_layer.weight` too) find its tensors."""
     if not assign:
         names = set(state_dict)
         loaded = [t for name, _, _, t in named_tensors(module, stored_names=False) if name in names]
