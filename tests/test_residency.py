@@ -629,6 +629,7 @@ def test_a_state_dict_loaded_into_one_pipeline_is_not_seen_by_the_others(family_
             if part == "whole" or k.startswith("conv_in.")}
     shared = shared_names()
     assert {"conv_in.weight", "conv_in.bias"} <= shared
+
     def load(unet):
         if part == "a submodule's":
             unet.conv_in.load_state_dict({k.removeprefix("conv_in."): v for k, v in mine.items()})

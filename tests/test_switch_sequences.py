@@ -9,9 +9,10 @@ back, components passed between pipelines, in-place edits of private copies). Af
 each step the weights of every pipeline equal its twin's, bit for bit, and now and
 then its image does too. Steps also add, fuse, unfuse and unload LoRAs, add tokens
 (a textual inversion's resized embedding), load state dicts into a model or one of its
-submodules, and stage a load's delta in the pinned tier before its move (`pool.stage`). An in-place edit of a shared (pooled) tensor reaches the
-live pipelines that share it, as the pool documents; from then on those are not
-compared, but every later load must get the store's bytes again.
+submodules, and stage a load's delta in the pinned tier before its move (`pool.stage`).
+An in-place edit of a shared (pooled) tensor reaches the live pipelines that share it,
+as the pool documents; from then on those are not compared, but every later load must
+get the store's bytes again.
 """
 
 import gc
