@@ -222,20 +222,17 @@ class PackFiles:
 
     def drop_deleted(self) -> None:
         """Close the mappings of packs whose files are gone: another process's gc
-        deleted them (a mapping holds a deleted file's disk space, as an open file does).
-        One a view still uses lives on with the view."""
-        for pack in [p for p in list(self._maps) if not self.path(p).exists()]:
-            m = self._maps.pop(pack, None)
-            try:
-                if m is not None:
-                    m.close()
-            except BufferError:
-                pass
+        deleted them (a mapping holds a deleted file's disk space, as an open file does)."""
+        self._let_go([p for p in list(self._maps) if not self.path(p).exists()])
 
     def close(self) -> None:
-        for m in self._maps.values():
-            try:
-                m.close()
-            except BufferError:
-                pass  # a tensor still views it; the mapping lives as long as that tensor
-        self._maps.clear()
+        self._let_go(list(self._maps))
+
+    def _let_go(self, packs: list[str]) -> None:
+        for pack in packs:
+            m = self._maps.pop(pack, None)
+            if m is not None:
+                try:
+                    m.close()
+                except BufferError:
+                    pass  # a tensor still views it; the mapping lives as long as that tensor
