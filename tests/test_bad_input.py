@@ -9,6 +9,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+import compstore
 from compstore import InvalidInputError, PickleRefusedError
 from compstore.cli import cli
 from conftest import store_state
@@ -348,22 +349,23 @@ def test_a_quantization_config_that_cannot_load_fails_as_diffusers_fails_before_
     compstore.DiffusionPipeline.from_pretrained(str(family["A"]), store=store, quantization_config=None)
 
 
-def test_a_model_saved_quantized_is_refused_by_name(store, pipeline_copy):
-    """A model whose config.json says it was saved quantized (a bitsandbytes 4-bit
-    repo) is built by no compstore load: a folder is refused before its ingest, a
-    stored ref at the build. Passed in, or another slot, it loads."""
-    import compstore
-
+@pytest.mark.parametrize("saved, error, message", [
+    ({"load_in_4bit": True}, compstore.CompstoreError,
+     r"copy-A/unet: the quantization_config of its config.json names no quant_method"),
+    ({"quant_method": "no-such-method"}, ValueError, r"Unknown quantization type, got no-such-method"),
+], ids=["no method", "an unknown method"])
+def test_a_model_saved_quantized_that_no_library_loads_is_refused_before_its_ingest(store, pipeline_copy, saved,
+                                                                                   error, message):
+    """A model whose config.json's `quantization_config` names no method, or one no
+    library knows: a folder is refused before its ingest (the library's own error for
+    the unknown one), a stored ref at the build. Passed in, or another slot, it loads."""
     folder = pipeline_copy("A")
     config_path = folder / "unet" / "config.json"
-    config = json.loads(config_path.read_text())
-    config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
-    config_path.write_text(json.dumps(config))
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "quantization_config": saved}))
     before = store_state(store.home)
-    message = r"copy-A/unet: its config.json says it was saved quantized \(bitsandbytes\)"
-    with pytest.raises(compstore.CompstoreError, match=message):
+    with pytest.raises(error, match=message):
         compstore.DiffusionPipeline.from_pretrained(str(folder), store=store)
-    with pytest.raises(compstore.CompstoreError, match=message):
+    with pytest.raises(error, match=message):
         compstore.load_component(str(folder), "unet", store=store)
     assert store_state(store.home) == before and store.ls() == []
 
@@ -374,8 +376,29 @@ def test_a_model_saved_quantized_is_refused_by_name(store, pipeline_copy):
 
     store.ingest(folder, "quantized")  # the store holds it as published ...
     before = store_state(store.home)
-    with pytest.raises(compstore.CompstoreError, match=r"quantized/unet: .*saved quantized \(bitsandbytes\)"):
+    with pytest.raises(error, match=message.replace("copy-A", "quantized")):
         compstore.DiffusionPipeline.from_pretrained("quantized", store=store)  # ... and builds none of it
+    assert store_state(store.home) == before
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="bitsandbytes loads where a GPU is")
+def test_a_model_saved_with_bitsandbytes_is_refused_without_a_gpu_as_diffusers_refuses_it(store, pipeline_copy):
+    """diffusers loads a bitsandbytes model on a GPU only, with bitsandbytes installed:
+    here, diffusers' own error ("No GPU found", or bitsandbytes' absence), before the
+    folder is ingested."""
+    import diffusers
+
+    folder = pipeline_copy("A")
+    config_path = folder / "unet" / "config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()),
+                                       "quantization_config": {"quant_method": "bitsandbytes", "load_in_4bit": True}}))
+    with pytest.raises(Exception) as theirs:
+        diffusers.UNet2DConditionModel.from_pretrained(folder, subfolder="unet")
+    before = store_state(store.home)
+    with pytest.raises(Exception) as ours:
+        compstore.DiffusionPipeline.from_pretrained(str(folder), store=store)
+    assert (type(ours.value), str(ours.value)) == (type(theirs.value), str(theirs.value))
+    assert "bitsandbytes" in str(ours.value) or "No GPU found" in str(ours.value)
     assert store_state(store.home) == before
 
 

@@ -387,3 +387,31 @@ def test_a_bitsandbytes_4_bit_unet_loads_on_the_gpu_as_diffusers_loads_it(family
     a, b = ours.unet.state_dict(), theirs.unet.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     np.testing.assert_array_equal(image(ours), image(theirs))
+
+
+def test_a_unet_saved_4_bit_with_bitsandbytes_loads_on_the_gpu_as_diffusers_loads_it(family, store, tmp_path):
+    """A pipeline folder whose UNet was saved in nf4 (as quantized repos publish it):
+    from the store, the same quantized UNet on the GPU and the same image as diffusers'
+    load of the folder."""
+    import shutil
+
+    import diffusers
+    from test_loader import image
+
+    pytest.importorskip("bitsandbytes")
+    folder = tmp_path / "A-nf4"
+    shutil.copytree(family["A"], folder)
+    nf4 = diffusers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                       bnb_4bit_compute_dtype=torch.float16)
+    unet = diffusers.UNet2DConditionModel.from_pretrained(family["A"], subfolder="unet", quantization_config=nf4,
+                                                          dtype=torch.float16)
+    shutil.rmtree(folder / "unet")
+    unet.save_pretrained(folder / "unet")
+    ours = compstore.DiffusionPipeline.from_pretrained(str(folder), store=store, dtype=torch.float16,
+                                                       device_map="cuda")
+    theirs = diffusers.DiffusionPipeline.from_pretrained(folder, dtype=torch.float16).to("cuda")
+    assert ours.unet.is_loaded_in_4bit and ours.unet.hf_quantizer.pre_quantized
+    assert {p.device.type for p in ours.unet.parameters()} == {"cuda"}
+    a, b = ours.unet.state_dict(), theirs.unet.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    np.testing.assert_array_equal(image(ours), image(theirs))

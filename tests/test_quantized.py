@@ -4,7 +4,8 @@ file's while it loads them (compstore/loader/quantized.py).
 torchao's int8 weight-only quantization runs on CPU, so it stands for every backend
 here: bitsandbytes goes through the same quantizer hooks, but diffusers' needs a GPU.
 Each load is compared with the library's own `from_pretrained(..., quantization_config=)`
-of the same folder: module and tensor types, dtypes, values, configs, images."""
+of the same folder: module and tensor types, dtypes, values, configs, images. A model
+saved quantized is compared with the library's `from_pretrained` of its folder."""
 
 import logging
 
@@ -201,6 +202,100 @@ def test_a_text_encoder_loads_8_bit_with_bitsandbytes_as_transformers_loads_it(f
     ours = compstore.CLIPTextModel.from_pretrained("A", subfolder="text_encoder", quantization_config=config(),
                                                    store=family_store)
     theirs = transformers.CLIPTextModel.from_pretrained(family["A"] / "text_encoder", quantization_config=config())
+    a, b = ours.state_dict(), theirs.state_dict()
+    assert a.keys() == b.keys()
+    assert "Int8Params" in {type(p).__name__ for p in ours.parameters()}
+    for name in a:
+        assert (type(a[name]), a[name].dtype) == (type(b[name]), b[name].dtype) and torch.equal(a[name], b[name])
+    ids = torch.tensor([[0, 5, 9, 2]])
+    with torch.no_grad():
+        assert torch.equal(ours(ids).last_hidden_state, theirs(ids).last_hidden_state)
+
+
+@pytest.fixture(scope="module")
+def saved_int8(family, tmp_path_factory):
+    """Family member A with its UNet and text encoder saved quantized by their own
+    libraries (torchao int8, safetensors: the tensor subclasses flattened, described in
+    the files' metadata), as a quantized repo publishes them."""
+    import shutil
+
+    folder = tmp_path_factory.mktemp("saved") / "A-int8"
+    shutil.copytree(family["A"], folder)
+    unet = diffusers.UNet2DConditionModel.from_pretrained(family["A"], subfolder="unet", quantization_config=int8(),
+                                                          dtype=torch.bfloat16)
+    te = transformers.CLIPTextModel.from_pretrained(family["A"] / "text_encoder",
+                                                    quantization_config=int8(transformers), dtype=torch.bfloat16)
+    for slot, model in (("unet", unet), ("text_encoder", te)):
+        shutil.rmtree(folder / slot)
+        model.save_pretrained(folder / slot, safe_serialization=True)
+    return folder
+
+
+def test_a_model_saved_quantized_loads_as_its_library_loads_it(store, saved_int8):
+    """A pipeline folder whose UNet and text encoder were saved quantized: the same
+    quantized modules and image as diffusers' load of the folder, the files stored as
+    published, and each load a model of its own, which a pool moves whole."""
+    from conftest import recorded_sha256, tree_sha256
+    from test_loader import image
+    from test_residency import CountingCopier
+
+    pipe = compstore.DiffusionPipeline.from_pretrained(str(saved_int8), dtype=torch.bfloat16, store=store)
+    theirs = diffusers.DiffusionPipeline.from_pretrained(saved_int8, dtype=torch.bfloat16)
+    same_quantized(pipe.unet, theirs.unet)
+    same_quantized(pipe.text_encoder, theirs.text_encoder)
+    assert pipe.unet.hf_quantizer.pre_quantized and pipe.text_encoder.hf_quantizer.pre_quantized
+    assert {**theirs.unet.config, "_name_or_path": pipe.unet.config._name_or_path} == dict(pipe.unet.config)
+    assert (image(pipe) == image(theirs)).all()
+    assert recorded_sha256(store, str(saved_int8.resolve())) == tree_sha256(saved_int8)
+
+    unet = compstore.load_component(str(saved_int8), "unet", store=store)
+    same_quantized(unet, theirs.unet)
+    assert not getattr(unet, STORE_KEYS, None)
+    assert unet.conv_in.weight.data_ptr() != pipe.unet.conv_in.weight.data_ptr()
+
+    copier = CountingCopier()
+    pool = compstore.ResidencyPool("meta", budget_bytes=1 << 40, copier=copier)
+    moved = {c.component: c for c in compstore.to_device(pipe, "meta", pool=pool).components}
+    assert {t.device.type for t in pipe.unet.state_dict().values()} == {"meta"}
+    assert moved["unet"].bytes_from_store > 0 and not pool._uses.get(pipe.unet)  # moved whole, unpooled
+    assert copier.bytes == moved["vae"].bytes_from_store  # only the VAE went through the pool's copier
+
+
+def test_a_model_saved_quantized_whose_pieces_are_incomplete_is_refused(store, saved_int8, tmp_path):
+    """A saved-quantized UNet file missing one piece of a flattened torchao tensor: a
+    one-line error naming it at the load, nothing built."""
+    import shutil
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "cut"
+    shutil.copytree(saved_int8, folder)
+    path = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    with safe_open(path, "pt") as f:
+        metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    cut = sorted(k for k in tensors if k.endswith("_weight_scale"))[0]
+    del tensors[cut]
+    save_file(tensors, path, metadata=metadata)
+    with pytest.raises(compstore.CompstoreError, match=r"cut/unet: stored pieces of torchao tensors with no "
+                                                       r"whole made of them \(.*_weight_qdata"):
+        compstore.load_component(str(folder), "unet", store=store)
+
+
+def test_a_text_encoder_saved_8_bit_with_bitsandbytes_loads_as_transformers_loads_it(store, family, tmp_path):
+    """A CLIP text encoder saved 8-bit by bitsandbytes (int8 weights and their SCB
+    scales, plain tensors of the file): from the store, the same Int8Params and outputs
+    as transformers' load of the folder. Run where bitsandbytes is installed (see the
+    test above)."""
+    pytest.importorskip("bitsandbytes")
+
+    saved = tmp_path / "te-8bit"
+    transformers.CLIPTextModel.from_pretrained(
+        family["A"] / "text_encoder",
+        quantization_config=transformers.BitsAndBytesConfig(load_in_8bit=True)).save_pretrained(saved)
+    theirs = transformers.CLIPTextModel.from_pretrained(saved)
+    ours = compstore.CLIPTextModel.from_pretrained(str(saved), store=store)
+    assert ours.hf_quantizer.pre_quantized
     a, b = ours.state_dict(), theirs.state_dict()
     assert a.keys() == b.keys()
     assert "Int8Params" in {type(p).__name__ for p in ours.parameters()}

@@ -30,6 +30,7 @@ from ..store.objects import blob_hash
 from . import warm
 from .loading import exclusive_load
 from .names import checkpoint_renames
+from .quantized import saved_quantization
 from .residency import (STORE_KEYS, ResidencyPool, StoreKeys, as_shape, named_tensors, record_store_keys,
                         store_record, to_device)
 from .routing import route_through_pool
@@ -156,8 +157,9 @@ def prepare_model(
     them); the caller calls `pool.settle()` and `pool.wait_uploads()` once it has
     built everything.
     `private=True` builds anew and leaves no template. A `quantization_config` has
-    the library quantize the stored weights as it loads them (quantized.py): a
-    model of new tensors, built anew every time, that no pool shares.
+    the library quantize the stored weights as it loads them (quantized.py), and a
+    model saved quantized loads as its library loads it: a model built anew every
+    time, whose quantized tensors no pool shares.
     """
     from diffusers import ModelMixin
 
@@ -177,15 +179,16 @@ def prepare_model(
     config = store.component_config(cid)
     if config is None:
         raise ComponentNotFoundError(f"component {cid[:12]} has no config.json")
-    refuse_quantized(config, name_or_path or component["class_name"])
     locations = store.tensor_locations(cid)
     if not locations:  # initialising every weight would be a random model
         raise no_weights(name_or_path or component.get("slot") or component["class_name"],
                          component["class_name"])
     if verify:
         check_tensors(packs, locations, component["class_name"])
-    if quantized:
-        model = _quantized(cls, config, packs, locations, dtype, name_or_path, quantization_config)
+    saved = saved_quantization(config)  # a model saved quantized is never a template either
+    if quantized or saved is not None:
+        model = _quantized(cls, config, packs, locations, dtype, name_or_path, quantization_config,
+                           store.weights_metadata(cid) if saved is not None else None)
         return lambda: model
     blobs = {loc.name: (loc.xxh3, loc.size) for loc in locations}
     arch = warm.architecture(key[1], key[2], config, locations)
@@ -238,9 +241,10 @@ def prepare_model(
 
 
 def _quantized(cls, config: dict, packs: LoadMappings, locations, dtype, name_or_path: str,
-               quantization_config: Any) -> torch.nn.Module:
-    """`prepare_model` with a `quantization_config`: the stored tensors, in their stored
-    dtypes and names as a file holds them, quantized by the library as it loads them."""
+               quantization_config: Any, file_metadata: dict[str, str] | None) -> torch.nn.Module:
+    """`prepare_model` with a `quantization_config`, or of a model saved quantized: the
+    stored tensors, in their stored dtypes and names as a file holds them, quantized
+    (or taken as quantized) by the library as it loads them."""
     from diffusers import ModelMixin
 
     from .quantized import quantized_model
@@ -248,7 +252,7 @@ def _quantized(cls, config: dict, packs: LoadMappings, locations, dtype, name_or
     if dtype == "auto" and issubclass(cls, ModelMixin):
         dtype = torch.float32  # as for any diffusers model (see prepare_model)
     model = quantized_model(cls, config, state_dict(packs, locations), quantization_config=quantization_config,
-                            dtype=dtype, name_or_path=name_or_path)
+                            dtype=dtype, name_or_path=name_or_path, file_metadata=file_metadata)
     route_through_pool(model)  # model.to("cuda"): the pool moves it with the library's own .to()
     return model
 
@@ -544,18 +548,6 @@ def refuse_pickle_loading(use_safetensors) -> None:
     if use_safetensors is False:
         raise CompstoreError("use_safetensors=False: compstore stores and loads safetensors "
                              "only (pickle checkpoints are never loaded)")
-
-
-def refuse_quantized(config: dict, name: str) -> None:
-    """A model saved quantized (`quantization_config` in its config.json: bitsandbytes,
-    torchao, GGUF ...) is stored as published, but compstore builds unquantized modules."""
-    saved = config.get("quantization_config")
-    if saved:
-        method = saved.get("quant_method", "unknown method") if isinstance(saved, dict) else "unknown method"
-        raise CompstoreError(
-            f"{name}: its config.json says it was saved quantized ({method}); compstore "
-            "loads unquantized weights only: load this model with diffusers or transformers, "
-            "and pass it in where a pipeline needs it")
 
 
 # diffusers/transformers `from_pretrained` arguments about fetching or reading files,

@@ -39,9 +39,9 @@ from ..store.scan import FolderScan
 from ..store.components import pick_component, require_variant
 from . import warm
 from .component import (StandIn, dtype_argument, is_model_class, no_weights, prepare_model,
-                        refuse_pickle_loading, refuse_quantized, resolve_class)
+                        refuse_pickle_loading, resolve_class)
 from .loading import exclusive_load, warnings_dropped
-from .quantized import check_pipeline_quantization, check_quantization, model_quantization
+from .quantized import check_pipeline_quantization, check_quantization, model_quantization, saved_quantization
 from .residency import POOL, ResidencyPool, TransferReport, pool_for, record_report, usable_device
 from .routing import route_through_pool
 from .tensors import private_packs
@@ -79,7 +79,7 @@ def resolve_snapshot(
     as diffusers' download does. `check(components)` (rows
     as `Store.components_of` gives them) raises for what the caller refuses, a
     variant or a slot the pipeline lacks; a folder's is checked before its ingest,
-    as is whether a model to build was saved quantized, so that a refused load
+    as is whether a model saved quantized can load here, so that a refused load
     leaves the store as it was. Its last call is always on
     the rows of the snapshot returned, pinned models included. `index`: a folder
     must hold one of these files at its root (a pipeline's model_index.json), or it
@@ -100,14 +100,18 @@ def resolve_snapshot(
         def check_folder(scan: FolderScan) -> None:
             if scan.kind == "modular":  # checked once its pointers are pulled, its models as built
                 return
-            for c in scan.components:  # the models to build: none saved quantized, none without weights
+            for c in scan.components:  # the models to build: loadable here, none without weights
                 if c.slot in skipped or (slot and c.slot != slot):
                     continue
                 where = f"{label}/{c.slot}" if c.slot else label
-                if c.weight_files:
-                    refuse_quantized(scan.config(c.slot) or {}, where)
-                elif scan.config(c.slot) is not None and is_model_class(resolve_class(c.library, c.class_name)):
+                config = scan.config(c.slot)
+                if config is None or not is_model_class(model := resolve_class(c.library, c.class_name)):
+                    continue
+                if not c.weight_files:
                     raise no_weights(where, c.class_name)
+                saved = saved_quantization(config)
+                if saved is not None:  # its library's checks (bitsandbytes: a GPU)
+                    check_quantization(saved, model, dtype=None, where=where, pre_quantized=True)
             if check is not None:
                 check([{"slot": c.slot, "variant": c.variant, "library": c.library,
                         "class_name": c.class_name} for c in scan.components])

@@ -1,9 +1,9 @@
-"""Models loaded with a `quantization_config`: the store's tensors handed to the
-library's own quantizing loader.
+"""Quantized models: the store's tensors handed to the library's own quantizing
+loader.
 
 diffusers and transformers quantize while they load (torchao, bitsandbytes, ...):
 each weight read from a file is replaced by its quantized form on the way into the
-model. The store holds weights unquantized, and quantizing is a way of loading
+model. The store holds weights as published, and quantizing is a way of loading
 them: here the state dict of store views (zero-copy, as for any load) goes through
 the very hooks the library's `from_pretrained` runs on a file's tensors: its
 quantizer's checks, dtype and device rules, module replacement and per-weight
@@ -12,16 +12,23 @@ diffusers' `from_pretrained` reads files, so its steps around its
 `_load_pretrained_model` (which takes a state dict) are followed here, as diffusers
 0.42 runs them.
 
-A quantized model's quantized weights are new tensors, not the store's (the layers
-its quantizer leaves alone may still view the store): it is built afresh at every
-load (no template), and a residency pool moves it with the library's own `.to()`,
-never serving or sharing its tensors (residency.py). A model saved quantized
-(`quantization_config` in its config.json) is still refused (`refuse_quantized`):
-loading it needs the file metadata some backends write, which the state dict lacks.
+A model saved quantized (`quantization_config` in its config.json: a bitsandbytes
+or torchao repo) goes the same way with the library's quantizer in its
+"pre-quantized" mode, which takes the stored quantized tensors as they are. torchao
+saves each of its tensor subclasses flattened into plain tensors and describes them
+in the files' safetensors metadata (`Store.weights_metadata`); both libraries
+reassemble them with torchao's `unflatten_tensor_state_dict` as they read the
+files, and so does `_reassembled` before the state dict reaches them.
+
+A quantized model's quantized weights are not tensors a pool may share (its
+layers the quantizer leaves alone may still view the store): it is built afresh at
+every load (no template), and a residency pool moves it with the library's own
+`.to()`, never serving or sharing its tensors (residency.py).
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import torch
@@ -56,10 +63,18 @@ def model_quantization(quantization_config: Any, cls: type, slot: str) -> Any:
     return quantization_config._resolve_quant_config(is_diffusers=_is_diffusers(cls), module_name=slot)
 
 
-def check_quantization(quantization_config: Any, cls: type, *, dtype: Any, where: str) -> None:
+def saved_quantization(config: dict) -> Any:
+    """The quantization config a model was saved with (its config.json's
+    `quantization_config`), or None for a model saved unquantized."""
+    return config.get("quantization_config") or None
+
+
+def check_quantization(quantization_config: Any, cls: type, *, dtype: Any, where: str,
+                       pre_quantized: bool = False) -> None:
     """What the library checks of a quantization config before it reads a weight (the
     backend installed, a GPU where it needs one), checked before a folder is ingested,
     so that a load that would fail leaves the store as it was: the library's own error.
+    `pre_quantized`: the config is the one a model was saved with (`saved_quantization`).
 
     Raises:
         CompstoreError: not a quantization config, or GGUF's, which quantizes nothing
@@ -67,6 +82,9 @@ def check_quantization(quantization_config: Any, cls: type, *, dtype: Any, where
     """
     method = (quantization_config.get("quant_method") if isinstance(quantization_config, dict)
               else getattr(quantization_config, "quant_method", None))
+    if method is None and pre_quantized:
+        raise CompstoreError(f"{where}: the quantization_config of its config.json names no quant_method "
+                             f"({quantization_config!r}): not a model saved quantized that a library loads")
     if method is None:
         raise CompstoreError(f"quantization_config={quantization_config!r} is not a quantization config "
                              "(it names no quant_method): pass one such as diffusers.TorchAoConfig(...) "
@@ -78,24 +96,65 @@ def check_quantization(quantization_config: Any, cls: type, *, dtype: Any, where
     if _is_diffusers(cls):
         from diffusers.quantizers import DiffusersAutoQuantizer
 
-        DiffusersAutoQuantizer.from_config(quantization_config, pre_quantized=False).validate_environment(
+        DiffusersAutoQuantizer.from_config(quantization_config, pre_quantized=pre_quantized).validate_environment(
             torch_dtype=dtype if isinstance(dtype, torch.dtype) else None, device_map=None)
     else:
         from transformers.quantizers import AutoHfQuantizer
 
-        AutoHfQuantizer.from_config(quantization_config, pre_quantized=False).validate_environment(device_map=None)
+        AutoHfQuantizer.from_config(quantization_config, pre_quantized=pre_quantized).validate_environment(
+            device_map=None)
 
 
 def quantized_model(cls: type, config: dict, sd: dict[str, torch.Tensor], *, quantization_config: Any,
-                    dtype: torch.dtype | str | None, name_or_path: str) -> torch.nn.Module:
+                    dtype: torch.dtype | str | None, name_or_path: str,
+                    file_metadata: dict[str, str] | None = None) -> torch.nn.Module:
     """A `cls` model of `config`, its weights `sd` (store views) quantized by the
     library's quantizer for `quantization_config`, as that library's
     `from_pretrained(..., quantization_config=...)` loads it from files. `dtype`: the
-    load's (None as the library takes None: its quantizer picks)."""
-    check_quantization(quantization_config, cls, dtype=dtype, where=name_or_path)
+    load's (None as the library takes None: its quantizer picks).
+
+    A model saved quantized (`saved_quantization(config)`) loads its stored quantized
+    weights as the library loads them from its files; `quantization_config` may then
+    be None (a given one is the library's to merge: the saved one wins, with its
+    warning). `file_metadata` is its files' safetensors metadata
+    (`Store.weights_metadata`)."""
+    saved = saved_quantization(config)
+    check_quantization(saved or quantization_config, cls, dtype=dtype, where=name_or_path,
+                       pre_quantized=saved is not None)
+    if saved is not None:
+        sd = _reassembled(sd, file_metadata or {}, name_or_path)
     if _is_diffusers(cls):
         return _diffusers_model(cls, config, sd, quantization_config, dtype, name_or_path)
     return _transformers_model(cls, config, sd, quantization_config, dtype, name_or_path)
+
+
+def _reassembled(sd: dict[str, torch.Tensor], metadata: dict[str, str], where: str) -> dict[str, torch.Tensor]:
+    """`sd` with torchao's flattened tensor subclasses put back together, as diffusers
+    0.42 and transformers 5 do with a file's tensors (`unflatten_tensor_state_dict` on
+    the files' metadata). A state dict without torchao's metadata (bitsandbytes keeps
+    its quantized weights as plain tensors) is returned as it is.
+
+    Raises:
+        CompstoreError: pieces of a tensor the metadata names with no whole made of them.
+    """
+    if "tensor_names" not in metadata:  # torchao's mark; no torchao import for other backends
+        return sd
+    from torchao.prototype.safetensors.safetensors_support import unflatten_tensor_state_dict
+    from torchao.prototype.safetensors.safetensors_utils import is_metadata_torchao
+
+    if not is_metadata_torchao(metadata):
+        return sd
+    # As diffusers does: tensors at the model's root (Wan's `scale_shift_table`) are
+    # never pieces, and torchao's helper cannot parse their names.
+    root = {name: t for name, t in sd.items() if "." not in name}
+    names = [name for name in json.loads(metadata["tensor_names"]) if "." in name]
+    whole, pieces = unflatten_tensor_state_dict({name: t for name, t in sd.items() if "." in name},
+                                                {**metadata, "tensor_names": json.dumps(names)})
+    if pieces:
+        raise CompstoreError(f"{where}: stored pieces of torchao tensors with no whole made of them "
+                             f"({', '.join(sorted(pieces)[:3])}): its files are not a complete "
+                             "torchao checkpoint")
+    return {**whole, **root}
 
 
 def _diffusers_model(cls, config: dict, sd: dict, quantization_config, dtype, name_or_path: str):
@@ -105,8 +164,11 @@ def _diffusers_model(cls, config: dict, sd: dict, quantization_config, dtype, na
     from diffusers.models.modeling_utils import _determine_device_map, no_init_weights
     from diffusers.quantizers import DiffusersAutoQuantizer
 
+    saved = saved_quantization(config)
+    if saved is not None:  # the saved config wins; a given one is warned of
+        quantization_config = DiffusersAutoQuantizer.merge_quantization_configs(saved, quantization_config)
     config = {**config, "quantization_config": quantization_config}
-    quantizer = DiffusersAutoQuantizer.from_config(quantization_config, pre_quantized=False)
+    quantizer = DiffusersAutoQuantizer.from_config(quantization_config, pre_quantized=saved is not None)
     device_map = None  # a device comes through the residency pool's move, as for any model
     quantizer.validate_environment(torch_dtype=dtype, device_map=device_map)
     dtype = quantizer.update_torch_dtype(dtype)
@@ -140,11 +202,13 @@ def _diffusers_model(cls, config: dict, sd: dict, quantization_config, dtype, na
 
 
 def _transformers_model(cls, config: dict, sd: dict, quantization_config, dtype, name_or_path: str):
-    """transformers' own `from_pretrained`, which takes a state dict in place of files."""
+    """transformers' own `from_pretrained`, which takes a state dict in place of files
+    (and a config holding a saved `quantization_config` as one saved quantized)."""
     config_obj = cls.config_class.from_dict(config)
     kwargs = {} if dtype is None else {"dtype": dtype}
-    model = cls.from_pretrained(None, config=config_obj, state_dict=dict(sd),
-                                quantization_config=quantization_config, **kwargs)
+    if quantization_config is not None:
+        kwargs["quantization_config"] = quantization_config
+    model = cls.from_pretrained(None, config=config_obj, state_dict=dict(sd), **kwargs)
     model.name_or_path = model.config.name_or_path = name_or_path
     return model
 

@@ -779,6 +779,30 @@ class Store:
                                     "match its hash; run `compstore verify`")
         return json.loads(data)
 
+    def weights_metadata(self, component_id: str) -> dict[str, str]:
+        """The `__metadata__` of the safetensors files that hold a component's tensors
+        (and no tensor of another), merged in the order they were stored: what a
+        library reads from the files of a model saved quantized (torchao's layout of
+        its tensor subclasses).
+
+        >>> store.weights_metadata(store.components_of(store.resolve("sd-q"))[0]["component_id"])  # doctest: +SKIP
+        {'format': 'pt', 'tensor_names': '["conv_in.weight", ...]', ...}
+        """
+        metadata: dict[str, str] = {}
+        for pack, offset, size, xxh3 in self.db.execute(
+                """WITH mine(tensor_id) AS (SELECT tensor_id FROM component_tensors WHERE component_id = :c)
+                   SELECT b.pack, b.offset, b.size, b.xxh3 FROM files f JOIN blobs b ON b.id = f.header_blob
+                   WHERE f.id IN (SELECT ft.file_id FROM file_tensors ft WHERE ft.tensor_id IN mine)
+                     AND NOT EXISTS (SELECT 1 FROM file_tensors ft WHERE ft.file_id = f.id
+                                     AND ft.tensor_id NOT IN mine)
+                   ORDER BY f.id""", {"c": component_id}):
+            data = bytes(self.packs.view(pack, offset, size))
+            if blob_hash(data) != xxh3:
+                raise CorruptStoreError(f"a stored safetensors header of component {component_id[:12]} "
+                                        "does not match its hash; run `compstore verify`")
+            metadata.update(json.loads(data[8:]).get("__metadata__") or {})  # checked at ingest (scan.py)
+        return metadata
+
     def tensor_locations(self, component_id: str) -> list[TensorLocation]:
         """Where each tensor of a component lives: name, dtype, shape, pack, offset, size."""
         return [TensorLocation(name, dtype, tuple(json.loads(shape)), pack, offset, size, xxh3)
