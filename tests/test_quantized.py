@@ -304,3 +304,28 @@ def test_a_text_encoder_saved_8_bit_with_bitsandbytes_loads_as_transformers_load
     ids = torch.tensor([[0, 5, 9, 2]])
     with torch.no_grad():
         assert torch.equal(ours(ids).last_hidden_state, theirs(ids).last_hidden_state)
+
+
+def test_a_quantized_repo_pulled_after_its_base_fetches_only_its_quantized_models(store, family, saved_int8,
+                                                                                 monkeypatch):
+    """org/A-int8 re-publishes org/A with its UNet and text encoder saved quantized: its
+    pull after A's downloads those two folders' files only, and its load is diffusers'."""
+    from conftest import use_hub
+    from hub_emulator import HubEmulator
+    from test_hub import files_of
+
+    hub = HubEmulator()
+    try:
+        hub.add_repo("org/A", family["A"])
+        hub.add_repo("org/A-int8", saved_int8)
+        use_hub(monkeypatch, hub)
+        store.pull("org/A")
+        hub.reset_counts()
+        pipe = compstore.DiffusionPipeline.from_pretrained("org/A-int8", dtype=torch.bfloat16, store=store)
+        base = set(files_of(family["A"]).values())
+        assert hub.served_bytes == sum(len(b) for b in files_of(saved_int8).values() if b not in base) > 0
+    finally:
+        hub.close()
+    theirs = diffusers.DiffusionPipeline.from_pretrained(saved_int8, dtype=torch.bfloat16)
+    same_quantized(pipe.unet, theirs.unet)
+    same_quantized(pipe.text_encoder, theirs.text_encoder)
