@@ -449,3 +449,25 @@ def test_a_store_dropped_without_close_closes_its_catalog_at_once(family_store, 
     gc.collect()
     assert unraisable == []
     assert _open_files(catalog) <= before + 1
+
+
+def test_weights_metadata_is_of_the_files_holding_the_component_alone(store, tmp_path):
+    """A component's safetensors metadata (what a torchao checkpoint describes its
+    tensors with) comes from its own files: not from another repo's file that holds
+    the same tensor beside others."""
+    import torch
+    from safetensors.torch import save_file
+
+    def write(folder, tensors, metadata):
+        folder.mkdir()
+        (folder / "config.json").write_text('{"_class_name": "UNet2DConditionModel"}')
+        save_file(tensors, folder / "diffusion_pytorch_model.safetensors", metadata=metadata)
+        return folder
+
+    w = torch.arange(8, dtype=torch.float32)
+    store.ingest(write(tmp_path / "mine", {"w": w}, {"k": "mine", "only": "mine"}), "mine")
+    store.ingest(write(tmp_path / "theirs", {"w": w, "v": torch.zeros(2)}, {"k": "theirs"}), "theirs")
+    [mine] = store.components_of(store.resolve("mine"))
+    [theirs] = store.components_of(store.resolve("theirs"))
+    assert store.weights_metadata(mine["component_id"]) == {"k": "mine", "only": "mine"}
+    assert store.weights_metadata(theirs["component_id"]) == {"k": "theirs"}

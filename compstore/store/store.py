@@ -780,19 +780,24 @@ class Store:
         return json.loads(data)
 
     def weights_metadata(self, component_id: str) -> dict[str, str]:
-        """The `__metadata__` of the safetensors files that hold a component's tensors
-        (and no tensor of another), merged in the order they were stored: what a
-        library reads from the files of a model saved quantized (torchao's layout of
-        its tensor subclasses).
+        """The `__metadata__` of a component's own safetensors files (in the snapshots
+        that hold it, the files all of whose tensors are the component's), merged: what
+        a library reads from the files of a model saved quantized (torchao's layout of
+        its tensor subclasses). Another repo's file that holds some of the same tensors
+        beside others, or a subset of them, is not the component's.
 
         >>> store.weights_metadata(store.components_of(store.resolve("sd-q"))[0]["component_id"])  # doctest: +SKIP
         {'format': 'pt', 'tensor_names': '["conv_in.weight", ...]', ...}
         """
         metadata: dict[str, str] = {}
         for pack, offset, size, xxh3 in self.db.execute(
-                """WITH mine(tensor_id) AS (SELECT tensor_id FROM component_tensors WHERE component_id = :c)
+                """WITH mine(tensor_id) AS (SELECT tensor_id FROM component_tensors WHERE component_id = :c),
+                        files_of AS (SELECT DISTINCT sf.file_id FROM snapshot_components sc
+                                     JOIN snapshot_files sf ON sf.snapshot_id = sc.snapshot_id
+                                     WHERE sc.component_id = :c)
                    SELECT b.pack, b.offset, b.size, b.xxh3 FROM files f JOIN blobs b ON b.id = f.header_blob
-                   WHERE f.id IN (SELECT ft.file_id FROM file_tensors ft WHERE ft.tensor_id IN mine)
+                   WHERE f.id IN files_of
+                     AND f.id IN (SELECT ft.file_id FROM file_tensors ft WHERE ft.tensor_id IN mine)
                      AND NOT EXISTS (SELECT 1 FROM file_tensors ft WHERE ft.file_id = f.id
                                      AND ft.tensor_id NOT IN mine)
                    ORDER BY f.id""", {"c": component_id}):
