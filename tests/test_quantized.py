@@ -235,9 +235,12 @@ def test_a_model_saved_quantized_loads_as_its_library_loads_it(store, saved_int8
     """A pipeline folder whose UNet and text encoder were saved quantized: the same
     quantized modules and image as diffusers' load of the folder, the files stored as
     published, and each load a model of its own, which a pool moves whole."""
+    from click.testing import CliRunner
     from conftest import recorded_sha256, tree_sha256
     from test_loader import image
     from test_residency import CountingCopier
+
+    from compstore.cli import cli
 
     pipe = compstore.DiffusionPipeline.from_pretrained(str(saved_int8), dtype=torch.bfloat16, store=store)
     theirs = diffusers.DiffusionPipeline.from_pretrained(saved_int8, dtype=torch.bfloat16)
@@ -247,6 +250,11 @@ def test_a_model_saved_quantized_loads_as_its_library_loads_it(store, saved_int8
     assert {**theirs.unet.config, "_name_or_path": pipe.unet.config._name_or_path} == dict(pipe.unet.config)
     assert (image(pipe) == image(theirs)).all()
     assert recorded_sha256(store, str(saved_int8.resolve())) == tree_sha256(saved_int8)
+    shown = {c["slot"]: c["quant_method"] for c in store.show(str(saved_int8.resolve()))["components"]}
+    assert shown == {"unet": "torchao", "text_encoder": "torchao", "vae": None, "scheduler": None,
+                     "tokenizer": None}
+    text = CliRunner().invoke(cli, ["--store", str(store.home), "show", str(saved_int8.resolve())]).output
+    assert "UNet2DConditionModel (torchao)" in text and "AutoencoderKL " in text
 
     unet = compstore.load_component(str(saved_int8), "unet", store=store)
     same_quantized(unet, theirs.unet)

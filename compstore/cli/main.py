@@ -191,8 +191,10 @@ def ls_cmd(ctx, as_json):
 def show(ctx, ref, as_json):
     """Show a ref's components, their ids and sizes, and where each is shared."""
     info = open_store(ctx).show(ref)
-    rows = [[c["slot"] or ".", c["variant"] or "-", c["class_name"], c["id"][:12], c["n_tensors"],
-             human(c["tensor_bytes"]), ", ".join(c["shared_with"]) or "-"] for c in info["components"]]
+    rows = [[c["slot"] or ".", c["variant"] or "-",
+             c["class_name"] + (f" ({c['quant_method']})" if c["quant_method"] else ""),  # saved quantized
+             c["id"][:12], c["n_tensors"], human(c["tensor_bytes"]), ", ".join(c["shared_with"]) or "-"]
+            for c in info["components"]]
     text = (f"{info['name']} -> snapshot {info['snapshot_id'][:12]} ({info['kind']}, "
             f"{info['files']} files, {human(info['logical_bytes'])}) from {info['source']}\n"
             + tabulate(rows, ["slot", "variant", "class", "component", "tensors", "bytes",

@@ -51,8 +51,21 @@ def _components_of(store: "Store", snapshot_id: str) -> list[dict]:
            WHERE sc.snapshot_id = ? ORDER BY sc.slot, sc.variant""", [snapshot_id])]
 
 
+def _saved_quant_method(store: "Store", component_id: str) -> str | None:
+    """The `quant_method` of the quantization config a model was saved with (its
+    config.json's), or None; a damaged config is `verify`'s to name, not show's."""
+    from .errors import CorruptStoreError
+
+    try:
+        saved = (store.component_config(component_id) or {}).get("quantization_config")
+    except CorruptStoreError:
+        return None
+    return str(saved.get("quant_method")) if isinstance(saved, dict) else None
+
+
 def show(store: "Store", ref: str) -> dict:
-    """One ref: its snapshot, files, and components with the other refs sharing each."""
+    """One ref: its snapshot, files, and components with the other refs sharing each,
+    and the method each model was saved quantized with (`quant_method`, None if not)."""
     snap = store.resolve(ref)
     [info] = _refs(store, ref)
     components = _components_of(store, snap)
@@ -61,6 +74,7 @@ def show(store: "Store", ref: str) -> dict:
             """SELECT DISTINCT r.name FROM snapshot_components sc JOIN refs r
                ON r.snapshot_id = sc.snapshot_id WHERE sc.component_id = ? AND r.name != ?
                ORDER BY r.name""", [c["id"], ref])]
+        c["quant_method"] = _saved_quant_method(store, c["id"]) if c["n_tensors"] else None
     info["components"] = components
     info["pins"] = [dict(r) for r in store.db.query(
         "SELECT slot, source, subfolder, revision, variant, target_snapshot, component_id "
