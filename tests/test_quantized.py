@@ -188,6 +188,18 @@ def test_a_modular_pipelines_load_components_quantizes_the_models_it_names(store
     assert (image(ours) == image(theirs)).all()
 
 
+def same_8_bit(ours: torch.nn.Module, theirs: torch.nn.Module) -> None:
+    """Two bitsandbytes 8-bit CLIP text encoders: the same Int8Params, bytes and outputs."""
+    a, b = ours.state_dict(), theirs.state_dict()
+    assert a.keys() == b.keys()
+    assert "Int8Params" in {type(p).__name__ for p in ours.parameters()}
+    for name in a:
+        assert (type(a[name]), a[name].dtype) == (type(b[name]), b[name].dtype) and torch.equal(a[name], b[name])
+    ids = torch.tensor([[0, 5, 9, 2]])
+    with torch.no_grad():
+        assert torch.equal(ours(ids).last_hidden_state, theirs(ids).last_hidden_state)
+
+
 def test_a_text_encoder_loads_8_bit_with_bitsandbytes_as_transformers_loads_it(family_store, family):
     """bitsandbytes, the other common backend, through transformers (whose 8-bit path
     runs on CPU; diffusers' needs a GPU: tests/test_cuda.py): the same Int8Params, the
@@ -202,14 +214,7 @@ def test_a_text_encoder_loads_8_bit_with_bitsandbytes_as_transformers_loads_it(f
     ours = compstore.CLIPTextModel.from_pretrained("A", subfolder="text_encoder", quantization_config=config(),
                                                    store=family_store)
     theirs = transformers.CLIPTextModel.from_pretrained(family["A"] / "text_encoder", quantization_config=config())
-    a, b = ours.state_dict(), theirs.state_dict()
-    assert a.keys() == b.keys()
-    assert "Int8Params" in {type(p).__name__ for p in ours.parameters()}
-    for name in a:
-        assert (type(a[name]), a[name].dtype) == (type(b[name]), b[name].dtype) and torch.equal(a[name], b[name])
-    ids = torch.tensor([[0, 5, 9, 2]])
-    with torch.no_grad():
-        assert torch.equal(ours(ids).last_hidden_state, theirs(ids).last_hidden_state)
+    same_8_bit(ours, theirs)
 
 
 @pytest.fixture(scope="module")
@@ -304,14 +309,7 @@ def test_a_text_encoder_saved_8_bit_with_bitsandbytes_loads_as_transformers_load
     theirs = transformers.CLIPTextModel.from_pretrained(saved)
     ours = compstore.CLIPTextModel.from_pretrained(str(saved), store=store)
     assert ours.hf_quantizer.pre_quantized
-    a, b = ours.state_dict(), theirs.state_dict()
-    assert a.keys() == b.keys()
-    assert "Int8Params" in {type(p).__name__ for p in ours.parameters()}
-    for name in a:
-        assert (type(a[name]), a[name].dtype) == (type(b[name]), b[name].dtype) and torch.equal(a[name], b[name])
-    ids = torch.tensor([[0, 5, 9, 2]])
-    with torch.no_grad():
-        assert torch.equal(ours(ids).last_hidden_state, theirs(ids).last_hidden_state)
+    same_8_bit(ours, theirs)
 
 
 def test_a_quantized_repo_pulled_after_its_base_fetches_only_its_quantized_models(store, family, saved_int8,
