@@ -10,7 +10,7 @@ import pytest
 from safetensors import safe_open
 
 import compstore
-from compstore import RefNotFoundError
+from compstore import CorruptStoreError, RefNotFoundError
 from compstore.store import ingest, objects
 from compstore.store.ingest import Ingestor
 from conftest import recorded_sha256, store_state, tree_sha256
@@ -471,3 +471,12 @@ def test_weights_metadata_is_of_the_files_holding_the_component_alone(store, tmp
     [theirs] = store.components_of(store.resolve("theirs"))
     assert store.weights_metadata(mine["component_id"]) == {"k": "mine", "only": "mine"}
     assert store.weights_metadata(theirs["component_id"]) == {"k": "theirs"}
+
+    from test_damage import flip  # a damaged header: an error that says what to run, no metadata
+
+    [header] = store.db.execute("SELECT b.id, b.pack, b.offset, b.size FROM files f JOIN snapshot_files sf "
+                                "ON sf.file_id = f.id JOIN blobs b ON b.id = f.header_blob "
+                                "WHERE sf.snapshot_id = ?", [store.resolve("mine")]).fetchall()
+    flip(store, header, 20)
+    with pytest.raises(CorruptStoreError, match="safetensors header of component .* run `compstore verify`"):
+        store.weights_metadata(mine["component_id"])
