@@ -335,3 +335,28 @@ def test_a_quantized_repo_pulled_after_its_base_fetches_only_its_quantized_model
     theirs = diffusers.DiffusionPipeline.from_pretrained(saved_int8, dtype=torch.bfloat16)
     same_quantized(pipe.unet, theirs.unet)
     same_quantized(pipe.text_encoder, theirs.text_encoder)
+
+
+def test_a_config_given_for_a_model_saved_quantized_is_set_aside_as_diffusers_sets_it_aside(store, saved_int8):
+    """A quantization config named for a model saved quantized: diffusers loads the
+    model as saved and warns of the config; so does compstore, from a folder and from
+    a ref, and it checks only the saved config (a GGUF config, which compstore refuses
+    for a model saved unquantized, is set aside here as diffusers sets it aside)."""
+    from diffusers import GGUFQuantizationConfig
+
+    def gguf():
+        return GGUFQuantizationConfig(compute_dtype=torch.bfloat16)
+
+    config = diffusers.PipelineQuantizationConfig(quant_mapping={"unet": gguf()})
+    with pytest.warns(UserWarning, match="already has a `quantization_config` attribute"):
+        theirs = diffusers.DiffusionPipeline.from_pretrained(saved_int8, dtype=torch.bfloat16,
+                                                             quantization_config=config)
+    for name in (str(saved_int8), "int8"):  # a folder, then a ref
+        with pytest.warns(UserWarning, match="already has a `quantization_config` attribute"):
+            ours = compstore.DiffusionPipeline.from_pretrained(name, dtype=torch.bfloat16,
+                                                               quantization_config=config, store=store)
+        same_quantized(ours.unet, theirs.unet)
+        store.ingest(saved_int8, "int8")
+    for name in (str(saved_int8), "int8"):
+        unet = compstore.load_component(name, "unet", quantization_config=gguf(), store=store)
+        same_quantized(unet, theirs.unet)

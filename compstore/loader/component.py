@@ -694,7 +694,7 @@ def load_component(
     >>> unet = compstore.load_component("sdxl-base", "unet", dtype=torch.float16)  # doctest: +SKIP
     >>> vae = compstore.load_component("my-vae", device_map="cuda")  # doctest: +SKIP
     """
-    from .pipeline import open_store, resolve_snapshot, target_pool
+    from .pipeline import open_store, resolve_snapshot, saved_quantized, target_pool
     from .quantized import check_quantization
 
     if subfolder is not None and slot and subfolder != slot:
@@ -713,7 +713,7 @@ def load_component(
     def check(rows: list[dict]) -> None:  # a folder's rows: before its ingest
         picked.append(_of_class(pick_component(rows, slot, variant, fallback=False), model_class,
                                 name_or_path, slot))
-        if quantization_config is not None:
+        if quantization_config is not None and not saved_quantized(store, picked[-1]):
             check_quantization(quantization_config, resolve_class(picked[-1]["library"], picked[-1]["class_name"]),
                                dtype=dtype, where=f"{name_or_path}/{slot}" if slot else name_or_path)
 

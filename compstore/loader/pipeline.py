@@ -113,8 +113,9 @@ def resolve_snapshot(
                 if saved is not None:  # its library's checks (bitsandbytes: a GPU)
                     check_quantization(saved, model, dtype=None, where=where, pre_quantized=True)
             if check is not None:
-                check([{"slot": c.slot, "variant": c.variant, "library": c.library,
-                        "class_name": c.class_name} for c in scan.components])
+                check([{"slot": c.slot, "variant": c.variant, "library": c.library, "class_name": c.class_name,
+                        "saved_quantized": saved_quantization(scan.config(c.slot) or {}) is not None}
+                       for c in scan.components])
 
         snapshot_id = store.ingest(path, str(path.resolve()), token=token, check=check_folder).snapshot
     elif is_repo_id(label) and not local_files_only and hub_reachable():
@@ -185,6 +186,17 @@ def _stored_snapshot(store: Store, label: str, revision: str | None, variant: st
             if name.endswith(suffix) and _holds(store, snapshot_id, slot, skip):
                 return snapshot_id
     raise RefNotFoundError(f"{label}@{revision}" if revision else label, str(store.home), store.ref_names())
+
+
+def saved_quantized(store: Store, row: dict) -> bool:
+    """Whether the model of `row` (a folder's, checked before its ingest, or a row of
+    `Store.components_of`) was saved quantized. A quantization config given for it is
+    then the library's to set aside (the saved one wins, with a warning), not one to
+    check: a GGUF or bitsandbytes config named for a torchao model loads it, as in
+    diffusers."""
+    if "saved_quantized" in row:
+        return row["saved_quantized"]
+    return saved_quantization(store.component_config(row["component_id"]) or {}) is not None
 
 
 def _holds(store: Store, snapshot_id: str, slot: str | None, skip: set[str]) -> bool:
@@ -286,7 +298,7 @@ class DiffusionPipeline(metaclass=StandIn):
             refuse_unknown_classes(rows, kwargs, label)
             for row in rows if quantization is not None else ():
                 model = resolve_class(row["library"], row["class_name"])
-                if row["slot"] not in kwargs and is_model_class(model):
+                if row["slot"] not in kwargs and is_model_class(model) and not saved_quantized(store, row):
                     q = model_quantization(quantization, model, row["slot"])
                     if q is not None:
                         check_quantization(q, model, where=f"{label}/{row['slot']}",
