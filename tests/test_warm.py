@@ -245,6 +245,19 @@ def test_clone_module_copies_every_mutable_attribute(make):
     assert repr(model) == repr(clone)
 
 
+def test_clone_module_keeps_each_parameters_requires_grad_and_buffers_plain():
+    """A clone's parameters are Parameters with the original's `requires_grad` (a
+    frozen one, as diffusers' GaussianFourierProjection freezes its weight, stays
+    frozen); its buffers stay plain tensors."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4))
+    model[0].bias.requires_grad_(False)
+    clone = warm.clone_module(model, lambda _, t: t.detach().clone())
+    assert [(type(p), p.requires_grad) for p in clone.parameters()] == [
+        (torch.nn.Parameter, True), (torch.nn.Parameter, False), (torch.nn.Parameter, True),
+        (torch.nn.Parameter, True)]
+    assert {type(b) for b in clone.buffers()} == {torch.Tensor}
+
+
 def test_a_newly_initialised_parameter_gets_no_template(family, store, tmp_path, caplog):
     from test_loader_semantics import edit_safetensors
 

@@ -513,7 +513,7 @@ class ResidencyPool:
         for module in pipeline_modules(pipe_or_module).values():
             keys = getattr(module, STORE_KEYS, {})
             tensors = list(named_tensors(module))
-            if any(type(t) not in _PLAIN for _, _, _, t in tensors):
+            if any(type(t) not in PLAIN_TYPES for _, _, _, t in tensors):
                 continue  # a quantized model: moved whole, never pooled (`_move_whole`)
             for name, _, _, t in tensors:
                 record = keys.get(name)
@@ -715,7 +715,7 @@ class ResidencyPool:
         staying: set[int] = set()  # ids of tensors already where they belong
         held_keys: set[Key] = set()  # the pool keys of the tensors it holds after the move
         for name, owner, attr, tensor in named_tensors(module):
-            if type(tensor) not in _PLAIN:  # a quantized model's: see _move_whole
+            if type(tensor) not in PLAIN_TYPES:  # a quantized model's: see _move_whole
                 return self._move_whole(module, component, t0)
             rep.tensors += 1
             if id(tensor) in places:  # tied: one move, every use points at it
@@ -858,7 +858,7 @@ def as_shape(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     return t if t.shape == shape else t.view(shape)
 
 
-_PLAIN = (torch.Tensor, torch.nn.Parameter)  # a tensor whose bytes are all there is to it
+PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)  # a tensor whose bytes are all there is to it
 
 
 def unrouted(method: Callable) -> Callable:
