@@ -276,9 +276,11 @@ def test_a_model_saved_quantized_loads_as_its_library_loads_it(store, saved_int8
 
 def test_a_model_saved_quantized_whose_pieces_are_incomplete_is_refused(store, saved_int8, tmp_path):
     """A saved-quantized UNet file missing one piece of a flattened torchao tensor: a
-    one-line error naming it at the load, nothing built."""
+    one-line error naming it, before the folder is ingested; stored under a ref (an
+    ingest takes any well-formed safetensors), the same error at the build."""
     import shutil
 
+    from conftest import store_state
     from safetensors import safe_open
     from safetensors.torch import save_file
 
@@ -290,9 +292,16 @@ def test_a_model_saved_quantized_whose_pieces_are_incomplete_is_refused(store, s
     cut = sorted(k for k in tensors if k.endswith("_weight_scale"))[0]
     del tensors[cut]
     save_file(tensors, path, metadata=metadata)
-    with pytest.raises(compstore.CompstoreError, match=r"cut/unet: stored pieces of torchao tensors with no "
-                                                       r"whole made of them \(.*_weight_qdata"):
+    message = r"unet: stored pieces of torchao tensors with no whole made of them \(.*_weight_qdata"
+    before = store_state(store.home)
+    with pytest.raises(compstore.CompstoreError, match="cut/" + message):
         compstore.load_component(str(folder), "unet", store=store)
+    with pytest.raises(compstore.CompstoreError, match="cut/" + message):
+        compstore.DiffusionPipeline.from_pretrained(str(folder), store=store)
+    assert store_state(store.home) == before
+    store.ingest(folder, "cut")
+    with pytest.raises(compstore.CompstoreError, match="cut/" + message):
+        compstore.load_component("cut", "unet", store=store)
 
 
 def test_a_text_encoder_saved_8_bit_with_bitsandbytes_loads_as_transformers_loads_it(store, family, tmp_path):

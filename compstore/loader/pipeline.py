@@ -41,7 +41,8 @@ from . import warm
 from .component import (StandIn, dtype_argument, is_model_class, no_weights, prepare_model,
                         refuse_pickle_loading, resolve_class)
 from .loading import exclusive_load, warnings_dropped
-from .quantized import check_pipeline_quantization, check_quantization, model_quantization, saved_quantization
+from .quantized import (check_pipeline_quantization, check_quantization, check_saved_pieces, model_quantization,
+                        saved_quantization)
 from .residency import POOL, ResidencyPool, TransferReport, pool_for, record_report, usable_device
 from .routing import route_through_pool
 from .tensors import private_packs
@@ -110,8 +111,9 @@ def resolve_snapshot(
                 if not c.weight_files:
                     raise no_weights(where, c.class_name)
                 saved = saved_quantization(config)
-                if saved is not None:  # its library's checks (bitsandbytes: a GPU)
+                if saved is not None:  # its library's checks (bitsandbytes: a GPU), its tensors whole
                     check_quantization(saved, model, dtype=None, where=where, pre_quantized=True)
+                    check_saved_pieces([scan.files[path].header for path in c.weight_files], where)
             if check is not None:
                 check([{"slot": c.slot, "variant": c.variant, "library": c.library, "class_name": c.class_name,
                         "saved_quantized": saved_quantization(scan.config(c.slot) or {}) is not None}

@@ -157,6 +157,23 @@ def _reassembled(sd: dict[str, torch.Tensor], metadata: dict[str, str], where: s
     return {**whole, **root}
 
 
+def check_saved_pieces(headers: list, where: str) -> None:
+    """`_reassembled` on meta stand-ins of a model's tensors, from its files' parsed
+    safetensors headers (`SafetensorsHeader`): a folder whose torchao pieces make no
+    whole tensor is refused before it is ingested, as its load would be refused.
+
+    Raises:
+        CompstoreError: as `_reassembled`.
+    """
+    from .tensors import TORCH_DTYPES
+
+    metadata: dict[str, str] = {}
+    for header in headers:
+        metadata.update(header.metadata)
+    _reassembled({e.name: torch.empty(e.shape, dtype=TORCH_DTYPES[e.dtype], device="meta")
+                  for header in headers for e in header.tensors}, metadata, where)
+
+
 def _diffusers_model(cls, config: dict, sd: dict, quantization_config, dtype, name_or_path: str):
     """diffusers 0.42's `ModelMixin.from_pretrained` from "determine initial
     quantization config" on, minus file resolution, sharding and tensor parallelism."""
