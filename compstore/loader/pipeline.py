@@ -198,7 +198,8 @@ def saved_quantized(store: Store, row: dict) -> bool:
     diffusers."""
     if "saved_quantized" in row:
         return row["saved_quantized"]
-    return saved_quantization(store.component_config(row["component_id"]) or {}) is not None
+    config = store.component_config(row["component_id"]) if row.get("component_id") else None
+    return saved_quantization(config or {}) is not None
 
 
 def _holds(store: Store, snapshot_id: str, slot: str | None, skip: set[str]) -> bool:
