@@ -101,23 +101,22 @@ def resolve_snapshot(
         def check_folder(scan: FolderScan) -> None:
             if scan.kind == "modular":  # checked once its pointers are pulled, its models as built
                 return
+            configs = {c.slot: scan.config(c.slot) for c in scan.components}  # each file read once
+            saved = {s: saved_quantization(config or {}) for s, config in configs.items()}
             for c in scan.components:  # the models to build: loadable here, none without weights
                 if c.slot in skipped or (slot and c.slot != slot):
                     continue
                 where = f"{label}/{c.slot}" if c.slot else label
-                config = scan.config(c.slot)
-                if config is None or not is_model_class(model := resolve_class(c.library, c.class_name)):
+                if configs[c.slot] is None or not is_model_class(model := resolve_class(c.library, c.class_name)):
                     continue
                 if not c.weight_files:
                     raise no_weights(where, c.class_name)
-                saved = saved_quantization(config)
-                if saved is not None:  # its library's checks (bitsandbytes: a GPU), its tensors whole
-                    check_quantization(saved, model, dtype=None, where=where, pre_quantized=True)
+                if saved[c.slot] is not None:  # its library's checks (bitsandbytes: a GPU), its tensors whole
+                    check_quantization(saved[c.slot], model, dtype=None, where=where, pre_quantized=True)
                     check_saved_pieces([scan.files[path].header for path in c.weight_files], where)
             if check is not None:
                 check([{"slot": c.slot, "variant": c.variant, "library": c.library, "class_name": c.class_name,
-                        "saved_quantized": saved_quantization(scan.config(c.slot) or {}) is not None}
-                       for c in scan.components])
+                        "saved_quantized": saved[c.slot] is not None} for c in scan.components])
 
         snapshot_id = store.ingest(path, str(path.resolve()), token=token, check=check_folder).snapshot
     elif is_repo_id(label) and not local_files_only and hub_reachable():

@@ -773,11 +773,7 @@ class Store:
                ON b.id = c.config_blob WHERE c.id = ?""", [component_id]).fetchone()
         if row is None:
             return None
-        data = bytes(self.packs.view(*row[:3]))
-        if blob_hash(data) != row[3]:
-            raise CorruptStoreError(f"the stored config of component {component_id[:12]} does not "
-                                    "match its hash; run `compstore verify`")
-        return json.loads(data)
+        return json.loads(self._checked_blob(*row, f"the stored config of component {component_id[:12]}"))
 
     def weights_metadata(self, component_id: str) -> dict[str, str]:
         """The `__metadata__` of a component's own safetensors files (in the snapshots
@@ -801,12 +797,18 @@ class Store:
                      AND NOT EXISTS (SELECT 1 FROM file_tensors ft WHERE ft.file_id = f.id
                                      AND ft.tensor_id NOT IN mine)
                    ORDER BY f.id""", {"c": component_id}):
-            data = bytes(self.packs.view(pack, offset, size))
-            if blob_hash(data) != xxh3:
-                raise CorruptStoreError(f"a stored safetensors header of component {component_id[:12]} "
-                                        "does not match its hash; run `compstore verify`")
+            data = self._checked_blob(pack, offset, size, xxh3,
+                                      f"a stored safetensors header of component {component_id[:12]}")
             metadata.update(json.loads(data[8:]).get("__metadata__") or {})  # checked at ingest (scan.py)
         return metadata
+
+    def _checked_blob(self, pack: str, offset: int, size: int, xxh3: str, what: str) -> bytes:
+        """A small blob's bytes, read once and checked against their hash: a flipped bit
+        in a config or a header is an error naming `what`, never a wrong value."""
+        data = bytes(self.packs.view(pack, offset, size))
+        if blob_hash(data) != xxh3:
+            raise CorruptStoreError(f"{what} does not match its hash; run `compstore verify`")
+        return data
 
     def tensor_locations(self, component_id: str) -> list[TensorLocation]:
         """Where each tensor of a component lives: name, dtype, shape, pack, offset, size."""
