@@ -8,6 +8,7 @@ the same files on disk, measured in one run, each load in a fresh process.
     python benchmarks/load.py --from-folder   # compstore given the folder, as diffusers is
     python benchmarks/load.py --verify        # compstore with verify=True (re-hashes, copies)
     python benchmarks/load.py --single-file   # from_single_file of one original-format .safetensors
+    python benchmarks/load.py --gguf          # a Flux-width transformer's from_single_file of a .gguf
 
 For each system and repeat a child process imports torch/diffusers, then times
   load:        from_pretrained(...) alone
@@ -46,11 +47,17 @@ system, where, store, touch = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
 kw = {} if sys.argv[5] == "none" else {"dtype": getattr(torch, sys.argv[5])}
 verify = {"verify": True} if sys.argv[6] == "1" else {}
 config = sys.argv[7]  # for from_single_file: the pipeline folder its configs come from
+gguf = sys.argv[8] == "1"  # a transformer from a GGUF file, computing in bf16
 def hwm():
     return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM"))
 def rss():
     return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmRSS"))
-if system == "compstore" and config:
+if gguf:
+    kw = {"quantization_config": diffusers.GGUFQuantizationConfig(compute_dtype=torch.bfloat16)}
+    cls = compstore.FluxTransformer2DModel if system == "compstore" else diffusers.FluxTransformer2DModel
+    st = {"store": compstore.Store(store)} if system == "compstore" else {}
+    load = lambda: cls.from_single_file(where, config=config, **kw, **st)
+elif system == "compstore" and config:
     st = compstore.Store(store)  # converted before the timed loads: each finds the file unchanged
     load = lambda: compstore.StableDiffusionPipeline.from_single_file(where, config=config, store=st, **kw, **verify)
 elif system == "compstore":
@@ -65,8 +72,9 @@ open("/proc/self/clear_refs", "w").write("5")  # reset VmHWM to the current RSS
 c0, t0 = time.process_time(), time.perf_counter()
 pipe = load()
 if touch:
-    for name in ("unet", "vae", "text_encoder"):
-        for p in getattr(pipe, name).parameters():
+    for model in [pipe] if gguf else [getattr(pipe, name) for name in ("unet", "vae", "text_encoder")]:
+        for p in model.parameters():
+            p = p.as_tensor() if hasattr(p, "as_tensor") else p  # a GGUFParameter: its bytes
             float(p.detach().max())  # reads every byte, allocates nothing large (see above)
 wall, cpu = time.perf_counter() - t0, time.process_time() - c0
 print(json.dumps({"wall_s": wall, "cpu_s": cpu, "peak_rss_bytes": hwm() - base}))
@@ -74,9 +82,10 @@ print(json.dumps({"wall_s": wall, "cpu_s": cpu, "peak_rss_bytes": hwm() - base})
 
 
 def run_child(system: str, where: str, store: str, touch: bool, dtype: str, verify: bool,
-              config: str = "") -> dict:
+              config: str = "", gguf: bool = False) -> dict:
     out = subprocess.run([sys.executable, "-c", CHILD, system, where, store, "1" if touch else "0", dtype,
-                          "1" if verify else "0", config], check=True, capture_output=True, text=True)
+                          "1" if verify else "0", config, "1" if gguf else "0"],
+                         check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -100,6 +109,12 @@ def main() -> None:
                     help="both load one original-format .safetensors of the pipeline with "
                          "StableDiffusionPipeline.from_single_file (configs from its folder); "
                          "compstore's conversion is done once before the timed loads")
+    ap.add_argument("--gguf", action="store_true",
+                    help="both load a Flux-width transformer (1 double and 2 single blocks, 677M "
+                         "parameters; --size tiny: the tests' tiny one) from one GGUF file, its Linear "
+                         "weights Q8_0, with FluxTransformer2DModel.from_single_file(..., "
+                         "quantization_config=GGUFQuantizationConfig(compute_dtype=torch.bfloat16)); "
+                         "compstore's conversion is done once before the timed loads")
     ap.add_argument("--workdir", default=None, help="reused between runs when given "
                     "[default: a temporary folder, removed at the end]")
     ap.add_argument("--json", dest="json_out", default=None)
@@ -117,7 +132,7 @@ def main() -> None:
 def run(args, work: Path, Store, synthetic) -> None:
     layout = f"{args.size}-published" if args.as_published else args.size
     folder, store_dir = work / f"pipeline-{layout}", work / f"store-{layout}"
-    if not (folder / "model_index.json").exists():
+    if not args.gguf and not (folder / "model_index.json").exists():
         t0 = time.perf_counter()
         pipe = synthetic.sd15_pipeline() if args.size == "sd15" else synthetic.tiny_sd_pipeline()
         pipe.save_pretrained(folder)
@@ -125,13 +140,26 @@ def run(args, work: Path, Store, synthetic) -> None:
         if args.as_published:
             synthetic.rename_as_published(folder)
         print(f"built {folder} in {time.perf_counter() - t0:.0f} s")
-    with Store(store_dir) as store:
-        r = store.ingest(folder, "bench")
-        if args.from_folder:  # what a first from_pretrained(folder) does
-            store.ingest(folder, str(folder.resolve()))
-    nbytes = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+    status = "-"
+    if not args.gguf:
+        with Store(store_dir) as store:
+            status = store.ingest(folder, "bench").status
+            if args.from_folder:  # what a first from_pretrained(folder) does
+                store.ingest(folder, str(folder.resolve()))
+        nbytes = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
     checkpoint, config = None, ""
-    if args.single_file:
+    if args.gguf:
+        checkpoint, config = _gguf_file(work, args.size, synthetic)
+        from compstore import ingest_single_file
+
+        with Store(store_dir) as store:
+            first = ingest_single_file(checkpoint, "FluxTransformer2DModel", config=config, store=store)
+        nbytes = checkpoint.stat().st_size
+        status = first.status
+        print(f"GGUF file {checkpoint.name}: {first.status} in {first.seconds:.1f} s, wrote "
+              f"{first.written_bytes:,} bytes new, reused {first.reused_bytes:,}")
+        subprocess.run(["cat", str(checkpoint)], stdout=subprocess.DEVNULL)
+    elif args.single_file:
         checkpoint, config = work / f"{layout}.safetensors", str(folder)
         if not checkpoint.exists():
             import torch
@@ -148,7 +176,8 @@ def run(args, work: Path, Store, synthetic) -> None:
         print(f"single file {checkpoint.name}: {first.status} in {first.seconds:.1f} s, wrote "
               f"{first.written_bytes:,} bytes new, reused {first.reused_bytes:,}")
         subprocess.run(["cat", str(checkpoint)], stdout=subprocess.DEVNULL)
-    subprocess.run(["cat", *map(str, folder.rglob("*.safetensors"))], stdout=subprocess.DEVNULL)
+    if not args.gguf:
+        subprocess.run(["cat", *map(str, folder.rglob("*.safetensors"))], stdout=subprocess.DEVNULL)
     subprocess.run(["cat", *map(str, (store_dir / "objects" / "packs").glob("*"))], stdout=subprocess.DEVNULL)
 
     results: dict[str, dict[str, list[dict]]] = {}
@@ -159,13 +188,16 @@ def run(args, work: Path, Store, synthetic) -> None:
             for system in ("diffusers", "compstore"):
                 where = "bench" if system == "compstore" and not args.from_folder else str(folder)
                 results[mode][system].append(run_child(system, str(checkpoint or where), str(store_dir), touch,
-                                                       args.dtype, args.verify, config))
+                                                       args.dtype, args.verify, config, args.gguf))
 
     figures = {"size": args.size, "as_published": args.as_published, "dtype": args.dtype,
                "from_folder": args.from_folder, "verify": args.verify, "single_file": args.single_file,
+               "gguf": args.gguf,
                "pipeline_bytes": nbytes, "repeat": args.repeat}
-    print(f"pipeline: {layout} (fp16 files), dtype={args.dtype}, {nbytes / 2**30:.2f} GiB on disk (ingested: {r.status}); "
-          f"compstore loads {'the single file' if args.single_file else 'the folder' if args.from_folder else 'the ref'}"
+    what = (f"transformer: {checkpoint.name}, compute dtype bfloat16" if args.gguf else
+            f"pipeline: {layout} (fp16 files), dtype={args.dtype}")
+    print(f"{what}, {nbytes / 2**30:.2f} GiB on disk (ingested: {status}); "
+          f"compstore loads {'the GGUF file' if args.gguf else 'the single file' if args.single_file else 'the folder' if args.from_folder else 'the ref'}"
           f"{' with verify=True' if args.verify else ''}; "
           f"median of {args.repeat}, each load in a fresh process, page cache warm")
     print(f"{'':12s} {'':10s} {'wall s':>8s} {'CPU s':>8s} {'peak RSS MiB':>13s}")
@@ -182,6 +214,30 @@ def run(args, work: Path, Store, synthetic) -> None:
         figures[mode] = {"median": med, "ratio": ratio}
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(figures, indent=2))
+
+
+def _gguf_file(work: Path, size: str, synthetic) -> tuple[Path, str]:
+    """A Flux transformer's GGUF file (Linear weights Q8_0, the rest F32) and its
+    model folder (the configs), made once per workdir."""
+    import torch
+    from diffusers import FluxTransformer2DModel
+
+    width = "3072" if size == "sd15" else "tiny"
+    path, folder = work / f"flux-{width}-Q8_0.gguf", work / f"flux-{width}-transformer"
+    if not path.exists():
+        t0 = time.perf_counter()
+        torch.manual_seed(0)
+        shape = (dict(num_layers=1, num_single_layers=2, attention_head_dim=128, num_attention_heads=24,
+                      joint_attention_dim=4096, pooled_projection_dim=768, in_channels=64) if size == "sd15" else
+                 dict(num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+                      joint_attention_dim=32, pooled_projection_dim=32, in_channels=4, axes_dims_rope=(4, 4, 8)))
+        model = FluxTransformer2DModel(**shape)
+        model.save_config(folder)
+        state = model.state_dict()
+        types = {k: "Q8_0" for k, v in state.items() if v.ndim == 2 and v.shape[1] % 32 == 0}
+        synthetic.save_as_gguf(state, path, types)
+        print(f"built {path} ({path.stat().st_size / 2**30:.2f} GiB) in {time.perf_counter() - t0:.0f} s")
+    return path, str(folder)
 
 
 if __name__ == "__main__":

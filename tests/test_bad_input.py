@@ -317,7 +317,7 @@ def test_a_refused_load_of_a_folder_leaves_the_store_as_it_was(load, message, st
 def test_a_quantization_config_that_cannot_load_fails_as_diffusers_fails_before_any_ingest(store, family):
     """A bitsandbytes config where diffusers cannot quantize with it (bitsandbytes not
     installed, or no GPU): the library's own error, raised before the folder is
-    ingested; a GGUF config (it loads .gguf files, which the store does not hold) and
+    ingested; a GGUF config (it loads GGUF files, and these weights are not one) and
     one of no quantization method: a CompstoreError that says what to do. Each leaves
     the store as it was (a working one: tests/test_quantized.py)."""
     import re
@@ -339,8 +339,9 @@ def test_a_quantization_config_that_cannot_load_fails_as_diffusers_fails_before_
     if theirs is not None:
         with pytest.raises(type(theirs), match=re.escape(str(theirs))):
             compstore.DiffusionPipeline.from_pretrained(str(family["A"]), store=store, quantization_config=bnb)
-    with pytest.raises(compstore.CompstoreError, match=r"A/unet: a GGUF quantization config loads \.gguf "
-                       r"checkpoints.*from_single_file"):
+    with pytest.raises(compstore.CompstoreError, match=r"A/unet: a GGUF quantization config loads GGUF "
+                       r"checkpoints, and these weights are not one: pass the \.gguf file to the model "
+                       r"class's from_single_file"):
         compstore.load_component(str(family["A"]), "unet", store=store,
                                  quantization_config=GGUFQuantizationConfig(compute_dtype=torch.bfloat16))
     with pytest.raises(compstore.CompstoreError, match="is not a quantization config"):

@@ -113,7 +113,8 @@ def resolve_snapshot(
                     raise no_weights(where, c.class_name)
                 if saved[c.slot] is not None:  # its library's checks (bitsandbytes: a GPU), its tensors whole
                     check_quantization(saved[c.slot], model, dtype=None, where=where, pre_quantized=True)
-                    check_saved_pieces([scan.files[path].header for path in c.weight_files], where)
+                    check_saved_pieces([scan.files[path].header for path in c.weight_files], where,
+                                       saved[c.slot])
             if check is not None:
                 check([{"slot": c.slot, "variant": c.variant, "library": c.library, "class_name": c.class_name,
                         "saved_quantized": saved[c.slot] is not None} for c in scan.components])

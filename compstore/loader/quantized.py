@@ -18,7 +18,8 @@ or torchao repo) goes the same way with the library's quantizer in its
 saves each of its tensor subclasses flattened into plain tensors and describes them
 in the files' safetensors metadata (`Store.weights_metadata`); both libraries
 reassemble them with torchao's `unflatten_tensor_state_dict` as they read the
-files, and so does `_reassembled` before the state dict reaches them.
+files, and so does `_reassembled` before the state dict reaches them. A GGUF
+checkpoint, converted once, is stored as such a model too (gguf.py).
 
 A quantized model's quantized weights are not tensors a pool may share (its
 layers the quantizer leaves alone may still view the store): it is built afresh at
@@ -34,6 +35,9 @@ from typing import Any
 import torch
 
 from ..store import CompstoreError
+from .gguf import is_gguf_config
+from .gguf import load_config as gguf_config
+from .gguf import reassembled as gguf_reassembled
 
 
 def check_pipeline_quantization(quantization_config: Any) -> None:
@@ -77,8 +81,9 @@ def check_quantization(quantization_config: Any, cls: type, *, dtype: Any, where
     `pre_quantized`: the config is the one a model was saved with (`saved_quantization`).
 
     Raises:
-        CompstoreError: not a quantization config, or GGUF's, which quantizes nothing
-            (it describes .gguf files, which the store does not hold).
+        CompstoreError: not a quantization config; GGUF's for weights not converted from a
+            GGUF file (it quantizes nothing: it describes GGUF files), or for a class
+            diffusers does not load GGUF weights into.
     """
     method = (quantization_config.get("quant_method") if isinstance(quantization_config, dict)
               else getattr(quantization_config, "quant_method", None))
@@ -89,10 +94,15 @@ def check_quantization(quantization_config: Any, cls: type, *, dtype: Any, where
         raise CompstoreError(f"quantization_config={quantization_config!r} is not a quantization config "
                              "(it names no quant_method): pass one such as diffusers.TorchAoConfig(...) "
                              "(for a pipeline, a diffusers.PipelineQuantizationConfig)")
-    if str(getattr(method, "value", method)) == "gguf":
-        raise CompstoreError(f"{where}: a GGUF quantization config loads .gguf checkpoints, which compstore "
-                             "does not store: load the .gguf file with diffusers' from_single_file and pass "
-                             "the model in (transformer=model), or quantize with torchao or bitsandbytes")
+    if is_gguf_config(quantization_config):
+        if not pre_quantized:
+            raise CompstoreError(f"{where}: a GGUF quantization config loads GGUF checkpoints, and these weights "
+                                 "are not one: pass the .gguf file to the model class's from_single_file, or "
+                                 "quantize stored weights with torchao or bitsandbytes")
+        if not _is_diffusers(cls):
+            raise CompstoreError(f"{where}: saved as GGUF weights, which diffusers loads into its own model "
+                                 f"classes only, not into {cls.__name__}")
+        quantization_config = gguf_config(quantization_config, None)
     if _is_diffusers(cls):
         from diffusers.quantizers import DiffusersAutoQuantizer
 
@@ -122,21 +132,27 @@ def quantized_model(cls: type, config: dict, sd: dict[str, torch.Tensor], *, qua
     check_quantization(saved or quantization_config, cls, dtype=dtype, where=name_or_path,
                        pre_quantized=saved is not None)
     if saved is not None:
-        sd = _reassembled(sd, file_metadata or {}, name_or_path)
+        sd = _reassembled(sd, file_metadata or {}, name_or_path, saved)
     if _is_diffusers(cls):
         return _diffusers_model(cls, config, sd, quantization_config, dtype, name_or_path)
     return _transformers_model(cls, config, sd, quantization_config, dtype, name_or_path)
 
 
-def _reassembled(sd: dict[str, torch.Tensor], metadata: dict[str, str], where: str) -> dict[str, torch.Tensor]:
-    """`sd` with torchao's flattened tensor subclasses put back together, as diffusers
-    0.42 and transformers 5 do with a file's tensors (`unflatten_tensor_state_dict` on
-    the files' metadata). A state dict without torchao's metadata (bitsandbytes keeps
-    its quantized weights as plain tensors) is returned as it is.
+def _reassembled(sd: dict[str, torch.Tensor], metadata: dict[str, str], where: str,
+                 saved: Any) -> dict[str, torch.Tensor]:
+    """`sd` of a model saved quantized with `saved`, its quantized tensors as the
+    library reads them from its files: torchao's flattened tensor subclasses put back
+    together, as diffusers 0.42 and transformers 5 do with a file's tensors
+    (`unflatten_tensor_state_dict` on the files' metadata); GGUF bytes wrapped as
+    diffusers' `GGUFParameter`s (gguf.py). A state dict without torchao's metadata
+    (bitsandbytes keeps its quantized weights as plain tensors) is returned as it is.
 
     Raises:
-        CompstoreError: pieces of a tensor the metadata names with no whole made of them.
+        CompstoreError: pieces of a tensor the metadata names with no whole made of them;
+            GGUF weights the metadata does not describe as `gguf.reassembled` needs.
     """
+    if is_gguf_config(saved):
+        return gguf_reassembled(sd, metadata, where)
     if "tensor_names" not in metadata:  # torchao's mark; no torchao import for other backends
         return sd
     from torchao.prototype.safetensors.safetensors_support import unflatten_tensor_state_dict
@@ -157,10 +173,11 @@ def _reassembled(sd: dict[str, torch.Tensor], metadata: dict[str, str], where: s
     return {**whole, **root}
 
 
-def check_saved_pieces(headers: list, where: str) -> None:
+def check_saved_pieces(headers: list, where: str, saved: Any) -> None:
     """`_reassembled` on meta stand-ins of a model's tensors, from its files' parsed
-    safetensors headers (`SafetensorsHeader`): a folder whose torchao pieces make no
-    whole tensor is refused before it is ingested, as its load would be refused.
+    safetensors headers (`SafetensorsHeader`), saved quantized with `saved`: a folder
+    whose torchao pieces make no whole tensor, or whose GGUF weights are not as their
+    metadata says, is refused before it is ingested, as its load would be refused.
 
     Raises:
         CompstoreError: as `_reassembled`.
@@ -171,7 +188,7 @@ def check_saved_pieces(headers: list, where: str) -> None:
     for header in headers:
         metadata.update(header.metadata)
     _reassembled({e.name: torch.empty(e.shape, dtype=TORCH_DTYPES[e.dtype], device="meta")
-                  for header in headers for e in header.tensors}, metadata, where)
+                  for header in headers for e in header.tensors}, metadata, where, saved)
 
 
 def _diffusers_model(cls, config: dict, sd: dict, quantization_config, dtype, name_or_path: str):
@@ -182,7 +199,9 @@ def _diffusers_model(cls, config: dict, sd: dict, quantization_config, dtype, na
     from diffusers.quantizers import DiffusersAutoQuantizer
 
     saved = saved_quantization(config)
-    if saved is not None:  # the saved config wins; a given one is warned of
+    if is_gguf_config(saved):  # a given GGUF config picks the compute dtype, as for the file
+        quantization_config = gguf_config(saved, quantization_config)
+    elif saved is not None:  # the saved config wins; a given one is warned of
         quantization_config = DiffusersAutoQuantizer.merge_quantization_configs(saved, quantization_config)
     config = {**config, "quantization_config": quantization_config}
     quantizer = DiffusersAutoQuantizer.from_config(quantization_config, pre_quantized=saved is not None)
@@ -203,7 +222,10 @@ def _diffusers_model(cls, config: dict, sd: dict, quantization_config, dtype, na
             torch.set_default_dtype(old_default)
     sd = dict(sd)
     model._fix_state_dict_keys_on_load(sd)
-    quantizer.preprocess_model(model=model, device_map=device_map, keep_in_fp32_modules=keep)
+    # GGUF's quantizer replaces the Linear layers whose weights in the state dict are
+    # GGUFParameters (diffusers' from_single_file passes it the state dict too)
+    quantizer.preprocess_model(model=model, device_map=device_map, keep_in_fp32_modules=keep,
+                               **({"state_dict": sd} if is_gguf_config(quantization_config) else {}))
     device_map = _determine_device_map(model, device_map, None, dtype, keep, quantizer)
     quantizer.validate_environment(device_map=device_map)
     model = cls._load_pretrained_model(

@@ -21,6 +21,8 @@ transformer published alone) is the same, with a model folder stored.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import glob
 import json
 import logging
@@ -38,6 +40,8 @@ from ..store.hub import file_sha256, is_repo_id
 from ..store.lock import scratch_folder
 from ..store.safetensors_header import read_header
 from ..store.store import check_ref_name
+from . import gguf
+from .gguf import is_gguf
 from .loading import warnings_dropped
 
 logger = logging.getLogger("compstore")
@@ -126,56 +130,81 @@ def ingest_single_file(
                              "subfolder= picks a model class's folder in config=")
     may_lack = _slots(target, may_lack)
     started_ns = time.time_ns()
-    hub = _hub_file(path)
-    if hub is not None:  # pulled first: only what the store lacks is downloaded
-        repo_id, revision, filename = hub  # a URL's revision, else `revision=`, as diffusers takes it
-        source = _pulled_checkpoint(store, repo_id, revision or convert_kwargs.get("revision") or "main",
-                                    filename, token=convert_kwargs.get("token"),
-                                    local_files_only=convert_kwargs.get("local_files_only"))
-    else:
-        source = _local_checkpoint(path)
-    header = source.header()  # a malformed file is refused before anything is read
-    if not header.tensors:
-        raise InvalidInputError(source.label, "holds no tensors: not a pipeline checkpoint")
-    # a model's conversion has a ref of its own: the file's VAE beside the file's pipeline
-    ref = (check_ref_name(name) if name is not None
-           else f"{source.label}#{target.__name__}" if is_model else source.label)
-    known = source.sha256 or store.recorded_file_sha256(ref, source.path, started_ns)
-    sha256 = known or file_sha256(source.path)
-    inferred = config is None
-    if inferred:
-        config = _inferred_config(source.label, header)
-    config, stored = _config_name(store, config)
-    if is_model:
-        subfolder = _model_subfolder(store, config, stored, target, subfolder, inferred)
-        convert_kwargs["subfolder"] = subfolder
-    held = _held_conversion(store, ref, sha256, config, subfolder, target.__name__ if is_model else None,
-                            may_lack)
-    if held is not None:
-        if known is None:  # the next call reads none of it
-            store.record_file_sha256(ref, held, source.path, sha256, started_ns)
-        return SingleFileResult(ref, held, "unchanged", source.label, sha256, config,
-                                round(time.perf_counter() - t0, 3), 0, 0)
-    store._writable()
-    provenance = {"checkpoint": source.name, "sha256": sha256, "config": config,
-                  ("model_class" if is_model else "pipeline_class"): target.__name__}
-    if subfolder is not None:
-        provenance["subfolder"] = subfolder
-    with scratch_folder(store.home, "single-file-") as scratch:
-        folder = scratch / "converted"
-        checkpoint = source.path or source.write_to(scratch / "checkpoint")
+    if is_gguf(os.fspath(path)) and not is_model:
+        raise InvalidInputError(os.fspath(path), f"a GGUF checkpoint holds one model, not a {target.__name__}: "
+                                "load it with its model class, as diffusers does (transformer = compstore."
+                                "FluxTransformer2DModel.from_single_file(path, config=<ref>, quantization_config="
+                                "GGUFQuantizationConfig(compute_dtype=torch.bfloat16))), and the pipeline with "
+                                f"it passed in: compstore.{target.__name__}.from_pretrained(<ref>, transformer="
+                                "transformer)")
+    with contextlib.ExitStack() as stack:
+        @functools.cache
+        def scratch() -> Path:  # made when first needed (a held conversion needs none), removed at the end
+            store._writable()
+            return stack.enter_context(scratch_folder(store.home, "single-file-"))
+
+        hub = _hub_file(path)
+        if hub is not None:  # pulled first: only what the store lacks is downloaded
+            repo_id, revision, filename = hub  # a URL's revision, else `revision=`, as diffusers takes it
+            source = _pulled_checkpoint(store, repo_id, revision or convert_kwargs.get("revision") or "main",
+                                        filename, scratch, token=convert_kwargs.get("token"),
+                                        local_files_only=convert_kwargs.get("local_files_only"))
+        else:
+            source = _local_checkpoint(path)
+        # a malformed file is refused before anything is read; of a pulled GGUF file,
+        # held, nothing is (reading its header takes a copy of it)
+        @functools.cache
+        def header():
+            parsed = source.header()
+            if not parsed.tensors:
+                raise InvalidInputError(source.label, "holds no tensors: not a pipeline checkpoint")
+            return parsed
+
+        if source.path is not None or not is_gguf(source.name):
+            header()
+        # a model's conversion has a ref of its own: the file's VAE beside the file's pipeline
+        ref = (check_ref_name(name) if name is not None
+               else f"{source.label}#{target.__name__}" if is_model else source.label)
+        known = source.sha256 or store.recorded_file_sha256(ref, source.path, started_ns)
+        sha256 = known or file_sha256(source.path)
+        inferred = config is None
+        if inferred:  # the file's, as its conversion recorded it, or from its tensors
+            config = _recorded_inference(store, ref, sha256) or _inferred_config(source.label, header())
+        config, stored = _config_name(store, config)
+        if is_model:
+            subfolder = _model_subfolder(store, config, stored, target, subfolder, inferred)
+            convert_kwargs["subfolder"] = subfolder
+        held = _held_conversion(store, ref, sha256, config, subfolder, target.__name__ if is_model else None,
+                                may_lack)
+        if held is not None:
+            if known is None:  # the next call reads none of it
+                store.record_file_sha256(ref, held, source.path, sha256, started_ns)
+            return SingleFileResult(ref, held, "unchanged", source.label, sha256, config,
+                                    round(time.perf_counter() - t0, 3), 0, 0)
+        store._writable()
+        provenance = {"checkpoint": source.name, "sha256": sha256, "config": config,
+                      ("model_class" if is_model else "pipeline_class"): target.__name__}
+        if inferred:
+            provenance["config_inferred"] = True
+        if subfolder is not None:
+            provenance["subfolder"] = subfolder
+        folder = scratch() / "converted"
+        checkpoint = source.path or source.local_copy()
         if stored:  # a ref's files, read under the store's read guard (gc leaves them)
             snapshot = store.resolve(config)
             with store.reading_snapshot(snapshot, config):
                 provenance["config_snapshot"] = snapshot
                 skeleton = store.materialize(snapshot, _skeleton_file)
-                converted = _convert_whole_or_without(target, checkpoint, source.label, header, str(skeleton),
+                converted = _convert_whole_or_without(target, checkpoint, source.label, header(), str(skeleton),
                                                       config, convert_kwargs, may_lack, provenance)
         else:
-            converted = _convert_whole_or_without(target, checkpoint, source.label, header, config, config,
+            converted = _convert_whole_or_without(target, checkpoint, source.label, header(), config, config,
                                                   convert_kwargs, may_lack, provenance)
-        with warnings_dropped("diffusers.pipelines.pipeline_utils", "self."):  # "self.vae=None ...
-            converted.save_pretrained(folder)  # cannot be saved": a slot left out, as recorded
+        if is_gguf(source.name):
+            gguf.save(converted, folder)  # diffusers' save_pretrained refuses GGUF models
+        else:
+            with warnings_dropped("diffusers.pipelines.pipeline_utils", "self."):  # "self.vae=None ...
+                converted.save_pretrained(folder)  # cannot be saved": a slot left out, as recorded
         del converted
         (folder / PROVENANCE).write_text(json.dumps(provenance, indent=2) + "\n")
         result = store.ingest(folder, ref, source=source.label, consume_weights=True)
@@ -188,17 +217,20 @@ def ingest_single_file(
 @dataclass
 class _Source:
     """Where a checkpoint is: a local file (`path`), or a file the store holds (a
-    pull's: `sha256` known, `write_to` rebuilds it for the conversion)."""
+    pull's: `sha256` known, `local_copy` rebuilds it for the conversion)."""
     label: str  # the file's absolute path, or `repo/file@commit`
     name: str
     header: Callable[[], Any]
     path: Path | None = None
     sha256: str | None = None
-    write_to: Callable[[Path], Path] | None = None
+    local_copy: Callable[[], Path] | None = None
 
 
 def _local_checkpoint(path: str | os.PathLike) -> _Source:
     checkpoint = _checkpoint(path)
+    if is_gguf(checkpoint.name):
+        return _Source(str(checkpoint), checkpoint.name, lambda: gguf.read_header(checkpoint, str(checkpoint)),
+                       path=checkpoint)
     return _Source(str(checkpoint), checkpoint.name, lambda: read_header(str(checkpoint)), path=checkpoint)
 
 
@@ -214,11 +246,12 @@ def _hub_file(path) -> tuple[str, str | None, str] | None:
     return (match.group(1), match.group(2), match.group(3)) if match else None
 
 
-def _pulled_checkpoint(store: Store, repo_id: str, revision: str, filename: str, *, token=None,
-                       local_files_only: bool | None = None) -> _Source:
+def _pulled_checkpoint(store: Store, repo_id: str, revision: str, filename: str, scratch: Callable[[], Path],
+                       *, token=None, local_files_only: bool | None = None) -> _Source:
     """A Hub file, pulled into the store (its metadata first: a file the store holds is
     not downloaded, and of a Xet file only the chunks it lacks), or with no Hub, the
-    store's pull of it."""
+    store's pull of it. Its `local_copy` is written into `scratch()` once; a GGUF
+    file's header is read from that copy (a safetensors header from the store)."""
     from ..store.export import file_pieces, write_file
     from ..store.hub import HubUnavailableError, hub_reachable
     from ..store.safetensors_header import parse_header
@@ -237,16 +270,19 @@ def _pulled_checkpoint(store: Store, repo_id: str, revision: str, filename: str,
     (file_id, sha256, size), = [row[1:] for row in store.snapshot_files(snapshot) if row[0] == filename]
     label = f"{repo_id}/{filename}@{commit}"
 
+    @functools.cache
+    def local_copy() -> Path:
+        with store.reading():
+            write_file(store, file_id, sha256, scratch() / "checkpoint" / Path(filename).name)
+        return scratch() / "checkpoint" / Path(filename).name
+
     def header():
+        if is_gguf(filename):
+            return gguf.read_header(local_copy(), label)
         with store.reading():
             return parse_header(label, bytes(next(file_pieces(store, file_id))), size)
 
-    def write_to(folder: Path) -> Path:
-        with store.reading():
-            write_file(store, file_id, sha256, folder / Path(filename).name)
-        return folder / Path(filename).name
-
-    return _Source(label, Path(filename).name, header, sha256=sha256, write_to=write_to)
+    return _Source(label, Path(filename).name, header, sha256=sha256, local_copy=local_copy)
 
 
 def _stored_pull(store: Store, repo_id: str, revision: str, filename: str) -> str:
@@ -338,16 +374,9 @@ def _checkpoint(path: str | os.PathLike) -> Path:
 
 
 def refuse_other_formats(name: str) -> None:
-    """Only `.safetensors` checkpoints are converted and stored. A GGUF file is not a
-    pickle but weights quantized in llama.cpp's format, which the store does not keep
-    (its tensors are not a model's): said so, with what to do instead."""
-    if name.endswith(".safetensors"):
+    """Only `.safetensors` and `.gguf` checkpoints are converted and stored."""
+    if name.endswith(".safetensors") or is_gguf(name):
         return
-    if name.lower().endswith(".gguf"):
-        raise InvalidInputError(name, "a GGUF checkpoint (weights quantized in llama.cpp's format): compstore "
-                                "stores safetensors only; load it with diffusers' from_single_file(path, "
-                                "quantization_config=GGUFQuantizationConfig(...)) and pass the model in "
-                                "(transformer=model), or quantize stored weights with quantization_config")
     raise PickleRefusedError(name, "not a .safetensors file: compstore never loads pickle "
                              "checkpoints (.ckpt, .pt, .bin); convert it to safetensors first")
 
@@ -379,6 +408,16 @@ def _config_name(store: Store, config: str | os.PathLike) -> tuple[str, bool]:
         return name, False
     raise InvalidInputError(name, "config= is neither a store ref, a folder nor a Hub repo id: pass "
                             "the ref or folder of a diffusers pipeline of the checkpoint's family")
+
+
+def _recorded_inference(store: Store, ref: str, sha256: str) -> str | None:
+    """The config diffusers inferred for this file (its sha256) when `ref`'s conversion
+    was made, as recorded: a later call infers nothing, so reads none of the file."""
+    if not store.has_ref(ref):
+        return None
+    raw = store.read_file(store.resolve(ref), PROVENANCE)
+    made = json.loads(raw) if raw is not None else {}
+    return made["config"] if made.get("sha256") == sha256 and made.get("config_inferred") else None
 
 
 def _held_conversion(store: Store, ref: str, sha256: str, config: str, subfolder: str | None,
@@ -446,6 +485,8 @@ def _convert(target: type, checkpoint: Path, checkpoint_label: str, header, conf
 
     floats = {_FLOAT_DTYPES[t.dtype] for t in header.tensors if t.dtype in _FLOAT_DTYPES}
     dtype = next(iter(floats)) if len(floats) == 1 else None  # None: diffusers' float32
+    if is_gguf(checkpoint.name):  # its quantized weights as they are, its float ones unrounded
+        kwargs = {**kwargs, "quantization_config": gguf.conversion_config()}
     try:
         # from_single_file casts each model with `.to(dtype)`, which warns that modules "should
         # be kept in float32": what is stored is the checkpoint's bytes, and each load
@@ -507,7 +548,11 @@ def from_single_file(target: type, path: str | os.PathLike, store: Store, name: 
         convert["may_lack"] = [k for k, v in kwargs.items()
                                if k in slots and (v is None or isinstance(v, torch.nn.Module))]
     quantization = kwargs.get("quantization_config")
-    if quantization is not None:  # a load that would fail is refused before the conversion is stored
+    from_gguf = is_gguf(os.fspath(path))
+    if from_gguf and quantization is not None and not gguf.is_gguf_config(quantization):
+        raise CompstoreError(f"quantization_config={quantization!r}: a GGUF file's weights are quantized "
+                             "already; pass GGUFQuantizationConfig(compute_dtype=...), or none (float32)")
+    if quantization is not None and not from_gguf:  # a load that would fail is refused before the conversion is stored
         from .quantized import check_pipeline_quantization, check_quantization
 
         if _is_pipeline(target):
@@ -517,8 +562,9 @@ def from_single_file(target: type, path: str | os.PathLike, store: Store, name: 
                                where=os.fspath(path))
     ref = ingest_single_file(path, target, store=store, name=name, **convert).ref
     kwargs["local_files_only"] = True  # a ref: never a Hub repo of the same name
-    if kwargs.get("dtype", kwargs.get("torch_dtype")) is None:
+    if kwargs.get("dtype", kwargs.get("torch_dtype")) is None and not from_gguf:
         # diffusers' from_single_file builds float32 models by default, where a
-        # from_pretrained of the stored (say fp16) text encoder would keep fp16
+        # from_pretrained of the stored (say fp16) text encoder would keep fp16 (a
+        # GGUF model's float weights take its compute dtype, as in diffusers)
         kwargs["dtype"] = torch.float32
     return load(ref, kwargs)

@@ -507,3 +507,27 @@ def save_as_single_file(pipe, path: str | os.PathLike, dtype: torch.dtype | None
     state = {k: (v if dtype is None else v.to(dtype)).contiguous() for k, v in state.items()}
     save_file(state, path, metadata={"format": "pt"})
     return Path(path)
+
+
+def save_as_gguf(state: dict[str, torch.Tensor], path: str | os.PathLike, types: dict[str, str]) -> Path:
+    """Write `state` as one GGUF file (llama.cpp's format, as city96's Flux files are
+    published): each tensor named in `types` quantized by the gguf package to that
+    GGML type ("Q8_0", "Q4_0", "BF16", ...; its rows whole blocks of it), the others as
+    F16 where they are float16, else F32."""
+    import gguf
+    import numpy as np
+
+    writer = gguf.GGUFWriter(os.fspath(path), "compstore-test")
+    for name, t in state.items():
+        values = t.detach().numpy() if t.dtype == torch.float16 else t.detach().float().numpy()
+        if name in types:
+            kind = gguf.GGMLQuantizationType[types[name]]
+            data = gguf.quants.quantize(values.astype(np.float32), kind)
+            writer.add_tensor(name, data, raw_shape=data.shape, raw_dtype=kind)
+        else:
+            writer.add_tensor(name, values)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return Path(path)

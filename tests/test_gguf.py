@@ -1,0 +1,310 @@
+"""GGUF checkpoints: `compstore.<Model>.from_single_file("x.gguf", quantization_config=
+GGUFQuantizationConfig(...))` converts with diffusers once, stores the model as
+quantized bytes plus their types, and loads it as diffusers' `from_single_file` of
+the file does.
+
+The file is the tiny Flux family's B transformer written by the gguf package
+(`synthetic.save_as_gguf`), its Linear weights quantized to several GGML types, as
+city96's Flux files are published."""
+
+import json
+from pathlib import Path
+
+import diffusers
+import numpy as np
+import pytest
+import torch
+from diffusers import GGUFQuantizationConfig
+from diffusers.quantizers.gguf.utils import GGUFLinear, GGUFParameter
+
+import compstore
+from compstore.loader import synthetic as syn
+from conftest import store_state
+
+KINDS = ("Q8_0", "Q4_0", "Q5_1", "BF16")
+
+
+@pytest.fixture(scope="module")
+def flux_gguf(tmp_path_factory):
+    """The tiny Flux family (A; B = A with another transformer) and B's transformer as
+    a GGUF file: each Linear weight whose rows are whole blocks in one of KINDS in
+    turn, the 2-D others F16 and the rest F32 (a file mixing float dtypes)."""
+    root = tmp_path_factory.mktemp("flux-gguf")
+    folders = syn.switch_family("flux", "tiny", root / "family")
+    state = diffusers.FluxTransformer2DModel.from_pretrained(folders["B"] / "transformer").state_dict()
+    linear = [k for k, v in state.items() if k.endswith(".weight") and v.ndim == 2 and v.shape[1] % 32 == 0]
+    types = {k: KINDS[i % len(KINDS)] for i, k in enumerate(linear)}
+    state = {k: v.half() if v.ndim == 2 and k not in types else v for k, v in state.items()}
+    return folders, syn.save_as_gguf(state, root / "flux-b-Q4_0.gguf", types), types
+
+
+@pytest.fixture
+def flux_store(flux_gguf, tmp_path):
+    folders, _, _ = flux_gguf
+    store = compstore.Store(tmp_path / "store")
+    store.ingest(folders["A"], "A")
+    return store
+
+
+def theirs(flux_gguf, compute_dtype, **kw):
+    folders, path, _ = flux_gguf
+    return diffusers.FluxTransformer2DModel.from_single_file(
+        str(path), config=str(folders["A"]), subfolder="transformer",
+        quantization_config=GGUFQuantizationConfig(compute_dtype=compute_dtype), **kw)
+
+
+def same_gguf_model(ours, theirs) -> None:
+    """The same modules (GGUFLinear where diffusers has one, with its compute dtype)
+    and tensors: names, classes, GGUF types, dtypes and bytes."""
+    assert {n: type(m) for n, m in ours.named_modules()} == {n: type(m) for n, m in theirs.named_modules()}
+    for (name, m), (_, t) in zip(ours.named_modules(), theirs.named_modules()):
+        if isinstance(m, GGUFLinear):
+            assert m.compute_dtype == t.compute_dtype, name
+    a, b = ours.state_dict(), theirs.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert (type(a[k]), a[k].dtype, getattr(a[k], "quant_type", None)) == (
+            type(b[k]), b[k].dtype, getattr(b[k], "quant_type", None)), k
+        assert torch.equal(a[k].view(torch.uint8), b[k].view(torch.uint8)), k
+    # ours also names its quantization, as a model diffusers' from_pretrained loads quantized
+    loaded = {"_name_or_path", "quantization_config", "_pre_quantization_dtype"}
+    assert {k: v for k, v in ours.config.items() if k not in loaded} == {
+        k: v for k, v in theirs.config.items() if k not in loaded}
+    assert ours.config.quantization_config is ours.hf_quantizer.quantization_config
+    assert ours.hf_quantizer.compute_dtype == theirs.hf_quantizer.compute_dtype
+
+
+def image(pipe) -> np.ndarray:
+    return pipe("a photo of a cat", num_inference_steps=2, output_type="np", height=32, width=32,
+                max_sequence_length=32, generator=torch.Generator().manual_seed(0)).images
+
+
+@pytest.mark.parametrize("compute_dtype", [torch.float32, torch.bfloat16])
+def test_a_gguf_file_loads_as_diffusers_loads_it(flux_gguf, flux_store, compute_dtype):
+    """The same GGUFLinear layers, GGUF types and bytes, float weights and image as
+    diffusers' `from_single_file` of the file, in the compute dtype of the load: the
+    file is converted once (float32 compute, the F16 weights kept F16 beside F32 ones
+    as float32, unrounded), and every later load, in any compute dtype, reads the
+    store. The quantized weights are views of the store, not copies."""
+    folders, path, types = flux_gguf
+    store = flux_store
+    reference = theirs(flux_gguf, compute_dtype)
+    config = GGUFQuantizationConfig(compute_dtype=compute_dtype)
+    ours = compstore.FluxTransformer2DModel.from_single_file(path, config="A", quantization_config=config,
+                                                             store=store)
+    same_gguf_model(ours, reference)
+    assert {k for k, v in ours.state_dict().items() if isinstance(v, GGUFParameter)} == set(types)
+    r = compstore.ingest_single_file(path, "FluxTransformer2DModel", config="A", store=store)
+    assert r.status == "unchanged" and r.ref == f"{path}#FluxTransformer2DModel"
+    [component] = store.components_of(r.snapshot)
+    stored = json.loads(store.read_file(r.snapshot, "config.json"))
+    assert stored["quantization_config"] == {"quant_method": "gguf", "compute_dtype": "float32"}
+    assert json.loads(store.weights_metadata(component["component_id"])["gguf_quant_types"]) == types
+    again = compstore.FluxTransformer2DModel.from_single_file(path, config="A", quantization_config=config,
+                                                              store=store)
+    same_gguf_model(again, reference)
+    q = next(iter(types))
+    assert again.get_parameter(q).data_ptr() != ours.get_parameter(q).data_ptr()  # a model of its own
+    pipe = compstore.FluxPipeline.from_pretrained("A", transformer=ours, dtype=compute_dtype, store=store)
+    plain = diffusers.FluxPipeline.from_pretrained(folders["A"], transformer=reference, dtype=compute_dtype)
+    assert (image(pipe) == image(plain)).all()
+
+
+def test_a_stored_gguf_model_loads_from_its_ref_and_moves_whole_through_a_pool(flux_gguf, flux_store):
+    """The stored model is a ref like any (the file's path#class): `load_component`
+    and a pipeline's `from_pretrained` with the model passed in load it with the saved
+    config (float32 compute, as diffusers' default), or with a GGUF config given, in
+    its compute dtype. A pool moves it with diffusers' own `.to()` (its GGUF types
+    kept), and the pipeline's other models through the pool as ever."""
+    from test_residency import CountingCopier
+
+    _, path, types = flux_gguf
+    store = flux_store
+    ref = compstore.ingest_single_file(path, "FluxTransformer2DModel", config="A", store=store).ref
+    same_gguf_model(compstore.load_component(ref, store=store), theirs(flux_gguf, torch.float32))
+    half = compstore.load_component(ref, store=store,
+                                    quantization_config=GGUFQuantizationConfig(compute_dtype=torch.bfloat16))
+    same_gguf_model(half, theirs(flux_gguf, torch.bfloat16))
+    pipe = compstore.FluxPipeline.from_pretrained("A", transformer=half, store=store)
+    copier = CountingCopier()
+    pool = compstore.ResidencyPool("meta", budget_bytes=1 << 40, copier=copier)
+    report = compstore.to_device(pipe, "meta", pool=pool)
+    moved = {c.component: c for c in report.components}
+    assert moved["transformer"].bytes_from_store > 0
+    assert copier.bytes == sum(c.bytes_from_store for c in report.components if c.component != "transformer")
+    q = next(iter(types))
+    assert pipe.transformer.get_parameter(q).device.type == "meta"
+    assert pipe.transformer.get_parameter(q).quant_type.name == types[q]
+
+
+@pytest.fixture
+def gguf_hub(monkeypatch, flux_gguf, tmp_path):
+    """An emulated Hub with org/G holding the GGUF file (as city96/FLUX.1-dev-gguf)."""
+    import shutil
+
+    from conftest import use_hub
+    from hub_emulator import HubEmulator
+
+    _, path, _ = flux_gguf
+    repo = tmp_path / "G"
+    repo.mkdir()
+    shutil.copy(path, repo / path.name)
+    hub = HubEmulator()
+    hub.add_repo("org/G", repo)
+    use_hub(monkeypatch, hub)
+    yield hub
+    hub.close()
+
+
+def test_a_gguf_file_on_the_hub_is_pulled_once_and_later_calls_read_none_of_it(
+        flux_gguf, flux_store, gguf_hub, monkeypatch):
+    """`from_single_file("https://huggingface.co/org/G/blob/main/x.gguf")`, with no
+    config (the one diffusers infers, taken from the store): pulled into the store,
+    its header read from one local copy, converted once. A later call downloads
+    nothing, converts nothing and reads none of the file, online or offline."""
+    from diffusers.loaders.single_file_utils import fetch_diffusers_config, load_single_file_checkpoint
+
+    from compstore.loader import single_file
+
+    folders, path, _ = flux_gguf
+    store = flux_store
+    inferred = fetch_diffusers_config(load_single_file_checkpoint(str(path)))["pretrained_model_name_or_path"]
+    store.ingest(folders["A"], inferred)
+    url = f"https://huggingface.co/org/G/blob/main/{path.name}"
+    config = GGUFQuantizationConfig(compute_dtype=torch.bfloat16)
+    ours = compstore.FluxTransformer2DModel.from_single_file(url, quantization_config=config, store=store)
+    same_gguf_model(ours, theirs(flux_gguf, torch.bfloat16))
+    commit = gguf_hub.repos["org/G"].refs["main"]
+    assert gguf_hub.served_files == [path.name]
+    made = json.loads(store.read_file(store.resolve(f"org/G/{path.name}@{commit}#FluxTransformer2DModel"),
+                                      "compstore_single_file.json"))
+    assert (made["config"], made["config_inferred"], made["subfolder"]) == (inferred, True, "transformer")
+    assert not list((store.home / "tmp").iterdir())  # the local copy went with the conversion
+    gguf_hub.reset_counts()
+    monkeypatch.setattr(single_file, "_convert", lambda *a: pytest.fail("converted again"))
+    monkeypatch.setattr(single_file.gguf, "read_header", lambda *a: pytest.fail("read the file again"))
+    again = compstore.FluxTransformer2DModel.from_single_file(url, quantization_config=config, store=store)
+    same_gguf_model(again, ours)
+    assert gguf_hub.served_files == []
+    import huggingface_hub.constants as constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    r = compstore.ingest_single_file(url, "FluxTransformer2DModel", store=store)
+    assert (r.status, r.config) == ("unchanged", inferred)
+
+
+def test_an_exported_gguf_model_loads_from_its_folder(flux_gguf, flux_store, tmp_path):
+    """`export` writes the stored model (config.json with its GGUF quantization_config,
+    the quantized bytes with their types in the safetensors metadata); compstore loads
+    that folder as the stored model. (diffusers' own from_pretrained does not load
+    GGUF weights from a folder: docs/store-format.md, "Single-file checkpoints".)"""
+    _, path, _ = flux_gguf
+    store = flux_store
+    ref = compstore.ingest_single_file(path, "FluxTransformer2DModel", config="A", store=store).ref
+    store.export(ref, tmp_path / "exported")
+    other = compstore.Store(tmp_path / "other")
+    config = GGUFQuantizationConfig(compute_dtype=torch.bfloat16)
+    loaded = compstore.FluxTransformer2DModel.from_pretrained(tmp_path / "exported", quantization_config=config,
+                                                              store=other)
+    same_gguf_model(loaded, theirs(flux_gguf, torch.bfloat16))
+
+
+def test_bad_gguf_files_are_refused_and_leave_the_store_as_it_was(flux_gguf, flux_store, tmp_path, monkeypatch):
+    """Each with an error that names the file and what is wrong, before anything is
+    stored: not GGUF, truncated, empty, no tensors, a quantization type diffusers
+    cannot dequantize, another model's weights, a quantization config that is not
+    GGUF's, and no gguf package to read it with."""
+    import sys
+
+    import gguf
+    from torchao.quantization import Int8WeightOnlyConfig
+
+    folders, path, _ = flux_gguf
+    store = flux_store
+    data = path.read_bytes()
+    files = {"magic-only": b"GGUF" + bytes(60), "truncated": data[: len(data) // 2], "header-only": data[:200],
+             "text": b"not a gguf file\n" * 8, "empty": b""}
+    for name, content in files.items():
+        (tmp_path / f"{name}.gguf").write_bytes(content)
+    writer = gguf.GGUFWriter(str(tmp_path / "no-tensors.gguf"), "flux")
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    state = diffusers.FluxTransformer2DModel.from_pretrained(folders["B"] / "transformer").state_dict()
+    syn.save_as_gguf({**state, "proj_out.weight": torch.randn(4, 256)}, tmp_path / "ternary.gguf",
+                     {"proj_out.weight": "TQ1_0"})  # its blocks: 256 values
+    vae = diffusers.AutoencoderKL.from_pretrained(folders["A"] / "vae").state_dict()
+    syn.save_as_gguf(vae, tmp_path / "a-vae.gguf", {})
+    before = store_state(store.home)
+    cases = [(f"{name}.gguf", "not a readable GGUF file") for name in files] + [
+        ("no-tensors.gguf", "holds no tensors"),
+        ("ternary.gguf", r"tensor proj_out.weight is quantized as TQ1_0, which diffusers cannot dequantize; "
+                         r"it can: .*Q4_K"),
+        ("a-vae.gguf", "diffusers' FluxTransformer2DModel.from_single_file could not convert it"),
+    ]
+    config = GGUFQuantizationConfig(compute_dtype=torch.bfloat16)
+    for name, message in cases:
+        with pytest.raises(compstore.InvalidInputError, match=f"{name}: {message}"):
+            compstore.FluxTransformer2DModel.from_single_file(tmp_path / name, config="A", store=store,
+                                                              quantization_config=config)
+    with pytest.raises(compstore.CompstoreError, match="a GGUF file's weights are quantized already; pass "
+                       r"GGUFQuantizationConfig\(compute_dtype=...\), or none"):
+        compstore.FluxTransformer2DModel.from_single_file(path, config="A", store=store,
+                                                          quantization_config=diffusers.TorchAoConfig(Int8WeightOnlyConfig()))
+    monkeypatch.setitem(sys.modules, "gguf", None)  # not installed
+    with pytest.raises(compstore.InvalidInputError, match=r"reading one takes the gguf package \(pip install"):
+        compstore.FluxTransformer2DModel.from_single_file(path, config="A", store=store, quantization_config=config)
+    assert store_state(store.home) == before
+
+
+def _tampered(exported: Path, tmp_path: Path, name: str, change) -> Path:
+    """A copy of an exported GGUF model folder, its weights file rewritten by
+    `change(tensors, metadata)`."""
+    import shutil
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    folder = tmp_path / name
+    shutil.copytree(exported, folder)
+    weights = folder / "diffusion_pytorch_model.safetensors"
+    with safe_open(weights, "pt") as f:
+        tensors, metadata = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    change(tensors, metadata)
+    save_file(tensors, weights, metadata=metadata)
+    return folder
+
+
+def test_a_gguf_model_folder_not_as_its_metadata_says_is_refused_before_its_ingest(flux_gguf, flux_store,
+                                                                                   tmp_path):
+    """A folder whose config.json says GGUF (as `export` writes one) is checked before
+    it is ingested: every weight its metadata names is there, uint8, of a type diffusers
+    dequantizes, in whole blocks; the metadata is a JSON object. Each refusal names the
+    weight and the fault, and the store is as it was."""
+    _, path, types = flux_gguf
+    store = flux_store
+    ref = compstore.ingest_single_file(path, "FluxTransformer2DModel", config="A", store=store).ref
+    store.export(ref, tmp_path / "exported")
+    q8 = next(k for k, v in types.items() if v == "Q8_0")
+
+    def retype(kind):
+        return lambda tensors, metadata: metadata.update(
+            gguf_quant_types=json.dumps({**json.loads(metadata["gguf_quant_types"]), q8: kind}))
+
+    cases = {
+        "missing": (lambda t, m: t.pop(q8), f"GGUF weight {q8} is not among its tensors"),
+        "float": (lambda t, m: t.update({q8: t[q8].float()}), f"GGUF weight {q8} is torch.float32, not the uint8"),
+        "ternary": (retype("TQ1_0"), f"GGUF weight {q8} names type 'TQ1_0', which diffusers cannot dequantize"),
+        "no-such-type": (retype("Q9_9"), f"GGUF weight {q8} names type 'Q9_9'"),
+        "partial-block": (lambda t, m: t.update({q8: t[q8][:, :-1].contiguous()}),
+                          f"GGUF weight {q8} rows of 271 bytes are not whole Q8_0 blocks"),
+        "not-json": (lambda t, m: m.update(gguf_quant_types="{"), "its gguf_quant_types metadata is not a JSON"),
+        "no-types": (lambda t, m: m.pop("gguf_quant_types"), "its gguf_quant_types metadata is not a JSON"),
+    }
+    before = store_state(store.home)
+    for name, (change, message) in cases.items():
+        folder = _tampered(tmp_path / "exported", tmp_path, name, change)
+        with pytest.raises(compstore.CompstoreError, match=message):
+            compstore.FluxTransformer2DModel.from_pretrained(folder, store=store)
+        assert store_state(store.home) == before, name
