@@ -11,6 +11,7 @@ import torch
 
 import compstore
 from compstore import ResidencyPool, to_device
+from test_gguf import flux_gguf  # noqa: F401  (a fixture: a tiny Flux transformer as a GGUF file)
 from test_modular import repos  # noqa: F401  (a fixture: tiny modular SDXL repos)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -415,3 +416,27 @@ def test_a_unet_saved_4_bit_with_bitsandbytes_loads_on_the_gpu_as_diffusers_load
     a, b = ours.unet.state_dict(), theirs.unet.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     np.testing.assert_array_equal(image(ours), image(theirs))
+
+
+def test_a_gguf_transformer_on_the_gpu_moves_with_its_own_to_and_images_match(flux_gguf, tmp_path):
+    """A transformer from a GGUF file, in a pipeline moved to the GPU: the pool moves it
+    with diffusers' own `.to()` (its bytes and GGUF types kept), and the image is that
+    of diffusers' pipeline with diffusers' load of the file, moved there too."""
+    import diffusers
+    from diffusers import GGUFQuantizationConfig
+    from test_gguf import image, same_gguf_model, theirs
+
+    folders, path, types = flux_gguf
+    store = compstore.Store(tmp_path / "store")
+    store.ingest(folders["A"], "A")
+    config = GGUFQuantizationConfig(compute_dtype=torch.bfloat16)
+    transformer = compstore.FluxTransformer2DModel.from_single_file(path, config="A", quantization_config=config,
+                                                                    store=store)
+    ours = compstore.FluxPipeline.from_pretrained("A", transformer=transformer, dtype=torch.bfloat16, store=store)
+    ours.to("cuda")
+    reference = theirs(flux_gguf, torch.bfloat16)
+    plain = diffusers.FluxPipeline.from_pretrained(folders["A"], transformer=reference, dtype=torch.bfloat16)
+    plain.to("cuda")
+    assert {p.device.type for p in ours.transformer.parameters()} == {"cuda"}
+    same_gguf_model(ours.transformer, plain.transformer)
+    np.testing.assert_array_equal(image(ours), image(plain))

@@ -180,6 +180,8 @@ def test_a_gguf_file_on_the_hub_is_pulled_once_and_later_calls_read_none_of_it(
                                       "compstore_single_file.json"))
     assert (made["config"], made["config_inferred"], made["subfolder"]) == (inferred, True, "transformer")
     assert not list((store.home / "tmp").iterdir())  # the local copy went with the conversion
+    [pulled] = [row for row in store.snapshot_files(store.resolve(f"org/G@{commit}")) if row[0] == path.name]
+    assert pulled[3] == path.stat().st_size  # the file itself, beside its conversion
     gguf_hub.reset_counts()
     monkeypatch.setattr(single_file, "_convert", lambda *a: pytest.fail("converted again"))
     monkeypatch.setattr(single_file.gguf, "read_header", lambda *a: pytest.fail("read the file again"))
@@ -196,9 +198,12 @@ def test_a_gguf_file_on_the_hub_is_pulled_once_and_later_calls_read_none_of_it(
 def test_an_exported_gguf_model_loads_from_its_folder(flux_gguf, flux_store, tmp_path):
     """`export` writes the stored model (config.json with its GGUF quantization_config,
     the quantized bytes with their types in the safetensors metadata); compstore loads
-    that folder as the stored model. (diffusers' own from_pretrained does not load
-    GGUF weights from a folder: docs/store-format.md, "Single-file checkpoints".)"""
-    _, path, _ = flux_gguf
+    that folder as the stored model, alone or as a pipeline's transformer/. (diffusers'
+    own from_pretrained does not load GGUF weights from a folder: docs/store-format.md,
+    "GGUF files".)"""
+    import shutil
+
+    folders, path, _ = flux_gguf
     store = flux_store
     ref = compstore.ingest_single_file(path, "FluxTransformer2DModel", config="A", store=store).ref
     store.export(ref, tmp_path / "exported")
@@ -207,6 +212,16 @@ def test_an_exported_gguf_model_loads_from_its_folder(flux_gguf, flux_store, tmp
     loaded = compstore.FluxTransformer2DModel.from_pretrained(tmp_path / "exported", quantization_config=config,
                                                               store=other)
     same_gguf_model(loaded, theirs(flux_gguf, torch.bfloat16))
+    # a pipeline folder whose transformer/ is such a model: its saved config (float32 compute)
+    pipeline = tmp_path / "A-gguf"
+    shutil.copytree(folders["A"], pipeline)
+    shutil.rmtree(pipeline / "transformer")
+    shutil.copytree(tmp_path / "exported", pipeline / "transformer")
+    pipe = compstore.FluxPipeline.from_pretrained(pipeline, store=other)
+    reference = theirs(flux_gguf, torch.float32)
+    same_gguf_model(pipe.transformer, reference)
+    plain = diffusers.FluxPipeline.from_pretrained(folders["A"], transformer=reference)
+    assert (image(pipe) == image(plain)).all()
 
 
 def test_bad_gguf_files_are_refused_and_leave_the_store_as_it_was(flux_gguf, flux_store, tmp_path, monkeypatch):

@@ -73,8 +73,8 @@ def ingest(ctx, path, name, allow_pickle, exclude, repin, as_json):
 @json_option
 @click.pass_context
 def ingest_single_file(ctx, path, pipeline_class, config, subfolder, name, may_lack, as_json):
-    """Convert a single-file checkpoint (.safetensors, or a Hub URL of one) with diffusers, once,
-    and ingest the pipeline (or model)."""
+    """Convert a single-file checkpoint (.safetensors, a model's .gguf, or a Hub URL of one) with
+    diffusers, once, and ingest the pipeline (or model)."""
     from ..loader import ingest_single_file as convert_and_ingest
 
     r = convert_and_ingest(path, pipeline_class, config=config, subfolder=subfolder, name=name,

@@ -16,7 +16,8 @@ every stored pipeline does. A second call with the same file (its sha256, what
 model sites publish of it; not read again while the file's stat is unchanged, as
 a folder's files are not) and config loads the stored pipeline without
 converting again. A diffusers model class's `from_single_file` (a VAE, a UNet or
-transformer published alone) is the same, with a model folder stored.
+transformer published alone) is the same, with a model folder stored; so is a
+model's GGUF file, its quantized weights kept as they are (gguf.py).
 """
 
 from __future__ import annotations
@@ -89,7 +90,8 @@ def ingest_single_file(
     "unchanged", nothing converted.
 
     Args:
-        path: a `.safetensors` checkpoint (pickles, `.ckpt`, are refused).
+        path: a `.safetensors` checkpoint, or a model's `.gguf` (gguf.py); pickles
+            (`.ckpt`) are refused. A Hub URL of one is pulled into the store first.
         pipeline_class: a diffusers pipeline class with `from_single_file`, or its name;
             or a diffusers model class that has one (`AutoencoderKL`): that model
             is converted and stored as a model folder.
@@ -367,7 +369,7 @@ def _checkpoint(path: str | os.PathLike) -> Path:
     checkpoint = Path(path).expanduser()
     if not checkpoint.is_file():
         raise InvalidInputError(str(path), "no such file: pass the path of a single-file checkpoint "
-                                "(.safetensors), or the URL of one on the Hub "
+                                "(.safetensors, or a model's .gguf), or the URL of one on the Hub "
                                 "(https://huggingface.co/<org>/<repo>/blob/<revision>/<file>)")
     refuse_other_formats(str(path))
     return checkpoint.resolve()
