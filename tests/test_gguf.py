@@ -323,3 +323,26 @@ def test_a_gguf_model_folder_not_as_its_metadata_says_is_refused_before_its_inge
         with pytest.raises(compstore.CompstoreError, match=message):
             compstore.FluxTransformer2DModel.from_pretrained(folder, store=store)
         assert store_state(store.home) == before, name
+
+
+def test_weights_split_from_one_tensor_of_the_file_are_stored_each_with_its_bytes(flux_gguf, tmp_path):
+    """diffusers' conversion of a Flux file in the original (BFL) layout splits each
+    fused qkv weight into three views of one tensor; the converted model is saved
+    with each weight's own bytes (safetensors writes views that do not overlap). Here
+    the views are made by hand: the tiny Flux is too narrow for that conversion."""
+    from compstore.loader import gguf
+
+    model = theirs(flux_gguf, torch.float32)
+    attn = model.transformer_blocks[0].attn
+    q = attn.to_q.weight
+    assert isinstance(q, GGUFParameter)  # to_k takes the second half: q's type, its shape
+    fused = GGUFParameter(torch.cat([q.as_tensor(), torch.randint_like(q.as_tensor(), 0, 255)]),
+                          quant_type=q.quant_type)
+    attn.to_q.weight, attn.to_k.weight = torch.chunk(fused, 2)
+    assert attn.to_q.weight.untyped_storage().data_ptr() == attn.to_k.weight.untyped_storage().data_ptr()
+    gguf.save(model, tmp_path / "split")
+    loaded = compstore.FluxTransformer2DModel.from_pretrained(tmp_path / "split",
+                                                              store=compstore.Store(tmp_path / "store"))
+    for name in ("to_q", "to_k"):
+        ours, theirs_ = loaded.transformer_blocks[0].attn.get_submodule(name).weight, attn.get_submodule(name).weight
+        assert ours.quant_type == theirs_.quant_type and torch.equal(ours.as_tensor(), theirs_.as_tensor())

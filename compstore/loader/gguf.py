@@ -109,16 +109,13 @@ def save(model: torch.nn.Module, folder: Path) -> None:
     config = json.loads(config_path.read_text())
     config["quantization_config"] = {"quant_method": "gguf", "compute_dtype": "float32"}
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    tensors, kinds, seen = {}, {}, set()
+    tensors, kinds = {}, {}
     for name, t in model.state_dict().items():
         if isinstance(t, GGUFParameter):
             kinds[name] = t.quant_type.name
             t = t.as_tensor()
-        t = t.detach().contiguous()
-        if t.untyped_storage().data_ptr() in seen:  # a split of one file tensor (Flux's qkv)
-            t = t.clone()
-        seen.add(t.untyped_storage().data_ptr())
-        tensors[name] = t
+        # views of one tensor (a fused qkv split) are written each as its own bytes
+        tensors[name] = t.detach().contiguous()
     save_file(tensors, folder / WEIGHTS, metadata={"format": "pt", METADATA_KEY: json.dumps(kinds, sort_keys=True)})
 
 
