@@ -346,3 +346,44 @@ def test_weights_split_from_one_tensor_of_the_file_are_stored_each_with_its_byte
     for name in ("to_q", "to_k"):
         ours, theirs_ = loaded.transformer_blocks[0].attn.get_submodule(name).weight, attn.get_submodule(name).weight
         assert ours.quant_type == theirs_.quant_type and torch.equal(ours.as_tensor(), theirs_.as_tensor())
+
+
+def test_a_full_width_flux_gguf_in_the_original_layout_loads_as_diffusers_loads_it(tmp_path, monkeypatch):
+    """The layout city96's FLUX.1 GGUF files have (q, k and v fused, BFL names), which
+    diffusers converts at FLUX.1's width only: a 3072-wide transformer of one double
+    and one single block (402 MiB as GGUF, Linear weights in three types). The stored
+    conversion has diffusers' tensors, bytes and types, and its forward in bf16 gives
+    diffusers' output bit for bit; a second call converts nothing."""
+    from compstore.loader import single_file
+
+    torch.manual_seed(0)
+    model = diffusers.FluxTransformer2DModel(num_layers=1, num_single_layers=1, attention_head_dim=128,
+                                             num_attention_heads=24, joint_attention_dim=256,
+                                             pooled_projection_dim=768, in_channels=64, guidance_embeds=True)
+    model.save_config(tmp_path / "transformer")
+    state = syn.flux_as_original_layout(model.state_dict(), 1, 1)
+    del model
+    linear = [k for k, v in state.items() if v.ndim == 2 and v.shape[1] % 32 == 0]
+    path = syn.save_as_gguf(state, tmp_path / "flux1-bfl.gguf",
+                            {k: ("Q8_0", "Q4_0", "Q5_1")[i % 3] for i, k in enumerate(linear)})
+    del state
+    config = GGUFQuantizationConfig(compute_dtype=torch.bfloat16)
+    reference = diffusers.FluxTransformer2DModel.from_single_file(str(path), config=str(tmp_path / "transformer"),
+                                                                  quantization_config=config)
+    store = compstore.Store(tmp_path / "store")
+    ours = compstore.FluxTransformer2DModel.from_single_file(path, config=tmp_path / "transformer",
+                                                             quantization_config=config, store=store)
+    same_gguf_model(ours, reference)
+    # split: each block's fused qkv into q, k and v, the single block's linear1 also into its MLP's
+    assert sum(isinstance(t, GGUFParameter) for t in ours.state_dict().values()) == len(linear) + 2 * 2 + 3
+    torch.manual_seed(1)
+    inputs = dict(hidden_states=torch.randn(1, 16, 64, dtype=torch.bfloat16),
+                  encoder_hidden_states=torch.randn(1, 8, 256, dtype=torch.bfloat16),
+                  pooled_projections=torch.randn(1, 768, dtype=torch.bfloat16), timestep=torch.tensor([0.5]),
+                  guidance=torch.tensor([3.5]), img_ids=torch.zeros(16, 3), txt_ids=torch.zeros(8, 3))
+    with torch.no_grad():
+        assert torch.equal(ours(**inputs).sample, reference(**inputs).sample)
+    del ours, reference
+    monkeypatch.setattr(single_file, "_convert", lambda *a: pytest.fail("converted again"))
+    compstore.FluxTransformer2DModel.from_single_file(path, config=tmp_path / "transformer",
+                                                      quantization_config=config, store=store)

@@ -531,3 +531,53 @@ def save_as_gguf(state: dict[str, torch.Tensor], path: str | os.PathLike, types:
     writer.write_tensors_to_file()
     writer.close()
     return Path(path)
+
+
+def flux_as_original_layout(state: dict[str, torch.Tensor], num_layers: int,
+                            num_single_layers: int) -> dict[str, torch.Tensor]:
+    """A diffusers Flux transformer's state dict in the original (BFL) layout, as
+    FLUX.1's own files and most GGUF files of it hold it: q, k and v fused
+    (`qkv`; a single block's with its MLP input in `linear1`), the final norm's scale
+    and shift swapped. diffusers' `from_single_file` converts it back to these very
+    tensors; it does so at FLUX.1's width (3072) only."""
+    out: dict[str, torch.Tensor] = {}
+    for embedder, bfl in (("timestep", "time_in"), ("text", "vector_in"), ("guidance", "guidance_in")):
+        for i, layer in ((1, "in_layer"), (2, "out_layer")):
+            for p in ("weight", "bias"):
+                name = f"time_text_embed.{embedder}_embedder.linear_{i}.{p}"
+                if name in state:
+                    out[f"{bfl}.{layer}.{p}"] = state[name]
+    renames = {"context_embedder": "txt_in", "x_embedder": "img_in", "proj_out": "final_layer.linear"}
+    for i in range(num_layers):
+        renames.update({f"transformer_blocks.{i}.{a}": f"double_blocks.{i}.{b}" for a, b in (
+            ("norm1.linear", "img_mod.lin"), ("norm1_context.linear", "txt_mod.lin"),
+            ("ff.net.0.proj", "img_mlp.0"), ("ff.net.2", "img_mlp.2"), ("ff_context.net.0.proj", "txt_mlp.0"),
+            ("ff_context.net.2", "txt_mlp.2"), ("attn.to_out.0", "img_attn.proj"),
+            ("attn.to_add_out", "txt_attn.proj"))})
+    for i in range(num_single_layers):
+        renames.update({f"single_transformer_blocks.{i}.norm.linear": f"single_blocks.{i}.modulation.lin",
+                        f"single_transformer_blocks.{i}.proj_out": f"single_blocks.{i}.linear2"})
+    for p in ("weight", "bias"):
+        for a, b in renames.items():
+            out[f"{b}.{p}"] = state[f"{a}.{p}"]
+        for i in range(num_layers):
+            block = f"transformer_blocks.{i}.attn."
+            out[f"double_blocks.{i}.img_attn.qkv.{p}"] = torch.cat([state[f"{block}to_{x}.{p}"] for x in "qkv"])
+            out[f"double_blocks.{i}.txt_attn.qkv.{p}"] = torch.cat(
+                [state[f"{block}add_{x}_proj.{p}"] for x in "qkv"])
+        for i in range(num_single_layers):
+            block = f"single_transformer_blocks.{i}."
+            out[f"single_blocks.{i}.linear1.{p}"] = torch.cat(
+                [state[f"{block}attn.to_{x}.{p}"] for x in "qkv"] + [state[f"{block}proj_mlp.{p}"]])
+        scale, shift = state[f"norm_out.linear.{p}"].chunk(2)
+        out[f"final_layer.adaLN_modulation.1.{p}"] = torch.cat([shift, scale])
+    for i in range(num_layers):
+        for a, b in (("norm_q", "img_attn.norm.query_norm"), ("norm_k", "img_attn.norm.key_norm"),
+                     ("norm_added_q", "txt_attn.norm.query_norm"), ("norm_added_k", "txt_attn.norm.key_norm")):
+            out[f"double_blocks.{i}.{b}.scale"] = state[f"transformer_blocks.{i}.attn.{a}.weight"]
+    for i in range(num_single_layers):
+        for a, b in (("norm_q", "query_norm"), ("norm_k", "key_norm")):
+            out[f"single_blocks.{i}.norm.{b}.scale"] = state[f"single_transformer_blocks.{i}.attn.{a}.weight"]
+    if len(out) != len(state) - 8 * num_layers - 6 * num_single_layers:  # each fused one replaces 4 or 6
+        raise ValueError("not a Flux transformer's state dict of that many blocks: tensors were left out")
+    return out
