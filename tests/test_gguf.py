@@ -184,7 +184,7 @@ def test_a_gguf_file_on_the_hub_is_pulled_once_and_later_calls_read_none_of_it(
     assert pulled[3] == path.stat().st_size  # the file itself, beside its conversion
     gguf_hub.reset_counts()
     monkeypatch.setattr(single_file, "_convert", lambda *a: pytest.fail("converted again"))
-    monkeypatch.setattr(single_file.gguf, "read_header", lambda *a: pytest.fail("read the file again"))
+    monkeypatch.setattr(single_file.gguf_checkpoints, "read_header", lambda *a: pytest.fail("read the file again"))
     again = compstore.FluxTransformer2DModel.from_single_file(url, quantization_config=config, store=store)
     same_gguf_model(again, ours)
     assert gguf_hub.served_files == []
@@ -330,7 +330,7 @@ def test_weights_split_from_one_tensor_of_the_file_are_stored_each_with_its_byte
     fused qkv weight into three views of one tensor; the converted model is saved
     with each weight's own bytes (safetensors writes views that do not overlap). Here
     the views are made by hand: the tiny Flux is too narrow for that conversion."""
-    from compstore.loader import gguf
+    from compstore.loader import gguf_checkpoints
 
     model = theirs(flux_gguf, torch.float32)
     attn = model.transformer_blocks[0].attn
@@ -340,7 +340,7 @@ def test_weights_split_from_one_tensor_of_the_file_are_stored_each_with_its_byte
                           quant_type=q.quant_type)
     attn.to_q.weight, attn.to_k.weight = torch.chunk(fused, 2)
     assert attn.to_q.weight.untyped_storage().data_ptr() == attn.to_k.weight.untyped_storage().data_ptr()
-    gguf.save(model, tmp_path / "split")
+    gguf_checkpoints.save(model, tmp_path / "split")
     loaded = compstore.FluxTransformer2DModel.from_pretrained(tmp_path / "split",
                                                               store=compstore.Store(tmp_path / "store"))
     for name in ("to_q", "to_k"):

@@ -19,7 +19,7 @@ saves each of its tensor subclasses flattened into plain tensors and describes t
 in the files' safetensors metadata (`Store.weights_metadata`); both libraries
 reassemble them with torchao's `unflatten_tensor_state_dict` as they read the
 files, and so does `_reassembled` before the state dict reaches them. A GGUF
-checkpoint, converted once, is stored as such a model too (gguf.py).
+checkpoint, converted once, is stored as such a model too (gguf_checkpoints.py).
 
 A quantized model's quantized weights are not tensors a pool may share (its
 layers the quantizer leaves alone may still view the store): it is built afresh at
@@ -35,9 +35,9 @@ from typing import Any
 import torch
 
 from ..store import CompstoreError
-from .gguf import is_gguf_config
-from .gguf import load_config as gguf_config
-from .gguf import reassembled as gguf_reassembled
+from .gguf_checkpoints import is_gguf_config
+from .gguf_checkpoints import load_config as gguf_config
+from .gguf_checkpoints import reassembled as gguf_reassembled
 
 
 def check_pipeline_quantization(quantization_config: Any) -> None:
@@ -144,12 +144,12 @@ def _reassembled(sd: dict[str, torch.Tensor], metadata: dict[str, str], where: s
     library reads them from its files: torchao's flattened tensor subclasses put back
     together, as diffusers 0.42 and transformers 5 do with a file's tensors
     (`unflatten_tensor_state_dict` on the files' metadata); GGUF bytes wrapped as
-    diffusers' `GGUFParameter`s (gguf.py). A state dict without torchao's metadata
+    diffusers' `GGUFParameter`s (gguf_checkpoints.py). A state dict without torchao's metadata
     (bitsandbytes keeps its quantized weights as plain tensors) is returned as it is.
 
     Raises:
         CompstoreError: pieces of a tensor the metadata names with no whole made of them;
-            GGUF weights the metadata does not describe as `gguf.reassembled` needs.
+            GGUF weights the metadata does not describe as `gguf_checkpoints.reassembled` needs.
     """
     if is_gguf_config(saved):
         return gguf_reassembled(sd, metadata, where)

@@ -17,7 +17,7 @@ model sites publish of it; not read again while the file's stat is unchanged, as
 a folder's files are not) and config loads the stored pipeline without
 converting again. A diffusers model class's `from_single_file` (a VAE, a UNet or
 transformer published alone) is the same, with a model folder stored; so is a
-model's GGUF file, its quantized weights kept as they are (gguf.py).
+model's GGUF file, its quantized weights kept as they are (gguf_checkpoints.py).
 """
 
 from __future__ import annotations
@@ -41,8 +41,8 @@ from ..store.hub import file_sha256, is_repo_id
 from ..store.lock import scratch_folder
 from ..store.safetensors_header import read_header
 from ..store.store import check_ref_name
-from . import gguf
-from .gguf import is_gguf
+from . import gguf_checkpoints
+from .gguf_checkpoints import is_gguf
 from .loading import warnings_dropped
 
 logger = logging.getLogger("compstore")
@@ -90,7 +90,7 @@ def ingest_single_file(
     "unchanged", nothing converted.
 
     Args:
-        path: a `.safetensors` checkpoint, or a model's `.gguf` (gguf.py); pickles
+        path: a `.safetensors` checkpoint, or a model's `.gguf` (gguf_checkpoints.py); pickles
             (`.ckpt`) are refused. A Hub URL of one is pulled into the store first.
         pipeline_class: a diffusers pipeline class with `from_single_file`, or its name;
             or a diffusers model class that has one (`AutoencoderKL`): that model
@@ -203,7 +203,7 @@ def ingest_single_file(
             converted = _convert_whole_or_without(target, checkpoint, source.label, header(), config, config,
                                                   convert_kwargs, may_lack, provenance)
         if is_gguf(source.name):
-            gguf.save(converted, folder)  # diffusers' save_pretrained refuses GGUF models
+            gguf_checkpoints.save(converted, folder)  # diffusers' save_pretrained refuses GGUF models
         else:
             with warnings_dropped("diffusers.pipelines.pipeline_utils", "self."):  # "self.vae=None ...
                 converted.save_pretrained(folder)  # cannot be saved": a slot left out, as recorded
@@ -231,7 +231,7 @@ class _Source:
 def _local_checkpoint(path: str | os.PathLike) -> _Source:
     checkpoint = _checkpoint(path)
     if is_gguf(checkpoint.name):
-        return _Source(str(checkpoint), checkpoint.name, lambda: gguf.read_header(checkpoint, str(checkpoint)),
+        return _Source(str(checkpoint), checkpoint.name, lambda: gguf_checkpoints.read_header(checkpoint, str(checkpoint)),
                        path=checkpoint)
     return _Source(str(checkpoint), checkpoint.name, lambda: read_header(str(checkpoint)), path=checkpoint)
 
@@ -280,7 +280,7 @@ def _pulled_checkpoint(store: Store, repo_id: str, revision: str, filename: str,
 
     def header():
         if is_gguf(filename):
-            return gguf.read_header(local_copy(), label)
+            return gguf_checkpoints.read_header(local_copy(), label)
         with store.reading():
             return parse_header(label, bytes(next(file_pieces(store, file_id))), size)
 
@@ -488,7 +488,7 @@ def _convert(target: type, checkpoint: Path, checkpoint_label: str, header, conf
     floats = {_FLOAT_DTYPES[t.dtype] for t in header.tensors if t.dtype in _FLOAT_DTYPES}
     dtype = next(iter(floats)) if len(floats) == 1 else None  # None: diffusers' float32
     if is_gguf(checkpoint.name):  # its quantized weights as they are, its float ones unrounded
-        kwargs = {**kwargs, "quantization_config": gguf.conversion_config()}
+        kwargs = {**kwargs, "quantization_config": gguf_checkpoints.conversion_config()}
     try:
         # from_single_file casts each model with `.to(dtype)`, which warns that modules "should
         # be kept in float32": what is stored is the checkpoint's bytes, and each load
@@ -551,7 +551,7 @@ def from_single_file(target: type, path: str | os.PathLike, store: Store, name: 
                                if k in slots and (v is None or isinstance(v, torch.nn.Module))]
     quantization = kwargs.get("quantization_config")
     from_gguf = is_gguf(os.fspath(path))
-    if from_gguf and quantization is not None and not gguf.is_gguf_config(quantization):
+    if from_gguf and quantization is not None and not gguf_checkpoints.is_gguf_config(quantization):
         raise CompstoreError(f"quantization_config={quantization!r}: a GGUF file's weights are quantized "
                              "already; pass GGUFQuantizationConfig(compute_dtype=...), or none (float32)")
     if quantization is not None and not from_gguf:  # a load that would fail is refused before the conversion is stored
