@@ -110,6 +110,18 @@ def test_a_gguf_file_loads_as_diffusers_loads_it(flux_gguf, flux_store, compute_
     assert (image(pipe) == image(plain)).all()
 
 
+@pytest.mark.parametrize("compute_dtype, dtype", [(torch.bfloat16, torch.bfloat16), (torch.float32, torch.float16)])
+def test_a_gguf_file_loaded_with_a_dtype_is_as_diffusers_loads_it(flux_gguf, flux_store, compute_dtype, dtype):
+    """`torch_dtype=` beside the GGUF config (diffusers' GGUF examples pass both): the
+    float weights in that dtype, the GGUFLinear layers computing in the config's."""
+    _, path, _ = flux_gguf
+    ours = compstore.FluxTransformer2DModel.from_single_file(
+        path, config="A", quantization_config=GGUFQuantizationConfig(compute_dtype=compute_dtype),
+        torch_dtype=dtype, store=flux_store)
+    same_gguf_model(ours, theirs(flux_gguf, compute_dtype, torch_dtype=dtype))
+    assert ours.norm_out.linear.bias.dtype == dtype
+
+
 def test_a_stored_gguf_model_loads_from_its_ref_and_moves_whole_through_a_pool(flux_gguf, flux_store):
     """The stored model is a ref like any (the file's path#class): `load_component`
     and a pipeline's `from_pretrained` with the model passed in load it with the saved
