@@ -339,8 +339,8 @@ def test_a_quantization_config_that_cannot_load_fails_as_diffusers_fails_before_
     if theirs is not None:
         with pytest.raises(type(theirs), match=re.escape(str(theirs))):
             compstore.DiffusionPipeline.from_pretrained(str(family["A"]), store=store, quantization_config=bnb)
-    with pytest.raises(compstore.CompstoreError, match=r"A/unet: a GGUF quantization config loads GGUF "
-                       r"checkpoints, and these weights are not one: pass the \.gguf file to the model "
+    with pytest.raises(compstore.CompstoreError, match=r"A/unet: a GGUF quantization config loads a GGUF "
+                       r"checkpoint \(\.gguf\), and these weights are not one: pass the file to the model "
                        r"class's from_single_file"):
         compstore.load_component(str(family["A"]), "unet", store=store,
                                  quantization_config=GGUFQuantizationConfig(compute_dtype=torch.bfloat16))

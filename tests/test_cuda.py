@@ -11,7 +11,7 @@ import torch
 
 import compstore
 from compstore import ResidencyPool, to_device
-from test_gguf import flux_gguf  # noqa: F401  (a fixture: a tiny Flux transformer as a GGUF file)
+from test_quantized_files import flux_gguf  # noqa: F401  (a fixture: a tiny Flux transformer as a GGUF file)
 from test_modular import repos  # noqa: F401  (a fixture: tiny modular SDXL repos)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -424,7 +424,7 @@ def test_a_gguf_transformer_on_the_gpu_moves_with_its_own_to_and_images_match(fl
     of diffusers' pipeline with diffusers' load of the file, moved there too."""
     import diffusers
     from diffusers import GGUFQuantizationConfig
-    from test_gguf import image, same_gguf_model, theirs
+    from test_quantized_files import image, same_gguf_model, theirs
 
     folders, path, types = flux_gguf
     store = compstore.Store(tmp_path / "store")

@@ -165,10 +165,10 @@ def test_bad_single_files_are_refused_and_leave_the_store_as_it_was(family_store
         (tmp_path / "missing.safetensors", compstore.InvalidInputError, "no such file"),
         (pickle, compstore.PickleRefusedError, "never loads pickle checkpoints"),
         ("https://huggingface.co/org/B/blob/main/model.ckpt", compstore.PickleRefusedError, "never loads pickle"),
-        (gguf, compstore.InvalidInputError, r"a GGUF checkpoint holds one model, not a StableDiffusionPipeline: "
-         r"load it with its model class, .*GGUFQuantizationConfig"),  # refused before it is read (tests/test_gguf.py)
+        (gguf, compstore.InvalidInputError, r"a GGUF checkpoint \(\.gguf\) holds one model, not a StableDiffusionPipeline: "
+         r"load it with its model class, .*GGUFQuantizationConfig"),  # refused before it is read (tests/test_quantized_files.py)
         ("https://huggingface.co/org/B/blob/main/flux1-dev-Q4_K_S.gguf", compstore.InvalidInputError,
-         "a GGUF checkpoint holds one model"),
+         r"a GGUF checkpoint \(\.gguf\) holds one model"),
         ("https://example.com/model.safetensors", compstore.InvalidInputError, "or the URL of one on the Hub"),
         (truncated, compstore.InvalidInputError, "truncated.safetensors"),
         (unrelated, compstore.InvalidInputError, "could not convert it with config 'A'"),
@@ -181,7 +181,7 @@ def test_bad_single_files_are_refused_and_leave_the_store_as_it_was(family_store
     with pytest.raises(ValueError, match="must be an instance of `PipelineQuantizationConfig`"):
         compstore.StableDiffusionPipeline.from_single_file(checkpoints["A"], config="A", store=family_store,
                                                            quantization_config={"quant_method": "torchao"})
-    with pytest.raises(compstore.CompstoreError, match="a GGUF quantization config loads GGUF checkpoints, and these weights are not one"):
+    with pytest.raises(compstore.CompstoreError, match="a GGUF quantization config loads a GGUF checkpoint \\(.gguf\\), and this file is not one"):
         compstore.UNet2DConditionModel.from_single_file(
             checkpoints["A"], config="A", subfolder="unet", store=family_store,
             quantization_config=diffusers.GGUFQuantizationConfig(compute_dtype=torch.bfloat16))

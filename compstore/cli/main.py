@@ -70,15 +70,22 @@ def ingest(ctx, path, name, allow_pickle, exclude, repin, as_json):
 @click.option("--may-lack", multiple=True, metavar="SLOT",
               help="A pipeline slot the checkpoint may lack, its model loaded from elsewhere "
                    "(e.g. text_encoder_3): converted without it where the file lacks it.")
+@click.option("--bfl", is_flag=True, help="A model's file quantized in Black Forest Labs' fp8r or nvfp4 "
+              "layout (diffusers' BFLQuantizationConfig): converted with its quantizer.")
 @json_option
 @click.pass_context
-def ingest_single_file(ctx, path, pipeline_class, config, subfolder, name, may_lack, as_json):
+def ingest_single_file(ctx, path, pipeline_class, config, subfolder, name, may_lack, bfl, as_json):
     """Convert a single-file checkpoint (.safetensors, a model's .gguf, or a Hub URL of one) with
     diffusers, once, and ingest the pipeline (or model)."""
     from ..loader import ingest_single_file as convert_and_ingest
 
+    quantization = None
+    if bfl:
+        from diffusers import BFLQuantizationConfig
+
+        quantization = BFLQuantizationConfig()
     r = convert_and_ingest(path, pipeline_class, config=config, subfolder=subfolder, name=name,
-                           may_lack=may_lack, store=open_store(ctx))
+                           may_lack=may_lack, quantization_config=quantization, store=open_store(ctx))
     text = (f"{r.ref}: unchanged, the store holds this file's conversion (sha256 {r.sha256[:12]})"
             if r.status == "unchanged" else
             f"{r.ref}: converted with config {r.config}; wrote {human(r.written_bytes)} new, "

@@ -19,7 +19,8 @@ saves each of its tensor subclasses flattened into plain tensors and describes t
 in the files' safetensors metadata (`Store.weights_metadata`); both libraries
 reassemble them with torchao's `unflatten_tensor_state_dict` as they read the
 files, and so does `_reassembled` before the state dict reaches them. A GGUF
-checkpoint, converted once, is stored as such a model too (gguf_checkpoints.py).
+or BFL fp8r/nvfp4 single file, converted once, is stored as such a model too
+(quantized_files.py).
 
 A quantized model's quantized weights are not tensors a pool may share (its
 layers the quantizer leaves alone may still view the store): it is built afresh at
@@ -35,9 +36,8 @@ from typing import Any
 import torch
 
 from ..store import CompstoreError
-from .gguf_checkpoints import is_gguf_config
-from .gguf_checkpoints import load_config as gguf_config
-from .gguf_checkpoints import reassembled as gguf_reassembled
+from . import quantized_files
+from .quantized_files import FILE_METHODS, file_method
 
 
 def check_pipeline_quantization(quantization_config: Any) -> None:
@@ -81,9 +81,9 @@ def check_quantization(quantization_config: Any, cls: type, *, dtype: Any, where
     `pre_quantized`: the config is the one a model was saved with (`saved_quantization`).
 
     Raises:
-        CompstoreError: not a quantization config; GGUF's for weights not converted from a
-            GGUF file (it quantizes nothing: it describes GGUF files), or for a class
-            diffusers does not load GGUF weights into.
+        CompstoreError: not a quantization config; GGUF's or BFL's for weights not
+            converted from such a file (they quantize nothing: they describe files), or for
+            a class diffusers does not load such weights into.
     """
     method = (quantization_config.get("quant_method") if isinstance(quantization_config, dict)
               else getattr(quantization_config, "quant_method", None))
@@ -94,15 +94,17 @@ def check_quantization(quantization_config: Any, cls: type, *, dtype: Any, where
         raise CompstoreError(f"quantization_config={quantization_config!r} is not a quantization config "
                              "(it names no quant_method): pass one such as diffusers.TorchAoConfig(...) "
                              "(for a pipeline, a diffusers.PipelineQuantizationConfig)")
-    if is_gguf_config(quantization_config):
+    in_file = file_method(quantization_config)
+    if in_file is not None:
         if not pre_quantized:
-            raise CompstoreError(f"{where}: a GGUF quantization config loads GGUF checkpoints, and these weights "
-                                 "are not one: pass the .gguf file to the model class's from_single_file, or "
-                                 "quantize stored weights with torchao or bitsandbytes")
+            raise CompstoreError(f"{where}: a {in_file.upper()} quantization config loads "
+                                 f"{FILE_METHODS[in_file]}, and these weights are not one: pass the file to the "
+                                 "model class's from_single_file, or quantize stored weights with torchao or "
+                                 "bitsandbytes")
         if not _is_diffusers(cls):
-            raise CompstoreError(f"{where}: saved as GGUF weights, which diffusers loads into its own model "
-                                 f"classes only, not into {cls.__name__}")
-        quantization_config = gguf_config(quantization_config, None)
+            raise CompstoreError(f"{where}: saved from {FILE_METHODS[in_file]}, which diffusers loads into "
+                                 f"its own model classes only, not into {cls.__name__}")
+        quantization_config = quantized_files.load_config(quantization_config, None)
     if _is_diffusers(cls):
         from diffusers.quantizers import DiffusersAutoQuantizer
 
@@ -143,16 +145,17 @@ def _reassembled(sd: dict[str, torch.Tensor], metadata: dict[str, str], where: s
     """`sd` of a model saved quantized with `saved`, its quantized tensors as the
     library reads them from its files: torchao's flattened tensor subclasses put back
     together, as diffusers 0.42 and transformers 5 do with a file's tensors
-    (`unflatten_tensor_state_dict` on the files' metadata); GGUF bytes wrapped as
-    diffusers' `GGUFParameter`s (gguf_checkpoints.py). A state dict without torchao's metadata
-    (bitsandbytes keeps its quantized weights as plain tensors) is returned as it is.
+    (`unflatten_tensor_state_dict` on the files' metadata); a GGUF or BFL file's
+    weights as diffusers reads them from the file (`quantized_files.reassembled`). A
+    state dict without torchao's metadata (bitsandbytes keeps its quantized weights as
+    plain tensors) is returned as it is.
 
     Raises:
         CompstoreError: pieces of a tensor the metadata names with no whole made of them;
-            GGUF weights the metadata does not describe as `gguf_checkpoints.reassembled` needs.
+            a file method's weights not as `quantized_files.reassembled` needs them.
     """
-    if is_gguf_config(saved):
-        return gguf_reassembled(sd, metadata, where)
+    if file_method(saved) is not None:
+        return quantized_files.reassembled(sd, metadata, where, saved)
     if "tensor_names" not in metadata:  # torchao's mark; no torchao import for other backends
         return sd
     from torchao.prototype.safetensors.safetensors_support import unflatten_tensor_state_dict
@@ -199,8 +202,8 @@ def _diffusers_model(cls, config: dict, sd: dict, quantization_config, dtype, na
     from diffusers.quantizers import DiffusersAutoQuantizer
 
     saved = saved_quantization(config)
-    if is_gguf_config(saved):  # a given GGUF config picks the compute dtype, as for the file
-        quantization_config = gguf_config(saved, quantization_config)
+    if file_method(saved) is not None:  # a given config of its method picks the compute dtype
+        quantization_config = quantized_files.load_config(saved, quantization_config)
     elif saved is not None:  # the saved config wins; a given one is warned of
         quantization_config = DiffusersAutoQuantizer.merge_quantization_configs(saved, quantization_config)
     config = {**config, "quantization_config": quantization_config}
@@ -222,10 +225,12 @@ def _diffusers_model(cls, config: dict, sd: dict, quantization_config, dtype, na
             torch.set_default_dtype(old_default)
     sd = dict(sd)
     model._fix_state_dict_keys_on_load(sd)
-    # GGUF's quantizer replaces the Linear layers whose weights in the state dict are
-    # GGUFParameters (diffusers' from_single_file passes it the state dict too)
+    # GGUF's and BFL's quantizers replace the Linear layers whose weights in the state
+    # dict are quantized ones (diffusers' from_single_file passes it the state dict too,
+    # as its quantizer's `maybe_update_state_dict` made it: BFL's weights with their scales)
     quantizer.preprocess_model(model=model, device_map=device_map, keep_in_fp32_modules=keep,
-                               **({"state_dict": sd} if is_gguf_config(quantization_config) else {}))
+                               **({"state_dict": quantizer.maybe_update_state_dict(dict(sd))}
+                                  if file_method(quantization_config) else {}))
     device_map = _determine_device_map(model, device_map, None, dtype, keep, quantizer)
     quantizer.validate_environment(device_map=device_map)
     model = cls._load_pretrained_model(

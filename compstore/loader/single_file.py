@@ -17,7 +17,8 @@ model sites publish of it; not read again while the file's stat is unchanged, as
 a folder's files are not) and config loads the stored pipeline without
 converting again. A diffusers model class's `from_single_file` (a VAE, a UNet or
 transformer published alone) is the same, with a model folder stored; so is a
-model's GGUF file, its quantized weights kept as they are (gguf_checkpoints.py).
+model's GGUF or BFL fp8r/nvfp4 file, its quantized weights kept as they are
+(quantized_files.py).
 """
 
 from __future__ import annotations
@@ -41,8 +42,8 @@ from ..store.hub import file_sha256, is_repo_id
 from ..store.lock import scratch_folder
 from ..store.safetensors_header import read_header
 from ..store.store import check_ref_name
-from . import gguf_checkpoints
-from .gguf_checkpoints import is_gguf
+from . import quantized_files
+from .quantized_files import FILE_METHODS, file_method, is_gguf
 from .loading import warnings_dropped
 
 logger = logging.getLogger("compstore")
@@ -81,6 +82,7 @@ def ingest_single_file(
     name: str | None = None,
     store: Store | str | os.PathLike | None = None,
     may_lack: Collection[str] = (),
+    quantization_config: Any = None,
     **convert_kwargs: Any,
 ) -> SingleFileResult:
     """Convert a single-file checkpoint with diffusers' `pipeline_class.from_single_file`
@@ -90,8 +92,8 @@ def ingest_single_file(
     "unchanged", nothing converted.
 
     Args:
-        path: a `.safetensors` checkpoint, or a model's `.gguf` (gguf_checkpoints.py); pickles
-            (`.ckpt`) are refused. A Hub URL of one is pulled into the store first.
+        path: a `.safetensors` checkpoint, or a model's `.gguf` (quantized_files.py);
+            pickles (`.ckpt`) are refused. A Hub URL of one is pulled into the store first.
         pipeline_class: a diffusers pipeline class with `from_single_file`, or its name;
             or a diffusers model class that has one (`AutoencoderKL`): that model
             is converted and stored as a model folder.
@@ -110,6 +112,11 @@ def ingest_single_file(
             diffusers' `from_single_file` leaves passed components out), recorded as
             `without` in its provenance; a checkpoint that holds them all is
             converted whole, and that conversion serves every later call.
+        quantization_config: for a model's file whose weights are quantized in it, its
+            method's config: `BFLQuantizationConfig()` for a BFL fp8r or nvfp4 file (as
+            diffusers needs it); a `.gguf` is GGUF's without one. The conversion
+            computes in float32 whatever its compute dtype (a load's choice). Other
+            methods quantize at load: pass them to `from_pretrained`.
         convert_kwargs: diffusers' other `from_single_file` arguments that shape the
             conversion: `original_config`, `local_files_only`, `token`, `revision`,
             `cache_dir`, `disable_mmap`.
@@ -132,13 +139,14 @@ def ingest_single_file(
                              "subfolder= picks a model class's folder in config=")
     may_lack = _slots(target, may_lack)
     started_ns = time.time_ns()
-    if is_gguf(os.fspath(path)) and not is_model:
-        raise InvalidInputError(os.fspath(path), f"a GGUF checkpoint holds one model, not a {target.__name__}: "
-                                "load it with its model class, as diffusers does (transformer = compstore."
-                                "FluxTransformer2DModel.from_single_file(path, config=<ref>, quantization_config="
-                                "GGUFQuantizationConfig(compute_dtype=torch.bfloat16))), and the pipeline with "
-                                f"it passed in: compstore.{target.__name__}.from_pretrained(<ref>, transformer="
-                                "transformer)")
+    method = _file_method(os.fspath(path), quantization_config)
+    if method is not None and not is_model:
+        raise InvalidInputError(os.fspath(path), f"{FILE_METHODS[method]} holds one model, not a "
+                                f"{target.__name__}: load it with its model class, as diffusers does (transformer "
+                                "= compstore.FluxTransformer2DModel.from_single_file(path, config=<ref>, "
+                                "quantization_config=GGUFQuantizationConfig(compute_dtype=torch.bfloat16))), and "
+                                f"the pipeline with it passed in: compstore.{target.__name__}.from_pretrained(<ref>, "
+                                "transformer=transformer)")
     with contextlib.ExitStack() as stack:
         @functools.cache
         def scratch() -> Path:  # made when first needed (a held conversion needs none), removed at the end
@@ -188,6 +196,8 @@ def ingest_single_file(
                       ("model_class" if is_model else "pipeline_class"): target.__name__}
         if inferred:
             provenance["config_inferred"] = True
+        if method is not None:
+            provenance["quantization"] = method
         if subfolder is not None:
             provenance["subfolder"] = subfolder
         folder = scratch() / "converted"
@@ -198,12 +208,12 @@ def ingest_single_file(
                 provenance["config_snapshot"] = snapshot
                 skeleton = store.materialize(snapshot, _skeleton_file)
                 converted = _convert_whole_or_without(target, checkpoint, source.label, header(), str(skeleton),
-                                                      config, convert_kwargs, may_lack, provenance)
+                                                      config, convert_kwargs, may_lack, provenance, method)
         else:
             converted = _convert_whole_or_without(target, checkpoint, source.label, header(), config, config,
-                                                  convert_kwargs, may_lack, provenance)
-        if is_gguf(source.name):
-            gguf_checkpoints.save(converted, folder)  # diffusers' save_pretrained refuses GGUF models
+                                                  convert_kwargs, may_lack, provenance, method)
+        if method is not None:
+            quantized_files.save(converted, folder, method)  # diffusers' save_pretrained refuses these
         else:
             with warnings_dropped("diffusers.pipelines.pipeline_utils", "self."):  # "self.vae=None ...
                 converted.save_pretrained(folder)  # cannot be saved": a slot left out, as recorded
@@ -231,8 +241,8 @@ class _Source:
 def _local_checkpoint(path: str | os.PathLike) -> _Source:
     checkpoint = _checkpoint(path)
     if is_gguf(checkpoint.name):
-        return _Source(str(checkpoint), checkpoint.name, lambda: gguf_checkpoints.read_header(checkpoint, str(checkpoint)),
-                       path=checkpoint)
+        return _Source(str(checkpoint), checkpoint.name,
+                       lambda: quantized_files.read_gguf_header(checkpoint, str(checkpoint)), path=checkpoint)
     return _Source(str(checkpoint), checkpoint.name, lambda: read_header(str(checkpoint)), path=checkpoint)
 
 
@@ -280,7 +290,7 @@ def _pulled_checkpoint(store: Store, repo_id: str, revision: str, filename: str,
 
     def header():
         if is_gguf(filename):
-            return gguf_checkpoints.read_header(local_copy(), label)
+            return quantized_files.read_gguf_header(local_copy(), label)
         with store.reading():
             return parse_header(label, bytes(next(file_pieces(store, file_id))), size)
 
@@ -412,6 +422,26 @@ def _config_name(store: Store, config: str | os.PathLike) -> tuple[str, bool]:
                             "the ref or folder of a diffusers pipeline of the checkpoint's family")
 
 
+def _file_method(path: str, quantization_config: Any) -> str | None:
+    """"gguf" for a `.gguf` file, "bfl" for a file given `BFLQuantizationConfig`: the
+    method whose quantizer converts it; None for any other file.
+
+    Raises:
+        CompstoreError: a `.gguf` with another method's config, another file with GGUF's.
+    """
+    if is_gguf(path):
+        if quantization_config is not None and file_method(quantization_config) != "gguf":
+            raise CompstoreError(f"quantization_config={quantization_config!r}: a GGUF file's weights are "
+                                 "quantized already; pass GGUFQuantizationConfig(compute_dtype=...), or none "
+                                 "(float32)")
+        return "gguf"
+    method = file_method(quantization_config) if quantization_config is not None else None
+    if method == "gguf":
+        raise CompstoreError(f"{path}: a GGUF quantization config loads {FILE_METHODS['gguf']}, and this file "
+                             "is not one: quantize stored weights with torchao or bitsandbytes")
+    return method
+
+
 def _recorded_inference(store: Store, ref: str, sha256: str) -> str | None:
     """The config diffusers inferred for this file (its sha256) when `ref`'s conversion
     was made, as recorded: a later call infers nothing, so reads none of the file."""
@@ -464,31 +494,33 @@ class _ComponentMissing(InvalidInputError):
 
 
 def _convert_whole_or_without(target: type, checkpoint: Path, checkpoint_label: str, header, config: str,
-                              label: str, kwargs: dict[str, Any], may_lack: list[str], provenance: dict):
+                              label: str, kwargs: dict[str, Any], may_lack: list[str], provenance: dict,
+                              method: str | None):
     """The whole checkpoint's conversion; where it lacks a model and `may_lack` names
     slots, the conversion without them (each None, as diffusers takes a passed None),
     recorded in `provenance`."""
     try:
-        return _convert(target, checkpoint, checkpoint_label, header, config, label, kwargs)
+        return _convert(target, checkpoint, checkpoint_label, header, config, label, kwargs, method)
     except _ComponentMissing:
         if not may_lack:
             raise
     provenance["without"] = may_lack
     return _convert(target, checkpoint, checkpoint_label, header, config, label,
-                    {**kwargs, **dict.fromkeys(may_lack)})
+                    {**kwargs, **dict.fromkeys(may_lack)}, method)
 
 
 def _convert(target: type, checkpoint: Path, checkpoint_label: str, header, config: str, label: str,
-             kwargs: dict[str, Any]):
+             kwargs: dict[str, Any], method: str | None):
     """diffusers' conversion of the file at `checkpoint` to a pipeline (or model), with
     the configs of `config` (a folder or repo id; `label`: what the user named), in
-    the checkpoint's dtype when it has one float dtype."""
+    the checkpoint's dtype when it has one float dtype; a file whose weights are
+    quantized in it (`method`, "gguf" or "bfl") through its method's quantizer."""
     from diffusers.loaders.single_file_utils import SingleFileComponentError
 
     floats = {_FLOAT_DTYPES[t.dtype] for t in header.tensors if t.dtype in _FLOAT_DTYPES}
     dtype = next(iter(floats)) if len(floats) == 1 else None  # None: diffusers' float32
-    if is_gguf(checkpoint.name):  # its quantized weights as they are, its float ones unrounded
-        kwargs = {**kwargs, "quantization_config": gguf_checkpoints.conversion_config()}
+    if method is not None:  # its quantized weights as they are, its float ones unrounded
+        kwargs = {**kwargs, "quantization_config": quantized_files.conversion_config(method)}
     try:
         # from_single_file casts each model with `.to(dtype)`, which warns that modules "should
         # be kept in float32": what is stored is the checkpoint's bytes, and each load
@@ -504,10 +536,14 @@ def _convert(target: type, checkpoint: Path, checkpoint_label: str, header, conf
                                 f".from_single_file(path, config=<ref>)), and the pipeline with it passed in: "
                                 f"compstore.{target.__name__}.from_pretrained(<ref>, {slot}={slot})") from e
     except (KeyError, ValueError, RuntimeError, IndexError, AttributeError, TypeError) as e:
+        scaled = method is None and any(t.name.endswith(".weight_scale") for t in header.tensors)
         raise InvalidInputError(checkpoint_label, f"diffusers' {target.__name__}.from_single_file could "
                                 f"not convert it with config {label!r} ({type(e).__name__}: {e}); "
-                                "nothing was stored. Is it a checkpoint of this class? "
-                                "Pass config= a ref, folder or repo of its family") from e
+                                "nothing was stored. " + (
+                                    "Its weights have scales (.weight_scale): a BFL fp8r or nvfp4 file "
+                                    "converts with quantization_config=BFLQuantizationConfig() (CLI: --bfl)"
+                                    if scaled else "Is it a checkpoint of this class? Pass config= a ref, "
+                                    "folder or repo of its family")) from e
     if len(floats) > 1:
         modules = converted.components.values() if _is_pipeline(target) else [converted]
         for module in modules:
@@ -550,11 +586,10 @@ def from_single_file(target: type, path: str | os.PathLike, store: Store, name: 
         convert["may_lack"] = [k for k, v in kwargs.items()
                                if k in slots and (v is None or isinstance(v, torch.nn.Module))]
     quantization = kwargs.get("quantization_config")
-    from_gguf = is_gguf(os.fspath(path))
-    if from_gguf and quantization is not None and not gguf_checkpoints.is_gguf_config(quantization):
-        raise CompstoreError(f"quantization_config={quantization!r}: a GGUF file's weights are quantized "
-                             "already; pass GGUFQuantizationConfig(compute_dtype=...), or none (float32)")
-    if quantization is not None and not from_gguf:  # a load that would fail is refused before the conversion is stored
+    in_file = _file_method(os.fspath(path), quantization)  # the conversion's: weights quantized in the file
+    if in_file is not None:
+        convert["quantization_config"] = quantization
+    elif quantization is not None:  # a load that would fail is refused before the conversion is stored
         from .quantized import check_pipeline_quantization, check_quantization
 
         if _is_pipeline(target):
@@ -564,9 +599,9 @@ def from_single_file(target: type, path: str | os.PathLike, store: Store, name: 
                                where=os.fspath(path))
     ref = ingest_single_file(path, target, store=store, name=name, **convert).ref
     kwargs["local_files_only"] = True  # a ref: never a Hub repo of the same name
-    if kwargs.get("dtype", kwargs.get("torch_dtype")) is None and not from_gguf:
+    if kwargs.get("dtype", kwargs.get("torch_dtype")) is None and in_file is None:
         # diffusers' from_single_file builds float32 models by default, where a
         # from_pretrained of the stored (say fp16) text encoder would keep fp16 (a
-        # GGUF model's float weights take its compute dtype, as in diffusers)
+        # GGUF or BFL model's float weights take its compute dtype, as in diffusers)
         kwargs["dtype"] = torch.float32
     return load(ref, kwargs)

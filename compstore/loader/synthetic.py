@@ -581,3 +581,24 @@ def flux_as_original_layout(state: dict[str, torch.Tensor], num_layers: int,
     if len(out) != len(state) - 8 * num_layers - 6 * num_single_layers:  # each fused one replaces 4 or 6
         raise ValueError("not a Flux transformer's state dict of that many blocks: tensors were left out")
     return out
+
+
+def as_bfl_quantized(state: dict[str, torch.Tensor], scheme: str) -> dict[str, torch.Tensor]:
+    """`state` with each Linear weight whose sides are multiples of 16 quantized as Black
+    Forest Labs' `fp8r` or `nvfp4` single files hold it, by diffusers' own helpers: the
+    weight beside its `weight_scale` (nvfp4: also `weight_scale_2`, and an
+    `input_scale` of 1, a calibration these random weights do not have)."""
+    from diffusers.quantizers.bfl.utils import quantize_fp8r, quantize_nvfp4
+
+    out: dict[str, torch.Tensor] = {}
+    for name, t in state.items():
+        if not (name.endswith(".weight") and t.ndim == 2 and t.shape[0] % 16 == 0 and t.shape[1] % 16 == 0):
+            out[name] = t
+            continue
+        prefix = name.removesuffix("weight")
+        if scheme == "fp8r":
+            out[name], out[prefix + "weight_scale"] = quantize_fp8r(t)
+        else:
+            out[name], out[prefix + "weight_scale"], out[prefix + "weight_scale_2"] = quantize_nvfp4(t)
+            out[prefix + "input_scale"] = torch.tensor(1.0)
+    return out

@@ -1,11 +1,13 @@
-"""GGUF checkpoints: `compstore.<Model>.from_single_file("x.gguf", quantization_config=
-GGUFQuantizationConfig(...))` converts with diffusers once, stores the model as
-quantized bytes plus their types, and loads it as diffusers' `from_single_file` of
-the file does.
+"""Single files whose weights are quantized in the file: GGUF (`compstore.<Model>.
+from_single_file("x.gguf", quantization_config=GGUFQuantizationConfig(...))`) and BFL's
+fp8r and nvfp4 safetensors (`quantization_config=BFLQuantizationConfig(...)`). Each is
+converted with diffusers once, stored as the quantized tensors (GGUF's with their
+types), and loads as diffusers' `from_single_file` of the file does.
 
-The file is the tiny Flux family's B transformer written by the gguf package
-(`synthetic.save_as_gguf`), its Linear weights quantized to several GGML types, as
-city96's Flux files are published."""
+The files are the tiny Flux family's B transformer: as GGUF written by the gguf
+package (`synthetic.save_as_gguf`), its Linear weights quantized to several GGML types,
+as city96's Flux files are published; as BFL files quantized by diffusers' own
+helpers (`synthetic.as_bfl_quantized`)."""
 
 import json
 from pathlib import Path
@@ -196,7 +198,7 @@ def test_a_gguf_file_on_the_hub_is_pulled_once_and_later_calls_read_none_of_it(
     assert pulled[3] == path.stat().st_size  # the file itself, beside its conversion
     gguf_hub.reset_counts()
     monkeypatch.setattr(single_file, "_convert", lambda *a: pytest.fail("converted again"))
-    monkeypatch.setattr(single_file.gguf_checkpoints, "read_header", lambda *a: pytest.fail("read the file again"))
+    monkeypatch.setattr(single_file.quantized_files, "read_gguf_header", lambda *a: pytest.fail("read the file again"))
     again = compstore.FluxTransformer2DModel.from_single_file(url, quantization_config=config, store=store)
     same_gguf_model(again, ours)
     assert gguf_hub.served_files == []
@@ -342,7 +344,7 @@ def test_weights_split_from_one_tensor_of_the_file_are_stored_each_with_its_byte
     fused qkv weight into three views of one tensor; the converted model is saved
     with each weight's own bytes (safetensors writes views that do not overlap). Here
     the views are made by hand: the tiny Flux is too narrow for that conversion."""
-    from compstore.loader import gguf_checkpoints
+    from compstore.loader import quantized_files
 
     model = theirs(flux_gguf, torch.float32)
     attn = model.transformer_blocks[0].attn
@@ -352,7 +354,7 @@ def test_weights_split_from_one_tensor_of_the_file_are_stored_each_with_its_byte
                           quant_type=q.quant_type)
     attn.to_q.weight, attn.to_k.weight = torch.chunk(fused, 2)
     assert attn.to_q.weight.untyped_storage().data_ptr() == attn.to_k.weight.untyped_storage().data_ptr()
-    gguf_checkpoints.save(model, tmp_path / "split")
+    quantized_files.save(model, tmp_path / "split", "gguf")
     loaded = compstore.FluxTransformer2DModel.from_pretrained(tmp_path / "split",
                                                               store=compstore.Store(tmp_path / "store"))
     for name in ("to_q", "to_k"):
@@ -399,3 +401,127 @@ def test_a_full_width_flux_gguf_in_the_original_layout_loads_as_diffusers_loads_
     monkeypatch.setattr(single_file, "_convert", lambda *a: pytest.fail("converted again"))
     compstore.FluxTransformer2DModel.from_single_file(path, config=tmp_path / "transformer",
                                                       quantization_config=config, store=store)
+
+
+# BFL's fp8r and nvfp4 files
+
+@pytest.fixture(scope="module")
+def flux_bfl(flux_gguf, tmp_path_factory):
+    """B's transformer as a BFL fp8r file and as an nvfp4 one (diffusers' layout)."""
+    from safetensors.torch import save_file
+
+    folders, _, _ = flux_gguf
+    root = tmp_path_factory.mktemp("flux-bfl")
+    state = diffusers.FluxTransformer2DModel.from_pretrained(folders["B"] / "transformer").state_dict()
+    files = {}
+    for scheme in ("fp8r", "nvfp4"):
+        files[scheme] = root / f"flux-b-{scheme}.safetensors"
+        save_file({k: v.contiguous() for k, v in syn.as_bfl_quantized(state, scheme).items()}, files[scheme])
+    return folders, files
+
+
+def bfl_theirs(flux_bfl, scheme, compute_dtype):
+    folders, files = flux_bfl
+    return diffusers.FluxTransformer2DModel.from_single_file(
+        str(files[scheme]), config=str(folders["A"]), subfolder="transformer",
+        quantization_config=diffusers.BFLQuantizationConfig(compute_dtype=compute_dtype))
+
+
+def same_bfl_model(ours, theirs) -> None:
+    """The same modules (BFL's quantized Linear layers where diffusers has them, with
+    their compute dtype) and tensors: names, dtypes and bytes."""
+    assert {n: type(m) for n, m in ours.named_modules()} == {n: type(m) for n, m in theirs.named_modules()}
+    for (name, m), (_, t) in zip(ours.named_modules(), theirs.named_modules()):
+        assert getattr(m, "compute_dtype", None) == getattr(t, "compute_dtype", None), name
+    a, b = ours.state_dict(), theirs.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k].reshape(-1).view(torch.uint8),
+                                                        b[k].reshape(-1).view(torch.uint8)), k
+
+
+@pytest.mark.parametrize("scheme", ["fp8r", "nvfp4"])
+def test_a_bfl_file_loads_as_diffusers_loads_it(flux_bfl, flux_store, scheme):
+    """The same quantized Linear layers, weights, scales, float weights and image as
+    diffusers' `from_single_file` of the file with a BFL config; converted once
+    (float32 compute), loaded later in another compute dtype from the store, and from
+    its ref with none (the saved config: bfloat16, BFL's default)."""
+    folders, files = flux_bfl
+    store = flux_store
+    config = diffusers.BFLQuantizationConfig(compute_dtype=torch.bfloat16)
+    ours = compstore.FluxTransformer2DModel.from_single_file(files[scheme], config="A", quantization_config=config,
+                                                             store=store)
+    reference = bfl_theirs(flux_bfl, scheme, torch.bfloat16)
+    same_bfl_model(ours, reference)
+    linear = type(ours.transformer_blocks[0].attn.to_q).__name__
+    assert linear == {"fp8r": "BFLFP8RLinear", "nvfp4": "BFLNVFP4Linear"}[scheme]
+    from click.testing import CliRunner
+
+    from compstore.cli.main import cli
+
+    out = CliRunner().invoke(cli, ["--store", str(store.home), "ingest-single-file", str(files[scheme]),
+                                   "--class", "FluxTransformer2DModel", "--config", "A", "--bfl", "--json"])
+    assert out.exit_code == 0, out.output
+    r = compstore.ingest_single_file(files[scheme], "FluxTransformer2DModel", config="A", store=store,
+                                     quantization_config=config)
+    assert r.status == json.loads(out.output[out.output.index("{"):])["status"] == "unchanged"
+    made = json.loads(store.read_file(r.snapshot, "compstore_single_file.json"))
+    assert made["quantization"] == "bfl"
+    stored = json.loads(store.read_file(r.snapshot, "config.json"))
+    assert stored["quantization_config"] == {"quant_method": "bfl", "compute_dtype": "bfloat16"}
+    same_bfl_model(compstore.load_component(r.ref, store=store), reference)
+    wide = compstore.FluxTransformer2DModel.from_single_file(
+        files[scheme], config="A", store=store,
+        quantization_config=diffusers.BFLQuantizationConfig(compute_dtype=torch.float32))
+    same_bfl_model(wide, bfl_theirs(flux_bfl, scheme, torch.float32))
+    pipe = compstore.FluxPipeline.from_pretrained("A", transformer=ours, dtype=torch.bfloat16, store=store)
+    plain = diffusers.FluxPipeline.from_pretrained(folders["A"], transformer=reference, dtype=torch.bfloat16)
+    assert (image(pipe) == image(plain)).all()
+
+
+def test_bad_bfl_files_are_refused_and_leave_the_store_as_it_was(flux_bfl, flux_gguf, flux_store, tmp_path):
+    """A BFL config with a file that is not BFL's (no scales), a BFL file with a weight
+    in the other scheme's dtype, a BFL file with no config (diffusers' conversion fails:
+    the refusal says what to pass), a BFL config for a pipeline's file; and a stored
+    folder (as `export` writes one) whose BFL weights lost a scale, refused before its
+    ingest. Each names the file and the fault."""
+    from safetensors.torch import load_file, save_file
+
+    folders, files = flux_bfl
+    store = flux_store
+    plain = tmp_path / "plain.safetensors"
+    state = diffusers.FluxTransformer2DModel.from_pretrained(folders["B"] / "transformer").state_dict()
+    save_file({k: v.contiguous() for k, v in state.items()}, plain)
+    mixed = tmp_path / "mixed.safetensors"
+    fp8r = load_file(files["fp8r"])
+    q = next(k for k in fp8r if k.endswith(".weight_scale")).removesuffix("_scale")
+    save_file({**fp8r, q: fp8r[q].view(torch.uint8)}, mixed)  # fp8r's scales, a uint8 weight
+    config = diffusers.BFLQuantizationConfig(compute_dtype=torch.bfloat16)
+    before = store_state(store.home)
+    cases = [(plain, "The checkpoint has no `weight_scale` tensors"),
+             (mixed, f"{q} is torch.uint8, but the fp8r layout expects torch.float8_e4m3fn")]
+    for path, message in cases:
+        with pytest.raises(compstore.InvalidInputError, match=f"{path.name}: diffusers' FluxTransformer2DModel"
+                           f".from_single_file could not convert it .*{message}"):
+            compstore.FluxTransformer2DModel.from_single_file(path, config="A", quantization_config=config,
+                                                              store=store)
+    with pytest.raises(compstore.InvalidInputError, match=r"could not convert it .*Its weights have scales "
+                       r"\(\.weight_scale\): a BFL fp8r or nvfp4 file converts with quantization_config="
+                       r"BFLQuantizationConfig\(\) \(CLI: --bfl\)"):
+        compstore.FluxTransformer2DModel.from_single_file(files["nvfp4"], config="A", store=store)  # no config
+    with pytest.raises(compstore.InvalidInputError, match="a BFL fp8r or nvfp4 checkpoint .* holds one model, "
+                       "not a FluxPipeline"):
+        compstore.ingest_single_file(files["fp8r"], "FluxPipeline", config="A", quantization_config=config,
+                                     store=store)
+    assert store_state(store.home) == before
+    ref = compstore.ingest_single_file(files["fp8r"], "FluxTransformer2DModel", config="A", store=store,
+                                       quantization_config=config).ref
+    store.export(ref, tmp_path / "exported")
+    weights = tmp_path / "exported" / "diffusion_pytorch_model.safetensors"
+    saved = load_file(weights)
+    save_file({k: v for k, v in saved.items() if k != q + "_scale"}, weights)
+    before = store_state(store.home)
+    with pytest.raises(compstore.CompstoreError, match=f"its tensors are not a BFL checkpoint's: {q} is "
+                       f"torch.float8_e4m3fn, a quantized weight, with no {q}_scale"):
+        compstore.FluxTransformer2DModel.from_pretrained(tmp_path / "exported", store=store)
+    assert store_state(store.home) == before
