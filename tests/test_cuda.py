@@ -11,7 +11,7 @@ import torch
 
 import compstore
 from compstore import ResidencyPool, to_device
-from test_quantized_files import flux_gguf  # noqa: F401  (a fixture: a tiny Flux transformer as a GGUF file)
+from test_quantized_files import flux_bfl, flux_gguf  # noqa: F401  (fixtures: tiny Flux GGUF, BFL files)
 from test_modular import repos  # noqa: F401  (a fixture: tiny modular SDXL repos)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -439,4 +439,28 @@ def test_a_gguf_transformer_on_the_gpu_moves_with_its_own_to_and_images_match(fl
     plain.to("cuda")
     assert {p.device.type for p in ours.transformer.parameters()} == {"cuda"}
     same_gguf_model(ours.transformer, plain.transformer)
+    np.testing.assert_array_equal(image(ours), image(plain))
+
+
+@pytest.mark.parametrize("scheme", ["fp8r", "nvfp4"])
+def test_a_bfl_transformer_on_the_gpu_moves_with_its_own_to_and_images_match(flux_bfl, tmp_path, scheme):
+    """A transformer from a BFL file (on an H100, fp8r runs `torch._scaled_mm`): the pool
+    moves it with diffusers' own `.to()`, weights and scales, and the image is that of
+    diffusers' pipeline with diffusers' load of the file, moved there too."""
+    import diffusers
+    from test_quantized_files import bfl_theirs, image, same_bfl_model
+
+    folders, files = flux_bfl
+    store = compstore.Store(tmp_path / "store")
+    store.ingest(folders["A"], "A")
+    config = diffusers.BFLQuantizationConfig(compute_dtype=torch.bfloat16)
+    transformer = compstore.FluxTransformer2DModel.from_single_file(files[scheme], config="A",
+                                                                    quantization_config=config, store=store)
+    ours = compstore.FluxPipeline.from_pretrained("A", transformer=transformer, dtype=torch.bfloat16, store=store)
+    ours.to("cuda")
+    reference = bfl_theirs(flux_bfl, scheme, torch.bfloat16)
+    plain = diffusers.FluxPipeline.from_pretrained(folders["A"], transformer=reference, dtype=torch.bfloat16)
+    plain.to("cuda")
+    assert {t.device.type for t in ours.transformer.state_dict().values()} == {"cuda"}
+    same_bfl_model(ours.transformer, plain.transformer)
     np.testing.assert_array_equal(image(ours), image(plain))
