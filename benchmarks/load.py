@@ -9,6 +9,7 @@ the same files on disk, measured in one run, each load in a fresh process.
     python benchmarks/load.py --verify        # compstore with verify=True (re-hashes, copies)
     python benchmarks/load.py --single-file   # from_single_file of one original-format .safetensors
     python benchmarks/load.py --gguf          # a Flux-width transformer's from_single_file of a .gguf
+    python benchmarks/load.py --bfl           # the same of a BFL fp8r .safetensors
 
 For each system and repeat a child process imports torch/diffusers, then times
   load:        from_pretrained(...) alone
@@ -47,13 +48,14 @@ system, where, store, touch = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
 kw = {} if sys.argv[5] == "none" else {"dtype": getattr(torch, sys.argv[5])}
 verify = {"verify": True} if sys.argv[6] == "1" else {}
 config = sys.argv[7]  # for from_single_file: the pipeline folder its configs come from
-gguf = sys.argv[8] == "1"  # a transformer from a GGUF file, computing in bf16
+quantized = sys.argv[8]  # "gguf" or "bfl": a transformer from such a file, computing in bf16
 def hwm():
     return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM"))
 def rss():
     return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmRSS"))
-if gguf:
-    kw = {"quantization_config": diffusers.GGUFQuantizationConfig(compute_dtype=torch.bfloat16)}
+if quantized:
+    method = {"gguf": diffusers.GGUFQuantizationConfig, "bfl": diffusers.BFLQuantizationConfig}[quantized]
+    kw = {"quantization_config": method(compute_dtype=torch.bfloat16)}
     cls = compstore.FluxTransformer2DModel if system == "compstore" else diffusers.FluxTransformer2DModel
     st = {"store": compstore.Store(store)} if system == "compstore" else {}
     load = lambda: cls.from_single_file(where, config=config, **kw, **st)
@@ -72,9 +74,10 @@ open("/proc/self/clear_refs", "w").write("5")  # reset VmHWM to the current RSS
 c0, t0 = time.process_time(), time.perf_counter()
 pipe = load()
 if touch:
-    for model in [pipe] if gguf else [getattr(pipe, name) for name in ("unet", "vae", "text_encoder")]:
-        for p in model.parameters():
-            p = p.as_tensor() if hasattr(p, "as_tensor") else p  # a GGUFParameter: its bytes
+    for model in [pipe] if quantized else [getattr(pipe, name) for name in ("unet", "vae", "text_encoder")]:
+        for p in (model.state_dict().values() if quantized else model.parameters()):
+            if quantized:  # its bytes: fp8 has no max() on CPU, a GGUFParameter's is its subclass's
+                p = (p.as_tensor() if hasattr(p, "as_tensor") else p).reshape(-1).view(torch.uint8)
             float(p.detach().max())  # reads every byte, allocates nothing large (see above)
 wall, cpu = time.perf_counter() - t0, time.process_time() - c0
 print(json.dumps({"wall_s": wall, "cpu_s": cpu, "peak_rss_bytes": hwm() - base}))
@@ -82,9 +85,9 @@ print(json.dumps({"wall_s": wall, "cpu_s": cpu, "peak_rss_bytes": hwm() - base})
 
 
 def run_child(system: str, where: str, store: str, touch: bool, dtype: str, verify: bool,
-              config: str = "", gguf: bool = False) -> dict:
+              config: str = "", quantized: str = "") -> dict:
     out = subprocess.run([sys.executable, "-c", CHILD, system, where, store, "1" if touch else "0", dtype,
-                          "1" if verify else "0", config, "1" if gguf else "0"],
+                          "1" if verify else "0", config, quantized],
                          check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -109,12 +112,15 @@ def main() -> None:
                     help="both load one original-format .safetensors of the pipeline with "
                          "StableDiffusionPipeline.from_single_file (configs from its folder); "
                          "compstore's conversion is done once before the timed loads")
-    ap.add_argument("--gguf", action="store_true",
-                    help="both load a Flux-width transformer (1 double and 2 single blocks, 677M "
-                         "parameters; --size tiny: the tests' tiny one) from one GGUF file, its Linear "
-                         "weights Q8_0, with FluxTransformer2DModel.from_single_file(..., "
-                         "quantization_config=GGUFQuantizationConfig(compute_dtype=torch.bfloat16)); "
-                         "compstore's conversion is done once before the timed loads")
+    quantized = ap.add_mutually_exclusive_group()
+    quantized.add_argument("--gguf", action="store_true",
+                           help="both load a Flux-width transformer (1 double and 2 single blocks, 677M "
+                                "parameters; --size tiny: a tiny one) from one GGUF file, its Linear weights "
+                                "Q8_0, with FluxTransformer2DModel.from_single_file(..., quantization_config="
+                                "GGUFQuantizationConfig(compute_dtype=torch.bfloat16)); compstore's "
+                                "conversion is done once before the timed loads")
+    quantized.add_argument("--bfl", action="store_true",
+                           help="the same from a BFL fp8r .safetensors (BFLQuantizationConfig)")
     ap.add_argument("--workdir", default=None, help="reused between runs when given "
                     "[default: a temporary folder, removed at the end]")
     ap.add_argument("--json", dest="json_out", default=None)
@@ -130,9 +136,10 @@ def main() -> None:
 
 
 def run(args, work: Path, Store, synthetic) -> None:
+    quantized = "gguf" if args.gguf else "bfl" if args.bfl else ""
     layout = f"{args.size}-published" if args.as_published else args.size
     folder, store_dir = work / f"pipeline-{layout}", work / f"store-{layout}"
-    if not args.gguf and not (folder / "model_index.json").exists():
+    if not quantized and not (folder / "model_index.json").exists():
         t0 = time.perf_counter()
         pipe = synthetic.sd15_pipeline() if args.size == "sd15" else synthetic.tiny_sd_pipeline()
         pipe.save_pretrained(folder)
@@ -141,22 +148,25 @@ def run(args, work: Path, Store, synthetic) -> None:
             synthetic.rename_as_published(folder)
         print(f"built {folder} in {time.perf_counter() - t0:.0f} s")
     status = "-"
-    if not args.gguf:
+    if not quantized:
         with Store(store_dir) as store:
             status = store.ingest(folder, "bench").status
             if args.from_folder:  # what a first from_pretrained(folder) does
                 store.ingest(folder, str(folder.resolve()))
         nbytes = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
     checkpoint, config = None, ""
-    if args.gguf:
-        checkpoint, config = _gguf_file(work, args.size, synthetic)
+    if quantized:
+        import diffusers
+
+        checkpoint, config = _quantized_file(work, args.size, synthetic, quantized)
         from compstore import ingest_single_file
 
         with Store(store_dir) as store:
-            first = ingest_single_file(checkpoint, "FluxTransformer2DModel", config=config, store=store)
+            first = ingest_single_file(checkpoint, "FluxTransformer2DModel", config=config, store=store,
+                                       quantization_config=diffusers.BFLQuantizationConfig() if args.bfl else None)
         nbytes = checkpoint.stat().st_size
         status = first.status
-        print(f"GGUF file {checkpoint.name}: {first.status} in {first.seconds:.1f} s, wrote "
+        print(f"{quantized} file {checkpoint.name}: {first.status} in {first.seconds:.1f} s, wrote "
               f"{first.written_bytes:,} bytes new, reused {first.reused_bytes:,}")
         subprocess.run(["cat", str(checkpoint)], stdout=subprocess.DEVNULL)
     elif args.single_file:
@@ -176,7 +186,7 @@ def run(args, work: Path, Store, synthetic) -> None:
         print(f"single file {checkpoint.name}: {first.status} in {first.seconds:.1f} s, wrote "
               f"{first.written_bytes:,} bytes new, reused {first.reused_bytes:,}")
         subprocess.run(["cat", str(checkpoint)], stdout=subprocess.DEVNULL)
-    if not args.gguf:
+    if not quantized:
         subprocess.run(["cat", *map(str, folder.rglob("*.safetensors"))], stdout=subprocess.DEVNULL)
     subprocess.run(["cat", *map(str, (store_dir / "objects" / "packs").glob("*"))], stdout=subprocess.DEVNULL)
 
@@ -188,16 +198,16 @@ def run(args, work: Path, Store, synthetic) -> None:
             for system in ("diffusers", "compstore"):
                 where = "bench" if system == "compstore" and not args.from_folder else str(folder)
                 results[mode][system].append(run_child(system, str(checkpoint or where), str(store_dir), touch,
-                                                       args.dtype, args.verify, config, args.gguf))
+                                                       args.dtype, args.verify, config, quantized))
 
     figures = {"size": args.size, "as_published": args.as_published, "dtype": args.dtype,
                "from_folder": args.from_folder, "verify": args.verify, "single_file": args.single_file,
-               "gguf": args.gguf,
+               "quantized_file": quantized or None,
                "pipeline_bytes": nbytes, "repeat": args.repeat}
-    what = (f"transformer: {checkpoint.name}, compute dtype bfloat16" if args.gguf else
+    what = (f"transformer: {checkpoint.name}, compute dtype bfloat16" if quantized else
             f"pipeline: {layout} (fp16 files), dtype={args.dtype}")
     print(f"{what}, {nbytes / 2**30:.2f} GiB on disk (ingested: {status}); "
-          f"compstore loads {'the GGUF file' if args.gguf else 'the single file' if args.single_file else 'the folder' if args.from_folder else 'the ref'}"
+          f"compstore loads {'the single file' if quantized or args.single_file else 'the folder' if args.from_folder else 'the ref'}"
           f"{' with verify=True' if args.verify else ''}; "
           f"median of {args.repeat}, each load in a fresh process, page cache warm")
     print(f"{'':12s} {'':10s} {'wall s':>8s} {'CPU s':>8s} {'peak RSS MiB':>13s}")
@@ -216,14 +226,17 @@ def run(args, work: Path, Store, synthetic) -> None:
         Path(args.json_out).write_text(json.dumps(figures, indent=2))
 
 
-def _gguf_file(work: Path, size: str, synthetic) -> tuple[Path, str]:
-    """A Flux transformer's GGUF file (Linear weights Q8_0, the rest F32) and its
-    model folder (the configs), made once per workdir."""
+def _quantized_file(work: Path, size: str, synthetic, method: str) -> tuple[Path, str]:
+    """A Flux transformer's GGUF file (Linear weights Q8_0, the rest F32) or BFL fp8r
+    file (by diffusers' helper), and its model folder (the configs), made once per
+    workdir."""
     import torch
     from diffusers import FluxTransformer2DModel
+    from safetensors.torch import save_file
 
     width = "3072" if size == "sd15" else "tiny"
-    path, folder = work / f"flux-{width}-Q8_0.gguf", work / f"flux-{width}-transformer"
+    path = work / (f"flux-{width}-Q8_0.gguf" if method == "gguf" else f"flux-{width}-fp8r.safetensors")
+    folder = work / f"flux-{width}-transformer"
     if not path.exists():
         t0 = time.perf_counter()
         torch.manual_seed(0)
@@ -234,8 +247,11 @@ def _gguf_file(work: Path, size: str, synthetic) -> tuple[Path, str]:
         model = FluxTransformer2DModel(**shape)
         model.save_config(folder)
         state = model.state_dict()
-        types = {k: "Q8_0" for k, v in state.items() if v.ndim == 2 and v.shape[1] % 32 == 0}
-        synthetic.save_as_gguf(state, path, types)
+        if method == "gguf":
+            types = {k: "Q8_0" for k, v in state.items() if v.ndim == 2 and v.shape[1] % 32 == 0}
+            synthetic.save_as_gguf(state, path, types)
+        else:
+            save_file({k: v.contiguous() for k, v in synthetic.as_bfl_quantized(state, "fp8r").items()}, path)
         print(f"built {path} ({path.stat().st_size / 2**30:.2f} GiB) in {time.perf_counter() - t0:.0f} s")
     return path, str(folder)
 
