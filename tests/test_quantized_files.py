@@ -525,3 +525,34 @@ def test_bad_bfl_files_are_refused_and_leave_the_store_as_it_was(flux_bfl, flux_
                        f"torch.float8_e4m3fn, a quantized weight, with no {q}_scale"):
         compstore.FluxTransformer2DModel.from_pretrained(tmp_path / "exported", store=store)
     assert store_state(store.home) == before
+
+
+def test_random_damage_to_a_gguf_header_is_refused_or_harmless(flux_gguf, flux_store, tmp_path):
+    """1 to 4 random bytes of the file's first 4 KiB (its header and tensor table)
+    changed, and one file in five cut short, for 40 seeds: each call ends in a load or a
+    CompstoreError (no other exception), and a refusal leaves the store as it was.
+    (An exploratory run of 150 seeds: 149 refused, 1 loaded.)"""
+    import random
+
+    _, path, _ = flux_gguf
+    store = flux_store
+    source = path.read_bytes()
+    config = GGUFQuantizationConfig(compute_dtype=torch.float32)
+    refused = 0
+    for seed in range(40):
+        rng = random.Random(seed)
+        data = bytearray(source)
+        for _ in range(rng.randint(1, 4)):
+            data[rng.randrange(min(len(data), 4096))] = rng.randrange(256)
+        if rng.random() < 0.2:
+            data = data[: rng.randrange(len(data))]
+        damaged = tmp_path / f"damaged-{seed}.gguf"
+        damaged.write_bytes(bytes(data))
+        before = store_state(store.home)
+        try:
+            compstore.FluxTransformer2DModel.from_single_file(damaged, config="A", quantization_config=config,
+                                                              store=store)
+        except compstore.CompstoreError:
+            refused += 1
+            assert store_state(store.home) == before, seed
+    assert refused >= 30  # most damage to the header is damage diffusers' reader sees
