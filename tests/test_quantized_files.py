@@ -479,6 +479,27 @@ def test_a_bfl_file_loads_as_diffusers_loads_it(flux_bfl, flux_store, scheme):
     assert (image(pipe) == image(plain)).all()
 
 
+def test_a_bfl_model_moves_through_a_pool_tensor_by_tensor_none_shared(flux_bfl, flux_store):
+    """A BFL model holds torch's own tensors (fp8 weights, fp32 scales as buffers): a
+    pool moves them as any model's, scales too, each load's its own (none is served as
+    the store's: two loads' transformers share no device tensor)."""
+    from test_residency import CountingCopier
+
+    _, files = flux_bfl
+    config = diffusers.BFLQuantizationConfig(compute_dtype=torch.bfloat16)
+    pool = compstore.ResidencyPool("meta", budget_bytes=1 << 40, copier=CountingCopier())
+    models = []
+    for _ in range(2):
+        model = compstore.FluxTransformer2DModel.from_single_file(files["fp8r"], config="A",
+                                                                  quantization_config=config, store=flux_store)
+        [moved] = compstore.to_device(model, "meta", pool=pool).components
+        assert moved.bytes_from_store == sum(t.nbytes for t in model.state_dict().values()) > 0
+        assert moved.bytes_reused == 0
+        assert model.transformer_blocks[0].attn.to_q.weight_scale.device.type == "meta"
+        models.append(model)
+    assert pool.copier.bytes == 2 * moved.bytes_from_store
+
+
 def test_bad_bfl_files_are_refused_and_leave_the_store_as_it_was(flux_bfl, flux_gguf, flux_store, tmp_path):
     """A BFL config with a file that is not BFL's (no scales), a BFL file with a weight
     in the other scheme's dtype, a BFL file with no config (diffusers' conversion fails:
