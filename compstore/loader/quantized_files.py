@@ -123,7 +123,6 @@ def save(model: torch.nn.Module, folder: Path, method: str) -> None:
     """Write a model diffusers converted from a file of `method` as a model folder the
     store ingests (diffusers' `save_pretrained` refuses these: "not serializable").
     Its saved compute dtype is the method's default (GGUF float32, BFL bfloat16)."""
-    from diffusers.quantizers.gguf.utils import GGUFParameter
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -135,7 +134,7 @@ def save(model: torch.nn.Module, folder: Path, method: str) -> None:
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     tensors, kinds = {}, {}
     for name, t in model.state_dict().items():
-        if isinstance(t, GGUFParameter):
+        if method == "gguf" and getattr(t, "quant_type", None) is not None:  # a GGUFParameter
             kinds[name] = t.quant_type.name
             t = t.as_tensor()
         # views of one tensor (a fused qkv split) are written each as its own bytes
