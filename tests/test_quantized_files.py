@@ -102,6 +102,12 @@ def test_a_gguf_file_loads_as_diffusers_loads_it(flux_gguf, flux_store, compute_
     stored = json.loads(store.read_file(r.snapshot, "config.json"))
     assert stored["quantization_config"] == {"quant_method": "gguf", "compute_dtype": "float32"}
     assert json.loads(store.weights_metadata(component["component_id"])["gguf_quant_types"]) == types
+    # each float tensor in the narrowest of the file's dtypes that holds it: the F16
+    # weights stay F16, beside F32 ones (random biases; norms of ones fit F16)
+    locations = store.tensor_locations(component["component_id"])
+    f16 = {loc.name for loc in locations if loc.name not in types and len(loc.shape) == 2}
+    assert f16 and {loc.dtype for loc in locations if loc.name in f16} == {"F16"}
+    assert {loc.dtype for loc in locations} == {"U8", "F16", "F32"}
     again = compstore.FluxTransformer2DModel.from_single_file(path, config="A", quantization_config=config,
                                                               store=store)
     same_gguf_model(again, reference)
@@ -354,7 +360,7 @@ def test_weights_split_from_one_tensor_of_the_file_are_stored_each_with_its_byte
                           quant_type=q.quant_type)
     attn.to_q.weight, attn.to_k.weight = torch.chunk(fused, 2)
     assert attn.to_q.weight.untyped_storage().data_ptr() == attn.to_k.weight.untyped_storage().data_ptr()
-    quantized_files.save(model, tmp_path / "split", "gguf")
+    quantized_files.save(model, tmp_path / "split", "gguf", {torch.float32})
     loaded = compstore.FluxTransformer2DModel.from_pretrained(tmp_path / "split",
                                                               store=compstore.Store(tmp_path / "store"))
     for name in ("to_q", "to_k"):

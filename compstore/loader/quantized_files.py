@@ -46,6 +46,8 @@ METADATA_KEY = "gguf_quant_types"  # safetensors metadata: {tensor name: GGML ty
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 # The methods whose weights are quantized in a single file, and what their files are
 FILE_METHODS = {"gguf": "a GGUF checkpoint (.gguf)", "bfl": "a BFL fp8r or nvfp4 checkpoint (.safetensors)"}
+# BFL's scales: its quantizer keeps their dtype (float32), where it casts other floats
+_SCALES = (".weight_scale", ".weight_scale_2", ".input_scale")
 
 
 def is_gguf(name: str) -> bool:
@@ -119,10 +121,14 @@ def conversion_config(method: str) -> Any:
     return _config_class(method)(compute_dtype=torch.float32)
 
 
-def save(model: torch.nn.Module, folder: Path, method: str) -> None:
+def save(model: torch.nn.Module, folder: Path, method: str, float_dtypes: set[torch.dtype]) -> None:
     """Write a model diffusers converted from a file of `method` as a model folder the
     store ingests (diffusers' `save_pretrained` refuses these: "not serializable").
-    Its saved compute dtype is the method's default (GGUF float32, BFL bfloat16)."""
+    Its saved compute dtype is the method's default (GGUF float32, BFL bfloat16). Each
+    float tensor (float32 after the conversion) is saved in the narrowest of the file's
+    `float_dtypes` that holds it exactly (BFL's scales aside): a GGUF file's F16
+    weights beside its F32 norms stay F16, as a load casts each to its compute dtype
+    anyway."""
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -137,8 +143,12 @@ def save(model: torch.nn.Module, folder: Path, method: str) -> None:
         if method == "gguf" and getattr(t, "quant_type", None) is not None:  # a GGUFParameter
             kinds[name] = t.quant_type.name
             t = t.as_tensor()
+        t = t.detach()
+        if t.is_floating_point() and not name.endswith(_SCALES):
+            t = next((t.to(d) for d in sorted(float_dtypes, key=lambda d: d.itemsize)
+                      if d.itemsize < t.element_size() and torch.equal(t.to(d).to(t.dtype), t)), t)
         # views of one tensor (a fused qkv split) are written each as its own bytes
-        tensors[name] = t.detach().contiguous()
+        tensors[name] = t.contiguous()
     metadata = {"format": "pt"}
     if method == "gguf":
         metadata[METADATA_KEY] = json.dumps(kinds, sort_keys=True)

@@ -213,7 +213,8 @@ def ingest_single_file(
             converted = _convert_whole_or_without(target, checkpoint, source.label, header(), config, config,
                                                   convert_kwargs, may_lack, provenance, method)
         if method is not None:
-            quantized_files.save(converted, folder, method)  # diffusers' save_pretrained refuses these
+            # diffusers' save_pretrained refuses these; each float tensor in the file's dtypes
+            quantized_files.save(converted, folder, method, _float_dtypes(header()))
         else:
             with warnings_dropped("diffusers.pipelines.pipeline_utils", "self."):  # "self.vae=None ...
                 converted.save_pretrained(folder)  # cannot be saved": a slot left out, as recorded
@@ -517,7 +518,7 @@ def _convert(target: type, checkpoint: Path, checkpoint_label: str, header, conf
     quantized in it (`method`, "gguf" or "bfl") through its method's quantizer."""
     from diffusers.loaders.single_file_utils import SingleFileComponentError
 
-    floats = {_FLOAT_DTYPES[t.dtype] for t in header.tensors if t.dtype in _FLOAT_DTYPES}
+    floats = _float_dtypes(header)
     dtype = next(iter(floats)) if len(floats) == 1 else None  # None: diffusers' float32
     if method is not None:  # its quantized weights as they are, its float ones unrounded
         kwargs = {**kwargs, "quantization_config": quantized_files.conversion_config(method)}
@@ -544,12 +545,17 @@ def _convert(target: type, checkpoint: Path, checkpoint_label: str, header, conf
                                     "converts with quantization_config=BFLQuantizationConfig() (CLI: --bfl)"
                                     if scaled else "Is it a checkpoint of this class? Pass config= a ref, "
                                     "folder or repo of its family")) from e
-    if len(floats) > 1:
+    if len(floats) > 1 and method is None:  # (a quantized file's: narrowed tensor by tensor as saved)
         modules = converted.components.values() if _is_pipeline(target) else [converted]
         for module in modules:
             if isinstance(module, torch.nn.Module):
                 _narrow(module, sorted(floats, key=lambda d: d.itemsize))
     return converted
+
+
+def _float_dtypes(header) -> set[torch.dtype]:
+    """The float dtypes of a checkpoint's tensors."""
+    return {_FLOAT_DTYPES[t.dtype] for t in header.tensors if t.dtype in _FLOAT_DTYPES}
 
 
 def _denoiser(pipeline: type) -> tuple[str, str]:
