@@ -177,11 +177,12 @@ def gguf_hub(monkeypatch, flux_gguf, tmp_path):
 
 
 def test_a_gguf_file_on_the_hub_is_pulled_once_and_later_calls_read_none_of_it(
-        flux_gguf, flux_store, gguf_hub, monkeypatch):
+        flux_gguf, flux_store, gguf_hub, monkeypatch, tmp_path):
     """`from_single_file("https://huggingface.co/org/G/blob/main/x.gguf")`, with no
     config (the one diffusers infers, taken from the store): pulled into the store,
-    its header read from one local copy, converted once. A later call downloads
-    nothing, converts nothing and reads none of the file, online or offline."""
+    its header read from one local copy, converted once, its quantized weights stored
+    once for the file and its conversion. A later call downloads nothing, converts
+    nothing and reads none of the file, online or offline."""
     from diffusers.loaders.single_file_utils import fetch_diffusers_config, load_single_file_checkpoint
 
     from compstore.loader import single_file
@@ -192,16 +193,27 @@ def test_a_gguf_file_on_the_hub_is_pulled_once_and_later_calls_read_none_of_it(
     store.ingest(folders["A"], inferred)
     url = f"https://huggingface.co/org/G/blob/main/{path.name}"
     config = GGUFQuantizationConfig(compute_dtype=torch.bfloat16)
+    converted = compstore.ingest_single_file(url, "FluxTransformer2DModel", store=store)
     ours = compstore.FluxTransformer2DModel.from_single_file(url, quantization_config=config, store=store)
     same_gguf_model(ours, theirs(flux_gguf, torch.bfloat16))
     commit = gguf_hub.repos["org/G"].refs["main"]
+    # the pulled file is kept by its tensors (gguf_layout.py): its quantized weights are
+    # the very blobs of the conversion, which writes only its float tensors and configs
+    pull = store.resolve(f"org/G@{commit}")
+    assert store.db.execute("SELECT f.kind FROM files f JOIN snapshot_files sf ON sf.file_id = f.id "
+                            "WHERE sf.snapshot_id = ? AND sf.path = ?", [pull, path.name]).fetchone() == ("gguf",)
+    quantized = sum(t.nbytes for t in ours.state_dict().values() if isinstance(t, GGUFParameter))
+    assert converted.status == "converted" and converted.reused_bytes >= quantized > 0
+    assert converted.written_bytes < path.stat().st_size - quantized
     assert gguf_hub.served_files == [path.name]
     made = json.loads(store.read_file(store.resolve(f"org/G/{path.name}@{commit}#FluxTransformer2DModel"),
                                       "compstore_single_file.json"))
     assert (made["config"], made["config_inferred"], made["subfolder"]) == (inferred, True, "transformer")
     assert not list((store.home / "tmp").iterdir())  # the local copy went with the conversion
-    [pulled] = [row for row in store.snapshot_files(store.resolve(f"org/G@{commit}")) if row[0] == path.name]
+    [pulled] = [row for row in store.snapshot_files(pull) if row[0] == path.name]
     assert pulled[3] == path.stat().st_size  # the file itself, beside its conversion
+    store.export(f"org/G@{commit}", tmp_path / "exported")  # rebuilt byte for byte (sha256 checked)
+    assert (tmp_path / "exported" / path.name).read_bytes() == path.read_bytes()
     gguf_hub.reset_counts()
     monkeypatch.setattr(single_file, "_convert", lambda *a: pytest.fail("converted again"))
     monkeypatch.setattr(single_file.quantized_files, "read_gguf_header", lambda *a: pytest.fail("read the file again"))
@@ -213,6 +225,44 @@ def test_a_gguf_file_on_the_hub_is_pulled_once_and_later_calls_read_none_of_it(
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     r = compstore.ingest_single_file(url, "FluxTransformer2DModel", store=store)
     assert (r.status, r.config) == ("unchanged", inferred)
+
+
+def test_a_gguf_file_in_a_folder_is_kept_by_its_tensors_and_rebuilt_byte_for_byte(flux_gguf, tmp_path):
+    """A `.gguf` the store ingests (a pulled repo's, any folder's) is kept as its header
+    bytes and one piece per tensor, the padding after a tensor in its piece
+    (gguf_layout.py): `export`, `verify` and a remote round trip give the file back
+    byte for byte. A `.gguf` that does not read as GGUF is kept as one blob, as any
+    file, not refused."""
+    import shutil
+
+    _, path, types = flux_gguf
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    shutil.copy(path, repo / path.name)
+    padded = syn.save_as_gguf({"odd": torch.randn(3), "w.weight": torch.randn(32, 32)}, repo / "padded.gguf",
+                              {"w.weight": "Q8_0"})  # 12 bytes, then 20 of padding to the 32-byte alignment
+    (repo / "not-gguf.gguf").write_bytes(b"GGUF" + bytes(60))
+    store = compstore.Store(tmp_path / "store")
+    store.ingest(repo, "repo")
+    kinds = dict(store.db.execute("SELECT sf.path, f.kind FROM snapshot_files sf JOIN files f ON f.id = sf.file_id "
+                                  "WHERE sf.snapshot_id = ?", [store.resolve("repo")]).fetchall())
+    assert kinds == {path.name: "gguf", "padded.gguf": "gguf", "not-gguf.gguf": "raw"}
+    pieces = dict(store.db.execute(
+        "SELECT t.name, t.shape FROM files f JOIN file_tensors ft ON ft.file_id = f.id JOIN tensors t "
+        "ON t.id = ft.tensor_id JOIN snapshot_files sf ON sf.file_id = f.id WHERE sf.path = ?",
+        ["padded.gguf"]).fetchall())
+    assert pieces == {"odd": "[32]", "w.weight": "[1088]"}  # 32 rows of one 34-byte Q8_0 block
+    assert store.verify().ok
+    remote = tmp_path / "remote"
+    store.remote_add("r", remote.as_uri())
+    store.push("repo")
+    other = compstore.Store(tmp_path / "other")
+    other.remote_add("r", remote.as_uri())
+    other.fetch("repo")
+    for s, out in ((store, tmp_path / "exported"), (other, tmp_path / "fetched")):
+        s.export("repo", out)
+        for name in (path.name, "padded.gguf", "not-gguf.gguf"):
+            assert (out / name).read_bytes() == (repo / name).read_bytes(), name
 
 
 def test_an_exported_gguf_model_loads_from_its_folder(flux_gguf, flux_store, tmp_path):

@@ -328,7 +328,7 @@ _POPULATE_MIN = 1 << 16  # smaller ranges fault in a few pages; not worth a call
 
 def _kind(f: ScannedFile) -> str:
     """A file's kind in the catalog."""
-    return "safetensors" if f.header is not None else "raw"
+    return "raw" if f.header is None else "gguf" if f.is_gguf else "safetensors"
 
 
 def _listed(t) -> tuple[str, str, str]:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from .errors import InvalidInputError, PickleRefusedError
+from .gguf_layout import read_gguf_layout
 from .safetensors_header import SafetensorsHeader, read_header
 
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl", ".pickle")
@@ -33,11 +34,15 @@ class ScannedFile:
     path: str  # posix path relative to the folder: the name it is exported under
     source: str  # absolute path to read bytes from (a symlink's resolved target)
     size: int
-    header: SafetensorsHeader | None = None  # set for safetensors files
+    header: SafetensorsHeader | None = None  # set for safetensors files, and GGUF ones (gguf_layout.py)
 
     @property
     def is_safetensors(self) -> bool:
-        return self.header is not None
+        return self.header is not None and not self.is_gguf
+
+    @property
+    def is_gguf(self) -> bool:
+        return self.path.lower().endswith(".gguf")
 
 
 @dataclass
@@ -130,6 +135,8 @@ def _walk(root: str, allow_pickle: bool, exclude: list[str]) -> dict[str, Scanne
             sf = ScannedFile(rel, source, os.path.getsize(source))
             if name.endswith(".safetensors"):
                 sf.header = read_header(source, rel)
+            elif sf.is_gguf:  # kept by its tensors where it reads as GGUF, else as one blob
+                sf.header = read_gguf_layout(source)
             files[rel] = sf
     return files
 
