@@ -37,7 +37,7 @@ import torch
 
 from ..store import CompstoreError
 from . import quantized_files
-from .quantized_files import FILE_METHODS, file_method
+from .quantized_files import FILE_METHODS, file_method, quant_method
 
 
 def check_pipeline_quantization(quantization_config: Any) -> None:
@@ -85,8 +85,7 @@ def check_quantization(quantization_config: Any, cls: type, *, dtype: Any, where
             converted from such a file (they quantize nothing: they describe files), or for
             a class diffusers does not load such weights into.
     """
-    method = (quantization_config.get("quant_method") if isinstance(quantization_config, dict)
-              else getattr(quantization_config, "quant_method", None))
+    method = quant_method(quantization_config)
     if method is None and pre_quantized:
         raise CompstoreError(f"{where}: the quantization_config of its config.json names no quant_method "
                              f"({quantization_config!r}): not a model saved quantized that a library loads")

@@ -100,12 +100,18 @@ def read_gguf_header(path: str | Path, label: str) -> GGUFHeader:
     return GGUFHeader(tensors)
 
 
+def quant_method(quantization_config: Any) -> str | None:
+    """The `quant_method` a quantization config names ("torchao", "gguf", ...), of a
+    config object or a config.json's dict; None where it names none."""
+    method = (quantization_config.get("quant_method") if isinstance(quantization_config, dict)
+              else getattr(quantization_config, "quant_method", None))
+    return None if method is None else str(getattr(method, "value", method))
+
+
 def file_method(quantization_config: Any) -> str | None:
     """"gguf" or "bfl" for a config of a method whose weights are quantized in a file
     (a config object or a config.json's dict), else None."""
-    method = (quantization_config.get("quant_method") if isinstance(quantization_config, dict)
-              else getattr(quantization_config, "quant_method", None))
-    method = str(getattr(method, "value", method))
+    method = quant_method(quantization_config)
     return method if method in FILE_METHODS else None
 
 
