@@ -41,6 +41,7 @@ from typing import Any
 import torch
 
 from ..store import CompstoreError, InvalidInputError
+from ..store.gguf_layout import GGUF_READ_ERRORS
 
 METADATA_KEY = "gguf_quant_types"  # safetensors metadata: {tensor name: GGML type name}
 WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -87,7 +88,7 @@ def read_gguf_header(path: str | Path, label: str) -> GGUFHeader:
 
     try:
         reader = gguf.GGUFReader(path)
-    except (ValueError, IndexError, KeyError, OSError, OverflowError, TypeError) as e:
+    except GGUF_READ_ERRORS as e:
         raise InvalidInputError(label, f"not a readable GGUF file ({type(e).__name__}: {e})") from None
     plain = {gguf.GGMLQuantizationType.F32: "F32", gguf.GGMLQuantizationType.F16: "F16"}
     tensors = []

@@ -22,6 +22,10 @@ import os
 
 from .safetensors_header import SafetensorsHeader, TensorEntry
 
+# What the gguf package's reader raises on a file that is not well-formed GGUF
+# (a short file, a bad magic or version, counts and offsets past the end)
+GGUF_READ_ERRORS = (ValueError, IndexError, KeyError, OSError, OverflowError, TypeError)
+
 
 def read_gguf_layout(path: str) -> SafetensorsHeader | None:
     """The header bytes and tensor pieces of the GGUF file at `path`, or None to keep
@@ -40,7 +44,7 @@ def read_gguf_layout(path: str) -> SafetensorsHeader | None:
         reader = GGUFReader(path)
         data_start = int(reader.data_offset)
         spans = sorted((int(t.data_offset) - data_start, int(t.n_bytes), t.name) for t in reader.tensors)
-    except (ValueError, IndexError, KeyError, OSError, OverflowError, TypeError):
+    except GGUF_READ_ERRORS:
         return None
     if not spans or spans[0][0] != 0 or not 0 < data_start <= size:
         return None
